@@ -1,0 +1,169 @@
+"""`pam db access`: hold a grant, show how to connect, end it on Ctrl+C.
+
+The daemon does the relaying; this process holds the grant by calling in every
+``HEARTBEAT_SECONDS`` (a ``kill -9`` of this process lets the daemon end the
+grant within its heartbeat timeout) and shows the grant's state. Ctrl+C or
+SIGTERM ends the session: live connections get a FATAL from the daemon.
+"""
+
+from __future__ import annotations
+
+import getpass
+import re
+import signal
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any
+from urllib.parse import quote
+
+import click
+
+from cli.client import ApiClient, ApiError
+from cli.render import console, local_time, parse_time
+
+HEARTBEAT_SECONDS = 2.0
+#: consecutive failed heartbeats before the CLI gives up on an unreachable daemon
+MAX_MISSED_HEARTBEATS = 3
+_DURATION = re.compile(r"^(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?$")
+
+
+def parse_duration(text: str) -> int:
+    """'1h', '30m', '1h30m', '90s' or plain seconds, to seconds."""
+    value = text.strip().lower()
+    if value.isdigit():
+        seconds = int(value)
+    else:
+        match = _DURATION.match(value)
+        if not value or match is None:
+            raise click.BadParameter(f"{text!r} is not a duration like 1h, 30m, 1h30m or 90s")
+        seconds = int(match["h"] or 0) * 3600 + int(match["m"] or 0) * 60 + int(match["s"] or 0)
+    if seconds <= 0:
+        raise click.BadParameter("the duration must be positive")
+    return seconds
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    url: str
+    psql: str
+    jdbc: str
+
+
+def connection_info(session: dict[str, Any]) -> ConnectionInfo:
+    host = session["listen_host"]
+    port = session["listen_port"]
+    user = quote(session["username"], safe="")
+    database = quote(session["database"], safe="")
+    url = f"postgresql://{user}@{host}:{port}/{database}?sslmode=disable"
+    return ConnectionInfo(
+        url=url,
+        psql=f'psql "{url}"',
+        jdbc=f"jdbc:postgresql://{host}:{port}/{database}?user={user}&sslmode=disable",
+    )
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(_signum: int, _frame: FrameType | None) -> None:
+    raise _Stop
+
+
+def hold_access(
+    client: ApiClient,
+    *,
+    resource: str,
+    account: str,
+    duration_seconds: int,
+    port: int | None,
+    ready: threading.Event | None = None,
+) -> int:
+    """Open a grant and hold it until Ctrl+C/SIGTERM or expiry; returns an exit code."""
+    session = client.post(
+        "/v1/access",
+        {
+            "resource": resource,
+            "account": account,
+            "duration_seconds": duration_seconds,
+            "port": port,
+            "requester": getpass.getuser(),
+        },
+    )
+    info = connection_info(session)
+    expires = parse_time(session["expires_at"])
+    assert expires is not None
+    console.print(
+        f"[bold green]Access granted[/]: session {session['id'][:8]} for"
+        f" {resource}/{account}, expires {local_time(session['expires_at'])}"
+    )
+    console.print(f"  URL   {info.url}")
+    console.print(f"  psql  {info.psql}")
+    console.print(f"  JDBC  {info.jdbc}")
+    console.print(
+        "No password is needed: the gateway signs in to the database for you."
+        " Press Ctrl+C to end the session."
+    )
+    console.file.flush()  # the URL must reach a pipe or file at once, not at exit
+    if ready is not None:
+        ready.set()
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    missed = 0
+    stop = threading.Event()
+    try:
+        while True:
+            if stop.wait(HEARTBEAT_SECONDS):
+                break
+            try:
+                state = client.post(f"/v1/access/{session['id']}/heartbeat")
+                missed = 0
+            except ApiError as exc:
+                if exc.status is not None:
+                    raise
+                missed += 1
+                if missed >= MAX_MISSED_HEARTBEATS:
+                    raise ApiError(
+                        f"lost contact with the pam gateway: {exc.message}",
+                        hint="the gateway ends the session when it stops hearing from this command",
+                    ) from None
+                continue
+            if state.get("ended_at"):
+                return _report_end(client, state)
+    except (KeyboardInterrupt, _Stop):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    ended = client.post(f"/v1/access/{session['id']}/end", {})
+    console.print(
+        f"Session {ended['id'][:8]} ended"
+        f" ({ended.get('end_reason') or 'client_ended'}) after"
+        f" {_elapsed(ended)}."
+    )
+    return 0
+
+
+def _report_end(client: ApiClient, state: dict[str, Any]) -> int:
+    reason = state.get("end_reason")
+    if reason == "expired":
+        console.print(
+            f"[bold yellow]Access expired[/] at {local_time(state['expires_at'])};"
+            " live connections were closed."
+        )
+    else:
+        detail = f": {state['end_detail']}" if state.get("end_detail") else ""
+        console.print(f"[bold yellow]Session ended by the gateway[/] ({reason}{detail}).")
+    # Release the listener that still answers late connections with a refusal.
+    client.post(f"/v1/access/{state['id']}/end", {})
+    return 0
+
+
+def _elapsed(session: dict[str, Any]) -> str:
+    from cli.render import human_duration
+
+    seconds = session.get("duration_seconds")
+    if seconds is None:
+        started = parse_time(session.get("started_at"))
+        seconds = (datetime.now(UTC) - started).total_seconds() if started else None
+    return human_duration(seconds)

@@ -1,0 +1,140 @@
+"""Where the gateway keeps its state, and the two configuration files.
+
+* The **state directory** (``--home``, else ``$PAM_HOME``, else the platform's
+  per-user data directory) holds ``gateway.json`` (daemon settings, with only a
+  SHA-256 of the API token), ``master.key`` (mode 0600) and the SQLite store.
+* The **client config** (``$PAM_CONFIG``, else ``<user config dir>/pam/config.json``,
+  mode 0600) tells the CLI where the daemon's control API is and holds the token.
+
+Invariant: secret-bearing files are created with mode 0600 from the start
+(``os.open`` with the mode), never chmod-ed after the fact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import platformdirs
+from pydantic import BaseModel, Field
+
+from gateway.errors import ConfigError
+
+APP_NAME = "pam"
+GATEWAY_FILE = "gateway.json"
+MASTER_KEY_FILE = "master.key"
+STORE_FILE = "pam.db"
+DEFAULT_API_PORT = 7745
+SECRET_FILE_MODE = 0o600
+
+
+class GatewaySettings(BaseModel):
+    """Daemon settings, stored as ``gateway.json`` in the state directory."""
+
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=DEFAULT_API_PORT, ge=0, le=65535)
+    #: SQLAlchemy URL; empty means the embedded SQLite file in the state directory
+    store_url: str = ""
+    #: SHA-256 (hex) of the control API token; the token itself is not kept here
+    api_token_sha256: str
+    #: address the access listeners bind to
+    listen_host: str = "127.0.0.1"
+    max_grant_seconds: int = Field(default=int(timedelta(hours=12).total_seconds()), gt=0)
+    #: the daemon ends a grant whose CLI has not called in for this long
+    heartbeat_timeout_seconds: float = Field(default=6.0, gt=0)
+    upstream_connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    client_startup_timeout_seconds: float = Field(default=15.0, gt=0)
+
+
+class ClientConfig(BaseModel):
+    """What the CLI needs to reach the daemon."""
+
+    api_url: str
+    token: str = Field(repr=False)
+
+
+def default_home() -> Path:
+    env = os.environ.get("PAM_HOME")
+    if env:
+        return Path(env).expanduser()
+    return Path(platformdirs.user_data_dir(APP_NAME))
+
+
+def resolve_home(home: Path | str | None) -> Path:
+    return Path(home).expanduser() if home else default_home()
+
+
+def client_config_path() -> Path:
+    env = os.environ.get("PAM_CONFIG")
+    if env:
+        return Path(env).expanduser()
+    return Path(platformdirs.user_config_dir(APP_NAME)) / "config.json"
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def write_private_file(path: Path, data: bytes, *, overwrite: bool = True) -> None:
+    """Write ``data`` to ``path`` with mode 0600, atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path} already exists")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, SECRET_FILE_MODE)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_settings(home: Path) -> GatewaySettings:
+    path = home / GATEWAY_FILE
+    try:
+        raw = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{home} is not a pam state directory (no {GATEWAY_FILE})",
+            hint="run `pam gateway init` first, or pass --home / set PAM_HOME",
+        ) from None
+    try:
+        return GatewaySettings.model_validate_json(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not valid: {exc.errors()[0]['msg']}") from None  # type: ignore[attr-defined]
+
+
+def save_settings(home: Path, settings: GatewaySettings) -> None:
+    write_private_file(home / GATEWAY_FILE, settings.model_dump_json(indent=2).encode())
+
+
+def store_url(home: Path, settings: GatewaySettings) -> str:
+    return settings.store_url or f"sqlite:///{home / STORE_FILE}"
+
+
+def load_client_config() -> ClientConfig:
+    path = client_config_path()
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"no pam client configuration at {path}",
+            hint="run `pam gateway init` on this machine, or set PAM_CONFIG",
+        ) from None
+    try:
+        return ClientConfig.model_validate(json.loads(raw))
+    except ValueError:
+        raise ConfigError(f"{path} is not a valid pam client configuration") from None
+
+
+def save_client_config(config: ClientConfig) -> Path:
+    path = client_config_path()
+    write_private_file(path, config.model_dump_json(indent=2).encode())
+    return path

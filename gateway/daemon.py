@@ -1,0 +1,157 @@
+"""The daemon: state-directory set-up, and running the service with its control API.
+
+``init_home`` creates the state directory, the master key (0600), the store and
+the API token (kept only as a hash in ``gateway.json``; the token itself goes to
+the user's client config, 0600). ``run`` serves until SIGTERM/SIGINT, then shuts
+down in order: stop the control API, tell live clients why (FATAL), record the
+sessions' ends, close the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import socket
+from collections.abc import Generator
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import uvicorn
+
+from gateway.api import create_app
+from gateway.config import (
+    MASTER_KEY_FILE,
+    ClientConfig,
+    GatewaySettings,
+    hash_token,
+    load_settings,
+    save_client_config,
+    save_settings,
+    store_url,
+)
+from gateway.crypto import SecretBox, generate_master_key, load_master_key
+from gateway.errors import AlreadyExists, ConfigError
+from gateway.service import GatewayService
+from gateway.store import Store
+
+log = structlog.get_logger(__name__)
+STATE_DIR_MODE = 0o700
+
+
+@dataclass(frozen=True)
+class InitResult:
+    home: Path
+    client_config: Path
+    api_url: str
+
+
+def api_url(settings: GatewaySettings) -> str:
+    host = settings.api_host
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.api_port}"
+
+
+def init_home(
+    home: Path, *, api_port: int, api_host: str = "127.0.0.1", force: bool = False
+) -> InitResult:
+    """Create a state directory; with ``force``, keep key and store but issue a new token."""
+    home.mkdir(parents=True, exist_ok=True, mode=STATE_DIR_MODE)
+    os.chmod(home, STATE_DIR_MODE)
+    settings_path = home / "gateway.json"
+    if settings_path.exists() and not force:
+        raise AlreadyExists(
+            f"{home} is already initialised",
+            hint="use --force to issue a new API token (keys and data are kept)",
+        )
+    key_path = home / MASTER_KEY_FILE
+    if not key_path.exists():
+        generate_master_key(key_path)
+    token = secrets.token_urlsafe(32)
+    if settings_path.exists():
+        settings = load_settings(home).model_copy(
+            update={
+                "api_token_sha256": hash_token(token),
+                "api_host": api_host,
+                "api_port": api_port,
+            }
+        )
+    else:
+        settings = GatewaySettings(
+            api_host=api_host, api_port=api_port, api_token_sha256=hash_token(token)
+        )
+    save_settings(home, settings)
+    store = Store.open(store_url(home, settings), SecretBox(load_master_key(key_path)))
+    store.close()
+    url = api_url(settings)
+    path = save_client_config(ClientConfig(api_url=url, token=token))
+    return InitResult(home=home, client_config=path, api_url=url)
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the daemon owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot bind the control API on {host}:{port}: {exc.strerror}",
+            hint="is another `pam gateway run` already running? (see api_port in gateway.json)",
+        ) from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+async def run(home: Path) -> None:
+    settings = load_settings(home)
+    box = SecretBox(load_master_key(home / MASTER_KEY_FILE))
+    store = Store.open(store_url(home, settings), box)
+    service = GatewayService(store, settings)
+    sock = _bind(settings.api_host, settings.api_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await service.start()
+        server = _EmbeddedServer(
+            uvicorn.Config(
+                create_app(service, settings.api_token_sha256),
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                server_header=False,
+            )
+        )
+        api_task = asyncio.create_task(server.serve(sockets=[sock]), name="control-api")
+        log.info("gateway_ready", api=api_url(settings), home=str(home), pid=os.getpid())
+        stop_task = asyncio.create_task(stop.wait(), name="stop-signal")
+        done, _ = await asyncio.wait({api_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        log.info("gateway_stopping")
+        server.should_exit = True
+        stop_task.cancel()
+        await asyncio.gather(api_task, stop_task, return_exceptions=True)
+        if api_task in done and (exc := api_task.exception()) is not None:
+            log.error("control_api_failed", error=repr(exc))
+        await service.shutdown()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        sock.close()
+        store.close()
+    log.info("gateway_stopped")

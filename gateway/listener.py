@@ -1,0 +1,373 @@
+"""The local side of an access grant: a listener on 127.0.0.1 and its connections.
+
+For each client connection the listener (PostgreSQL 15 docs, 55.2.1):
+
+1. answers SSLRequest and GSSENCRequest with ``N`` (the local leg is loopback);
+2. reads the StartupMessage and checks it against the grant: the user must be the
+   account's user name (else FATAL 28000) and the database the resource's
+   (else FATAL 3D000 naming the allowed one) -- never a silent rewrite;
+3. writes the connection's record *before* anything is relayed;
+4. connects and authenticates upstream with the stored credentials, then sends
+   the client AuthenticationOk and the server's own ParameterStatus,
+   BackendKeyData and ReadyForQuery, and hands both sides to the
+   :class:`~gateway.relay.Relay`.
+
+Every refusal is an ErrorResponse with a SQLSTATE and a message a person can act
+on, never a bare closed socket. Nobody is authenticated locally: the grant is the
+authorisation, and the port is bound to loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+import structlog
+
+from gateway.errors import GatewayError, UpstreamError
+from gateway.protocol import messages, sqlstate
+from gateway.protocol.constants import (
+    MAX_STARTUP_PACKET_LENGTH,
+    PROTOCOL_3_0,
+    SSL_REFUSED,
+    BackendType,
+)
+from gateway.protocol.errors import ProtocolError
+from gateway.protocol.framing import MessageReader
+from gateway.protocol.startup import (
+    CancelRequest,
+    GSSENCRequest,
+    SSLRequest,
+    StartupMessage,
+    parse_startup_packet,
+)
+from gateway.relay import READ_SIZE, EndReason, Relay, Termination, close_writer
+from gateway.upstream import UpstreamConnection, UpstreamTarget, connect_upstream, send_cancel
+
+log = structlog.get_logger(__name__)
+
+#: Startup parameters that are the gateway's to set, not the client's.
+_RESERVED_PARAMS = frozenset({"user", "database", "replication"})
+_PROTOCOL_OPTION_PREFIX = "_pq_."
+_connection_numbers = itertools.count(1)
+
+
+class ConnectionHost(Protocol):
+    """What a grant's listener needs from the service that owns it."""
+
+    @property
+    def startup_timeout(self) -> float: ...
+
+    @property
+    def connect_timeout(self) -> float: ...
+
+    async def upstream_target(self, resource: str, account: str) -> UpstreamTarget: ...
+
+    async def record_connection_start(
+        self, session_id: str, client_addr: str, application_name: str | None
+    ) -> str: ...
+
+    async def record_backend_pid(self, connection_id: str, pid: int) -> None: ...
+
+    async def record_connection_end(
+        self,
+        connection_id: str,
+        *,
+        reason: str,
+        bytes_from_client: int,
+        bytes_from_server: int,
+        error: tuple[str, str] | None,
+    ) -> None: ...
+
+
+@dataclass
+class GrantInfo:
+    """The parts of an access session a listener checks connections against."""
+
+    session_id: str
+    resource: str
+    account: str
+    username: str
+    database: str
+    expires_at: datetime
+
+
+@dataclass
+class LiveConnection:
+    number: int
+    client_addr: str
+    relay: Relay | None = None
+    upstream: UpstreamConnection | None = None
+    #: set when the grant ends while this connection is still starting up
+    pending_termination: Termination | None = None
+
+
+@dataclass
+class AccessListener:
+    """Serves one grant's local port."""
+
+    grant: GrantInfo
+    host: ConnectionHost
+    listen_host: str = "127.0.0.1"
+    port: int = 0
+    #: set once the grant has ended; new connections get this FATAL
+    refusal: Termination | None = None
+    connections: set[LiveConnection] = field(default_factory=set)
+    _server: asyncio.Server | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(
+            self._accept, self.listen_host, self.port, limit=READ_SIZE, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        number = next(_connection_numbers)
+        task = asyncio.create_task(
+            self._serve(reader, writer, number), name=f"grant-{self.grant.session_id[:8]}-c{number}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def end(self, termination: Termination) -> None:
+        """Refuse new connections and end every live one with ``termination``."""
+        self.refusal = termination
+        for conn in list(self.connections):
+            if conn.relay is not None:
+                conn.relay.terminate(termination)
+            else:
+                conn.pending_termination = termination
+
+    async def close(self, *, wait: float = 3.0) -> None:
+        """Stop listening and wait (bounded) for connection handlers to finish."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self._tasks:
+            _done, pending = await asyncio.wait(set(self._tasks), timeout=wait)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int
+    ) -> None:
+        peer = writer.get_extra_info("peername")
+        client_addr = f"{peer[0]}:{peer[1]}" if peer else "unknown"
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = LiveConnection(number, client_addr)
+        bound = log.bind(session_id=self.grant.session_id, connection=number, client=client_addr)
+        self.connections.add(conn)
+        try:
+            await self._serve_connection(reader, writer, conn, bound)
+        except Exception as exc:  # the last line of defence for one connection
+            bound.error("connection_failed", error=repr(exc))
+            writer.transport.abort()
+        finally:
+            self.connections.discard(conn)
+
+    async def _serve_connection(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        conn: LiveConnection,
+        bound: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        inbound = MessageReader(max_length=MAX_STARTUP_PACKET_LENGTH)
+        try:
+            async with asyncio.timeout(self.host.startup_timeout):
+                startup = await self._read_startup(reader, writer, inbound)
+        except TimeoutError:
+            await _refuse(
+                writer, sqlstate.PROTOCOL_VIOLATION, "timed out waiting for the startup packet"
+            )
+            return
+        except ProtocolError as exc:
+            await _refuse(writer, exc.sqlstate, exc.message)
+            return
+        if startup is None:  # CancelRequest handled, or the client went away
+            await close_writer(writer)
+            return
+
+        refusal = self._check_startup(startup)
+        if refusal is not None:
+            bound.info("connection_refused", sqlstate=refusal.sqlstate, reason=refusal.message)
+            await _refuse(writer, refusal.sqlstate, refusal.message, hint=refusal.hint)
+            return
+
+        application_name = startup.params.get("application_name")
+        connection_id = await self.host.record_connection_start(
+            self.grant.session_id, conn.client_addr, application_name
+        )
+        bound = bound.bind(connection_id=connection_id, application_name=application_name)
+        relay: Relay | None = None
+        try:
+            upstream = await self._connect_upstream(startup)
+        except UpstreamError as exc:
+            bound.warning(
+                "upstream_failed", kind=exc.kind, sqlstate=exc.sqlstate, error=exc.message
+            )
+            if exc.raw_error is not None:
+                writer.write(exc.raw_error)
+                await close_writer(writer)
+            else:
+                await _refuse(writer, exc.sqlstate, exc.message, hint=exc.hint)
+            await self.host.record_connection_end(
+                connection_id,
+                reason=EndReason.ERROR,
+                bytes_from_client=0,
+                bytes_from_server=0,
+                error=(exc.sqlstate, exc.message),
+            )
+            return
+        conn.upstream = upstream
+        key = upstream.handshake.backend_key
+        if key is not None:
+            await self.host.record_backend_pid(connection_id, key.pid)
+        bound.info("connection_started", backend_pid=key.pid if key else None)
+
+        relay = Relay(
+            reader,
+            writer,
+            upstream.reader,
+            upstream.writer,
+            name=f"c{conn.number}",
+        )
+        conn.relay = relay
+        greeting = _negotiate_protocol(startup) + messages.authentication_ok()
+        relay.prime(
+            greeting + b"".join(upstream.handshake.forward) + upstream.leftover,
+            inbound.take_remaining(),
+        )
+        late = conn.pending_termination or self.refusal
+        if late is not None:
+            relay.terminate(late)
+        reason = await relay.run()
+        bound.info(
+            "connection_ended",
+            reason=str(reason),
+            bytes_from_client=relay.bytes_from_client,
+            bytes_from_server=relay.bytes_from_server,
+        )
+        await self.host.record_connection_end(
+            connection_id,
+            reason=str(reason),
+            bytes_from_client=relay.bytes_from_client,
+            bytes_from_server=relay.bytes_from_server,
+            error=relay.error,
+        )
+
+    async def _read_startup(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        inbound: MessageReader,
+    ) -> StartupMessage | None:
+        while True:
+            body = inbound.next_startup_packet(MAX_STARTUP_PACKET_LENGTH)
+            if body is None:
+                data = await reader.read(READ_SIZE)
+                if not data:
+                    return None
+                inbound.feed(data)
+                continue
+            packet = parse_startup_packet(body)
+            if isinstance(packet, SSLRequest | GSSENCRequest):
+                if inbound.buffered:
+                    # Nothing may follow an encryption request before our answer.
+                    raise ProtocolError("unexpected data after an encryption request")
+                writer.write(SSL_REFUSED)
+                await writer.drain()
+                continue
+            if isinstance(packet, CancelRequest):
+                await self._forward_cancel(packet)
+                return None
+            return packet
+
+    def _check_startup(self, startup: StartupMessage) -> Termination | None:
+        grant = self.grant
+        if self.refusal is not None:
+            return Termination(
+                self.refusal.reason,
+                sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
+                self.refusal.message,
+                self.refusal.hint,
+            )
+        if startup.is_replication:
+            return Termination(
+                EndReason.ERROR,
+                sqlstate.FEATURE_NOT_SUPPORTED,
+                "replication connections are not allowed through pam",
+            )
+        if startup.user != grant.username:
+            return Termination(
+                EndReason.ERROR,
+                sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
+                f"this access session is for user {grant.username!r}, not {startup.user!r}",
+                hint=f"connect with user={grant.username}",
+            )
+        if startup.database != grant.database:
+            return Termination(
+                EndReason.ERROR,
+                sqlstate.INVALID_CATALOG_NAME,
+                f"database {startup.database!r} is not available through this access session;"
+                f" resource {grant.resource!r} allows database {grant.database!r}",
+                hint=f"connect with dbname={grant.database}",
+            )
+        return None
+
+    async def _connect_upstream(self, startup: StartupMessage) -> UpstreamConnection:
+        target = await self.host.upstream_target(self.grant.resource, self.grant.account)
+        params = {
+            name: value
+            for name, value in startup.params.items()
+            if name not in _RESERVED_PARAMS and not name.startswith(_PROTOCOL_OPTION_PREFIX)
+        }
+        return await connect_upstream(target, params=params, timeout=self.host.connect_timeout)
+
+    async def _forward_cancel(self, request: CancelRequest) -> None:
+        # Only keys of this grant's live connections are forwarded; anything else
+        # is dropped without a reply, as the server itself does (55.2.7).
+        for conn in list(self.connections):
+            upstream = conn.upstream
+            key = upstream.handshake.backend_key if upstream else None
+            if (
+                key is not None
+                and key.pid == request.pid
+                and hmac.compare_digest(key.secret, request.secret)
+            ):
+                target = await self.host.upstream_target(self.grant.resource, self.grant.account)
+                try:
+                    await send_cancel(target, key.pid, key.secret)
+                except (GatewayError, OSError, TimeoutError) as exc:
+                    log.warning(
+                        "cancel_forward_failed", session_id=self.grant.session_id, error=str(exc)
+                    )
+                return
+
+
+def _negotiate_protocol(startup: StartupMessage) -> bytes:
+    """NegotiateProtocolVersion when the client asked for more than 3.0 (55.2.1)."""
+    unsupported = [name for name in startup.params if name.startswith(_PROTOCOL_OPTION_PREFIX)]
+    if startup.version == PROTOCOL_3_0 and not unsupported:
+        return b""
+    body = PROTOCOL_3_0.to_bytes(4, "big") + len(unsupported).to_bytes(4, "big")
+    body += b"".join(name.encode() + b"\x00" for name in unsupported)
+    return messages.encode_message(BackendType.NEGOTIATE_PROTOCOL_VERSION, body)
+
+
+async def _refuse(
+    writer: asyncio.StreamWriter, code: str, message: str, *, hint: str | None = None
+) -> None:
+    if not writer.is_closing():
+        writer.write(messages.error_response("FATAL", code, message, hint=hint))
+    await close_writer(writer)

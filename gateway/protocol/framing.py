@@ -1,0 +1,221 @@
+"""Message framing: whole messages for the handshake, boundaries for the relay.
+
+Two readers, for two jobs:
+
+* :class:`MessageReader` assembles *whole* messages. It is used only while the
+  gateway must understand every message (startup, authentication), so its
+  messages are small and every length field is checked against a cap *before*
+  the body is awaited.
+* :class:`BoundaryTracker` follows message boundaries in a relayed stream from
+  the 5-byte headers alone. It never copies a message body except the bodies
+  of the message types a caller asked to tap, which are capped too. Forwarding
+  stays byte-for-byte: the tracker only observes.
+
+Invariants: buffers are a ``bytearray`` plus a read offset (never ``buf = buf[n:]``
+in a loop); ``memoryview`` slices never outlive one call; every returned body is
+``bytes``.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from gateway.protocol.constants import HEADER_SIZE, STARTUP_HEADER_SIZE
+from gateway.protocol.errors import ProtocolError
+
+_HEADER = struct.Struct("!cI")
+_INT32 = struct.Struct("!I")
+#: The length field counts itself (4 bytes) but not the type byte.
+_LENGTH_SIZE = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One whole typed message: its type byte (as an int) and its body."""
+
+    type: int
+    body: bytes
+
+    def encode(self) -> bytes:
+        return _HEADER.pack(bytes((self.type,)), len(self.body) + _LENGTH_SIZE) + self.body
+
+
+class MessageReader:
+    """Buffers bytes and yields whole messages, refusing oversized ones early."""
+
+    __slots__ = ("_buf", "_pos", "max_length")
+
+    def __init__(self, max_length: int) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self.max_length = max_length
+
+    def feed(self, data: bytes) -> None:
+        if self._pos and self._pos > len(self._buf) // 2:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    def next_startup_packet(self, max_length: int) -> bytes | None:
+        """The body of an untyped startup-phase packet (int32 length first), or None.
+
+        The returned body starts with the int32 protocol version or request code.
+        """
+        if self.buffered < _LENGTH_SIZE:
+            return None
+        (length,) = _INT32.unpack_from(self._buf, self._pos)
+        if length < STARTUP_HEADER_SIZE or length > max_length:
+            raise ProtocolError(
+                f"invalid startup packet length {length}"
+                f" (allowed {STARTUP_HEADER_SIZE}..{max_length})"
+            )
+        if self.buffered < length:
+            return None
+        start = self._pos + _LENGTH_SIZE
+        body = bytes(self._buf[start : self._pos + length])
+        self._pos += length
+        return body
+
+    def next_message(self) -> Message | None:
+        """The next whole typed message, or None if more bytes are needed."""
+        if self.buffered < HEADER_SIZE:
+            return None
+        type_byte, length = _HEADER.unpack_from(self._buf, self._pos)
+        if length < _LENGTH_SIZE:
+            raise ProtocolError(f"invalid message length {length} for message type {type_byte!r}")
+        if length > self.max_length:
+            raise ProtocolError(
+                f"message of type {type_byte!r} is {length} bytes,"
+                f" over the limit of {self.max_length}"
+            )
+        if self.buffered < length + 1:
+            return None
+        start = self._pos + HEADER_SIZE
+        end = self._pos + 1 + length
+        body = bytes(self._buf[start:end])
+        self._pos = end
+        return Message(type_byte[0], body)
+
+    def take_remaining(self) -> bytes:
+        """Everything buffered but not yet returned; empties the reader."""
+        rest = bytes(self._buf[self._pos :])
+        self._buf = bytearray()
+        self._pos = 0
+        return rest
+
+
+class BoundaryTracker:
+    """Follows message boundaries of a relayed stream from headers only.
+
+    ``feed`` observes a chunk that the caller forwards unchanged. Messages whose
+    type is in ``tap`` are returned whole (bodies up to ``tap_limit`` bytes; a
+    longer body is returned truncated to that size with ``truncated=True``), in
+    stream order. All other bodies are skipped by arithmetic, not copied.
+    """
+
+    __slots__ = (
+        "_header",
+        "_remaining",
+        "_tap_body",
+        "_tap_full_length",
+        "_tap_type",
+        "max_length",
+        "messages",
+        "tap",
+        "tap_limit",
+    )
+
+    def __init__(
+        self, *, max_length: int, tap: frozenset[int] = frozenset(), tap_limit: int = 1 << 20
+    ) -> None:
+        self.max_length = max_length
+        self.tap = tap
+        self.tap_limit = tap_limit
+        self._header = bytearray()
+        #: body bytes still to come for the current message; 0 at a boundary
+        self._remaining = 0
+        self._tap_type = -1
+        self._tap_body: bytearray | None = None
+        self._tap_full_length = 0
+        #: count of complete messages seen
+        self.messages = 0
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when the bytes seen so far end exactly at a message boundary."""
+        return self._remaining == 0 and not self._header
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[TappedMessage]:
+        tapped: list[TappedMessage] = []
+        view = memoryview(data)
+        pos = 0
+        end = len(view)
+        try:
+            while pos < end:
+                if self._remaining:
+                    take = min(self._remaining, end - pos)
+                    if self._tap_body is not None:
+                        room = self.tap_limit - len(self._tap_body)
+                        if room > 0:
+                            self._tap_body += view[pos : pos + min(room, take)]
+                    self._remaining -= take
+                    pos += take
+                    if self._remaining == 0:
+                        self._finish_message(tapped)
+                    continue
+                if self._header or end - pos < HEADER_SIZE:
+                    need = HEADER_SIZE - len(self._header)
+                    self._header += view[pos : pos + need]
+                    pos += min(need, end - pos)
+                    if len(self._header) < HEADER_SIZE:
+                        break
+                    type_byte, length = _HEADER.unpack(self._header)
+                    self._header.clear()
+                else:
+                    type_byte, length = _HEADER.unpack_from(view, pos)
+                    pos += HEADER_SIZE
+                self._start_message(type_byte[0], length, tapped)
+        finally:
+            view.release()
+        return tapped
+
+    def _start_message(self, msg_type: int, length: int, tapped: list[TappedMessage]) -> None:
+        if length < _LENGTH_SIZE or length > self.max_length:
+            raise ProtocolError(
+                f"message of type {bytes((msg_type,))!r} has invalid length {length}"
+                f" (limit {self.max_length})"
+            )
+        self._remaining = length - _LENGTH_SIZE
+        if msg_type in self.tap:
+            self._tap_type = msg_type
+            self._tap_body = bytearray()
+            self._tap_full_length = self._remaining
+        if self._remaining == 0:
+            self._finish_message(tapped)
+
+    def _finish_message(self, tapped: list[TappedMessage]) -> None:
+        self.messages += 1
+        if self._tap_body is not None:
+            tapped.append(
+                TappedMessage(
+                    self._tap_type,
+                    bytes(self._tap_body),
+                    truncated=len(self._tap_body) < self._tap_full_length,
+                )
+            )
+            self._tap_body = None
+            self._tap_type = -1
+
+
+@dataclass(frozen=True, slots=True)
+class TappedMessage:
+    """A message observed by :class:`BoundaryTracker` for audit or policy."""
+
+    type: int
+    body: bytes
+    truncated: bool = False

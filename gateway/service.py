@@ -1,0 +1,406 @@
+"""The gateway service: access grants, their listeners, expiry and the session log.
+
+Owns every :class:`~gateway.listener.AccessListener` and the store. The store is
+synchronous (SQLAlchemy); all store calls run on one dedicated worker thread so
+the event loop never blocks on disk and SQLite writes are serialised.
+
+Invariants:
+* Expiry is enforced here, by a timer per grant, not trusted to the CLI: at
+  ``expires_at`` every live connection gets a FATAL and new ones are refused.
+* A grant whose CLI stops calling in (heartbeat) for ``heartbeat_timeout``
+  seconds is ended, so a ``kill -9``-ed CLI leaves no open door.
+* A session row is written before its listener accepts anything; a connection
+  row before its first byte is relayed; at start-up every row left open by a
+  crash is closed with ``gateway_crash``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import structlog
+
+from gateway.config import GatewaySettings
+from gateway.errors import InvalidRequest, NotFound, UpstreamError
+from gateway.listener import AccessListener, GrantInfo
+from gateway.protocol import messages, sqlstate
+from gateway.relay import EndReason, Termination, close_writer
+from gateway.store import AccessSession, Store
+from gateway.upstream import UpstreamTarget, connect_upstream
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+WATCHDOG_INTERVAL_SECONDS = 0.5
+SHUTDOWN_GRACE_SECONDS = 3.0
+
+
+def format_time(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+@dataclass
+class ActiveGrant:
+    session: AccessSession
+    listener: AccessListener
+    last_heartbeat: float
+    expiry_task: asyncio.Task[None] | None = None
+    #: set once the grant has ended but its listener still answers with a refusal
+    ended: bool = False
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    resource: str
+    account: str
+    address: str
+    ssl_mode: str
+    latency_ms: float | None = None
+    server_version: str | None = None
+    tls_version: str | None = None
+    cipher: str | None = None
+    auth_method: str | None = None
+    error_kind: str | None = None
+    error_sqlstate: str | None = None
+    error: str | None = None
+    hint: str | None = None
+
+
+@dataclass
+class GatewayService:
+    store: Store
+    settings: GatewaySettings
+    _grants: dict[str, ActiveGrant] = field(default_factory=dict)
+    _executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="pam-store")
+    )
+    _watchdog: asyncio.Task[None] | None = None
+    _closing: bool = False
+
+    # --- ConnectionHost, for the listeners ------------------------------------
+
+    @property
+    def startup_timeout(self) -> float:
+        return self.settings.client_startup_timeout_seconds
+
+    @property
+    def connect_timeout(self) -> float:
+        return self.settings.upstream_connect_timeout_seconds
+
+    async def db(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run a store call on the store thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    async def upstream_target(self, resource: str, account: str) -> UpstreamTarget:
+        def load() -> UpstreamTarget:
+            res = self.store.get_resource(resource)
+            acct = self.store.get_account(resource, account)
+            return UpstreamTarget(
+                resource=res.name,
+                account=acct.name,
+                host=res.host,
+                port=res.port,
+                database=res.database,
+                username=acct.username,
+                password=self.store.reveal_password(resource, account),
+                ssl_mode=res.ssl_mode,
+                ca_cert=res.ca_cert,
+            )
+
+        return await self.db(load)
+
+    async def record_connection_start(
+        self, session_id: str, client_addr: str, application_name: str | None
+    ) -> str:
+        record = await self.db(
+            self.store.create_connection,
+            session_id,
+            client_addr=client_addr,
+            application_name=application_name,
+        )
+        return record.id
+
+    async def record_backend_pid(self, connection_id: str, pid: int) -> None:
+        await self.db(self.store.set_connection_backend_pid, connection_id, pid)
+
+    async def record_connection_end(
+        self,
+        connection_id: str,
+        *,
+        reason: str,
+        bytes_from_client: int,
+        bytes_from_server: int,
+        error: tuple[str, str] | None,
+    ) -> None:
+        await self.db(
+            self.store.end_connection,
+            connection_id,
+            reason=reason,
+            bytes_from_client=bytes_from_client,
+            bytes_from_server=bytes_from_server,
+            error_sqlstate=error[0] if error else None,
+            error_message=error[1] if error else None,
+        )
+
+    # --- lifecycle --------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Close what a crash left open and start the heartbeat watchdog."""
+        closed = await self.db(self.store.close_orphans, "gateway_crash")
+        if closed:
+            log.warning("closed_orphaned_sessions", count=closed, reason="gateway_crash")
+        self._watchdog = asyncio.create_task(self._watch_heartbeats(), name="grant-watchdog")
+        return closed
+
+    async def shutdown(self) -> None:
+        """Ordered: refuse new work, tell live clients why, record, then close."""
+        self._closing = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
+        termination = Termination(
+            EndReason.GATEWAY_SHUTDOWN,
+            sqlstate.ADMIN_SHUTDOWN,
+            "terminating connection because the pam gateway is shutting down",
+            hint="reconnect once the gateway is back, with a new `pam db access`",
+        )
+        grants = list(self._grants.values())
+        for grant in grants:
+            grant.listener.end(termination)
+        await asyncio.gather(
+            *(g.listener.close(wait=SHUTDOWN_GRACE_SECONDS) for g in grants),
+            return_exceptions=True,
+        )
+        for grant in grants:
+            if grant.expiry_task is not None:
+                grant.expiry_task.cancel()
+            if not grant.ended:
+                await self.db(self.store.end_session, grant.session.id, reason="gateway_shutdown")
+        self._grants.clear()
+        self._executor.shutdown(wait=True)
+
+    # --- grants -----------------------------------------------------------------
+
+    async def open_access(
+        self,
+        *,
+        requester: str,
+        resource: str,
+        account: str,
+        duration_seconds: int,
+        port: int | None = None,
+    ) -> AccessSession:
+        if self._closing:
+            raise InvalidRequest("the gateway is shutting down")
+        limit = self.settings.max_grant_seconds
+        if not 1 <= duration_seconds <= limit:
+            raise InvalidRequest(
+                f"duration must be between 1 second and {timedelta(seconds=limit)}",
+                hint="ask for a shorter --duration",
+            )
+        if port is not None and not 0 <= port <= 65535:
+            raise InvalidRequest(f"port {port} is out of range")
+        now = datetime.now(UTC)
+        session = await self.db(
+            self.store.create_session,
+            requester=requester,
+            resource=resource,
+            account=account,
+            listen_host=self.settings.listen_host,
+            expires_at=now + timedelta(seconds=duration_seconds),
+            started_at=now,
+        )
+        listener = AccessListener(
+            GrantInfo(
+                session_id=session.id,
+                resource=session.resource_name,
+                account=session.account_name,
+                username=session.username,
+                database=session.database,
+                expires_at=session.expires_at,
+            ),
+            self,
+            listen_host=self.settings.listen_host,
+            port=port or 0,
+        )
+        try:
+            bound_port = await listener.start()
+        except OSError as exc:
+            await self.db(
+                self.store.end_session, session.id, reason="error", detail=f"listen failed: {exc}"
+            )
+            raise InvalidRequest(
+                f"cannot listen on {self.settings.listen_host}:{port}: {exc.strerror or exc}",
+                hint="pick another --port, or omit it for a free one",
+            ) from None
+        await self.db(self.store.set_session_port, session.id, bound_port)
+        session = await self.db(self.store.get_session, session.id)
+        grant = ActiveGrant(session, listener, last_heartbeat=time.monotonic())
+        grant.expiry_task = asyncio.create_task(
+            self._expire_at(grant), name=f"grant-{session.id[:8]}-expiry"
+        )
+        self._grants[session.id] = grant
+        log.info(
+            "access_granted",
+            session_id=session.id,
+            requester=requester,
+            resource=resource,
+            account=account,
+            port=bound_port,
+            expires_at=session.expires_at.isoformat(),
+        )
+        return session
+
+    def _grant(self, session_id: str) -> ActiveGrant:
+        grant = self._grants.get(session_id)
+        if grant is None:
+            raise NotFound(f"no live access session {session_id!r} on this gateway")
+        return grant
+
+    async def heartbeat(self, session_id: str) -> AccessSession:
+        """The CLI is still holding the grant; returns the session's current state."""
+        grant = self._grants.get(session_id)
+        if grant is None:
+            return await self.db(self.store.get_session, session_id)
+        grant.last_heartbeat = time.monotonic()
+        return grant.session
+
+    async def close_access(
+        self, session_id: str, *, reason: str = "client_ended", detail: str | None = None
+    ) -> AccessSession:
+        grant = self._grants.get(session_id)
+        if grant is None:
+            return await self.db(self.store.get_session, session_id)
+        termination = Termination(
+            EndReason.SESSION_ENDED,
+            sqlstate.ADMIN_SHUTDOWN,
+            f"terminating connection because access session {session_id[:8]} was ended"
+            + (f": {detail}" if detail else " by its owner"),
+            hint="request new access with `pam db access`",
+        )
+        return await self._end(grant, reason=reason, detail=detail, termination=termination)
+
+    async def _end(
+        self,
+        grant: ActiveGrant,
+        *,
+        reason: str,
+        detail: str | None,
+        termination: Termination,
+        keep_listener: bool = False,
+    ) -> AccessSession:
+        session_id = grant.session.id
+        grant.listener.end(termination)
+        if grant.expiry_task is not None and grant.expiry_task is not asyncio.current_task():
+            grant.expiry_task.cancel()
+        if not grant.ended:
+            grant.ended = True
+            grant.session = await self.db(
+                self.store.end_session, session_id, reason=reason, detail=detail
+            )
+            log.info("access_ended", session_id=session_id, reason=reason, detail=detail)
+        if not keep_listener:
+            self._grants.pop(session_id, None)
+            await grant.listener.close()
+        return grant.session
+
+    async def _expire_at(self, grant: ActiveGrant) -> None:
+        delay = (grant.session.expires_at - datetime.now(UTC)).total_seconds()
+        await asyncio.sleep(max(delay, 0.0))
+        session = grant.session
+        message = (
+            f"access grant for {session.resource_name}/{session.account_name} expired at"
+            f" {format_time(session.expires_at)}"
+        )
+        termination = Termination(
+            EndReason.EXPIRED,
+            sqlstate.ADMIN_SHUTDOWN,
+            message,
+            hint=f"request new access with `pam db access --resource {session.resource_name}"
+            f" --account {session.account_name}`",
+        )
+        # The listener stays up, answering every new connection with this
+        # message, until the CLI lets go of the grant or stops calling in.
+        await self._end(
+            grant, reason="expired", detail=None, termination=termination, keep_listener=True
+        )
+
+    async def _watch_heartbeats(self) -> None:
+        timeout = self.settings.heartbeat_timeout_seconds
+        while True:
+            await asyncio.sleep(WATCHDOG_INTERVAL_SECONDS)
+            now = time.monotonic()
+            for grant in list(self._grants.values()):
+                if now - grant.last_heartbeat <= timeout:
+                    continue
+                if grant.ended:
+                    self._grants.pop(grant.session.id, None)
+                    await grant.listener.close()
+                    continue
+                detail = f"the pam CLI holding the grant stopped responding for {timeout:g}s"
+                try:
+                    await self.close_access(grant.session.id, reason="client_ended", detail=detail)
+                except Exception as exc:  # keep watching the other grants
+                    log.error("watchdog_end_failed", session_id=grant.session.id, error=repr(exc))
+
+    # --- verify -------------------------------------------------------------------
+
+    async def verify(self, resource: str, account: str | None) -> list[VerifyResult]:
+        accounts = (
+            [account]
+            if account
+            else [a.name for a in await self.db(self.store.list_accounts, resource)]
+        )
+        res = await self.db(self.store.get_resource, resource)
+        if not accounts:
+            raise InvalidRequest(
+                f"resource {resource!r} has no accounts to verify with",
+                hint=f"add one with `pam account add {resource} NAME --username USER`",
+            )
+        return [await self._verify_one(res.name, name) for name in accounts]
+
+    async def _verify_one(self, resource: str, account: str) -> VerifyResult:
+        target = await self.upstream_target(resource, account)
+        base = {
+            "resource": resource,
+            "account": account,
+            "address": target.address,
+            "ssl_mode": target.ssl_mode,
+        }
+        try:
+            upstream = await connect_upstream(
+                target, params={"application_name": "pam verify"}, timeout=self.connect_timeout
+            )
+        except UpstreamError as exc:
+            return VerifyResult(
+                ok=False,
+                error_kind=exc.kind,
+                error_sqlstate=exc.sqlstate,
+                error=exc.message,
+                hint=exc.hint,
+                **base,  # type: ignore[arg-type]
+            )
+        upstream.writer.write(messages.terminate())
+        await close_writer(upstream.writer)
+        return VerifyResult(
+            ok=True,
+            latency_ms=round(upstream.connect_ms, 1),
+            server_version=upstream.server_version,
+            tls_version=upstream.tls_version,
+            cipher=upstream.cipher,
+            auth_method=upstream.handshake.auth_method,
+            **base,
+        )
+
+    def live_connection_count(self, session_id: str) -> int:
+        grant = self._grants.get(session_id)
+        return len(grant.listener.connections) if grant else 0

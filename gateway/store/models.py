@@ -1,0 +1,169 @@
+"""Records returned by the state store: immutable pydantic models.
+
+Role: the typed, validated view of a row that the rest of the gateway (service,
+API, CLI, audit) works with. The store builds them; nobody mutates them.
+
+Invariants:
+
+* Every model is frozen. Unknown input fields are ignored rather than refused so
+  that a record's own JSON (which includes the computed ``duration_seconds``)
+  validates back into an equal record.
+* Every timestamp is timezone-aware and normalised to UTC, whatever offset the
+  caller used, so records compare and serialise the same on every backend.
+* No model carries a password or any other secret: :class:`Account` describes an
+  upstream login, and only :meth:`gateway.store.Store.reveal_password` returns the
+  password itself.
+* ``duration_seconds`` is derived from ``started_at``/``ended_at`` and cannot
+  disagree with them.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Final, Literal, get_args
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, computed_field
+
+__all__ = [
+    "CONNECTION_END_REASONS",
+    "NAME_PATTERN",
+    "SESSION_END_REASONS",
+    "SSL_MODES",
+    "AccessSession",
+    "Account",
+    "ConnectionEndReason",
+    "ConnectionRecord",
+    "Resource",
+    "SessionEndReason",
+    "SslMode",
+    "UtcDatetime",
+]
+
+#: libpq's ``sslmode`` values, minus ``allow`` (it prefers plaintext, which an
+#: access gateway never wants). See libpq "SSL Support", table 34.1.
+SslMode = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
+SSL_MODES: Final[frozenset[str]] = frozenset(get_args(SslMode))
+
+#: Why an access session ended.
+SessionEndReason = Literal["client_ended", "expired", "gateway_shutdown", "error", "gateway_crash"]
+SESSION_END_REASONS: Final[frozenset[str]] = frozenset(get_args(SessionEndReason))
+
+#: Why one client connection inside a session ended.
+ConnectionEndReason = Literal[
+    "client_closed",
+    "server_closed",
+    "session_ended",
+    "expired",
+    "gateway_shutdown",
+    "error",
+    "gateway_crash",
+]
+CONNECTION_END_REASONS: Final[frozenset[str]] = frozenset(get_args(ConnectionEndReason))
+
+#: Resource and account names: short, lower case, safe in URLs, file names and
+#: ``resource/account`` strings without quoting.
+NAME_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+
+
+def _to_utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)
+
+
+#: An aware datetime, converted to UTC on the way in.
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
+
+
+def _duration(started_at: datetime, ended_at: datetime | None) -> float | None:
+    if ended_at is None:
+        return None
+    return (ended_at - started_at).total_seconds()
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class Resource(_Record):
+    """An upstream PostgreSQL database that sessions can be granted to."""
+
+    id: str
+    name: str
+    host: str
+    port: int
+    database: str
+    ssl_mode: SslMode = "verify-full"
+    #: PEM text of the CA that signs the server certificate; ``None`` means the
+    #: system trust store.
+    ca_cert: str | None = None
+    created_at: UtcDatetime
+
+
+class Account(_Record):
+    """An upstream login on a resource. Deliberately has no password field."""
+
+    id: str
+    resource_id: str
+    resource_name: str
+    name: str
+    username: str
+    created_at: UtcDatetime
+    password_updated_at: UtcDatetime
+
+
+class AccessSession(_Record):
+    """A time-limited grant of one account on one resource to one requester.
+
+    ``database`` and ``username`` are copied from the resource and account when the
+    session is created, so the audit trail stays true after either is changed or
+    removed.
+    """
+
+    id: str
+    requester: str
+    resource_name: str
+    account_name: str
+    database: str
+    username: str
+    listen_host: str
+    listen_port: int | None = None
+    started_at: UtcDatetime
+    expires_at: UtcDatetime
+    ended_at: UtcDatetime | None = None
+    end_reason: SessionEndReason | None = None
+    end_detail: str | None = None
+
+    # mypy does not understand a decorated property; pydantic documents this ignore.
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def duration_seconds(self) -> float | None:
+        """Seconds from start to end, or ``None`` while the session is active."""
+        return _duration(self.started_at, self.ended_at)
+
+    @property
+    def is_active(self) -> bool:
+        """True until the session has been ended (expiry alone does not end it)."""
+        return self.ended_at is None
+
+
+class ConnectionRecord(_Record):
+    """One client connection relayed within an access session."""
+
+    id: str
+    session_id: str
+    client_addr: str
+    application_name: str | None = None
+    backend_pid: int | None = None
+    started_at: UtcDatetime
+    ended_at: UtcDatetime | None = None
+    bytes_from_client: int = 0
+    bytes_from_server: int = 0
+    end_reason: ConnectionEndReason | None = None
+    error_sqlstate: str | None = None
+    error_message: str | None = None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def duration_seconds(self) -> float | None:
+        """Seconds from start to end, or ``None`` while the connection is open."""
+        return _duration(self.started_at, self.ended_at)

@@ -1,0 +1,184 @@
+"""Table definitions of the state store (SQLAlchemy Core).
+
+Role: the one description of the tables that :class:`gateway.store.Store` queries.
+The tables are *created* by the alembic migrations in ``migrations/versions``, not
+by ``metadata.create_all``; a unit test checks that the migrated database and this
+module agree.
+
+Invariants:
+
+* Primary keys are 32-character uuid4 hex strings generated in Python, so ids are
+  the same shape on every backend and never reveal row counts or creation order.
+* Timestamps go through :class:`UtcTimestamp`: ``timestamptz`` on PostgreSQL and a
+  fixed-width ISO-8601 UTC string elsewhere (SQLite has no date type). Both keep
+  microseconds, round-trip exactly and sort chronologically.
+* Passwords exist only as ``accounts.password_ciphertext``, sealed by
+  :class:`gateway.crypto.SecretBox` with the account id as associated data.
+* Sessions copy names (resource, account) and connection facts (database,
+  username) instead of referencing rows, so the audit trail outlives the
+  resources and accounts it mentions.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+__all__ = [
+    "ID_LENGTH",
+    "ISO_TIMESTAMP_LENGTH",
+    "NAME_LENGTH",
+    "VERSION_TABLE",
+    "UtcTimestamp",
+    "accounts",
+    "connections",
+    "metadata",
+    "resources",
+    "sessions",
+]
+
+#: uuid4().hex
+ID_LENGTH: Final = 32
+#: Matches ``models.NAME_PATTERN``.
+NAME_LENGTH: Final = 63
+#: ``2024-01-02T03:04:05.678901+00:00``: always this long for years 1000-9999.
+ISO_TIMESTAMP_LENGTH: Final = 32
+
+# Deterministic constraint names make future migrations (including SQLite's
+# copy-and-move "batch" mode) able to find and alter constraints by name.
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UtcTimestamp(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime, stored natively where the backend can.
+
+    Binding a naive datetime is a programming error and raises ``ValueError``:
+    guessing its zone is how audit trails end up an hour off.
+    """
+
+    impl = String(ISO_TIMESTAMP_LENGTH)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(DateTime(timezone=True))
+        # Strings compare the same as the instants they name only because every
+        # value is UTC with microseconds, hence fixed width (see process_bind_param).
+        return dialect.type_descriptor(String(ISO_TIMESTAMP_LENGTH))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | str | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError("timestamps must be timezone-aware")
+        value = value.astimezone(UTC)
+        if dialect.name == "postgresql":
+            return value
+        return value.isoformat(timespec="microseconds")
+
+    def process_result_value(self, value: object, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, datetime):
+            # psycopg returns timestamptz in the session's TimeZone setting.
+            return value.astimezone(UTC)
+        return datetime.fromisoformat(str(value)).astimezone(UTC)
+
+
+resources = Table(
+    "resources",
+    metadata,
+    Column("id", String(ID_LENGTH), primary_key=True),
+    Column("name", String(NAME_LENGTH), nullable=False),
+    Column("host", Text, nullable=False),
+    Column("port", Integer, nullable=False),
+    Column("database", Text, nullable=False),
+    Column("ssl_mode", String(16), nullable=False),
+    Column("ca_cert", Text, nullable=True),
+    Column("created_at", UtcTimestamp, nullable=False),
+    UniqueConstraint("name"),
+)
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("id", String(ID_LENGTH), primary_key=True),
+    # Deliberately not ON DELETE CASCADE: removing a resource deletes its accounts
+    # explicitly, after checking for active sessions, in the same transaction.
+    Column("resource_id", String(ID_LENGTH), ForeignKey("resources.id"), nullable=False),
+    Column("name", String(NAME_LENGTH), nullable=False),
+    Column("username", Text, nullable=False),
+    Column("password_ciphertext", LargeBinary, nullable=False),
+    Column("created_at", UtcTimestamp, nullable=False),
+    Column("password_updated_at", UtcTimestamp, nullable=False),
+    UniqueConstraint("resource_id", "name"),
+)
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("id", String(ID_LENGTH), primary_key=True),
+    Column("requester", Text, nullable=False),
+    Column("resource_name", String(NAME_LENGTH), nullable=False),
+    Column("account_name", String(NAME_LENGTH), nullable=False),
+    Column("database", Text, nullable=False),
+    Column("username", Text, nullable=False),
+    Column("listen_host", Text, nullable=False),
+    Column("listen_port", Integer, nullable=True),
+    Column("started_at", UtcTimestamp, nullable=False),
+    Column("expires_at", UtcTimestamp, nullable=False),
+    Column("ended_at", UtcTimestamp, nullable=True),
+    Column("end_reason", String(32), nullable=True),
+    Column("end_detail", Text, nullable=True),
+    Index(None, "started_at"),
+    Index(None, "ended_at"),
+    Index(None, "resource_name", "account_name"),
+)
+
+connections = Table(
+    "connections",
+    metadata,
+    Column("id", String(ID_LENGTH), primary_key=True),
+    Column("session_id", String(ID_LENGTH), ForeignKey("sessions.id"), nullable=False),
+    Column("client_addr", Text, nullable=False),
+    Column("application_name", Text, nullable=True),
+    Column("backend_pid", Integer, nullable=True),
+    Column("started_at", UtcTimestamp, nullable=False),
+    Column("ended_at", UtcTimestamp, nullable=True),
+    Column("bytes_from_client", BigInteger, nullable=False),
+    Column("bytes_from_server", BigInteger, nullable=False),
+    Column("end_reason", String(32), nullable=True),
+    Column("error_sqlstate", String(5), nullable=True),
+    Column("error_message", Text, nullable=True),
+    Index(None, "session_id", "started_at"),
+    Index(None, "ended_at"),
+)
+
+#: Alembic's bookkeeping table. Prefixed so the store can share a PostgreSQL
+#: database with another application that also uses alembic.
+VERSION_TABLE: Final = "pam_alembic_version"
