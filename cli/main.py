@@ -118,12 +118,7 @@ def gateway_run(home: Path | None, log_format: str, log_level: str) -> None:
     from gateway.logging import configure_logging
 
     configure_logging("json" if log_format == "json" else "console", log_level)
-    try:
-        import uvloop  # type: ignore[import-not-found]
-    except ImportError:
-        asyncio.run(daemon.run(resolve_home(home)))
-    else:  # pragma: no cover - optional speed-up
-        uvloop.run(daemon.run(resolve_home(home)))
+    asyncio.run(daemon.run(resolve_home(home)))
 
 
 # --- resources -------------------------------------------------------------------

@@ -120,6 +120,7 @@ def _error(status: int, kind: str, message: str, hint: str | None = None) -> JSO
 
 def create_app(service: GatewayService, token_sha256: str) -> FastAPI:
     app = FastAPI(title="pam gateway control API", version=__version__, docs_url=None)
+
     def authorize(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> None:
@@ -242,4 +243,3 @@ def create_app(service: GatewayService, token_sha256: str) -> FastAPI:
 
 class _UnauthorizedError(Exception):
     pass
-

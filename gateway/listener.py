@@ -97,7 +97,7 @@ class GrantInfo:
     expires_at: datetime
 
 
-@dataclass
+@dataclass(eq=False)
 class LiveConnection:
     number: int
     client_addr: str
@@ -166,8 +166,8 @@ class AccessListener:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = LiveConnection(number, client_addr)
         bound = log.bind(session_id=self.grant.session_id, connection=number, client=client_addr)
-        self.connections.add(conn)
         try:
+            self.connections.add(conn)
             await self._serve_connection(reader, writer, conn, bound)
         except Exception as exc:  # the last line of defence for one connection
             bound.error("connection_failed", error=repr(exc))

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 
 import pytest
+from harness import Gateway
 
 from gateway.pgcluster import PasswordEncryption, PgRole, PostgresNotInstalled, TempCluster
 
@@ -97,3 +99,42 @@ def pytest_runtest_makereport(
         lines = cluster.read_log(offset).splitlines()[-FAILURE_LOG_LINES:]
         report.sections.append(("PostgreSQL server log", "\n".join(lines)))
     return report
+
+
+@pytest.fixture
+def gateway(pg: TempCluster, pg_roles: Mapping[str, PgRole], tmp_path: Path) -> Iterator[Gateway]:
+    """A running daemon with resource ``prod`` (verify-full against ``pg``) and one
+    account per role of ``pg_roles``, all registered through the CLI."""
+    gw = Gateway(tmp_path)
+    gw.init()
+    gw.start()
+    try:
+        gw.cli(
+            "resource",
+            "add",
+            "prod",
+            "--host",
+            pg.host,
+            "--port",
+            str(pg.port),
+            "--database",
+            APP_DATABASE,
+            "--ssl-mode",
+            "verify-full",
+            "--ca-cert",
+            str(pg.ca_cert_path),
+        )
+        for key, role in pg_roles.items():
+            gw.cli(
+                "account",
+                "add",
+                "prod",
+                key,
+                "--username",
+                role.name,
+                "--password-stdin",
+                input=role.password + "\n",
+            )
+        yield gw
+    finally:
+        gw.close()

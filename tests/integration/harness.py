@@ -1,0 +1,327 @@
+"""A real gateway daemon and real `pam` CLI processes, for integration tests.
+
+Everything runs as separate processes, exactly as a user runs them: the daemon
+is ``python -m cli gateway run`` on a temporary state directory, and every CLI
+call is ``python -m cli ...`` with ``PAM_HOME``/``PAM_CONFIG`` pointing at it.
+All output of every process is kept so tests can search it (for example for a
+password that must never appear).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cli.client import ApiClient, ApiError
+from gateway.config import load_client_config
+
+STARTUP_TIMEOUT = 30.0
+URL_PATTERN = re.compile(
+    r"postgresql://(?P<user>[^@\s]+)@127\.0\.0\.1:(?P<port>\d+)/(?P<db>[^?\s]+)\?sslmode=disable"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Transcript:
+    """Everything the processes of one test printed, for leak checks."""
+
+    chunks: list[bytes] = field(default_factory=list)
+
+    def add(self, data: bytes | str) -> None:
+        self.chunks.append(data.encode() if isinstance(data, str) else data)
+
+    def text(self) -> bytes:
+        return b"\n".join(self.chunks)
+
+
+class _Drain(threading.Thread):
+    """Copies a process pipe into a buffer as it comes, so pipes never fill."""
+
+    def __init__(self, stream: Any, transcript: Transcript) -> None:
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.buffer = bytearray()
+        self.transcript = transcript
+        self.lock = threading.Lock()
+        self.start()
+
+    def run(self) -> None:
+        with self.stream:
+            for line in iter(self.stream.readline, b""):
+                with self.lock:
+                    self.buffer += line
+        self.transcript.add(bytes(self.buffer))
+
+    def text(self) -> str:
+        with self.lock:
+            return self.buffer.decode(errors="replace")
+
+
+@dataclass
+class AccessProcess:
+    """A running `pam db access` command."""
+
+    proc: subprocess.Popen[bytes]
+    stdout: _Drain
+    stderr: _Drain
+    url: str = ""
+    port: int = 0
+    user: str = ""
+    database: str = ""
+    session_prefix: str = ""
+
+    def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> AccessProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = URL_PATTERN.search(self.stdout.text())
+            if match:
+                self.url = match.group(0)
+                self.port = int(match["port"])
+                self.user = match["user"]
+                self.database = match["db"]
+                session = re.search(r"session ([0-9a-f]{8})", self.stdout.text())
+                self.session_prefix = session.group(1) if session else ""
+                return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(
+            f"pam db access did not print a URL; stdout={self.stdout.text()!r}"
+            f" stderr={self.stderr.text()!r}"
+        )
+
+    def dsn(self, **overrides: str) -> str:
+        params = {
+            "host": "127.0.0.1",
+            "port": str(self.port),
+            "user": self.user,
+            "dbname": self.database,
+            "sslmode": "disable",
+        }
+        params.update(overrides)
+        return " ".join(f"{k}={v}" for k, v in params.items())
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        code = self.proc.wait(timeout)
+        self.stdout.join(5)
+        self.stderr.join(5)
+        return code
+
+
+@dataclass
+class Gateway:
+    """A gateway daemon on a temporary state directory, driven through the CLI."""
+
+    root: Path
+    transcript: Transcript = field(default_factory=Transcript)
+    proc: subprocess.Popen[bytes] | None = None
+    _drains: list[_Drain] = field(default_factory=list)
+    accesses: list[AccessProcess] = field(default_factory=list)
+
+    @property
+    def home(self) -> Path:
+        return self.root / "home"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "client.json"
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PGPASSWORD", "PAM_"))}
+        env.update(
+            {
+                "PAM_HOME": str(self.home),
+                "PAM_CONFIG": str(self.config_path),
+                "PYTHONUNBUFFERED": "1",
+                "COLUMNS": "200",
+            }
+        )
+        return env
+
+    def cli(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "cli", *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout,
+        )
+        self.transcript.add(result.stdout)
+        self.transcript.add(result.stderr)
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"pam {' '.join(args)} exited {result.returncode}: {result.stderr}"
+            )
+        return result
+
+    def cli_json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def init(self) -> None:
+        self.cli("gateway", "init", "--api-port", str(free_port()))
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cli", "gateway", "run", "--log-format", "json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.env,
+        )
+        self._drains = [
+            _Drain(self.proc.stdout, self.transcript),
+            _Drain(self.proc.stderr, self.transcript),
+        ]
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        client = self.api()
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"gateway exited during start-up: {self.log()}")
+                try:
+                    client.get("/v1/health")
+                    return
+                except ApiError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+        finally:
+            client.close()
+
+    def api(self) -> ApiClient:
+        old = os.environ.get("PAM_CONFIG")
+        os.environ["PAM_CONFIG"] = str(self.config_path)
+        try:
+            return ApiClient(load_client_config(), timeout=30)
+        finally:
+            if old is None:
+                os.environ.pop("PAM_CONFIG")
+            else:
+                os.environ["PAM_CONFIG"] = old
+
+    def log(self) -> str:
+        return "".join(d.text() for d in self._drains)
+
+    def log_events(self) -> list[dict[str, Any]]:
+        events = []
+        for line in self.log().splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+        return events
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        for drain in self._drains:
+            drain.join(5)
+        return code
+
+    def access(
+        self, *args: str, resource: str = "prod", account: str = "scram", duration: str = "1h"
+    ) -> AccessProcess:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cli",
+                "db",
+                "access",
+                "--resource",
+                resource,
+                "--account",
+                account,
+                "--duration",
+                duration,
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.env,
+        )
+        access = AccessProcess(
+            proc, _Drain(proc.stdout, self.transcript), _Drain(proc.stderr, self.transcript)
+        )
+        self.accesses.append(access)
+        return access
+
+    def close(self) -> None:
+        for access in self.accesses:
+            if access.proc.poll() is None:
+                access.proc.kill()
+                access.wait()
+        self.stop()
+
+
+def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.1) -> Any:
+    """Poll ``predicate`` until it is truthy: a bounded wait, not a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+@dataclass(frozen=True)
+class ServerError:
+    sqlstate: str
+    severity: str
+    message: str
+    hint: str | None
+
+
+def connect_error(port: int, user: str, database: str, timeout: float = 60.0) -> ServerError:
+    """Connect with asyncpg (which keeps the SQLSTATE of a refused login, unlike
+    libpq) and return the ErrorResponse that refused it."""
+    import asyncio
+
+    import asyncpg
+
+    async def attempt() -> ServerError:
+        try:
+            conn = await asyncpg.connect(
+                host="127.0.0.1",
+                port=port,
+                user=user,
+                database=database,
+                ssl=False,
+                timeout=timeout,
+            )
+        except asyncpg.PostgresError as exc:
+            return ServerError(exc.sqlstate, exc.severity, exc.message, exc.hint)
+        await conn.close()
+        raise AssertionError("the connection was accepted")
+
+    return asyncio.run(attempt())
