@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import itertools
+import secrets
 import socket
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -39,6 +40,7 @@ from gateway.protocol.constants import (
 )
 from gateway.protocol.errors import ProtocolError
 from gateway.protocol.framing import MessageReader
+from gateway.protocol.messages import BackendKey
 from gateway.protocol.startup import (
     CancelRequest,
     GSSENCRequest,
@@ -103,6 +105,8 @@ class LiveConnection:
     client_addr: str
     relay: Relay | None = None
     upstream: UpstreamConnection | None = None
+    #: the key this client got from the gateway; never the upstream's own
+    client_key: BackendKey | None = None
     #: set when the grant ends while this connection is still starting up
     pending_termination: Termination | None = None
 
@@ -244,8 +248,18 @@ class AccessListener:
         )
         conn.relay = relay
         greeting = _negotiate_protocol(startup) + messages.authentication_ok()
+        if key is not None:
+            # The client gets a key of the gateway's; the upstream's never leaves
+            # the daemon. The pid stays the real one so pg_stat_activity matches.
+            conn.client_key = BackendKey(
+                key.pid,
+                secrets.token_bytes(cancel_key_length(effective_minor_version(startup))),
+            )
+            startup_messages = _with_client_key(upstream.handshake.forward, conn.client_key)
+        else:
+            startup_messages = b"".join(upstream.handshake.forward)
         relay.prime(
-            greeting + b"".join(upstream.handshake.forward) + upstream.leftover,
+            greeting + startup_messages + upstream.leftover,
             inbound.take_remaining(),
         )
         late = conn.pending_termination or self.refusal
@@ -335,34 +349,72 @@ class AccessListener:
         return await connect_upstream(target, params=params, timeout=self.host.connect_timeout)
 
     async def _forward_cancel(self, request: CancelRequest) -> None:
-        # Only keys of this grant's live connections are forwarded; anything else
-        # is dropped without a reply, as the server itself does (55.2.7).
+        # Only keys this listener handed out are honoured, each mapped to its
+        # upstream backend's real key; anything else is dropped without a reply,
+        # as the server itself does (55.2.7).
         for conn in list(self.connections):
+            client_key = conn.client_key
             upstream = conn.upstream
-            key = upstream.handshake.backend_key if upstream else None
             if (
-                key is not None
-                and key.pid == request.pid
-                and hmac.compare_digest(key.secret, request.secret)
+                client_key is None
+                or upstream is None
+                or upstream.handshake.backend_key is None
+                or client_key.pid != request.pid
+                or not hmac.compare_digest(client_key.secret, request.secret)
             ):
-                target = await self.host.upstream_target(self.grant.resource, self.grant.account)
-                try:
-                    await send_cancel(target, key.pid, key.secret)
-                except (GatewayError, OSError, TimeoutError) as exc:
-                    log.warning(
-                        "cancel_forward_failed", session_id=self.grant.session_id, error=str(exc)
-                    )
-                return
+                continue
+            real = upstream.handshake.backend_key
+            target = await self.host.upstream_target(self.grant.resource, self.grant.account)
+            try:
+                await send_cancel(target, real.pid, real.secret)
+            except (GatewayError, OSError, TimeoutError) as exc:
+                log.warning(
+                    "cancel_forward_failed", session_id=self.grant.session_id, error=str(exc)
+                )
+            else:
+                log.info("cancel_forwarded", session_id=self.grant.session_id, backend_pid=real.pid)
+            return
+        log.info("cancel_ignored_unknown_key", session_id=self.grant.session_id)
+
+
+#: The newest protocol the gateway speaks to clients: 3.2 (PostgreSQL 18), whose
+#: only change is a longer cancel key.
+NEWEST_MINOR_VERSION = 2
+
+
+def effective_minor_version(startup: StartupMessage) -> int:
+    """The protocol minor version a connection runs at: 3.0 or 3.2 (3.1 was never
+    released; anything newer is negotiated down)."""
+    return NEWEST_MINOR_VERSION if startup.minor_version >= NEWEST_MINOR_VERSION else 0
+
+
+def cancel_key_length(minor_version: int) -> int:
+    # 4 bytes in 3.0; PostgreSQL 18 uses 32 bytes in 3.2 (any length up to 256).
+    return 32 if minor_version >= NEWEST_MINOR_VERSION else 4
 
 
 def _negotiate_protocol(startup: StartupMessage) -> bytes:
-    """NegotiateProtocolVersion when the client asked for more than 3.0 (55.2.1)."""
+    """NegotiateProtocolVersion for a newer minor version or unknown ``_pq_.``
+    options (PostgreSQL 15 docs, 55.2.1 and 55.7)."""
     unsupported = [name for name in startup.params if name.startswith(_PROTOCOL_OPTION_PREFIX)]
-    if startup.version == PROTOCOL_3_0 and not unsupported:
+    minor = effective_minor_version(startup)
+    if minor == startup.minor_version and not unsupported:
         return b""
-    body = PROTOCOL_3_0.to_bytes(4, "big") + len(unsupported).to_bytes(4, "big")
+    newest = (PROTOCOL_3_0 | minor).to_bytes(4, "big")
+    body = newest + len(unsupported).to_bytes(4, "big")
     body += b"".join(name.encode() + b"\x00" for name in unsupported)
     return messages.encode_message(BackendType.NEGOTIATE_PROTOCOL_VERSION, body)
+
+
+def _with_client_key(forward: list[bytes], client_key: BackendKey) -> bytes:
+    """The server's startup messages with its BackendKeyData replaced by ours."""
+    replaced = (
+        messages.backend_key_data(client_key.pid, client_key.secret)
+        if message[0] == BackendType.BACKEND_KEY_DATA
+        else message
+        for message in forward
+    )
+    return b"".join(replaced)
 
 
 async def _refuse(
