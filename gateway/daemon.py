@@ -35,6 +35,7 @@ from gateway.config import (
 )
 from gateway.crypto import SecretBox, generate_master_key, load_master_key
 from gateway.errors import AlreadyExists, ConfigError
+from gateway.localtls import ensure_local_certificate, server_context
 from gateway.service import GatewayService
 from gateway.store import Store
 
@@ -121,7 +122,8 @@ async def run(home: Path) -> None:
     settings = load_settings(home)
     box = SecretBox(load_master_key(home / MASTER_KEY_FILE))
     store = Store.open(store_url(home, settings), box)
-    service = GatewayService(store, settings)
+    cert, key = ensure_local_certificate(home)
+    service = GatewayService(store, settings, client_tls_context=server_context(cert, key))
     sock = _bind(settings.api_host, settings.api_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -24,6 +24,7 @@ import hmac
 import itertools
 import secrets
 import socket
+import ssl
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -35,6 +36,7 @@ from gateway.protocol import messages, sqlstate
 from gateway.protocol.constants import (
     MAX_STARTUP_PACKET_LENGTH,
     PROTOCOL_3_0,
+    SSL_ACCEPTED,
     SSL_REFUSED,
     BackendType,
 )
@@ -57,6 +59,14 @@ log = structlog.get_logger(__name__)
 _RESERVED_PARAMS = frozenset({"user", "database", "replication"})
 _PROTOCOL_OPTION_PREFIX = "_pq_."
 _connection_numbers = itertools.count(1)
+#: First byte of a TLS handshake record: a client starting TLS directly.
+TLS_HANDSHAKE_RECORD = 0x16
+#: TLS alert record: level fatal (2), description handshake_failure (40).
+TLS_ALERT_HANDSHAKE_FAILURE = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28])
+
+
+class DirectTLSRefused(Exception):
+    """The client opened with a TLS ClientHello instead of an SSLRequest."""
 
 
 class ConnectionHost(Protocol):
@@ -67,6 +77,11 @@ class ConnectionHost(Protocol):
 
     @property
     def connect_timeout(self) -> float: ...
+
+    @property
+    def client_tls(self) -> ssl.SSLContext | None:
+        """Server-side TLS for local clients that ask for it; None answers ``N``."""
+        ...
 
     async def upstream_target(self, resource: str, account: str) -> UpstreamTarget: ...
 
@@ -195,8 +210,19 @@ class AccessListener:
                 writer, sqlstate.PROTOCOL_VIOLATION, "timed out waiting for the startup packet"
             )
             return
+        except DirectTLSRefused:
+            # A TLS ClientHello as the first byte (sslnegotiation=direct): the
+            # client cannot read an ErrorResponse, so answer with a TLS alert.
+            bound.info("direct_tls_refused", hint="use sslnegotiation=postgres (the default)")
+            writer.write(TLS_ALERT_HANDSHAKE_FAILURE)
+            await close_writer(writer)
+            return
         except ProtocolError as exc:
             await _refuse(writer, exc.sqlstate, exc.message)
+            return
+        except (ssl.SSLError, ConnectionError) as exc:
+            bound.info("client_tls_failed", error=str(exc))
+            writer.transport.abort()
             return
         if startup is None:  # CancelRequest handled, or the client went away
             await close_writer(writer)
@@ -286,7 +312,10 @@ class AccessListener:
         writer: asyncio.StreamWriter,
         inbound: MessageReader,
     ) -> StartupMessage | None:
+        encrypted = False
         while True:
+            if not encrypted and inbound.buffered and inbound.peek_byte() == TLS_HANDSHAKE_RECORD:
+                raise DirectTLSRefused
             body = inbound.next_startup_packet(MAX_STARTUP_PACKET_LENGTH)
             if body is None:
                 data = await reader.read(READ_SIZE)
@@ -297,10 +326,18 @@ class AccessListener:
             packet = parse_startup_packet(body)
             if isinstance(packet, SSLRequest | GSSENCRequest):
                 if inbound.buffered:
-                    # Nothing may follow an encryption request before our answer.
+                    # Nothing may follow an encryption request before our answer:
+                    # such bytes would be taken as if they came over TLS.
                     raise ProtocolError("unexpected data after an encryption request")
-                writer.write(SSL_REFUSED)
+                tls = self.host.client_tls
+                if isinstance(packet, GSSENCRequest) or tls is None or encrypted:
+                    writer.write(SSL_REFUSED)
+                    await writer.drain()
+                    continue
+                writer.write(SSL_ACCEPTED)
                 await writer.drain()
+                await writer.start_tls(tls)
+                encrypted = True
                 continue
             if isinstance(packet, CancelRequest):
                 await self._forward_cancel(packet)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ssl
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -82,6 +83,8 @@ class GatewayService:
     _executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="pam-store")
     )
+    #: TLS for local clients that ask for it (None: they are answered ``N``)
+    client_tls_context: ssl.SSLContext | None = None
     _watchdog: asyncio.Task[None] | None = None
     _closing: bool = False
 
@@ -94,6 +97,10 @@ class GatewayService:
     @property
     def connect_timeout(self) -> float:
         return self.settings.upstream_connect_timeout_seconds
+
+    @property
+    def client_tls(self) -> ssl.SSLContext | None:
+        return self.client_tls_context
 
     async def db(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run a store call on the store thread."""

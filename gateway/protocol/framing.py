@@ -61,6 +61,10 @@ class MessageReader:
     def buffered(self) -> int:
         return len(self._buf) - self._pos
 
+    def peek_byte(self) -> int:
+        """The next unread byte, without consuming it; -1 when nothing is buffered."""
+        return self._buf[self._pos] if self.buffered else -1
+
     def next_startup_packet(self, max_length: int) -> bytes | None:
         """The body of an untyped startup-phase packet (int32 length first), or None.
 
