@@ -120,6 +120,8 @@ _HBA_GROUP_BY_PREFIX: tuple[tuple[str, str], ...] = (
     ("md5_", "pam_hba_md5"),
     ("plainnossl_", "pam_hba_plainnossl"),
     ("plain_", "pam_hba_plain"),
+    # GSSAPI, a method the gateway refuses: lets tests see that refusal.
+    ("gss_", "pam_hba_gss"),
 )
 
 _PG_HBA_CONF = """\
@@ -129,6 +131,7 @@ local    all       all                                 trust
 hostssl  all       +pam_hba_plain       127.0.0.1/32   password
 host     all       +pam_hba_plainnossl  127.0.0.1/32   password
 host     all       +pam_hba_md5         127.0.0.1/32   md5
+host     all       +pam_hba_gss         127.0.0.1/32   gss
 hostssl  all       all                  127.0.0.1/32   scram-sha-256
 host     all       all                  127.0.0.1/32   scram-sha-256
 """

@@ -325,3 +325,97 @@ def connect_error(port: int, user: str, database: str, timeout: float = 60.0) ->
         raise AssertionError("the connection was accepted")
 
     return asyncio.run(attempt())
+
+
+class RawClient:
+    """A hand-driven frontend over a plain socket, built on the sans-IO codec,
+    for the protocol cases no real client produces (grease, bad input, 3.2)."""
+
+    def __init__(self, port: int, timeout: float = 30.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        from gateway.protocol.framing import MessageReader
+
+        self.reader = MessageReader(max_length=1 << 30)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv_raw(self, size: int = 65536) -> bytes:
+        return self.sock.recv(size)
+
+    def read_message(self) -> Any:
+        """The next whole message; None when the gateway closed the connection."""
+        while True:
+            message = self.reader.next_message()
+            if message is not None:
+                return message
+            data = self.sock.recv(262144)
+            if not data:
+                return None
+            self.reader.feed(data)
+
+    def read_until(self, msg_type: bytes) -> list[Any]:
+        messages = []
+        while True:
+            message = self.read_message()
+            if message is None:
+                raise AssertionError(f"connection closed before {msg_type!r}; got {messages}")
+            messages.append(message)
+            if message.type == msg_type[0]:
+                return messages
+
+    def read_all_until_close(self) -> list[Any]:
+        messages = []
+        while (message := self.read_message()) is not None:
+            messages.append(message)
+        return messages
+
+    def startup(
+        self, user: str, database: str, *, version: int | None = None, **params: str
+    ) -> list[Any]:
+        from gateway.protocol import messages
+        from gateway.protocol.constants import PROTOCOL_3_0
+
+        self.send(
+            messages.startup_message(
+                {"user": user, "database": database, **params}, version or PROTOCOL_3_0
+            )
+        )
+        return self.read_until(b"Z")
+
+    def query(self, sql: str) -> list[Any]:
+        from gateway.protocol import messages
+
+        self.send(messages.encode_message(ord("Q"), sql.encode() + b"\x00"))
+        return self.read_until(b"Z")
+
+
+def error_fields(message: Any) -> dict[str, str]:
+    from gateway.protocol.messages import parse_error_fields
+
+    assert message is not None and message.type == ord("E"), message
+    return dict(parse_error_fields(message.body).fields)
+
+
+def peak_rss_kib(pid: int) -> int:
+    """The process's peak resident set size (VmHWM), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM in /proc status")
+
+
+def current_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS in /proc status")
