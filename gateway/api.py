@@ -16,13 +16,14 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import structlog
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, SecretStr
 
 from gateway import __version__
+from gateway.audit.chain import ChainProblem
 from gateway.config import hash_token
 from gateway.errors import (
     AlreadyExists,
@@ -33,6 +34,7 @@ from gateway.errors import (
 )
 from gateway.service import GatewayService, VerifyResult
 from gateway.store import AccessSession, Account, ConnectionRecord, Resource, SslMode
+from gateway.store.models import AuditRecord
 
 log = structlog.get_logger(__name__)
 
@@ -72,6 +74,20 @@ class SessionDetail(BaseModel):
     session: AccessSession
     connections: list[ConnectionRecord]
     live_connections: int
+    statements: int
+
+
+class AuditVerifyOut(BaseModel):
+    ok: bool
+    session: str | None
+    problems: list[ChainProblem]
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """Query times without a zone are UTC."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
 
 
 class VerifyOut(BaseModel):
@@ -225,17 +241,86 @@ def create_app(service: GatewayService, token_sha256: str) -> FastAPI:
         return await service.close_access(session_id, detail=body.detail if body else None)
 
     @app.get("/v1/sessions", dependencies=auth)
-    async def list_sessions(active: bool | None = None, limit: int = 100) -> list[AccessSession]:
-        return await service.db(service.store.list_sessions, active=active, limit=limit)
+    async def list_sessions(
+        active: bool | None = None,
+        limit: int = Query(default=100, ge=1, le=10_000),
+        resource: str | None = None,
+        account: str | None = None,
+        requester: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[AccessSession]:
+        return await service.db(
+            service.store.list_sessions,
+            active=active,
+            limit=limit,
+            resource=resource,
+            account=account,
+            requester=requester,
+            since=_aware(since),
+            until=_aware(until),
+        )
+
+    @app.get("/v1/sessions/{session_id}/audit", dependencies=auth)
+    async def session_audit(
+        session_id: str,
+        after_seq: int = Query(default=0, ge=0),
+        limit: int = Query(default=1000, ge=1, le=10_000),
+        kind: Annotated[list[str] | None, Query()] = None,
+    ) -> list[AuditRecord]:
+        if service.audit_writer is not None:
+            # Show what relays have already seen, not only what the last batch wrote.
+            await service.audit_writer.drain(timeout=5)
+        return await service.db(
+            service.store.list_audit, session_id, after_seq=after_seq, limit=limit, kinds=kind
+        )
+
+    @app.get("/v1/audit/search", dependencies=auth)
+    async def search_audit(
+        q: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        resource: str | None = None,
+        account: str | None = None,
+        requester: str | None = None,
+        session: str | None = None,
+        status: str | None = None,
+        limit: int = Query(default=100, ge=1, le=10_000),
+    ) -> list[AuditRecord]:
+        if service.audit_writer is not None:
+            await service.audit_writer.drain(timeout=5)
+        return await service.db(
+            service.store.search_audit,
+            q,
+            since=_aware(since),
+            until=_aware(until),
+            resource=resource,
+            account=account,
+            requester=requester,
+            session_id=session,
+            status=status,
+            limit=limit,
+        )
+
+    @app.post("/v1/audit/verify", dependencies=auth)
+    async def verify_audit(session: str | None = None) -> AuditVerifyOut:
+        if service.audit_writer is not None:
+            await service.audit_writer.drain(timeout=5)
+        problems = await service.db(service.store.verify_audit, session)
+        return AuditVerifyOut(ok=not problems, session=session, problems=problems)
 
     @app.get("/v1/sessions/{session_id}", dependencies=auth)
     async def show_session(session_id: str) -> SessionDetail:
         session = await service.db(service.store.get_session, session_id)
         connections = await service.db(service.store.list_connections, session.id)
+        if service.audit_writer is not None:
+            await service.audit_writer.drain(timeout=5)
+        statements = await service.db(service.store.count_audit, session.id, "statement")
         return SessionDetail(
             session=session,
             connections=connections,
             live_connections=service.live_connection_count(session.id),
+            statements=statements,
         )
 
     return app

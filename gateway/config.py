@@ -17,6 +17,7 @@ import json
 import os
 from datetime import timedelta
 from pathlib import Path
+from typing import Literal
 
 import platformdirs
 from pydantic import BaseModel, Field
@@ -47,6 +48,16 @@ class GatewaySettings(BaseModel):
     heartbeat_timeout_seconds: float = Field(default=6.0, gt=0)
     upstream_connect_timeout_seconds: float = Field(default=10.0, gt=0)
     client_startup_timeout_seconds: float = Field(default=15.0, gt=0)
+    #: record every statement (off: sessions and connections only)
+    audit_enabled: bool = True
+    #: what of bound parameters to record: values, types only, or nothing
+    audit_parameters: Literal["values", "types", "none"] = "values"
+    #: longest parameter value kept (bytes); longer ones are truncated
+    audit_max_value_bytes: int = Field(default=256, ge=0)
+    #: extra regular expressions masked in SQL (the first group, or the match)
+    audit_redact_patterns: list[str] = Field(default_factory=list)
+    #: refuse and end connections while the audit trail cannot be written
+    audit_fail_closed: bool = False
 
 
 class ClientConfig(BaseModel):

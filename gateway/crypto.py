@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import os
 import secrets
 import stat
@@ -27,11 +29,14 @@ from pathlib import Path
 from typing import Final
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from gateway.errors import AlreadyExists, ConfigError, GatewayError
 
 __all__ = [
+    "DERIVED_KEY_BYTES",
     "MASTER_KEY_BYTES",
     "SecretBox",
     "SecretDecryptError",
@@ -50,6 +55,9 @@ _FORMAT_V1: Final = 0x01
 _NONCE_BYTES: Final = 12
 _TAG_BYTES: Final = 16
 _MIN_BLOB_BYTES: Final = 1 + _NONCE_BYTES + _TAG_BYTES
+
+#: Length of keys made by :meth:`SecretBox.derive_key` (one SHA-256 output).
+DERIVED_KEY_BYTES: Final = 32
 
 #: Mode bits that must be clear on the key file: any access by group or others.
 _GROUP_OTHER_BITS: Final = 0o077
@@ -147,15 +155,34 @@ class SecretBox:
     """Seal and open small secrets with AES-256-GCM under the master key.
 
     The key is handed to the AEAD object and not kept as an attribute, so it does
-    not show up in ``vars()`` or a debugger's view of this object.
+    not show up in ``vars()`` or a debugger's view of this object. For
+    :meth:`derive_key` only HKDF's pseudorandom key (the extract step's output) is
+    kept; the master key cannot be recovered from it.
     """
 
-    __slots__ = ("_aead",)
+    __slots__ = ("_aead", "_prk")
 
     def __init__(self, key: bytes) -> None:
         if len(key) != MASTER_KEY_BYTES:
             raise ConfigError(f"the master key must be exactly {MASTER_KEY_BYTES} bytes")
         self._aead = AESGCM(key)
+        # HKDF-Extract with no salt (RFC 5869, section 2.2: a string of HashLen
+        # zeros), done once so that derive_key needs only the Expand step.
+        self._prk = hmac.digest(bytes(hashlib.sha256().digest_size), key, "sha256")
+
+    def derive_key(self, info: bytes) -> bytes:
+        """A :data:`DERIVED_KEY_BYTES`-byte key for one purpose, named by *info*.
+
+        HKDF-SHA256 of the master key with no salt: equal to
+        ``HKDF(SHA256(), 32, salt=None, info=info).derive(master_key)``. Different
+        *info* strings give independent keys, so a key handed to one component
+        (the audit chain's MAC) reveals nothing about the sealing key or another.
+        """
+        if not isinstance(info, bytes) or not info:
+            raise ConfigError("derive_key needs a non-empty info label")
+        return HKDFExpand(algorithm=hashes.SHA256(), length=DERIVED_KEY_BYTES, info=info).derive(
+            self._prk
+        )
 
     def __repr__(self) -> str:
         return "SecretBox(<key hidden>)"

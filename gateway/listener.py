@@ -25,12 +25,14 @@ import itertools
 import secrets
 import socket
 import ssl
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
 import structlog
 
+from gateway.audit.tap import ConnectionAudit
 from gateway.errors import GatewayError, UpstreamError
 from gateway.protocol import messages, sqlstate
 from gateway.protocol.constants import (
@@ -59,6 +61,10 @@ log = structlog.get_logger(__name__)
 _RESERVED_PARAMS = frozenset({"user", "database", "replication"})
 _PROTOCOL_OPTION_PREFIX = "_pq_."
 _connection_numbers = itertools.count(1)
+#: Ends the gateway imposes on a live connection, whatever the server is doing.
+_CUT_BY_GATEWAY = frozenset(
+    {EndReason.SESSION_ENDED, EndReason.EXPIRED, EndReason.GATEWAY_SHUTDOWN}
+)
 #: First byte of a TLS handshake record: a client starting TLS directly.
 TLS_HANDSHAKE_RECORD = 0x16
 #: TLS alert record: level fatal (2), description handshake_failure (40).
@@ -84,6 +90,16 @@ class ConnectionHost(Protocol):
         ...
 
     async def upstream_target(self, resource: str, account: str) -> UpstreamTarget: ...
+
+    def connection_audit(
+        self, session_id: str, connection_id: str, secrets: tuple[str, ...]
+    ) -> ConnectionAudit | None:
+        """The statement audit tap for a new connection (None: audit is off)."""
+        ...
+
+    def refusal(self) -> Termination | None:
+        """Why the gateway as a whole refuses new connections right now, if it does."""
+        ...
 
     async def record_connection_start(
         self, session_id: str, client_addr: str, application_name: str | None
@@ -158,11 +174,20 @@ class AccessListener:
     def end(self, termination: Termination) -> None:
         """Refuse new connections and end every live one with ``termination``."""
         self.refusal = termination
+        self.terminate_live(termination)
+
+    def terminate_live(self, termination: Termination) -> None:
+        """End every live connection, but keep accepting new ones."""
         for conn in list(self.connections):
             if conn.relay is not None:
                 conn.relay.terminate(termination)
             else:
                 conn.pending_termination = termination
+
+    async def wait_idle(self, timeout: float) -> None:
+        """Wait (bounded) until no connection handler is running."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
 
     async def close(self, *, wait: float = 3.0) -> None:
         """Stop listening and wait (bounded) for connection handlers to finish."""
@@ -240,8 +265,9 @@ class AccessListener:
         )
         bound = bound.bind(connection_id=connection_id, application_name=application_name)
         relay: Relay | None = None
+        audit: ConnectionAudit | None = None
         try:
-            upstream = await self._connect_upstream(startup)
+            upstream, target = await self._connect_upstream(startup)
         except UpstreamError as exc:
             bound.warning(
                 "upstream_failed", kind=exc.kind, sqlstate=exc.sqlstate, error=exc.message
@@ -259,11 +285,38 @@ class AccessListener:
                 error=(exc.sqlstate, exc.message),
             )
             return
+        except GatewayError as exc:
+            # The stored credentials cannot be used (say, a password that no
+            # longer decrypts): still an ErrorResponse, never a bare close.
+            bound.error("credentials_unavailable", sqlstate=exc.sqlstate, error=exc.message)
+            await _refuse(writer, exc.sqlstate, exc.message, hint=exc.hint)
+            await self.host.record_connection_end(
+                connection_id,
+                reason=EndReason.ERROR,
+                bytes_from_client=0,
+                bytes_from_server=0,
+                error=(exc.sqlstate, exc.message),
+            )
+            return
         conn.upstream = upstream
         key = upstream.handshake.backend_key
         if key is not None:
             await self.host.record_backend_pid(connection_id, key.pid)
         bound.info("connection_started", backend_pid=key.pid if key else None)
+        audit = self.host.connection_audit(self.grant.session_id, connection_id, (target.password,))
+        del target
+        if audit is not None:
+            audit.connection_event(
+                "connection_start",
+                {
+                    "client_addr": conn.client_addr,
+                    "application_name": application_name,
+                    "backend_pid": key.pid if key else None,
+                    "user": startup.user,
+                    "database": startup.database,
+                },
+                now_ns=time.time_ns(),
+            )
 
         relay = Relay(
             reader,
@@ -271,6 +324,7 @@ class AccessListener:
             upstream.reader,
             upstream.writer,
             name=f"c{conn.number}",
+            audit=audit,
         )
         conn.relay = relay
         greeting = _negotiate_protocol(startup) + messages.authentication_ok()
@@ -298,6 +352,17 @@ class AccessListener:
             bytes_from_client=relay.bytes_from_client,
             bytes_from_server=relay.bytes_from_server,
         )
+        if audit is not None:
+            audit.connection_event(
+                "connection_end",
+                {
+                    "end_reason": str(reason),
+                    "bytes_from_client": relay.bytes_from_client,
+                    "bytes_from_server": relay.bytes_from_server,
+                    "error_sqlstate": relay.error[0] if relay.error else None,
+                },
+                now_ns=time.time_ns(),
+            )
         await self.host.record_connection_end(
             connection_id,
             reason=str(reason),
@@ -305,6 +370,11 @@ class AccessListener:
             bytes_from_server=relay.bytes_from_server,
             error=relay.error,
         )
+        if key is not None and reason in _CUT_BY_GATEWAY:
+            # A backend notices a vanished client only when it next reads, so a
+            # query still running (pg_sleep(600)) would outlive the grant; a
+            # CancelRequest stops it, as the client itself could have (55.2.7).
+            await self._cancel_upstream(key)
 
     async def _read_startup(
         self,
@@ -346,6 +416,9 @@ class AccessListener:
 
     def _check_startup(self, startup: StartupMessage) -> Termination | None:
         grant = self.grant
+        gateway_refusal = self.host.refusal()
+        if gateway_refusal is not None:
+            return gateway_refusal
         if self.refusal is not None:
             return Termination(
                 self.refusal.reason,
@@ -376,14 +449,17 @@ class AccessListener:
             )
         return None
 
-    async def _connect_upstream(self, startup: StartupMessage) -> UpstreamConnection:
+    async def _connect_upstream(
+        self, startup: StartupMessage
+    ) -> tuple[UpstreamConnection, UpstreamTarget]:
         target = await self.host.upstream_target(self.grant.resource, self.grant.account)
         params = {
             name: value
             for name, value in startup.params.items()
             if name not in _RESERVED_PARAMS and not name.startswith(_PROTOCOL_OPTION_PREFIX)
         }
-        return await connect_upstream(target, params=params, timeout=self.host.connect_timeout)
+        upstream = await connect_upstream(target, params=params, timeout=self.host.connect_timeout)
+        return upstream, target
 
     async def _forward_cancel(self, request: CancelRequest) -> None:
         # Only keys this listener handed out are honoured, each mapped to its
@@ -412,6 +488,13 @@ class AccessListener:
                 log.info("cancel_forwarded", session_id=self.grant.session_id, backend_pid=real.pid)
             return
         log.info("cancel_ignored_unknown_key", session_id=self.grant.session_id)
+
+    async def _cancel_upstream(self, key: BackendKey) -> None:
+        try:
+            target = await self.host.upstream_target(self.grant.resource, self.grant.account)
+            await send_cancel(target, key.pid, key.secret)
+        except (GatewayError, OSError, TimeoutError) as exc:
+            log.warning("cancel_failed", session_id=self.grant.session_id, error=str(exc))
 
 
 #: The newest protocol the gateway speaks to clients: 3.2 (PostgreSQL 18), whose

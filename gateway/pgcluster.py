@@ -147,7 +147,9 @@ class PostgresNotInstalled(ClusterError):
     """The PostgreSQL server binaries (initdb, pg_ctl, postgres) are missing."""
 
     def __init__(self, detail: str = "PostgreSQL server binaries not found") -> None:
-        super().__init__(f"{detail}; {INSTALL_HINT}", hint=INSTALL_HINT)
+        # The instructions are the message's second half, not also a hint: the
+        # CLI prints both, and saying it twice on one line helps nobody.
+        super().__init__(f"{detail}; {INSTALL_HINT}")
 
 
 def find_pg_bin_dir() -> Path:

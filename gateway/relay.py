@@ -14,15 +14,17 @@ server-to-client stream, never in the middle of a server message.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 import structlog
 
 from gateway.protocol import messages
 from gateway.protocol.constants import FrontendType
 from gateway.protocol.errors import ProtocolError
-from gateway.protocol.framing import BoundaryTracker
+from gateway.protocol.framing import BoundaryTracker, TappedMessage
 
 log = structlog.get_logger(__name__)
 
@@ -35,6 +37,9 @@ DEFAULT_MAX_MESSAGE_LENGTH = (1 << 30) + 64
 #: How long a forced end waits for the server's current message to complete.
 BOUNDARY_GRACE_SECONDS = 1.0
 CLOSE_TIMEOUT_SECONDS = 2.0
+#: Tapped bodies are copied up to this size (a huge Bind keeps its first part).
+TAP_LIMIT = 64 * 1024
+_TERMINATE = frozenset({FrontendType.TERMINATE})
 
 
 class EndReason(StrEnum):
@@ -59,6 +64,31 @@ class Termination:
         return messages.error_response("FATAL", self.sqlstate, self.message, hint=self.hint)
 
 
+class StatementAudit(Protocol):
+    """The audit tap of one connection (see ``gateway.audit.tap``)."""
+
+    @property
+    def client_tap(self) -> frozenset[int]: ...
+
+    @property
+    def client_measure(self) -> frozenset[int]: ...
+
+    @property
+    def server_tap(self) -> frozenset[int]: ...
+
+    @property
+    def server_measure(self) -> frozenset[int]: ...
+
+    def on_client(self, tapped: list[TappedMessage], now_ns: int) -> None: ...
+
+    def on_server(self, tapped: list[TappedMessage], now_ns: int) -> None: ...
+
+    @property
+    def congested(self) -> bool: ...
+
+    async def wait_for_room(self) -> None: ...
+
+
 class Relay:
     """Pumps bytes between a client and an upstream connection until one ends."""
 
@@ -71,16 +101,28 @@ class Relay:
         *,
         name: str,
         max_message_length: int = DEFAULT_MAX_MESSAGE_LENGTH,
+        audit: StatementAudit | None = None,
     ) -> None:
         self._client_reader = client_reader
         self._client_writer = client_writer
         self._upstream_reader = upstream_reader
         self._upstream_writer = upstream_writer
         self._name = name
+        self._audit = audit
+        # Only the message types audit needs are copied; the rest is skipped
+        # by arithmetic on the headers.
         self._from_client = BoundaryTracker(
-            max_length=max_message_length, tap=frozenset({FrontendType.TERMINATE})
+            max_length=max_message_length,
+            tap=_TERMINATE | (audit.client_tap if audit else frozenset()),
+            measure=audit.client_measure if audit else frozenset(),
+            tap_limit=TAP_LIMIT,
         )
-        self._from_server = BoundaryTracker(max_length=max_message_length)
+        self._from_server = BoundaryTracker(
+            max_length=max_message_length,
+            tap=audit.server_tap if audit else frozenset(),
+            measure=audit.server_measure if audit else frozenset(),
+            tap_limit=TAP_LIMIT,
+        )
         self._termination: Termination | None = None
         self._terminate_requested = asyncio.Event()
         self._fatal_sent = False
@@ -91,14 +133,19 @@ class Relay:
 
     def prime(self, to_client: bytes, to_server: bytes) -> None:
         """Account for bytes already read during startup and forward them."""
+        now = time.time_ns()
         if to_server:
-            self._from_client.feed(to_server)
+            tapped = self._from_client.feed(to_server)
             self.bytes_from_client += len(to_server)
             self._upstream_writer.write(to_server)
+            if tapped and self._audit is not None:
+                self._audit.on_client(tapped, now)
         if to_client:
-            self._from_server.feed(to_client)
+            tapped = self._from_server.feed(to_client)
             self.bytes_from_server += len(to_client)
             self._client_writer.write(to_client)
+            if tapped and self._audit is not None:
+                self._audit.on_server(tapped, now)
 
     def terminate(self, termination: Termination) -> None:
         """Ask the relay to end with a FATAL to the client at the next boundary."""
@@ -143,6 +190,7 @@ class Relay:
 
     async def _pump_client(self) -> None:
         reader, writer, tracker = self._client_reader, self._upstream_writer, self._from_client
+        audit = self._audit
         while True:
             data = await reader.read(READ_SIZE)
             if not data:
@@ -151,23 +199,32 @@ class Relay:
             tapped = tracker.feed(data)
             self.bytes_from_client += len(data)
             writer.write(data)
-            if tapped:  # only Terminate is tapped: the client said goodbye
-                self.end_reason = EndReason.CLIENT_CLOSED
+            if tapped:
+                if audit is not None:
+                    audit.on_client(tapped, time.time_ns())
+                if tapped[-1].type == FrontendType.TERMINATE:  # the client said goodbye
+                    self.end_reason = EndReason.CLIENT_CLOSED
             await writer.drain()
 
     async def _pump_server(self) -> None:
         reader, writer, tracker = self._upstream_reader, self._client_writer, self._from_server
+        audit = self._audit
         while True:
             data = await reader.read(READ_SIZE)
             if not data:
                 self.end_reason = self.end_reason or EndReason.SERVER_CLOSED
                 return
-            tracker.feed(data)
+            tapped = tracker.feed(data)
             self.bytes_from_server += len(data)
             writer.write(data)
+            if tapped and audit is not None:
+                audit.on_server(tapped, time.time_ns())
             if self._termination is not None and tracker.at_boundary:
                 self._finish_termination()
                 return
+            if audit is not None and audit.congested:
+                # The audit writer is behind: slow down rather than buffer.
+                await audit.wait_for_room()
             await writer.drain()
 
     async def _watch_termination(self) -> None:

@@ -28,6 +28,11 @@ from typing import Any, TypeVar
 
 import structlog
 
+from gateway.audit.pairing import StatementTracker
+from gateway.audit.records import AuditEvent
+from gateway.audit.redaction import Redactor
+from gateway.audit.tap import ConnectionAudit
+from gateway.audit.writer import AuditWriter
 from gateway.config import GatewaySettings
 from gateway.errors import InvalidRequest, NotFound, UpstreamError
 from gateway.listener import AccessListener, GrantInfo
@@ -87,6 +92,9 @@ class GatewayService:
     client_tls_context: ssl.SSLContext | None = None
     _watchdog: asyncio.Task[None] | None = None
     _closing: bool = False
+    audit_writer: AuditWriter | None = None
+    #: set while the audit trail cannot be written and fail-closed is on
+    _audit_down: BaseException | None = None
 
     # --- ConnectionHost, for the listeners ------------------------------------
 
@@ -106,6 +114,48 @@ class GatewayService:
         """Run a store call on the store thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    def connection_audit(
+        self, session_id: str, connection_id: str, secrets: tuple[str, ...]
+    ) -> ConnectionAudit | None:
+        settings = self.settings
+        if not settings.audit_enabled or self.audit_writer is None:
+            return None
+        tracker = StatementTracker(
+            session_id,
+            connection_id,
+            redactor=Redactor.build(settings.audit_redact_patterns, secrets),
+            parameter_mode=settings.audit_parameters,
+            max_value_bytes=settings.audit_max_value_bytes,
+        )
+        return ConnectionAudit(tracker, self.audit_writer)
+
+    def refusal(self) -> Termination | None:
+        if self._audit_down is None:
+            return None
+        return Termination(
+            EndReason.ERROR,
+            sqlstate.CANNOT_CONNECT_NOW,
+            "pam refuses new connections: the audit trail cannot be written (fail-closed mode)",
+            hint="an administrator must restore the gateway's store; check the gateway log",
+        )
+
+    async def _on_audit_failure(self, exc: BaseException | None) -> None:
+        if not self.settings.audit_fail_closed:
+            return
+        self._audit_down = exc or RuntimeError("audit failure")
+        termination = Termination(
+            EndReason.ERROR,
+            sqlstate.ADMIN_SHUTDOWN,
+            "terminating connection: the audit trail cannot be written and pam is in"
+            " fail-closed mode",
+            hint="reconnect once the gateway's store is back",
+        )
+        for grant in list(self._grants.values()):
+            grant.listener.terminate_live(termination)
+
+    async def _on_audit_recovery(self, _exc: BaseException | None) -> None:
+        self._audit_down = None
 
     async def upstream_target(self, resource: str, account: str) -> UpstreamTarget:
         def load() -> UpstreamTarget:
@@ -166,7 +216,17 @@ class GatewayService:
         if closed:
             log.warning("closed_orphaned_sessions", count=closed, reason="gateway_crash")
         self._watchdog = asyncio.create_task(self._watch_heartbeats(), name="grant-watchdog")
+        if self.settings.audit_enabled:
+            self.audit_writer = AuditWriter(
+                self._append_audit,
+                on_failure=self._on_audit_failure,
+                on_recovery=self._on_audit_recovery,
+            )
+            self.audit_writer.start()
         return closed
+
+    async def _append_audit(self, events: list[AuditEvent]) -> object:
+        return await self.db(self.store.append_audit, events)
 
     async def shutdown(self) -> None:
         """Ordered: refuse new work, tell live clients why, record, then close."""
@@ -187,6 +247,9 @@ class GatewayService:
             *(g.listener.close(wait=SHUTDOWN_GRACE_SECONDS) for g in grants),
             return_exceptions=True,
         )
+        if self.audit_writer is not None:
+            # Flush the audit trail before the sessions are sealed and closed.
+            await self.audit_writer.close()
         for grant in grants:
             if grant.expiry_task is not None:
                 grant.expiry_task.cancel()
@@ -310,6 +373,11 @@ class GatewayService:
         if grant.expiry_task is not None and grant.expiry_task is not asyncio.current_task():
             grant.expiry_task.cancel()
         if not grant.ended:
+            # Let the cut connections record their end, and the writer store
+            # it, before the session is closed (and its audit chain sealed).
+            await grant.listener.wait_idle(SHUTDOWN_GRACE_SECONDS)
+            if self.audit_writer is not None:
+                await self.audit_writer.drain()
             grant.ended = True
             grant.session = await self.db(
                 self.store.end_session, session_id, reason=reason, detail=detail

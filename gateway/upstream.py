@@ -262,7 +262,9 @@ async def _negotiate_tls(
         await writer.start_tls(ctx, server_hostname=target.host)
     except ssl.SSLCertVerificationError as exc:
         raise UpstreamError(
-            f"TLS verification of {where} failed: {exc.verify_message or exc.reason}",
+            # "certificate verify failed" is OpenSSL's and libpq's wording: searchable.
+            f"TLS verification of {where} failed: certificate verify failed:"
+            f" {exc.verify_message or exc.reason}",
             kind="tls",
             hint="pass the server's CA with `pam resource add --ca-cert FILE`, and check that"
             " the certificate names the host",

@@ -4,17 +4,22 @@ Role: the public face of the store package. Import :class:`Store` and the record
 models from here; ``schema`` and ``migrations`` are internal.
 
 Invariant: records returned from here never carry a password; only
-:meth:`Store.reveal_password` returns one.
+:meth:`Store.reveal_password` returns one. The audit trail (``AuditRecord``) is
+append-only and verified with :meth:`Store.verify_audit`, which returns
+``ChainProblem`` reports.
 """
 
 from __future__ import annotations
 
+from gateway.audit.chain import ChainProblem
 from gateway.store.models import (
     CONNECTION_END_REASONS,
     SESSION_END_REASONS,
     SSL_MODES,
     AccessSession,
     Account,
+    AuditParameter,
+    AuditRecord,
     ConnectionEndReason,
     ConnectionRecord,
     Resource,
@@ -29,6 +34,9 @@ __all__ = [
     "SSL_MODES",
     "AccessSession",
     "Account",
+    "AuditParameter",
+    "AuditRecord",
+    "ChainProblem",
     "ConnectionEndReason",
     "ConnectionRecord",
     "Resource",

@@ -25,6 +25,15 @@ from typing import Annotated, Final, Literal, get_args
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, computed_field
 
+from gateway.audit.records import (
+    AuditKind,
+    AuditProtocol,
+    AuditStatus,
+    CopyDirection,
+    DetailValue,
+    ParameterFormat,
+)
+
 __all__ = [
     "CONNECTION_END_REASONS",
     "NAME_PATTERN",
@@ -32,6 +41,8 @@ __all__ = [
     "SSL_MODES",
     "AccessSession",
     "Account",
+    "AuditParameter",
+    "AuditRecord",
     "ConnectionEndReason",
     "ConnectionRecord",
     "Resource",
@@ -167,3 +178,51 @@ class ConnectionRecord(_Record):
     def duration_seconds(self) -> float | None:
         """Seconds from start to end, or ``None`` while the connection is open."""
         return _duration(self.started_at, self.ended_at)
+
+
+class AuditParameter(_Record):
+    """A bound parameter of an audited statement (see ``gateway.audit.records.Parameter``)."""
+
+    index: int
+    type_oid: int | None = None
+    format: ParameterFormat
+    value: str | None = None
+    truncated: bool = False
+
+
+class AuditRecord(_Record):
+    """One stored audit event, with its place in the session's hash chain.
+
+    The event fields are those of :class:`gateway.audit.records.AuditEvent`;
+    ``resource_name``, ``account_name`` and ``requester`` are joined from the
+    session so that a record stands on its own in a search or an export.
+    """
+
+    session_id: str
+    #: Always set by the store; ``None`` only in a row written by something else.
+    connection_id: str | None = None
+    #: 1-based position in the session's trail.
+    seq: int
+    kind: AuditKind
+    occurred_at: UtcDatetime
+    #: When the store wrote the row (not covered by the hash chain).
+    recorded_at: UtcDatetime
+    protocol: AuditProtocol | None = None
+    sql: str | None = None
+    statement_name: str | None = None
+    portal_name: str | None = None
+    parameters: tuple[AuditParameter, ...] | None = None
+    command_tag: str | None = None
+    rows: int | None = None
+    status: AuditStatus | None = None
+    sqlstate: str | None = None
+    error_message: str | None = None
+    duration_ms: float | None = None
+    copy_direction: CopyDirection | None = None
+    copy_bytes: int | None = None
+    detail: dict[str, DetailValue] | None = None
+    prev_hash: str
+    hash: str
+    resource_name: str
+    account_name: str
+    requester: str

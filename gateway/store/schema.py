@@ -29,6 +29,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -42,12 +43,14 @@ from sqlalchemy import (
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 __all__ = [
+    "HASH_LENGTH",
     "ID_LENGTH",
     "ISO_TIMESTAMP_LENGTH",
     "NAME_LENGTH",
     "VERSION_TABLE",
     "UtcTimestamp",
     "accounts",
+    "audit_events",
     "connections",
     "metadata",
     "resources",
@@ -58,6 +61,8 @@ __all__ = [
 ID_LENGTH: Final = 32
 #: Matches ``models.NAME_PATTERN``.
 NAME_LENGTH: Final = 63
+#: Hex SHA-256 (audit record hashes and session seals).
+HASH_LENGTH: Final = 64
 #: ``2024-01-02T03:04:05.678901+00:00``: always this long for years 1000-9999.
 ISO_TIMESTAMP_LENGTH: Final = 32
 
@@ -155,6 +160,11 @@ sessions = Table(
     Column("ended_at", UtcTimestamp, nullable=True),
     Column("end_reason", String(32), nullable=True),
     Column("end_detail", Text, nullable=True),
+    # Set when the session ends (see gateway.audit.chain): the audit trail's final
+    # length and head hash, and an HMAC over both that detects truncation.
+    Column("audit_count", Integer, nullable=True),
+    Column("audit_head", String(HASH_LENGTH), nullable=True),
+    Column("audit_seal", String(HASH_LENGTH), nullable=True),
     Index(None, "started_at"),
     Index(None, "ended_at"),
     Index(None, "resource_name", "account_name"),
@@ -177,6 +187,49 @@ connections = Table(
     Column("error_message", Text, nullable=True),
     Index(None, "session_id", "started_at"),
     Index(None, "ended_at"),
+)
+
+#: The statement-level audit trail: append-only (the Store never updates or
+#: deletes a row, and triggers refuse it), hash-chained per session by ``seq``,
+#: ``prev_hash`` and ``hash`` (see gateway.audit.chain). ``id`` increases with
+#: insertion, which is how verification notices a record moved to another seq.
+audit_events = Table(
+    "audit_events",
+    metadata,
+    # SQLite only auto-assigns an INTEGER PRIMARY KEY (the rowid alias).
+    Column(
+        "id",
+        BigInteger().with_variant(Integer(), "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    Column("session_id", String(ID_LENGTH), ForeignKey("sessions.id"), nullable=False),
+    Column("connection_id", String(ID_LENGTH), nullable=True),
+    Column("seq", Integer, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("occurred_at", UtcTimestamp, nullable=False),
+    Column("recorded_at", UtcTimestamp, nullable=False),
+    Column("protocol", String(16), nullable=True),
+    Column("sql", Text, nullable=True),
+    Column("statement_name", Text, nullable=True),
+    Column("portal_name", Text, nullable=True),
+    # JSON text (a list of parameter objects), not a JSON type: the exact text is
+    # what the hash chain was computed from, on every backend.
+    Column("parameters", Text, nullable=True),
+    Column("command_tag", Text, nullable=True),
+    Column("rows", BigInteger, nullable=True),
+    Column("status", String(16), nullable=True),
+    Column("sqlstate", String(5), nullable=True),
+    Column("error_message", Text, nullable=True),
+    Column("duration_ms", Float, nullable=True),
+    Column("copy_direction", String(3), nullable=True),
+    Column("copy_bytes", BigInteger, nullable=True),
+    Column("detail", Text, nullable=True),
+    Column("prev_hash", String(HASH_LENGTH), nullable=False),
+    Column("hash", String(HASH_LENGTH), nullable=False),
+    # Also the index for "a session's records in seq order".
+    UniqueConstraint("session_id", "seq"),
+    Index(None, "occurred_at"),
 )
 
 #: Alembic's bookkeeping table. Prefixed so the store can share a PostgreSQL

@@ -22,15 +22,26 @@ Invariants:
 * Input is validated here, at the boundary, and refused with
   :class:`~gateway.errors.InvalidRequest` naming the field; the database is never
   the first line of validation.
+* The audit trail is append-only: nothing here updates or deletes an
+  ``audit_events`` row. Each session's records are numbered ``seq`` 1, 2, 3, ...
+  and hash-chained under a key derived from the master key
+  (:mod:`gateway.audit.chain`); appends to one session are serialised by a lock
+  on its session row (PostgreSQL) or by ``BEGIN IMMEDIATE`` (SQLite), so two
+  processes appending to one session still produce one unbroken chain. Ending a
+  session seals its trail (count, head hash, HMAC) so that truncation shows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
+import math
 import re
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Self
@@ -39,11 +50,29 @@ from alembic import command
 from alembic.config import Config
 from alembic.util.exc import CommandError
 from cryptography import x509
+from pydantic import ValidationError
 from sqlalchemy import Connection, Engine, create_engine, event, func, select, text
 from sqlalchemy.engine import Row, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
 from sqlalchemy.pool import StaticPool
 
+from gateway.audit.chain import (
+    AUDIT_KEY_INFO,
+    GENESIS_HASH,
+    AuditChain,
+    ChainProblem,
+    SessionVerifier,
+    event_fields,
+)
+from gateway.audit.records import (
+    AUDIT_KINDS,
+    AUDIT_PROTOCOLS,
+    AUDIT_STATUSES,
+    COPY_DIRECTIONS,
+    PARAMETER_FORMATS,
+    AuditEvent,
+    Parameter,
+)
 from gateway.crypto import SecretBox, SecretDecryptError
 from gateway.errors import AlreadyExists, ConfigError, GatewayError, InvalidRequest, NotFound
 from gateway.store.models import (
@@ -53,10 +82,18 @@ from gateway.store.models import (
     SSL_MODES,
     AccessSession,
     Account,
+    AuditRecord,
     ConnectionRecord,
     Resource,
 )
-from gateway.store.schema import accounts, connections, resources, sessions
+from gateway.store.schema import (
+    ID_LENGTH,
+    accounts,
+    audit_events,
+    connections,
+    resources,
+    sessions,
+)
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -79,6 +116,19 @@ _PG_MIGRATION_LOCK_KEY: Final = 0x70616D_73746F7265  # "pam" "store"
 _SESSION_ID_MIN_PREFIX: Final = 6
 _ID_CHARS: Final = re.compile(r"[0-9a-f]{1,32}")
 _SQLSTATE: Final = re.compile(r"[0-9A-Z]{5}")
+
+#: Sessions whose last (seq, hash) the store remembers. The memory is a
+#: tripwire, not the source of truth (see Store._chain_head), so forgetting the
+#: least recently used is always safe.
+_AUDIT_HEAD_CACHE_SIZE: Final = 4096
+#: Rows fetched per round trip when verify streams a trail.
+_AUDIT_STREAM_ROWS: Final = 2000
+#: The largest value a BIGINT column holds (both backends).
+_MAX_BIGINT: Final = 2**63 - 1
+#: PostgreSQL OIDs are unsigned 32-bit.
+_MAX_OID: Final = 0xFFFF_FFFF
+#: Escape character for LIKE patterns built from user text.
+_LIKE_ESCAPE: Final = "/"
 
 _NAME_RULE: Final = (
     "use 1-63 characters from a-z, 0-9, '_', '.', '-', starting with a letter or digit"
@@ -189,6 +239,132 @@ def _check_reason(kind: str, value: str, allowed: frozenset[str]) -> str:
     return value
 
 
+def _check_limit(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidRequest(f"limit must be a positive integer, not {value!r}")
+    return value
+
+
+def _check_optional_time(field: str, value: datetime | None) -> datetime | None:
+    return None if value is None else _check_time(field, value)
+
+
+def _check_choice(field: str, value: object, allowed: frozenset[str]) -> None:
+    if value is not None and (not isinstance(value, str) or value not in allowed):
+        raise InvalidRequest(f"{field} must be one of {', '.join(sorted(allowed))}")
+
+
+def _check_optional_count(field: str, value: object) -> None:
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_BIGINT
+    ):
+        raise InvalidRequest(f"{field} must be a non-negative 64-bit integer")
+
+
+def _check_parameter(where: str, parameter: object) -> None:
+    if not isinstance(parameter, Parameter):
+        raise InvalidRequest(f"{where} is not a Parameter")
+    index = parameter.index
+    if isinstance(index, bool) or not isinstance(index, int) or index < 1:
+        raise InvalidRequest(f"{where} index must be a positive integer")
+    oid = parameter.type_oid
+    if oid is not None and (
+        isinstance(oid, bool) or not isinstance(oid, int) or not 0 <= oid <= _MAX_OID
+    ):
+        raise InvalidRequest(f"{where} type_oid must be an unsigned 32-bit integer")
+    _check_choice(f"{where} format", parameter.format, PARAMETER_FORMATS)
+    _check_text(f"{where} value", parameter.value, required=False)
+    if not isinstance(parameter.truncated, bool):
+        raise InvalidRequest(f"{where} truncated must be a bool")
+
+
+def _check_detail(where: str, detail: object) -> None:
+    if detail is None:
+        return
+    if not isinstance(detail, dict):
+        raise InvalidRequest(f"{where} detail must be a dict")
+    for key, value in detail.items():
+        _required_text(f"{where} detail key", key)
+        field = f"{where} detail[{key!r}]"
+        if value is None or isinstance(value, str):
+            _check_text(field, value, required=False)
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidRequest(f"{field} must be a string, a number or None")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise InvalidRequest(f"{field} must be a finite number")
+
+
+def _audit_fields(position: int, event: AuditEvent) -> dict[str, Any]:
+    """Validate one event; return the fields the chain covers (and the row holds).
+
+    Messages name the event's position and the field, never a value: values may
+    hold data a client sent.
+    """
+    where = f"audit event {position}"
+    if not isinstance(event, AuditEvent):
+        raise InvalidRequest(f"{where} is not an AuditEvent")
+    _required_text(f"{where} session_id", event.session_id)
+    _required_text(f"{where} connection_id", event.connection_id)
+    if len(event.connection_id) > ID_LENGTH:
+        raise InvalidRequest(f"{where} connection_id is longer than {ID_LENGTH} characters")
+    _check_choice(f"{where} kind", event.kind, AUDIT_KINDS)
+    if event.kind is None:
+        raise InvalidRequest(f"{where} kind is required")
+    _check_time(f"{where} occurred_at", event.occurred_at)
+    _check_choice(f"{where} protocol", event.protocol, AUDIT_PROTOCOLS)
+    _check_choice(f"{where} status", event.status, AUDIT_STATUSES)
+    _check_choice(f"{where} copy_direction", event.copy_direction, COPY_DIRECTIONS)
+    for name in ("sql", "statement_name", "portal_name", "command_tag", "error_message"):
+        _check_text(f"{where} {name}", getattr(event, name), required=False)
+    if event.sqlstate is not None and (
+        not isinstance(event.sqlstate, str) or not _SQLSTATE.fullmatch(event.sqlstate)
+    ):
+        raise InvalidRequest(f"{where} sqlstate must be a 5-character SQLSTATE code")
+    _check_optional_count(f"{where} rows", event.rows)
+    _check_optional_count(f"{where} copy_bytes", event.copy_bytes)
+    duration = event.duration_ms
+    if duration is not None and (
+        isinstance(duration, bool)
+        or not isinstance(duration, int | float)
+        or not math.isfinite(duration)
+        or duration < 0
+    ):
+        raise InvalidRequest(f"{where} duration_ms must be a finite, non-negative number")
+    if event.parameters is not None:
+        if not isinstance(event.parameters, tuple | list):
+            raise InvalidRequest(f"{where} parameters must be a tuple of Parameter")
+        for number, parameter in enumerate(event.parameters, 1):
+            _check_parameter(f"{where} parameter {number}", parameter)
+    _check_detail(where, event.detail)
+    return event_fields(event)
+
+
+def _json_text(value: object) -> str | None:
+    # The same spelling the chain MACs, so the column holds exactly what was hashed.
+    if value is None:
+        return None
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _json_value(text: str | None) -> Any:
+    """A JSON column's value; the raw text if it no longer parses (verify then
+    reports the record as changed instead of failing)."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _escape_like(value: str) -> str:
+    return (
+        value.replace(_LIKE_ESCAPE, _LIKE_ESCAPE * 2)
+        .replace("%", _LIKE_ESCAPE + "%")
+        .replace("_", _LIKE_ESCAPE + "_")
+    )
+
+
 # -- rows to records --------------------------------------------------------------
 
 
@@ -250,6 +426,52 @@ def _connection(row: _AnyRow) -> ConnectionRecord:
         error_sqlstate=row.error_sqlstate,
         error_message=row.error_message,
     )
+
+
+def _stored_fields(row: _AnyRow) -> dict[str, Any]:
+    """Rebuild, from a stored row, the mapping :func:`event_fields` made at append."""
+    occurred_at: datetime = row.occurred_at
+    return {
+        "session_id": row.session_id,
+        "connection_id": row.connection_id,
+        "kind": row.kind,
+        "occurred_at": occurred_at.astimezone(UTC).isoformat(timespec="microseconds"),
+        "protocol": row.protocol,
+        "sql": row.sql,
+        "statement_name": row.statement_name,
+        "portal_name": row.portal_name,
+        "parameters": _json_value(row.parameters),
+        "command_tag": row.command_tag,
+        "rows": row.rows,
+        "status": row.status,
+        "sqlstate": row.sqlstate,
+        "error_message": row.error_message,
+        "duration_ms": None if row.duration_ms is None else float(row.duration_ms),
+        "copy_direction": row.copy_direction,
+        "copy_bytes": row.copy_bytes,
+        "detail": _json_value(row.detail),
+    }
+
+
+def _audit_record(row: _AnyRow) -> AuditRecord:
+    fields = _stored_fields(row)
+    fields["occurred_at"] = row.occurred_at
+    try:
+        return AuditRecord(
+            **fields,
+            seq=row.seq,
+            recorded_at=row.recorded_at,
+            prev_hash=row.prev_hash,
+            hash=row.hash,
+            resource_name=row.resource_name,
+            account_name=row.account_name,
+            requester=row.requester,
+        )
+    except ValidationError:
+        raise StoreError(
+            f"audit record seq {row.seq} of session '{row.session_id}' is malformed",
+            hint="run 'pam audit verify' on the session",
+        ) from None
 
 
 # Accounts are always read with their resource's name.
@@ -352,12 +574,19 @@ class Store:
         box: SecretBox,
         *,
         clock: Callable[[], datetime] = _utcnow,
+        audit_key: bytes | None = None,
     ) -> None:
         """Wrap an engine whose schema is already at head; use :meth:`open` instead."""
         self._engine = engine
         self._box = box
         self._clock = clock
         self._closed = False
+        self._chain = AuditChain(
+            audit_key if audit_key is not None else box.derive_key(AUDIT_KEY_INFO)
+        )
+        # session id -> (seq, hash) of the last record this store wrote or saw.
+        self._heads: OrderedDict[str, tuple[int, str]] = OrderedDict()
+        self._heads_lock = threading.Lock()
         # SQLite allows one writer per file anyway; serialising this process's
         # threads here turns lock contention into a short wait instead of an error,
         # and makes the shared in-memory connection safe. PostgreSQL needs no lock.
@@ -372,14 +601,21 @@ class Store:
         box: SecretBox,
         *,
         clock: Callable[[], datetime] | None = None,
+        audit_key: bytes | None = None,
     ) -> Store:
         """Connect to the store at *url* and migrate its schema to the newest revision.
 
         *url* is ``sqlite:///PATH`` or ``postgresql+psycopg://...`` (a bare
         ``postgresql://`` means psycopg 3). *clock* returns the current time as an
-        aware datetime; tests pass a fake one. Raises :class:`ConfigError` if the
+        aware datetime; tests pass a fake one. *audit_key* is the audit chain's HMAC
+        key; by default it is derived from *box*'s master key
+        (``box.derive_key(AUDIT_KEY_INFO)``), which is what every process sharing
+        the store must use to append and verify. Raises :class:`ConfigError` if the
         database cannot be opened or has a schema newer than this code.
         """
+        # Checked before connecting, so a bad key leaves nothing open.
+        chain_key = audit_key if audit_key is not None else box.derive_key(AUDIT_KEY_INFO)
+        AuditChain(chain_key)
         engine = _create_engine(url)
         safe_url = engine.url.render_as_string(hide_password=True)
         try:
@@ -402,7 +638,7 @@ class Store:
         except DBAPIError as exc:
             engine.dispose()
             raise ConfigError(f"cannot open the state store {safe_url}: {exc.orig}") from None
-        return cls(engine, box, clock=clock if clock is not None else _utcnow)
+        return cls(engine, box, clock=clock if clock is not None else _utcnow, audit_key=chain_key)
 
     def close(self) -> None:
         """Release every database connection. The store cannot be used afterwards."""
@@ -419,14 +655,29 @@ class Store:
         return f"Store({self._engine.url.render_as_string(hide_password=True)!r})"
 
     @contextlib.contextmanager
-    def _transaction(self, *, write: bool) -> Iterator[Connection]:
-        """One transaction; commits if the block returns, rolls back if it raises."""
+    def _transaction(self, *, write: bool, snapshot: bool = False) -> Iterator[Connection]:
+        """One transaction; commits if the block returns, rolls back if it raises.
+
+        *snapshot* (read-only, for long reads such as verify): every statement sees
+        the same state of the database (PostgreSQL: REPEATABLE READ; SQLite's WAL
+        readers always do), and on a SQLite file the transaction does not take
+        this process's lock, so appends from other threads are not held up.
+        """
         if self._closed:
             raise ConfigError("the state store has been closed")
+        # The in-memory database is one shared connection: everything must queue.
+        lock = (
+            contextlib.nullcontext()
+            if snapshot and not write and not isinstance(self._engine.pool, StaticPool)
+            else self._lock
+        )
         try:
-            with self._lock, self._engine.connect() as connection:
+            with lock, self._engine.connect() as connection:
                 if write:
                     connection.execution_options(**{_SQLITE_BEGIN_OPTION: "IMMEDIATE"})
+                if snapshot and connection.dialect.name == "postgresql":
+                    # Reset when the connection goes back to the pool.
+                    connection.execution_options(isolation_level="REPEATABLE READ")
                 with connection.begin():
                     yield connection
         except IntegrityError:
@@ -654,22 +905,31 @@ class Store:
         detail: str | None = None,
         ended_at: datetime | None = None,
     ) -> AccessSession:
-        """End a session. If it has already ended, return it unchanged.
+        """End a session and seal its audit trail. If it has already ended, return it unchanged.
 
         Open connections of the session are left to the caller, which knows how
-        each of them ended.
+        each of them ended. Flush the session's audit events before calling this;
+        events appended later are accepted and re-seal the trail.
         """
         _check_reason("session", reason, SESSION_END_REASONS)
         _check_text("detail", detail, required=False)
         ended = self._now() if ended_at is None else _check_time("ended_at", ended_at)
         with self._transaction(write=True) as conn:
-            # "WHERE ended_at IS NULL" makes the first end win, even against a
-            # concurrent caller; the select then reports whichever end that was.
-            conn.execute(
-                sessions.update()
-                .where(sessions.c.id == session_id, sessions.c.ended_at.is_(None))
-                .values(ended_at=ended, end_reason=reason, end_detail=detail)
-            )
+            # The row lock keeps appends out while the seal is computed.
+            current = self._session_row(conn, session_id, lock="update")
+            if current.ended_at is None:
+                # "WHERE ended_at IS NULL" makes the first end win, even against a
+                # concurrent caller; the select then reports whichever end that was.
+                conn.execute(
+                    sessions.update()
+                    .where(sessions.c.id == session_id, sessions.c.ended_at.is_(None))
+                    .values(
+                        ended_at=ended,
+                        end_reason=reason,
+                        end_detail=detail,
+                        **self._seal_values(session_id, self._chain_head(conn, session_id)),
+                    )
+                )
             return _session(self._session_row(conn, session_id))
 
     def get_session(self, session_id: str) -> AccessSession:
@@ -677,15 +937,41 @@ class Store:
         with self._transaction(write=False) as conn:
             return _session(self._session_row(conn, self._resolve_session_id(conn, session_id)))
 
-    def list_sessions(self, *, active: bool | None = None, limit: int = 100) -> list[AccessSession]:
-        """Sessions, newest first; *active* selects only active (True) or ended (False)."""
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise InvalidRequest(f"limit must be a positive integer, not {limit!r}")
+    def list_sessions(
+        self,
+        *,
+        active: bool | None = None,
+        limit: int = 100,
+        resource: str | None = None,
+        account: str | None = None,
+        requester: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[AccessSession]:
+        """Sessions, newest first.
+
+        *active* selects only active (True) or ended (False) sessions; *resource*,
+        *account* and *requester* match exactly; *since* (inclusive) and *until*
+        (exclusive) bound ``started_at``.
+        """
+        _check_limit(limit)
+        since = _check_optional_time("since", since)
+        until = _check_optional_time("until", until)
         query = select(sessions).order_by(sessions.c.started_at.desc(), sessions.c.id.desc())
         if active is True:
             query = query.where(sessions.c.ended_at.is_(None))
         elif active is False:
             query = query.where(sessions.c.ended_at.is_not(None))
+        if resource is not None:
+            query = query.where(sessions.c.resource_name == resource)
+        if account is not None:
+            query = query.where(sessions.c.account_name == account)
+        if requester is not None:
+            query = query.where(sessions.c.requester == requester)
+        if since is not None:
+            query = query.where(sessions.c.started_at >= since)
+        if until is not None:
+            query = query.where(sessions.c.started_at < until)
         with self._transaction(write=False) as conn:
             return [_session(r) for r in conn.execute(query.limit(limit))]
 
@@ -694,22 +980,38 @@ class Store:
 
         Called when the gateway starts: anything still open was left behind by a
         gateway that stopped without recording it (crash, kill -9, power loss).
+        Each session's audit trail is sealed as it stands.
         """
         _check_reason("session", reason, SESSION_END_REASONS)
         _check_reason("connection", reason, CONNECTION_END_REASONS)
         now = self._now()
         with self._transaction(write=True) as conn:
+            orphans = (
+                conn.execute(
+                    select(sessions.c.id)
+                    .where(sessions.c.ended_at.is_(None))
+                    .order_by(sessions.c.id)
+                    .with_for_update()
+                )
+                .scalars()
+                .all()
+            )
             conn.execute(
                 connections.update()
                 .where(connections.c.ended_at.is_(None))
                 .values(ended_at=now, end_reason=reason)
             )
-            result = conn.execute(
-                sessions.update()
-                .where(sessions.c.ended_at.is_(None))
-                .values(ended_at=now, end_reason=reason)
-            )
-            return result.rowcount
+            for session_id in orphans:
+                conn.execute(
+                    sessions.update()
+                    .where(sessions.c.id == session_id, sessions.c.ended_at.is_(None))
+                    .values(
+                        ended_at=now,
+                        end_reason=reason,
+                        **self._seal_values(session_id, self._chain_head(conn, session_id)),
+                    )
+                )
+            return len(orphans)
 
     # -- connections ----------------------------------------------------------------
 
@@ -803,6 +1105,303 @@ class Store:
                 .order_by(connections.c.started_at, connections.c.id)
             ).all()
         return [_connection(r) for r in rows]
+
+    # -- audit trail ----------------------------------------------------------------
+
+    def append_audit(self, events: Sequence[AuditEvent]) -> int:
+        """Append *events* to their sessions' trails, in order; returns how many.
+
+        All or nothing: an invalid event (:class:`InvalidRequest`) or an unknown
+        session (:class:`NotFound`) refuses the whole batch, and a database failure
+        raises :class:`StoreError` (the caller decides whether to fail closed).
+        Each event gets the next ``seq`` of its session and is chained to the
+        record before it, whoever wrote that one. Appending to an ended session
+        is allowed (late events) and re-seals its trail.
+        """
+        prepared = [_audit_fields(position, event) for position, event in enumerate(events)]
+        if not prepared:
+            return 0
+        recorded_at = self._now()
+        session_ids = sorted({fields["session_id"] for fields in prepared})
+        heads: dict[str, tuple[int, str]] = {}
+        try:
+            with self._transaction(write=True) as conn:
+                # Locked in id order, so two batches never wait on each other in a
+                # cycle; the lock orders every append to a session (and its end).
+                found = conn.execute(
+                    select(sessions.c.id, sessions.c.ended_at)
+                    .where(sessions.c.id.in_(session_ids))
+                    .order_by(sessions.c.id)
+                    .with_for_update()
+                ).all()
+                known = {row.id: row.ended_at is not None for row in found}
+                for session_id in session_ids:
+                    if session_id not in known:
+                        raise NotFound(f"session '{session_id}' not found")
+                    heads[session_id] = self._chain_head(conn, session_id)
+                rows = []
+                for position, fields in enumerate(prepared):
+                    session_id = fields["session_id"]
+                    seq, prev_hash = heads[session_id]
+                    seq += 1
+                    try:
+                        digest = self._chain.record_hash(prev_hash, seq, fields)
+                    except ValueError:
+                        # Lone surrogates and the like: not representable in UTF-8.
+                        raise InvalidRequest(
+                            f"audit event {position} holds text that is not valid Unicode"
+                        ) from None
+                    rows.append(
+                        self._audit_row(
+                            fields,
+                            events[position].occurred_at,
+                            seq,
+                            prev_hash,
+                            digest,
+                            recorded_at,
+                        )
+                    )
+                    heads[session_id] = (seq, digest)
+                conn.execute(audit_events.insert(), rows)
+                for session_id, is_ended in known.items():
+                    if is_ended:
+                        conn.execute(
+                            sessions.update()
+                            .where(sessions.c.id == session_id)
+                            .values(**self._seal_values(session_id, heads[session_id]))
+                        )
+        except IntegrityError as exc:
+            raise StoreError(f"state store error: {exc.orig}") from exc
+        self._remember_heads(heads)
+        return len(rows)
+
+    def list_audit(
+        self,
+        session_id: str,
+        *,
+        after_seq: int = 0,
+        limit: int = 1000,
+        kinds: Iterable[str] | None = None,
+    ) -> list[AuditRecord]:
+        """A session's records with ``seq > after_seq``, in seq order (one page).
+
+        *session_id* may be a unique prefix. *kinds* keeps only those kinds. Page
+        with ``after_seq=records[-1].seq``.
+        """
+        _check_count("after_seq", after_seq)
+        _check_limit(limit)
+        wanted = self._check_kinds(kinds)
+        with self._transaction(write=False) as conn:
+            full_id = self._existing_session_id(conn, session_id)
+            query = (
+                self._audit_query()
+                .where(audit_events.c.session_id == full_id, audit_events.c.seq > after_seq)
+                .order_by(audit_events.c.seq, audit_events.c.id)
+                .limit(limit)
+            )
+            if wanted is not None:
+                query = query.where(audit_events.c.kind.in_(wanted))
+            rows = conn.execute(query).all()
+        return [_audit_record(r) for r in rows]
+
+    def count_audit(self, session_id: str, kind: str | None = None) -> int:
+        """How many records a session's trail holds (of *kind*, if given)."""
+        _check_choice("kind", kind, AUDIT_KINDS)
+        with self._transaction(write=False) as conn:
+            full_id = self._existing_session_id(conn, session_id)
+            query = (
+                select(func.count())
+                .select_from(audit_events)
+                .where(audit_events.c.session_id == full_id)
+            )
+            if kind is not None:
+                query = query.where(audit_events.c.kind == kind)
+            return int(conn.execute(query).scalar_one())
+
+    def search_audit(
+        self,
+        text: str | None,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        resource: str | None = None,
+        account: str | None = None,
+        requester: str | None = None,
+        session_id: str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+    ) -> list[AuditRecord]:
+        """Records across sessions, newest first.
+
+        *text* is a case-insensitive substring of the SQL (``%`` and ``_`` are
+        literal characters; SQLite folds only ASCII case); ``None`` matches every
+        record, with or without SQL. *since* (inclusive) and *until* (exclusive)
+        bound ``occurred_at``; *resource*, *account*, *requester* and *status*
+        match exactly; *session_id* may be a unique prefix.
+        """
+        _check_text("text", text, required=False)
+        since = _check_optional_time("since", since)
+        until = _check_optional_time("until", until)
+        _check_choice("status", status, AUDIT_STATUSES)
+        _check_limit(limit)
+        query = self._audit_query()
+        if text is not None:
+            pattern = "%" + _escape_like(text) + "%"
+            query = query.where(
+                func.lower(audit_events.c.sql).like(func.lower(pattern), escape=_LIKE_ESCAPE)
+            )
+        if since is not None:
+            query = query.where(audit_events.c.occurred_at >= since)
+        if until is not None:
+            query = query.where(audit_events.c.occurred_at < until)
+        if resource is not None:
+            query = query.where(sessions.c.resource_name == resource)
+        if account is not None:
+            query = query.where(sessions.c.account_name == account)
+        if requester is not None:
+            query = query.where(sessions.c.requester == requester)
+        if status is not None:
+            query = query.where(audit_events.c.status == status)
+        query = query.order_by(audit_events.c.occurred_at.desc(), audit_events.c.id.desc())
+        with self._transaction(write=False) as conn:
+            if session_id is not None:
+                full_id = self._existing_session_id(conn, session_id)
+                query = query.where(audit_events.c.session_id == full_id)
+            rows = conn.execute(query.limit(limit)).all()
+        return [_audit_record(r) for r in rows]
+
+    def verify_audit(self, session_id: str | None = None) -> list[ChainProblem]:
+        """Recompute the hash chain of one session (id or unique prefix) or of all.
+
+        Returns every problem found, each naming its session and record; an empty
+        list means every trail checked is intact. Reads one consistent snapshot
+        and streams the records, so memory does not grow with the trail.
+        """
+        problems: list[ChainProblem] = []
+        with self._transaction(write=False, snapshot=True) as conn:
+            session_query = select(
+                sessions.c.id,
+                sessions.c.ended_at,
+                sessions.c.audit_count,
+                sessions.c.audit_head,
+                sessions.c.audit_seal,
+            )
+            record_query = select(audit_events)
+            if session_id is not None:
+                full_id = self._existing_session_id(conn, session_id)
+                session_query = session_query.where(sessions.c.id == full_id)
+                record_query = record_query.where(audit_events.c.session_id == full_id)
+            ends = {row.id: row for row in conn.execute(session_query)}
+            records = conn.execute(
+                record_query.order_by(
+                    audit_events.c.session_id, audit_events.c.seq, audit_events.c.id
+                ).execution_options(yield_per=_AUDIT_STREAM_ROWS)
+            )
+            checked: set[str] = set()
+            for sid, group in itertools.groupby(records, key=lambda row: str(row.session_id)):
+                verifier = SessionVerifier(self._chain, sid)
+                for row in group:
+                    verifier.feed(row.id, row.seq, row.prev_hash, row.hash, _stored_fields(row))
+                problems.extend(self._finish(verifier, ends.get(sid)))
+                checked.add(sid)
+            for sid, end in ends.items():
+                if sid not in checked:
+                    problems.extend(self._finish(SessionVerifier(self._chain, sid), end))
+        return problems
+
+    @staticmethod
+    def _finish(verifier: SessionVerifier, end: _AnyRow | None) -> list[ChainProblem]:
+        if end is None:
+            # The foreign key makes this impossible unless it was bypassed.
+            return verifier.finish(ended=False, count=None, head=None, seal=None)
+        return verifier.finish(
+            ended=end.ended_at is not None,
+            count=end.audit_count,
+            head=end.audit_head,
+            seal=end.audit_seal,
+        )
+
+    @staticmethod
+    def _check_kinds(kinds: Iterable[str] | None) -> list[str] | None:
+        if kinds is None:
+            return None
+        if isinstance(kinds, str):
+            kinds = [kinds]
+        wanted = list(kinds)
+        for kind in wanted:
+            _check_choice("kinds", kind, AUDIT_KINDS)
+        return wanted
+
+    @staticmethod
+    def _audit_query() -> Any:
+        return select(
+            audit_events,
+            sessions.c.resource_name,
+            sessions.c.account_name,
+            sessions.c.requester,
+        ).select_from(audit_events.join(sessions, audit_events.c.session_id == sessions.c.id))
+
+    @staticmethod
+    def _audit_row(
+        fields: dict[str, Any],
+        occurred_at: datetime,
+        seq: int,
+        prev_hash: str,
+        digest: str,
+        recorded_at: datetime,
+    ) -> dict[str, Any]:
+        row = dict(fields)
+        row["occurred_at"] = occurred_at
+        row["parameters"] = _json_text(fields["parameters"])
+        row["detail"] = _json_text(fields["detail"])
+        row.update(seq=seq, recorded_at=recorded_at, prev_hash=prev_hash, hash=digest)
+        return row
+
+    def _chain_head(self, conn: Connection, session_id: str) -> tuple[int, str]:
+        """(seq, hash) to chain the next record of *session_id* to.
+
+        The database's last row is the truth when it is at or beyond what this
+        store remembers: another process may have appended since. If it is
+        behind, rows this store wrote have disappeared; chaining on from the
+        remembered head keeps that visible (verify reports the gap) instead of
+        papering over it.
+        """
+        row = conn.execute(
+            select(audit_events.c.seq, audit_events.c.hash)
+            .where(audit_events.c.session_id == session_id)
+            .order_by(audit_events.c.seq.desc())
+            .limit(1)
+        ).one_or_none()
+        stored = (0, GENESIS_HASH) if row is None else (int(row.seq), str(row.hash))
+        with self._heads_lock:
+            remembered = self._heads.get(session_id)
+        if remembered is not None and remembered[0] > stored[0]:
+            return remembered
+        return stored
+
+    def _remember_heads(self, heads: dict[str, tuple[int, str]]) -> None:
+        with self._heads_lock:
+            for session_id, head in heads.items():
+                known = self._heads.get(session_id)
+                # Only forward: a slower thread must not move a head back.
+                if known is None or head[0] > known[0]:
+                    self._heads[session_id] = head
+                self._heads.move_to_end(session_id)
+            while len(self._heads) > _AUDIT_HEAD_CACHE_SIZE:
+                self._heads.popitem(last=False)
+
+    def _seal_values(self, session_id: str, head: tuple[int, str]) -> dict[str, Any]:
+        count, digest = head
+        return {
+            "audit_count": count,
+            "audit_head": digest,
+            "audit_seal": self._chain.seal(session_id, count, digest),
+        }
+
+    def _existing_session_id(self, conn: Connection, session_id: str) -> str:
+        full_id = self._resolve_session_id(conn, session_id)
+        self._session_row(conn, full_id)
+        return full_id
 
     # -- helpers (inside a transaction) -------------------------------------------------
 

@@ -1,0 +1,476 @@
+"""Tamper evidence for the audit trail: a keyed hash chain per access session.
+
+Role: the arithmetic behind :meth:`gateway.store.Store.append_audit` and
+:meth:`gateway.store.Store.verify_audit`. Pure: no I/O, no database; the store
+feeds rows in and gets hashes and :class:`ChainProblem` reports out.
+
+How the chain works:
+
+* Every record of a session carries ``seq`` (1, 2, 3, ... per session), the hash
+  of the record before it (``prev_hash``; :data:`GENESIS_HASH` for seq 1) and
+  its own ``hash``: HMAC-SHA256 under the audit key over a canonical encoding of
+  ``seq``, ``prev_hash`` and every field of the event (:func:`canonical_encoding`
+  of :func:`event_fields`). Changing any covered field, moving a record to
+  another seq or session, or removing one breaks the chain at a place that
+  :class:`SessionVerifier` names.
+* When a session ends, the store records the final count and head hash and an
+  HMAC over ``session_id|count|head`` (:meth:`AuditChain.seal`). That catches
+  what a chain alone cannot: records cut off the end.
+
+Why a keyed MAC and not a bare hash: with SHA-256 alone, anyone with write
+access to the database could edit a record and recompute every hash after it,
+leaving a perfectly valid chain. The HMAC key is derived from the gateway's
+master key (:func:`derive_audit_key`), which never enters the database, so such
+a person cannot produce a chain that verifies. Whoever holds the master key can;
+protect it accordingly.
+
+Limits (what verification cannot see): a session removed together with all of
+its records, and records cut off the end of a session that has not ended yet
+(no seal exists until the end; the store that wrote them does notice at its
+next append, and chains on so that the gap shows). ``recorded_at`` (when the
+store wrote the row) is not covered; ``occurred_at`` is.
+
+Invariants: the encoding is ``json.dumps(sort_keys=True, separators=(",", ":"),
+ensure_ascii=False)`` encoded as UTF-8, timestamps are UTC ISO-8601 with
+microseconds, ``duration_ms`` is always a float and ``parameters`` a list of
+dicts; changing any of that changes every hash ever written, so it needs a new
+key ``info`` (a new chain version), not an edit. Every comparison of a hash or a
+seal uses :func:`hmac.compare_digest`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pydantic import BaseModel, ConfigDict
+
+from gateway.audit.records import AuditEvent, Parameter
+from gateway.errors import ConfigError
+
+__all__ = [
+    "AUDIT_KEY_BYTES",
+    "AUDIT_KEY_INFO",
+    "GENESIS_HASH",
+    "AuditChain",
+    "ChainProblem",
+    "ChainProblemKind",
+    "SessionVerifier",
+    "canonical_encoding",
+    "derive_audit_key",
+    "describe",
+    "event_fields",
+    "parameter_dicts",
+]
+
+#: ``prev_hash`` of the first record of every session.
+GENESIS_HASH: Final = "0" * 64
+#: HKDF ``info`` for the audit key; a new chain format gets a new version here.
+AUDIT_KEY_INFO: Final = b"pam audit chain v1"
+AUDIT_KEY_BYTES: Final = 32
+#: Shorter keys are refused: a MAC is only as strong as its key.
+_MIN_KEY_BYTES: Final = 16
+#: Domain separation: a seal can never equal a record hash (whose message is a
+#: JSON object and so starts with "{").
+_SEAL_PREFIX: Final = b"pam audit seal v1\x00"
+
+_EXCERPT_CHARS: Final = 40
+#: Failing records held back to judge whether they were moved (see _settle);
+#: beyond this many in a row (a wrong key, say) they are reported as they stand.
+_MAX_SUSPECTS: Final = 1000
+_WHITESPACE: Final = re.compile(r"\s+")
+
+#: What :meth:`gateway.store.Store.verify_audit` can find wrong.
+ChainProblemKind = Literal["changed", "removed", "reordered", "truncated", "seal"]
+
+#: Event fields in their dataclass order; ``seq`` and ``prev_hash`` are added by
+#: :meth:`AuditChain.record_hash`.
+_EVENT_FIELDS: Final = (
+    "session_id",
+    "connection_id",
+    "kind",
+    "occurred_at",
+    "protocol",
+    "sql",
+    "statement_name",
+    "portal_name",
+    "parameters",
+    "command_tag",
+    "rows",
+    "status",
+    "sqlstate",
+    "error_message",
+    "duration_ms",
+    "copy_direction",
+    "copy_bytes",
+    "detail",
+)
+
+
+def derive_audit_key(master_key: bytes) -> bytes:
+    """The audit chain's HMAC key: HKDF-SHA256 of the master key, info ``pam audit chain v1``.
+
+    Equal to ``SecretBox(master_key).derive_key(AUDIT_KEY_INFO)``.
+    """
+    return HKDF(
+        algorithm=hashes.SHA256(), length=AUDIT_KEY_BYTES, salt=None, info=AUDIT_KEY_INFO
+    ).derive(master_key)
+
+
+def _same(a: str, b: str) -> bool:
+    """Constant-time equality of two hex strings.
+
+    Encoded first: ``compare_digest`` refuses non-ASCII ``str``, and a tampered
+    column may hold anything.
+    """
+    return hmac.compare_digest(
+        a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass")
+    )
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def parameter_dicts(parameters: tuple[Parameter, ...] | None) -> list[dict[str, Any]] | None:
+    """Parameters as the chain (and the store's JSON column) spell them."""
+    if parameters is None:
+        return None
+    return [
+        {
+            "index": p.index,
+            "type_oid": p.type_oid,
+            "format": p.format,
+            "value": p.value,
+            "truncated": p.truncated,
+        }
+        for p in parameters
+    ]
+
+
+def event_fields(event: AuditEvent) -> dict[str, Any]:
+    """The fields of *event* that the chain covers, as JSON values.
+
+    The store rebuilds exactly this mapping from a stored row to verify it.
+    """
+    return {
+        "session_id": event.session_id,
+        "connection_id": event.connection_id,
+        "kind": event.kind,
+        "occurred_at": _iso(event.occurred_at),
+        "protocol": event.protocol,
+        "sql": event.sql,
+        "statement_name": event.statement_name,
+        "portal_name": event.portal_name,
+        "parameters": parameter_dicts(event.parameters),
+        "command_tag": event.command_tag,
+        "rows": event.rows,
+        "status": event.status,
+        "sqlstate": event.sqlstate,
+        "error_message": event.error_message,
+        # A float column reads back 5 as 5.0; normalising here keeps the hash stable.
+        "duration_ms": None if event.duration_ms is None else float(event.duration_ms),
+        "copy_direction": event.copy_direction,
+        "copy_bytes": event.copy_bytes,
+        "detail": event.detail,
+    }
+
+
+def canonical_encoding(fields: Mapping[str, Any]) -> bytes:
+    """The exact bytes that get MACed: sorted, compact JSON in UTF-8.
+
+    Raises ``ValueError`` for what JSON cannot carry faithfully (NaN, infinity,
+    lone surrogates).
+    """
+    return json.dumps(
+        fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+class AuditChain:
+    """Computes and checks record hashes and session seals under one key.
+
+    The key is kept only inside an ``hmac`` template object, not as an attribute,
+    and ``repr`` hides it.
+    """
+
+    __slots__ = ("_template",)
+
+    def __init__(self, key: bytes) -> None:
+        if not isinstance(key, bytes) or len(key) < _MIN_KEY_BYTES:
+            raise ConfigError(f"the audit key must be at least {_MIN_KEY_BYTES} bytes")
+        self._template = hmac.new(key, digestmod=hashlib.sha256)
+
+    def __repr__(self) -> str:
+        return "AuditChain(<key hidden>)"
+
+    def _mac(self, message: bytes) -> str:
+        mac = self._template.copy()
+        mac.update(message)
+        return mac.hexdigest()
+
+    def record_hash(self, prev_hash: str, seq: int, event_fields: Mapping[str, Any]) -> str:
+        """Hex HMAC-SHA256 of a record: its event fields plus *seq* and *prev_hash*."""
+        if "seq" in event_fields or "prev_hash" in event_fields:
+            raise ValueError("event_fields must not contain 'seq' or 'prev_hash'")
+        return self._mac(canonical_encoding({**event_fields, "seq": seq, "prev_hash": prev_hash}))
+
+    def seal(self, session_id: str, count: int, head: str) -> str:
+        """Hex HMAC over ``session_id|count|head``: the trail's length and last hash."""
+        return self._mac(_SEAL_PREFIX + f"{session_id}|{count}|{head}".encode())
+
+    def is_valid_seal(self, session_id: str, count: int, head: str, seal: str) -> bool:
+        return _same(self.seal(session_id, count, head), seal)
+
+
+class ChainProblem(BaseModel):
+    """One thing wrong with a session's audit trail. ``detail`` names the record."""
+
+    model_config = ConfigDict(frozen=True)
+
+    session_id: str
+    #: The record concerned (for ``removed``/``truncated``: the first missing seq);
+    #: ``None`` when the problem is the session's seal as a whole.
+    seq: int | None
+    problem: ChainProblemKind
+    detail: str
+
+
+def describe(seq: int, fields: Mapping[str, Any]) -> str:
+    """``seq 7 (statement 'UPDATE t SET ...')``: enough for a reviewer to find it."""
+    kind = fields.get("kind")
+    sql = fields.get("sql")
+    if isinstance(sql, str) and sql:
+        excerpt = _WHITESPACE.sub(" ", sql).strip()
+        if len(excerpt) > _EXCERPT_CHARS:
+            excerpt = excerpt[:_EXCERPT_CHARS] + "..."
+        return f"seq {seq} ({kind} {excerpt!r})"
+    return f"seq {seq} ({kind})"
+
+
+class _Name:
+    """Formats as :func:`describe` would, but only when a report needs it."""
+
+    __slots__ = ("_fields", "_seq")
+
+    def __init__(self, seq: int, fields: Mapping[str, Any]) -> None:
+        self._seq = seq
+        self._fields = fields
+
+    def __format__(self, spec: str) -> str:
+        return describe(self._seq, self._fields)
+
+
+def _span(first: int, last: int) -> str:
+    return f"seq {first}" if first == last else f"seqs {first}-{last}"
+
+
+@dataclass(slots=True)
+class _Suspect:
+    """A record that failed its hash, held until the next intact record is seen."""
+
+    row_id: int
+    seq: int
+    name: _Name
+    reports: list[tuple[int | None, ChainProblemKind, str]]
+
+
+class SessionVerifier:
+    """Checks one session's records, fed in ``seq`` order, then its seal.
+
+    Streaming: it keeps the previous record's facts and the run of failing
+    records since the last intact one (at most :data:`_MAX_SUSPECTS`), so a
+    session of any length verifies in bounded memory. Each record is checked for
+
+    * ``changed``: its content no longer matches its own hash (``seq`` is covered,
+      so a record moved to another seq is changed too);
+    * ``removed``: a gap in ``seq`` before it, or (when both records verify) a
+      ``prev_hash`` that is not the previous record's hash;
+    * ``reordered``: a seq that repeats or goes back; an intact record stored
+      (row id) before the intact record that precedes it; or a changed record
+      whose row id does not lie between those of the intact records around it,
+      i.e. one that was moved here from another position.
+
+    :meth:`finish` then checks the end against the seal: ``truncated`` when
+    records are missing at the end, ``seal`` when the seal itself does not
+    verify or does not fit the session.
+    """
+
+    __slots__ = (
+        "_chain",
+        "_last_changed",
+        "_last_hash",
+        "_last_seq",
+        "_problems",
+        "_records",
+        "_suspects",
+        "_valid_id",
+        "_valid_seq",
+        "session_id",
+    )
+
+    def __init__(self, chain: AuditChain, session_id: str) -> None:
+        self._chain = chain
+        self.session_id = session_id
+        self._last_seq = 0
+        self._last_hash = GENESIS_HASH
+        self._last_changed = False
+        # Row id and seq of the last record whose hash verified.
+        self._valid_id: int | None = None
+        self._valid_seq = 0
+        self._suspects: list[_Suspect] = []
+        self._records = 0
+        self._problems: list[ChainProblem] = []
+
+    def _emit(self, reports: list[tuple[int | None, ChainProblemKind, str]]) -> None:
+        self._problems.extend(
+            ChainProblem(session_id=self.session_id, seq=seq, problem=problem, detail=detail)
+            for seq, problem, detail in reports
+        )
+
+    def _report(self, seq: int | None, problem: ChainProblemKind, detail: str) -> None:
+        self._emit([(seq, problem, detail)])
+
+    def _settle(self, next_valid_id: int | None) -> None:
+        """Report the held failing records, now that the intact one after them is known."""
+        # A record edited in place keeps its row id, which lies between those of
+        # its neighbours; one moved here from elsewhere does not.
+        previous_id = self._valid_id
+        for suspect in self._suspects:
+            if (previous_id is not None and suspect.row_id <= previous_id) or (
+                next_valid_id is not None and suspect.row_id >= next_valid_id
+            ):
+                suspect.reports.append(
+                    (
+                        suspect.seq,
+                        "reordered",
+                        f"{suspect.name} was stored out of seq order: it was moved here "
+                        "from another position",
+                    )
+                )
+            else:
+                previous_id = suspect.row_id
+            self._emit(suspect.reports)
+        self._suspects.clear()
+
+    def feed(
+        self,
+        row_id: int,
+        seq: int,
+        prev_hash: str,
+        stored_hash: str,
+        fields: Mapping[str, Any],
+    ) -> None:
+        """Check the next record (by seq). *fields* is as :func:`event_fields` returns."""
+        # Only spelled out when something is wrong: verify runs over every record.
+        name = _Name(seq, fields)
+        reports: list[tuple[int | None, ChainProblemKind, str]] = []
+        expected = self._last_seq + 1
+        explained = False
+        if seq > expected:
+            reports.append(
+                (expected, "removed", f"{_span(expected, seq - 1)} missing before {name}")
+            )
+            explained = True
+        elif seq < expected:
+            reports.append(
+                (seq, "reordered", f"{name} repeats or goes back after seq {self._last_seq}")
+            )
+            explained = True
+        try:
+            recomputed = self._chain.record_hash(prev_hash, seq, fields)
+        except ValueError:
+            recomputed = ""
+        changed = not _same(recomputed, stored_hash)
+        if changed:
+            reports.append((seq, "changed", f"{name} does not match its hash: it was edited"))
+            self._suspects.append(_Suspect(row_id, seq, name, reports))
+            if len(self._suspects) >= _MAX_SUSPECTS:
+                self._settle(None)
+        else:
+            if self._valid_id is not None and row_id <= self._valid_id:
+                reports.append(
+                    (
+                        seq,
+                        "reordered",
+                        f"{name} was stored before seq {self._valid_seq}: row order was changed",
+                    )
+                )
+                explained = True
+            if not (explained or self._last_changed or _same(prev_hash, self._last_hash)):
+                # Both records verify, yet they were not written one after the other.
+                reports.append(
+                    (
+                        seq,
+                        "removed",
+                        f"{name} is not chained to seq {self._last_seq}: a record between "
+                        "them was removed or replaced",
+                    )
+                )
+            self._settle(row_id)
+            self._emit(reports)
+            self._valid_id = row_id if self._valid_id is None else max(self._valid_id, row_id)
+            self._valid_seq = seq
+        self._last_seq = max(self._last_seq, seq)
+        self._last_hash = stored_hash
+        self._last_changed = changed
+        self._records += 1
+
+    def finish(
+        self,
+        *,
+        ended: bool,
+        count: int | None,
+        head: str | None,
+        seal: str | None,
+    ) -> list[ChainProblem]:
+        """Check the session's end against its seal; return every problem found."""
+        self._settle(None)
+        if seal is None:
+            # A session that ended before the audit trail existed has neither
+            # records nor a seal; one with records must have been sealed.
+            if ended and self._records:
+                self._report(
+                    None, "seal", "the session has ended but its audit trail is not sealed"
+                )
+            elif count is not None or head is not None:
+                self._report(None, "seal", "the session has a record count and head but no seal")
+            return self._problems
+        if (
+            count is None
+            or head is None
+            or not self._chain.is_valid_seal(self.session_id, count, head, seal)
+        ):
+            self._report(None, "seal", "the seal does not match the recorded count and head")
+            return self._problems
+        if not ended:
+            self._report(None, "seal", "the session is sealed but marked active: it was reopened")
+        if self._last_seq < count:
+            self._report(
+                self._last_seq + 1,
+                "truncated",
+                f"{_span(self._last_seq + 1, count)} missing at the end "
+                f"(the session was sealed with {count} records)",
+            )
+        elif self._last_seq > count:
+            self._report(
+                count + 1,
+                "seal",
+                f"{_span(count + 1, self._last_seq)} added after the session was sealed "
+                f"with {count} records",
+            )
+        elif not _same(self._last_hash, head):
+            self._report(
+                count,
+                "truncated",
+                f"the last record, seq {count}, is not the one the session was sealed with",
+            )
+        return self._problems

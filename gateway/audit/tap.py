@@ -1,0 +1,80 @@
+"""The audit tap of one relayed connection: tapped messages to the writer.
+
+Glue between the relay (which copies only the tapped message types), the
+sans-IO :class:`~gateway.audit.pairing.StatementTracker` and the batching
+:class:`~gateway.audit.writer.AuditWriter`. Called inline by the relay after each
+chunk is forwarded: the chunk is already on its way before any decoding.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from gateway.audit.pairing import (
+    CLIENT_MEASURE,
+    CLIENT_TAP,
+    SERVER_MEASURE,
+    SERVER_TAP,
+    StatementTracker,
+)
+from gateway.audit.records import AuditEvent, DetailValue
+from gateway.audit.writer import AuditWriter
+from gateway.protocol.framing import TappedMessage
+
+
+class ConnectionAudit:
+    def __init__(self, tracker: StatementTracker, writer: AuditWriter) -> None:
+        self._tracker = tracker
+        self._writer = writer
+
+    @property
+    def client_tap(self) -> frozenset[int]:
+        return CLIENT_TAP
+
+    @property
+    def client_measure(self) -> frozenset[int]:
+        return CLIENT_MEASURE
+
+    @property
+    def server_tap(self) -> frozenset[int]:
+        return SERVER_TAP
+
+    @property
+    def server_measure(self) -> frozenset[int]:
+        return SERVER_MEASURE
+
+    def on_client(self, tapped: list[TappedMessage], now_ns: int) -> None:
+        for message in tapped:
+            self._tracker.client(message, now_ns)
+
+    def on_server(self, tapped: list[TappedMessage], now_ns: int) -> None:
+        tracker = self._tracker
+        events: list[AuditEvent] = []
+        for message in tapped:
+            events += tracker.server(message, now_ns)
+        if events:
+            self._writer.submit(events)
+
+    @property
+    def congested(self) -> bool:
+        return self._writer.congested
+
+    async def wait_for_room(self) -> None:
+        await self._writer.wait_for_room()
+
+    def connection_event(
+        self, kind: str, detail: dict[str, DetailValue], *, now_ns: int
+    ) -> None:
+        if kind == "connection_end":
+            self._writer.submit(self._tracker.close(now_ns))
+        self._writer.submit(
+            [
+                AuditEvent(
+                    session_id=self._tracker.session_id,
+                    connection_id=self._tracker.connection_id,
+                    kind="connection_start" if kind == "connection_start" else "connection_end",
+                    occurred_at=datetime.fromtimestamp(now_ns / 1e9, UTC),
+                    detail=detail,
+                )
+            ]
+        )

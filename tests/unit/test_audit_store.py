@@ -1,0 +1,844 @@
+"""Tests of the audit trail in gateway.store.Store, on a real SQLite file and PostgreSQL.
+
+Set ``PAM_TEST_PG_STORE_URL`` to run them against PostgreSQL too (see
+tests/unit/test_store.py: each test gets its own schema there). Tampering tests
+edit the database by hand with raw SQL, the way an intruder with write access
+would, after dropping the append-only triggers.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+
+import gateway.store.store as store_module
+from gateway.audit.chain import (
+    GENESIS_HASH,
+    AuditChain,
+    SessionVerifier,
+    derive_audit_key,
+    event_fields,
+)
+from gateway.audit.records import AuditEvent, Parameter
+from gateway.crypto import SecretBox
+from gateway.errors import InvalidRequest, NotFound
+from gateway.store import AccessSession, AuditRecord, Store, StoreError
+from gateway.store.schema import VERSION_TABLE
+
+PG_URL = os.environ.get("PAM_TEST_PG_STORE_URL")
+T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
+CONN_A = "a" * 32
+CONN_B = "b" * 32
+
+
+class FakeClock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def _pg_admin_url(url: str) -> str:
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param(
+            "postgresql",
+            marks=pytest.mark.skipif(PG_URL is None, reason="PAM_TEST_PG_STORE_URL is not set"),
+        ),
+    ]
+)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'state.db'}"
+        return
+    assert PG_URL is not None
+    admin = create_engine(_pg_admin_url(PG_URL))
+    schema = "pam_test_" + uuid.uuid4().hex[:12]
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        url = make_url(_pg_admin_url(PG_URL)).update_query_dict(
+            {"options": f"-csearch_path={schema}"}
+        )
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture
+def master_key() -> bytes:
+    return secrets.token_bytes(32)
+
+
+@pytest.fixture
+def box(master_key: bytes) -> SecretBox:
+    return SecretBox(master_key)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(T0)
+
+
+@pytest.fixture
+def store(store_url: str, box: SecretBox, clock: FakeClock) -> Iterator[Store]:
+    with Store.open(store_url, box, clock=clock) as opened:
+        yield opened
+
+
+@pytest.fixture
+def raw(store_url: str) -> Iterator[Engine]:
+    """A plain engine on the same database, to look at and tamper with rows."""
+    engine = create_engine(_pg_admin_url(store_url) if "postgresql" in store_url else store_url)
+    yield engine
+    engine.dispose()
+
+
+def _add_db(store: Store, name: str = "db1", account: str = "ro") -> None:
+    store.add_resource(name, "db.example.com", 5432, "app")
+    store.add_account(name, account, "app_reader", "pw-" + secrets.token_hex(8))
+
+
+def _session(
+    store: Store, resource: str = "db1", account: str = "ro", requester: str = "alice"
+) -> AccessSession:
+    return store.create_session(
+        requester=requester,
+        resource=resource,
+        account=account,
+        listen_host="127.0.0.1",
+        expires_at=datetime(2100, 1, 1, tzinfo=UTC),
+    )
+
+
+def _stmt(
+    session_id: str, sql: str, *, connection_id: str = CONN_A, at: datetime = T0, **extra: Any
+) -> AuditEvent:
+    fields: dict[str, Any] = {"protocol": "simple", "status": "ok", **extra}
+    return AuditEvent(
+        session_id=session_id,
+        connection_id=connection_id,
+        kind="statement",
+        occurred_at=at,
+        sql=sql,
+        **fields,
+    )
+
+
+def _fill(store: Store, session_id: str, count: int = 5) -> None:
+    store.append_audit([_stmt(session_id, f"SELECT {n}") for n in range(1, count + 1)])
+
+
+def _drop_triggers(conn: Connection) -> None:
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("DROP TRIGGER audit_events_no_update_delete ON audit_events"))
+    else:
+        conn.execute(text("DROP TRIGGER audit_events_no_update"))
+        conn.execute(text("DROP TRIGGER audit_events_no_delete"))
+
+
+def _tamper(raw: Engine, *statements: str, **params: Any) -> None:
+    with raw.begin() as conn:
+        _drop_triggers(conn)
+        for statement in statements:
+            conn.execute(text(statement), params)
+
+
+def _found(problems: list[Any]) -> list[tuple[int | None, str]]:
+    return [(p.seq, p.problem) for p in problems]
+
+
+# -- append and read back ----------------------------------------------------------------
+
+
+def test_append_and_list_round_trip_every_field(store: Store, clock: FakeClock) -> None:
+    _add_db(store)
+    session = _session(store)
+    clock.now = T0 + timedelta(seconds=5)
+    parameters = (
+        Parameter(1, 25, "text", "hello"),
+        Parameter(2, 17, "binary", "3q2+7w=="),
+        Parameter(3, 23, "null", None),
+        Parameter(10, 25, "text", "x" * 64, True),
+    )
+    start = AuditEvent(
+        session_id=session.id,
+        connection_id=CONN_A,
+        kind="connection_start",
+        occurred_at=T0,
+        detail={"client_addr": "127.0.0.1:5555", "application_name": "psql", "backend_pid": 42},
+    )
+    statement = AuditEvent(
+        session_id=session.id,
+        connection_id=CONN_A,
+        kind="statement",
+        occurred_at=T0 + timedelta(microseconds=1),
+        protocol="extended",
+        sql="INSERT INTO t VALUES ($1, $2, $3, $10)",
+        statement_name="s1",
+        portal_name="",
+        parameters=parameters,
+        command_tag="INSERT 0 1",
+        rows=1,
+        status="ok",
+        duration_ms=1.25,
+    )
+    failed = AuditEvent(
+        session_id=session.id,
+        connection_id=CONN_A,
+        kind="statement",
+        occurred_at=T0 + timedelta(seconds=1),
+        protocol="simple",
+        sql="COPY t FROM STDIN",
+        parameters=(),
+        command_tag=None,
+        status="error",
+        sqlstate="22P02",
+        error_message="invalid input syntax",
+        duration_ms=3,
+        copy_direction="in",
+        copy_bytes=2**40,
+        rows=None,
+        detail={"ratio": 0.5, "note": None},
+    )
+    assert store.append_audit([start, statement, failed]) == 3
+
+    records = store.list_audit(session.id)
+    assert [r.seq for r in records] == [1, 2, 3]
+    first, second, third = records
+    assert first.kind == "connection_start"
+    assert first.detail == {
+        "client_addr": "127.0.0.1:5555",
+        "application_name": "psql",
+        "backend_pid": 42,
+    }
+    assert first.parameters is None
+    assert second.parameters is not None
+    assert [(p.index, p.type_oid, p.format, p.value, p.truncated) for p in second.parameters] == [
+        (1, 25, "text", "hello", False),
+        (2, 17, "binary", "3q2+7w==", False),
+        (3, 23, "null", None, False),
+        (10, 25, "text", "x" * 64, True),
+    ]
+    assert (second.sql, second.statement_name, second.portal_name) == (statement.sql, "s1", "")
+    assert (second.command_tag, second.rows, second.status) == ("INSERT 0 1", 1, "ok")
+    assert second.occurred_at == T0 + timedelta(microseconds=1)
+    assert second.duration_ms == 1.25
+    assert third.parameters == ()
+    assert (third.sqlstate, third.error_message) == ("22P02", "invalid input syntax")
+    assert (third.copy_direction, third.copy_bytes, third.duration_ms) == ("in", 2**40, 3.0)
+    assert third.detail == {"ratio": 0.5, "note": None}
+    for record in records:
+        assert record.recorded_at == T0 + timedelta(seconds=5)
+        assert (record.resource_name, record.account_name, record.requester) == (
+            "db1",
+            "ro",
+            "alice",
+        )
+        assert record.session_id == session.id
+        assert record.connection_id == CONN_A
+    assert first.prev_hash == GENESIS_HASH
+    assert second.prev_hash == first.hash
+    assert third.prev_hash == second.hash
+    assert AuditRecord.model_validate_json(second.model_dump_json()) == second
+
+
+def test_stored_hashes_are_the_chain_under_the_master_key_derived_key(
+    store: Store, master_key: bytes
+) -> None:
+    _add_db(store)
+    session = _session(store)
+    event = _stmt(session.id, "SELECT 1", parameters=(Parameter(1, 23, "text", "1"),))
+    store.append_audit([event])
+    (record,) = store.list_audit(session.id)
+    chain = AuditChain(derive_audit_key(master_key))
+    assert record.hash == chain.record_hash(GENESIS_HASH, 1, event_fields(event))
+
+
+def test_seq_numbers_interleaved_connections_of_one_session(store_url: str, box: SecretBox) -> None:
+    with Store.open(store_url, box) as first, Store.open(store_url, box) as second:
+        _add_db(first)
+        session = _session(first)
+        other = _session(first)
+        # One batch mixing two connections and two sessions, then batches from a
+        # second store (another process) interleaved with the first's.
+        first.append_audit(
+            [
+                _stmt(session.id, "a1", connection_id=CONN_A),
+                _stmt(session.id, "b1", connection_id=CONN_B),
+                _stmt(other.id, "o1"),
+                _stmt(session.id, "a2", connection_id=CONN_A),
+            ]
+        )
+        second.append_audit([_stmt(session.id, "b2", connection_id=CONN_B)])
+        first.append_audit([_stmt(session.id, "a3", connection_id=CONN_A)])
+        second.append_audit([_stmt(session.id, "b3", connection_id=CONN_B), _stmt(other.id, "o2")])
+        records = first.list_audit(session.id)
+        assert [(r.seq, r.sql, r.connection_id) for r in records] == [
+            (1, "a1", CONN_A),
+            (2, "b1", CONN_B),
+            (3, "a2", CONN_A),
+            (4, "b2", CONN_B),
+            (5, "a3", CONN_A),
+            (6, "b3", CONN_B),
+        ]
+        assert [(r.seq, r.sql) for r in second.list_audit(other.id)] == [(1, "o1"), (2, "o2")]
+        assert first.verify_audit() == []
+        assert second.verify_audit(session.id) == []
+
+
+def test_concurrent_appends_from_threads_keep_one_chain(store: Store) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    _add_db(store)
+    session = _session(store)
+
+    def append(worker: int) -> None:
+        for n in range(10):
+            store.append_audit([_stmt(session.id, f"w{worker} n{n}")] * 3)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(append, range(4)))
+    assert store.count_audit(session.id) == 120
+    assert [r.seq for r in store.list_audit(session.id)] == list(range(1, 121))
+    assert store.verify_audit(session.id) == []
+
+
+def test_list_audit_pages_and_filters_by_kind(store: Store) -> None:
+    _add_db(store)
+    session = _session(store)
+    start = AuditEvent(session.id, CONN_A, "connection_start", T0)
+    end = AuditEvent(session.id, CONN_A, "connection_end", T0, detail={"end_reason": "client"})
+    store.append_audit([start, *[_stmt(session.id, f"SELECT {n}") for n in range(5)], end])
+    page = store.list_audit(session.id, limit=3)
+    assert [r.seq for r in page] == [1, 2, 3]
+    page = store.list_audit(session.id, after_seq=page[-1].seq, limit=3)
+    assert [r.seq for r in page] == [4, 5, 6]
+    assert [r.seq for r in store.list_audit(session.id, after_seq=6)] == [7]
+    statements = store.list_audit(session.id, kinds=["statement"])
+    assert [r.seq for r in statements] == [2, 3, 4, 5, 6]
+    assert [r.kind for r in store.list_audit(session.id, kinds=["connection_end"])] == [
+        "connection_end"
+    ]
+    assert store.count_audit(session.id) == 7
+    assert store.count_audit(session.id, kind="statement") == 5
+    assert store.count_audit(session.id[:8], kind="connection_start") == 1
+    assert [r.seq for r in store.list_audit(session.id[:8], limit=1)] == [1]
+
+
+def test_audit_reads_refuse_bad_arguments(store: Store) -> None:
+    _add_db(store)
+    session = _session(store)
+    with pytest.raises(InvalidRequest, match="kinds"):
+        store.list_audit(session.id, kinds=["query"])
+    with pytest.raises(InvalidRequest, match="limit"):
+        store.list_audit(session.id, limit=0)
+    with pytest.raises(InvalidRequest, match="after_seq"):
+        store.list_audit(session.id, after_seq=-1)
+    with pytest.raises(InvalidRequest, match="kind"):
+        store.count_audit(session.id, kind="query")
+    with pytest.raises(NotFound):
+        store.list_audit("f" * 32)
+    with pytest.raises(NotFound):
+        store.count_audit("f" * 32)
+    with pytest.raises(NotFound):
+        store.verify_audit("f" * 32)
+
+
+def test_an_unknown_session_refuses_the_whole_batch(store: Store) -> None:
+    _add_db(store)
+    session = _session(store)
+    unknown = "f" * 32
+    with pytest.raises(NotFound, match=f"session '{unknown}' not found"):
+        store.append_audit([_stmt(session.id, "SELECT 1"), _stmt(unknown, "SELECT 2")])
+    assert store.count_audit(session.id) == 0
+    assert store.append_audit([_stmt(session.id, "SELECT 3")]) == 1
+    assert [(r.seq, r.sql) for r in store.list_audit(session.id)] == [(1, "SELECT 3")]
+
+
+def test_an_invalid_event_refuses_the_batch_without_echoing_values(store: Store) -> None:
+    _add_db(store)
+    session = _session(store)
+    secret = "canary-" + secrets.token_hex(4)
+    bad_events: list[tuple[AuditEvent, str]] = [
+        (_stmt(session.id, secret + "\x00"), "audit event 1 sql"),
+        (_stmt(session.id, secret, rows=-1), "audit event 1 rows"),
+        (_stmt(session.id, secret, duration_ms=float("nan")), "audit event 1 duration_ms"),
+        (_stmt(session.id, secret, sqlstate="bad"), "audit event 1 sqlstate"),
+        (_stmt(session.id, secret, at=datetime(2024, 1, 1)), "audit event 1 occurred_at"),
+        (
+            _stmt(session.id, secret, parameters=(Parameter(0, 25, "text", secret),)),
+            "audit event 1 parameter 1 index",
+        ),
+        (
+            _stmt(session.id, "x", parameters=(Parameter(1, 25, "text", secret + "\x00"),)),
+            "audit event 1 parameter 1 value",
+        ),
+        (_stmt(session.id, secret, detail={"k": True}), "audit event 1 detail"),
+        (_stmt(session.id, "\ud800" + secret), "audit event 1 holds text that is not valid"),
+        (
+            AuditEvent(session.id, CONN_A, "query", T0),  # type: ignore[arg-type]
+            "audit event 1 kind",
+        ),
+        (AuditEvent(session.id, "c" * 33, "statement", T0), "audit event 1 connection_id"),
+    ]
+    for event, message in bad_events:
+        with pytest.raises(InvalidRequest, match=message) as info:
+            store.append_audit([_stmt(session.id, "SELECT 1"), event])
+        assert secret not in str(info.value)
+    assert store.count_audit(session.id) == 0
+    assert store.append_audit([]) == 0
+
+
+def test_a_database_failure_is_a_store_error(store: Store, raw: Engine) -> None:
+    _add_db(store)
+    session = _session(store)
+    with raw.begin() as conn:
+        conn.execute(text("ALTER TABLE audit_events RENAME TO audit_events_gone"))
+    with pytest.raises(StoreError, match="state store error"):
+        store.append_audit([_stmt(session.id, "SELECT 1")])
+
+
+# -- append-only -----------------------------------------------------------------------
+
+
+def test_triggers_refuse_update_and_delete(store: Store, raw: Engine) -> None:
+    _add_db(store)
+    session = _session(store)
+    _fill(store, session.id, 2)
+    for statement in (
+        "UPDATE audit_events SET sql = 'SELECT 0' WHERE seq = 1",
+        "DELETE FROM audit_events WHERE seq = 2",
+    ):
+        with pytest.raises(DBAPIError, match="append-only"), raw.begin() as conn:
+            conn.execute(text(statement))
+    if raw.dialect.name == "postgresql":
+        with pytest.raises(DBAPIError, match="append-only"), raw.begin() as conn:
+            conn.execute(text("TRUNCATE audit_events"))
+    assert [r.sql for r in store.list_audit(session.id)] == ["SELECT 1", "SELECT 2"]
+    assert store.verify_audit() == []
+
+
+# -- verification --------------------------------------------------------------------
+
+
+def test_verify_reports_an_intact_trail_as_empty(store: Store) -> None:
+    _add_db(store)
+    session = _session(store)
+    idle = _session(store)
+    _fill(store, session.id, 10)
+    assert store.verify_audit(session.id) == []
+    assert store.verify_audit(session.id[:10]) == []
+    store.end_session(session.id, reason="client_ended")
+    store.end_session(idle.id, reason="expired")
+    assert store.verify_audit() == []
+
+
+def test_appends_are_not_held_up_by_a_running_verify(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _add_db(store)
+    verified, busy = _session(store), _session(store)
+    _fill(store, verified.id, 3)
+    appended: list[int] = []
+
+    class AppendingVerifier(SessionVerifier):
+        def feed(self, *args: Any, **kwargs: Any) -> None:
+            if not appended:
+                worker = threading.Thread(
+                    target=lambda: appended.append(store.append_audit([_stmt(busy.id, "x")]))
+                )
+                worker.start()
+                worker.join(timeout=30)
+                assert appended == [1], "append waited for verify"
+            super().feed(*args, **kwargs)
+
+    monkeypatch.setattr(store_module, "SessionVerifier", AppendingVerifier)
+    assert store.verify_audit(verified.id) == []
+    assert store.count_audit(busy.id) == 1
+
+
+def test_an_edited_record_is_reported_as_changed_with_its_seq(store: Store, raw: Engine) -> None:
+    _add_db(store)
+    session = _session(store)
+    _fill(store, session.id)
+    _tamper(
+        raw,
+        "UPDATE audit_events SET sql = 'SELECT 1 /* harmless */' "
+        "WHERE session_id = :sid AND seq = 3",
+        sid=session.id,
+    )
+    problems = store.verify_audit(session.id)
+    assert _found(problems) == [(3, "changed")]
+    assert problems[0].session_id == session.id
+    assert problems[0].detail.startswith("seq 3 (statement 'SELECT 1 /* harmless */')")
+
+
+def test_an_edited_parameter_or_time_is_changed(store: Store, raw: Engine) -> None:
+    _add_db(store)
+    session = _session(store)
+    store.append_audit(
+        [
+            _stmt(session.id, "SELECT $1", parameters=(Parameter(1, 23, "text", "1"),)),
+            _stmt(session.id, "SELECT 2"),
+        ]
+    )
+    _tamper(
+        raw,
+        "UPDATE audit_events SET parameters = :p WHERE session_id = :sid AND seq = 1",
+        p='[{"format":"text","index":1,"truncated":false,"type_oid":23,"value":"2"}]',
+        sid=session.id,
+    )
+    assert _found(store.verify_audit(session.id)) == [(1, "changed")]
+    _tamper_occurred_at(raw, session.id, 2)
+    assert _found(store.verify_audit(session.id)) == [(1, "changed"), (2, "changed")]
+
+
+def _tamper_occurred_at(raw: Engine, session_id: str, seq: int) -> None:
+    later = (T0 + timedelta(hours=1)).isoformat(timespec="microseconds")
+    with raw.begin() as conn:
+        conn.execute(
+            text("UPDATE audit_events SET occurred_at = :t WHERE session_id = :sid AND seq = :seq"),
+            {
+                "t": T0 + timedelta(hours=1) if conn.dialect.name == "postgresql" else later,
+                "sid": session_id,
+                "seq": seq,
+            },
+        )
+
+
+def test_a_deleted_middle_record_is_reported_as_removed(store: Store, raw: Engine) -> None:
+    _add_db(store)
+    session = _session(store)
+    _fill(store, session.id)
+    _tamper(raw, "DELETE FROM audit_events WHERE session_id = :sid AND seq = 3", sid=session.id)
+    problems = store.verify_audit()
+    assert _found(problems) == [(3, "removed")]
+    assert problems[0].detail == "seq 3 missing before seq 4 (statement 'SELECT 4')"
+
+
+def test_swapped_seqs_are_reported_as_reordered_and_changed(store: Store, raw: Engine) -> None:
+    _add_db(store)
+    session = _session(store)
+    _fill(store, session.id)
+    _tamper(
+        raw,
+        "UPDATE audit_events SET seq = -1 WHERE session_id = :sid AND seq = 2",
+        "UPDATE audit_events SET seq = 2 WHERE session_id = :sid AND seq = 4",
+        "UPDATE audit_events SET seq = 4 WHERE session_id = :sid AND seq = -1",
+        sid=session.id,
+    )
+    problems = store.verify_audit(session.id)
+    assert _found(problems) == [(2, "changed"), (2, "reordered"), (4, "changed"), (4, "reordered")]
+    assert problems[1].detail.startswith("seq 2 (statement 'SELECT 4') was stored out of seq")
+
+
+def test_a_deleted_last_record_of_an_ended_session_is_truncated(store: Store, raw: Engine) -> None:
+    _add_db(store)
+    session = _session(store)
+    _fill(store, session.id)
+    store.end_session(session.id, reason="client_ended")
+    assert store.verify_audit(session.id) == []
+    _tamper(raw, "DELETE FROM audit_events WHERE session_id = :sid AND seq = 5", sid=session.id)
+    problems = store.verify_audit(session.id)
+    assert _found(problems) == [(5, "truncated")]
+    assert "seq 5 missing at the end" in problems[0].detail
+
+
+def test_editing_the_seal_columns_is_a_seal_problem(store: Store, raw: Engine) -> None:
+    _add_db(store)
+    session = _session(store)
+    _fill(store, session.id)
+    store.end_session(session.id, reason="client_ended")
+    _tamper(raw, "DELETE FROM audit_events WHERE session_id = :sid AND seq = 5", sid=session.id)
+    with raw.begin() as conn:
+        conn.execute(
+            text("UPDATE sessions SET audit_count = 4 WHERE id = :sid"), {"sid": session.id}
+        )
+    assert _found(store.verify_audit(session.id)) == [(None, "seal")]
+    with raw.begin() as conn:
+        conn.execute(
+            text("UPDATE sessions SET audit_count = NULL, audit_head = NULL, audit_seal = NULL")
+        )
+    assert _found(store.verify_audit(session.id)) == [(None, "seal")]
+
+
+def test_records_removed_while_active_are_caught_by_the_next_append(
+    store: Store, raw: Engine
+) -> None:
+    _add_db(store)
+    session = _session(store)
+    _fill(store, session.id)
+    _tamper(raw, "DELETE FROM audit_events WHERE session_id = :sid AND seq >= 4", sid=session.id)
+    store.append_audit([_stmt(session.id, "SELECT 6")])
+    assert [r.seq for r in store.list_audit(session.id)] == [1, 2, 3, 6]
+    assert _found(store.verify_audit(session.id)) == [(4, "removed")]
+
+
+def test_another_audit_key_cannot_verify_the_trail(
+    store: Store, store_url: str, box: SecretBox
+) -> None:
+    _add_db(store)
+    session = _session(store)
+    _fill(store, session.id, 2)
+    store.end_session(session.id, reason="client_ended")
+    with Store.open(store_url, box, audit_key=secrets.token_bytes(32)) as other:
+        assert _found(other.verify_audit(session.id)) == [
+            (1, "changed"),
+            (2, "changed"),
+            (None, "seal"),
+        ]
+
+
+# -- sealing ---------------------------------------------------------------------------
+
+
+def test_ending_a_session_stores_its_seal(store: Store, raw: Engine, master_key: bytes) -> None:
+    _add_db(store)
+    session = _session(store)
+    _fill(store, session.id, 3)
+    head = store.list_audit(session.id)[-1].hash
+    store.end_session(session.id, reason="client_ended")
+    store.end_session(session.id, reason="expired")
+    with raw.connect() as conn:
+        row = conn.execute(
+            text("SELECT audit_count, audit_head, audit_seal FROM sessions WHERE id = :sid"),
+            {"sid": session.id},
+        ).one()
+    chain = AuditChain(derive_audit_key(master_key))
+    assert (row.audit_count, row.audit_head) == (3, head)
+    assert row.audit_seal == chain.seal(session.id, 3, head)
+
+
+def test_an_empty_session_is_sealed_at_genesis(store: Store, raw: Engine) -> None:
+    _add_db(store)
+    session = _session(store)
+    store.end_session(session.id, reason="expired")
+    with raw.connect() as conn:
+        row = conn.execute(
+            text("SELECT audit_count, audit_head FROM sessions WHERE id = :sid"),
+            {"sid": session.id},
+        ).one()
+    assert (row.audit_count, row.audit_head) == (0, GENESIS_HASH)
+    assert store.verify_audit(session.id) == []
+
+
+def test_late_events_after_the_end_re_seal_the_trail(store: Store) -> None:
+    _add_db(store)
+    session = _session(store)
+    _fill(store, session.id, 2)
+    store.end_session(session.id, reason="client_ended")
+    store.append_audit([AuditEvent(session.id, CONN_A, "connection_end", T0)])
+    assert store.count_audit(session.id) == 3
+    assert store.verify_audit(session.id) == []
+
+
+def test_close_orphans_seals_every_trail(store: Store) -> None:
+    _add_db(store)
+    first = _session(store)
+    _session(store)
+    _fill(store, first.id, 4)
+    assert store.close_orphans() == 2
+    assert store.get_session(first.id).end_reason == "gateway_crash"
+    assert store.verify_audit() == []
+
+
+# -- search and session filters --------------------------------------------------------
+
+
+def test_search_is_case_insensitive_and_treats_wildcards_literally(store: Store) -> None:
+    _add_db(store)
+    session = _session(store)
+    store.append_audit(
+        [
+            _stmt(session.id, "DROP TABLE users", at=T0),
+            _stmt(session.id, "drop table orders", at=T0 + timedelta(seconds=1)),
+            _stmt(session.id, "SELECT 100% done", at=T0 + timedelta(seconds=2)),
+            _stmt(session.id, "SELECT 100 done", at=T0 + timedelta(seconds=3)),
+            _stmt(session.id, "SELECT a_b FROM t", at=T0 + timedelta(seconds=4)),
+            _stmt(session.id, "SELECT axb FROM t", at=T0 + timedelta(seconds=5)),
+            _stmt(session.id, "SELECT 'a/b'", at=T0 + timedelta(seconds=6)),
+            _stmt(session.id, "SELECT 'ab'", at=T0 + timedelta(seconds=7)),
+            AuditEvent(session.id, CONN_A, "connection_end", T0 + timedelta(seconds=8)),
+        ]
+    )
+    assert [r.sql for r in store.search_audit("Drop Table")] == [
+        "drop table orders",
+        "DROP TABLE users",
+    ]
+    assert [r.sql for r in store.search_audit("100%")] == ["SELECT 100% done"]
+    assert [r.sql for r in store.search_audit("a_b")] == ["SELECT a_b FROM t"]
+    assert [r.sql for r in store.search_audit("a/b")] == ["SELECT 'a/b'"]
+    assert [r.seq for r in store.search_audit(None, limit=2)] == [9, 8]
+    assert len(store.search_audit(None)) == 9
+    assert store.search_audit("nothing like this") == []
+
+
+def test_search_filters_by_time_session_and_grant(store: Store) -> None:
+    _add_db(store, "db1")
+    _add_db(store, "db2", account="rw")
+    alice = _session(store, "db1", "ro", "alice")
+    bob = _session(store, "db2", "rw", "bob")
+    store.append_audit(
+        [
+            _stmt(alice.id, "DELETE FROM a", at=T0),
+            _stmt(bob.id, "DELETE FROM b", at=T0 + timedelta(hours=1), status="error"),
+            _stmt(alice.id, "DELETE FROM c", at=T0 + timedelta(hours=2)),
+        ]
+    )
+
+    def sqls(**filters: Any) -> list[str | None]:
+        return [r.sql for r in store.search_audit("delete", **filters)]
+
+    assert sqls() == ["DELETE FROM c", "DELETE FROM b", "DELETE FROM a"]
+    assert sqls(since=T0 + timedelta(hours=1)) == ["DELETE FROM c", "DELETE FROM b"]
+    assert sqls(until=T0 + timedelta(hours=1)) == ["DELETE FROM a"]
+    assert sqls(resource="db2") == ["DELETE FROM b"]
+    assert sqls(account="ro") == ["DELETE FROM c", "DELETE FROM a"]
+    assert sqls(requester="bob") == ["DELETE FROM b"]
+    assert sqls(status="error") == ["DELETE FROM b"]
+    assert sqls(session_id=alice.id[:8]) == ["DELETE FROM c", "DELETE FROM a"]
+    assert sqls(resource="db1", requester="bob") == []
+    (found,) = store.search_audit("FROM b")
+    assert (found.resource_name, found.account_name, found.requester) == ("db2", "rw", "bob")
+    with pytest.raises(InvalidRequest, match="status"):
+        store.search_audit("x", status="fine")
+    with pytest.raises(InvalidRequest, match="since"):
+        store.search_audit("x", since=datetime(2024, 1, 1))
+
+
+def test_list_sessions_filters_by_grant_and_start(store: Store, clock: FakeClock) -> None:
+    _add_db(store, "db1")
+    _add_db(store, "db2", account="rw")
+    first = _session(store, "db1", "ro", "alice")
+    clock.now = T0 + timedelta(hours=1)
+    second = _session(store, "db2", "rw", "bob")
+    clock.now = T0 + timedelta(hours=2)
+    third = _session(store, "db1", "ro", "bob")
+
+    def ids(**filters: Any) -> list[str]:
+        return [s.id for s in store.list_sessions(**filters)]
+
+    assert ids() == [third.id, second.id, first.id]
+    assert ids(resource="db1") == [third.id, first.id]
+    assert ids(account="rw") == [second.id]
+    assert ids(requester="bob") == [third.id, second.id]
+    assert ids(since=T0 + timedelta(hours=1)) == [third.id, second.id]
+    assert ids(until=T0 + timedelta(hours=1)) == [first.id]
+    assert ids(requester="bob", resource="db1", active=True) == [third.id]
+    assert ids(requester="bob", limit=1) == [third.id]
+
+
+# -- migration -------------------------------------------------------------------------
+
+
+def test_a_database_at_revision_0001_upgrades_with_its_sessions(
+    store_url: str, box: SecretBox, raw: Engine
+) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(store_module._MIGRATIONS_DIR))
+    engine = create_engine(_pg_admin_url(store_url) if "postgresql" in store_url else store_url)
+    try:
+        with engine.begin() as conn:
+            config.attributes["connection"] = conn
+            command.upgrade(config, "0001")
+            stamp = T0.isoformat() if conn.dialect.name != "postgresql" else T0
+            conn.execute(
+                text(
+                    "INSERT INTO sessions (id, requester, resource_name, account_name, database,"
+                    " username, listen_host, started_at, expires_at, ended_at, end_reason)"
+                    " VALUES ('0123456789abcdef0123456789abcdef', 'alice', 'db1', 'ro', 'app',"
+                    " 'app_reader', '127.0.0.1', :t, :t, :t, 'expired')"
+                ),
+                {"t": stamp},
+            )
+    finally:
+        engine.dispose()
+    with Store.open(store_url, box) as store:
+        legacy = store.get_session("0123456789abcdef0123456789abcdef")
+        assert legacy.end_reason == "expired"
+        assert store.count_audit(legacy.id) == 0
+        assert store.verify_audit() == []
+        _add_db(store)
+        session = _session(store)
+        _fill(store, session.id, 2)
+        assert store.verify_audit() == []
+    with raw.connect() as conn:
+        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0002"
+
+
+# -- volume ----------------------------------------------------------------------------
+
+
+def test_a_hundred_thousand_events_in_batches_stay_chained(
+    store: Store, raw: Engine, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _add_db(store)
+    session = _session(store)
+    total, batch = 100_000, 500
+    started = time.perf_counter()
+    for offset in range(0, total, batch):
+        events = [
+            _stmt(
+                session.id,
+                f"UPDATE t SET v = $1 WHERE id = {n}",
+                connection_id=CONN_A if n % 2 else CONN_B,
+                at=T0 + timedelta(microseconds=n),
+                parameters=(Parameter(1, 23, "text", str(n)),),
+                command_tag="UPDATE 1",
+                rows=1,
+                duration_ms=0.25,
+            )
+            for n in range(offset, offset + batch)
+        ]
+        assert store.append_audit(events) == batch
+    appended = time.perf_counter()
+    store.end_session(session.id, reason="client_ended")
+    assert store.count_audit(session.id) == total
+    with raw.connect() as conn:
+        stats = conn.execute(
+            text(
+                "SELECT count(*), min(seq), max(seq), count(DISTINCT seq) FROM audit_events"
+                " WHERE session_id = :sid"
+            ),
+            {"sid": session.id},
+        ).one()
+    assert tuple(stats) == (total, 1, total, total)
+    verify_started = time.perf_counter()
+    assert store.verify_audit() == []
+    verified = time.perf_counter()
+    tail = store.list_audit(session.id, after_seq=total - 2)
+    assert [(r.seq, r.sql) for r in tail] == [
+        (total - 1, f"UPDATE t SET v = $1 WHERE id = {total - 2}"),
+        (total, f"UPDATE t SET v = $1 WHERE id = {total - 1}"),
+    ]
+    with capsys.disabled():
+        print(
+            f"\n[{raw.dialect.name}] {total} audit events: append "
+            f"{appended - started:.1f}s ({total / (appended - started):.0f}/s), "
+            f"verify {verified - verify_started:.1f}s"
+        )
