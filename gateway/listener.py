@@ -260,9 +260,21 @@ class AccessListener:
             return
 
         application_name = startup.params.get("application_name")
-        connection_id = await self.host.record_connection_start(
-            self.grant.session_id, conn.client_addr, application_name
-        )
+        try:
+            connection_id = await self.host.record_connection_start(
+                self.grant.session_id, conn.client_addr, application_name
+            )
+        except GatewayError as exc:
+            # Nothing is relayed unrecorded: no record, no connection.
+            bound.error("connection_record_failed", error=exc.message)
+            await _refuse(
+                writer,
+                sqlstate.CANNOT_CONNECT_NOW,
+                "pam cannot record this connection, so it refuses it: the gateway's store"
+                " is not writable",
+                hint="an administrator must check the gateway's store and log",
+            )
+            return
         bound = bound.bind(connection_id=connection_id, application_name=application_name)
         relay: Relay | None = None
         audit: ConnectionAudit | None = None
