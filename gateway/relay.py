@@ -1,9 +1,9 @@
 """The relay core: one local client paired with one authenticated upstream session.
 
-Forwarding is byte-for-byte: each read is written whole to the other side, once
-(one write per read, never a flush per message), and the writer's ``drain()``
-makes a slow reader stop the other side's reads (backpressure both ways; the
-StreamReader pauses its transport when its buffer is full).
+Forwarding is byte-for-byte: each received chunk is written whole to the other
+side, once (one write per read, never a flush per message). Backpressure works
+both ways: when a transport's write buffer is over its high-water mark, the
+relay stops reading the other side until it drains.
 
 Message boundaries are followed from the 5-byte headers only
 (:class:`~gateway.protocol.framing.BoundaryTracker`), so the gateway can end a
@@ -17,7 +17,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, cast
 
 import structlog
 
@@ -90,7 +90,15 @@ class StatementAudit(Protocol):
 
 
 class Relay:
-    """Pumps bytes between a client and an upstream connection until one ends."""
+    """Relays bytes between a client and an upstream connection until one ends.
+
+    Built on transports and protocols rather than streams: the handshake uses
+    streams, then :meth:`run` swaps in two small protocols so each received
+    chunk is framed, forwarded and tapped in one callback, with no task switch
+    and no intermediate buffer. Flow control is the transports' own: when the
+    transport we write to passes its high-water mark, reading from the other
+    side pauses until it drains.
+    """
 
     def __init__(
         self,
@@ -107,6 +115,8 @@ class Relay:
         self._client_writer = client_writer
         self._upstream_reader = upstream_reader
         self._upstream_writer = upstream_writer
+        self._client = cast(asyncio.Transport, client_writer.transport)
+        self._upstream = cast(asyncio.Transport, upstream_writer.transport)
         self._name = name
         self._audit = audit
         # Only the message types audit needs are copied; the rest is skipped
@@ -124,138 +134,238 @@ class Relay:
             tap_limit=TAP_LIMIT,
         )
         self._termination: Termination | None = None
-        self._terminate_requested = asyncio.Event()
         self._fatal_sent = False
+        self._done: asyncio.Future[None] | None = None
+        self._grace: asyncio.TimerHandle | None = None
+        self._room_task: asyncio.Task[None] | None = None
+        self._lost = {"client": False, "server": False}
+        self._closed: asyncio.Event = asyncio.Event()
         self.bytes_from_client = 0
         self.bytes_from_server = 0
         self.end_reason: EndReason | None = None
         self.error: tuple[str, str] | None = None
 
     def prime(self, to_client: bytes, to_server: bytes) -> None:
-        """Account for bytes already read during startup and forward them."""
-        now = time.time_ns()
+        """Forward (and account for) bytes already read during startup."""
         if to_server:
-            tapped = self._from_client.feed(to_server)
-            self.bytes_from_client += len(to_server)
-            self._upstream_writer.write(to_server)
-            if tapped and self._audit is not None:
-                self._audit.on_client(tapped, now)
+            self._on_client_data(to_server)
         if to_client:
-            tapped = self._from_server.feed(to_client)
-            self.bytes_from_server += len(to_client)
-            self._client_writer.write(to_client)
-            if tapped and self._audit is not None:
-                self._audit.on_server(tapped, now)
+            self._on_server_data(to_client)
 
     def terminate(self, termination: Termination) -> None:
-        """Ask the relay to end with a FATAL to the client at the next boundary."""
-        if self._termination is None:
-            self._termination = termination
-            self._terminate_requested.set()
-
-    async def run(self) -> EndReason:
-        tasks = {
-            asyncio.create_task(self._pump_client(), name=f"{self._name}:client->server"),
-            asyncio.create_task(self._pump_server(), name=f"{self._name}:server->client"),
-            asyncio.create_task(self._watch_termination(), name=f"{self._name}:termination"),
-        }
-        try:
-            done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        for task in done:
-            if not task.cancelled() and (exc := task.exception()) is not None:
-                self._on_error(exc)
-        if self.end_reason is None:
-            self.end_reason = EndReason.ERROR
-        await self._close()
-        return self.end_reason
-
-    def _on_error(self, exc: BaseException) -> None:
-        if isinstance(exc, ProtocolError):
-            # The peer broke framing; tell the client why before closing.
-            self.error = (exc.sqlstate, exc.message)
-            if not self._fatal_sent and self._from_server.at_boundary:
-                self._send_fatal(messages.error_response("FATAL", exc.sqlstate, exc.message))
-            self.end_reason = EndReason.ERROR
-        elif isinstance(exc, ConnectionError | OSError):
-            self.end_reason = self.end_reason or EndReason.ERROR
-            self.error = ("08006", f"connection failure: {exc}")
-        else:
-            log.error("relay_failed", connection=self._name, error=repr(exc))
-            self.end_reason = EndReason.ERROR
-            self.error = ("XX000", "internal error in the gateway relay")
-
-    async def _pump_client(self) -> None:
-        reader, writer, tracker = self._client_reader, self._upstream_writer, self._from_client
-        audit = self._audit
-        while True:
-            data = await reader.read(READ_SIZE)
-            if not data:
-                self.end_reason = self.end_reason or EndReason.CLIENT_CLOSED
-                return
-            tapped = tracker.feed(data)
-            self.bytes_from_client += len(data)
-            writer.write(data)
-            if tapped:
-                if audit is not None:
-                    audit.on_client(tapped, time.time_ns())
-                if tapped[-1].type == FrontendType.TERMINATE:  # the client said goodbye
-                    self.end_reason = EndReason.CLIENT_CLOSED
-            await writer.drain()
-
-    async def _pump_server(self) -> None:
-        reader, writer, tracker = self._upstream_reader, self._client_writer, self._from_server
-        audit = self._audit
-        while True:
-            data = await reader.read(READ_SIZE)
-            if not data:
-                self.end_reason = self.end_reason or EndReason.SERVER_CLOSED
-                return
-            tapped = tracker.feed(data)
-            self.bytes_from_server += len(data)
-            writer.write(data)
-            if tapped and audit is not None:
-                audit.on_server(tapped, time.time_ns())
-            if self._termination is not None and tracker.at_boundary:
-                self._finish_termination()
-                return
-            if audit is not None and audit.congested:
-                # The audit writer is behind: slow down rather than buffer.
-                await audit.wait_for_room()
-            await writer.drain()
-
-    async def _watch_termination(self) -> None:
-        await self._terminate_requested.wait()
+        """End the relay with a FATAL to the client at the next server message
+        boundary (waiting at most ``BOUNDARY_GRACE_SECONDS`` for one)."""
+        if self._termination is not None or self._is_done():
+            return
+        self._termination = termination
         if self._from_server.at_boundary:
             self._finish_termination()
+        elif self._done is not None:
+            loop = asyncio.get_running_loop()
+            self._grace = loop.call_later(BOUNDARY_GRACE_SECONDS, self._finish_termination)
+
+    async def run(self) -> EndReason:
+        loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        client_side = _Side(self, from_client=True)
+        server_side = _Side(self, from_client=False)
+        pending_client, client_eof = _take_over(self._client_reader, self._client, client_side)
+        pending_server, server_eof = _take_over(self._upstream_reader, self._upstream, server_side)
+        try:
+            if pending_client:
+                self._on_client_data(pending_client)
+            if pending_server:
+                self._on_server_data(pending_server)
+            if client_eof:
+                self._on_eof(from_client=True)
+            if server_eof:
+                self._on_eof(from_client=False)
+            if self._termination is not None and not self._is_done():
+                if self._from_server.at_boundary:
+                    self._finish_termination()
+                else:
+                    self._grace = loop.call_later(BOUNDARY_GRACE_SECONDS, self._finish_termination)
+            if not self._is_done():
+                await self._done
+        finally:
+            if self._grace is not None:
+                self._grace.cancel()
+            if self._room_task is not None:
+                self._room_task.cancel()
+                await asyncio.gather(self._room_task, return_exceptions=True)
+            await self._close()
+        if self.end_reason is None:
+            self.end_reason = EndReason.ERROR
+        return self.end_reason
+
+    # --- callbacks from the two protocols -----------------------------------------
+
+    def _on_client_data(self, data: bytes) -> None:
+        if self._is_done():
+            return  # ending: nothing more is forwarded
+        try:
+            tapped = self._from_client.feed(data)
+        except ProtocolError as exc:
+            self._fail_protocol(exc)
             return
-        # The server is mid-message; _pump_server injects the FATAL at the next
-        # boundary. A server stalled mid-message gets a bounded wait.
-        await asyncio.sleep(BOUNDARY_GRACE_SECONDS)
-        self._finish_termination()
+        self.bytes_from_client += len(data)
+        self._upstream.write(data)
+        if tapped:
+            if self._audit is not None:
+                self._audit.on_client(tapped, time.time_ns())
+            if tapped[-1].type == FrontendType.TERMINATE:  # the client said goodbye
+                self.end_reason = self.end_reason or EndReason.CLIENT_CLOSED
+
+    def _on_server_data(self, data: bytes) -> None:
+        if self._is_done():
+            return
+        tracker = self._from_server
+        try:
+            tapped = tracker.feed(data)
+        except ProtocolError as exc:
+            self._fail_protocol(exc)
+            return
+        self.bytes_from_server += len(data)
+        self._client.write(data)
+        audit = self._audit
+        if tapped and audit is not None:
+            audit.on_server(tapped, time.time_ns())
+        if self._termination is not None and tracker.at_boundary:
+            self._finish_termination()
+        elif audit is not None and audit.congested and self._room_task is None:
+            # The audit writer is behind: stop reading the server until it
+            # catches up, rather than buffer or drop records.
+            self._upstream.pause_reading()
+            self._room_task = asyncio.get_running_loop().create_task(
+                self._wait_for_audit_room(audit), name=f"{self._name}:audit-room"
+            )
+
+    async def _wait_for_audit_room(self, audit: StatementAudit) -> None:
+        try:
+            await audit.wait_for_room()
+        finally:
+            self._room_task = None
+            if not self._is_done() and not self._upstream.is_closing():
+                self._upstream.resume_reading()
+
+    def _on_eof(self, *, from_client: bool) -> None:
+        if from_client:
+            self._end(EndReason.CLIENT_CLOSED)
+        else:
+            self._end(EndReason.SERVER_CLOSED)
+
+    def _on_lost(self, *, from_client: bool, exc: Exception | None) -> None:
+        self._lost["client" if from_client else "server"] = True
+        if all(self._lost.values()):
+            self._closed.set()
+        if exc is not None and self.error is None and not self._is_done():
+            self.error = ("08006", f"connection failure: {exc}")
+            self._end(EndReason.ERROR)
+        else:
+            self._on_eof(from_client=from_client)
+
+    def _pause_reading_into(self, *, client_is_full: bool) -> None:
+        source = self._upstream if client_is_full else self._client
+        if not source.is_closing():
+            source.pause_reading()
+
+    def _resume_reading_into(self, *, client_is_full: bool) -> None:
+        source = self._upstream if client_is_full else self._client
+        if not source.is_closing() and not (client_is_full and self._room_task is not None):
+            source.resume_reading()
+
+    # --- ending ---------------------------------------------------------------------
+
+    def _is_done(self) -> bool:
+        return self._done is not None and self._done.done()
+
+    def _end(self, reason: EndReason) -> None:
+        if self.end_reason is None:
+            self.end_reason = reason
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    def _fail_protocol(self, exc: ProtocolError) -> None:
+        # A peer broke the framing: tell the client why, then close.
+        self.error = (exc.sqlstate, exc.message)
+        if self._from_server.at_boundary:
+            self._send_fatal(messages.error_response("FATAL", exc.sqlstate, exc.message))
+        self.end_reason = EndReason.ERROR
+        self._end(EndReason.ERROR)
 
     def _finish_termination(self) -> None:
         termination = self._termination
-        assert termination is not None
+        if termination is None or self._is_done():
+            return
         if self._from_server.at_boundary:
             self._send_fatal(termination.error_response())
         self.end_reason = termination.reason
+        self._end(termination.reason)
 
     def _send_fatal(self, payload: bytes) -> None:
-        if not self._fatal_sent and not self._client_writer.is_closing():
+        if not self._fatal_sent and not self._client.is_closing():
             self._fatal_sent = True
-            self._client_writer.write(payload)
+            self._client.write(payload)
 
     async def _close(self) -> None:
-        upstream = self._upstream_writer
+        upstream, client = self._upstream, self._client
         if not upstream.is_closing() and self._from_client.at_boundary:
             # A polite Terminate spares the server log an "unexpected EOF".
             upstream.write(messages.terminate())
-        for writer in (self._client_writer, upstream):
-            await close_writer(writer)
+        for transport in (client, upstream):
+            if not transport.is_closing():
+                transport.close()  # flushes what is buffered, then closes
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
+                await self._closed.wait()
+        except TimeoutError:
+            client.abort()
+            upstream.abort()
+
+
+class _Side(asyncio.Protocol):
+    """One side of a relay: hands its transport's events to the relay."""
+
+    def __init__(self, relay: Relay, *, from_client: bool) -> None:
+        self._relay = relay
+        self._from_client = from_client
+
+    def data_received(self, data: bytes) -> None:
+        if self._from_client:
+            self._relay._on_client_data(data)
+        else:
+            self._relay._on_server_data(data)
+
+    def eof_received(self) -> bool:
+        self._relay._on_eof(from_client=self._from_client)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._relay._on_lost(from_client=self._from_client, exc=exc)
+
+    def pause_writing(self) -> None:
+        # Our transport's write buffer is full: stop reading the other side.
+        self._relay._pause_reading_into(client_is_full=self._from_client)
+
+    def resume_writing(self) -> None:
+        self._relay._resume_reading_into(client_is_full=self._from_client)
+
+
+def _take_over(
+    reader: asyncio.StreamReader, transport: asyncio.BaseTransport, protocol: asyncio.Protocol
+) -> tuple[bytes, bool]:
+    """Move a transport from its stream to ``protocol``; returns the bytes the
+    StreamReader had buffered but nobody read yet, and whether EOF had come.
+
+    StreamReader has no public API for either; ``_buffer`` and ``_eof`` are
+    stable across CPython 3.8-3.13.
+    """
+    buffered = bytes(getattr(reader, "_buffer", b""))
+    eof = bool(getattr(reader, "_eof", False))
+    transport.set_protocol(protocol)
+    if isinstance(transport, asyncio.ReadTransport) and not transport.is_reading():
+        transport.resume_reading()
+    return buffered, eof
 
 
 async def close_writer(writer: asyncio.StreamWriter) -> None:
