@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import traceback
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,29 @@ from cli.access import hold_access, parse_duration
 from cli.client import ApiClient, ApiError
 from cli.render import (
     console,
-    human_bytes,
-    human_duration,
     key_values,
     local_time,
     print_json,
     table,
 )
+from cli.review import (
+    API_MAX_PAGE,
+    DEFAULT_PAGE_SIZE,
+    SESSION_COLUMNS,
+    ExportWriter,
+    When,
+    export_sessions,
+    iso,
+    iter_audit_pages,
+    iter_sessions,
+    paging,
+    problem_line,
+    search_table,
+    session_rows,
+    show_timeline,
+    statement_page,
+)
+from gateway.audit.records import AUDIT_STATUSES
 from gateway.config import DEFAULT_API_PORT, resolve_home
 from gateway.errors import GatewayError
 
@@ -118,7 +135,8 @@ def gateway_run(home: Path | None, log_format: str, log_level: str) -> None:
     from gateway.logging import configure_logging
 
     configure_logging("json" if log_format == "json" else "console", log_level)
-    asyncio.run(daemon.run(resolve_home(home)))
+    with asyncio.Runner(loop_factory=daemon.event_loop_factory()) as runner:
+        runner.run(daemon.run(resolve_home(home)))
 
 
 # --- resources -------------------------------------------------------------------
@@ -405,106 +423,214 @@ def db_access(resource_name: str, account_name: str, duration: str, port: int | 
 
 @cli.group()
 def sessions() -> None:
-    """Review access sessions and their connections."""
-
-
-def _session_rows(items: list[dict[str, Any]]) -> list[list[Any]]:
-    rows = []
-    for s in items:
-        state = "active" if not s.get("ended_at") else s.get("end_reason")
-        rows.append(
-            [
-                s["id"][:12],
-                s["requester"],
-                f"{s['resource_name']}/{s['account_name']}",
-                local_time(s["started_at"]),
-                local_time(s["ended_at"])
-                if s.get("ended_at")
-                else f"expires {local_time(s['expires_at'])}",
-                human_duration(s.get("duration_seconds")),
-                state,
-            ]
-        )
-    return rows
+    """Review access sessions: their connections and every statement."""
 
 
 @sessions.command("list")
+@click.option("--resource", "resource_name", default=None, help="Only sessions on this resource.")
+@click.option("--account", "account_name", default=None, help="Only sessions as this account.")
+@click.option("--user", "requester", default=None, help="Only sessions of this requester.")
+@click.option("--since", type=When(), default=None, help="Started at or after: 7d, 12h, ISO.")
+@click.option("--until", type=When(), default=None, help="Started before: 7d, 12h, ISO.")
 @click.option("--active", is_flag=True, help="Only sessions that have not ended.")
 @click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def sessions_list(active: bool, limit: int, as_json: bool) -> None:
-    """List access sessions, newest first."""
+def sessions_list(
+    resource_name: str | None,
+    account_name: str | None,
+    requester: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    active: bool,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List access sessions, newest first.
+
+    WHEN is relative (7d, 12h, 30m: that long ago) or an ISO-8601 date or
+    datetime (local time unless it names a zone).
+    """
     with _client() as client:
-        items = client.get("/v1/sessions", active=True if active else None, limit=limit)
+        items = client.get(
+            "/v1/sessions",
+            active=True if active else None,
+            limit=limit,
+            resource=resource_name,
+            account=account_name,
+            requester=requester,
+            since=iso(since),
+            until=iso(until),
+        )
     if as_json:
         print_json(items)
     else:
-        table(
-            None,
-            ["SESSION", "REQUESTER", "RESOURCE/ACCOUNT", "STARTED", "ENDED", "DURATION", "STATE"],
-            _session_rows(items),
-        )
+        table(None, SESSION_COLUMNS, session_rows(items))
 
 
 @sessions.command("show")
 @click.argument("session_id")
+@click.option("--page", type=click.IntRange(1), default=1, show_default=True)
+@click.option(
+    "--page-size",
+    type=click.IntRange(1, API_MAX_PAGE),
+    default=DEFAULT_PAGE_SIZE,
+    show_default=True,
+    help="Statements per page.",
+)
+@click.option("--all", "show_all", is_flag=True, help="Every statement, not one page.")
 @click.option("--json", "as_json", is_flag=True)
-def sessions_show(session_id: str, as_json: bool) -> None:
-    """Show one session and each of its connections."""
+def sessions_show(
+    session_id: str, page: int, page_size: int, show_all: bool, as_json: bool
+) -> None:
+    """Show a session: its connections, then its statements in order (paged)."""
     with _client() as client:
         detail = client.get(f"/v1/sessions/{session_id}")
+        full_id = detail["session"]["id"]
+        view = paging(int(detail.get("statements") or 0), None if show_all else page, page_size)
+        first = None if show_all else statement_page(client, full_id, page, page_size)
+        if not as_json:
+            show_timeline(console, client, detail, view, first)
+            return
+        if first is None:
+            first = [r for p in iter_audit_pages(client, full_id, kind="statement") for r in p]
+    print_json(
+        {
+            "session": detail["session"],
+            "connections": detail["connections"],
+            "live_connections": detail["live_connections"],
+            "statement_count": view.total,
+            "page": view.page,
+            "pages": view.pages,
+            "page_size": view.page_size,
+            "statements": first,
+        }
+    )
+
+
+@sessions.command("export")
+@click.argument("session_id", required=False)
+@click.option(
+    "--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True
+)
+@click.option("--since", type=When(), default=None, help="Sessions started at or after WHEN.")
+@click.option("--until", type=When(), default=None, help="Sessions started before WHEN.")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    default=None,
+    help="Write here instead of stdout.",
+)
+def sessions_export(
+    session_id: str | None,
+    fmt: str,
+    since: datetime | None,
+    until: datetime | None,
+    output: Path | None,
+) -> None:
+    """Export every audit record of a session, or of every session started in a window.
+
+    One JSON object per line (jsonl) or CSV with a fixed header (parameters and
+    detail as JSON text). Streams page by page, oldest session first.
+    """
+    if session_id is not None and (since is not None or until is not None):
+        raise click.UsageError("--since/--until select sessions; leave them out with SESSION_ID")
+    with _client() as client:
+        if output is None:
+            writer = ExportWriter(sys.stdout, fmt)
+            export_sessions(client, writer, session_id, since=since, until=until)
+            return
+        with output.open("w", encoding="utf-8", newline="") as handle:
+            writer = ExportWriter(handle, fmt)
+            count = export_sessions(client, writer, session_id, since=since, until=until)
+    console.print(
+        f"Exported {writer.records} records of {count} session{'s' if count != 1 else ''}"
+        f" to {output}."
+    )
+
+
+# --- audit ---------------------------------------------------------------------------
+
+
+@cli.group()
+def audit() -> None:
+    """Search the statement audit trail and check that it is intact."""
+
+
+@audit.command("search")
+@click.argument("text", required=False)
+@click.option("--since", type=When(), default=None, help="At or after WHEN: 7d, 12h, ISO.")
+@click.option("--until", type=When(), default=None, help="Before WHEN.")
+@click.option("--resource", "resource_name", default=None)
+@click.option("--account", "account_name", default=None)
+@click.option("--user", "requester", default=None, help="The requester of the session.")
+@click.option("--session", "session_id", default=None, help="Session id or prefix.")
+@click.option("--status", type=click.Choice(sorted(AUDIT_STATUSES)), default=None)
+@click.option("--limit", type=click.IntRange(1, API_MAX_PAGE), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def audit_search(
+    text: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    resource_name: str | None,
+    account_name: str | None,
+    requester: str | None,
+    session_id: str | None,
+    status: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Find statements whose SQL contains TEXT (case-insensitive), newest first."""
+    with _client() as client:
+        records = client.get(
+            "/v1/audit/search",
+            q=text,
+            since=iso(since),
+            until=iso(until),
+            resource=resource_name,
+            account=account_name,
+            requester=requester,
+            session=session_id,
+            status=status,
+            limit=limit,
+        )
     if as_json:
-        print_json(detail)
+        print_json(records)
         return
-    s = detail["session"]
-    key_values(
-        [
-            ("session", s["id"]),
-            ("requester", s["requester"]),
-            ("resource", s["resource_name"]),
-            ("account", f"{s['account_name']} (user {s['username']})"),
-            ("database", s["database"]),
-            ("listener", f"{s['listen_host']}:{s['listen_port']}"),
-            ("started", local_time(s["started_at"])),
-            ("expires", local_time(s["expires_at"])),
-            ("ended", local_time(s.get("ended_at"))),
-            ("duration", human_duration(s.get("duration_seconds"))),
-            (
-                "end reason",
-                (s.get("end_reason") or "active")
-                + (f" ({s['end_detail']})" if s.get("end_detail") else ""),
-            ),
-            ("live connections", detail["live_connections"]),
-        ]
-    )
-    table(
-        "Connections",
-        [
-            "STARTED",
-            "CLIENT",
-            "APPLICATION",
-            "PID",
-            "DURATION",
-            "FROM CLIENT",
-            "FROM SERVER",
-            "END",
-            "ERROR",
-        ],
-        [
-            [
-                local_time(c["started_at"]),
-                c["client_addr"],
-                c.get("application_name"),
-                c.get("backend_pid"),
-                human_duration(c.get("duration_seconds")),
-                human_bytes(c.get("bytes_from_client")),
-                human_bytes(c.get("bytes_from_server")),
-                c.get("end_reason") or "live",
-                f"{c['error_sqlstate']}: {c['error_message']}" if c.get("error_sqlstate") else None,
-            ]
-            for c in detail["connections"]
-        ],
-    )
+    if not records:
+        console.print("No matching records.")
+        return
+    console.print(search_table(records))
+    if len(records) == limit:
+        console.print(f"Showing the newest {limit} matches; use --limit for more.")
+
+
+@audit.command("verify")
+@click.argument("session_id", required=False)
+@click.option("--json", "as_json", is_flag=True)
+def audit_verify(session_id: str | None, as_json: bool) -> None:
+    """Recompute the hash chain of one session (or all); exit 1 naming each problem."""
+    with _client() as client:
+        checked = 1 if session_id else sum(1 for _ in iter_sessions(client))
+        result = client.request(
+            "POST", "/v1/audit/verify", params={"session": session_id}, timeout=600
+        )
+    problems = result["problems"]
+    if as_json:
+        print_json({**result, "sessions_checked": checked})
+    elif not problems:
+        console.print(f"audit trail intact: {checked} session{'s' if checked != 1 else ''} checked")
+    else:
+        for problem in problems:
+            click.echo(problem_line(problem))
+    if problems:
+        sessions_hit = len({p["session_id"] for p in problems})
+        click.echo(
+            f"error: the audit trail is not intact: {len(problems)}"
+            f" problem{'s' if len(problems) != 1 else ''} in {sessions_hit}"
+            f" session{'s' if sessions_hit != 1 else ''}",
+            err=True,
+        )
+        sys.exit(1)
 
 
 # --- demo ----------------------------------------------------------------------------

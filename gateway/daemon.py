@@ -15,7 +15,7 @@ import os
 import secrets
 import signal
 import socket
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +91,27 @@ def init_home(
     url = api_url(settings)
     path = save_client_config(ClientConfig(api_url=url, token=token))
     return InitResult(home=home, client_config=path, api_url=url)
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when it is installed (``pip install 'pam-gateway[speed]'``), unless
+    ``PAM_EVENT_LOOP=asyncio``; None means the standard asyncio loop."""
+    choice = os.environ.get("PAM_EVENT_LOOP", "auto")
+    if choice not in ("auto", "uvloop", "asyncio"):
+        raise ConfigError(f"PAM_EVENT_LOOP must be auto, uvloop or asyncio, not {choice!r}")
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError(
+                "PAM_EVENT_LOOP=uvloop but uvloop is not installed",
+                hint="pip install 'pam-gateway[speed]'",
+            ) from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 class _EmbeddedServer(uvicorn.Server):

@@ -1,0 +1,621 @@
+"""Reviewing access sessions and their audit trail: what `pam sessions` and `pam audit` show.
+
+Role: the rendering, paging and export behind the review commands in
+:mod:`cli.main`, kept thin over the control API (``/v1/sessions``,
+``/v1/sessions/{id}/audit``, ``/v1/audit/search``, ``/v1/audit/verify``). Nothing
+here reads the store or recomputes anything the daemon already decided.
+
+Invariants:
+
+* Memory stays bounded by one API page: exports and ``--all`` listings stream
+  record pages (``after_seq`` paging) straight to their output; only session ids
+  are collected, never records.
+* Times are shown in the viewer's local zone; JSON, JSONL and CSV keep the API's
+  ISO-8601 UTC. A time the user types without a zone is local time.
+* Text from the trail (SQL, parameters, error messages) is printed as plain
+  :class:`rich.text.Text`, never as markup, so a statement cannot restyle or hide
+  the review output.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import IO, Any, Final
+
+import click
+from rich.console import Console, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from cli.client import ApiClient
+from cli.render import human_bytes, human_duration, local_time, parse_time
+from gateway.errors import InvalidRequest
+
+#: The API's largest page (``limit``) for sessions and audit records.
+API_MAX_PAGE: Final = 10_000
+#: Statements per page of ``pam sessions show``.
+DEFAULT_PAGE_SIZE: Final = 200
+#: Records per request when streaming an export.
+EXPORT_PAGE: Final = 1_000
+
+#: The CSV export's columns, in order. Fixed: a SIEM maps columns by position.
+EXPORT_COLUMNS: Final = (
+    "session_id",
+    "seq",
+    "kind",
+    "occurred_at",
+    "recorded_at",
+    "connection_id",
+    "requester",
+    "resource_name",
+    "account_name",
+    "protocol",
+    "statement_name",
+    "portal_name",
+    "sql",
+    "parameters",
+    "command_tag",
+    "rows",
+    "status",
+    "sqlstate",
+    "error_message",
+    "duration_ms",
+    "copy_direction",
+    "copy_bytes",
+    "detail",
+    "prev_hash",
+    "hash",
+)
+#: Columns holding structured values; the CSV carries them as compact JSON text.
+_JSON_COLUMNS: Final = frozenset({"parameters", "detail"})
+
+_RELATIVE: Final = re.compile(r"^(?P<n>\d+)\s*(?P<unit>[smhdw])$")
+_UNITS: Final = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+_WHITESPACE: Final = re.compile(r"\s+")
+
+_STATUS_STYLES: Final = {
+    "ok": "green",
+    "error": "bold red",
+    "cancelled": "bold yellow",
+    "skipped": "yellow",
+    "incomplete": "magenta",
+}
+_PROTOCOLS: Final = {"simple": "simple", "extended": "extended", "function_call": "fncall"}
+#: Common type OIDs (pg_type.dat) so a types-only trail reads ``$1::int4``.
+_TYPE_NAMES: Final = {
+    16: "bool",
+    17: "bytea",
+    20: "int8",
+    21: "int2",
+    23: "int4",
+    25: "text",
+    114: "json",
+    700: "float4",
+    701: "float8",
+    1042: "bpchar",
+    1043: "varchar",
+    1082: "date",
+    1083: "time",
+    1114: "timestamp",
+    1184: "timestamptz",
+    1700: "numeric",
+    2950: "uuid",
+    3802: "jsonb",
+}
+#: Longest parameter value shown inline in the timeline (the trail keeps more).
+_PARAMETER_CHARS: Final = 60
+_INDENT: Final = " " * 7
+
+
+# --- times ---------------------------------------------------------------------------
+
+
+def parse_when(text: str, *, now: datetime | None = None) -> datetime:
+    """``7d``/``12h``/``30m``/``90s``/``2w`` ago, or an ISO-8601 date or datetime.
+
+    A date or datetime without a zone is local time. Returns an aware UTC datetime.
+    """
+    value = text.strip()
+    match = _RELATIVE.match(value.lower())
+    if match:
+        delta = timedelta(**{_UNITS[match["unit"]]: int(match["n"])})
+        return (now or datetime.now(UTC)).astimezone(UTC) - delta
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not a time: use 7d, 12h, 30m (ago) or an ISO-8601 date"
+            " or datetime such as 2024-06-01 or 2024-06-01T14:30"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # the viewer's local time
+    return moment.astimezone(UTC)
+
+
+class When(click.ParamType[datetime]):
+    """A click parameter for :func:`parse_when`."""
+
+    name = "WHEN"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        try:
+            return parse_when(str(value))
+        except click.BadParameter as exc:
+            self.fail(exc.message, param, ctx)
+
+
+def iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.astimezone(UTC).isoformat()
+
+
+# --- paging the API ------------------------------------------------------------------
+
+
+def iter_sessions(
+    client: ApiClient, *, page_size: int = API_MAX_PAGE, **filters: Any
+) -> Iterator[dict[str, Any]]:
+    """Every session matching *filters* (the list API's), newest first, page by page.
+
+    The list API has no cursor; it pages on ``until`` (exclusive ``started_at``).
+    Sessions sharing the oldest start time of a page are fetched again with the
+    next page and skipped by id.
+    """
+    until: datetime | None = filters.pop("until", None)
+    boundary: datetime | None = None
+    at_boundary: set[str] = set()
+    while True:
+        page: list[dict[str, Any]] = client.get(
+            "/v1/sessions", limit=page_size, until=iso(until), **filters
+        )
+        fresh = [s for s in page if s["id"] not in at_boundary]
+        yield from fresh
+        if len(page) < page_size or not fresh:
+            return
+        oldest = _started(page[-1])
+        if oldest != boundary:
+            at_boundary = set()
+        boundary = oldest
+        at_boundary |= {s["id"] for s in page if _started(s) == oldest}
+        until = oldest + timedelta(microseconds=1)
+
+
+def _started(session: Mapping[str, Any]) -> datetime:
+    moment = parse_time(session["started_at"])
+    assert moment is not None
+    return moment
+
+
+def iter_audit_pages(
+    client: ApiClient,
+    session_id: str,
+    *,
+    kind: str | None = None,
+    page_size: int = EXPORT_PAGE,
+    after_seq: int = 0,
+) -> Iterator[list[dict[str, Any]]]:
+    """One session's records in seq order, a page at a time (``after_seq`` paging)."""
+    while True:
+        page: list[dict[str, Any]] = client.get(
+            f"/v1/sessions/{session_id}/audit", after_seq=after_seq, limit=page_size, kind=kind
+        )
+        if page:
+            yield page
+        if len(page) < page_size:
+            return
+        after_seq = page[-1]["seq"]
+
+
+def statement_page(
+    client: ApiClient, session_id: str, page: int, page_size: int
+) -> list[dict[str, Any]]:
+    """Statements ``(page-1)*page_size+1 .. page*page_size`` of a session, in seq order.
+
+    The audit API pages by seq, which connection records share with statements,
+    so the statements before the page are walked over (in the largest pages the
+    API allows) to find where the page starts.
+    """
+    after_seq = 0
+    skip = (page - 1) * page_size
+    while skip > 0:
+        want = min(skip, API_MAX_PAGE)
+        chunk: list[dict[str, Any]] = client.get(
+            f"/v1/sessions/{session_id}/audit", after_seq=after_seq, limit=want, kind="statement"
+        )
+        if len(chunk) < want:
+            return []
+        after_seq = chunk[-1]["seq"]
+        skip -= want
+    records: list[dict[str, Any]] = client.get(
+        f"/v1/sessions/{session_id}/audit", after_seq=after_seq, limit=page_size, kind="statement"
+    )
+    return records
+
+
+# --- sessions list -------------------------------------------------------------------
+
+
+def session_rows(items: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
+    rows = []
+    for s in items:
+        state = "active" if not s.get("ended_at") else s.get("end_reason")
+        rows.append(
+            [
+                s["id"][:12],
+                s["requester"],
+                f"{s['resource_name']}/{s['account_name']}",
+                local_time(s["started_at"]),
+                local_time(s["ended_at"])
+                if s.get("ended_at")
+                else f"expires {local_time(s['expires_at'])}",
+                human_duration(s.get("duration_seconds")),
+                state,
+            ]
+        )
+    return rows
+
+
+SESSION_COLUMNS: Final = (
+    "SESSION",
+    "REQUESTER",
+    "RESOURCE/ACCOUNT",
+    "STARTED",
+    "ENDED",
+    "DURATION",
+    "STATE",
+)
+
+
+# --- sessions show -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Paging:
+    #: ``None``: every page (``--all``).
+    page: int | None
+    page_size: int
+    pages: int
+    total: int
+
+
+def paging(total: int, page: int | None, page_size: int) -> Paging:
+    pages = max(1, math.ceil(total / page_size))
+    if page is not None and page > pages:
+        raise InvalidRequest(
+            f"page {page} is past the last page: {total} statements make {pages}"
+            f" page{'s' if pages != 1 else ''} of {page_size}"
+        )
+    return Paging(page, page_size, pages, total)
+
+
+def connection_labels(connections: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """``#1``, ``#2``, ... by start order, as the Connections table numbers them."""
+    return {c["id"]: f"#{n}" for n, c in enumerate(connections, start=1)}
+
+
+def session_header(detail: Mapping[str, Any]) -> list[RenderableType]:
+    s = detail["session"]
+    pairs: list[tuple[str, Any]] = [
+        ("session", s["id"]),
+        ("requester", s["requester"]),
+        ("resource", s["resource_name"]),
+        ("account", f"{s['account_name']} (user {s['username']})"),
+        ("database", s["database"]),
+        ("listener", f"{s['listen_host']}:{s['listen_port']}"),
+        ("started", local_time(s["started_at"])),
+        ("expires", local_time(s["expires_at"])),
+        ("ended", local_time(s.get("ended_at"))),
+        ("duration", human_duration(s.get("duration_seconds"))),
+        (
+            "end reason",
+            (s.get("end_reason") or "active")
+            + (f" ({s['end_detail']})" if s.get("end_detail") else ""),
+        ),
+        ("live connections", detail["live_connections"]),
+        ("statements", detail.get("statements", "-")),
+    ]
+    width = max(len(key) for key, _ in pairs)
+    out: list[RenderableType] = []
+    for key, value in pairs:
+        line = Text(key.ljust(width), style="bold")
+        line.append("  " + ("-" if value is None else str(value)))
+        out.append(line)
+    grid = Table(title="Connections", title_justify="left", header_style="bold")
+    for column in (
+        "#",
+        "STARTED",
+        "CLIENT",
+        "APPLICATION",
+        "PID",
+        "DURATION",
+        "FROM CLIENT",
+        "FROM SERVER",
+        "END",
+        "ERROR",
+    ):
+        grid.add_column(column, overflow="fold")
+    for n, c in enumerate(detail["connections"], start=1):
+        cells = [
+            f"#{n}",
+            local_time(c["started_at"]),
+            c["client_addr"],
+            c.get("application_name"),
+            c.get("backend_pid"),
+            human_duration(c.get("duration_seconds")),
+            human_bytes(c.get("bytes_from_client")),
+            human_bytes(c.get("bytes_from_server")),
+            c.get("end_reason") or "live",
+            f"{c['error_sqlstate']}: {c['error_message']}" if c.get("error_sqlstate") else None,
+        ]
+        grid.add_row(*(Text("-" if cell is None else str(cell)) for cell in cells))
+    out.append(grid)
+    return out
+
+
+def one_line(text: str | None) -> str:
+    return _WHITESPACE.sub(" ", text or "").strip()
+
+
+def truncate(text: str, width: int) -> str:
+    if width <= 1:
+        return "…" if text else ""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _clock(value: str) -> tuple[str, str]:
+    moment = parse_time(value)
+    assert moment is not None
+    local = moment.astimezone()
+    return local.strftime("%Y-%m-%d %Z"), local.strftime("%H:%M:%S.%f")[:-3]
+
+
+def _outcome(record: Mapping[str, Any]) -> str:
+    outcome = record.get("command_tag") or ""
+    if not outcome and record.get("rows") is not None:
+        outcome = f"{record['rows']} rows"
+    if record.get("copy_direction"):
+        copied = record.get("copy_bytes")
+        outcome += f" (copy {record['copy_direction']}, {copied if copied is not None else '?'} B)"
+    return outcome.strip() or "-"
+
+
+def format_parameter(parameter: Mapping[str, Any]) -> str:
+    name = f"${parameter['index']}"
+    value = parameter.get("value")
+    if parameter.get("format") == "null":
+        return f"{name}=NULL"
+    if value is None:
+        type_oid = parameter.get("type_oid")
+        type_name = _TYPE_NAMES.get(type_oid, f"oid{type_oid}") if type_oid else "?"
+        return f"{name}::{type_name}"
+    cut = parameter.get("truncated") or len(value) > _PARAMETER_CHARS
+    shown = one_line(value)[:_PARAMETER_CHARS]
+    if parameter.get("format") == "binary":
+        return f"{name}=b64:{shown}{'…' if cut else ''}"
+    return f"{name}='{shown}{'…' if cut else ''}'"
+
+
+class Timeline:
+    """Statement lines for a terminal of ``width`` columns, with date separators."""
+
+    def __init__(self, labels: Mapping[str, str], width: int) -> None:
+        self._labels = labels
+        self._width = max(width, 60)
+        self._day: str | None = None
+
+    def heading(self) -> Text:
+        return Text(
+            f"{'SEQ':>5} {'TIME':<12} {'CONN':<4} {'PROTOCOL':<8} {'DURATION':>11}"
+            f" {'STATUS':<10} {'OUTCOME':<18} SQL",
+            style="bold",
+        )
+
+    def lines(self, record: Mapping[str, Any]) -> list[Text]:
+        out: list[Text] = []
+        day, clock = _clock(record["occurred_at"])
+        if day != self._day:
+            out.append(Text(f"-- {day}", style="dim"))
+            self._day = day
+        status = record.get("status") or "-"
+        style = _STATUS_STYLES.get(status, "")
+        connection = record.get("connection_id") or ""
+        label = self._labels.get(connection, connection[:4])
+        duration = record.get("duration_ms")
+        shown_duration = "-" if duration is None else f"{duration:.1f} ms"
+        protocol = _PROTOCOLS.get(record.get("protocol") or "", record.get("protocol") or "-")
+        line = Text(
+            f"{record['seq']:>5} {clock:<12} {label:<4} {protocol:<8} {shown_duration:>11} "
+        )
+        line.append(f"{status:<10}", style=style)
+        line.append(f" {truncate(_outcome(record), 18):<18} ")
+        line.append(truncate(one_line(record.get("sql")), self._width - len(line.plain)))
+        out.append(line)
+        parameters = record.get("parameters")
+        if parameters:
+            text = "  ".join(format_parameter(p) for p in parameters)
+            out.append(Text(_INDENT + truncate(text, self._width - len(_INDENT)), style="cyan"))
+        if status in ("error", "cancelled"):
+            label_text = "ERROR" if status == "error" else "CANCELLED"
+            sqlstate = record.get("sqlstate") or "-"
+            message = one_line(record.get("error_message"))
+            out.append(Text(f"{_INDENT}{label_text} {sqlstate}: {message}", style=style))
+        elif status == "skipped":
+            out.append(
+                Text(f"{_INDENT}skipped: an earlier statement of its batch failed", style=style)
+            )
+        return out
+
+
+def page_footer(session_id: str, view: Paging, base_args: Sequence[str] = ()) -> Text | None:
+    if view.page is None or view.pages <= 1:
+        return None
+    footer = f"page {view.page} of {view.pages}"
+    if view.page < view.pages:
+        extra = f" --page-size {view.page_size}" if view.page_size != DEFAULT_PAGE_SIZE else ""
+        footer += f" — next: pam sessions show {session_id} --page {view.page + 1}{extra}"
+    return Text(footer, style="bold")
+
+
+def show_timeline(
+    console: Console,
+    client: ApiClient,
+    detail: Mapping[str, Any],
+    view: Paging,
+    first_page: list[dict[str, Any]] | None,
+) -> None:
+    """Print the header, the connections and the page's (or every) statements.
+
+    Long output on a terminal goes through rich's pager; otherwise statements
+    stream as their pages arrive.
+    """
+    session_id = detail["session"]["id"]
+    labels = connection_labels(detail["connections"])
+    timeline = Timeline(labels, console.width)
+    shown = view.total if view.page is None else min(view.page_size, view.total)
+    expected_lines = 16 + 4 + len(detail["connections"]) + shown
+    # Not console.is_terminal: FORCE_COLOR makes that true for a pipe.
+    use_pager = sys.stdout.isatty() and expected_lines > console.height
+
+    def emit() -> None:
+        for renderable in session_header(detail):
+            console.print(renderable)
+        title = f"Statements ({view.total}"
+        if view.page is not None and view.pages > 1:
+            title += f"; page {view.page} of {view.pages}"
+        console.print(Text(title + ")", style="bold italic"))
+        if view.total == 0 and not first_page:
+            console.print(Text("no statements recorded", style="dim"))
+            return
+        console.print(timeline.heading())
+        pages: Iterator[list[dict[str, Any]]]
+        if view.page is None:
+            pages = iter_audit_pages(client, session_id, kind="statement")
+        else:
+            pages = iter([first_page or []])
+        for records in pages:
+            for record in records:
+                for line in timeline.lines(record):
+                    console.print(line)
+        footer = page_footer(session_id[:12], view)
+        if footer is not None:
+            console.print(footer)
+
+    if use_pager:
+        with console.pager(styles=True):
+            emit()
+    else:
+        emit()
+
+
+# --- export ----------------------------------------------------------------------------
+
+
+def csv_row(record: Mapping[str, Any]) -> list[Any]:
+    row: list[Any] = []
+    for column in EXPORT_COLUMNS:
+        value = record.get(column)
+        if column in _JSON_COLUMNS:
+            value = (
+                None
+                if value is None
+                else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+            )
+        row.append("" if value is None else value)
+    return row
+
+
+class ExportWriter:
+    """Writes audit records as JSON lines or CSV (with its fixed header) to *out*."""
+
+    def __init__(self, out: IO[str], fmt: str) -> None:
+        self._out = out
+        self._csv = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
+        if self._csv is not None:
+            self._csv.writerow(EXPORT_COLUMNS)
+        self.records = 0
+
+    def write(self, records: Sequence[Mapping[str, Any]]) -> None:
+        if self._csv is not None:
+            self._csv.writerows(csv_row(r) for r in records)
+        else:
+            self._out.writelines(
+                json.dumps(r, separators=(",", ":"), ensure_ascii=False) + "\n" for r in records
+            )
+        self._out.flush()
+        self.records += len(records)
+
+
+def export_sessions(
+    client: ApiClient,
+    writer: ExportWriter,
+    session_id: str | None,
+    *,
+    since: datetime | None,
+    until: datetime | None,
+) -> int:
+    """Write every record of one session, or of each session started in the window.
+
+    Sessions go oldest first; each session's records in seq order. Returns the
+    number of sessions exported.
+    """
+    if session_id is not None:
+        full_id = client.get(f"/v1/sessions/{session_id}")["session"]["id"]
+        ids = [full_id]
+    else:
+        # Ids only (never records) are collected, to export oldest first.
+        ids = [s["id"] for s in iter_sessions(client, since=iso(since), until=until)]
+        ids.reverse()
+    for sid in ids:
+        for page in iter_audit_pages(client, sid):
+            writer.write(page)
+    return len(ids)
+
+
+# --- audit search and verify ------------------------------------------------------------
+
+
+SEARCH_COLUMNS: Final = (
+    "TIME",
+    "SESSION",
+    "SEQ",
+    "REQUESTER",
+    "RESOURCE/ACCOUNT",
+    "STATUS",
+    "SQL",
+)
+_EXCERPT_CHARS: Final = 100
+
+
+def search_table(records: Sequence[Mapping[str, Any]]) -> Table:
+    grid = Table(show_lines=False, header_style="bold")
+    for column in SEARCH_COLUMNS:
+        grid.add_column(column, overflow="fold")
+    for r in records:
+        status = r.get("status") or r.get("kind") or "-"
+        grid.add_row(
+            Text(local_time(r["occurred_at"])),
+            Text(r["session_id"][:8]),
+            Text(str(r["seq"])),
+            Text(r["requester"]),
+            Text(f"{r['resource_name']}/{r['account_name']}"),
+            Text(status, style=_STATUS_STYLES.get(status, "")),
+            Text(truncate(one_line(r.get("sql")), _EXCERPT_CHARS) or "-"),
+        )
+    return grid
+
+
+def problem_line(problem: Mapping[str, Any]) -> str:
+    where = f"session {problem['session_id']}"
+    if problem.get("seq") is not None:
+        where += f" seq {problem['seq']}"
+    return f"{where}: {problem['problem']}: {problem['detail']}"
