@@ -73,6 +73,9 @@ def run_demo(duration_seconds: int) -> int:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 env=os.environ.copy(),
+                # Its own process group: a terminal's Ctrl+C goes to the demo,
+                # which ends the session first and then stops the daemon in order.
+                start_new_session=True,
             )
         config = load_client_config()
         with ApiClient(config, timeout=10) as client:
