@@ -293,3 +293,18 @@ def test_a_local_client_that_requires_tls_is_served_and_can_verify_the_gateway(
         access.dsn(sslmode="verify-full", host="localhost", sslrootcert=str(cert))
     ) as conn:
         assert conn.execute("select 2").fetchone() == (2,)
+
+
+def test_a_function_call_message_is_relayed_and_answered(gateway: Gateway) -> None:
+    access = gateway.access().wait_ready()
+    with RawClient(access.port) as client:
+        client.startup(USER, DB)
+        oid_row = _by_type(client.query("select 'int4pl'::regproc::oid"), b"D")[0]
+        oid = int(oid_row.body[6:])
+        # FunctionCall (55.7): oid, 1 arg format (text), 2 args, result format text
+        body = struct.pack("!IhhhI", oid, 1, 0, 2, 2) + b"40" + struct.pack("!I", 1) + b"2"
+        body += struct.pack("!h", 0)
+        client.send(messages.encode_message(ord("F"), body))
+        msgs = client.read_until(b"Z")
+        result = _by_type(msgs, b"V")[0]
+        assert result.body == struct.pack("!I", 2) + b"42"

@@ -410,3 +410,18 @@ def test_rows_from_tag() -> None:
     assert [
         rows_from_tag(t) for t in ("INSERT 0 5", "SELECT 3", "UPDATE 0", "CREATE TABLE", "COPY 7")
     ] == [5, 3, 0, None, 7]
+
+
+def test_a_function_call_is_recorded_with_its_arguments() -> None:
+    book = Playbook()
+    body = struct.pack("!IhhhI", 177, 1, 0, 2, 2) + b"40" + struct.pack("!I", 1) + b"2"
+    book.client(encode_message(ord("F"), body + struct.pack("!h", 0)))
+    book.server(encode_message(ord("V"), struct.pack("!I", 2) + b"42"), ready())
+    event = book.events[0]
+    assert (event.protocol, event.sql, event.status, event.command_tag) == (
+        "function_call",
+        "-- FunctionCall oid 177",
+        "ok",
+        "FUNCTION CALL",
+    )
+    assert [(p.index, p.value) for p in event.parameters or ()] == [(1, "40"), (2, "2")]
