@@ -7,11 +7,17 @@ an unreachable daemon, a wrong token, or the daemon's own JSON error.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
 from gateway.config import ClientConfig, load_client_config
 from gateway.errors import GatewayError
+
+
+def seg(value: str) -> str:
+    """A name as one URL path segment: '/' and friends can't reach another route."""
+    return quote(value, safe="") or "%20"
 
 
 class ApiError(GatewayError):

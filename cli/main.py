@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from cli.access import hold_access, parse_duration
-from cli.client import ApiClient, ApiError
+from cli.client import ApiClient, ApiError, seg
 from cli.render import (
     console,
     key_values,
@@ -31,6 +31,7 @@ from cli.review import (
     SESSION_COLUMNS,
     ExportWriter,
     When,
+    closed_pipe_ends_quietly,
     export_sessions,
     iso,
     iter_audit_pages,
@@ -118,6 +119,8 @@ def gateway_init(home: Path | None, api_port: int, force: bool) -> None:
     result = init_home(resolve_home(home), api_port=api_port, force=force)
     console.print(f"Initialised pam state in {result.home}")
     console.print(f"Client configuration (API token, mode 0600): {result.client_config}")
+    if force:
+        console.print("A running daemon keeps the old token until it is restarted.")
     console.print(f"Start the daemon with: pam gateway run --home {result.home}")
 
 
@@ -224,7 +227,7 @@ def resource_list(as_json: bool) -> None:
 def resource_show(name: str, as_json: bool) -> None:
     """Show one resource and its accounts."""
     with _client() as client:
-        res = client.get(f"/v1/resources/{name}")
+        res = client.get(f"/v1/resources/{seg(name)}")
         accounts = client.get("/v1/accounts", resource=name)
     if as_json:
         print_json({**res, "accounts": accounts})
@@ -250,7 +253,7 @@ def resource_show(name: str, as_json: bool) -> None:
 def resource_remove(name: str) -> None:
     """Remove a resource and its accounts."""
     with _client() as client:
-        client.delete(f"/v1/resources/{name}")
+        client.delete(f"/v1/resources/{seg(name)}")
     console.print(f"Resource {name} removed.")
 
 
@@ -262,7 +265,7 @@ def resource_verify(name: str, account: str | None, as_json: bool) -> None:
     """Connect upstream with the stored credentials and report the outcome."""
     with _client() as client:
         results = client.request(
-            "POST", f"/v1/resources/{name}/verify", params={"account": account}, timeout=120
+            "POST", f"/v1/resources/{seg(name)}/verify", params={"account": account}, timeout=120
         )
     if as_json:
         print_json(results)
@@ -324,7 +327,7 @@ def account_add(
     password = _read_password(password_stdin, f"Password for {username}")
     with _client() as client:
         created = client.post(
-            f"/v1/resources/{resource_name}/accounts",
+            f"/v1/resources/{seg(resource_name)}/accounts",
             {"name": name, "username": username, "password": password},
         )
     if as_json:
@@ -344,7 +347,10 @@ def account_rotate(resource_name: str, name: str, password_stdin: bool) -> None:
     """Replace an account's stored password."""
     password = _read_password(password_stdin, "New password")
     with _client() as client:
-        client.post(f"/v1/resources/{resource_name}/accounts/{name}/rotate", {"password": password})
+        client.post(
+            f"/v1/resources/{seg(resource_name)}/accounts/{seg(name)}/rotate",
+            {"password": password},
+        )
     console.print(f"Password of {resource_name}/{name} replaced.")
 
 
@@ -380,7 +386,7 @@ def account_list(resource_name: str | None, as_json: bool) -> None:
 def account_remove(resource_name: str, name: str) -> None:
     """Remove an account and its stored password."""
     with _client() as client:
-        client.delete(f"/v1/resources/{resource_name}/accounts/{name}")
+        client.delete(f"/v1/resources/{seg(resource_name)}/accounts/{seg(name)}")
     console.print(f"Account {resource_name}/{name} removed.")
 
 
@@ -484,12 +490,13 @@ def sessions_show(
 ) -> None:
     """Show a session: its connections, then its statements in order (paged)."""
     with _client() as client:
-        detail = client.get(f"/v1/sessions/{session_id}")
+        detail = client.get(f"/v1/sessions/{seg(session_id)}")
         full_id = detail["session"]["id"]
         view = paging(int(detail.get("statements") or 0), None if show_all else page, page_size)
         first = None if show_all else statement_page(client, full_id, page, page_size)
         if not as_json:
-            show_timeline(console, client, detail, view, first)
+            with closed_pipe_ends_quietly():
+                show_timeline(console, client, detail, view, first)
             return
         if first is None:
             first = [r for p in iter_audit_pages(client, full_id, kind="statement") for r in p]
@@ -536,8 +543,9 @@ def sessions_export(
         raise click.UsageError("--since/--until select sessions; leave them out with SESSION_ID")
     with _client() as client:
         if output is None:
-            writer = ExportWriter(sys.stdout, fmt)
-            export_sessions(client, writer, session_id, since=since, until=until)
+            with closed_pipe_ends_quietly():
+                writer = ExportWriter(sys.stdout, fmt)
+                export_sessions(client, writer, session_id, since=since, until=until)
             return
         with output.open("w", encoding="utf-8", newline="") as handle:
             writer = ExportWriter(handle, fmt)

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, SecretStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import __version__
 from gateway.audit.chain import ChainProblem
@@ -135,7 +136,19 @@ def _error(status: int, kind: str, message: str, hint: str | None = None) -> JSO
 
 
 def create_app(service: GatewayService, token_sha256: str) -> FastAPI:
-    app = FastAPI(title="pam gateway control API", version=__version__, docs_url=None)
+    app = FastAPI(
+        title="pam gateway control API",
+        version=__version__,
+        docs_url=None,
+        redirect_slashes=False,
+    )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+        # Unknown paths and methods answer in the API's own error format too.
+        assert isinstance(exc, StarletteHTTPException)
+        kind = "NotFound" if exc.status_code == 404 else "HTTPError"
+        return _error(exc.status_code, kind, f"no such API endpoint or object ({exc.detail})")
 
     def authorize(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],

@@ -329,3 +329,12 @@ def test_debug_shows_a_traceback_and_the_default_never_does(gateway: Gateway) ->
     assert debug.returncode == 1
     assert "Traceback (most recent call last)" in debug.stderr
     assert debug.stderr.strip().splitlines()[-1] == "error: resource 'nope' not found"
+
+
+def test_path_shaped_names_get_a_json_error_not_a_redirect(gateway: Gateway) -> None:
+    for args in (("resource", "show", "a/b"), ("sessions", "show", "")):
+        result = gateway.cli(*args, check=False)
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        assert "HTTP 307" not in lines[0] and "without JSON" not in lines[0]
