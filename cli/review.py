@@ -22,9 +22,11 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import IO, Any, Final
@@ -34,7 +36,7 @@ from rich.console import Console, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from cli.client import ApiClient
+from cli.client import ApiClient, seg
 from cli.render import human_bytes, human_duration, local_time, parse_time
 from gateway.errors import InvalidRequest
 
@@ -169,7 +171,8 @@ def iter_sessions(
 
     The list API has no cursor; it pages on ``until`` (exclusive ``started_at``).
     Sessions sharing the oldest start time of a page are fetched again with the
-    next page and skipped by id.
+    next page and skipped by id (more than a page of sessions started in the same
+    microsecond would end the listing early).
     """
     until: datetime | None = filters.pop("until", None)
     boundary: datetime | None = None
@@ -207,7 +210,7 @@ def iter_audit_pages(
     """One session's records in seq order, a page at a time (``after_seq`` paging)."""
     while True:
         page: list[dict[str, Any]] = client.get(
-            f"/v1/sessions/{session_id}/audit", after_seq=after_seq, limit=page_size, kind=kind
+            f"/v1/sessions/{seg(session_id)}/audit", after_seq=after_seq, limit=page_size, kind=kind
         )
         if page:
             yield page
@@ -225,19 +228,20 @@ def statement_page(
     so the statements before the page are walked over (in the largest pages the
     API allows) to find where the page starts.
     """
+    path = f"/v1/sessions/{seg(session_id)}/audit"
     after_seq = 0
     skip = (page - 1) * page_size
     while skip > 0:
         want = min(skip, API_MAX_PAGE)
         chunk: list[dict[str, Any]] = client.get(
-            f"/v1/sessions/{session_id}/audit", after_seq=after_seq, limit=want, kind="statement"
+            path, after_seq=after_seq, limit=want, kind="statement"
         )
         if len(chunk) < want:
             return []
         after_seq = chunk[-1]["seq"]
         skip -= want
     records: list[dict[str, Any]] = client.get(
-        f"/v1/sessions/{session_id}/audit", after_seq=after_seq, limit=page_size, kind="statement"
+        path, after_seq=after_seq, limit=page_size, kind="statement"
     )
     return records
 
@@ -520,6 +524,20 @@ def show_timeline(
 # --- export ----------------------------------------------------------------------------
 
 
+@contextmanager
+def closed_pipe_ends_quietly() -> Iterator[None]:
+    """Output cut short downstream (``| head``) ends the command like any Unix filter:
+    no error line, exit status 141 (128 + SIGPIPE)."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would report the failed flush of stdout again at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(141)
+
+
 def csv_row(record: Mapping[str, Any]) -> list[Any]:
     row: list[Any] = []
     for column in EXPORT_COLUMNS:
@@ -569,7 +587,7 @@ def export_sessions(
     number of sessions exported.
     """
     if session_id is not None:
-        full_id = client.get(f"/v1/sessions/{session_id}")["session"]["id"]
+        full_id = client.get(f"/v1/sessions/{seg(session_id)}")["session"]["id"]
         ids = [full_id]
     else:
         # Ids only (never records) are collected, to export oldest first.

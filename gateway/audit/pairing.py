@@ -25,7 +25,6 @@ counts, a prepared statement run many times records each run.
 
 from __future__ import annotations
 
-import base64
 import struct
 from collections import deque
 from collections.abc import Callable
@@ -281,7 +280,7 @@ class StatementTracker:
             if not values_wanted:
                 value = None
             elif binary:
-                value = base64.b64encode(raw).decode()
+                value = self._redactor.binary(raw)
             else:
                 value = self._redactor.value(raw.decode("utf-8", "replace"))
             out.append(Parameter(i + 1, type_oid, "binary" if binary else "text", value, cut))

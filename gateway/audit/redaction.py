@@ -8,11 +8,14 @@ Applied to every SQL text and parameter value the audit keeps:
   ``ALTER ROLE x PASSWORD $1`` carries the secret as a parameter;
 * operator-configured regular expressions (their whole match, or their first
   group when they have one, is masked);
-* the stored credentials of the connection's own account, wherever they appear.
+* the stored credentials of the connection's own account, wherever they appear
+  (a binary parameter that contains one is masked whole rather than shown as
+  base64, which would only encode the secret, not hide it).
 """
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -47,6 +50,13 @@ class Redactor:
             if secret in text:
                 text = text.replace(secret, MASK)
         return text
+
+    def binary(self, raw: bytes) -> str:
+        """A binary value as base64, or the mask when it contains a secret."""
+        for secret in self.secrets:
+            if secret.encode() in raw:
+                return MASK
+        return base64.b64encode(raw).decode()
 
     @staticmethod
     def hides_parameters(sql: str) -> bool:

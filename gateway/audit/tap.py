@@ -62,9 +62,7 @@ class ConnectionAudit:
     async def wait_for_room(self) -> None:
         await self._writer.wait_for_room()
 
-    def connection_event(
-        self, kind: str, detail: dict[str, DetailValue], *, now_ns: int
-    ) -> None:
+    def connection_event(self, kind: str, detail: dict[str, DetailValue], *, now_ns: int) -> None:
         if kind == "connection_end":
             self._writer.submit(self._tracker.close(now_ns))
         self._writer.submit(
