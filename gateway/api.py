@@ -212,13 +212,15 @@ def create_app(service: GatewayService, token_sha256: str) -> FastAPI:
     # accounts
     @app.post("/v1/resources/{resource}/accounts", dependencies=auth, status_code=201)
     async def add_account(resource: str, body: AccountIn) -> Account:
-        return await service.db(
+        account = await service.db(
             service.store.add_account,
             resource,
             body.name,
             body.username,
             body.password.get_secret_value(),
         )
+        await service.refresh_secrets()
+        return account
 
     @app.get("/v1/accounts", dependencies=auth)
     async def list_accounts(resource: str | None = None) -> list[Account]:
@@ -226,13 +228,16 @@ def create_app(service: GatewayService, token_sha256: str) -> FastAPI:
 
     @app.post("/v1/resources/{resource}/accounts/{name}/rotate", dependencies=auth)
     async def rotate(resource: str, name: str, body: RotateIn) -> Account:
-        return await service.db(
+        account = await service.db(
             service.store.rotate_password, resource, name, body.password.get_secret_value()
         )
+        await service.refresh_secrets()
+        return account
 
     @app.delete("/v1/resources/{resource}/accounts/{name}", dependencies=auth, status_code=204)
     async def remove_account(resource: str, name: str) -> None:
         await service.db(service.store.remove_account, resource, name)
+        await service.refresh_secrets()
 
     # access sessions
     @app.post("/v1/access", dependencies=auth, status_code=201)

@@ -34,7 +34,7 @@ from gateway.audit.redaction import Redactor
 from gateway.audit.tap import ConnectionAudit
 from gateway.audit.writer import AuditWriter
 from gateway.config import GatewaySettings
-from gateway.errors import InvalidRequest, NotFound, UpstreamError
+from gateway.errors import GatewayError, InvalidRequest, NotFound, UpstreamError
 from gateway.listener import AccessListener, GrantInfo
 from gateway.protocol import messages, sqlstate
 from gateway.relay import EndReason, Termination, close_writer
@@ -95,6 +95,8 @@ class GatewayService:
     audit_writer: AuditWriter | None = None
     #: set while the audit trail cannot be written and fail-closed is on
     _audit_down: BaseException | None = None
+    #: every account's stored password, so the audit can mask any of them
+    _stored_secrets: tuple[str, ...] = field(default=(), repr=False)
 
     # --- ConnectionHost, for the listeners ------------------------------------
 
@@ -124,7 +126,8 @@ class GatewayService:
         tracker = StatementTracker(
             session_id,
             connection_id,
-            redactor=Redactor.build(settings.audit_redact_patterns, secrets),
+            # Every account's stored password is masked, not only this one's.
+            redactor=Redactor.build(settings.audit_redact_patterns, secrets + self._stored_secrets),
             parameter_mode=settings.audit_parameters,
             max_value_bytes=settings.audit_max_value_bytes,
         )
@@ -217,6 +220,7 @@ class GatewayService:
             log.warning("closed_orphaned_sessions", count=closed, reason="gateway_crash")
         self._watchdog = asyncio.create_task(self._watch_heartbeats(), name="grant-watchdog")
         if self.settings.audit_enabled:
+            await self.refresh_secrets()
             self.audit_writer = AuditWriter(
                 self._append_audit,
                 on_failure=self._on_audit_failure,
@@ -224,6 +228,20 @@ class GatewayService:
             )
             self.audit_writer.start()
         return closed
+
+    async def refresh_secrets(self) -> None:
+        """Reload the stored passwords the audit masks (after add/rotate/remove)."""
+
+        def load() -> tuple[str, ...]:
+            found: list[str] = []
+            for account in self.store.list_accounts():
+                try:
+                    found.append(self.store.reveal_password(account.resource_name, account.name))
+                except GatewayError:
+                    continue  # an undecryptable row is reported when it is used
+            return tuple(found)
+
+        self._stored_secrets = await self.db(load)
 
     async def _append_audit(self, events: list[AuditEvent]) -> object:
         return await self.db(self.store.append_audit, events)

@@ -569,3 +569,17 @@ def test_every_statement_of_several_clients_is_recorded_exactly_once(gateway: Ga
     assert sorted(markers) == [f"m{n:03d}" for n in range(200)]
     assert {r["status"] for r in counted} == {"ok"}
     assert [r["seq"] for r in records] == sorted({r["seq"] for r in records})
+
+
+def test_any_accounts_stored_password_is_masked_not_only_the_sessions_own(
+    gateway: Gateway, pg_roles: Mapping[str, PgRole]
+) -> None:
+    access = gateway.access(account="scram").wait_ready()
+    other = pg_roles["md5"].password  # the stored password of another account
+    with psycopg.connect(access.dsn(), autocommit=True) as conn:
+        conn.execute(f"select '{other}' as leaked")
+        conn.execute("select %s::text", (other,))
+    recorded = statements(gateway, access.session_prefix)
+    assert [r["sql"] for r in recorded] == ["select '***' as leaked", "select $1::text"]
+    assert parameters(recorded[1]) == [(1, "***")]
+    assert other.encode() not in store_path(gateway).read_bytes()
