@@ -101,40 +101,65 @@ def pytest_runtest_makereport(
     return report
 
 
-@pytest.fixture
-def gateway(pg: TempCluster, pg_roles: Mapping[str, PgRole], tmp_path: Path) -> Iterator[Gateway]:
-    """A running daemon with resource ``prod`` (verify-full against ``pg``) and one
-    account per role of ``pg_roles``, all registered through the CLI."""
-    gw = Gateway(tmp_path)
+def _provision_gateway(root: Path, pg: TempCluster, pg_roles: Mapping[str, PgRole]) -> Gateway:
+    gw = Gateway(root)
     gw.init()
     gw.start()
     try:
-        gw.cli(
-            "resource",
-            "add",
-            "prod",
-            "--host",
-            pg.host,
-            "--port",
-            str(pg.port),
-            "--database",
-            APP_DATABASE,
-            "--ssl-mode",
-            "verify-full",
-            "--ca-cert",
-            str(pg.ca_cert_path),
-        )
-        for key, role in pg_roles.items():
-            gw.cli(
-                "account",
-                "add",
-                "prod",
-                key,
-                "--username",
-                role.name,
-                "--password-stdin",
-                input=role.password + "\n",
+        # Through the API in-process: the CLI's own commands are tested in test_cli.
+        with gw.api() as api:
+            api.post(
+                "/v1/resources",
+                {
+                    "name": "prod",
+                    "host": pg.host,
+                    "port": pg.port,
+                    "database": APP_DATABASE,
+                    "ssl_mode": "verify-full",
+                    "ca_cert": pg.ca_cert_path.read_text(),
+                },
             )
+            for key, role in pg_roles.items():
+                api.post(
+                    "/v1/resources/prod/accounts",
+                    {"name": key, "username": role.name, "password": role.password},
+                )
+    except BaseException:
+        gw.close()
+        raise
+    return gw
+
+
+@pytest.fixture
+def gateway(pg: TempCluster, pg_roles: Mapping[str, PgRole], tmp_path: Path) -> Iterator[Gateway]:
+    """A running daemon of its own with resource ``prod`` (verify-full against
+    ``pg``) and one account per role of ``pg_roles``, all registered through the
+    CLI. For tests that stop, restart or reconfigure the daemon."""
+    gw = _provision_gateway(tmp_path, pg, pg_roles)
+    try:
         yield gw
     finally:
         gw.close()
+
+
+@pytest.fixture(scope="module")
+def module_gateway(
+    pg: TempCluster, pg_roles: Mapping[str, PgRole], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    """One daemon for a whole test module (set up like ``gateway``)."""
+    gw = _provision_gateway(tmp_path_factory.mktemp("gateway"), pg, pg_roles)
+    try:
+        yield gw
+    finally:
+        gw.close()
+
+
+@pytest.fixture
+def shared_gateway(module_gateway: Gateway) -> Iterator[Gateway]:
+    """The module's daemon, for tests that only open access sessions and connect:
+    each test's `pam db access` processes are ended when the test ends."""
+    started = len(module_gateway.accesses)
+    yield module_gateway
+    for access in module_gateway.accesses[started:]:
+        if access.proc.poll() is None:
+            access.stop()

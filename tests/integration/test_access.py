@@ -13,6 +13,12 @@ from harness import Gateway, connect_error, wait_for
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture
+def gateway(shared_gateway: Gateway) -> Gateway:
+    """These tests only open access sessions: one daemon serves the module."""
+    return shared_gateway
+
+
 def psql(url: str, *commands: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     args = ["psql", url, "-X", "-At", "-v", "ON_ERROR_STOP=0", *extra]
     for command in commands:

@@ -25,6 +25,13 @@ from harness import AccessProcess, Gateway
 
 pytestmark = pytest.mark.integration
 
+
+@pytest.fixture
+def gateway(shared_gateway: Gateway) -> Gateway:
+    """These tests only open access sessions: one daemon serves the module."""
+    return shared_gateway
+
+
 JDBC_JAR = Path("/usr/share/java/postgresql.jar")
 CHECK_SOURCE = Path(__file__).parents[1] / "clients" / "java" / "PamJdbcCheck.java"
 CHECK_CLASS = "PamJdbcCheck"

@@ -32,6 +32,13 @@ from gateway.pgcluster import TempCluster
 
 pytestmark = pytest.mark.integration
 
+
+@pytest.fixture
+def gateway(shared_gateway: Gateway) -> Gateway:
+    """These tests only open access sessions: one daemon serves the module."""
+    return shared_gateway
+
+
 #: Where Debian puts the PostgreSQL 15 programs when they are not on PATH.
 PG_BIN_DIR = Path("/usr/lib/postgresql/15/bin")
 #: The Debian package that ships each program, for the failure message.

@@ -24,6 +24,13 @@ from harness import AccessProcess, Gateway
 
 pytestmark = pytest.mark.integration
 
+
+@pytest.fixture
+def gateway(shared_gateway: Gateway) -> Gateway:
+    """These tests only open access sessions: one daemon serves the module."""
+    return shared_gateway
+
+
 NODE_DIR = Path(__file__).parents[1] / "clients" / "node"
 #: Bound on one node run or on `npm ci`.
 RUN_TIMEOUT = 300

@@ -35,6 +35,13 @@ from gateway.pgcluster import TempCluster
 
 pytestmark = pytest.mark.integration
 
+
+@pytest.fixture
+def gateway(shared_gateway: Gateway) -> Gateway:
+    """These tests only open access sessions: one daemon serves the module."""
+    return shared_gateway
+
+
 #: Bound on every wait for the server or the gateway; none of them is a timing check.
 WAIT_SECONDS = 30.0
 ROWS = 10_000

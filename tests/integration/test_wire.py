@@ -24,6 +24,13 @@ from gateway.protocol.messages import parse_backend_key_data
 
 pytestmark = pytest.mark.integration
 
+
+@pytest.fixture
+def gateway(shared_gateway: Gateway) -> Gateway:
+    """These tests only open access sessions: one daemon serves the module."""
+    return shared_gateway
+
+
 USER = "app_scram"
 DB = "appdb"
 GREASE = (3 << 16) | 9999
