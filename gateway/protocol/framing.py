@@ -198,6 +198,28 @@ class BoundaryTracker:
                     self._header.clear()
                 else:
                     type_byte, length = _HEADER.unpack_from(view, pos)
+                    body_end = pos + 1 + length
+                    if length >= _LENGTH_SIZE and length <= self.max_length and body_end <= end:
+                        # Fast path: the whole message is in this chunk.
+                        msg_type = type_byte[0]
+                        if msg_type in self.measure:
+                            self.measured_messages += 1
+                            self.measured_bytes += length - _LENGTH_SIZE
+                        elif msg_type in self.tap:
+                            start = pos + HEADER_SIZE
+                            stop = min(body_end, start + self.tap_limit)
+                            tapped.append(
+                                TappedMessage(
+                                    msg_type,
+                                    bytes(view[start:stop]),
+                                    stop < body_end,
+                                    self.measured_messages,
+                                    self.measured_bytes,
+                                )
+                            )
+                        self.messages += 1
+                        pos = body_end
+                        continue
                     pos += HEADER_SIZE
                 self._start_message(type_byte[0], length, tapped)
         finally:
