@@ -26,6 +26,7 @@ import secrets
 import socket
 import ssl
 import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -99,6 +100,10 @@ class ConnectionHost(Protocol):
 
     def refusal(self) -> Termination | None:
         """Why the gateway as a whole refuses new connections right now, if it does."""
+        ...
+
+    def scram_cache(self, target: UpstreamTarget) -> MutableMapping[tuple[bytes, int], bytes]:
+        """Salted passwords of this target's credentials, by (salt, iterations)."""
         ...
 
     async def record_connection_start(
@@ -470,7 +475,12 @@ class AccessListener:
             for name, value in startup.params.items()
             if name not in _RESERVED_PARAMS and not name.startswith(_PROTOCOL_OPTION_PREFIX)
         }
-        upstream = await connect_upstream(target, params=params, timeout=self.host.connect_timeout)
+        upstream = await connect_upstream(
+            target,
+            params=params,
+            timeout=self.host.connect_timeout,
+            salted_password_cache=self.host.scram_cache(target),
+        )
         return upstream, target
 
     async def _forward_cancel(self, request: CancelRequest) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import ssl
 import time
 from collections.abc import Callable
@@ -45,6 +46,7 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 WATCHDOG_INTERVAL_SECONDS = 0.5
+MAX_SCRAM_CACHES = 1024
 SHUTDOWN_GRACE_SECONDS = 3.0
 
 
@@ -97,6 +99,11 @@ class GatewayService:
     _audit_down: BaseException | None = None
     #: every account's stored password, so the audit can mask any of them
     _stored_secrets: tuple[str, ...] = field(default=(), repr=False)
+    #: SCRAM salted passwords per credential (RFC 5802 lets a client cache
+    #: them per salt and iteration count): no PBKDF2 on every connection
+    _scram_caches: dict[bytes, dict[tuple[bytes, int], bytes]] = field(
+        default_factory=dict, repr=False
+    )
 
     # --- ConnectionHost, for the listeners ------------------------------------
 
@@ -132,6 +139,19 @@ class GatewayService:
             max_value_bytes=settings.audit_max_value_bytes,
         )
         return ConnectionAudit(tracker, self.audit_writer)
+
+    def scram_cache(self, target: UpstreamTarget) -> dict[tuple[bytes, int], bytes]:
+        # Keyed by a digest of the whole credential, so a rotated password (or
+        # a changed user) starts a fresh cache; the old one is dropped.
+        key = hashlib.sha256(
+            "\0".join((target.resource, target.account, target.username, target.password)).encode()
+        ).digest()
+        cache = self._scram_caches.get(key)
+        if cache is None:
+            if len(self._scram_caches) >= MAX_SCRAM_CACHES:
+                self._scram_caches.clear()
+            cache = self._scram_caches[key] = {}
+        return cache
 
     def refusal(self) -> Termination | None:
         if self._audit_down is None:

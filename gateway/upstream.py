@@ -18,6 +18,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import socket
 import ssl
@@ -83,14 +84,22 @@ class UpstreamConnection:
 
 
 def build_tls_context(target: UpstreamTarget) -> ssl.SSLContext:
-    """An SSL context that implements the libpq meaning of the target's ssl mode."""
-    mode = target.ssl_mode
+    """An SSL context that implements the libpq meaning of the target's ssl mode.
+
+    Contexts are immutable once built and cached per (mode, CA): loading a CA
+    bundle for every upstream connection would cost more than the handshake.
+    """
+    return _tls_context(target.ssl_mode, target.ca_cert)
+
+
+@functools.lru_cache(maxsize=64)
+def _tls_context(mode: str, ca_cert: str | None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if mode in ("verify-ca", "verify-full") or (mode == "require" and target.ca_cert):
+    if mode in ("verify-ca", "verify-full") or (mode == "require" and ca_cert):
         # libpq: with a root certificate available, "require" behaves as verify-ca.
-        if target.ca_cert:
-            ctx.load_verify_locations(cadata=target.ca_cert)
+        if ca_cert:
+            ctx.load_verify_locations(cadata=ca_cert)
         else:
             ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
         ctx.verify_mode = ssl.CERT_REQUIRED
