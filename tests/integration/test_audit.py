@@ -239,23 +239,30 @@ def test_a_pipeline_with_an_error_in_the_middle_records_the_skipped_statements(
         assert conn.execute("select 'after'").fetchone() == ("after",)
 
     records = statements(gateway, access.session_prefix)
-    assert [(r["sql"], r["status"], r["sqlstate"]) for r in records] == [
+    outcomes = [(r["sql"], r["status"], r["sqlstate"]) for r in records]
+    assert outcomes[:3] == [
         ("select $1::int as first", "ok", None),
         ("select $1::int as second", "ok", None),
         ("select 1 / $1::int as third", "error", "22012"),
+    ]
+    assert outcomes[-1] == ("select 'after'", "ok", None)
+    # psycopg stops sending once it has read the error, so how many of the last
+    # three reached the server depends on timing; each one that did is skipped.
+    skipped = outcomes[3:-1]
+    expected_skipped = [
         ("select $1::int as fourth", "skipped", None),
         ("select $1::int as fifth", "skipped", None),
         ("select $1::int as sixth", "skipped", None),
-        ("select 'after'", "ok", None),
     ]
-    assert [parameters(r) for r in records[:6]] == [
+    assert skipped == expected_skipped[: len(skipped)]
+    assert [parameters(r) for r in records[:-1]] == [
         [(1, "1")],
         [(1, "2")],
         [(1, "0")],
         [(1, "4")],
         [(1, "5")],
         [(1, "6")],
-    ]
+    ][: len(records) - 1]
     assert records[2]["error_message"] == "division by zero"
 
 
