@@ -294,26 +294,14 @@ class AccessListener:
                 await close_writer(writer)
             else:
                 await _refuse(writer, exc.sqlstate, exc.message, hint=exc.hint)
-            await self.host.record_connection_end(
-                connection_id,
-                reason=EndReason.ERROR,
-                bytes_from_client=0,
-                bytes_from_server=0,
-                error=(exc.sqlstate, exc.message),
-            )
+            await self._record_failure(connection_id, exc)
             return
         except GatewayError as exc:
             # The stored credentials cannot be used (say, a password that no
             # longer decrypts): still an ErrorResponse, never a bare close.
             bound.error("credentials_unavailable", sqlstate=exc.sqlstate, error=exc.message)
             await _refuse(writer, exc.sqlstate, exc.message, hint=exc.hint)
-            await self.host.record_connection_end(
-                connection_id,
-                reason=EndReason.ERROR,
-                bytes_from_client=0,
-                bytes_from_server=0,
-                error=(exc.sqlstate, exc.message),
-            )
+            await self._record_failure(connection_id, exc)
             return
         conn.upstream = upstream
         key = upstream.handshake.backend_key
@@ -392,6 +380,16 @@ class AccessListener:
             # query still running (pg_sleep(600)) would outlive the grant; a
             # CancelRequest stops it, as the client itself could have (55.2.7).
             await self._cancel_upstream(key)
+
+    async def _record_failure(self, connection_id: str, exc: GatewayError) -> None:
+        """Close the record of a connection that failed before anything was relayed."""
+        await self.host.record_connection_end(
+            connection_id,
+            reason=EndReason.ERROR,
+            bytes_from_client=0,
+            bytes_from_server=0,
+            error=(exc.sqlstate, exc.message),
+        )
 
     async def _read_startup(
         self,
