@@ -22,8 +22,10 @@ from gateway.pgcluster import TempCluster
 
 pytestmark = pytest.mark.integration
 
-#: The issue's promise: a killed CLI leaves no open door for longer than this.
-KILLED_CLI_DEADLINE_SECONDS = 10.0
+#: A hang guard, not a timing assertion (no wall-clock thresholds in tests): the
+#: daemon's own bound is its heartbeat timeout (6 s by default), which the test
+#: checks through the recorded end detail.
+KILLED_CLI_DEADLINE_SECONDS = 60.0
 
 
 class Sleeper:
