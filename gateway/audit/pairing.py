@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum, auto
@@ -36,7 +36,6 @@ from typing import Literal
 from gateway.audit.records import AuditEvent, Parameter
 from gateway.audit.redaction import MASK, Redactor
 from gateway.protocol.constants import BackendType, FrontendType
-from gateway.protocol.errors import ProtocolError
 from gateway.protocol.framing import TappedMessage
 from gateway.protocol.messages import parse_error_fields
 
@@ -76,6 +75,7 @@ SERVER_TAP = frozenset(
 SERVER_MEASURE = frozenset({BackendType.DATA_ROW, BackendType.COPY_DATA})
 
 QUERY_CANCELED = "57014"
+_NO_EVENTS: tuple[AuditEvent, ...] = ()
 _INT16 = struct.Struct("!h")
 _INT32 = struct.Struct("!i")
 _UINT32 = struct.Struct("!I")
@@ -130,9 +130,13 @@ def rows_from_tag(tag: str) -> int | None:
 
 
 def _cstring(body: bytes, pos: int) -> tuple[str, int]:
+    """A NUL-terminated string of a tapped body. The relay copies at most
+    ``TAP_LIMIT`` bytes of a message, so a long Query or Bind arrives cut off: the
+    string then runs to the end of what was kept (the caller marks it truncated).
+    The relay has already forwarded the message, so nothing here may raise."""
     end = body.find(b"\x00", pos)
     if end < 0:
-        raise ProtocolError("unterminated string in a tapped message")
+        return body[pos:].decode("utf-8", "replace"), len(body)
     return body[pos:end].decode("utf-8", "replace"), end + 1
 
 
@@ -183,7 +187,7 @@ class StatementTracker:
                 parameters=bound.parameters if bound else None,
             )
         elif mtype == FrontendType.BIND:
-            self._on_bind(body, message.truncated)
+            self._on_bind(body)
         elif mtype == FrontendType.SYNC:
             self._push(_Kind.SYNC, now_ns)
         elif mtype == FrontendType.PARSE:
@@ -201,7 +205,7 @@ class StatementTracker:
             sql, _ = _cstring(body, 0)
             self._push(_Kind.QUERY, now_ns, sql=self._clean_sql(sql, message.truncated))
         elif mtype == FrontendType.FUNCTION_CALL:
-            self._on_function_call(body, now_ns, message.truncated)
+            self._on_function_call(body, now_ns)
         elif mtype == FrontendType.CLOSE and body:
             name, _ = _cstring(body, 1)
             (self._prepared if body[0] == ord("S") else self._portals).pop(name, None)
@@ -235,7 +239,7 @@ class StatementTracker:
         clean = self._redactor.sql(sql)
         return clean + " …[truncated]" if truncated else clean
 
-    def _on_bind(self, body: bytes, truncated: bool) -> None:
+    def _on_bind(self, body: bytes) -> None:
         portal, pos = _cstring(body, 0)
         statement, pos = _cstring(body, pos)
         prepared = self._prepared.get(statement)
@@ -243,7 +247,7 @@ class StatementTracker:
         parameters: tuple[Parameter, ...] | None = None
         if self._parameter_mode != "none":
             parameters = self._decode_parameters(
-                body, pos, prepared.param_types if prepared else (), truncated
+                body, pos, prepared.param_types if prepared else ()
             )
             if parameters and Redactor.hides_parameters(sql):
                 parameters = tuple(
@@ -253,13 +257,17 @@ class StatementTracker:
         self._portals[portal] = _Portal(statement, sql, parameters)
 
     def _decode_parameters(
-        self, body: bytes, pos: int, types: tuple[int, ...], truncated: bool
-    ) -> tuple[Parameter, ...]:
+        self, body: bytes, pos: int, types: tuple[int, ...]
+    ) -> tuple[Parameter, ...] | None:
+        if pos + 2 > len(body):
+            return None  # the tap kept too little to know the parameters
         (nformats,) = _INT16.unpack_from(body, pos)
+        counts_at = pos + 2 + 2 * max(nformats, 0)
+        if counts_at + 2 > len(body):
+            return None
         formats = struct.unpack_from(f"!{nformats}h", body, pos + 2) if nformats > 0 else ()
-        pos += 2 + 2 * max(nformats, 0)
-        (count,) = _INT16.unpack_from(body, pos)
-        pos += 2
+        (count,) = _INT16.unpack_from(body, counts_at)
+        pos = counts_at + 2
         values_wanted = self._parameter_mode == "values"
         out: list[Parameter] = []
         limit = self._max_value_bytes
@@ -284,20 +292,19 @@ class StatementTracker:
             else:
                 value = self._redactor.value(raw.decode("utf-8", "replace"))
             out.append(Parameter(i + 1, type_oid, "binary" if binary else "text", value, cut))
-        del truncated
         return tuple(out)
 
-    def _on_function_call(self, body: bytes, now_ns: int, truncated: bool) -> None:
+    def _on_function_call(self, body: bytes, now_ns: int) -> None:
         (oid,) = _UINT32.unpack_from(body, 0)
         parameters = None
         if self._parameter_mode != "none":
             # Same layout as Bind's formats/values, after the function's oid.
-            parameters = self._decode_parameters(body, 4, (), truncated)
+            parameters = self._decode_parameters(body, 4, ())
         self._push(_Kind.FUNCTION, now_ns, sql=f"-- FunctionCall oid {oid}", parameters=parameters)
 
     # --- server side ------------------------------------------------------------------
 
-    def server(self, message: TappedMessage, now_ns: int) -> list[AuditEvent]:
+    def server(self, message: TappedMessage, now_ns: int) -> Sequence[AuditEvent]:
         mtype = message.type
         if mtype == BackendType.COMMAND_COMPLETE:
             entry = self._current((_Kind.EXECUTE, _Kind.QUERY))
@@ -364,7 +371,8 @@ class StatementTracker:
     def _on_error(self, message: TappedMessage, now_ns: int) -> None:
         fields = parse_error_fields(message.body)
         status = "cancelled" if fields.sqlstate == QUERY_CANCELED else "error"
-        error = self._redactor.value(fields.message)
+        # Server messages can quote the statement's text: same masking as SQL.
+        error = self._redactor.sql(fields.message)
         for entry in self._pending:
             if entry.status is not None:
                 continue
@@ -453,11 +461,16 @@ class StatementTracker:
             copy_bytes=entry.copy_bytes,
         )
 
-    def _drain(self) -> list[AuditEvent]:
-        events, self._events = self._events, []
+    def _drain(self) -> Sequence[AuditEvent]:
+        # Called for every tapped server message; most finish no statement, so
+        # those get a shared empty tuple rather than a new list.
+        events = self._events
+        if not events:
+            return _NO_EVENTS
+        self._events = []
         return events
 
-    def close(self, now_ns: int) -> list[AuditEvent]:
+    def close(self, now_ns: int) -> Sequence[AuditEvent]:
         """The connection ended: whatever never got an outcome is ``incomplete``."""
         for entry in self._pending:
             if entry.kind in (_Kind.EXECUTE, _Kind.QUERY, _Kind.FUNCTION):

@@ -8,7 +8,10 @@ chunk is forwarded: the chunk is already on its way before any decoding.
 
 from __future__ import annotations
 
+import struct
 from datetime import UTC, datetime
+
+import structlog
 
 from gateway.audit.pairing import (
     CLIENT_MEASURE,
@@ -19,7 +22,12 @@ from gateway.audit.pairing import (
 )
 from gateway.audit.records import AuditEvent, DetailValue
 from gateway.audit.writer import AuditWriter
+from gateway.protocol.errors import ProtocolError
 from gateway.protocol.framing import TappedMessage
+
+log = structlog.get_logger(__name__)
+#: What decoding a malformed tapped body can raise.
+_UNDECODABLE = (ProtocolError, struct.error, ValueError, IndexError)
 
 
 class ConnectionAudit:
@@ -44,16 +52,35 @@ class ConnectionAudit:
         return SERVER_MEASURE
 
     def on_client(self, tapped: list[TappedMessage], now_ns: int) -> None:
+        tracker = self._tracker
         for message in tapped:
-            self._tracker.client(message, now_ns)
+            try:
+                tracker.client(message, now_ns)
+            except _UNDECODABLE as exc:
+                self._undecodable(message, exc)
 
     def on_server(self, tapped: list[TappedMessage], now_ns: int) -> None:
-        tracker = self._tracker
-        events: list[AuditEvent] = []
+        tracker, submit = self._tracker, self._writer.submit
         for message in tapped:
-            events += tracker.server(message, now_ns)
-        if events:
-            self._writer.submit(events)
+            try:
+                events = tracker.server(message, now_ns)
+            except _UNDECODABLE as exc:
+                self._undecodable(message, exc)
+                continue
+            if events:
+                submit(events)
+
+    def _undecodable(self, message: TappedMessage, exc: Exception) -> None:
+        # The message was already forwarded; a peer's malformed message is the
+        # server's to reject, and must not take the relay down with the audit.
+        # Only the type is logged: the body may hold anything the client sent.
+        log.warning(
+            "audit_message_undecodable",
+            session_id=self._tracker.session_id,
+            connection_id=self._tracker.connection_id,
+            message_type=chr(message.type),
+            error=type(exc).__name__,
+        )
 
     @property
     def congested(self) -> bool:

@@ -425,3 +425,49 @@ def test_a_function_call_is_recorded_with_its_arguments() -> None:
         "FUNCTION CALL",
     )
     assert [(p.index, p.value) for p in event.parameters or ()] == [(1, "40"), (2, "2")]
+
+
+def test_a_query_longer_than_the_tap_limit_is_recorded_truncated_not_dropped() -> None:
+    book = Playbook()
+    book.client_tracker.tap_limit = 32
+    sql = "insert into t values " + ", ".join(f"({i})" for i in range(100))
+    book.client(query(sql))
+    book.server(complete("INSERT 0 100"), ready())
+    (event,) = book.events
+    assert event.sql == sql[:32] + " …[truncated]"
+    assert (event.status, event.rows) == ("ok", 100)
+
+
+def test_a_bind_longer_than_the_tap_limit_keeps_the_parameters_it_has() -> None:
+    book = Playbook()
+    book.client_tracker.tap_limit = 40
+    book.client(parse("select $1, $2, $3"), bind([b"a", b"x" * 100, b"c"]), execute(), sync())
+    book.server(PARSE_COMPLETE, BIND_COMPLETE, complete("SELECT 1"), ready())
+    (event,) = book.events
+    params = event.parameters or ()
+    assert [(p.index, p.value, p.truncated) for p in params] == [
+        (1, "a", False),
+        (2, "x" * 23, True),
+        (3, None, True),
+    ]
+
+
+def test_a_malformed_tapped_message_is_skipped_and_the_next_statement_still_recorded() -> None:
+    from gateway.audit.tap import ConnectionAudit
+
+    submitted: list[AuditEvent] = []
+
+    class Writer:
+        congested = False
+
+        def submit(self, events: list[AuditEvent]) -> None:
+            submitted.extend(events)
+
+    book = Playbook()
+    audit = ConnectionAudit(book.tracker, Writer())  # type: ignore[arg-type]
+    # A FunctionCall too short to hold its oid: the server will reject it; the
+    # audit must neither raise into the relay nor lose what follows.
+    audit.on_client(book.client_tracker.feed(encode_message(ord("F"), b"\x00")), 1)
+    audit.on_client(book.client_tracker.feed(query("select 1")), 2)
+    audit.on_server(book.server_tracker.feed(complete("SELECT 1") + ready()), 3)
+    assert [(e.protocol, e.sql, e.status) for e in submitted] == [("simple", "select 1", "ok")]
