@@ -460,7 +460,7 @@ class Timeline:
         return out
 
 
-def page_footer(session_id: str, view: Paging, base_args: Sequence[str] = ()) -> Text | None:
+def page_footer(session_id: str, view: Paging) -> Text | None:
     if view.page is None or view.pages <= 1:
         return None
     footer = f"page {view.page} of {view.pages}"

@@ -57,9 +57,3 @@ class UpstreamError(GatewayError):
         self.kind = kind
         #: the server's own ErrorResponse, when it sent one, to relay unchanged
         self.raw_error = raw_error
-
-
-class AccessDenied(GatewayError):
-    """A local client asked for something its grant does not allow."""
-
-    sqlstate = "28000"

@@ -112,9 +112,7 @@ class Relay:
         audit: StatementAudit | None = None,
     ) -> None:
         self._client_reader = client_reader
-        self._client_writer = client_writer
         self._upstream_reader = upstream_reader
-        self._upstream_writer = upstream_writer
         self._client = cast(asyncio.Transport, client_writer.transport)
         self._upstream = cast(asyncio.Transport, upstream_writer.transport)
         self._name = name
@@ -351,16 +349,21 @@ class _Side(asyncio.Protocol):
         self._relay._resume_reading_into(client_is_full=self._from_client)
 
 
+def unread_bytes(reader: asyncio.StreamReader) -> bytes:
+    """What a StreamReader has buffered but nobody has read yet.
+
+    StreamReader has no public API for this (nor for ``_eof`` below); both
+    attributes are stable across CPython 3.8-3.13 and read only here.
+    """
+    return bytes(getattr(reader, "_buffer", b""))
+
+
 def _take_over(
     reader: asyncio.StreamReader, transport: asyncio.BaseTransport, protocol: asyncio.Protocol
 ) -> tuple[bytes, bool]:
-    """Move a transport from its stream to ``protocol``; returns the bytes the
-    StreamReader had buffered but nobody read yet, and whether EOF had come.
-
-    StreamReader has no public API for either; ``_buffer`` and ``_eof`` are
-    stable across CPython 3.8-3.13.
-    """
-    buffered = bytes(getattr(reader, "_buffer", b""))
+    """Move a transport from its stream to ``protocol``; returns the unread
+    bytes and whether EOF had come."""
+    buffered = unread_bytes(reader)
     eof = bool(getattr(reader, "_eof", False))
     transport.set_protocol(protocol)
     if isinstance(transport, asyncio.ReadTransport) and not transport.is_reading():

@@ -35,7 +35,7 @@ from gateway.audit.redaction import Redactor
 from gateway.audit.tap import ConnectionAudit
 from gateway.audit.writer import AuditWriter
 from gateway.config import GatewaySettings
-from gateway.errors import GatewayError, InvalidRequest, NotFound, UpstreamError
+from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.listener import AccessListener, GrantInfo
 from gateway.protocol import messages, sqlstate
 from gateway.relay import EndReason, Termination, close_writer
@@ -367,12 +367,6 @@ class GatewayService:
             expires_at=session.expires_at.isoformat(),
         )
         return session
-
-    def _grant(self, session_id: str) -> ActiveGrant:
-        grant = self._grants.get(session_id)
-        if grant is None:
-            raise NotFound(f"no live access session {session_id!r} on this gateway")
-        return grant
 
     async def heartbeat(self, session_id: str) -> AccessSession:
         """The CLI is still holding the grant; returns the session's current state."""

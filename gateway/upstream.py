@@ -38,6 +38,7 @@ from gateway.protocol.errors import ProtocolError
 from gateway.protocol.framing import MessageReader
 from gateway.protocol.handshake import StartupRejected, UnsupportedAuthentication, UpstreamHandshake
 from gateway.protocol.scram import ScramAuthenticationError
+from gateway.relay import unread_bytes
 
 log = structlog.get_logger(__name__)
 
@@ -120,13 +121,6 @@ def tls_server_end_point(der_cert: bytes) -> bytes:
     digest = hashes.Hash(algorithm)
     digest.update(der_cert)
     return digest.finalize()
-
-
-def _buffered_bytes(reader: asyncio.StreamReader) -> int:
-    # StreamReader has no public "bytes buffered" API; the attribute is stable
-    # across CPython 3.8-3.13 and only read here.
-    buffer = getattr(reader, "_buffer", b"")
-    return len(buffer)
 
 
 async def connect_upstream(
@@ -260,7 +254,7 @@ async def _negotiate_tls(
             kind="protocol",
             sqlstate="08P01",
         )
-    if _buffered_bytes(reader):
+    if unread_bytes(reader):
         raise UpstreamError(
             f"{where} sent unencrypted data after accepting TLS; refusing the connection",
             kind="tls",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from datetime import UTC, datetime
+from typing import Literal
 
 import structlog
 
@@ -89,7 +90,13 @@ class ConnectionAudit:
     async def wait_for_room(self) -> None:
         await self._writer.wait_for_room()
 
-    def connection_event(self, kind: str, detail: dict[str, DetailValue], *, now_ns: int) -> None:
+    def connection_event(
+        self,
+        kind: Literal["connection_start", "connection_end"],
+        detail: dict[str, DetailValue],
+        *,
+        now_ns: int,
+    ) -> None:
         if kind == "connection_end":
             self._writer.submit(self._tracker.close(now_ns))
         self._writer.submit(
@@ -97,7 +104,7 @@ class ConnectionAudit:
                 AuditEvent(
                     session_id=self._tracker.session_id,
                     connection_id=self._tracker.connection_id,
-                    kind="connection_start" if kind == "connection_start" else "connection_end",
+                    kind=kind,
                     occurred_at=datetime.fromtimestamp(now_ns / 1e9, UTC),
                     detail=detail,
                 )

@@ -7,7 +7,7 @@ PostgreSQL 15 docs, 55.7 "Message Formats"; error and notice fields follow 55.8.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gateway.protocol.constants import (
@@ -247,7 +247,3 @@ def parse_ready_for_query(body: bytes) -> TransactionStatus:
         return TransactionStatus(body[0])
     except ValueError as exc:
         raise ProtocolError(f"unknown transaction status {body[:1]!r}") from exc
-
-
-def encode_many(messages: Iterable[bytes]) -> bytes:
-    return b"".join(messages)

@@ -419,3 +419,27 @@ def current_rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS in /proc status")
+
+
+def run_json_check(
+    gateway: Gateway,
+    check: str,
+    args: list[str],
+    *,
+    timeout: float,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run a client check program that prints exactly one JSON line; a failure
+    shows its output and the gateway's log."""
+    result = subprocess.run(
+        args, cwd=cwd, env=env, capture_output=True, encoding="utf-8", timeout=timeout
+    )
+    assert result.returncode == 0, (
+        f"{check} exited {result.returncode}\nstdout: {result.stdout}\n"
+        f"stderr: {result.stderr}\ngateway log:\n{gateway.log()}"
+    )
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, result.stdout
+    parsed: dict[str, Any] = json.loads(lines[0])
+    return parsed

@@ -11,7 +11,6 @@ rather than skipping them: CI must run them.
 
 from __future__ import annotations
 
-import json
 import secrets
 import shutil
 import subprocess
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import AccessProcess, Gateway
+from harness import AccessProcess, Gateway, run_json_check
 
 pytestmark = pytest.mark.integration
 
@@ -88,15 +87,7 @@ def run_check(jdbc_check: CompiledCheck, gateway: Gateway) -> RunCheck:
         args = [jdbc_check.java, "-cp", jdbc_check.classpath, CHECK_CLASS, url, check]
         if table is not None:
             args.append(table)
-        result = subprocess.run(args, capture_output=True, encoding="utf-8", timeout=RUN_TIMEOUT)
-        assert result.returncode == 0, (
-            f"{check} exited {result.returncode}\nstdout: {result.stdout}\n"
-            f"stderr: {result.stderr}\ngateway log:\n{gateway.log()}"
-        )
-        lines = result.stdout.splitlines()
-        assert len(lines) == 1, result.stdout
-        parsed: dict[str, Any] = json.loads(lines[0])
-        return parsed
+        return run_json_check(gateway, check, args, timeout=RUN_TIMEOUT)
 
     return run
 

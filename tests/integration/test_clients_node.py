@@ -11,7 +11,6 @@ skipping them: CI must run them.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import AccessProcess, Gateway
+from harness import AccessProcess, Gateway, run_json_check
 
 pytestmark = pytest.mark.integration
 
@@ -79,22 +78,9 @@ def run_check(node: str, gateway: Gateway) -> RunCheck:
             PGUSER=access.user,
             PGDATABASE=access.database,
         )
-        result = subprocess.run(
-            [node, "check.js", check],
-            cwd=NODE_DIR,
-            env=env,
-            capture_output=True,
-            encoding="utf-8",
-            timeout=RUN_TIMEOUT,
+        return run_json_check(
+            gateway, check, [node, "check.js", check], timeout=RUN_TIMEOUT, cwd=NODE_DIR, env=env
         )
-        assert result.returncode == 0, (
-            f"{check} exited {result.returncode}\nstdout: {result.stdout}\n"
-            f"stderr: {result.stderr}\ngateway log:\n{gateway.log()}"
-        )
-        lines = result.stdout.splitlines()
-        assert len(lines) == 1, result.stdout
-        parsed: dict[str, Any] = json.loads(lines[0])
-        return parsed
 
     return run
 

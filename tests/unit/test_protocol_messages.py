@@ -28,10 +28,6 @@ def test_encode_message_with_an_empty_body_has_length_four() -> None:
     assert messages.encode_message(FrontendType.SYNC, b"") == b"S\x00\x00\x00\x04"
 
 
-def test_encode_many_concatenates_in_order() -> None:
-    assert messages.encode_many([b"ab", b"", b"cd"]) == b"abcd"
-
-
 # --- frontend encoders -------------------------------------------------------------
 
 
