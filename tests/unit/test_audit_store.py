@@ -8,22 +8,19 @@ would, after dropping the append-only triggers.
 
 from __future__ import annotations
 
-import os
 import secrets
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
+from store_support import T0, FakeClock, pg_admin_url
 
 import gateway.store.store as store_module
 from gateway.audit.chain import (
@@ -39,54 +36,8 @@ from gateway.errors import InvalidRequest, NotFound
 from gateway.store import AccessSession, AuditRecord, Store, StoreError
 from gateway.store.schema import VERSION_TABLE
 
-PG_URL = os.environ.get("PAM_TEST_PG_STORE_URL")
-T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
 CONN_A = "a" * 32
 CONN_B = "b" * 32
-
-
-class FakeClock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-def _pg_admin_url(url: str) -> str:
-    parsed = make_url(url)
-    if parsed.drivername == "postgresql":
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    return parsed.render_as_string(hide_password=False)
-
-
-@pytest.fixture(
-    params=[
-        "sqlite",
-        pytest.param(
-            "postgresql",
-            marks=pytest.mark.skipif(PG_URL is None, reason="PAM_TEST_PG_STORE_URL is not set"),
-        ),
-    ]
-)
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'state.db'}"
-        return
-    assert PG_URL is not None
-    admin = create_engine(_pg_admin_url(PG_URL))
-    schema = "pam_test_" + uuid.uuid4().hex[:12]
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        url = make_url(_pg_admin_url(PG_URL)).update_query_dict(
-            {"options": f"-csearch_path={schema}"}
-        )
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @pytest.fixture
@@ -100,11 +51,6 @@ def box(master_key: bytes) -> SecretBox:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(T0)
-
-
-@pytest.fixture
 def store(store_url: str, box: SecretBox, clock: FakeClock) -> Iterator[Store]:
     with Store.open(store_url, box, clock=clock) as opened:
         yield opened
@@ -113,7 +59,7 @@ def store(store_url: str, box: SecretBox, clock: FakeClock) -> Iterator[Store]:
 @pytest.fixture
 def raw(store_url: str) -> Iterator[Engine]:
     """A plain engine on the same database, to look at and tamper with rows."""
-    engine = create_engine(_pg_admin_url(store_url) if "postgresql" in store_url else store_url)
+    engine = create_engine(pg_admin_url(store_url) if "postgresql" in store_url else store_url)
     yield engine
     engine.dispose()
 
@@ -761,7 +707,7 @@ def test_a_database_at_revision_0001_upgrades_with_its_sessions(
 ) -> None:
     config = Config()
     config.set_main_option("script_location", str(store_module._MIGRATIONS_DIR))
-    engine = create_engine(_pg_admin_url(store_url) if "postgresql" in store_url else store_url)
+    engine = create_engine(pg_admin_url(store_url) if "postgresql" in store_url else store_url)
     try:
         with engine.begin() as conn:
             config.attributes["connection"] = conn

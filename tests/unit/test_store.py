@@ -8,10 +8,8 @@ afterwards, so the database may be shared but must allow ``CREATE SCHEMA``.
 
 from __future__ import annotations
 
-import os
 import secrets
 import threading
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
@@ -25,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from sqlalchemy import Engine, create_engine, select, text, update
-from sqlalchemy.engine import make_url
+from store_support import T0, FakeClock, pg_admin_url
 
 import gateway.store.store as store_module
 from gateway.crypto import SecretBox, SecretDecryptError
@@ -33,69 +31,12 @@ from gateway.errors import AlreadyExists, ConfigError, InvalidRequest, NotFound
 from gateway.store import AccessSession, Account, Store
 from gateway.store.schema import VERSION_TABLE, accounts, metadata
 
-PG_URL = os.environ.get("PAM_TEST_PG_STORE_URL")
-T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
 PASSWORD = "pw-canary-" + secrets.token_hex(8)
-
-
-class FakeClock:
-    """Time that moves only when a test says so."""
-
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> datetime:
-        self.now += timedelta(seconds=seconds)
-        return self.now
-
-
-def _pg_admin_url(url: str) -> str:
-    parsed = make_url(url)
-    if parsed.drivername == "postgresql":
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    return parsed.render_as_string(hide_password=False)
-
-
-@pytest.fixture(
-    params=[
-        "sqlite",
-        pytest.param(
-            "postgresql",
-            marks=pytest.mark.skipif(PG_URL is None, reason="PAM_TEST_PG_STORE_URL is not set"),
-        ),
-    ]
-)
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'state.db'}"
-        return
-    assert PG_URL is not None
-    admin = create_engine(_pg_admin_url(PG_URL))
-    schema = "pam_test_" + uuid.uuid4().hex[:12]
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        url = make_url(_pg_admin_url(PG_URL)).update_query_dict(
-            {"options": f"-csearch_path={schema}"}
-        )
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @pytest.fixture
 def box() -> SecretBox:
     return SecretBox(secrets.token_bytes(32))
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(T0)
 
 
 @pytest.fixture
@@ -107,7 +48,7 @@ def store(store_url: str, box: SecretBox, clock: FakeClock) -> Iterator[Store]:
 @pytest.fixture
 def raw(store_url: str) -> Iterator[Engine]:
     """A plain engine on the same database, to look at and tamper with rows."""
-    engine = create_engine(_pg_admin_url(store_url) if "postgresql" in store_url else store_url)
+    engine = create_engine(pg_admin_url(store_url) if "postgresql" in store_url else store_url)
     yield engine
     engine.dispose()
 
