@@ -19,6 +19,7 @@ import base64
 import json
 import secrets
 import sqlite3
+import struct
 import subprocess
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -29,9 +30,10 @@ import asyncpg
 import psycopg
 import pytest
 from conftest import APP_DATABASE
-from harness import AccessProcess, Gateway, connect_error, wait_for
+from harness import AccessProcess, Gateway, RawClient, connect_error, error_fields, wait_for
 
 from gateway.pgcluster import PgRole, TempCluster
+from gateway.protocol.messages import encode_message
 
 pytestmark = pytest.mark.integration
 
@@ -265,6 +267,42 @@ def test_a_pipeline_with_an_error_in_the_middle_records_the_skipped_statements(
     ][: len(records) - 1]
     assert records[2]["error_message"] == "division by zero"
 
+    # The same pipeline in one write: every statement passes the gateway before
+    # the error comes back, so all three after it must be recorded as skipped.
+    with RawClient(access.port) as client:
+        client.startup(access.user, access.database)
+        client.send(
+            b"".join(
+                encode_message(ord("P"), f"\0{sql}\0".encode() + struct.pack("!h", 0))
+                + encode_message(ord("B"), b"\0\0" + struct.pack("!hhI", 0, 1, 1) + value + b"\0\0")
+                + encode_message(ord("E"), b"\0" + struct.pack("!i", 0))
+                for sql, value in [
+                    ("select $1::int as first", b"1"),
+                    ("select $1::int as second", b"2"),
+                    ("select 1 / $1::int as third", b"0"),
+                    ("select $1::int as fourth", b"4"),
+                    ("select $1::int as fifth", b"5"),
+                    ("select $1::int as sixth", b"6"),
+                ]
+            )
+            + encode_message(ord("S"), b"")
+        )
+        replies = client.read_until(b"Z")
+        [error] = [m for m in replies if m.type == ord("E")]
+        assert error_fields(error)["C"] == "22012"
+    one_write = statements(gateway, access.session_prefix)[len(records) :]
+    assert [(r["sql"], r["status"], r["sqlstate"]) for r in one_write] == [
+        ("select $1::int as first", "ok", None),
+        ("select $1::int as second", "ok", None),
+        ("select 1 / $1::int as third", "error", "22012"),
+        ("select $1::int as fourth", "skipped", None),
+        ("select $1::int as fifth", "skipped", None),
+        ("select $1::int as sixth", "skipped", None),
+    ]
+    assert [parameters(r) for r in one_write] == [[(1, value)] for value in "120456"]
+    [connection] = {r["connection_id"] for r in one_write}
+    assert connection != records[0]["connection_id"]
+
 
 def test_copy_in_and_out_record_rows_and_the_exact_bytes_copied(gateway: Gateway) -> None:
     table = unique("audit_copy")
@@ -449,7 +487,11 @@ def test_audit_verify_names_an_edited_and_a_removed_record(gateway: Gateway) -> 
     ]
     everything = gateway.cli("audit", "verify", check=False)
     assert everything.returncode == 1
-    assert all(line.startswith(f"session {session_id} ") for line in everything.stdout.splitlines())
+    # Every session is checked; only the tampered one's two problems are named.
+    assert [line.split(":")[:2] for line in everything.stdout.splitlines()] == [
+        [f"session {session_id} seq {two}", " changed"],
+        [f"session {session_id} seq {four}", " removed"],
+    ]
     assert gateway.cli("audit", "verify", untouched.session_prefix).stdout.strip() == (
         "audit trail intact: 1 session checked"
     )

@@ -95,10 +95,18 @@ def test_a_slow_reader_makes_the_gateway_stop_reading_upstream(
         )
         held = current_rss_kib(pid) - before
         assert held < GROWTH_LIMIT_KIB, f"daemon held {held} KiB for a stalled reader"
-        tracker = BoundaryTracker(max_length=1 << 30, tap=frozenset(b"CZ"))
+        tracker = BoundaryTracker(max_length=1 << 30, tap=frozenset(b"ECZ"))
         tapped: list[TappedMessage] = []
+        total = 0
         while not any(t.type == ord("Z") for t in tapped):
             chunk = client.sock.recv(1 << 20)
             assert chunk
+            total += len(chunk)
             tapped += tracker.feed(chunk)
+        assert [t.type for t in tapped] == [ord("C"), ord("Z")]
         assert tapped[0].body == b"COPY 204800\x00"
+        # Pausing and resuming lost nothing: CopyOutResponse (10 bytes), one
+        # CopyData per row (1 + 4 + 1024 bytes each), CopyDone (5),
+        # CommandComplete (17) and ReadyForQuery (6).
+        assert tracker.messages == 204800 + 4
+        assert total == 10 + 204800 * 1029 + 5 + 17 + 6

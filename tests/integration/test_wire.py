@@ -170,6 +170,7 @@ def test_random_bytes_get_a_protocol_error_and_other_sessions_keep_working(
     access = gateway.access().wait_ready()
     bystander = psycopg.connect(access.dsn(), autocommit=True)
     rng = random.Random(20261123)
+    answered = 0
     for _ in range(25):
         garbage = rng.randbytes(rng.randint(8, 4096))
         with RawClient(access.port) as client:
@@ -178,10 +179,17 @@ def test_random_bytes_get_a_protocol_error_and_other_sessions_keep_working(
                 msgs = client.read_all_until_close()
             except ConnectionResetError:
                 msgs = []
-        # Either an 08P01 ErrorResponse, or (for a random CancelRequest-shaped
-        # packet) a silent close; never a hang, never a crash.
-        for message in msgs:
-            assert error_fields(message)["C"] == "08P01"
+        # Either one 08P01 ErrorResponse, or (for a random CancelRequest-shaped
+        # packet, or a reset racing the reply) a silent close; never a hang,
+        # never a crash.
+        if msgs:
+            assert [m.type for m in msgs] == [ord("E")], msgs
+            fields = error_fields(msgs[0])
+            assert (fields["S"], fields["C"]) == ("FATAL", "08P01"), fields
+            answered += 1
+    # This seed's packets all declare a length far past the startup limit, so
+    # an 08P01 is due for each; a reset may eat the odd reply, not all of them.
+    assert answered > 0
     assert bystander.execute("select 'alive'").fetchone() == ("alive",)
     bystander.close()
 
