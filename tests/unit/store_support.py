@@ -1,6 +1,10 @@
 """Shared by the store tests: a controllable clock and the store-URL fixture
-that runs each test on SQLite and, when PAM_TEST_PG_STORE_URL is set, on a
-fresh PostgreSQL schema."""
+that runs each test on SQLite and on a fresh schema of a real PostgreSQL.
+
+The PostgreSQL is the one named by ``PAM_TEST_PG_STORE_URL`` when that is set
+(a superuser URL: each test creates and drops its own schema), and otherwise a
+throwaway 15 cluster that the first such test starts (TLS, scram-sha-256) and
+the session stops."""
 
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+
+from gateway.pgcluster import PostgresNotInstalled, TempCluster
 
 PG_URL = os.environ.get("PAM_TEST_PG_STORE_URL")
 T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -39,26 +45,35 @@ def pg_admin_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-@pytest.fixture(
-    params=[
-        "sqlite",
-        pytest.param(
-            "postgresql",
-            marks=pytest.mark.skipif(PG_URL is None, reason="PAM_TEST_PG_STORE_URL is not set"),
-        ),
-    ]
-)
+@pytest.fixture(scope="session")
+def pg_store_server() -> Iterator[str]:
+    """A superuser URL of the PostgreSQL the store tests use."""
+    if PG_URL is not None:
+        yield PG_URL
+        return
+    cluster = TempCluster()
+    try:
+        cluster.start()
+    except PostgresNotInstalled as exc:
+        pytest.fail(f"store tests need a PostgreSQL server: {exc}", pytrace=False)
+    try:
+        yield cluster.superuser_dsn()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'state.db'}"
         return
-    assert PG_URL is not None
-    admin = create_engine(pg_admin_url(PG_URL))
+    server: str = request.getfixturevalue("pg_store_server")
+    admin = create_engine(pg_admin_url(server))
     schema = "pam_test_" + uuid.uuid4().hex[:12]
     with admin.begin() as conn:
         conn.execute(text(f'CREATE SCHEMA "{schema}"'))
     try:
-        url = make_url(pg_admin_url(PG_URL)).update_query_dict(
+        url = make_url(pg_admin_url(server)).update_query_dict(
             {"options": f"-csearch_path={schema}"}
         )
         yield url.render_as_string(hide_password=False)

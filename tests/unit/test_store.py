@@ -1,9 +1,10 @@
-"""Tests of gateway.store.Store against a real SQLite file, and PostgreSQL if given.
+"""Tests of gateway.store.Store against a real SQLite file and a real PostgreSQL.
 
-Set ``PAM_TEST_PG_STORE_URL`` (e.g. ``postgresql+psycopg://postgres@127.0.0.1/pam``)
-to run every backend-neutral test against PostgreSQL too. Each test gets its own
-freshly created schema in that database (via ``search_path``) and drops it
-afterwards, so the database may be shared but must allow ``CREATE SCHEMA``.
+Every backend-neutral test runs on both. The PostgreSQL is a throwaway cluster
+started for the test session, or the one ``PAM_TEST_PG_STORE_URL`` names (e.g.
+``postgresql+psycopg://postgres@127.0.0.1/pam``). Each test gets its own freshly
+created schema in it (via ``search_path``) and drops it afterwards, so the
+database may be shared but must allow ``CREATE SCHEMA``.
 """
 
 from __future__ import annotations
