@@ -55,6 +55,7 @@ class AuditWriter:
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._flush_requested = False
         self.failed: BaseException | None = None
         self.written = 0
 
@@ -84,6 +85,7 @@ class AuditWriter:
 
     async def drain(self, timeout: float = 10.0) -> bool:
         """Wait until everything submitted so far is written (bounded)."""
+        self._flush_requested = True
         self._wakeup.set()
         try:
             async with asyncio.timeout(timeout):
@@ -106,13 +108,20 @@ class AuditWriter:
         while not self._closing:
             if not self._queue:
                 self._idle.set()
+            timed_out = False
             try:
                 async with asyncio.timeout(self._interval):
                     await self._wakeup.wait()
             except TimeoutError:
-                pass
+                timed_out = True
             self._wakeup.clear()
-            while self._queue:
+            # Full batches go at once; a partial one waits for the interval (or a
+            # drain). Writing whatever piled up during the previous write would
+            # keep the store busy with ever smaller batches under steady load,
+            # paying the per-transaction cost for a handful of events each time.
+            flush = timed_out or self._flush_requested
+            self._flush_requested = False
+            while len(self._queue) >= self._batch_size or (flush and self._queue):
                 batch = [self._queue[i] for i in range(min(self._batch_size, len(self._queue)))]
                 try:
                     await self._append(batch)
