@@ -65,6 +65,7 @@ __all__ = [
     "ChainProblemKind",
     "SessionVerifier",
     "canonical_encoding",
+    "canonical_json",
     "derive_audit_key",
     "describe",
     "event_fields",
@@ -184,15 +185,28 @@ def event_fields(event: AuditEvent) -> dict[str, Any]:
     }
 
 
+#: Built once: ``json.dumps`` with options builds a new encoder on every call.
+_CANONICAL_JSON: Final = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+).encode
+
+
+def canonical_json(value: Any) -> str:
+    """Sorted, compact JSON: the chain's spelling of a value (and the store's
+    JSON columns', so a column holds exactly what was hashed).
+
+    Raises ``ValueError`` for NaN and infinity.
+    """
+    return _CANONICAL_JSON(value)
+
+
 def canonical_encoding(fields: Mapping[str, Any]) -> bytes:
-    """The exact bytes that get MACed: sorted, compact JSON in UTF-8.
+    """The exact bytes that get MACed: :func:`canonical_json` in UTF-8.
 
     Raises ``ValueError`` for what JSON cannot carry faithfully (NaN, infinity,
     lone surrogates).
     """
-    return json.dumps(
-        fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    return _CANONICAL_JSON(fields).encode("utf-8")
 
 
 class AuditChain:

@@ -34,6 +34,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -62,6 +63,7 @@ from gateway.audit.chain import (
     AuditChain,
     ChainProblem,
     SessionVerifier,
+    canonical_json,
     event_fields,
 )
 from gateway.audit.records import (
@@ -88,6 +90,7 @@ from gateway.store.models import (
 )
 from gateway.store.schema import (
     ID_LENGTH,
+    UtcTimestamp,
     accounts,
     audit_events,
     connections,
@@ -298,11 +301,79 @@ def _audit_fields(position: int, event: AuditEvent) -> dict[str, Any]:
     """Validate one event; return the fields the chain covers (and the row holds).
 
     Messages name the event's position and the field, never a value: values may
-    hold data a client sent.
+    hold data a client sent. Runs once per statement on the store's thread, so
+    the common case (every field of the right type) takes one pass of cheap
+    checks; the precise per-field checks run only to name what is wrong.
     """
-    where = f"audit event {position}"
     if not isinstance(event, AuditEvent):
-        raise InvalidRequest(f"{where} is not an AuditEvent")
+        raise InvalidRequest(f"audit event {position} is not an AuditEvent")
+    if not _plausible_audit_event(event):
+        _explain_invalid_audit_event(f"audit event {position}", event)
+    if event.parameters is not None:
+        for number, parameter in enumerate(event.parameters, 1):
+            if not _plausible_parameter(parameter):
+                _check_parameter(f"audit event {position} parameter {number}", parameter)
+    if event.detail is not None:
+        _check_detail(f"audit event {position}", event.detail)
+    return event_fields(event)
+
+
+def _plain_text(value: object) -> bool:
+    """None, or a str without NUL (which PostgreSQL text cannot hold)."""
+    return value is None or (type(value) is str and "\x00" not in value)
+
+
+def _plausible_audit_event(event: AuditEvent) -> bool:
+    """True when every field of *event* is valid (the fast path of _audit_fields)."""
+    session_id, connection_id = event.session_id, event.connection_id
+    occurred, duration = event.occurred_at, event.duration_ms
+    rows, copy_bytes, sqlstate = event.rows, event.copy_bytes, event.sqlstate
+    parameters = event.parameters
+    return (
+        type(session_id) is str
+        and "\x00" not in session_id
+        and bool(session_id.strip())
+        and type(connection_id) is str
+        and "\x00" not in connection_id
+        and 0 < len(connection_id.strip()) <= len(connection_id) <= ID_LENGTH
+        and event.kind in AUDIT_KINDS
+        and type(occurred) is datetime
+        and occurred.utcoffset() is not None
+        and (event.protocol is None or event.protocol in AUDIT_PROTOCOLS)
+        and (event.status is None or event.status in AUDIT_STATUSES)
+        and (event.copy_direction is None or event.copy_direction in COPY_DIRECTIONS)
+        and _plain_text(event.sql)
+        and _plain_text(event.statement_name)
+        and _plain_text(event.portal_name)
+        and _plain_text(event.command_tag)
+        and _plain_text(event.error_message)
+        and (sqlstate is None or (type(sqlstate) is str and bool(_SQLSTATE.fullmatch(sqlstate))))
+        and (rows is None or (type(rows) is int and 0 <= rows <= _MAX_BIGINT))
+        and (copy_bytes is None or (type(copy_bytes) is int and 0 <= copy_bytes <= _MAX_BIGINT))
+        and (
+            duration is None
+            or (type(duration) in (float, int) and math.isfinite(duration) and duration >= 0)
+        )
+        and (parameters is None or type(parameters) in (tuple, list))
+    )
+
+
+def _plausible_parameter(parameter: object) -> bool:
+    if type(parameter) is not Parameter:
+        return False
+    index, oid = parameter.index, parameter.type_oid
+    return (
+        type(index) is int
+        and index >= 1
+        and (oid is None or (type(oid) is int and 0 <= oid <= _MAX_OID))
+        and parameter.format in PARAMETER_FORMATS
+        and _plain_text(parameter.value)
+        and type(parameter.truncated) is bool
+    )
+
+
+def _explain_invalid_audit_event(where: str, event: AuditEvent) -> None:
+    """Raise :class:`InvalidRequest` naming the first invalid field of *event*."""
     _required_text(f"{where} session_id", event.session_id)
     _required_text(f"{where} connection_id", event.connection_id)
     if len(event.connection_id) > ID_LENGTH:
@@ -330,20 +401,56 @@ def _audit_fields(position: int, event: AuditEvent) -> dict[str, Any]:
         or duration < 0
     ):
         raise InvalidRequest(f"{where} duration_ms must be a finite, non-negative number")
-    if event.parameters is not None:
-        if not isinstance(event.parameters, tuple | list):
-            raise InvalidRequest(f"{where} parameters must be a tuple of Parameter")
-        for number, parameter in enumerate(event.parameters, 1):
-            _check_parameter(f"{where} parameter {number}", parameter)
-    _check_detail(where, event.detail)
-    return event_fields(event)
+    if event.parameters is not None and not isinstance(event.parameters, tuple | list):
+        raise InvalidRequest(f"{where} parameters must be a tuple of Parameter")
+    # A subclass of a valid type (a str or datetime subclass, say) is refused by
+    # the fast path only to be accepted here: still valid.
+
+
+#: Columns of an inserted audit row, in the order of Store._audit_row's tuples.
+_AUDIT_INSERT_COLUMNS: Final = (
+    "session_id",
+    "connection_id",
+    "seq",
+    "kind",
+    "occurred_at",
+    "recorded_at",
+    "protocol",
+    "sql",
+    "statement_name",
+    "portal_name",
+    "parameters",
+    "command_tag",
+    "rows",
+    "status",
+    "sqlstate",
+    "error_message",
+    "duration_ms",
+    "copy_direction",
+    "copy_bytes",
+    "detail",
+    "prev_hash",
+    "hash",
+)
+#: Rows per INSERT statement: 22 parameters each stays under SQLite's (32,766)
+#: and PostgreSQL's (65,535) limit on parameters per statement.
+_AUDIT_ROWS_PER_INSERT: Final = 500
+
+
+@functools.lru_cache(maxsize=16)
+def _audit_insert_sql(paramstyle: str, count: int) -> str:
+    """``INSERT INTO audit_events (...) VALUES (...), (...)`` for *count* rows."""
+    mark = "?" if paramstyle == "qmark" else "%s"
+    columns = ", ".join(f'"{name}"' for name in _AUDIT_INSERT_COLUMNS)
+    one = "(" + ", ".join([mark] * len(_AUDIT_INSERT_COLUMNS)) + ")"
+    return f"INSERT INTO audit_events ({columns}) VALUES " + ", ".join([one] * count)
 
 
 def _json_text(value: object) -> str | None:
     # The same spelling the chain MACs, so the column holds exactly what was hashed.
     if value is None:
         return None
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return canonical_json(value)
 
 
 def _json_value(text: str | None) -> Any:
@@ -587,6 +694,11 @@ class Store:
         # session id -> (seq, hash) of the last record this store wrote or saw.
         self._heads: OrderedDict[str, tuple[int, str]] = OrderedDict()
         self._heads_lock = threading.Lock()
+        # Audit rows are inserted as driver SQL (see _insert_audit_rows), so their
+        # timestamps take the column type's conversion by hand.
+        self._timestamp_param = functools.partial(
+            UtcTimestamp().process_bind_param, dialect=engine.dialect
+        )
         # SQLite allows one writer per file anyway; serialising this process's
         # threads here turns lock contention into a short wait instead of an error,
         # and makes the shared in-memory connection safe. PostgreSQL needs no lock.
@@ -1121,7 +1233,7 @@ class Store:
         prepared = [_audit_fields(position, event) for position, event in enumerate(events)]
         if not prepared:
             return 0
-        recorded_at = self._now()
+        recorded_at = self._timestamp_param(self._now())
         session_ids = sorted({fields["session_id"] for fields in prepared})
         heads: dict[str, tuple[int, str]] = {}
         try:
@@ -1162,7 +1274,7 @@ class Store:
                         )
                     )
                     heads[session_id] = (seq, digest)
-                conn.execute(audit_events.insert(), rows)
+                self._insert_audit_rows(conn, rows)
                 for session_id, is_ended in known.items():
                     if is_ended:
                         conn.execute(
@@ -1341,21 +1453,55 @@ class Store:
             sessions.c.requester,
         ).select_from(audit_events.join(sessions, audit_events.c.session_id == sessions.c.id))
 
-    @staticmethod
     def _audit_row(
+        self,
         fields: dict[str, Any],
         occurred_at: datetime,
         seq: int,
         prev_hash: str,
         digest: str,
-        recorded_at: datetime,
-    ) -> dict[str, Any]:
-        row = dict(fields)
-        row["occurred_at"] = occurred_at
-        row["parameters"] = _json_text(fields["parameters"])
-        row["detail"] = _json_text(fields["detail"])
-        row.update(seq=seq, recorded_at=recorded_at, prev_hash=prev_hash, hash=digest)
-        return row
+        recorded_at: object,
+    ) -> tuple[Any, ...]:
+        """One row of :data:`_AUDIT_INSERT_COLUMNS`, as the driver takes it."""
+        parameters, detail = fields["parameters"], fields["detail"]
+        return (
+            fields["session_id"],
+            fields["connection_id"],
+            seq,
+            fields["kind"],
+            self._timestamp_param(occurred_at),
+            recorded_at,
+            fields["protocol"],
+            fields["sql"],
+            fields["statement_name"],
+            fields["portal_name"],
+            None if parameters is None else _json_text(parameters),
+            fields["command_tag"],
+            fields["rows"],
+            fields["status"],
+            fields["sqlstate"],
+            fields["error_message"],
+            fields["duration_ms"],
+            fields["copy_direction"],
+            fields["copy_bytes"],
+            None if detail is None else _json_text(detail),
+            prev_hash,
+            digest,
+        )
+
+    def _insert_audit_rows(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+        """Insert *rows* with one multi-row INSERT per chunk.
+
+        Not ``executemany``: the sqlite3 module releases and retakes the GIL
+        around every row it steps, and under load each of those hand-offs waits
+        for the event loop's thread, which made the audit writer cost the relay
+        more than the writing itself. One statement per few hundred rows is one
+        hand-off, on both backends.
+        """
+        for start in range(0, len(rows), _AUDIT_ROWS_PER_INSERT):
+            chunk = rows[start : start + _AUDIT_ROWS_PER_INSERT]
+            statement = _audit_insert_sql(conn.dialect.paramstyle, len(chunk))
+            conn.exec_driver_sql(statement, tuple(itertools.chain.from_iterable(chunk)))
 
     def _chain_head(self, conn: Connection, session_id: str) -> tuple[int, str]:
         """(seq, hash) to chain the next record of *session_id* to.

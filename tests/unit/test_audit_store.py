@@ -740,6 +740,36 @@ def test_a_database_at_revision_0001_upgrades_with_its_sessions(
 # -- volume ----------------------------------------------------------------------------
 
 
+def test_one_batch_larger_than_an_insert_statement_is_written_whole_and_in_order(
+    store: Store,
+) -> None:
+    # 1,234 events take three INSERT statements (500 rows each at most); they
+    # must land as one transaction with seq 1..1234 in submission order, across
+    # two sessions interleaved.
+    _add_db(store)
+    first, second = _session(store), _session(store, requester="bob")
+    events = [
+        _stmt(
+            first.id if n % 3 else second.id,
+            f"SELECT {n}",
+            at=T0 + timedelta(microseconds=n),
+            parameters=(Parameter(1, 23, "text", str(n)),),
+        )
+        for n in range(1234)
+    ]
+    assert store.append_audit(events) == 1234
+    for session in (first, second):
+        mine = [e for e in events if e.session_id == session.id]
+        records = store.list_audit(session.id, limit=2000)
+        assert [r.seq for r in records] == list(range(1, len(mine) + 1))
+        assert [r.sql for r in records] == [e.sql for e in mine]
+        assert [r.occurred_at for r in records] == [e.occurred_at for e in mine]
+        assert [[(p.index, p.value) for p in r.parameters or ()] for r in records] == [
+            [(1, e.sql.removeprefix("SELECT "))] for e in mine if e.sql
+        ]
+    assert store.verify_audit() == []
+
+
 def test_a_hundred_thousand_events_in_batches_stay_chained(
     store: Store, raw: Engine, capsys: pytest.CaptureFixture[str]
 ) -> None:
