@@ -198,8 +198,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=Path,
         default=None,
         metavar="SPEEDSCOPE",
-        help="after the rounds, py-spy the daemon during one extra select-only run"
+        help="after the rounds, py-spy the daemon during one extra pgbench run"
         " (not counted) and write a speedscope file here",
+    )
+    parser.add_argument(
+        "--profile-workload",
+        default="select-simple",
+        choices=[w.name for w in WORKLOADS if w.kind == "pgbench"],
+        help="the pgbench workload that --profile runs (default select-simple)",
     )
     args = parser.parse_args(argv)
     if args.rounds < 1:
@@ -373,7 +379,8 @@ def _profile(stack: Stack, args: argparse.Namespace, say: Callable[[str], None])
     gateway = stack.targets["gateway"]
     assert gateway.pid is not None
     args.profile.parent.mkdir(parents=True, exist_ok=True)
-    say(f"profiling the daemon with py-spy during one select-only run ({args.duration} s)")
+    workload = next(w for w in WORKLOADS if w.name == args.profile_workload)
+    say(f"profiling the daemon with py-spy during one {workload.name} run ({args.duration} s)")
     host.wait_until_quiet([t.pid for t in stack.targets.values() if t.pid is not None])
     threads_before = host.thread_cpu_seconds(gateway.pid)
     recorder = profile.start(gateway.pid, args.duration, args.profile)
@@ -381,7 +388,7 @@ def _profile(stack: Stack, args: argparse.Namespace, say: Callable[[str], None])
     run = workloads.pgbench(
         stack,
         gateway,
-        ["-S", "-M", "simple"],
+        list(workload.pgbench_args),
         duration=args.duration,
         clients=CLIENTS,
         jobs=JOBS,
@@ -393,6 +400,7 @@ def _profile(stack: Stack, args: argparse.Namespace, say: Callable[[str], None])
         raise BenchError(f"py-spy failed: {output.decode(errors='replace')[-1000:]}")
     summary = profile.summarize(args.profile)
     summary["run"] = run
+    summary["workload"] = workload.name
     # py-spy's "active" includes a thread blocked in a system call such as
     # fsync; the kernel's per-thread accounting says which thread used the CPU.
     # py-spy names its profiles 'Thread TID "python name"'.
@@ -408,7 +416,7 @@ def _profile(stack: Stack, args: argparse.Namespace, say: Callable[[str], None])
 
 def _print_profile(summary: dict[str, Any]) -> None:
     console.print(
-        f"\n[bold]py-spy, daemon during select-only simple[/]"
+        f"\n[bold]py-spy, daemon during {summary['workload']}[/]"
         f" ({summary['sampled_seconds']:.1f} thread-seconds on CPU sampled,"
         f" {summary['run']['tps']:,.0f} tps while sampled; file {summary['file']})"
     )
