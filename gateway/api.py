@@ -204,6 +204,7 @@ def create_app(service: GatewayService, token_sha256: str) -> FastAPI:
     @app.delete("/v1/resources/{name}", dependencies=auth, status_code=204)
     async def remove_resource(name: str) -> None:
         await service.db(service.store.remove_resource, name)
+        await service.refresh_secrets()
 
     @app.post("/v1/resources/{name}/verify", dependencies=auth)
     async def verify(name: str, account: str | None = None) -> list[VerifyOut]:

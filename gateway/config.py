@@ -39,6 +39,9 @@ class GatewaySettings(BaseModel):
     api_port: int = Field(default=DEFAULT_API_PORT, ge=0, le=65535)
     #: SQLAlchemy URL; empty means the embedded SQLite file in the state directory
     store_url: str = ""
+    #: SQLite store only: "normal" survives the daemon dying but may lose the last
+    #: commits to a power loss; "full" fsyncs every commit (slower connection setup)
+    store_sqlite_synchronous: Literal["normal", "full"] = "normal"
     #: SHA-256 (hex) of the control API token; the token itself is not kept here
     api_token_sha256: str
     #: address the access listeners bind to

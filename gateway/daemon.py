@@ -86,7 +86,11 @@ def init_home(
             api_host=api_host, api_port=api_port, api_token_sha256=hash_token(token)
         )
     save_settings(home, settings)
-    store = Store.open(store_url(home, settings), SecretBox(load_master_key(key_path)))
+    store = Store.open(
+        store_url(home, settings),
+        SecretBox(load_master_key(key_path)),
+        sqlite_synchronous=settings.store_sqlite_synchronous,
+    )
     store.close()
     url = api_url(settings)
     path = save_client_config(ClientConfig(api_url=url, token=token))
@@ -142,7 +146,9 @@ def _bind(host: str, port: int) -> socket.socket:
 async def run(home: Path) -> None:
     settings = load_settings(home)
     box = SecretBox(load_master_key(home / MASTER_KEY_FILE))
-    store = Store.open(store_url(home, settings), box)
+    store = Store.open(
+        store_url(home, settings), box, sqlite_synchronous=settings.store_sqlite_synchronous
+    )
     cert, key = ensure_local_certificate(home)
     service = GatewayService(store, settings, client_tls_context=server_context(cert, key))
     sock = _bind(settings.api_host, settings.api_port)

@@ -28,7 +28,7 @@ import ssl
 import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Protocol
 
 import structlog
@@ -107,10 +107,14 @@ class ConnectionHost(Protocol):
         ...
 
     async def record_connection_start(
-        self, session_id: str, client_addr: str, application_name: str | None
+        self,
+        session_id: str,
+        client_addr: str,
+        application_name: str | None,
+        *,
+        backend_pid: int | None,
+        started_at: datetime,
     ) -> str: ...
-
-    async def record_backend_pid(self, connection_id: str, pid: int) -> None: ...
 
     async def record_connection_end(
         self,
@@ -219,8 +223,17 @@ class AccessListener:
             self.connections.add(conn)
             await self._serve_connection(reader, writer, conn, bound)
         except Exception as exc:  # the last line of defence for one connection
-            bound.error("connection_failed", error=repr(exc))
-            writer.transport.abort()
+            bound.exception("connection_failed", error=repr(exc))
+            if conn.relay is None and not writer.is_closing():
+                # Nothing relayed yet, so the client can still read why.
+                await _refuse(
+                    writer,
+                    sqlstate.INTERNAL_ERROR,
+                    "pam could not set up this connection because of an internal error",
+                    hint="the gateway's log has the details",
+                )
+            else:
+                writer.transport.abort()
         finally:
             self.connections.discard(conn)
 
@@ -265,22 +278,7 @@ class AccessListener:
             return
 
         application_name = startup.params.get("application_name")
-        try:
-            connection_id = await self.host.record_connection_start(
-                self.grant.session_id, conn.client_addr, application_name
-            )
-        except GatewayError as exc:
-            # Nothing is relayed unrecorded: no record, no connection.
-            bound.error("connection_record_failed", error=exc.message)
-            await _refuse(
-                writer,
-                sqlstate.CANNOT_CONNECT_NOW,
-                "pam cannot record this connection, so it refuses it: the gateway's store"
-                " is not writable",
-                hint="an administrator must check the gateway's store and log",
-            )
-            return
-        bound = bound.bind(connection_id=connection_id, application_name=application_name)
+        started_at = datetime.now(UTC)
         relay: Relay | None = None
         audit: ConnectionAudit | None = None
         try:
@@ -294,19 +292,40 @@ class AccessListener:
                 await close_writer(writer)
             else:
                 await _refuse(writer, exc.sqlstate, exc.message, hint=exc.hint)
-            await self._record_failure(connection_id, exc)
+            await self._record_failure(conn, application_name, started_at, exc)
             return
         except GatewayError as exc:
             # The stored credentials cannot be used (say, a password that no
             # longer decrypts): still an ErrorResponse, never a bare close.
             bound.error("credentials_unavailable", sqlstate=exc.sqlstate, error=exc.message)
             await _refuse(writer, exc.sqlstate, exc.message, hint=exc.hint)
-            await self._record_failure(connection_id, exc)
+            await self._record_failure(conn, application_name, started_at, exc)
             return
         conn.upstream = upstream
         key = upstream.handshake.backend_key
-        if key is not None:
-            await self.host.record_backend_pid(connection_id, key.pid)
+        # Recorded once the upstream session is up, in one write with its backend
+        # pid, but before a byte is relayed: no record, no connection.
+        try:
+            connection_id = await self.host.record_connection_start(
+                self.grant.session_id,
+                conn.client_addr,
+                application_name,
+                backend_pid=key.pid if key else None,
+                started_at=started_at,
+            )
+        except GatewayError as exc:
+            bound.error("connection_record_failed", error=exc.message)
+            upstream.writer.write(messages.terminate())
+            await close_writer(upstream.writer)
+            await _refuse(
+                writer,
+                sqlstate.CANNOT_CONNECT_NOW,
+                "pam cannot record this connection, so it refuses it: the gateway's store"
+                " is not writable",
+                hint="an administrator must check the gateway's store and log",
+            )
+            return
+        bound = bound.bind(connection_id=connection_id, application_name=application_name)
         bound.info("connection_started", backend_pid=key.pid if key else None)
         audit = self.host.connection_audit(self.grant.session_id, connection_id, (target.password,))
         del target
@@ -381,15 +400,35 @@ class AccessListener:
             # CancelRequest stops it, as the client itself could have (55.2.7).
             await self._cancel_upstream(key)
 
-    async def _record_failure(self, connection_id: str, exc: GatewayError) -> None:
-        """Close the record of a connection that failed before anything was relayed."""
-        await self.host.record_connection_end(
-            connection_id,
-            reason=EndReason.ERROR,
-            bytes_from_client=0,
-            bytes_from_server=0,
-            error=(exc.sqlstate, exc.message),
-        )
+    async def _record_failure(
+        self,
+        conn: LiveConnection,
+        application_name: str | None,
+        started_at: datetime,
+        exc: GatewayError,
+    ) -> None:
+        """Record a connection that failed before anything was relayed."""
+        try:
+            connection_id = await self.host.record_connection_start(
+                self.grant.session_id,
+                conn.client_addr,
+                application_name,
+                backend_pid=None,
+                started_at=started_at,
+            )
+            await self.host.record_connection_end(
+                connection_id,
+                reason=EndReason.ERROR,
+                bytes_from_client=0,
+                bytes_from_server=0,
+                error=(exc.sqlstate, exc.message),
+            )
+        except GatewayError as failure:
+            log.error(
+                "connection_record_failed",
+                session_id=self.grant.session_id,
+                error=failure.message,
+            )
 
     async def _read_startup(
         self,

@@ -47,6 +47,10 @@ T = TypeVar("T")
 
 WATCHDOG_INTERVAL_SECONDS = 0.5
 MAX_SCRAM_CACHES = 1024
+#: How long a looked-up upstream target (resource, account, decrypted password)
+#: is reused by new connections. Changes made through this daemon's API drop it
+#: at once; the bound only matters for edits made behind its back.
+TARGET_CACHE_SECONDS = 10.0
 SHUTDOWN_GRACE_SECONDS = 3.0
 
 
@@ -104,6 +108,11 @@ class GatewayService:
     _scram_caches: dict[bytes, dict[tuple[bytes, int], bytes]] = field(
         default_factory=dict, repr=False
     )
+    #: (resource, account) -> (when looked up, target); see upstream_target
+    _targets: dict[tuple[str, str], tuple[float, UpstreamTarget]] = field(
+        default_factory=dict, repr=False
+    )
+    _targets_generation: int = 0
 
     # --- ConnectionHost, for the listeners ------------------------------------
 
@@ -181,6 +190,25 @@ class GatewayService:
         self._audit_down = None
 
     async def upstream_target(self, resource: str, account: str) -> UpstreamTarget:
+        """Where and as whom to connect for *resource*/*account*.
+
+        Looked up once per :data:`TARGET_CACHE_SECONDS` rather than per connection:
+        three store reads and a decryption are most of a new connection's store
+        work. The decrypted password is no more exposed by this than by the
+        audit's masking list, which holds every stored password anyway.
+        """
+        key = (resource, account)
+        cached = self._targets.get(key)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < TARGET_CACHE_SECONDS:
+            return cached[1]
+        generation = self._targets_generation
+        target = await self._load_target(resource, account)
+        if generation == self._targets_generation:  # not changed while we looked
+            self._targets[key] = (now, target)
+        return target
+
+    async def _load_target(self, resource: str, account: str) -> UpstreamTarget:
         def load() -> UpstreamTarget:
             res = self.store.get_resource(resource)
             acct = self.store.get_account(resource, account)
@@ -199,18 +227,23 @@ class GatewayService:
         return await self.db(load)
 
     async def record_connection_start(
-        self, session_id: str, client_addr: str, application_name: str | None
+        self,
+        session_id: str,
+        client_addr: str,
+        application_name: str | None,
+        *,
+        backend_pid: int | None,
+        started_at: datetime,
     ) -> str:
         record = await self.db(
             self.store.create_connection,
             session_id,
             client_addr=client_addr,
             application_name=application_name,
+            backend_pid=backend_pid,
+            started_at=started_at,
         )
         return record.id
-
-    async def record_backend_pid(self, connection_id: str, pid: int) -> None:
-        await self.db(self.store.set_connection_backend_pid, connection_id, pid)
 
     async def record_connection_end(
         self,
@@ -250,7 +283,10 @@ class GatewayService:
         return closed
 
     async def refresh_secrets(self) -> None:
-        """Reload the stored passwords the audit masks (after add/rotate/remove)."""
+        """Reload the stored passwords the audit masks and forget looked-up upstream
+        targets (after an account or resource is added, rotated or removed)."""
+        self._targets.clear()
+        self._targets_generation += 1
 
         def load() -> tuple[str, ...]:
             found: list[str] = []

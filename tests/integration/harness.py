@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -443,3 +444,17 @@ def run_json_check(
     assert len(lines) == 1, result.stdout
     parsed: dict[str, Any] = json.loads(lines[0])
     return parsed
+
+
+def store_path(gateway: Gateway) -> Path:
+    """The daemon's SQLite store (the embedded default)."""
+    return gateway.home / "pam.db"
+
+
+def edit_store(gateway: Gateway, *sql: str) -> None:
+    """Run statements on the daemon's SQLite store with the sqlite3 module, as a
+    person with write access to the file would."""
+    with sqlite3.connect(store_path(gateway), timeout=STARTUP_TIMEOUT) as db:
+        for statement in sql:
+            db.execute(statement)
+    db.close()

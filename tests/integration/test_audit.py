@@ -18,7 +18,6 @@ import asyncio
 import base64
 import json
 import secrets
-import sqlite3
 import struct
 import subprocess
 import threading
@@ -30,7 +29,16 @@ import asyncpg
 import psycopg
 import pytest
 from conftest import APP_DATABASE
-from harness import AccessProcess, Gateway, RawClient, connect_error, error_fields, wait_for
+from harness import (
+    AccessProcess,
+    Gateway,
+    RawClient,
+    connect_error,
+    edit_store,
+    error_fields,
+    store_path,
+    wait_for,
+)
 
 from gateway.pgcluster import PgRole, TempCluster
 from gateway.protocol.messages import encode_message
@@ -86,19 +94,6 @@ def outcome(record: Mapping[str, Any]) -> tuple[Any, ...]:
 
 def parameters(record: Mapping[str, Any]) -> list[tuple[int, str | None]]:
     return [(p["index"], p["value"]) for p in record["parameters"]]
-
-
-def store_path(gateway: Gateway) -> Path:
-    return gateway.home / "pam.db"
-
-
-def edit_store(gateway: Gateway, *sql: str) -> None:
-    """Run statements on the daemon's SQLite store with the sqlite3 module, as a
-    person with write access to the file would."""
-    with sqlite3.connect(store_path(gateway), timeout=WAIT_SECONDS) as db:
-        for statement in sql:
-            db.execute(statement)
-    db.close()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import APP_DATABASE
-from harness import Gateway, connect_error, free_port
+from harness import Gateway, connect_error, edit_store, free_port, wait_for
 
 from gateway.pgcluster import PgRole, TempCluster
 
@@ -456,3 +456,31 @@ def test_a_replication_connection_is_refused_with_0a000(gateway: Gateway) -> Non
     assert "replication connections are not allowed through pam" in result.stderr
     # Refused before anything was relayed: no connection was opened upstream.
     assert gateway.cli_json("sessions", "show", access.session_prefix)["connections"] == []
+
+
+def test_a_connection_the_store_cannot_record_is_refused_with_57p03_and_its_upstream_closed(
+    gateway: Gateway, pg: TempCluster, pg_roles: Mapping[str, PgRole]
+) -> None:
+    role = pg_roles["scram"].name
+    count = f"select count(*) from pg_stat_activity where usename = '{role}'"
+    before = pg.admin_sql(count).strip()
+    access = gateway.access().wait_ready()
+    edit_store(
+        gateway,
+        "create trigger connections_test_block before insert on connections"
+        " begin select raise(abort, 'blocked by the test'); end",
+    )
+    refused = connect_error(access.port, access.user, access.database)
+    assert (refused.severity, refused.sqlstate) == ("FATAL", "57P03")
+    assert refused.message == (
+        "pam cannot record this connection, so it refuses it: the gateway's store is not writable"
+    )
+    # The upstream session it had opened is closed, not left behind.
+    wait_for(lambda: pg.admin_sql(count).strip() == before)
+    edit_store(gateway, "drop trigger connections_test_block")
+    with psycopg.connect(access.dsn(), autocommit=True) as conn:
+        assert conn.execute("select 'recorded'").fetchone() == ("recorded",)
+    access.stop()
+    detail = gateway.cli_json("sessions", "show", access.session_prefix, "--all")
+    assert len(detail["connections"]) == 1
+    assert detail["connections"][0]["backend_pid"] is not None

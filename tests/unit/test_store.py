@@ -571,14 +571,14 @@ def test_connections_round_trip(store: Store, clock: FakeClock) -> None:
     _add_db(store)
     session = _session(store)
     first = store.create_connection(
-        session.id, client_addr="127.0.0.1:50000", application_name="psql"
+        session.id, client_addr="127.0.0.1:50000", application_name="psql", backend_pid=4242
     )
     clock.advance(1)
     second = store.create_connection(session.id, client_addr="[::1]:50001", application_name=None)
     assert first.started_at == T0
+    assert first.backend_pid == 4242 and second.backend_pid is None
     assert first.bytes_from_client == first.bytes_from_server == 0
     assert first.ended_at is None and first.duration_seconds is None
-    store.set_connection_backend_pid(first.id, 4242)
     clock.advance(2.25)
     ended = store.end_connection(
         first.id,
@@ -642,12 +642,27 @@ def test_connections_need_an_active_session(store: Store) -> None:
     with pytest.raises(NotFound):
         store.list_connections("0" * 32)
     with pytest.raises(NotFound):
-        store.set_connection_backend_pid("0" * 32, 1)
-    with pytest.raises(NotFound):
         store.end_connection("0" * 32, reason="error", bytes_from_client=0, bytes_from_server=0)
     store.end_session(session.id, reason="expired")
     with pytest.raises(InvalidRequest, match="has ended"):
         store.create_connection(session.id, client_addr="127.0.0.1:1")
+
+
+def test_a_connection_record_refuses_a_bad_backend_pid_and_keeps_a_given_start(
+    store: Store,
+) -> None:
+    _add_db(store)
+    session = _session(store)
+    for bad in (-1, True, "42"):
+        with pytest.raises(InvalidRequest, match="backend_pid"):
+            store.create_connection(session.id, client_addr="127.0.0.1:1", backend_pid=bad)  # type: ignore[arg-type]
+    assert store.list_connections(session.id) == []
+    started = T0 - timedelta(milliseconds=3)
+    record = store.create_connection(
+        session.id, client_addr="127.0.0.1:1", backend_pid=0, started_at=started
+    )
+    assert (record.backend_pid, record.started_at) == (0, started)
+    assert store.list_connections(session.id) == [record]
 
 
 def test_concurrent_calls_from_worker_threads(store: Store) -> None:
@@ -655,8 +670,7 @@ def test_concurrent_calls_from_worker_threads(store: Store) -> None:
     session = _session(store)
 
     def connect_and_close(n: int) -> None:
-        record = store.create_connection(session.id, client_addr=f"127.0.0.1:{n}")
-        store.set_connection_backend_pid(record.id, n)
+        record = store.create_connection(session.id, client_addr=f"127.0.0.1:{n}", backend_pid=n)
         store.end_connection(
             record.id, reason="client_closed", bytes_from_client=n, bytes_from_server=n
         )
@@ -772,3 +786,21 @@ def test_records_round_trip_through_json(store: Store) -> None:
     session = store.end_session(_session(store).id, reason="expired")
     assert '"duration_seconds":0.0' in session.model_dump_json()
     assert AccessSession.model_validate_json(session.model_dump_json()) == session
+
+
+@pytest.mark.parametrize(("setting", "pragma"), [("normal", 1), ("full", 2)])
+def test_the_sqlite_synchronous_setting_reaches_every_connection(
+    tmp_path: Path, box: SecretBox, setting: str, pragma: int
+) -> None:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    with (
+        Store.open(url, box, sqlite_synchronous=setting) as store,  # type: ignore[arg-type]
+        store._engine.connect() as conn,
+    ):
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar_one() == pragma
+
+
+def test_an_unknown_sqlite_synchronous_setting_is_refused(tmp_path: Path, box: SecretBox) -> None:
+    with pytest.raises(ConfigError, match="sqlite_synchronous"):
+        Store.open(f"sqlite:///{tmp_path / 'state.db'}", box, sqlite_synchronous="off")  # type: ignore[arg-type]
+    assert not (tmp_path / "state.db").exists()
