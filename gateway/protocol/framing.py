@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from gateway.protocol.constants import HEADER_SIZE, STARTUP_HEADER_SIZE
 from gateway.protocol.errors import ProtocolError
@@ -175,12 +176,17 @@ class BoundaryTracker:
         view = memoryview(data)
         pos = 0
         end = len(view)
+        # The fast path (whole messages inside this chunk) runs once per message
+        # of every relayed chunk: its state lives in locals, written back below.
+        tap, measure = self.tap, self.measure
+        tap_limit, max_length = self.tap_limit, self.max_length
+        unpack_from = _HEADER.unpack_from
         try:
             while pos < end:
                 if self._remaining:
                     take = min(self._remaining, end - pos)
                     if self._tap_body is not None:
-                        room = self.tap_limit - len(self._tap_body)
+                        room = tap_limit - len(self._tap_body)
                         if room > 0:
                             self._tap_body += view[pos : pos + min(room, take)]
                     self._remaining -= take
@@ -196,32 +202,44 @@ class BoundaryTracker:
                         break
                     type_byte, length = _HEADER.unpack(self._header)
                     self._header.clear()
-                else:
-                    type_byte, length = _HEADER.unpack_from(view, pos)
-                    body_end = pos + 1 + length
-                    if length >= _LENGTH_SIZE and length <= self.max_length and body_end <= end:
-                        # Fast path: the whole message is in this chunk.
+                    self._start_message(type_byte[0], length, tapped)
+                    continue
+                messages = measured_messages = measured_bytes = 0
+                try:
+                    # Fast path: whole messages, as long as they last.
+                    while end - pos >= HEADER_SIZE:
+                        type_byte, length = unpack_from(view, pos)
+                        body_end = pos + 1 + length
+                        if length < _LENGTH_SIZE or length > max_length or body_end > end:
+                            break
                         msg_type = type_byte[0]
-                        if msg_type in self.measure:
-                            self.measured_messages += 1
-                            self.measured_bytes += length - _LENGTH_SIZE
-                        elif msg_type in self.tap:
+                        if msg_type in measure:
+                            measured_messages += 1
+                            measured_bytes += length - _LENGTH_SIZE
+                        elif msg_type in tap:
                             start = pos + HEADER_SIZE
-                            stop = min(body_end, start + self.tap_limit)
+                            stop = min(body_end, start + tap_limit)
                             tapped.append(
                                 TappedMessage(
                                     msg_type,
                                     bytes(view[start:stop]),
                                     stop < body_end,
-                                    self.measured_messages,
-                                    self.measured_bytes,
+                                    self.measured_messages + measured_messages,
+                                    self.measured_bytes + measured_bytes,
                                 )
                             )
-                        self.messages += 1
+                        messages += 1
                         pos = body_end
-                        continue
+                finally:
+                    self.messages += messages
+                    self.measured_messages += measured_messages
+                    self.measured_bytes += measured_bytes
+                if end - pos >= HEADER_SIZE:
+                    # A message that does not end in this chunk (or a bad length,
+                    # which _start_message refuses).
+                    type_byte, length = unpack_from(view, pos)
                     pos += HEADER_SIZE
-                self._start_message(type_byte[0], length, tapped)
+                    self._start_message(type_byte[0], length, tapped)
         finally:
             view.release()
         return tapped
@@ -259,9 +277,12 @@ class BoundaryTracker:
             self._tap_type = -1
 
 
-@dataclass(frozen=True, slots=True)
-class TappedMessage:
-    """A message observed by :class:`BoundaryTracker` for audit or policy."""
+class TappedMessage(NamedTuple):
+    """A message observed by :class:`BoundaryTracker` for audit or policy.
+
+    A named tuple rather than a frozen dataclass: one is built per tapped message
+    on the relay's path, and a tuple is built in well under half the time.
+    """
 
     type: int
     body: bytes
