@@ -123,6 +123,14 @@ class _Pending:
     copy_bytes: int | None = None
 
 
+#: Parse messages remembered per connection, and the longest one remembered: at
+#: most 64 KiB per connection, whatever the client sends.
+_PARSE_CACHE_SIZE = 32
+_PARSE_CACHE_MAX_BODY = 2048
+#: The one pending entry every Sync shares (see StatementTracker.client).
+_SYNC = _Pending(_Kind.SYNC, 0)
+
+
 def rows_from_tag(tag: str) -> int | None:
     """The row count of a CommandComplete tag ("INSERT 0 5" -> 5, "SELECT 3" -> 3)."""
     last = tag.rsplit(" ", 1)[-1]
@@ -162,6 +170,8 @@ class StatementTracker:
         self._max_sql_chars = max_sql_chars
         self._wall_clock = wall_clock or _from_ns
         self._prepared: dict[str, _Prepared] = {}
+        #: Parse bodies already decoded and redacted (see _parse)
+        self._parsed: dict[bytes, tuple[str, _Prepared]] = {}
         self._portals: dict[str, _Portal] = {}
         self._pending: deque[_Pending] = deque()
         self._failed = False
@@ -176,7 +186,8 @@ class StatementTracker:
         mtype = message.type
         body = message.body
         if mtype == FrontendType.EXECUTE:
-            portal, _ = _cstring(body, 0)
+            # Most clients run the unnamed portal: skip decoding an empty name.
+            portal = "" if body[:1] == b"\x00" else _cstring(body, 0)[0]
             bound = self._portals.get(portal)
             self._push(
                 _Kind.EXECUTE,
@@ -189,18 +200,15 @@ class StatementTracker:
         elif mtype == FrontendType.BIND:
             self._on_bind(body)
         elif mtype == FrontendType.SYNC:
-            self._push(_Kind.SYNC, now_ns)
+            # Nothing of a Sync's entry ever changes: one shared object will do.
+            self._pending.append(_SYNC)
         elif mtype == FrontendType.PARSE:
-            name, pos = _cstring(body, 0)
-            sql, pos = _cstring(body, pos)
-            types: tuple[int, ...] = ()
-            if pos + 2 <= len(body):
-                (count,) = _INT16.unpack_from(body, pos)
-                avail = min(count, (len(body) - pos - 2) // 4)
-                types = struct.unpack_from(f"!{avail}I", body, pos + 2) if avail > 0 else ()
-            clean = self._clean_sql(sql, message.truncated)
-            self._prepared[name] = _Prepared(clean, types)
-            self._push(_Kind.PARSE, now_ns, sql=clean, statement=name)
+            parsed = self._parsed.get(body) if not message.truncated else None
+            if parsed is None:
+                parsed = self._parse(body, message.truncated)
+            name, prepared = parsed
+            self._prepared[name] = prepared
+            self._push(_Kind.PARSE, now_ns, sql=prepared.sql, statement=name)
         elif mtype == FrontendType.QUERY:
             sql, _ = _cstring(body, 0)
             self._push(_Kind.QUERY, now_ns, sql=self._clean_sql(sql, message.truncated))
@@ -210,6 +218,23 @@ class StatementTracker:
             name, _ = _cstring(body, 1)
             (self._prepared if body[0] == ord("S") else self._portals).pop(name, None)
         # CopyDone / CopyFail only update the byte counter read above.
+
+    def _parse(self, body: bytes, truncated: bool) -> tuple[str, _Prepared]:
+        """Decode and redact a Parse; remembered by its bytes, since clients
+        send the same Parse over and over (the unnamed statement, mostly)."""
+        name, pos = _cstring(body, 0)
+        sql, pos = _cstring(body, pos)
+        types: tuple[int, ...] = ()
+        if pos + 2 <= len(body):
+            (count,) = _INT16.unpack_from(body, pos)
+            avail = min(count, (len(body) - pos - 2) // 4)
+            types = struct.unpack_from(f"!{avail}I", body, pos + 2) if avail > 0 else ()
+        parsed = (name, _Prepared(self._clean_sql(sql, truncated), types))
+        if not truncated and len(body) <= _PARSE_CACHE_MAX_BODY:
+            if len(self._parsed) >= _PARSE_CACHE_SIZE:
+                self._parsed.clear()
+            self._parsed[body] = parsed
+        return parsed
 
     def _push(
         self,

@@ -1,7 +1,7 @@
 """Audit events as the relay produces them: plain, immutable, cheap to build.
 
 Role: the hot-path value that the statement tracker emits and the store's
-:meth:`~gateway.store.Store.append_audit` persists. Deliberately a frozen slotted
+:meth:`~gateway.store.Store.append_audit` persists. Deliberately a slotted
 dataclass, not pydantic: one is built per statement on the relay's path. The
 read-back form (with ``seq`` and the hash chain) is the pydantic
 :class:`gateway.store.models.AuditRecord`.
@@ -83,9 +83,15 @@ class Parameter:
     truncated: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AuditEvent:
-    """One connection start or end, or one statement with its outcome."""
+    """One connection start or end, or one statement with its outcome.
+
+    Treated as immutable (nothing assigns to one after it is built) but not
+    frozen: a frozen dataclass's ``__init__`` goes through ``object.__setattr__``
+    for each of these 18 fields, four times the cost, once per statement on the
+    relay's path.
+    """
 
     session_id: str
     connection_id: str

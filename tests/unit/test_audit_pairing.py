@@ -245,6 +245,42 @@ def test_a_prepared_statement_run_many_times_records_each_run_with_its_parameter
     ] == [("s1", str(i)) for i in range(5)]
 
 
+def test_a_repeated_parse_is_recorded_alike_each_time_and_redaction_still_applies() -> None:
+    # The tracker remembers decoded Parse messages by their bytes; a remembered
+    # one must give exactly what decoding it afresh gives, masking included.
+    book = Playbook(redactor=Redactor.build(secrets=["stored-secret"]))
+    for i in range(3):
+        book.client(
+            parse("select $1::int, 'stored-secret'"),
+            bind([str(i).encode()]),
+            execute(),
+            parse("alter role bob password $1", name="pw"),
+            bind([b"hunter3"], statement="pw"),
+            execute(),
+            sync(),
+        )
+        book.server(
+            PARSE_COMPLETE,
+            BIND_COMPLETE,
+            complete("SELECT 1"),
+            PARSE_COMPLETE,
+            BIND_COMPLETE,
+            complete("ALTER ROLE"),
+            ready(),
+        )
+    assert [
+        (e.statement_name, e.sql, [p.value for p in e.parameters or ()], e.status)
+        for e in book.events
+    ] == [
+        row
+        for i in range(3)
+        for row in (
+            ("", "select $1::int, '***'", [str(i)], "ok"),
+            ("pw", "alter role bob password $1", ["***"], "ok"),
+        )
+    ]
+
+
 def test_an_error_in_a_pipeline_skips_the_rest_up_to_sync() -> None:
     book = Playbook()
     book.client(
