@@ -72,8 +72,8 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload("tpcb", "tpcb", "pgbench TPC-B (default script)", "pgbench", ("-M", "simple")),
     Workload("connect", "connect", "pgbench -C -S (a connection per tx)", "pgbench", ("-C", "-S")),
     Workload("latency", "latency", "1 client, select 1, one at a time", "latency"),
-    Workload("copy-out", "copy", "COPY ... TO STDOUT, 210 MB", "copy-out"),
-    Workload("copy-in", "copy", "COPY ... FROM STDIN, 210 MB, unlogged", "copy-in"),
+    Workload("copy-out", "copy", "COPY ... TO STDOUT, 630 MB", "copy-out"),
+    Workload("copy-in", "copy", "COPY ... FROM STDIN, 630 MB, unlogged", "copy-in"),
     Workload("idle", "idle", f"{IDLE_CONNECTIONS} idle connections", "idle"),
 )
 
@@ -116,8 +116,8 @@ FIGURES: tuple[Figure, ...] = (
         ".3f",
         ratios=False,
     ),
-    Figure(CPU, "CPU s per 210 MB COPY TO STDOUT", "copy-out", "cpu_s", ".2f", ratios=False),
-    Figure(CPU, "CPU s per 210 MB COPY FROM STDIN", "copy-in", "cpu_s", ".2f", ratios=False),
+    Figure(CPU, "CPU s per 630 MB COPY TO STDOUT", "copy-out", "cpu_s", ".2f", ratios=False),
+    Figure(CPU, "CPU s per 630 MB COPY FROM STDIN", "copy-in", "cpu_s", ".2f", ratios=False),
     Figure(THROUGHPUT, "select-only simple, tps", "select-simple", "tps", ",.0f"),
     Figure(THROUGHPUT, "select-only extended, tps", "select-extended", "tps", ",.0f"),
     Figure(THROUGHPUT, "select-only prepared, tps", "select-prepared", "tps", ",.0f"),

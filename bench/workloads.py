@@ -26,7 +26,7 @@ from bench.stack import COPY_TABLE, BenchError, Stack, Target
 
 Metrics = dict[str, Any]
 
-COPY_ROWS = 210_000
+COPY_ROWS = 630_000
 COPY_ROW_WIDTH = 1000
 #: each COPY text row is the value plus a newline
 COPY_BYTES = COPY_ROWS * (COPY_ROW_WIDTH + 1)
