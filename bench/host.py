@@ -5,8 +5,9 @@ long-lived process.
 
 * CPU is ``utime + stime`` of ``/proc/PID/stat`` (fields 14 and 15), which the
   kernel sums over all threads of the process, so the store worker thread and the
-  event loop are both counted. The unit is clock ticks (``SC_CLK_TCK``, 100 Hz on
-  Linux): a 10 ms resolution, fine for runs of seconds.
+  event loop are both counted, plus the same of its child processes (the
+  gateway's audit writer process; pgbouncer has none). The unit is clock ticks
+  (``SC_CLK_TCK``, 100 Hz on Linux): a 10 ms resolution, fine for runs of seconds.
 * Memory is ``VmRSS`` (now) and ``VmHWM`` (peak) of ``/proc/PID/status``, in KiB.
 """
 
@@ -26,6 +27,8 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # /proc/PID/stat after the ") " that closes the command name: field 3 is index 0.
 _UTIME_INDEX = 14 - 3
 _STIME_INDEX = 15 - 3
+_CUTIME_INDEX = 16 - 3
+_CSTIME_INDEX = 17 - 3
 _PPID_INDEX = 4 - 3
 
 
@@ -35,9 +38,20 @@ def _stat_fields(pid: int) -> list[str]:
 
 
 def cpu_times(pid: int) -> tuple[float, float]:
-    """User and system CPU seconds the process (all its threads) has used so far."""
+    """User and system CPU seconds the process has used so far: all its threads,
+    its children that have exited (``cutime``, ``cstime``) and, recursively, the
+    ones still running (the gateway's audit writer process)."""
     fields = _stat_fields(pid)
-    return int(fields[_UTIME_INDEX]) / _CLOCK_TICKS, int(fields[_STIME_INDEX]) / _CLOCK_TICKS
+    user = int(fields[_UTIME_INDEX]) + int(fields[_CUTIME_INDEX])
+    system = int(fields[_STIME_INDEX]) + int(fields[_CSTIME_INDEX])
+    for child in child_pids(pid):
+        try:
+            child_user, child_system = cpu_times(child)
+        except (OSError, IndexError, ValueError):
+            continue  # it exited while we looked (and its time moves to cutime)
+        user += round(child_user * _CLOCK_TICKS)
+        system += round(child_system * _CLOCK_TICKS)
+    return user / _CLOCK_TICKS, system / _CLOCK_TICKS
 
 
 def cpu_seconds(pid: int) -> float:
@@ -46,8 +60,14 @@ def cpu_seconds(pid: int) -> float:
 
 
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU seconds per thread (``/proc/PID/task/TID/stat``), keyed "name tid"."""
+    """CPU seconds per thread (``/proc/PID/task/TID/stat``), keyed "name tid", of
+    the process and its running children."""
     out = {}
+    for child in child_pids(pid):
+        try:
+            out.update(thread_cpu_seconds(child))
+        except OSError:
+            continue
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             name = (task / "comm").read_text().strip()

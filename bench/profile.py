@@ -44,6 +44,8 @@ def start(pid: int, seconds: int, out: Path, rate: int = 250) -> subprocess.Pope
             "--rate",
             str(rate),
             "--nonblocking",
+            # The gateway's audit writer is a child process.
+            "--subprocesses",
             "--format",
             "speedscope",
             "--output",

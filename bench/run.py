@@ -22,6 +22,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import resource
 import signal
 import sys
@@ -403,8 +404,13 @@ def _profile(stack: Stack, args: argparse.Namespace, say: Callable[[str], None])
     summary["workload"] = workload.name
     # py-spy's "active" includes a thread blocked in a system call such as
     # fsync; the kernel's per-thread accounting says which thread used the CPU.
-    # py-spy names its profiles 'Thread TID "python name"'.
-    names = {key.split()[1]: key for key in summary["threads"]}
+    # py-spy names its profiles 'Thread TID "python name"', or with --subprocesses
+    # 'Process PID Thread TID "python name"'.
+    names = {
+        match.group(1): key
+        for key in summary["threads"]
+        if (match := re.search(r"Thread (\d+)", key)) is not None
+    }
     summary["thread_cpu_s"] = {
         names.get(key.split()[-1], key): round(used - threads_before.get(key, 0.0), 3)
         for key, used in threads_after.items()

@@ -139,7 +139,7 @@ def gateway_run(home: Path | None, log_format: str, log_level: str) -> None:
 
     configure_logging("json" if log_format == "json" else "console", log_level)
     with asyncio.Runner(loop_factory=daemon.event_loop_factory()) as runner:
-        runner.run(daemon.run(resolve_home(home)))
+        runner.run(daemon.run(resolve_home(home), log_format=log_format, log_level=log_level))
 
 
 # --- resources -------------------------------------------------------------------

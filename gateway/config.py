@@ -61,6 +61,8 @@ class GatewaySettings(BaseModel):
     audit_redact_patterns: list[str] = Field(default_factory=list)
     #: refuse and end connections while the audit trail cannot be written
     audit_fail_closed: bool = False
+    #: write the trail from a child process (off: from the daemon's store thread)
+    audit_writer_process: bool = True
 
 
 class ClientConfig(BaseModel):

@@ -23,6 +23,7 @@ import structlog
 import uvicorn
 
 from gateway.api import create_app
+from gateway.audit.sink import AuditSink
 from gateway.config import (
     MASTER_KEY_FILE,
     ClientConfig,
@@ -143,14 +144,21 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def run(home: Path) -> None:
+async def run(home: Path, *, log_format: str = "console", log_level: str = "info") -> None:
     settings = load_settings(home)
     box = SecretBox(load_master_key(home / MASTER_KEY_FILE))
     store = Store.open(
         store_url(home, settings), box, sqlite_synchronous=settings.store_sqlite_synchronous
     )
     cert, key = ensure_local_certificate(home)
-    service = GatewayService(store, settings, client_tls_context=server_context(cert, key))
+    sink = (
+        AuditSink(home, log_format=log_format, log_level=log_level)
+        if settings.audit_enabled and settings.audit_writer_process
+        else None
+    )
+    service = GatewayService(
+        store, settings, client_tls_context=server_context(cert, key), audit_sink=sink
+    )
     sock = _bind(settings.api_host, settings.api_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -32,6 +32,7 @@ import structlog
 from gateway.audit.pairing import StatementTracker
 from gateway.audit.records import AuditEvent
 from gateway.audit.redaction import Redactor
+from gateway.audit.sink import AuditSink
 from gateway.audit.tap import ConnectionAudit
 from gateway.audit.writer import AuditWriter
 from gateway.config import GatewaySettings
@@ -99,6 +100,8 @@ class GatewayService:
     _watchdog: asyncio.Task[None] | None = None
     _closing: bool = False
     audit_writer: AuditWriter | None = None
+    #: the audit writer process (None: the trail is written on the store thread)
+    audit_sink: AuditSink | None = None
     #: set while the audit trail cannot be written and fail-closed is on
     _audit_down: BaseException | None = None
     #: every account's stored password, so the audit can mask any of them
@@ -274,8 +277,12 @@ class GatewayService:
         self._watchdog = asyncio.create_task(self._watch_heartbeats(), name="grant-watchdog")
         if self.settings.audit_enabled:
             await self.refresh_secrets()
+            append = self._append_audit
+            if self.audit_sink is not None:
+                await self.audit_sink.start()
+                append = self.audit_sink.append
             self.audit_writer = AuditWriter(
-                self._append_audit,
+                append,
                 on_failure=self._on_audit_failure,
                 on_recovery=self._on_audit_recovery,
             )
@@ -324,6 +331,8 @@ class GatewayService:
         if self.audit_writer is not None:
             # Flush the audit trail before the sessions are sealed and closed.
             await self.audit_writer.close()
+        if self.audit_sink is not None:
+            await self.audit_sink.close()
         for grant in grants:
             if grant.expiry_task is not None:
                 grant.expiry_task.cancel()

@@ -187,12 +187,15 @@ class Gateway:
     def init(self) -> None:
         self.cli("gateway", "init", "--api-port", str(free_port()))
 
-    def start(self) -> None:
+    def start(self, *, own_process_group: bool = False) -> None:
+        """Start the daemon; *own_process_group* puts it (and its children) in a
+        process group of its own, as a terminal or a service manager would."""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cli", "gateway", "run", "--log-format", "json"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=self.env,
+            start_new_session=own_process_group,
         )
         self._drains = [
             _Drain(self.proc.stdout, self.transcript),
@@ -458,3 +461,31 @@ def edit_store(gateway: Gateway, *sql: str) -> None:
         for statement in sql:
             db.execute(statement)
     db.close()
+
+
+def child_pids(pid: int) -> list[int]:
+    """Live child processes of *pid* (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rpartition(") ")[2].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def audit_sink_pid(gateway: Gateway) -> int:
+    """The daemon's audit writer process."""
+    assert gateway.proc is not None
+    for child in child_pids(gateway.proc.pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"gateway.audit.sink" in cmdline:
+            return child
+    raise AssertionError("the daemon has no audit writer process")

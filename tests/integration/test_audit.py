@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import secrets
+import signal
 import struct
 import subprocess
 import threading
@@ -33,6 +35,7 @@ from harness import (
     AccessProcess,
     Gateway,
     RawClient,
+    audit_sink_pid,
     connect_error,
     edit_store,
     error_fields,
@@ -104,13 +107,13 @@ def configured_gateway(
     resource ``prod`` and accounts as the ``gateway`` fixture."""
     started: list[Gateway] = []
 
-    def start(**settings: Any) -> Gateway:
+    def start(own_process_group: bool = False, **settings: Any) -> Gateway:
         gw = Gateway(tmp_path / f"gw{len(started)}")
         started.append(gw)
         gw.init()
         path = gw.home / "gateway.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), **settings}))
-        gw.start()
+        gw.start(own_process_group=own_process_group)
         gw.cli(
             "resource",
             "add",
@@ -627,3 +630,54 @@ def test_any_accounts_stored_password_is_masked_not_only_the_sessions_own(
     assert [r["sql"] for r in recorded] == ["select '***' as leaked", "select $1::text"]
     assert parameters(recorded[1]) == [(1, "***")]
     assert other.encode() not in store_path(gateway).read_bytes()
+
+
+# --- the audit writer process -------------------------------------------------------------
+
+
+def _statement_sql(gateway: Gateway, session: str) -> list[str]:
+    return [r["sql"] for r in trail(gateway, session) if r["kind"] == "statement"]
+
+
+def test_the_audit_writer_process_is_restarted_when_it_dies_and_nothing_is_lost(
+    configured_gateway: Callable[..., Gateway],
+) -> None:
+    gateway = configured_gateway()
+    access = gateway.access().wait_ready()
+    expected = ["select 'before'"] + [f"select 'after-{i}'" for i in range(20)]
+    with psycopg.connect(access.dsn(), autocommit=True) as conn:
+        conn.execute(expected[0])
+        wait_for(lambda: _statement_sql(gateway, access.session_prefix) == expected[:1])
+        first = audit_sink_pid(gateway)
+        os.kill(first, signal.SIGKILL)
+        for sql in expected[1:]:
+            assert conn.execute(sql).fetchone() is not None
+    wait_for(lambda: _statement_sql(gateway, access.session_prefix)[-1:] == expected[-1:])
+    assert _statement_sql(gateway, access.session_prefix) == expected
+    assert audit_sink_pid(gateway) != first
+    assert f'"pid": {first}, "status": -9, "event": "audit_sink_exited"' in gateway.log()
+    access.stop()
+    assert gateway.cli("audit", "verify", access.session_prefix).returncode == 0
+
+
+def test_ctrl_c_to_the_daemons_process_group_still_writes_the_whole_trail(
+    configured_gateway: Callable[..., Gateway],
+) -> None:
+    # A terminal's Ctrl+C (and systemd's stop) signals every process of the group,
+    # the audit writer too; it must outlive the daemon's drain, not die first.
+    gateway = configured_gateway(own_process_group=True)
+    access = gateway.access().wait_ready()
+    expected = [f"select {i}" for i in range(200)]
+    with psycopg.connect(access.dsn(), autocommit=True) as conn:
+        for sql in expected:
+            conn.execute(sql)
+    assert gateway.proc is not None
+    os.killpg(gateway.proc.pid, signal.SIGINT)
+    assert gateway.proc.wait(WAIT_SECONDS) == 0
+    assert "audit_events_unwritten_at_shutdown" not in gateway.log()
+    # Not merely restarted in time: the writer process never died.
+    assert "audit_sink_exited" not in gateway.log()
+    assert gateway.log().count('"event": "audit_sink_started"') == 1
+    access.proc.wait(WAIT_SECONDS)
+    gateway.start()
+    assert _statement_sql(gateway, access.session_prefix) == expected

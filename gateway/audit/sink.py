@@ -1,0 +1,370 @@
+"""The audit sink: a child process of the daemon that writes the trail to the store.
+
+Why a process and not the store thread: writing a statement record (validation,
+canonical JSON, the HMAC chain, the INSERT) is Python work that holds the GIL, in
+bursts of a whole batch. In a thread of the daemon that work stalls the event
+loop, which relays every session, for the length of a switch interval at a time;
+in a process of its own it runs beside the relay instead of in turns with it. The
+relay's side of an append is converting the batch to plain tuples and one pipe
+write (:func:`encode_events`).
+
+The child opens the store itself, from the state directory, exactly as the
+daemon does (settings, master key, store URL): no secret crosses the pipe. It
+ignores SIGINT and SIGTERM, which a terminal or systemd sends to the whole
+process group, so that the daemon can drain its queue into it during an ordered
+shutdown; it exits when its stdin closes, which also happens if the daemon dies.
+
+The pipe protocol (private to this module): frames of a 4-byte big-endian length
+and a payload. The child sends ``{"ready": true}`` (JSON) once the store is
+open. Then, for each batch the daemon sends (``marshal`` of a list of event
+tuples), it answers ``{"written": N}`` or ``{"error": CLASS, "message": TEXT}``,
+where CLASS names a :class:`~gateway.errors.GatewayError` subclass. ``marshal``
+is only safe for data from a trusted writer; here that is the parent, over a pipe
+nobody else holds.
+
+One limit: if the child dies after committing a batch but before answering, the
+daemon sends the batch again to the next child, and those records appear twice
+(each chained, so verification still passes). Nothing is lost either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import marshal
+import os
+import signal
+import struct
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, BinaryIO, Final
+
+import structlog
+
+from gateway.audit.records import AuditEvent, Parameter
+from gateway.errors import ConfigError, GatewayError, InvalidRequest, NotFound
+
+log = structlog.get_logger(__name__)
+
+_LENGTH: Final = struct.Struct("!I")
+#: A batch of 500 statements with 64 KiB of SQL each is 32 MiB; refuse beyond.
+MAX_FRAME_BYTES: Final = 256 * 1024 * 1024
+START_TIMEOUT_SECONDS: Final = 60.0
+CLOSE_TIMEOUT_SECONDS: Final = 10.0
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND: Final = timedelta(microseconds=1)
+
+
+class SinkError(GatewayError):
+    """The audit writer process failed or went away."""
+
+    sqlstate = "58000"
+
+
+# --- the events, as plain tuples ---------------------------------------------------
+
+
+def encode_events(events: Sequence[AuditEvent]) -> bytes:
+    """*events* as a ``marshal`` payload of tuples (no classes, no datetimes).
+
+    ``occurred_at`` travels as microseconds since the epoch (UTC), which is all of
+    it the store keeps. Raises :class:`InvalidRequest` for an event the store
+    would refuse anyway because its time has no zone.
+    """
+    rows = []
+    for position, e in enumerate(events):
+        try:
+            micros = (e.occurred_at - _EPOCH) // _MICROSECOND
+        except TypeError:
+            raise InvalidRequest(
+                f"audit event {position} occurred_at must be a timezone-aware datetime"
+            ) from None
+        parameters = (
+            None
+            if e.parameters is None
+            else tuple((p.index, p.type_oid, p.format, p.value, p.truncated) for p in e.parameters)
+        )
+        rows.append(
+            (
+                e.session_id,
+                e.connection_id,
+                e.kind,
+                micros,
+                e.protocol,
+                e.sql,
+                e.statement_name,
+                e.portal_name,
+                parameters,
+                e.command_tag,
+                e.rows,
+                e.status,
+                e.sqlstate,
+                e.error_message,
+                e.duration_ms,
+                e.copy_direction,
+                e.copy_bytes,
+                e.detail,
+            )
+        )
+    return marshal.dumps(rows)
+
+
+def decode_events(payload: bytes) -> list[AuditEvent]:
+    """The inverse of :func:`encode_events`."""
+    events = []
+    for row in marshal.loads(payload):  # noqa: S302 (our own parent, over a private pipe)
+        (
+            session_id,
+            connection_id,
+            kind,
+            micros,
+            protocol,
+            sql,
+            statement_name,
+            portal_name,
+            parameters,
+            command_tag,
+            rows,
+            status,
+            sqlstate,
+            error_message,
+            duration_ms,
+            copy_direction,
+            copy_bytes,
+            detail,
+        ) = row
+        events.append(
+            AuditEvent(
+                session_id=session_id,
+                connection_id=connection_id,
+                kind=kind,
+                occurred_at=_EPOCH + timedelta(microseconds=micros),
+                protocol=protocol,
+                sql=sql,
+                statement_name=statement_name,
+                portal_name=portal_name,
+                parameters=None if parameters is None else tuple(Parameter(*p) for p in parameters),
+                command_tag=command_tag,
+                rows=rows,
+                status=status,
+                sqlstate=sqlstate,
+                error_message=error_message,
+                duration_ms=duration_ms,
+                copy_direction=copy_direction,
+                copy_bytes=copy_bytes,
+                detail=detail,
+            )
+        )
+    return events
+
+
+#: Errors the child reports by class name, raised again as such in the daemon.
+_ERRORS: Final[dict[str, type[GatewayError]]] = {
+    cls.__name__: cls for cls in (InvalidRequest, NotFound, ConfigError, SinkError)
+}
+
+
+def _error_reply(exc: BaseException) -> dict[str, Any]:
+    message = exc.message if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
+    name = type(exc).__name__
+    return {"error": name if name in _ERRORS else "StoreError", "message": message}
+
+
+def _raise_reply(reply: dict[str, Any]) -> int:
+    if "written" in reply:
+        return int(reply["written"])
+    name, message = str(reply.get("error")), str(reply.get("message"))
+    if name == "StoreError":
+        from gateway.store import StoreError
+
+        raise StoreError(message)
+    raise _ERRORS.get(name, SinkError)(message)
+
+
+# --- the daemon's side -------------------------------------------------------------
+
+
+class AuditSink:
+    """Runs and talks to the audit writer process; :meth:`append` is the
+    :class:`~gateway.audit.writer.AuditWriter`'s append function.
+
+    A process that has exited is started again by the next append, so a crash of
+    the writer process costs a retry, not the trail.
+    """
+
+    def __init__(self, home: Path, *, log_format: str = "json", log_level: str = "info") -> None:
+        self._home = home
+        self._log_args = ["--log-format", log_format, "--log-level", log_level]
+        self._proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+        self.starts = 0
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    async def start(self) -> None:
+        async with self._lock:
+            await self._spawn()
+
+    async def append(self, events: list[AuditEvent]) -> int:
+        payload = encode_events(events)
+        async with self._lock:
+            proc = self._proc
+            if proc is not None and proc.returncode is not None:
+                log.warning("audit_sink_exited", pid=proc.pid, status=proc.returncode)
+            if proc is None or proc.returncode is not None:
+                proc = await self._spawn()
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write(_LENGTH.pack(len(payload)) + payload)
+                await proc.stdin.drain()
+                reply = await self._read_reply(proc)
+            except (ConnectionError, asyncio.IncompleteReadError) as exc:
+                code = await self._reap(proc)
+                log.warning("audit_sink_exited", pid=proc.pid, status=code)
+                raise SinkError(
+                    f"the audit writer process (pid {proc.pid}) exited"
+                    f" (status {code}) before answering: {type(exc).__name__}"
+                ) from None
+        return _raise_reply(reply)
+
+    async def close(self) -> None:
+        async with self._lock:
+            proc, self._proc = self._proc, None
+            if proc is None or proc.returncode is not None:
+                return
+            assert proc.stdin is not None
+            proc.stdin.close()
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
+                    await proc.wait()
+            except TimeoutError:
+                log.error("audit_sink_kill", pid=proc.pid)
+                proc.kill()
+                await proc.wait()
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.kill()
+            await self._proc.wait()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway.audit.sink",
+            "--home",
+            str(self._home),
+            *self._log_args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            # Its log lines go where the daemon's go.
+            stderr=None,
+        )
+        try:
+            async with asyncio.timeout(START_TIMEOUT_SECONDS):
+                reply = await self._read_reply(proc)
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
+            if proc.returncode is None:
+                proc.kill()
+            code = await proc.wait()
+            raise SinkError(
+                f"the audit writer process did not start (status {code}, {type(exc).__name__})"
+            ) from None
+        if not reply.get("ready"):
+            await proc.wait()
+            _raise_reply(reply)
+        self._proc = proc
+        self.starts += 1
+        log.info("audit_sink_started", pid=proc.pid, starts=self.starts)
+        return proc
+
+    @staticmethod
+    async def _read_reply(proc: asyncio.subprocess.Process) -> dict[str, Any]:
+        assert proc.stdout is not None
+        (length,) = _LENGTH.unpack(await proc.stdout.readexactly(_LENGTH.size))
+        reply: dict[str, Any] = json.loads(await proc.stdout.readexactly(length))
+        return reply
+
+    async def _reap(self, proc: asyncio.subprocess.Process) -> int | None:
+        if self._proc is proc:
+            self._proc = None
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
+                return await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            return await proc.wait()
+
+
+# --- the child ---------------------------------------------------------------------
+
+
+def _read_frame(stream: BinaryIO) -> bytes | None:
+    head = stream.read(_LENGTH.size)
+    if len(head) < _LENGTH.size:
+        return None  # the daemon closed our stdin: time to go
+    (length,) = _LENGTH.unpack(head)
+    if length > MAX_FRAME_BYTES:
+        raise SinkError(f"a frame of {length} bytes is over the limit of {MAX_FRAME_BYTES}")
+    payload = stream.read(length)
+    if len(payload) < length:
+        return None
+    return payload
+
+
+def _write_frame(stream: BinaryIO, message: dict[str, Any]) -> None:
+    payload = json.dumps(message).encode()
+    stream.write(_LENGTH.pack(len(payload)) + payload)
+    stream.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway.audit.sink")
+    parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--log-format", choices=["console", "json"], default="json")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    # The daemon decides when we stop (it closes our stdin after draining).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Frames go to the real stdout; anything else that prints goes to stderr.
+    frames_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    frames_in = sys.stdin.buffer
+
+    from gateway.config import MASTER_KEY_FILE, load_settings, store_url
+    from gateway.crypto import SecretBox, load_master_key
+    from gateway.logging import configure_logging
+    from gateway.store import Store
+
+    configure_logging("json" if args.log_format == "json" else "console", args.log_level)
+    try:
+        settings = load_settings(args.home)
+        box = SecretBox(load_master_key(args.home / MASTER_KEY_FILE))
+        store = Store.open(
+            store_url(args.home, settings),
+            box,
+            sqlite_synchronous=settings.store_sqlite_synchronous,
+        )
+    except GatewayError as exc:
+        _write_frame(frames_out, _error_reply(exc))
+        return 1
+    _write_frame(frames_out, {"ready": True})
+    try:
+        while (payload := _read_frame(frames_in)) is not None:
+            try:
+                written = store.append_audit(decode_events(payload))
+            except Exception as exc:  # every failure is the daemon's to handle
+                _write_frame(frames_out, _error_reply(exc))
+                continue
+            _write_frame(frames_out, {"written": written})
+    finally:
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
