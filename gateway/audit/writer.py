@@ -51,6 +51,9 @@ class AuditWriter:
         self._wakeup = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
+        #: over ``max_backlog`` events wait (read on every relayed server chunk,
+        #: hence a plain attribute kept in step with ``_room``)
+        self.congested = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
@@ -63,9 +66,6 @@ class AuditWriter:
     def backlog(self) -> int:
         return len(self._queue)
 
-    @property
-    def congested(self) -> bool:
-        return not self._room.is_set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="audit-writer")
@@ -79,6 +79,7 @@ class AuditWriter:
             self._wakeup.set()
         if len(self._queue) > self._max_backlog:
             self._room.clear()
+            self.congested = True
 
     async def wait_for_room(self) -> None:
         await self._room.wait()
@@ -136,6 +137,7 @@ class AuditWriter:
                     await self._recovered()
                 if len(self._queue) <= self._max_backlog // 2:
                     self._room.set()
+                    self.congested = False
 
     async def _failed(self, exc: BaseException) -> None:
         first = self.failed is None
