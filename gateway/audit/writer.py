@@ -66,7 +66,6 @@ class AuditWriter:
     def backlog(self) -> int:
         return len(self._queue)
 
-
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="audit-writer")
 

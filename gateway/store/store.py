@@ -706,6 +706,7 @@ class Store:
         self._timestamp_param = functools.partial(
             UtcTimestamp().process_bind_param, dialect=engine.dialect
         )
+        self._iso_timestamps = engine.dialect.name != "postgresql"
         # SQLite allows one writer per file anyway; serialising this process's
         # threads here turns lock contention into a short wait instead of an error,
         # and makes the shared in-memory connection safe. PostgreSQL needs no lock.
@@ -1488,7 +1489,8 @@ class Store:
             fields["connection_id"],
             seq,
             fields["kind"],
-            self._timestamp_param(occurred_at),
+            # On SQLite the column holds the same ISO-8601 text the chain covers.
+            fields["occurred_at"] if self._iso_timestamps else self._timestamp_param(occurred_at),
             recorded_at,
             fields["protocol"],
             fields["sql"],
