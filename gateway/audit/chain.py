@@ -59,6 +59,7 @@ from gateway.errors import ConfigError
 __all__ = [
     "AUDIT_KEY_BYTES",
     "AUDIT_KEY_INFO",
+    "EVENT_FIELDS",
     "GENESIS_HASH",
     "AuditChain",
     "ChainProblem",
@@ -92,9 +93,9 @@ _WHITESPACE: Final = re.compile(r"\s+")
 #: What :meth:`gateway.store.Store.verify_audit` can find wrong.
 ChainProblemKind = Literal["changed", "removed", "reordered", "truncated", "seal"]
 
-#: Event fields in their dataclass order; ``seq`` and ``prev_hash`` are added by
-#: :meth:`AuditChain.record_hash`.
-_EVENT_FIELDS: Final = (
+#: Event fields in their dataclass order (the keys of :func:`event_fields`);
+#: ``seq`` and ``prev_hash`` are added by :meth:`AuditChain.record_hash`.
+EVENT_FIELDS: Final = (
     "session_id",
     "connection_id",
     "kind",

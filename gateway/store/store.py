@@ -38,6 +38,7 @@ import functools
 import itertools
 import json
 import math
+import operator
 import re
 import threading
 import uuid
@@ -59,6 +60,7 @@ from sqlalchemy.pool import StaticPool
 
 from gateway.audit.chain import (
     AUDIT_KEY_INFO,
+    EVENT_FIELDS,
     GENESIS_HASH,
     AuditChain,
     ChainProblem,
@@ -410,31 +412,13 @@ def _explain_invalid_audit_event(where: str, event: AuditEvent) -> None:
     # the fast path only to be accepted here: still valid.
 
 
-#: Columns of an inserted audit row, in the order of Store._audit_row's tuples.
-_AUDIT_INSERT_COLUMNS: Final = (
-    "session_id",
-    "connection_id",
-    "seq",
-    "kind",
-    "occurred_at",
-    "recorded_at",
-    "protocol",
-    "sql",
-    "statement_name",
-    "portal_name",
-    "parameters",
-    "command_tag",
-    "rows",
-    "status",
-    "sqlstate",
-    "error_message",
-    "duration_ms",
-    "copy_direction",
-    "copy_bytes",
-    "detail",
-    "prev_hash",
-    "hash",
-)
+#: Columns of an inserted audit row, in the order of Store._audit_row's tuples:
+#: the event's fields as the chain lists them, then what the store adds.
+_AUDIT_INSERT_COLUMNS: Final = (*EVENT_FIELDS, "seq", "recorded_at", "prev_hash", "hash")
+_EVENT_VALUES: Final = operator.itemgetter(*EVENT_FIELDS)
+_OCCURRED_AT: Final = EVENT_FIELDS.index("occurred_at")
+_PARAMETERS: Final = EVENT_FIELDS.index("parameters")
+_DETAIL: Final = EVENT_FIELDS.index("detail")
 #: Rows per INSERT statement: 22 parameters each stays under SQLite's (32,766)
 #: and PostgreSQL's (65,535) limit on parameters per statement.
 _AUDIT_ROWS_PER_INSERT: Final = 500
@@ -1483,32 +1467,16 @@ class Store:
         recorded_at: object,
     ) -> tuple[Any, ...]:
         """One row of :data:`_AUDIT_INSERT_COLUMNS`, as the driver takes it."""
-        parameters, detail = fields["parameters"], fields["detail"]
-        return (
-            fields["session_id"],
-            fields["connection_id"],
-            seq,
-            fields["kind"],
-            # On SQLite the column holds the same ISO-8601 text the chain covers.
-            fields["occurred_at"] if self._iso_timestamps else self._timestamp_param(occurred_at),
-            recorded_at,
-            fields["protocol"],
-            fields["sql"],
-            fields["statement_name"],
-            fields["portal_name"],
-            None if parameters is None else _json_text(parameters),
-            fields["command_tag"],
-            fields["rows"],
-            fields["status"],
-            fields["sqlstate"],
-            fields["error_message"],
-            fields["duration_ms"],
-            fields["copy_direction"],
-            fields["copy_bytes"],
-            None if detail is None else _json_text(detail),
-            prev_hash,
-            digest,
-        )
+        row = list(_EVENT_VALUES(fields))
+        # On SQLite the column holds the same ISO-8601 text the chain covers.
+        if not self._iso_timestamps:
+            row[_OCCURRED_AT] = self._timestamp_param(occurred_at)
+        if row[_PARAMETERS] is not None:
+            row[_PARAMETERS] = _json_text(row[_PARAMETERS])
+        if row[_DETAIL] is not None:
+            row[_DETAIL] = _json_text(row[_DETAIL])
+        row += (seq, recorded_at, prev_hash, digest)
+        return tuple(row)
 
     def _insert_audit_rows(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
         """Insert *rows* with one multi-row INSERT per chunk.
