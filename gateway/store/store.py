@@ -769,8 +769,15 @@ class Store:
         return f"Store({self._engine.url.render_as_string(hide_password=True)!r})"
 
     @contextlib.contextmanager
-    def _transaction(self, *, write: bool, snapshot: bool = False) -> Iterator[Connection]:
+    def _transaction(
+        self, *, write: bool, snapshot: bool = False, conflicts: bool = False
+    ) -> Iterator[Connection]:
         """One transaction; commits if the block returns, rolls back if it raises.
+
+        *conflicts*: the caller turns a constraint violation into its own error
+        (a duplicate name into :class:`AlreadyExists`), so ``IntegrityError`` is
+        re-raised as it is. Otherwise it is a :class:`StoreError` like any other
+        database failure (a trigger, a constraint added by hand).
 
         *snapshot* (read-only, for long reads such as verify): every statement sees
         the same state of the database (PostgreSQL: REPEATABLE READ; SQLite's WAL
@@ -794,9 +801,10 @@ class Store:
                     connection.execution_options(isolation_level="REPEATABLE READ")
                 with connection.begin():
                     yield connection
-        except IntegrityError:
-            # Callers turn constraint violations into AlreadyExists and friends.
-            raise
+        except IntegrityError as exc:
+            if conflicts:
+                raise
+            raise StoreError(f"state store error: {exc.orig}") from exc
         except DBAPIError as exc:
             # Parameters are hidden (hide_parameters=True), so this cannot leak a
             # ciphertext, let alone a password.
@@ -828,7 +836,7 @@ class Store:
             "created_at": self._now(),
         }
         try:
-            with self._transaction(write=True) as conn:
+            with self._transaction(write=True, conflicts=True) as conn:
                 conn.execute(resources.insert().values(row))
         except IntegrityError:
             raise AlreadyExists(f"resource '{name}' already exists") from None
@@ -869,7 +877,7 @@ class Store:
         now = self._now()
         sealed = self._box.encrypt(password.encode(), aad=_account_aad(account_id))
         try:
-            with self._transaction(write=True) as conn:
+            with self._transaction(write=True, conflicts=True) as conn:
                 parent = self._resource_row(conn, resource, lock="share")
                 conn.execute(
                     accounts.insert().values(
@@ -1150,26 +1158,21 @@ class Store:
         ):
             raise InvalidRequest(f"backend_pid must be a non-negative integer, not {backend_pid!r}")
         now = self._now() if started_at is None else _check_time("started_at", started_at)
-        try:
-            with self._transaction(write=True) as conn:
-                parent = self._session_row(conn, session_id, lock="share")
-                if parent.ended_at is not None:
-                    raise InvalidRequest(f"session '{session_id}' has ended")
-                row = {
-                    "id": _new_id(),
-                    "session_id": session_id,
-                    "client_addr": client_addr,
-                    "application_name": application_name,
-                    "backend_pid": backend_pid,
-                    "started_at": now,
-                    "bytes_from_client": 0,
-                    "bytes_from_server": 0,
-                }
-                conn.execute(connections.insert().values(row))
-        except IntegrityError as exc:
-            # Nothing a caller could have done (a fresh id, an existing session):
-            # the database refused, e.g. a trigger or a constraint added by hand.
-            raise StoreError(f"state store error: {exc.orig}") from exc
+        with self._transaction(write=True) as conn:
+            parent = self._session_row(conn, session_id, lock="share")
+            if parent.ended_at is not None:
+                raise InvalidRequest(f"session '{session_id}' has ended")
+            row = {
+                "id": _new_id(),
+                "session_id": session_id,
+                "client_addr": client_addr,
+                "application_name": application_name,
+                "backend_pid": backend_pid,
+                "started_at": now,
+                "bytes_from_client": 0,
+                "bytes_from_server": 0,
+            }
+            conn.execute(connections.insert().values(row))
         return ConnectionRecord.model_validate(row)
 
     def end_connection(
@@ -1240,54 +1243,51 @@ class Store:
         recorded_at = self._timestamp_param(self._now())
         session_ids = sorted({fields["session_id"] for fields in prepared})
         heads: dict[str, tuple[int, str]] = {}
-        try:
-            with self._transaction(write=True) as conn:
-                # Locked in id order, so two batches never wait on each other in a
-                # cycle; the lock orders every append to a session (and its end).
-                found = conn.execute(
-                    select(sessions.c.id, sessions.c.ended_at)
-                    .where(sessions.c.id.in_(session_ids))
-                    .order_by(sessions.c.id)
-                    .with_for_update()
-                ).all()
-                known = {row.id: row.ended_at is not None for row in found}
-                for session_id in session_ids:
-                    if session_id not in known:
-                        raise NotFound(f"session '{session_id}' not found")
-                    heads[session_id] = self._chain_head(conn, session_id)
-                rows = []
-                for position, fields in enumerate(prepared):
-                    session_id = fields["session_id"]
-                    seq, prev_hash = heads[session_id]
-                    seq += 1
-                    try:
-                        digest = self._chain.record_hash(prev_hash, seq, fields)
-                    except ValueError:
-                        # Lone surrogates and the like: not representable in UTF-8.
-                        raise InvalidRequest(
-                            f"audit event {position} holds text that is not valid Unicode"
-                        ) from None
-                    rows.append(
-                        self._audit_row(
-                            fields,
-                            events[position].occurred_at,
-                            seq,
-                            prev_hash,
-                            digest,
-                            recorded_at,
-                        )
+        with self._transaction(write=True) as conn:
+            # Locked in id order, so two batches never wait on each other in a
+            # cycle; the lock orders every append to a session (and its end).
+            found = conn.execute(
+                select(sessions.c.id, sessions.c.ended_at)
+                .where(sessions.c.id.in_(session_ids))
+                .order_by(sessions.c.id)
+                .with_for_update()
+            ).all()
+            known = {row.id: row.ended_at is not None for row in found}
+            for session_id in session_ids:
+                if session_id not in known:
+                    raise NotFound(f"session '{session_id}' not found")
+                heads[session_id] = self._chain_head(conn, session_id)
+            rows = []
+            for position, fields in enumerate(prepared):
+                session_id = fields["session_id"]
+                seq, prev_hash = heads[session_id]
+                seq += 1
+                try:
+                    digest = self._chain.record_hash(prev_hash, seq, fields)
+                except ValueError:
+                    # Lone surrogates and the like: not representable in UTF-8.
+                    raise InvalidRequest(
+                        f"audit event {position} holds text that is not valid Unicode"
+                    ) from None
+                rows.append(
+                    self._audit_row(
+                        fields,
+                        events[position].occurred_at,
+                        seq,
+                        prev_hash,
+                        digest,
+                        recorded_at,
                     )
-                    heads[session_id] = (seq, digest)
-                self._insert_audit_rows(conn, rows)
-                for session_id, is_ended in known.items():
-                    if is_ended:
-                        conn.execute(
-                            sessions.update()
-                            .where(sessions.c.id == session_id)
-                            .values(**self._seal_values(session_id, heads[session_id]))
-                        )
-        except IntegrityError as exc:
-            raise StoreError(f"state store error: {exc.orig}") from exc
+                )
+                heads[session_id] = (seq, digest)
+            self._insert_audit_rows(conn, rows)
+            for session_id, is_ended in known.items():
+                if is_ended:
+                    conn.execute(
+                        sessions.update()
+                        .where(sessions.c.id == session_id)
+                        .values(**self._seal_values(session_id, heads[session_id]))
+                    )
         self._remember_heads(heads)
         return len(rows)
 

@@ -29,7 +29,7 @@ from store_support import T0, FakeClock, pg_admin_url
 import gateway.store.store as store_module
 from gateway.crypto import SecretBox, SecretDecryptError
 from gateway.errors import AlreadyExists, ConfigError, InvalidRequest, NotFound
-from gateway.store import AccessSession, Account, Store
+from gateway.store import AccessSession, Account, Store, StoreError
 from gateway.store.schema import VERSION_TABLE, accounts, metadata
 
 PASSWORD = "pw-canary-" + secrets.token_hex(8)
@@ -804,3 +804,28 @@ def test_an_unknown_sqlite_synchronous_setting_is_refused(tmp_path: Path, box: S
     with pytest.raises(ConfigError, match="sqlite_synchronous"):
         Store.open(f"sqlite:///{tmp_path / 'state.db'}", box, sqlite_synchronous="off")  # type: ignore[arg-type]
     assert not (tmp_path / "state.db").exists()
+
+
+def test_a_constraint_the_database_enforces_on_its_own_is_a_store_error(
+    store: Store, raw: Engine, sqlite_only: None
+) -> None:
+    # A trigger (or a constraint added by hand) refusing a write is the store
+    # failing, whichever method hit it, not an error the caller could have avoided.
+    _add_db(store)
+    session = _session(store)
+    with raw.begin() as conn:
+        for table in ("connections", "sessions"):
+            conn.execute(
+                text(
+                    f"CREATE TRIGGER test_block_{table} BEFORE "
+                    f"{'INSERT' if table == 'connections' else 'UPDATE'} ON {table}"
+                    " BEGIN SELECT RAISE(ABORT, 'blocked by the test'); END"
+                )
+            )
+    with pytest.raises(StoreError, match="blocked by the test"):
+        store.create_connection(session.id, client_addr="127.0.0.1:1")
+    with pytest.raises(StoreError, match="blocked by the test"):
+        store.end_session(session.id, reason="expired")
+    # A duplicate name is still the caller's conflict.
+    with pytest.raises(AlreadyExists):
+        _add_db(store)
