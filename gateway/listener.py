@@ -223,7 +223,7 @@ class AccessListener:
             self.connections.add(conn)
             await self._serve_connection(reader, writer, conn, bound)
         except Exception as exc:  # the last line of defence for one connection
-            bound.exception("connection_failed", error=repr(exc))
+            bound.error("connection_failed", error=repr(exc))
             if conn.relay is None and conn.upstream is not None:
                 # Signed in upstream but never handed to a relay (which closes its own).
                 conn.upstream.writer.transport.abort()

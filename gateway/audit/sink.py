@@ -168,7 +168,13 @@ _ERRORS: Final[dict[str, type[GatewayError]]] = {
 
 
 def _error_reply(exc: BaseException) -> dict[str, Any]:
-    message = exc.message if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
+    # Our own errors are written never to hold a value; anything else's text might
+    # quote the SQL or a parameter it choked on, so only its type crosses.
+    message = (
+        exc.message
+        if isinstance(exc, GatewayError)
+        else f"unexpected {type(exc).__name__} in the audit writer process"
+    )
     name = type(exc).__name__
     return {"error": name if name in _ERRORS else "StoreError", "message": message}
 

@@ -157,3 +157,17 @@ async def test_a_child_that_cannot_open_the_store_says_why(home: Path) -> None:
     with pytest.raises(ConfigError, match="state store URL"):
         await asyncio.wait_for(sink.start(), 60)
     assert sink.pid is None
+
+
+def test_an_unexpected_error_in_the_child_crosses_by_type_only() -> None:
+    from gateway.audit.sink import _error_reply
+
+    reply = _error_reply(UnicodeEncodeError("utf-8", "pw-hunter2\ud800", 10, 11, "surrogate"))
+    assert reply == {
+        "error": "StoreError",
+        "message": "unexpected UnicodeEncodeError in the audit writer process",
+    }
+    assert _error_reply(NotFound("session 'x' not found")) == {
+        "error": "NotFound",
+        "message": "session 'x' not found",
+    }
