@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import sqlite3
@@ -489,3 +490,25 @@ def audit_sink_pid(gateway: Gateway) -> int:
         if b"gateway.audit.sink" in cmdline:
             return child
     raise AssertionError("the daemon has no audit writer process")
+
+
+def unique(prefix: str) -> str:
+    """A role or object name no other test uses (the cluster lives for the whole run)."""
+    return f"{prefix}_{secrets.token_hex(4)}"
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess[str], code: int = 1) -> str:
+    """The CLI failed with ``code`` and said why in exactly one line on stderr."""
+    assert result.returncode == code, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def psql(access: AccessProcess, *commands: str) -> subprocess.CompletedProcess[str]:
+    """psql through an access session, one ``-c`` per command, unaligned, errors not fatal."""
+    args = ["psql", access.url, "-X", "-At", "-v", "ON_ERROR_STOP=0"]
+    for command in commands:
+        args += ["-c", command]
+    return subprocess.run(args, capture_output=True, text=True, timeout=STARTUP_TIMEOUT)

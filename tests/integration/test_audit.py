@@ -32,14 +32,15 @@ import psycopg
 import pytest
 from conftest import APP_DATABASE
 from harness import (
-    AccessProcess,
     Gateway,
     RawClient,
     audit_sink_pid,
     connect_error,
     edit_store,
     error_fields,
+    psql,
     store_path,
+    unique,
     wait_for,
 )
 
@@ -54,17 +55,6 @@ SCRAM_PASSWORD = "s3cret-scram-Pw!"
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(5)}"
-
-
-def psql(access: AccessProcess, *commands: str) -> subprocess.CompletedProcess[str]:
-    args = ["psql", access.url, "-X", "-At", "-v", "ON_ERROR_STOP=0"]
-    for command in commands:
-        args += ["-c", command]
-    return subprocess.run(args, capture_output=True, text=True, timeout=WAIT_SECONDS)
 
 
 def statements(gateway: Gateway, session: str) -> list[dict[str, Any]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import stat
-import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,20 +17,11 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import APP_DATABASE
-from harness import Gateway, wait_for
+from harness import Gateway, assert_one_error_line, wait_for
 
 from gateway.pgcluster import PgRole, TempCluster
 
 pytestmark = pytest.mark.integration
-
-
-def assert_one_error_line(result: subprocess.CompletedProcess[str], code: int = 1) -> str:
-    """The CLI failed with ``code`` and said why in exactly one line on stderr."""
-    assert result.returncode == code, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def mode(path: Path) -> int:

@@ -26,7 +26,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from harness import AccessProcess, Gateway, wait_for
+from harness import AccessProcess, Gateway, unique, wait_for
 
 from gateway.pgcluster import TempCluster
 
@@ -123,10 +123,6 @@ def query(
 def md5_hex(text: str) -> str:
     """PostgreSQL's ``md5(text)``: a checksum to compare contents, not a security measure."""
     return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(4)}"
 
 
 # --- psql ---------------------------------------------------------------------------

@@ -20,7 +20,15 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import APP_DATABASE
-from harness import Gateway, connect_error, edit_store, free_port, wait_for
+from harness import (
+    Gateway,
+    assert_one_error_line,
+    connect_error,
+    edit_store,
+    free_port,
+    unique,
+    wait_for,
+)
 
 from gateway.pgcluster import PgRole, TempCluster
 
@@ -84,20 +92,6 @@ def db_access(gateway: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
     return gateway.cli(
         "db", "access", "--resource", "prod", "--account", "scram", *args, check=False
     )
-
-
-def assert_one_error_line(result: subprocess.CompletedProcess[str], code: int = 1) -> str:
-    """The CLI failed with ``code`` and said why in exactly one line on stderr."""
-    assert result.returncode == code, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
-
-
-def unique(prefix: str) -> str:
-    """A role or object name no other test uses (the cluster lives for the whole run)."""
-    return f"{prefix}{secrets.token_hex(4)}"
 
 
 def startup_packet(version: int = PROTOCOL_3_0, **params: str) -> bytes:

@@ -22,7 +22,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from harness import AccessProcess, Gateway
+from harness import Gateway, psql
 
 pytestmark = pytest.mark.integration
 
@@ -40,13 +40,6 @@ CSV_HEADER = (
 STATEMENT_LINE = re.compile(
     r"^\s*\d+ \d\d:\d\d:\d\d\.\d{3} (#\d+)\s+(\w+)\s+[\d.]+ ms (\w+)\s+(.{18}) (.*)$"
 )
-
-
-def psql(access: AccessProcess, *commands: str) -> subprocess.CompletedProcess[str]:
-    args = ["psql", access.url, "-X", "-At", "-v", "ON_ERROR_STOP=0"]
-    for command in commands:
-        args += ["-c", command]
-    return subprocess.run(args, capture_output=True, text=True, timeout=WAIT_SECONDS)
 
 
 def api_trail(gateway: Gateway, session: str) -> list[dict[str, Any]]:
