@@ -51,9 +51,6 @@ class AuditWriter:
         self._wakeup = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
-        #: over ``max_backlog`` events wait (read on every relayed server chunk,
-        #: hence a plain attribute kept in step with ``_room``)
-        self.congested = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
@@ -78,7 +75,11 @@ class AuditWriter:
             self._wakeup.set()
         if len(self._queue) > self._max_backlog:
             self._room.clear()
-            self.congested = True
+
+    @property
+    def congested(self) -> bool:
+        """More than ``max_backlog`` events wait to be written."""
+        return not self._room.is_set()
 
     async def wait_for_room(self) -> None:
         await self._room.wait()
@@ -136,7 +137,6 @@ class AuditWriter:
                     await self._recovered()
                 if len(self._queue) <= self._max_backlog // 2:
                     self._room.set()
-                    self.congested = False
 
     async def _failed(self, exc: BaseException) -> None:
         first = self.failed is None
