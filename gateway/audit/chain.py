@@ -9,10 +9,24 @@ How the chain works:
 * Every record of a session carries ``seq`` (1, 2, 3, ... per session), the hash
   of the record before it (``prev_hash``; :data:`GENESIS_HASH` for seq 1) and
   its own ``hash``: HMAC-SHA256 under the audit key over a canonical encoding of
-  ``seq``, ``prev_hash`` and every field of the event (:func:`canonical_encoding`
-  of :func:`event_fields`). Changing any covered field, moving a record to
-  another seq or session, or removing one breaks the chain at a place that
-  :class:`SessionVerifier` names.
+  ``seq``, ``prev_hash`` and every field of the event. Changing any covered
+  field, moving a record to another seq or session, or removing one breaks the
+  chain at a place that :class:`SessionVerifier` names.
+* Two encodings exist; each record names its own (``chain_version``), and a
+  session's trail may hold both:
+
+  - version 2 (:meth:`AuditChain.row_hash`, written since December 2026): the
+    JSON array ``[2, seq, prev_hash, <the stored columns in EVENT_FIELDS
+    order>]``, where ``occurred_at`` is UTC ISO-8601 text with microseconds,
+    ``duration_ms`` a float, and ``parameters`` and ``detail`` are the JSON texts
+    their columns hold. What is MACed is what is stored, one encoding per record.
+  - version 1 (:meth:`AuditChain.record_hash`): the JSON object of
+    :func:`event_fields` plus ``seq`` and ``prev_hash``, keys sorted. It costs
+    twice as much to build (a sorted object, and the parameters encoded a second
+    time); kept so that older records still verify.
+
+  The encodings cannot collide: a version 1 message starts with ``{``, a
+  version 2 message with ``[2,`` and a seal with :data:`_SEAL_PREFIX`.
 * When a session ends, the store records the final count and head hash and an
   HMAC over ``session_id|count|head`` (:meth:`AuditChain.seal`). That catches
   what a chain alone cannot: records cut off the end.
@@ -30,12 +44,10 @@ its records, and records cut off the end of a session that has not ended yet
 next append, and chains on so that the gap shows). ``recorded_at`` (when the
 store wrote the row) is not covered; ``occurred_at`` is.
 
-Invariants: the encoding is ``json.dumps(sort_keys=True, separators=(",", ":"),
-ensure_ascii=False)`` encoded as UTF-8, timestamps are UTC ISO-8601 with
-microseconds, ``duration_ms`` is always a float and ``parameters`` a list of
-dicts; changing any of that changes every hash ever written, so it needs a new
-key ``info`` (a new chain version), not an edit. Every comparison of a hash or a
-seal uses :func:`hmac.compare_digest`.
+Invariants: both encodings are ``json.dumps(sort_keys=True, separators=(",",
+":"), ensure_ascii=False)`` encoded as UTF-8; changing either changes every hash
+ever written with it, so it needs a new chain version, not an edit. Every
+comparison of a hash or a seal uses :func:`hmac.compare_digest`.
 """
 
 from __future__ import annotations
@@ -44,7 +56,7 @@ import hashlib
 import hmac
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
@@ -59,6 +71,7 @@ from gateway.errors import ConfigError
 __all__ = [
     "AUDIT_KEY_BYTES",
     "AUDIT_KEY_INFO",
+    "CHAIN_VERSION",
     "EVENT_FIELDS",
     "GENESIS_HASH",
     "AuditChain",
@@ -75,8 +88,10 @@ __all__ = [
 
 #: ``prev_hash`` of the first record of every session.
 GENESIS_HASH: Final = "0" * 64
-#: HKDF ``info`` for the audit key; a new chain format gets a new version here.
+#: HKDF ``info`` for the audit key (both encodings use the one key; see above).
 AUDIT_KEY_INFO: Final = b"pam audit chain v1"
+#: The encoding new records are written with (:meth:`AuditChain.row_hash`).
+CHAIN_VERSION: Final = 2
 AUDIT_KEY_BYTES: Final = 32
 #: Shorter keys are refused: a MAC is only as strong as its key.
 _MIN_KEY_BYTES: Final = 16
@@ -186,10 +201,33 @@ def event_fields(event: AuditEvent) -> dict[str, Any]:
     }
 
 
-#: Built once: ``json.dumps`` with options builds a new encoder on every call.
-_CANONICAL_JSON: Final = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-).encode
+def _canonical_encoder() -> Callable[[Any], str]:
+    """``json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+    allow_nan=False)``, built once.
+
+    ``json.dumps`` with options builds a new encoder on every call, and even a
+    prebuilt ``JSONEncoder.encode`` builds its C encoder anew per call; the C
+    encoder is made here once when the interpreter has one (CPython does). No
+    circular-reference check: what is encoded are tuples, lists and flat dicts
+    built by the gateway.
+    """
+    encoder = json.JSONEncoder(
+        sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return encoder.encode
+    chunks = make(
+        None, encoder.default, json.encoder.encode_basestring, None, ":", ",", True, False, False
+    )
+
+    def encode(value: Any) -> str:
+        return "".join(chunks(value, 0))
+
+    return encode
+
+
+_CANONICAL_JSON: Final = _canonical_encoder()
 
 
 def canonical_json(value: Any) -> str:
@@ -237,6 +275,14 @@ class AuditChain:
         if "seq" in event_fields or "prev_hash" in event_fields:
             raise ValueError("event_fields must not contain 'seq' or 'prev_hash'")
         return self._mac(canonical_encoding({**event_fields, "seq": seq, "prev_hash": prev_hash}))
+
+    def row_hash(self, prev_hash: str, seq: int, values: Sequence[Any]) -> str:
+        """Hex HMAC-SHA256 of a version 2 record: *values* are its stored columns
+        in :data:`EVENT_FIELDS` order (see the module docstring).
+
+        Raises ``ValueError`` for what JSON or UTF-8 cannot carry faithfully.
+        """
+        return self._mac(_CANONICAL_JSON([CHAIN_VERSION, seq, prev_hash, *values]).encode("utf-8"))
 
     def seal(self, session_id: str, count: int, head: str) -> str:
         """Hex HMAC over ``session_id|count|head``: the trail's length and last hash."""
@@ -383,8 +429,13 @@ class SessionVerifier:
         prev_hash: str,
         stored_hash: str,
         fields: Mapping[str, Any],
+        *,
+        version: int = 1,
+        values: Sequence[Any] = (),
     ) -> None:
-        """Check the next record (by seq). *fields* is as :func:`event_fields` returns."""
+        """Check the next record (by seq). *fields* is as :func:`event_fields`
+        returns; a *version* 2 record is hashed over *values*, its stored columns
+        (:meth:`AuditChain.row_hash`). Any other version does not verify."""
         # Only spelled out when something is wrong: verify runs over every record.
         name = _Name(seq, fields)
         reports: list[tuple[int | None, ChainProblemKind, str]] = []
@@ -401,7 +452,12 @@ class SessionVerifier:
             )
             explained = True
         try:
-            recomputed = self._chain.record_hash(prev_hash, seq, fields)
+            if version == CHAIN_VERSION:
+                recomputed = self._chain.row_hash(prev_hash, seq, values)
+            elif version == 1:
+                recomputed = self._chain.record_hash(prev_hash, seq, fields)
+            else:
+                recomputed = ""
         except ValueError:
             recomputed = ""
         changed = not _same(recomputed, stored_hash)

@@ -18,13 +18,21 @@ Invariants:
   into ``sql``.
 * Nothing here validates; the store validates at its boundary (and refuses a
   whole batch if one event is malformed).
+
+:data:`EventRow` is the same event as a plain tuple: what crosses the pipe to the
+audit writer process (``marshal`` takes only built-in types) and what
+:meth:`~gateway.store.Store.append_audit_rows` appends, without a datetime or an
+object per event on either side.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Final, Literal, get_args
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, Literal, get_args
+
+from gateway.errors import InvalidRequest
 
 __all__ = [
     "AUDIT_KINDS",
@@ -38,8 +46,12 @@ __all__ = [
     "AuditStatus",
     "CopyDirection",
     "DetailValue",
+    "EventRow",
     "Parameter",
     "ParameterFormat",
+    "event_rows",
+    "iso_from_micros",
+    "row_event",
 ]
 
 #: What an audit event records.
@@ -117,3 +129,130 @@ class AuditEvent:
     #: Free-form extras; connection events carry client_addr, application_name,
     #: backend_pid, end_reason and the bytes each way.
     detail: dict[str, DetailValue] | None = None
+
+
+#: An :class:`AuditEvent` as a plain tuple: its fields in order, except that
+#: ``occurred_at`` is an int of microseconds since the epoch (UTC: all the store
+#: keeps of a time) and each parameter is an ``(index, type_oid, format, value,
+#: truncated)`` tuple.
+EventRow = tuple[Any, ...]
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND: Final = timedelta(microseconds=1)
+
+
+def event_rows(events: Sequence[AuditEvent]) -> list[EventRow]:
+    """*events* as :data:`EventRow` tuples.
+
+    Raises :class:`InvalidRequest`, naming the event's position, for one that is
+    not an AuditEvent or whose time has no zone (the store would refuse it anyway).
+    """
+    rows = []
+    for position, e in enumerate(events):
+        if not isinstance(e, AuditEvent):
+            raise InvalidRequest(f"audit event {position} is not an AuditEvent")
+        try:
+            micros = (e.occurred_at - _EPOCH) // _MICROSECOND
+        except TypeError:
+            raise InvalidRequest(
+                f"audit event {position} occurred_at must be a timezone-aware datetime"
+            ) from None
+        parameters = (
+            None
+            if e.parameters is None
+            else tuple((p.index, p.type_oid, p.format, p.value, p.truncated) for p in e.parameters)
+        )
+        rows.append(
+            (
+                e.session_id,
+                e.connection_id,
+                e.kind,
+                micros,
+                e.protocol,
+                e.sql,
+                e.statement_name,
+                e.portal_name,
+                parameters,
+                e.command_tag,
+                e.rows,
+                e.status,
+                e.sqlstate,
+                e.error_message,
+                e.duration_ms,
+                e.copy_direction,
+                e.copy_bytes,
+                e.detail,
+            )
+        )
+    return rows
+
+
+def row_event(row: EventRow) -> AuditEvent:
+    """The inverse of :func:`event_rows` for one row (``occurred_at`` in UTC).
+
+    Raises ``TypeError``, ``ValueError`` or ``OverflowError`` for a row of the
+    wrong shape.
+    """
+    (
+        session_id,
+        connection_id,
+        kind,
+        micros,
+        protocol,
+        sql,
+        statement_name,
+        portal_name,
+        parameters,
+        command_tag,
+        rows,
+        status,
+        sqlstate,
+        error_message,
+        duration_ms,
+        copy_direction,
+        copy_bytes,
+        detail,
+    ) = row
+    return AuditEvent(
+        session_id=session_id,
+        connection_id=connection_id,
+        kind=kind,
+        occurred_at=_EPOCH + timedelta(microseconds=micros),
+        protocol=protocol,
+        sql=sql,
+        statement_name=statement_name,
+        portal_name=portal_name,
+        parameters=None if parameters is None else tuple(Parameter(*p) for p in parameters),
+        command_tag=command_tag,
+        rows=rows,
+        status=status,
+        sqlstate=sqlstate,
+        error_message=error_message,
+        duration_ms=duration_ms,
+        copy_direction=copy_direction,
+        copy_bytes=copy_bytes,
+        detail=detail,
+    )
+
+
+#: ISO-8601 text of whole seconds, by second: the events of a batch mostly share
+#: a handful of seconds, and formatting a datetime costs far more than a lookup.
+_ISO_SECONDS: dict[int, str] = {}
+_ISO_SECONDS_KEPT: Final = 4096
+
+
+def iso_from_micros(micros: int) -> str:
+    """Microseconds since the epoch as UTC ISO-8601 with microseconds, exactly as
+    ``datetime.isoformat(timespec="microseconds")`` spells it
+    (``2026-11-23T09:00:00.123456+00:00``).
+
+    Raises ``OverflowError`` (or ``TypeError``) for what is no datetime.
+    """
+    seconds, fraction = divmod(micros, 1_000_000)
+    prefix = _ISO_SECONDS.get(seconds)
+    if prefix is None:
+        if len(_ISO_SECONDS) >= _ISO_SECONDS_KEPT:
+            _ISO_SECONDS.clear()
+        whole = (_EPOCH + timedelta(seconds=seconds)).isoformat(timespec="seconds")
+        prefix = _ISO_SECONDS[seconds] = whole.removesuffix("+00:00")
+    return f"{prefix}.{fraction:06d}+00:00"

@@ -38,13 +38,12 @@ import signal
 import struct
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO, Final
 
 import structlog
 
-from gateway.audit.records import AuditEvent, Parameter
+from gateway.audit.records import AuditEvent, EventRow, event_rows
 from gateway.errors import ConfigError, GatewayError, InvalidRequest, NotFound
 
 log = structlog.get_logger(__name__)
@@ -54,8 +53,6 @@ _LENGTH: Final = struct.Struct("!I")
 MAX_FRAME_BYTES: Final = 256 * 1024 * 1024
 START_TIMEOUT_SECONDS: Final = 60.0
 CLOSE_TIMEOUT_SECONDS: Final = 10.0
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND: Final = timedelta(microseconds=1)
 
 
 class SinkError(GatewayError):
@@ -68,97 +65,16 @@ class SinkError(GatewayError):
 
 
 def encode_events(events: Sequence[AuditEvent]) -> bytes:
-    """*events* as a ``marshal`` payload of tuples (no classes, no datetimes).
-
-    ``occurred_at`` travels as microseconds since the epoch (UTC), which is all of
-    it the store keeps. Raises :class:`InvalidRequest` for an event the store
-    would refuse anyway because its time has no zone.
-    """
-    rows = []
-    for position, e in enumerate(events):
-        try:
-            micros = (e.occurred_at - _EPOCH) // _MICROSECOND
-        except TypeError:
-            raise InvalidRequest(
-                f"audit event {position} occurred_at must be a timezone-aware datetime"
-            ) from None
-        parameters = (
-            None
-            if e.parameters is None
-            else tuple((p.index, p.type_oid, p.format, p.value, p.truncated) for p in e.parameters)
-        )
-        rows.append(
-            (
-                e.session_id,
-                e.connection_id,
-                e.kind,
-                micros,
-                e.protocol,
-                e.sql,
-                e.statement_name,
-                e.portal_name,
-                parameters,
-                e.command_tag,
-                e.rows,
-                e.status,
-                e.sqlstate,
-                e.error_message,
-                e.duration_ms,
-                e.copy_direction,
-                e.copy_bytes,
-                e.detail,
-            )
-        )
-    return marshal.dumps(rows)
+    """*events* as a ``marshal`` payload of :data:`~gateway.audit.records.EventRow`
+    tuples (no classes, no datetimes); raises :class:`InvalidRequest` for an event
+    the store would refuse anyway because its time has no zone."""
+    return marshal.dumps(event_rows(events))
 
 
-def decode_events(payload: bytes) -> list[AuditEvent]:
-    """The inverse of :func:`encode_events`."""
-    events = []
-    for row in marshal.loads(payload):  # noqa: S302 (our own parent, over a private pipe)
-        (
-            session_id,
-            connection_id,
-            kind,
-            micros,
-            protocol,
-            sql,
-            statement_name,
-            portal_name,
-            parameters,
-            command_tag,
-            rows,
-            status,
-            sqlstate,
-            error_message,
-            duration_ms,
-            copy_direction,
-            copy_bytes,
-            detail,
-        ) = row
-        events.append(
-            AuditEvent(
-                session_id=session_id,
-                connection_id=connection_id,
-                kind=kind,
-                occurred_at=_EPOCH + timedelta(microseconds=micros),
-                protocol=protocol,
-                sql=sql,
-                statement_name=statement_name,
-                portal_name=portal_name,
-                parameters=None if parameters is None else tuple(Parameter(*p) for p in parameters),
-                command_tag=command_tag,
-                rows=rows,
-                status=status,
-                sqlstate=sqlstate,
-                error_message=error_message,
-                duration_ms=duration_ms,
-                copy_direction=copy_direction,
-                copy_bytes=copy_bytes,
-                detail=detail,
-            )
-        )
-    return events
+def decode_rows(payload: bytes) -> list[EventRow]:
+    """The rows of an :func:`encode_events` payload, as the store appends them."""
+    rows: list[EventRow] = marshal.loads(payload)  # noqa: S302 (our own parent, over a private pipe)
+    return rows
 
 
 #: Errors the child reports by class name, raised again as such in the daemon.
@@ -362,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         while (payload := _read_frame(frames_in)) is not None:
             try:
-                written = store.append_audit(decode_events(payload))
+                written = store.append_audit_rows(decode_rows(payload))
             except Exception as exc:  # every failure is the daemon's to handle
                 _write_frame(frames_out, _error_reply(exc))
                 continue

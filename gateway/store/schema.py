@@ -35,6 +35,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    SmallInteger,
     String,
     Table,
     Text,
@@ -227,6 +228,8 @@ audit_events = Table(
     Column("detail", Text, nullable=True),
     Column("prev_hash", String(HASH_LENGTH), nullable=False),
     Column("hash", String(HASH_LENGTH), nullable=False),
+    # Which encoding ``hash`` was computed over (gateway.audit.chain).
+    Column("chain_version", SmallInteger, nullable=False, server_default="1"),
     # Also the index for "a session's records in seq order".
     UniqueConstraint("session_id", "seq"),
     Index(None, "occurred_at"),

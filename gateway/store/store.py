@@ -38,7 +38,6 @@ import functools
 import itertools
 import json
 import math
-import operator
 import re
 import threading
 import uuid
@@ -60,13 +59,13 @@ from sqlalchemy.pool import StaticPool
 
 from gateway.audit.chain import (
     AUDIT_KEY_INFO,
+    CHAIN_VERSION,
     EVENT_FIELDS,
     GENESIS_HASH,
     AuditChain,
     ChainProblem,
     SessionVerifier,
     canonical_json,
-    event_fields,
 )
 from gateway.audit.records import (
     AUDIT_KINDS,
@@ -75,7 +74,11 @@ from gateway.audit.records import (
     COPY_DIRECTIONS,
     PARAMETER_FORMATS,
     AuditEvent,
+    EventRow,
     Parameter,
+    event_rows,
+    iso_from_micros,
+    row_event,
 )
 from gateway.crypto import SecretBox, SecretDecryptError
 from gateway.errors import AlreadyExists, ConfigError, GatewayError, InvalidRequest, NotFound
@@ -302,25 +305,71 @@ def _check_detail(where: str, detail: object) -> None:
             raise InvalidRequest(f"{field} must be a finite number")
 
 
-def _audit_fields(position: int, event: AuditEvent) -> dict[str, Any]:
-    """Validate one event; return the fields the chain covers (and the row holds).
+def _row_values(position: int, row: EventRow) -> tuple[Any, ...]:
+    """Validate one event row; return its stored columns in ``EVENT_FIELDS`` order,
+    which are also what the chain (version 2) MACs.
 
     Messages name the event's position and the field, never a value: values may
-    hold data a client sent. Runs once per statement on the store's thread, so
-    the common case (every field of the right type) takes one pass of cheap
-    checks; the precise per-field checks run only to name what is wrong.
+    hold data a client sent. Runs once per statement in the audit writer, so the
+    common case (every field of the right type) takes one pass of cheap checks;
+    the precise per-field checks run only to name what is wrong.
     """
-    if not isinstance(event, AuditEvent):
-        raise InvalidRequest(f"audit event {position} is not an AuditEvent")
-    if not _plausible_audit_event(event):
-        _explain_invalid_audit_event(f"audit event {position}", event)
-    if event.parameters is not None:
-        for number, parameter in enumerate(event.parameters, 1):
-            if not _plausible_parameter(parameter):
-                _check_parameter(f"audit event {position} parameter {number}", parameter)
-    if event.detail is not None:
-        _check_detail(f"audit event {position}", event.detail)
-    return event_fields(event)
+    if not _plausible_row(row):
+        _explain_invalid_row(f"audit event {position}", row)
+    (
+        session_id,
+        connection_id,
+        kind,
+        micros,
+        protocol,
+        sql,
+        statement_name,
+        portal_name,
+        parameters,
+        command_tag,
+        rows,
+        status,
+        sqlstate,
+        error_message,
+        duration_ms,
+        copy_direction,
+        copy_bytes,
+        detail,
+    ) = row
+    if detail is not None:
+        _check_detail(f"audit event {position}", detail)
+    try:
+        occurred_at = iso_from_micros(micros)
+    except (OverflowError, ValueError):
+        raise InvalidRequest(f"audit event {position} occurred_at is out of range") from None
+    return (
+        session_id,
+        connection_id,
+        kind,
+        occurred_at,
+        protocol,
+        sql,
+        statement_name,
+        portal_name,
+        None
+        if parameters is None
+        else canonical_json(
+            [
+                {"index": i, "type_oid": oid, "format": f, "value": v, "truncated": cut}
+                for i, oid, f, v, cut in parameters
+            ]
+        ),
+        command_tag,
+        rows,
+        status,
+        sqlstate,
+        error_message,
+        # A float column reads back 5 as 5.0; normalising here keeps the hash stable.
+        None if duration_ms is None else float(duration_ms),
+        copy_direction,
+        copy_bytes,
+        None if detail is None else canonical_json(detail),
+    )
 
 
 def _plain_text(value: object) -> bool:
@@ -328,53 +377,104 @@ def _plain_text(value: object) -> bool:
     return value is None or (type(value) is str and "\x00" not in value)
 
 
-def _plausible_audit_event(event: AuditEvent) -> bool:
-    """True when every field of *event* is valid (the fast path of _audit_fields)."""
-    session_id, connection_id = event.session_id, event.connection_id
-    occurred, duration = event.occurred_at, event.duration_ms
-    rows, copy_bytes, sqlstate = event.rows, event.copy_bytes, event.sqlstate
-    parameters = event.parameters
-    return (
-        type(session_id) is str
-        and "\x00" not in session_id
-        and bool(session_id.strip())
-        and type(connection_id) is str
-        and "\x00" not in connection_id
-        and 0 < len(connection_id.strip()) <= len(connection_id) <= ID_LENGTH
-        and event.kind in AUDIT_KINDS
-        and type(occurred) is datetime
-        and occurred.utcoffset() is not None
-        and (event.protocol is None or event.protocol in AUDIT_PROTOCOLS)
-        and (event.status is None or event.status in AUDIT_STATUSES)
-        and (event.copy_direction is None or event.copy_direction in COPY_DIRECTIONS)
-        and _plain_text(event.sql)
-        and _plain_text(event.statement_name)
-        and _plain_text(event.portal_name)
-        and _plain_text(event.command_tag)
-        and _plain_text(event.error_message)
-        and (sqlstate is None or (type(sqlstate) is str and bool(_SQLSTATE.fullmatch(sqlstate))))
-        and (rows is None or (type(rows) is int and 0 <= rows <= _MAX_BIGINT))
-        and (copy_bytes is None or (type(copy_bytes) is int and 0 <= copy_bytes <= _MAX_BIGINT))
-        and (
-            duration is None
-            or (type(duration) in (float, int) and math.isfinite(duration) and duration >= 0)
-        )
-        and (parameters is None or type(parameters) in (tuple, list))
-    )
-
-
-def _plausible_parameter(parameter: object) -> bool:
-    if type(parameter) is not Parameter:
+def _plausible_row(row: object) -> bool:
+    """True when every field of *row* is valid (the fast path of _row_values)."""
+    if type(row) is not tuple or len(row) != len(EVENT_FIELDS):
         return False
-    index, oid = parameter.index, parameter.type_oid
+    (
+        session_id,
+        connection_id,
+        kind,
+        micros,
+        protocol,
+        sql,
+        statement_name,
+        portal_name,
+        parameters,
+        command_tag,
+        rows,
+        status,
+        sqlstate,
+        error_message,
+        duration,
+        copy_direction,
+        copy_bytes,
+        detail,
+    ) = row
+    try:
+        return (
+            type(session_id) is str
+            and "\x00" not in session_id
+            and bool(session_id.strip())
+            and type(connection_id) is str
+            and "\x00" not in connection_id
+            and 0 < len(connection_id.strip()) <= len(connection_id) <= ID_LENGTH
+            and kind in AUDIT_KINDS
+            and type(micros) is int
+            and (protocol is None or protocol in AUDIT_PROTOCOLS)
+            and (status is None or status in AUDIT_STATUSES)
+            and (copy_direction is None or copy_direction in COPY_DIRECTIONS)
+            and _plain_text(sql)
+            and _plain_text(statement_name)
+            and _plain_text(portal_name)
+            and _plain_text(command_tag)
+            and _plain_text(error_message)
+            and (
+                sqlstate is None or (type(sqlstate) is str and bool(_SQLSTATE.fullmatch(sqlstate)))
+            )
+            and (rows is None or (type(rows) is int and 0 <= rows <= _MAX_BIGINT))
+            and (copy_bytes is None or (type(copy_bytes) is int and 0 <= copy_bytes <= _MAX_BIGINT))
+            and (
+                duration is None
+                or (type(duration) in (float, int) and math.isfinite(duration) and duration >= 0)
+            )
+            and (
+                parameters is None
+                or (
+                    type(parameters) in (tuple, list)
+                    and all(_plausible_parameter_row(p) for p in parameters)
+                )
+            )
+            and (detail is None or type(detail) is dict)
+        )
+    except TypeError:  # an unhashable value where a choice belongs
+        return False
+
+
+def _plausible_parameter_row(parameter: object) -> bool:
+    if type(parameter) is not tuple or len(parameter) != _PARAMETER_FIELDS:
+        return False
+    index, oid, format_, value, truncated = parameter
     return (
         type(index) is int
         and index >= 1
         and (oid is None or (type(oid) is int and 0 <= oid <= _MAX_OID))
-        and parameter.format in PARAMETER_FORMATS
-        and _plain_text(parameter.value)
-        and type(parameter.truncated) is bool
+        and format_ in PARAMETER_FORMATS
+        and _plain_text(value)
+        and type(truncated) is bool
     )
+
+
+def _explain_invalid_row(where: str, row: object) -> None:
+    """Raise :class:`InvalidRequest` naming the first invalid field of *row*; return
+    if it is valid after all (a subclass of a valid type, which the fast path refuses)."""
+    if not isinstance(row, tuple | list) or len(row) != len(EVENT_FIELDS):
+        raise InvalidRequest(f"{where} is not an audit event")
+    micros, parameters = row[_OCCURRED_AT], row[_PARAMETERS]
+    if isinstance(micros, bool) or not isinstance(micros, int):
+        raise InvalidRequest(f"{where} occurred_at must be an integer of microseconds")
+    if parameters is not None and not isinstance(parameters, tuple | list):
+        raise InvalidRequest(f"{where} parameters must be a tuple of Parameter")
+    for number, parameter in enumerate(parameters or (), 1):
+        if not isinstance(parameter, tuple | list) or len(parameter) != _PARAMETER_FIELDS:
+            raise InvalidRequest(f"{where} parameter {number} is not a Parameter")
+    try:
+        event = row_event(tuple(row))
+    except (OverflowError, ValueError, TypeError):
+        raise InvalidRequest(f"{where} occurred_at is out of range") from None
+    _explain_invalid_audit_event(where, event)
+    for number, parameter in enumerate(event.parameters or (), 1):
+        _check_parameter(f"{where} parameter {number}", parameter)
 
 
 def _explain_invalid_audit_event(where: str, event: AuditEvent) -> None:
@@ -412,14 +512,20 @@ def _explain_invalid_audit_event(where: str, event: AuditEvent) -> None:
     # the fast path only to be accepted here: still valid.
 
 
-#: Columns of an inserted audit row, in the order of Store._audit_row's tuples:
+#: Columns of an inserted audit row, in the order of append_audit_rows's tuples:
 #: the event's fields as the chain lists them, then what the store adds.
-_AUDIT_INSERT_COLUMNS: Final = (*EVENT_FIELDS, "seq", "recorded_at", "prev_hash", "hash")
-_EVENT_VALUES: Final = operator.itemgetter(*EVENT_FIELDS)
+_AUDIT_INSERT_COLUMNS: Final = (
+    *EVENT_FIELDS,
+    "seq",
+    "recorded_at",
+    "prev_hash",
+    "hash",
+    "chain_version",
+)
 _OCCURRED_AT: Final = EVENT_FIELDS.index("occurred_at")
 _PARAMETERS: Final = EVENT_FIELDS.index("parameters")
-_DETAIL: Final = EVENT_FIELDS.index("detail")
-#: Rows per INSERT statement: 22 parameters each stays under SQLite's (32,766)
+_PARAMETER_FIELDS: Final = 5
+#: Rows per INSERT statement: 23 parameters each stays under SQLite's (32,766)
 #: and PostgreSQL's (65,535) limit on parameters per statement.
 _AUDIT_ROWS_PER_INSERT: Final = 500
 
@@ -545,6 +651,31 @@ def _stored_fields(row: _AnyRow) -> dict[str, Any]:
         "copy_bytes": row.copy_bytes,
         "detail": _json_value(row.detail),
     }
+
+
+def _stored_values(row: _AnyRow) -> tuple[Any, ...]:
+    """Rebuild, from a stored row, the values :meth:`AuditChain.row_hash` MACed at append."""
+    occurred_at: datetime = row.occurred_at
+    return (
+        row.session_id,
+        row.connection_id,
+        row.kind,
+        occurred_at.astimezone(UTC).isoformat(timespec="microseconds"),
+        row.protocol,
+        row.sql,
+        row.statement_name,
+        row.portal_name,
+        row.parameters,
+        row.command_tag,
+        row.rows,
+        row.status,
+        row.sqlstate,
+        row.error_message,
+        None if row.duration_ms is None else float(row.duration_ms),
+        row.copy_direction,
+        row.copy_bytes,
+        row.detail,
+    )
 
 
 def _audit_record(row: _AnyRow) -> AuditRecord:
@@ -1237,12 +1368,18 @@ class Store:
         record before it, whoever wrote that one. Appending to an ended session
         is allowed (late events) and re-seals its trail.
         """
-        prepared = [_audit_fields(position, event) for position, event in enumerate(events)]
+        return self.append_audit_rows(event_rows(events))
+
+    def append_audit_rows(self, rows: Sequence[EventRow]) -> int:
+        """:meth:`append_audit` for events as :data:`~gateway.audit.records.EventRow`
+        tuples, as the audit writer process receives them."""
+        prepared = [_row_values(position, row) for position, row in enumerate(rows)]
         if not prepared:
             return 0
         recorded_at = self._timestamp_param(self._now())
-        session_ids = sorted({fields["session_id"] for fields in prepared})
+        session_ids = sorted({values[0] for values in prepared})
         heads: dict[str, tuple[int, str]] = {}
+        row_hash = self._chain.row_hash
         with self._transaction(write=True) as conn:
             # Locked in id order, so two batches never wait on each other in a
             # cycle; the lock orders every append to a session (and its end).
@@ -1257,30 +1394,27 @@ class Store:
                 if session_id not in known:
                     raise NotFound(f"session '{session_id}' not found")
                 heads[session_id] = self._chain_head(conn, session_id)
-            rows = []
-            for position, fields in enumerate(prepared):
-                session_id = fields["session_id"]
+            inserted = []
+            for position, values in enumerate(prepared):
+                session_id = values[0]
                 seq, prev_hash = heads[session_id]
                 seq += 1
                 try:
-                    digest = self._chain.record_hash(prev_hash, seq, fields)
+                    digest = row_hash(prev_hash, seq, values)
                 except ValueError:
                     # Lone surrogates and the like: not representable in UTF-8.
                     raise InvalidRequest(
                         f"audit event {position} holds text that is not valid Unicode"
                     ) from None
-                rows.append(
-                    self._audit_row(
-                        fields,
-                        events[position].occurred_at,
-                        seq,
-                        prev_hash,
-                        digest,
-                        recorded_at,
+                if not self._iso_timestamps:
+                    values = (
+                        *values[:_OCCURRED_AT],
+                        datetime.fromisoformat(values[_OCCURRED_AT]),
+                        *values[_OCCURRED_AT + 1 :],
                     )
-                )
+                inserted.append((*values, seq, recorded_at, prev_hash, digest, CHAIN_VERSION))
                 heads[session_id] = (seq, digest)
-            self._insert_audit_rows(conn, rows)
+            self._insert_audit_rows(conn, inserted)
             for session_id, is_ended in known.items():
                 if is_ended:
                     conn.execute(
@@ -1289,7 +1423,7 @@ class Store:
                         .values(**self._seal_values(session_id, heads[session_id]))
                     )
         self._remember_heads(heads)
-        return len(rows)
+        return len(inserted)
 
     def list_audit(
         self,
@@ -1417,7 +1551,15 @@ class Store:
             for sid, group in itertools.groupby(records, key=lambda row: str(row.session_id)):
                 verifier = SessionVerifier(self._chain, sid)
                 for row in group:
-                    verifier.feed(row.id, row.seq, row.prev_hash, row.hash, _stored_fields(row))
+                    verifier.feed(
+                        row.id,
+                        row.seq,
+                        row.prev_hash,
+                        row.hash,
+                        _stored_fields(row),
+                        version=row.chain_version,
+                        values=_stored_values(row),
+                    )
                 problems.extend(self._finish(verifier, ends.get(sid)))
                 checked.add(sid)
             for sid, end in ends.items():
@@ -1456,27 +1598,6 @@ class Store:
             sessions.c.account_name,
             sessions.c.requester,
         ).select_from(audit_events.join(sessions, audit_events.c.session_id == sessions.c.id))
-
-    def _audit_row(
-        self,
-        fields: dict[str, Any],
-        occurred_at: datetime,
-        seq: int,
-        prev_hash: str,
-        digest: str,
-        recorded_at: object,
-    ) -> tuple[Any, ...]:
-        """One row of :data:`_AUDIT_INSERT_COLUMNS`, as the driver takes it."""
-        row = list(_EVENT_VALUES(fields))
-        # On SQLite the column holds the same ISO-8601 text the chain covers.
-        if not self._iso_timestamps:
-            row[_OCCURRED_AT] = self._timestamp_param(occurred_at)
-        if row[_PARAMETERS] is not None:
-            row[_PARAMETERS] = _json_text(row[_PARAMETERS])
-        if row[_DETAIL] is not None:
-            row[_DETAIL] = _json_text(row[_DETAIL])
-        row += (seq, recorded_at, prev_hash, digest)
-        return tuple(row)
 
     def _insert_audit_rows(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
         """Insert *rows* with one multi-row INSERT per chunk.

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.audit.records import AuditEvent, Parameter
-from gateway.audit.sink import AuditSink, SinkError, decode_events, encode_events
+from gateway.audit.records import AuditEvent, Parameter, iso_from_micros, row_event
+from gateway.audit.sink import AuditSink, SinkError, decode_rows, encode_events
 from gateway.config import MASTER_KEY_FILE, GatewaySettings, save_settings, store_url
 from gateway.crypto import SecretBox, generate_master_key, load_master_key
 from gateway.errors import ConfigError, InvalidRequest, NotFound
@@ -59,11 +59,28 @@ EVENTS = [
 
 
 def test_events_survive_the_pipe_encoding_unchanged() -> None:
-    decoded = decode_events(encode_events(EVENTS))
+    rows = decode_rows(encode_events(EVENTS))
+    assert all(type(row) is tuple for row in rows)
+    assert rows[1][3] == 1_795_424_400_000_001  # 2026-11-23 09:00:00.000001 UTC, in µs
+    decoded = [row_event(row) for row in rows]
     assert decoded == EVENTS
     # The same instant, in UTC: all the store keeps of a time.
     assert decoded[1].occurred_at.tzinfo == UTC
     assert decoded[1].occurred_at == datetime(2026, 11, 23, 9, 0, 0, 1, tzinfo=UTC)
+
+
+def test_iso_text_from_microseconds_is_what_datetime_spells() -> None:
+    for moment in (
+        datetime(2026, 11, 23, 9, 0, 0, 1, tzinfo=UTC),
+        datetime(1970, 1, 1, tzinfo=UTC),
+        datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    ):
+        micros = (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+        assert iso_from_micros(micros) == moment.isoformat(timespec="microseconds")
+        assert iso_from_micros(micros) == moment.isoformat(timespec="microseconds")  # cached
+    with pytest.raises(OverflowError):
+        iso_from_micros(10**20)
 
 
 def test_an_event_without_a_time_zone_is_refused_before_it_is_sent() -> None:

@@ -8,6 +8,8 @@ would, after dropping the append-only triggers.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 import threading
 import time
@@ -27,6 +29,7 @@ from gateway.audit.chain import (
     GENESIS_HASH,
     AuditChain,
     SessionVerifier,
+    canonical_json,
     derive_audit_key,
     event_fields,
 )
@@ -214,15 +217,122 @@ def test_append_and_list_round_trip_every_field(store: Store, clock: FakeClock) 
 
 
 def test_stored_hashes_are_the_chain_under_the_master_key_derived_key(
-    store: Store, master_key: bytes
+    store: Store, master_key: bytes, raw: Engine
 ) -> None:
     _add_db(store)
     session = _session(store)
-    event = _stmt(session.id, "SELECT 1", parameters=(Parameter(1, 23, "text", "1"),))
+    event = _stmt(session.id, "SELECT 'é', $1", parameters=(Parameter(1, 23, "text", "1"),), rows=1)
     store.append_audit([event])
     (record,) = store.list_audit(session.id)
-    chain = AuditChain(derive_audit_key(master_key))
-    assert record.hash == chain.record_hash(GENESIS_HASH, 1, event_fields(event))
+    # Chain version 2, spelled out byte for byte: the JSON array of version, seq,
+    # prev_hash and the stored columns, parameters as the JSON text they are stored as.
+    message = (
+        f'[2,1,"{GENESIS_HASH}","{session.id}","{CONN_A}","statement",'
+        '"2024-05-01T12:00:00.123456+00:00","simple","SELECT \'é\', $1",null,null,'
+        '"[{\\"format\\":\\"text\\",\\"index\\":1,\\"truncated\\":false,'
+        '\\"type_oid\\":23,\\"value\\":\\"1\\"}]",'
+        'null,1,"ok",null,null,null,null,null,null]'
+    ).encode()
+    key = derive_audit_key(master_key)
+    assert record.hash == hmac.new(key, message, hashlib.sha256).hexdigest()
+    with raw.connect() as conn:
+        version = conn.execute(text("SELECT chain_version FROM audit_events")).scalar_one()
+    assert version == 2
+
+
+def _insert_version_1(raw: Engine, key: bytes, event: AuditEvent, seq: int, prev: str) -> str:
+    """Write *event* as the store did before chain version 2 (revision 0002)."""
+    fields = event_fields(event)
+    digest = AuditChain(key).record_hash(prev, seq, fields)
+    with raw.begin() as conn:
+        postgres = conn.dialect.name == "postgresql"
+        conn.execute(
+            text(
+                "INSERT INTO audit_events (session_id, connection_id, seq, kind, occurred_at,"
+                " recorded_at, protocol, sql, parameters, status, prev_hash, hash)"
+                " VALUES (:sid, :cid, :seq, 'statement', :at, :at, 'simple', :sql, :params,"
+                " 'ok', :prev, :hash)"
+            ),
+            {
+                "sid": event.session_id,
+                "cid": event.connection_id,
+                "seq": seq,
+                "at": event.occurred_at if postgres else fields["occurred_at"],
+                "sql": event.sql,
+                "params": canonical_json(fields["parameters"]),
+                "prev": prev,
+                "hash": digest,
+            },
+        )
+    return digest
+
+
+def test_a_trail_begun_under_chain_version_1_verifies_and_chains_on_in_version_2(
+    store: Store, master_key: bytes, raw: Engine
+) -> None:
+    _add_db(store)
+    session = _session(store)
+    key = derive_audit_key(master_key)
+    head = GENESIS_HASH
+    for seq in (1, 2):
+        old = _stmt(session.id, f"SELECT {seq}", parameters=(Parameter(1, 23, "text", "7"),))
+        head = _insert_version_1(raw, key, old, seq, head)
+    _fill(store, session.id, 2)
+    records = store.list_audit(session.id)
+    assert [r.seq for r in records] == [1, 2, 3, 4]
+    assert records[2].prev_hash == head
+    assert store.verify_audit(session.id) == []
+    # Each version's records are checked under their own encoding.
+    _tamper(
+        raw,
+        "UPDATE audit_events SET sql = 'SELECT 99' WHERE session_id = :sid AND seq IN (2, 4)",
+        sid=session.id,
+    )
+    assert _found(store.verify_audit(session.id)) == [(2, "changed"), (4, "changed")]
+
+
+def test_a_record_whose_chain_version_was_changed_does_not_verify(
+    store: Store, raw: Engine
+) -> None:
+    _add_db(store)
+    session = _session(store)
+    _fill(store, session.id, 3)
+    update = "UPDATE audit_events SET chain_version = :v WHERE session_id = :sid AND seq = 2"
+    _tamper(raw, update, v=1, sid=session.id)
+    assert _found(store.verify_audit(session.id)) == [(2, "changed")]
+    with raw.begin() as conn:  # the triggers are gone already
+        conn.execute(text(update), {"v": 7, "sid": session.id})
+    assert _found(store.verify_audit(session.id)) == [(2, "changed")]
+
+
+def _migrate(store_url: str, revision: str, *, down: bool) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(store_module._MIGRATIONS_DIR))
+    engine = create_engine(pg_admin_url(store_url) if "postgresql" in store_url else store_url)
+    try:
+        with engine.begin() as conn:
+            config.attributes["connection"] = conn
+            (command.downgrade if down else command.upgrade)(config, revision)
+    finally:
+        engine.dispose()
+
+
+def test_revision_0003_downgrades_only_while_no_version_2_record_exists(
+    store_url: str, box: SecretBox, raw: Engine
+) -> None:
+    with Store.open(store_url, box) as store:
+        _add_db(store)
+        session = _session(store)
+    _migrate(store_url, "0002", down=True)
+    _migrate(store_url, "head", down=False)
+    with Store.open(store_url, box) as store:
+        _fill(store, session.id, 1)
+        assert store.verify_audit(session.id) == []
+    with pytest.raises(RuntimeError, match="chain version 2"):
+        _migrate(store_url, "0002", down=True)
+    # Still append-only: the column came and went without a table rebuild.
+    with pytest.raises(DBAPIError, match="append-only"), raw.begin() as conn:
+        conn.execute(text("DELETE FROM audit_events"))
 
 
 def test_seq_numbers_interleaved_connections_of_one_session(store_url: str, box: SecretBox) -> None:
@@ -734,7 +844,7 @@ def test_a_database_at_revision_0001_upgrades_with_its_sessions(
         _fill(store, session.id, 2)
         assert store.verify_audit() == []
     with raw.connect() as conn:
-        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0002"
+        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0003"
 
 
 # -- volume ----------------------------------------------------------------------------
