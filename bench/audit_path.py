@@ -27,9 +27,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from gateway.audit.pairing import StatementTracker
-from gateway.audit.records import AuditEvent
+from gateway.audit.records import EventRow
 from gateway.audit.redaction import Redactor
-from gateway.audit.sink import decode_rows, encode_events
+from gateway.audit.sink import decode_rows, encode_rows
 from gateway.crypto import SecretBox
 from gateway.protocol.constants import BackendType, FrontendType
 from gateway.protocol.framing import TappedMessage
@@ -82,10 +82,10 @@ def _per_event(fn: Callable[[], int], repeat: int) -> float:
     return best
 
 
-def _events(protocol: str, count: int) -> tuple[Callable[[], int], list[AuditEvent]]:
+def _events(protocol: str, count: int) -> tuple[Callable[[], int], list[EventRow]]:
     make = _simple_transaction if protocol == "simple" else _extended_transaction
     transactions = [make(1 + i * 7919 % 1_000_000) for i in range(count)]
-    produced: list[AuditEvent] = []
+    produced: list[EventRow] = []
 
     def tap() -> int:
         produced.clear()
@@ -128,16 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         tap, events = _events(protocol, count)
         with tempfile.TemporaryDirectory(prefix="pam-audit-path-") as tmp:
             store, session_id = _store(Path(tmp))
-            events = [
-                AuditEvent(**{**{f: getattr(e, f) for f in e.__slots__}, "session_id": session_id})
-                for e in events
-            ]
+            events = [(session_id, *e[1:]) for e in events]
             batches = [events[i : i + BATCH] for i in range(0, len(events), BATCH)]
-            payloads = [encode_events(batch) for batch in batches]
+            payloads = [encode_rows(batch) for batch in batches]
 
-            def encode(batches: list[list[AuditEvent]] = batches) -> int:
+            def encode(batches: list[list[EventRow]] = batches) -> int:
                 for batch in batches:
-                    encode_events(batch)
+                    encode_rows(batch)
                 return count
 
             def write(payloads: list[bytes] = payloads, store: Store = store) -> int:

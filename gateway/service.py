@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import structlog
 
 from gateway.audit.pairing import StatementTracker
-from gateway.audit.records import AuditEvent
+from gateway.audit.records import EventRow
 from gateway.audit.redaction import Redactor
 from gateway.audit.sink import AuditSink
 from gateway.audit.tap import ConnectionAudit
@@ -306,8 +306,8 @@ class GatewayService:
 
         self._stored_secrets = await self.db(load)
 
-    async def _append_audit(self, events: list[AuditEvent]) -> object:
-        return await self.db(self.store.append_audit, events)
+    async def _append_audit(self, rows: list[EventRow]) -> object:
+        return await self.db(self.store.append_audit_rows, rows)
 
     async def shutdown(self) -> None:
         """Ordered: refuse new work, tell live clients why, record, then close."""

@@ -1,12 +1,13 @@
 """Pairing client statements with server outcomes, in protocol order.
 
 Sans-IO: :class:`StatementTracker` is fed the messages the relay tapped from each
-direction (in the order the relay saw them) and returns finished statement
-events. It decodes only Query, Parse, Bind, Execute, FunctionCall, Close, Sync
-and CopyDone/CopyFail from the client and CommandComplete, ErrorResponse,
-EmptyQueryResponse, PortalSuspended, FunctionCallResponse, Copy*Response and
-ReadyForQuery from the server (PostgreSQL 15 docs, 55.2.2 "Simple Query", 55.2.3
-"Extended Query", 55.2.5 "COPY Operations", 55.7 "Message Formats").
+direction (in the order the relay saw them) and returns finished statements as
+:data:`~gateway.audit.records.EventRow` tuples. It decodes only Query, Parse,
+Bind, Execute, FunctionCall, Close, Sync and CopyDone/CopyFail from the client
+and CommandComplete, ErrorResponse, EmptyQueryResponse, PortalSuspended,
+FunctionCallResponse, Copy*Response and ReadyForQuery from the server
+(PostgreSQL 15 docs, 55.2.2 "Simple Query", 55.2.3 "Extended Query", 55.2.5
+"COPY Operations", 55.7 "Message Formats").
 
 How outcomes pair (55.2.3): the server answers the client's messages in order.
 A per-connection FIFO holds the messages that expect an outcome (Query, Parse,
@@ -27,13 +28,17 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from enum import Enum, auto
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
-from gateway.audit.records import AuditEvent, Parameter
+from gateway.audit.records import (
+    AuditProtocol,
+    AuditStatus,
+    CopyDirection,
+    EventRow,
+    ParameterFormat,
+)
 from gateway.audit.redaction import MASK, Redactor
 from gateway.protocol.constants import BackendType, FrontendType
 from gateway.protocol.framing import TappedMessage
@@ -75,52 +80,118 @@ SERVER_TAP = frozenset(
 SERVER_MEASURE = frozenset({BackendType.DATA_ROW, BackendType.COPY_DATA})
 
 QUERY_CANCELED = "57014"
-_NO_EVENTS: tuple[AuditEvent, ...] = ()
+_NO_EVENTS: tuple[EventRow, ...] = ()
+# Message types as plain ints, for the dispatch on every tapped message.
+_QUERY_TYPE = int(FrontendType.QUERY)
+_PARSE_TYPE = int(FrontendType.PARSE)
+_BIND_TYPE = int(FrontendType.BIND)
+_EXECUTE_TYPE = int(FrontendType.EXECUTE)
+_SYNC_TYPE = int(FrontendType.SYNC)
+_CLOSE_TYPE = int(FrontendType.CLOSE)
+_FUNCTION_CALL_TYPE = int(FrontendType.FUNCTION_CALL)
+_COMMAND_COMPLETE_TYPE = int(BackendType.COMMAND_COMPLETE)
+_READY_FOR_QUERY_TYPE = int(BackendType.READY_FOR_QUERY)
+_PARSE_COMPLETE_TYPE = int(BackendType.PARSE_COMPLETE)
+_ERROR_RESPONSE_TYPE = int(BackendType.ERROR_RESPONSE)
+_PORTAL_SUSPENDED_TYPE = int(BackendType.PORTAL_SUSPENDED)
+_EMPTY_QUERY_RESPONSE_TYPE = int(BackendType.EMPTY_QUERY_RESPONSE)
+_COPY_IN_TYPES = (int(BackendType.COPY_IN_RESPONSE), int(BackendType.COPY_BOTH_RESPONSE))
+_COPY_OUT_RESPONSE_TYPE = int(BackendType.COPY_OUT_RESPONSE)
+_FUNCTION_CALL_RESPONSE_TYPE = int(BackendType.FUNCTION_CALL_RESPONSE)
 _INT16 = struct.Struct("!h")
 _INT32 = struct.Struct("!i")
 _UINT32 = struct.Struct("!I")
 
 
-class _Kind(Enum):
-    QUERY = auto()
-    PARSE = auto()
-    EXECUTE = auto()
-    FUNCTION = auto()
-    SYNC = auto()
+# What a pending entry waits for an outcome of (plain ints: compared on every
+# tapped message).
+_QUERY = 1
+_PARSE = 2
+_EXECUTE = 3
+_FUNCTION = 4
+_SYNC_KIND = 5
+_EXECUTE_OR_QUERY = (_EXECUTE, _QUERY)
+_PROTOCOLS: dict[int, AuditProtocol] = {
+    _QUERY: "simple",
+    _PARSE: "extended",
+    _EXECUTE: "extended",
+    _FUNCTION: "function_call",
+}
+
+#: A logged parameter: (index, type_oid, format, value, truncated), the shape of
+#: :data:`~gateway.audit.records.EventRow`'s parameters.
+ParameterRow = tuple[int, int | None, ParameterFormat, str | None, bool]
 
 
 @dataclass(frozen=True, slots=True)
 class _Prepared:
     sql: str
     param_types: tuple[int, ...]
+    #: whether the parameters may carry a secret (Redactor.hides_parameters)
+    hides_parameters: bool
 
 
 @dataclass(frozen=True, slots=True)
 class _Portal:
     statement: str
     sql: str
-    parameters: tuple[Parameter, ...] | None
+    parameters: tuple[ParameterRow, ...] | None
 
 
-@dataclass(slots=True)
 class _Pending:
-    kind: _Kind
-    started_ns: int
-    sql: str | None = None
-    statement: str | None = None
-    portal: str | None = None
-    parameters: tuple[Parameter, ...] | None = None
-    tags: list[str] = field(default_factory=list)
-    rows: int | None = None
-    copy: Literal["in", "out"] | None = None
-    #: COPY byte counters when this entry's COPY started
-    server_bytes_at: int = 0
-    client_bytes_at: int = 0
-    status: str | None = None
-    ended_ns: int = 0
-    sqlstate: str | None = None
-    error: str | None = None
-    copy_bytes: int | None = None
+    """A client message waiting for its outcome (one per Query, Parse, Execute,
+    FunctionCall; every Sync shares one)."""
+
+    __slots__ = (
+        "client_bytes_at",
+        "copy",
+        "copy_bytes",
+        "ended_ns",
+        "error",
+        "kind",
+        "parameters",
+        "portal",
+        "rows",
+        "server_bytes_at",
+        "sql",
+        "sqlstate",
+        "started_ns",
+        "statement",
+        "status",
+        "tag",
+    )
+
+    def __init__(
+        self,
+        kind: int,
+        started_ns: int,
+        sql: str | None = None,
+        statement: str | None = None,
+        portal: str | None = None,
+        parameters: tuple[ParameterRow, ...] | None = None,
+        client_bytes_at: int = 0,
+    ) -> None:
+        self.kind = kind
+        self.started_ns = started_ns
+        self.sql = sql
+        self.statement = statement
+        self.portal = portal
+        self.parameters = parameters
+        #: the command tags so far, "; "-joined (a Query may run several)
+        self.tag: str | None = None
+        self.rows: int | None = None
+        self.copy: CopyDirection | None = None
+        #: COPY byte counters when this entry's COPY started
+        self.server_bytes_at = 0
+        self.client_bytes_at = client_bytes_at
+        self.status: AuditStatus | None = None
+        self.ended_ns = 0
+        self.sqlstate: str | None = None
+        self.error: str | None = None
+        self.copy_bytes: int | None = None
+
+    def add_tag(self, tag: str) -> None:
+        self.tag = tag if self.tag is None else self.tag + "; " + tag
 
 
 #: Parse messages remembered per connection, and the longest one remembered: at
@@ -128,7 +199,7 @@ class _Pending:
 _PARSE_CACHE_SIZE = 32
 _PARSE_CACHE_MAX_BODY = 2048
 #: The one pending entry every Sync shares (see StatementTracker.client).
-_SYNC = _Pending(_Kind.SYNC, 0)
+_SYNC = _Pending(_SYNC_KIND, 0)
 
 
 def rows_from_tag(tag: str) -> int | None:
@@ -149,7 +220,12 @@ def _cstring(body: bytes, pos: int) -> tuple[str, int]:
 
 
 class StatementTracker:
-    """One connection's statement audit: tapped messages in, statement events out."""
+    """One connection's statement audit: tapped messages in, statement rows out.
+
+    Runs on the event loop for every tapped message, so it builds as little as
+    it can: a small pending entry per statement and, once the outcome is in, the
+    :data:`~gateway.audit.records.EventRow` tuple the writer sends on as it is.
+    """
 
     def __init__(
         self,
@@ -160,7 +236,6 @@ class StatementTracker:
         parameter_mode: ParameterMode = "values",
         max_value_bytes: int = 256,
         max_sql_chars: int = 64 * 1024,
-        wall_clock: Callable[[int], datetime] | None = None,
     ) -> None:
         self.session_id = session_id
         self.connection_id = connection_id
@@ -168,7 +243,6 @@ class StatementTracker:
         self._parameter_mode = parameter_mode
         self._max_value_bytes = max_value_bytes
         self._max_sql_chars = max_sql_chars
-        self._wall_clock = wall_clock or _from_ns
         self._prepared: dict[str, _Prepared] = {}
         #: Parse bodies already decoded and redacted (see _parse)
         self._parsed: dict[bytes, tuple[str, _Prepared]] = {}
@@ -177,44 +251,58 @@ class StatementTracker:
         self._failed = False
         self._client_bytes = 0
         self._server_messages = 0
-        self._events: list[AuditEvent] = []
+        self._events: list[EventRow] = []
 
     # --- client side ----------------------------------------------------------------
 
     def client(self, message: TappedMessage, now_ns: int) -> None:
-        self._client_bytes = message.measured_bytes
-        mtype = message.type
-        body = message.body
-        if mtype == FrontendType.EXECUTE:
+        mtype, body, truncated, _, self._client_bytes = message
+        if mtype == _QUERY_TYPE:
+            end = body.find(b"\x00")
+            sql = (body if end < 0 else body[:end]).decode("utf-8", "replace")
+            self._pending.append(
+                _Pending(
+                    _QUERY,
+                    now_ns,
+                    sql=self._clean_sql(sql, truncated),
+                    client_bytes_at=self._client_bytes,
+                )
+            )
+        elif mtype == _EXECUTE_TYPE:
             # Most clients run the unnamed portal: skip decoding an empty name.
             portal = "" if body[:1] == b"\x00" else _cstring(body, 0)[0]
             bound = self._portals.get(portal)
-            self._push(
-                _Kind.EXECUTE,
-                now_ns,
-                sql=bound.sql if bound else None,
-                statement=bound.statement if bound else None,
-                portal=portal,
-                parameters=bound.parameters if bound else None,
-            )
-        elif mtype == FrontendType.BIND:
+            if bound is None:
+                entry = _Pending(_EXECUTE, now_ns, portal=portal)
+            else:
+                entry = _Pending(
+                    _EXECUTE, now_ns, bound.sql, bound.statement, portal, bound.parameters
+                )
+            entry.client_bytes_at = self._client_bytes
+            self._pending.append(entry)
+        elif mtype == _BIND_TYPE:
             self._on_bind(body)
-        elif mtype == FrontendType.SYNC:
+        elif mtype == _SYNC_TYPE:
             # Nothing of a Sync's entry ever changes: one shared object will do.
             self._pending.append(_SYNC)
-        elif mtype == FrontendType.PARSE:
-            parsed = self._parsed.get(body) if not message.truncated else None
+        elif mtype == _PARSE_TYPE:
+            parsed = None if truncated else self._parsed.get(body)
             if parsed is None:
-                parsed = self._parse(body, message.truncated)
+                parsed = self._parse(body, truncated)
             name, prepared = parsed
             self._prepared[name] = prepared
-            self._push(_Kind.PARSE, now_ns, sql=prepared.sql, statement=name)
-        elif mtype == FrontendType.QUERY:
-            sql, _ = _cstring(body, 0)
-            self._push(_Kind.QUERY, now_ns, sql=self._clean_sql(sql, message.truncated))
-        elif mtype == FrontendType.FUNCTION_CALL:
+            self._pending.append(
+                _Pending(
+                    _PARSE,
+                    now_ns,
+                    sql=prepared.sql,
+                    statement=name,
+                    client_bytes_at=self._client_bytes,
+                )
+            )
+        elif mtype == _FUNCTION_CALL_TYPE:
             self._on_function_call(body, now_ns)
-        elif mtype == FrontendType.CLOSE and body:
+        elif mtype == _CLOSE_TYPE and body:
             name, _ = _cstring(body, 1)
             (self._prepared if body[0] == ord("S") else self._portals).pop(name, None)
         # CopyDone / CopyFail only update the byte counter read above.
@@ -229,34 +317,13 @@ class StatementTracker:
             (count,) = _INT16.unpack_from(body, pos)
             avail = min(count, (len(body) - pos - 2) // 4)
             types = struct.unpack_from(f"!{avail}I", body, pos + 2) if avail > 0 else ()
-        parsed = (name, _Prepared(self._clean_sql(sql, truncated), types))
+        clean = self._clean_sql(sql, truncated)
+        parsed = (name, _Prepared(clean, types, Redactor.hides_parameters(clean)))
         if not truncated and len(body) <= _PARSE_CACHE_MAX_BODY:
             if len(self._parsed) >= _PARSE_CACHE_SIZE:
                 self._parsed.clear()
             self._parsed[body] = parsed
         return parsed
-
-    def _push(
-        self,
-        kind: _Kind,
-        now_ns: int,
-        *,
-        sql: str | None = None,
-        statement: str | None = None,
-        portal: str | None = None,
-        parameters: tuple[Parameter, ...] | None = None,
-    ) -> None:
-        self._pending.append(
-            _Pending(
-                kind,
-                now_ns,
-                sql=sql,
-                statement=statement,
-                portal=portal,
-                parameters=parameters,
-                client_bytes_at=self._client_bytes,
-            )
-        )
 
     def _clean_sql(self, sql: str, truncated: bool) -> str:
         if len(sql) > self._max_sql_chars:
@@ -265,58 +332,69 @@ class StatementTracker:
         return clean + " …[truncated]" if truncated else clean
 
     def _on_bind(self, body: bytes) -> None:
-        portal, pos = _cstring(body, 0)
-        statement, pos = _cstring(body, pos)
+        if body[:2] == b"\x00\x00":  # the unnamed portal of the unnamed statement
+            portal, statement, pos = "", "", 2
+        else:
+            portal, pos = _cstring(body, 0)
+            statement, pos = _cstring(body, pos)
         prepared = self._prepared.get(statement)
-        sql = prepared.sql if prepared else ""
-        parameters: tuple[Parameter, ...] | None = None
+        parameters: tuple[ParameterRow, ...] | None = None
         if self._parameter_mode != "none":
             parameters = self._decode_parameters(
                 body, pos, prepared.param_types if prepared else ()
             )
-            if parameters and Redactor.hides_parameters(sql):
+            if parameters and (prepared.hides_parameters if prepared else False):
                 parameters = tuple(
-                    Parameter(p.index, p.type_oid, p.format, MASK if p.value else p.value)
-                    for p in parameters
+                    (index, oid, fmt, MASK if value else value, cut)
+                    for index, oid, fmt, value, cut in parameters
                 )
-        self._portals[portal] = _Portal(statement, sql, parameters)
+        self._portals[portal] = _Portal(statement, prepared.sql if prepared else "", parameters)
 
     def _decode_parameters(
         self, body: bytes, pos: int, types: tuple[int, ...]
-    ) -> tuple[Parameter, ...] | None:
-        if pos + 2 > len(body):
+    ) -> tuple[ParameterRow, ...] | None:
+        size = len(body)
+        if pos + 2 > size:
             return None  # the tap kept too little to know the parameters
         (nformats,) = _INT16.unpack_from(body, pos)
         counts_at = pos + 2 + 2 * max(nformats, 0)
-        if counts_at + 2 > len(body):
+        if counts_at + 2 > size:
             return None
         formats = struct.unpack_from(f"!{nformats}h", body, pos + 2) if nformats > 0 else ()
         (count,) = _INT16.unpack_from(body, counts_at)
         pos = counts_at + 2
         values_wanted = self._parameter_mode == "values"
-        out: list[Parameter] = []
+        out: list[ParameterRow] = []
         limit = self._max_value_bytes
+        redactor = self._redactor
+        ntypes = len(types)
         for i in range(count):
             binary = (formats[0] if nformats == 1 else formats[i] if i < nformats else 0) == 1
-            type_oid = types[i] if i < len(types) and types[i] else None
-            if pos + 4 > len(body):  # the tap kept only the start of a huge Bind
-                out.append(Parameter(i + 1, type_oid, "binary" if binary else "text", None, True))
+            type_oid = (types[i] or None) if i < ntypes else None
+            if pos + 4 > size:  # the tap kept only the start of a huge Bind
+                out.append((i + 1, type_oid, "binary" if binary else "text", None, True))
                 continue
             (length,) = _INT32.unpack_from(body, pos)
             pos += 4
             if length < 0:
-                out.append(Parameter(i + 1, type_oid, "null", None))
+                out.append((i + 1, type_oid, "null", None, False))
                 continue
             raw = body[pos : pos + min(length, limit)]
-            cut = length > limit or pos + length > len(body)
+            cut = length > limit or pos + length > size
             pos += length
+            value: str | None
             if not values_wanted:
                 value = None
             elif binary:
-                value = self._redactor.binary(raw)
+                value = redactor.binary(raw)
             else:
-                value = self._redactor.value(raw.decode("utf-8", "replace"))
-            out.append(Parameter(i + 1, type_oid, "binary" if binary else "text", value, cut))
+                text = raw.decode("utf-8", "replace")
+                if "\x00" in text:
+                    # Text can't hold NUL (the server refuses it too); shown as
+                    # undecodable bytes are, instead of a record the store refuses.
+                    text = text.replace("\x00", "\ufffd")
+                value = redactor.value(text)
+            out.append((i + 1, type_oid, "binary" if binary else "text", value, cut))
         return tuple(out)
 
     def _on_function_call(self, body: bytes, now_ns: int) -> None:
@@ -325,105 +403,123 @@ class StatementTracker:
         if self._parameter_mode != "none":
             # Same layout as Bind's formats/values, after the function's oid.
             parameters = self._decode_parameters(body, 4, ())
-        self._push(_Kind.FUNCTION, now_ns, sql=f"-- FunctionCall oid {oid}", parameters=parameters)
+        self._pending.append(
+            _Pending(
+                _FUNCTION,
+                now_ns,
+                sql=f"-- FunctionCall oid {oid}",
+                parameters=parameters,
+                client_bytes_at=self._client_bytes,
+            )
+        )
 
     # --- server side ------------------------------------------------------------------
 
-    def server(self, message: TappedMessage, now_ns: int) -> Sequence[AuditEvent]:
+    def server(self, message: TappedMessage, now_ns: int) -> Sequence[EventRow]:
         mtype = message.type
-        if mtype == BackendType.COMMAND_COMPLETE:
-            entry = self._current((_Kind.EXECUTE, _Kind.QUERY))
+        if mtype == _COMMAND_COMPLETE_TYPE:
+            entry = self._current(_EXECUTE_OR_QUERY)
             if entry is not None:
-                tag, _ = _cstring(message.body, 0)
-                entry.tags.append(tag)
+                body = message.body
+                end = body.find(b"\x00")
+                tag = (body if end < 0 else body[:end]).decode("utf-8", "replace")
+                entry.add_tag(tag)
                 rows = rows_from_tag(tag)
                 if rows is not None:
-                    entry.rows = (entry.rows or 0) + rows
-                if entry.kind is _Kind.EXECUTE:
+                    entry.rows = rows if entry.rows is None else entry.rows + rows
+                if entry.kind == _EXECUTE:
                     self._finish(entry, message, now_ns, "ok")
-                else:
+                elif entry.copy is not None:
                     self._note_copy(entry, message)
-        elif mtype == BackendType.READY_FOR_QUERY:
+        elif mtype == _READY_FOR_QUERY_TYPE:
             self._on_ready(now_ns)
-        elif mtype == BackendType.PARSE_COMPLETE:
-            entry = self._current((_Kind.PARSE,))
+        elif mtype == _PARSE_COMPLETE_TYPE:
+            entry = self._current((_PARSE,))
             if entry is not None:
                 self._pending.remove(entry)
-        elif mtype == BackendType.ERROR_RESPONSE:
+        elif mtype == _ERROR_RESPONSE_TYPE:
             self._on_error(message, now_ns)
-        elif mtype == BackendType.PORTAL_SUSPENDED:
-            entry = self._current((_Kind.EXECUTE,))
+        elif mtype == _PORTAL_SUSPENDED_TYPE:
+            entry = self._current((_EXECUTE,))
             if entry is not None:
-                entry.tags.append("(portal suspended)")
+                entry.add_tag("(portal suspended)")
                 # The DataRows since the previous tapped server message are this
                 # Execute's: the server answers in order.
                 entry.rows = message.measured_messages - self._server_messages
                 self._finish(entry, message, now_ns, "ok")
-        elif mtype == BackendType.EMPTY_QUERY_RESPONSE:
-            entry = self._current((_Kind.EXECUTE, _Kind.QUERY))
+        elif mtype == _EMPTY_QUERY_RESPONSE_TYPE:
+            entry = self._current(_EXECUTE_OR_QUERY)
             if entry is not None:
-                entry.tags.append("(empty query)")
-                if entry.kind is _Kind.EXECUTE:
+                entry.add_tag("(empty query)")
+                if entry.kind == _EXECUTE:
                     self._finish(entry, message, now_ns, "ok")
-        elif mtype in (BackendType.COPY_IN_RESPONSE, BackendType.COPY_BOTH_RESPONSE):
-            entry = self._current((_Kind.EXECUTE, _Kind.QUERY))
+        elif mtype in _COPY_IN_TYPES:
+            entry = self._current(_EXECUTE_OR_QUERY)
             if entry is not None:
                 entry.copy = "in"
                 entry.client_bytes_at = self._client_bytes
-        elif mtype == BackendType.COPY_OUT_RESPONSE:
-            entry = self._current((_Kind.EXECUTE, _Kind.QUERY))
+        elif mtype == _COPY_OUT_RESPONSE_TYPE:
+            entry = self._current(_EXECUTE_OR_QUERY)
             if entry is not None:
                 entry.copy = "out"
                 entry.server_bytes_at = message.measured_bytes
-        elif mtype == BackendType.FUNCTION_CALL_RESPONSE:
-            entry = self._current((_Kind.FUNCTION,))
+        elif mtype == _FUNCTION_CALL_RESPONSE_TYPE:
+            entry = self._current((_FUNCTION,))
             if entry is not None:
-                entry.tags.append("FUNCTION CALL")
+                entry.add_tag("FUNCTION CALL")
         self._server_messages = message.measured_messages
-        return self._drain()
+        # Most tapped server messages finish no statement: those get a shared
+        # empty tuple rather than a new list.
+        events = self._events
+        if not events:
+            return _NO_EVENTS
+        self._events = []
+        return events
 
-    def _current(self, kinds: tuple[_Kind, ...]) -> _Pending | None:
+    def _current(self, kinds: tuple[int, ...]) -> _Pending | None:
         """The oldest unfinished entry of ``kinds``, never across a batch boundary."""
         for entry in self._pending:
             if entry.status is not None:
                 continue
             if entry.kind in kinds:
                 return entry
-            if entry.kind is not _Kind.PARSE:
+            if entry.kind != _PARSE:
                 return None
         return None
 
     def _on_error(self, message: TappedMessage, now_ns: int) -> None:
         fields = parse_error_fields(message.body)
-        status = "cancelled" if fields.sqlstate == QUERY_CANCELED else "error"
+        status: AuditStatus = "cancelled" if fields.sqlstate == QUERY_CANCELED else "error"
         # Server messages can quote the statement's text: same masking as SQL.
         error = self._redactor.sql(fields.message)
         for entry in self._pending:
             if entry.status is not None:
                 continue
-            if entry.kind is _Kind.SYNC:
+            if entry.kind == _SYNC_KIND:
                 break
             self._finish(entry, message, now_ns, status, sqlstate=fields.sqlstate, error=error)
-            if entry.kind in (_Kind.QUERY, _Kind.FUNCTION):
+            if entry.kind in (_QUERY, _FUNCTION):
                 return
             break
         # Extended protocol: the server skips everything up to the next Sync.
         self._failed = True
 
     def _on_ready(self, now_ns: int) -> None:
-        while self._pending:
-            entry = self._pending.popleft()
-            if entry.kind is _Kind.SYNC:
+        pending = self._pending
+        while pending:
+            entry = pending.popleft()
+            kind = entry.kind
+            if kind == _SYNC_KIND:
                 break
-            if entry.kind in (_Kind.QUERY, _Kind.FUNCTION):
+            if kind in (_QUERY, _FUNCTION):
                 if entry.status is None:
                     entry.status, entry.ended_ns = "ok", now_ns
-                self._events.append(self._event(entry))
+                self._events.append(self._row(entry))
                 break
-            if entry.kind is _Kind.EXECUTE and entry.status is None:
+            if kind == _EXECUTE and entry.status is None:
                 entry.status = "skipped" if self._failed else "incomplete"
                 entry.ended_ns = now_ns
-                self._events.append(self._event(entry))
+                self._events.append(self._row(entry))
         self._failed = False
 
     def _finish(
@@ -431,80 +527,63 @@ class StatementTracker:
         entry: _Pending,
         message: TappedMessage,
         now_ns: int,
-        status: str,
+        status: AuditStatus,
         *,
         sqlstate: str | None = None,
         error: str | None = None,
     ) -> None:
         entry.status, entry.ended_ns = status, now_ns
         entry.sqlstate, entry.error = sqlstate, error
-        self._note_copy(entry, message)
-        if entry.kind in (_Kind.EXECUTE, _Kind.PARSE):
+        if entry.copy is not None:
+            self._note_copy(entry, message)
+        if entry.kind in (_EXECUTE, _PARSE):
             # Queries and function calls are recorded at ReadyForQuery, once all
             # their results are in; an Execute (or a failed Parse) is final now.
-            self._events.append(self._event(entry))
+            self._events.append(self._row(entry))
             self._pending.remove(entry)
 
     def _note_copy(self, entry: _Pending, message: TappedMessage) -> None:
         """Add the bytes of the COPY that just ended to the entry (a Query may hold several)."""
         if entry.copy == "out":
             copied = message.measured_bytes - entry.server_bytes_at
-        elif entry.copy == "in":
-            copied = self._client_bytes - entry.client_bytes_at
         else:
-            return
+            copied = self._client_bytes - entry.client_bytes_at
         entry.copy_bytes = (entry.copy_bytes or 0) + copied
         entry.server_bytes_at = message.measured_bytes
         entry.client_bytes_at = self._client_bytes
 
-    def _event(self, entry: _Pending) -> AuditEvent:
-        protocol: Literal["simple", "extended", "function_call"] = (
-            "simple"
-            if entry.kind is _Kind.QUERY
-            else "function_call"
-            if entry.kind is _Kind.FUNCTION
-            else "extended"
-        )
-        ended = entry.ended_ns or entry.started_ns
-        return AuditEvent(
-            session_id=self.session_id,
-            connection_id=self.connection_id,
-            kind="statement",
-            occurred_at=self._wall_clock(entry.started_ns),
-            protocol=protocol,
-            sql=entry.sql,
-            statement_name=entry.statement,
-            portal_name=entry.portal,
-            parameters=entry.parameters,
-            command_tag="; ".join(entry.tags) if entry.tags else None,
-            rows=entry.rows,
-            status=entry.status,  # type: ignore[arg-type]
-            sqlstate=entry.sqlstate,
-            error_message=entry.error,
-            duration_ms=round((ended - entry.started_ns) / 1e6, 3),
-            copy_direction=entry.copy,
-            copy_bytes=entry.copy_bytes,
+    def _row(self, entry: _Pending) -> EventRow:
+        started = entry.started_ns
+        ended = entry.ended_ns or started
+        return (
+            self.session_id,
+            self.connection_id,
+            "statement",
+            started // 1000,
+            _PROTOCOLS[entry.kind],
+            entry.sql,
+            entry.statement,
+            entry.portal,
+            entry.parameters,
+            entry.tag,
+            entry.rows,
+            entry.status,
+            entry.sqlstate,
+            entry.error,
+            round((ended - started) / 1e6, 3),
+            entry.copy,
+            entry.copy_bytes,
+            None,
         )
 
-    def _drain(self) -> Sequence[AuditEvent]:
-        # Called for every tapped server message; most finish no statement, so
-        # those get a shared empty tuple rather than a new list.
-        events = self._events
-        if not events:
-            return _NO_EVENTS
-        self._events = []
-        return events
-
-    def close(self, now_ns: int) -> Sequence[AuditEvent]:
+    def close(self, now_ns: int) -> Sequence[EventRow]:
         """The connection ended: whatever never got an outcome is ``incomplete``."""
+        events = self._events
         for entry in self._pending:
-            if entry.kind in (_Kind.EXECUTE, _Kind.QUERY, _Kind.FUNCTION):
+            if entry.kind in (_EXECUTE, _QUERY, _FUNCTION):
                 if entry.status is None:
                     entry.status, entry.ended_ns = "incomplete", now_ns
-                self._events.append(self._event(entry))
+                events.append(self._row(entry))
         self._pending.clear()
-        return self._drain()
-
-
-def _from_ns(ns: int) -> datetime:
-    return datetime.fromtimestamp(ns / 1e9, UTC)
+        self._events = []
+        return events

@@ -40,7 +40,8 @@ class Redactor:
         )
 
     def sql(self, text: str) -> str:
-        text = _PASSWORD_LITERAL.sub(lambda m: m.group(1) + "'" + MASK + "'", text)
+        if _may_mention_password(text):
+            text = _PASSWORD_LITERAL.sub(lambda m: m.group(1) + "'" + MASK + "'", text)
         for pattern in self.patterns:
             text = pattern.sub(_mask_match, text)
         return self.value(text)
@@ -61,7 +62,16 @@ class Redactor:
     @staticmethod
     def hides_parameters(sql: str) -> bool:
         """Whether the parameters of this statement may carry a secret."""
-        return _MENTIONS_PASSWORD.search(sql) is not None
+        return _may_mention_password(sql) and _MENTIONS_PASSWORD.search(sql) is not None
+
+
+def _may_mention_password(text: str) -> bool:
+    """A cheap necessary condition for the PASSWORD patterns to match. Those are
+    case-insensitive regular expressions, which scan every position of a text;
+    ASCII text (nearly all SQL) can be ruled out with one lowercase copy. Other
+    text always goes to the expressions (Unicode case-insensitive matching has
+    look-alikes such as U+017F, which matches ``s``)."""
+    return not text.isascii() or "password" in text.lower()
 
 
 def _mask_match(match: re.Match[str]) -> str:

@@ -71,6 +71,18 @@ def encode_events(events: Sequence[AuditEvent]) -> bytes:
     return marshal.dumps(event_rows(events))
 
 
+def encode_rows(rows: Sequence[EventRow]) -> bytes:
+    """A batch of rows as the pipe carries it (``marshal`` of a list of tuples).
+
+    Raises :class:`InvalidRequest` for a row that holds something ``marshal``
+    cannot carry (only a bug can put one there).
+    """
+    try:
+        return marshal.dumps(rows if type(rows) is list else list(rows))
+    except ValueError:
+        raise InvalidRequest("an audit event holds a value that is not a plain value") from None
+
+
 def decode_rows(payload: bytes) -> list[EventRow]:
     """The rows of an :func:`encode_events` payload, as the store appends them."""
     rows: list[EventRow] = marshal.loads(payload)  # noqa: S302 (our own parent, over a private pipe)
@@ -132,8 +144,8 @@ class AuditSink:
         async with self._lock:
             await self._spawn()
 
-    async def append(self, events: list[AuditEvent]) -> int:
-        payload = encode_events(events)
+    async def append(self, rows: list[EventRow]) -> int:
+        payload = encode_rows(rows)
         async with self._lock:
             proc = self._proc
             if proc is not None and proc.returncode is not None:

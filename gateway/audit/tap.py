@@ -21,7 +21,7 @@ from gateway.audit.pairing import (
     SERVER_TAP,
     StatementTracker,
 )
-from gateway.audit.records import AuditEvent, DetailValue
+from gateway.audit.records import AuditEvent, DetailValue, event_rows
 from gateway.audit.writer import AuditWriter
 from gateway.protocol.errors import ProtocolError
 from gateway.protocol.framing import TappedMessage
@@ -100,13 +100,15 @@ class ConnectionAudit:
         if kind == "connection_end":
             self._writer.submit(self._tracker.close(now_ns))
         self._writer.submit(
-            [
-                AuditEvent(
-                    session_id=self._tracker.session_id,
-                    connection_id=self._tracker.connection_id,
-                    kind=kind,
-                    occurred_at=datetime.fromtimestamp(now_ns / 1e9, UTC),
-                    detail=detail,
-                )
-            ]
+            event_rows(
+                [
+                    AuditEvent(
+                        session_id=self._tracker.session_id,
+                        connection_id=self._tracker.connection_id,
+                        kind=kind,
+                        occurred_at=datetime.fromtimestamp(now_ns / 1e9, UTC),
+                        detail=detail,
+                    )
+                ]
+            )
         )

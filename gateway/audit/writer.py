@@ -1,10 +1,11 @@
 """The audit writer: one task that writes audit events to the store in batches.
 
-Relays hand events over with :meth:`AuditWriter.submit` (no I/O, no await); the
-writer task flushes every ``interval`` seconds or as soon as ``batch_size``
-events wait. Memory stays bounded: when more than ``max_backlog`` events wait,
-:meth:`wait_for_room` makes relays pause before reading more, so a slow store
-slows the sessions instead of growing a buffer or dropping records.
+Relays hand events over, as :data:`~gateway.audit.records.EventRow` tuples,
+with :meth:`AuditWriter.submit` (no I/O, no await); the writer task flushes
+every ``interval`` seconds or as soon as ``batch_size`` events wait. Memory
+stays bounded: when more than ``max_backlog`` events wait, :meth:`wait_for_room`
+makes relays pause before reading more, so a slow store slows the sessions
+instead of growing a buffer or dropping records.
 
 When a write fails the events stay queued and the writer retries. With
 ``fail_closed`` the owner is told at once (``on_failure``) so it can refuse new
@@ -20,11 +21,11 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
 
-from gateway.audit.records import AuditEvent
+from gateway.audit.records import EventRow
 
 log = structlog.get_logger(__name__)
 
-AppendFn = Callable[[list[AuditEvent]], Awaitable[object]]
+AppendFn = Callable[[list[EventRow]], Awaitable[object]]
 Callback = Callable[[BaseException | None], Awaitable[None]]
 
 
@@ -47,7 +48,7 @@ class AuditWriter:
         self._retry_interval = retry_interval
         self._on_failure = on_failure
         self._on_recovery = on_recovery
-        self._queue: deque[AuditEvent] = deque()
+        self._queue: deque[EventRow] = deque()
         self._wakeup = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -66,7 +67,7 @@ class AuditWriter:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="audit-writer")
 
-    def submit(self, events: Sequence[AuditEvent]) -> None:
+    def submit(self, events: Sequence[EventRow]) -> None:
         if not events:
             return
         self._queue.extend(events)

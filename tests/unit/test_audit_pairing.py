@@ -13,7 +13,7 @@ from gateway.audit.pairing import (
     StatementTracker,
     rows_from_tag,
 )
-from gateway.audit.records import AuditEvent
+from gateway.audit.records import AuditEvent, EventRow, row_event
 from gateway.audit.redaction import Redactor
 from gateway.protocol.framing import BoundaryTracker
 from gateway.protocol.messages import encode_message, error_response
@@ -108,10 +108,10 @@ class Playbook:
     def server(self, *chunks: bytes) -> None:
         for message in self.server_tracker.feed(b"".join(chunks)):
             self.now += 1000
-            self.events += self.tracker.server(message, self.now)
+            self.events += map(row_event, self.tracker.server(message, self.now))
 
     def close(self) -> list[AuditEvent]:
-        self.events += self.tracker.close(self.now)
+        self.events += map(row_event, self.tracker.close(self.now))
         return self.events
 
 
@@ -426,6 +426,31 @@ def test_passwords_in_sql_and_parameters_are_masked() -> None:
     assert book.events[1].parameters is not None and book.events[1].parameters[0].value == "***"
 
 
+def test_password_literals_are_masked_in_any_case_and_beside_non_ascii_text() -> None:
+    redactor = Redactor.build()
+    assert redactor.sql("alter role bob PassWord 'x'") == "alter role bob PassWord '***'"
+    assert (
+        redactor.sql("-- Grüße\nALTER ROLE b PASSWORD 'é'")
+        == "-- Grüße\nALTER ROLE b PASSWORD '***'"
+    )
+    # U+017F (long s) matches "s" case-insensitively: non-ASCII text always gets
+    # the full expression, never the ASCII shortcut.
+    assert redactor.sql("ALTER ROLE b PA\u017fSWORD 'x'") == "ALTER ROLE b PA\u017fSWORD '***'"
+    assert Redactor.hides_parameters("alter role b pa\u017fsword $1")
+    assert not Redactor.hides_parameters("select passwords_total from stats")
+
+
+def test_a_nul_in_a_text_parameter_is_recorded_as_a_replacement_character() -> None:
+    # PostgreSQL text can't hold NUL, and the store refuses one: the whole batch
+    # would be refused over and over. The server refuses the value too.
+    book = Playbook()
+    book.client(parse("select $1::text"), bind([b"a\x00b"]), execute(), sync())
+    book.server(PARSE_COMPLETE, BIND_COMPLETE, error("22021", "invalid byte sequence"), ready())
+    (event,) = book.events
+    assert event.parameters is not None
+    assert event.parameters[0].value == "a\ufffdb"
+
+
 def test_configured_patterns_are_masked() -> None:
     redactor = Redactor.build(patterns=[r"ssn=(\d+)", r"secret_\w+"])
     assert redactor.sql("select 'ssn=123456', secret_token") == "select 'ssn=***', ***"
@@ -496,8 +521,8 @@ def test_a_malformed_tapped_message_is_skipped_and_the_next_statement_still_reco
     class Writer:
         congested = False
 
-        def submit(self, events: list[AuditEvent]) -> None:
-            submitted.extend(events)
+        def submit(self, events: list[EventRow]) -> None:
+            submitted.extend(map(row_event, events))
 
     book = Playbook()
     audit = ConnectionAudit(book.tracker, Writer())  # type: ignore[arg-type]

@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from gateway.audit.records import AuditEvent, Parameter, iso_from_micros, row_event
+from gateway.audit.records import (
+    AuditEvent,
+    EventRow,
+    Parameter,
+    event_rows,
+    iso_from_micros,
+    row_event,
+)
 from gateway.audit.sink import AuditSink, SinkError, decode_rows, encode_events
 from gateway.config import MASTER_KEY_FILE, GatewaySettings, save_settings, store_url
 from gateway.crypto import SecretBox, generate_master_key, load_master_key
@@ -120,19 +127,21 @@ def _session(home: Path) -> tuple[Store, str]:
     return store, session.id
 
 
-def _statements(session_id: str, first: int, count: int) -> list[AuditEvent]:
-    return [
-        AuditEvent(
-            session_id=session_id,
-            connection_id="c" * 32,
-            kind="statement",
-            occurred_at=datetime(2026, 11, 23, tzinfo=UTC) + timedelta(microseconds=n),
-            protocol="simple",
-            sql=f"select {n}",
-            status="ok",
-        )
-        for n in range(first, first + count)
-    ]
+def _statements(session_id: str, first: int, count: int) -> list[EventRow]:
+    return event_rows(
+        [
+            AuditEvent(
+                session_id=session_id,
+                connection_id="c" * 32,
+                kind="statement",
+                occurred_at=datetime(2026, 11, 23, tzinfo=UTC) + timedelta(microseconds=n),
+                protocol="simple",
+                sql=f"select {n}",
+                status="ok",
+            )
+            for n in range(first, first + count)
+        ]
+    )
 
 
 @pytest.mark.asyncio
