@@ -402,32 +402,40 @@ def _plausible_row(row: object) -> bool:
         detail,
     ) = row
     try:
+        # Inline checks, no helper calls: this runs once per statement. A text is
+        # None or a str without NUL (which PostgreSQL text cannot hold); an id is
+        # not blank (``not x.isspace()`` is ``x.strip()`` without the copy).
         return (
             type(session_id) is str
+            and bool(session_id)
+            and not session_id.isspace()
             and "\x00" not in session_id
-            and bool(session_id.strip())
             and type(connection_id) is str
+            and 0 < len(connection_id) <= ID_LENGTH
+            and not connection_id.isspace()
             and "\x00" not in connection_id
-            and 0 < len(connection_id.strip()) <= len(connection_id) <= ID_LENGTH
             and kind in AUDIT_KINDS
             and type(micros) is int
             and (protocol is None or protocol in AUDIT_PROTOCOLS)
             and (status is None or status in AUDIT_STATUSES)
             and (copy_direction is None or copy_direction in COPY_DIRECTIONS)
-            and _plain_text(sql)
-            and _plain_text(statement_name)
-            and _plain_text(portal_name)
-            and _plain_text(command_tag)
-            and _plain_text(error_message)
+            and (sql is None or (type(sql) is str and "\x00" not in sql))
+            and (
+                statement_name is None
+                or (type(statement_name) is str and "\x00" not in statement_name)
+            )
+            and (portal_name is None or (type(portal_name) is str and "\x00" not in portal_name))
+            and (command_tag is None or (type(command_tag) is str and "\x00" not in command_tag))
+            and (
+                error_message is None
+                or (type(error_message) is str and "\x00" not in error_message)
+            )
             and (
                 sqlstate is None or (type(sqlstate) is str and bool(_SQLSTATE.fullmatch(sqlstate)))
             )
             and (rows is None or (type(rows) is int and 0 <= rows <= _MAX_BIGINT))
             and (copy_bytes is None or (type(copy_bytes) is int and 0 <= copy_bytes <= _MAX_BIGINT))
-            and (
-                duration is None
-                or (type(duration) in (float, int) and math.isfinite(duration) and duration >= 0)
-            )
+            and (duration is None or (type(duration) in (float, int) and 0 <= duration < math.inf))
             and (
                 parameters is None
                 or (
