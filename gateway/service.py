@@ -11,7 +11,9 @@ Invariants:
   seconds is ended, so a ``kill -9``-ed CLI leaves no open door.
 * A session row is written before its listener accepts anything; a connection
   row before its first byte is relayed; at start-up every row left open by a
-  crash is closed with ``gateway_crash``.
+  crash is closed with ``gateway_crash``. Connection rows are group-committed:
+  the starts and ends that queue up while one store transaction runs share the
+  next, and each caller resumes once its own change is committed.
 """
 
 from __future__ import annotations
@@ -40,7 +42,13 @@ from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.listener import AccessListener, GrantInfo
 from gateway.protocol import messages, sqlstate
 from gateway.relay import EndReason, Termination, close_writer
-from gateway.store import AccessSession, Store
+from gateway.store import (
+    AccessSession,
+    ConnectionEnd,
+    ConnectionRecord,
+    ConnectionStart,
+    Store,
+)
 from gateway.upstream import UpstreamTarget, connect_upstream
 
 log = structlog.get_logger(__name__)
@@ -116,6 +124,11 @@ class GatewayService:
         default_factory=dict, repr=False
     )
     _targets_generation: int = 0
+    #: connection starts and ends waiting for the next group commit
+    _connection_changes: list[
+        tuple[ConnectionStart | ConnectionEnd, asyncio.Future[ConnectionRecord | None]]
+    ] = field(default_factory=list, repr=False)
+    _connection_writer: asyncio.Task[None] | None = None
 
     # --- ConnectionHost, for the listeners ------------------------------------
 
@@ -238,14 +251,10 @@ class GatewayService:
         backend_pid: int | None,
         started_at: datetime,
     ) -> str:
-        record = await self.db(
-            self.store.create_connection,
-            session_id,
-            client_addr=client_addr,
-            application_name=application_name,
-            backend_pid=backend_pid,
-            started_at=started_at,
+        record = await self._record_connection(
+            ConnectionStart(session_id, client_addr, application_name, backend_pid, started_at)
         )
+        assert isinstance(record, ConnectionRecord)
         return record.id
 
     async def record_connection_end(
@@ -257,15 +266,54 @@ class GatewayService:
         bytes_from_server: int,
         error: tuple[str, str] | None,
     ) -> None:
-        await self.db(
-            self.store.end_connection,
-            connection_id,
-            reason=reason,
-            bytes_from_client=bytes_from_client,
-            bytes_from_server=bytes_from_server,
-            error_sqlstate=error[0] if error else None,
-            error_message=error[1] if error else None,
+        await self._record_connection(
+            ConnectionEnd(
+                connection_id,
+                reason,
+                bytes_from_client,
+                bytes_from_server,
+                error[0] if error else None,
+                error[1] if error else None,
+            )
         )
+
+    async def _record_connection(
+        self, change: ConnectionStart | ConnectionEnd
+    ) -> ConnectionRecord | None:
+        """Write a connection start or end, group-committed: whatever queues up
+        while one store transaction runs goes into the next one, so a burst of
+        connections shares transactions. Returns once this change is committed,
+        exactly as a store call of its own would (errors included)."""
+        outcome: asyncio.Future[ConnectionRecord | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._connection_changes.append((change, outcome))
+        if self._connection_writer is None:
+            self._connection_writer = asyncio.create_task(
+                self._write_connection_changes(), name="connection-records"
+            )
+        return await outcome
+
+    async def _write_connection_changes(self) -> None:
+        try:
+            while self._connection_changes:
+                batch, self._connection_changes = self._connection_changes, []
+                try:
+                    results = await self.db(self.store.record_connections, [c for c, _ in batch])
+                except Exception as exc:
+                    for _, outcome in batch:
+                        if not outcome.done():
+                            outcome.set_exception(exc)
+                    continue
+                for (_, outcome), result in zip(batch, results, strict=True):
+                    if outcome.done():  # its connection was cancelled meanwhile
+                        continue
+                    if isinstance(result, GatewayError):
+                        outcome.set_exception(result)
+                    else:
+                        outcome.set_result(result)
+        finally:
+            self._connection_writer = None
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -328,6 +376,9 @@ class GatewayService:
             *(g.listener.close(wait=SHUTDOWN_GRACE_SECONDS) for g in grants),
             return_exceptions=True,
         )
+        if self._connection_writer is not None:
+            # Connection ends still being written go in before their sessions end.
+            await asyncio.gather(self._connection_writer, return_exceptions=True)
         if self.audit_writer is not None:
             # Flush the audit trail before the sessions are sealed and closed.
             await self.audit_writer.close()

@@ -26,7 +26,7 @@ from gateway.store.models import (
     SessionEndReason,
     SslMode,
 )
-from gateway.store.store import Store, StoreError
+from gateway.store.store import ConnectionEnd, ConnectionStart, Store, StoreError
 
 __all__ = [
     "CONNECTION_END_REASONS",
@@ -37,8 +37,10 @@ __all__ = [
     "AuditParameter",
     "AuditRecord",
     "ChainProblem",
+    "ConnectionEnd",
     "ConnectionEndReason",
     "ConnectionRecord",
+    "ConnectionStart",
     "Resource",
     "SessionEndReason",
     "SslMode",

@@ -43,6 +43,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Self, get_args
@@ -144,6 +145,71 @@ _LIKE_ESCAPE: Final = "/"
 _NAME_RULE: Final = (
     "use 1-63 characters from a-z, 0-9, '_', '.', '-', starting with a letter or digit"
 )
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionStart:
+    """A client connection to record as started (:meth:`Store.record_connections`)."""
+
+    session_id: str
+    client_addr: str
+    application_name: str | None = None
+    #: the upstream server's process id, once the upstream session is up
+    backend_pid: int | None = None
+    #: defaults to now
+    started_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionEnd:
+    """A client connection to record as ended, with its byte counts."""
+
+    connection_id: str
+    reason: str
+    bytes_from_client: int
+    bytes_from_server: int
+    error_sqlstate: str | None = None
+    error_message: str | None = None
+    #: defaults to now
+    ended_at: datetime | None = None
+
+
+def _start_row(start: ConnectionStart, now: datetime) -> dict[str, Any]:
+    _required_text("client_addr", start.client_addr)
+    _check_text("application_name", start.application_name, required=False)
+    pid = start.backend_pid
+    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int) or pid < 0):
+        raise InvalidRequest(f"backend_pid must be a non-negative integer, not {pid!r}")
+    return {
+        "id": _new_id(),
+        "session_id": start.session_id,
+        "client_addr": start.client_addr,
+        "application_name": start.application_name,
+        "backend_pid": pid,
+        "started_at": now
+        if start.started_at is None
+        else _check_time("started_at", start.started_at),
+        "bytes_from_client": 0,
+        "bytes_from_server": 0,
+    }
+
+
+def _end_values(end: ConnectionEnd, now: datetime) -> dict[str, Any]:
+    _check_reason("connection", end.reason, CONNECTION_END_REASONS)
+    _check_count("bytes_from_client", end.bytes_from_client)
+    _check_count("bytes_from_server", end.bytes_from_server)
+    if end.error_sqlstate is not None and not _SQLSTATE.fullmatch(end.error_sqlstate):
+        raise InvalidRequest("error_sqlstate must be a 5-character SQLSTATE code")
+    _check_text("error_message", end.error_message, required=False)
+    return {
+        "id": end.connection_id,
+        "ended_at": now if end.ended_at is None else _check_time("ended_at", end.ended_at),
+        "end_reason": end.reason,
+        "bytes_from_client": end.bytes_from_client,
+        "bytes_from_server": end.bytes_from_server,
+        "error_sqlstate": end.error_sqlstate,
+        "error_message": end.error_message,
+    }
 
 
 class StoreError(GatewayError):
@@ -1290,29 +1356,12 @@ class Store:
         *backend_pid* is the upstream server's process id (for pg_stat_activity),
         when the upstream session is already up; *started_at* defaults to now.
         """
-        _required_text("client_addr", client_addr)
-        _check_text("application_name", application_name, required=False)
-        if backend_pid is not None and (
-            isinstance(backend_pid, bool) or not isinstance(backend_pid, int) or backend_pid < 0
-        ):
-            raise InvalidRequest(f"backend_pid must be a non-negative integer, not {backend_pid!r}")
-        now = self._now() if started_at is None else _check_time("started_at", started_at)
-        with self._transaction(write=True) as conn:
-            parent = self._session_row(conn, session_id, lock="share")
-            if parent.ended_at is not None:
-                raise InvalidRequest(f"session '{session_id}' has ended")
-            row = {
-                "id": _new_id(),
-                "session_id": session_id,
-                "client_addr": client_addr,
-                "application_name": application_name,
-                "backend_pid": backend_pid,
-                "started_at": now,
-                "bytes_from_client": 0,
-                "bytes_from_server": 0,
-            }
-            conn.execute(connections.insert().values(row))
-        return ConnectionRecord.model_validate(row)
+        start = ConnectionStart(session_id, client_addr, application_name, backend_pid, started_at)
+        (result,) = self.record_connections([start])
+        if isinstance(result, GatewayError):
+            raise result
+        assert isinstance(result, ConnectionRecord)
+        return result
 
     def end_connection(
         self,
@@ -1326,32 +1375,90 @@ class Store:
         ended_at: datetime | None = None,
     ) -> ConnectionRecord:
         """End a connection with its byte counts. If already ended, return it unchanged."""
-        _check_reason("connection", reason, CONNECTION_END_REASONS)
-        _check_count("bytes_from_client", bytes_from_client)
-        _check_count("bytes_from_server", bytes_from_server)
-        if error_sqlstate is not None and not _SQLSTATE.fullmatch(error_sqlstate):
-            raise InvalidRequest("error_sqlstate must be a 5-character SQLSTATE code")
-        _check_text("error_message", error_message, required=False)
-        ended = self._now() if ended_at is None else _check_time("ended_at", ended_at)
-        with self._transaction(write=True) as conn:
-            conn.execute(
-                connections.update()
-                .where(connections.c.id == connection_id, connections.c.ended_at.is_(None))
-                .values(
-                    ended_at=ended,
-                    end_reason=reason,
-                    bytes_from_client=bytes_from_client,
-                    bytes_from_server=bytes_from_server,
-                    error_sqlstate=error_sqlstate,
-                    error_message=error_message,
-                )
+        end = ConnectionEnd(
+            connection_id,
+            reason,
+            bytes_from_client,
+            bytes_from_server,
+            error_sqlstate,
+            error_message,
+            ended_at,
+        )
+        (result,) = self.record_connections([end])
+        if isinstance(result, GatewayError):
+            raise result
+        with self._transaction(write=False) as conn:
+            return _connection(
+                conn.execute(select(connections).where(connections.c.id == connection_id)).one()
             )
-            row = conn.execute(
-                select(connections).where(connections.c.id == connection_id)
+
+    def record_connections(
+        self, changes: Sequence[ConnectionStart | ConnectionEnd]
+    ) -> list[ConnectionRecord | GatewayError | None]:
+        """Apply connection starts and ends in order, in one transaction.
+
+        The daemon's group commit: the changes that queued up while the previous
+        transaction ran go in the next one, so a burst of connections costs a few
+        transactions instead of two each. Each change gets its own outcome, in
+        order: the new :class:`ConnectionRecord` for a start, ``None`` for an
+        end (ending an ended connection changes nothing), or the
+        :class:`InvalidRequest` / :class:`NotFound` that refused that change
+        alone. A database failure raises :class:`StoreError` for all of them.
+        """
+        now = self._now()
+        checked: list[dict[str, Any] | GatewayError] = []
+        for change in changes:
+            try:
+                checked.append(
+                    _start_row(change, now)
+                    if isinstance(change, ConnectionStart)
+                    else _end_values(change, now)
+                )
+            except InvalidRequest as exc:
+                checked.append(exc)
+        results: list[ConnectionRecord | GatewayError | None] = []
+        with self._transaction(write=True) as conn:
+            session_open: dict[str, bool] = {}
+            for values in checked:
+                if isinstance(values, GatewayError):
+                    results.append(values)
+                elif "session_id" in values:
+                    results.append(self._insert_connection(conn, values, session_open))
+                else:
+                    results.append(self._update_connection_end(conn, values))
+        return results
+
+    def _insert_connection(
+        self, conn: Connection, row: dict[str, Any], session_open: dict[str, bool]
+    ) -> ConnectionRecord | GatewayError:
+        session_id = row["session_id"]
+        if session_id not in session_open:
+            try:
+                parent = self._session_row(conn, session_id, lock="share")
+            except NotFound as exc:
+                return exc
+            session_open[session_id] = parent.ended_at is None
+        if not session_open[session_id]:
+            return InvalidRequest(f"session '{session_id}' has ended")
+        conn.execute(connections.insert().values(row))
+        return ConnectionRecord.model_validate(row)
+
+    @staticmethod
+    def _update_connection_end(conn: Connection, values: dict[str, Any]) -> GatewayError | None:
+        connection_id = values.pop("id")
+        updated = conn.execute(
+            connections.update()
+            .where(connections.c.id == connection_id, connections.c.ended_at.is_(None))
+            .values(values)
+        )
+        if updated.rowcount == 0 and (
+            conn.execute(
+                select(connections.c.id).where(connections.c.id == connection_id)
             ).one_or_none()
-            if row is None:
-                raise NotFound(f"connection '{connection_id}' not found")
-            return _connection(row)
+            is None
+        ):
+            return NotFound(f"connection '{connection_id}' not found")
+        return None
 
     def list_connections(self, session_id: str) -> list[ConnectionRecord]:
         """The connections of a session, oldest first."""

@@ -29,7 +29,15 @@ from store_support import T0, FakeClock, pg_admin_url
 import gateway.store.store as store_module
 from gateway.crypto import SecretBox, SecretDecryptError
 from gateway.errors import AlreadyExists, ConfigError, InvalidRequest, NotFound
-from gateway.store import AccessSession, Account, Store, StoreError
+from gateway.store import (
+    AccessSession,
+    Account,
+    ConnectionEnd,
+    ConnectionRecord,
+    ConnectionStart,
+    Store,
+    StoreError,
+)
 from gateway.store.schema import VERSION_TABLE, accounts, metadata
 
 PASSWORD = "pw-canary-" + secrets.token_hex(8)
@@ -646,6 +654,42 @@ def test_connections_need_an_active_session(store: Store) -> None:
     store.end_session(session.id, reason="expired")
     with pytest.raises(InvalidRequest, match="has ended"):
         store.create_connection(session.id, client_addr="127.0.0.1:1")
+
+
+def test_a_group_of_connection_changes_commits_together_and_refuses_only_the_bad_ones(
+    store: Store, clock: FakeClock
+) -> None:
+    _add_db(store)
+    session, ended = _session(store), _session(store)
+    store.end_session(ended.id, reason="expired")
+    first = store.create_connection(session.id, client_addr="127.0.0.1:1")
+    results = store.record_connections(
+        [
+            ConnectionStart(session.id, "127.0.0.1:2", "psql", 42),
+            ConnectionEnd(first.id, "client_closed", 10, 20),
+            ConnectionStart(ended.id, "127.0.0.1:3"),
+            ConnectionEnd("0" * 32, "client_closed", 0, 0),
+            ConnectionStart(session.id, "", None),
+            ConnectionEnd(first.id, "error", 99, 99),
+        ]
+    )
+    started, ended_first, on_ended, unknown, blank, again = results
+    assert isinstance(started, ConnectionRecord) and started.backend_pid == 42
+    assert ended_first is None and again is None
+    assert isinstance(on_ended, InvalidRequest) and "has ended" in on_ended.message
+    assert isinstance(unknown, NotFound)
+    assert isinstance(blank, InvalidRequest) and "client_addr" in blank.message
+    by_id = {c.id: c for c in store.list_connections(session.id)}
+    assert set(by_id) == {first.id, started.id}
+    # The first end wins; the later one in the same group changes nothing.
+    closed = by_id[first.id]
+    assert (closed.end_reason, closed.bytes_from_client, closed.ended_at) == (
+        "client_closed",
+        10,
+        clock.now,
+    )
+    assert by_id[started.id].ended_at is None
+    assert store.list_connections(ended.id) == []
 
 
 def test_a_connection_record_refuses_a_bad_backend_pid_and_keeps_a_given_start(
