@@ -4,6 +4,9 @@
 select-only transactions (simple and extended protocol) through the same code
 the daemon runs, one stage at a time, in this process:
 
+* ``relay``: the event loop's Python work per transaction without the audit:
+  both relay callbacks (framing from the headers, forwarding) with transports
+  that only count what they are given, so no system call is in the figure;
 * ``tap``: the statement tracker, from tapped messages to events (the event
   loop's share, minus framing);
 * ``encode``: the event loop's side of handing a batch to the writer process;
@@ -30,9 +33,13 @@ from gateway.audit.pairing import StatementTracker
 from gateway.audit.records import EventRow
 from gateway.audit.redaction import Redactor
 from gateway.audit.sink import decode_rows, encode_rows
+from gateway.audit.tap import ConnectionAudit
+from gateway.audit.writer import AuditWriter
 from gateway.crypto import SecretBox
 from gateway.protocol.constants import BackendType, FrontendType
 from gateway.protocol.framing import TappedMessage
+from gateway.protocol.messages import encode_message
+from gateway.relay import Relay
 from gateway.store import Store
 
 BATCH = 500
@@ -102,6 +109,72 @@ def _events(protocol: str, count: int) -> tuple[Callable[[], int], list[EventRow
     return tap, list(produced)
 
 
+class _Transport:
+    """Takes what the relay writes and forgets it: no system call in the figure."""
+
+    def __init__(self) -> None:
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+class _Stream:
+    def __init__(self, transport: _Transport) -> None:
+        self.transport = transport
+
+
+def _server_reply(protocol: str, aid: int) -> bytes:
+    """What PostgreSQL answers to one pgbench select-only transaction."""
+    column = b"abalance\x00" + struct.pack("!IhIhih", 0, 0, 23, 4, -1, 0)
+    value = str(aid % 100_000).encode()
+    reply = b"" if protocol == "simple" else encode_message(BackendType.PARSE_COMPLETE, b"")
+    if protocol != "simple":
+        reply += encode_message(BackendType.BIND_COMPLETE, b"")
+    reply += encode_message(BackendType.ROW_DESCRIPTION, struct.pack("!h", 1) + column)
+    reply += encode_message(BackendType.DATA_ROW, struct.pack("!hi", 1, len(value)) + value)
+    reply += encode_message(BackendType.COMMAND_COMPLETE, _cstr("SELECT 1"))
+    return reply + encode_message(BackendType.READY_FOR_QUERY, b"I")
+
+
+def _relay(protocol: str, count: int, *, audit: bool) -> Callable[[], int]:
+    make = _simple_transaction if protocol == "simple" else _extended_transaction
+    chunks = []
+    for i in range(count):
+        client, _ = make(1 + i * 7919 % 1_000_000)
+        request = b"".join(encode_message(m.type, m.body) for m in client)
+        chunks.append((request, _server_reply(protocol, i)))
+
+    def run() -> int:
+        writer = AuditWriter(_discard)
+        tracker = StatementTracker("s" * 32, "c" * 32, redactor=Redactor.build((), ("hunter2",)))
+        relay = Relay(
+            None,  # type: ignore[arg-type]
+            _Stream(_Transport()),  # type: ignore[arg-type]
+            None,  # type: ignore[arg-type]
+            _Stream(_Transport()),  # type: ignore[arg-type]
+            name="bench",
+            audit=ConnectionAudit(tracker, writer) if audit else None,
+        )
+        for request, reply in chunks:
+            relay._on_client_data(request)
+            relay._on_server_data(reply)
+        return count
+
+    return run
+
+
+async def _discard(rows: list[EventRow]) -> int:
+    return len(rows)
+
+
 def _store(home: Path) -> tuple[Store, str]:
     store = Store.open(f"sqlite:///{home / 'pam.db'}", SecretBox(b"k" * 32))
     store.add_resource("prod", "127.0.0.1", 5432, "appdb")
@@ -123,8 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     count = args.batches * BATCH
     print(f"µs per statement, best of {args.repeat} runs of {count:,} statements")
-    print(f"{'protocol':<10}{'tap':>8}{'encode':>8}{'store':>8}{'total':>8}")
+    print(f"{'protocol':<10}{'relay':>8}{'+audit':>8}{'tap':>8}{'encode':>8}{'store':>8}")
     for protocol in ("simple", "extended"):
+        relay_only = _relay(protocol, count, audit=False)
+        relay_audit = _relay(protocol, count, audit=True)
         tap, events = _events(protocol, count)
         with tempfile.TemporaryDirectory(prefix="pam-audit-path-") as tmp:
             store, session_id = _store(Path(tmp))
@@ -142,10 +217,16 @@ def main(argv: list[str] | None = None) -> int:
                     store.append_audit_rows(decode_rows(payload))
                 return count
 
-            results = [_per_event(fn, args.repeat) for fn in (tap, encode, write)]
+            fns = (relay_only, relay_audit, tap, encode, write)
+            results = [_per_event(fn, args.repeat) for fn in fns]
             store.close()
         cells = "".join(f"{r:8.2f}" for r in results)
-        print(f"{protocol:<10}{cells}{sum(results):8.2f}")
+        print(f"{protocol:<10}{cells}")
+    print(
+        "relay: the loop's Python work without audit; +audit: the same with the audit"
+        " tap (framing copies, tracker, queueing); tap: the tracker alone; encode: the"
+        " loop's side of a batch; store: the writer process's"
+    )
     return 0
 
 

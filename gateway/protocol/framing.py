@@ -174,6 +174,9 @@ class BoundaryTracker:
     def feed(self, data: bytes | bytearray | memoryview) -> list[TappedMessage]:
         tapped: list[TappedMessage] = []
         view = memoryview(data)
+        # Whole tapped messages are sliced from the chunk itself when it is bytes
+        # (what transports deliver): one copy, no view object per message.
+        chunk: bytes | memoryview = data if type(data) is bytes else view
         pos = 0
         end = len(view)
         # The fast path (whole messages inside this chunk) runs once per message
@@ -208,7 +211,7 @@ class BoundaryTracker:
                 try:
                     # Fast path: whole messages, as long as they last.
                     while end - pos >= HEADER_SIZE:
-                        type_byte, length = unpack_from(view, pos)
+                        type_byte, length = unpack_from(chunk, pos)
                         body_end = pos + 1 + length
                         if length < _LENGTH_SIZE or length > max_length or body_end > end:
                             break
@@ -218,12 +221,15 @@ class BoundaryTracker:
                             measured_bytes += length - _LENGTH_SIZE
                         elif msg_type in tap:
                             start = pos + HEADER_SIZE
-                            stop = min(body_end, start + tap_limit)
+                            if length - _LENGTH_SIZE <= tap_limit:
+                                body, cut = chunk[start:body_end], False
+                            else:
+                                body, cut = chunk[start : start + tap_limit], True
                             tapped.append(
                                 TappedMessage(
                                     msg_type,
-                                    bytes(view[start:stop]),
-                                    stop < body_end,
+                                    body if type(body) is bytes else bytes(body),
+                                    cut,
                                     self.measured_messages + measured_messages,
                                     self.measured_bytes + measured_bytes,
                                 )
