@@ -551,7 +551,11 @@ def test_fail_closed_ends_live_connections_and_refuses_new_ones_while_the_trail_
 # --- completeness ----------------------------------------------------------------------------
 
 
-def test_every_statement_of_several_clients_is_recorded_exactly_once(gateway: Gateway) -> None:
+@pytest.mark.parametrize("writer_process", [True, False], ids=["writer-process", "store-thread"])
+def test_every_statement_of_several_clients_is_recorded_exactly_once(
+    configured_gateway: Callable[..., Gateway], writer_process: bool
+) -> None:
+    gateway = configured_gateway(audit_writer_process=writer_process)
     table = unique("audit_count")
     access = gateway.access().wait_ready()
     with psycopg.connect(access.dsn(), autocommit=True) as conn:
