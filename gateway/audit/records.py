@@ -27,6 +27,7 @@ object per event on either side.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -141,6 +142,12 @@ _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND: Final = timedelta(microseconds=1)
 
 
+#: An event's fields in their dataclass order: the order of EventRow too.
+_FIELD_VALUES: Final = operator.attrgetter(*AuditEvent.__dataclass_fields__)
+_OCCURRED_AT: Final = 3
+_PARAMETERS: Final = 8
+
+
 def event_rows(events: Sequence[AuditEvent]) -> list[EventRow]:
     """*events* as :data:`EventRow` tuples.
 
@@ -157,33 +164,13 @@ def event_rows(events: Sequence[AuditEvent]) -> list[EventRow]:
             raise InvalidRequest(
                 f"audit event {position} occurred_at must be a timezone-aware datetime"
             ) from None
-        parameters = (
-            None
-            if e.parameters is None
-            else tuple((p.index, p.type_oid, p.format, p.value, p.truncated) for p in e.parameters)
-        )
-        rows.append(
-            (
-                e.session_id,
-                e.connection_id,
-                e.kind,
-                micros,
-                e.protocol,
-                e.sql,
-                e.statement_name,
-                e.portal_name,
-                parameters,
-                e.command_tag,
-                e.rows,
-                e.status,
-                e.sqlstate,
-                e.error_message,
-                e.duration_ms,
-                e.copy_direction,
-                e.copy_bytes,
-                e.detail,
+        row = list(_FIELD_VALUES(e))
+        row[_OCCURRED_AT] = micros
+        if e.parameters is not None:
+            row[_PARAMETERS] = tuple(
+                (p.index, p.type_oid, p.format, p.value, p.truncated) for p in e.parameters
             )
-        )
+        rows.append(tuple(row))
     return rows
 
 
@@ -193,46 +180,14 @@ def row_event(row: EventRow) -> AuditEvent:
     Raises ``TypeError``, ``ValueError`` or ``OverflowError`` for a row of the
     wrong shape.
     """
-    (
-        session_id,
-        connection_id,
-        kind,
-        micros,
-        protocol,
-        sql,
-        statement_name,
-        portal_name,
-        parameters,
-        command_tag,
-        rows,
-        status,
-        sqlstate,
-        error_message,
-        duration_ms,
-        copy_direction,
-        copy_bytes,
-        detail,
-    ) = row
-    return AuditEvent(
-        session_id=session_id,
-        connection_id=connection_id,
-        kind=kind,
-        occurred_at=_EPOCH + timedelta(microseconds=micros),
-        protocol=protocol,
-        sql=sql,
-        statement_name=statement_name,
-        portal_name=portal_name,
-        parameters=None if parameters is None else tuple(Parameter(*p) for p in parameters),
-        command_tag=command_tag,
-        rows=rows,
-        status=status,
-        sqlstate=sqlstate,
-        error_message=error_message,
-        duration_ms=duration_ms,
-        copy_direction=copy_direction,
-        copy_bytes=copy_bytes,
-        detail=detail,
-    )
+    fields = list(row)
+    if len(fields) != len(AuditEvent.__dataclass_fields__):
+        raise ValueError(f"an event row has {len(AuditEvent.__dataclass_fields__)} fields")
+    fields[_OCCURRED_AT] = _EPOCH + timedelta(microseconds=fields[_OCCURRED_AT])
+    parameters = fields[_PARAMETERS]
+    if parameters is not None:
+        fields[_PARAMETERS] = tuple(Parameter(*p) for p in parameters)
+    return AuditEvent(*fields)
 
 
 #: ISO-8601 text of whole seconds, by second: the events of a batch mostly share

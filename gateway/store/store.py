@@ -395,10 +395,11 @@ def _row_values(position: int, row: EventRow) -> tuple[Any, ...]:
 
     Messages name the event's position and the field, never a value: values may
     hold data a client sent. Runs once per statement in the audit writer, so the
-    common case (every field of the right type) takes one pass of cheap checks;
-    the precise per-field checks run only to name what is wrong.
+    common case (every field of the right type) takes one pass of inline checks,
+    without helper calls or copies; the precise per-field checks run only to name
+    what is wrong.
     """
-    if not _plausible_row(row):
+    if type(row) is not tuple or len(row) != len(EVENT_FIELDS):
         _explain_invalid_row(f"audit event {position}", row)
     (
         session_id,
@@ -420,6 +421,56 @@ def _row_values(position: int, row: EventRow) -> tuple[Any, ...]:
         copy_bytes,
         detail,
     ) = row
+    try:
+        # A text is None or a str without NUL (which PostgreSQL text cannot hold);
+        # an id is not blank (``not x.isspace()`` is ``x.strip()`` without the copy).
+        plausible = (
+            type(session_id) is str
+            and bool(session_id)
+            and not session_id.isspace()
+            and "\x00" not in session_id
+            and type(connection_id) is str
+            and 0 < len(connection_id) <= ID_LENGTH
+            and not connection_id.isspace()
+            and "\x00" not in connection_id
+            and kind in AUDIT_KINDS
+            and type(micros) is int
+            and (protocol is None or protocol in AUDIT_PROTOCOLS)
+            and (status is None or status in AUDIT_STATUSES)
+            and (copy_direction is None or copy_direction in COPY_DIRECTIONS)
+            and (sql is None or (type(sql) is str and "\x00" not in sql))
+            and (
+                statement_name is None
+                or (type(statement_name) is str and "\x00" not in statement_name)
+            )
+            and (portal_name is None or (type(portal_name) is str and "\x00" not in portal_name))
+            and (command_tag is None or (type(command_tag) is str and "\x00" not in command_tag))
+            and (
+                error_message is None
+                or (type(error_message) is str and "\x00" not in error_message)
+            )
+            and (
+                sqlstate is None or (type(sqlstate) is str and bool(_SQLSTATE.fullmatch(sqlstate)))
+            )
+            and (rows is None or (type(rows) is int and 0 <= rows <= _MAX_BIGINT))
+            and (copy_bytes is None or (type(copy_bytes) is int and 0 <= copy_bytes <= _MAX_BIGINT))
+            and (
+                duration_ms is None
+                or (type(duration_ms) in (float, int) and 0 <= duration_ms < math.inf)
+            )
+            and (
+                parameters is None
+                or (
+                    type(parameters) in (tuple, list)
+                    and all(_plausible_parameter_row(p) for p in parameters)
+                )
+            )
+            and (detail is None or type(detail) is dict)
+        )
+    except TypeError:  # an unhashable value where a choice belongs
+        plausible = False
+    if not plausible:
+        _explain_invalid_row(f"audit event {position}", row)
     if detail is not None:
         _check_detail(f"audit event {position}", detail)
     try:
@@ -459,78 +510,6 @@ def _row_values(position: int, row: EventRow) -> tuple[Any, ...]:
 def _plain_text(value: object) -> bool:
     """None, or a str without NUL (which PostgreSQL text cannot hold)."""
     return value is None or (type(value) is str and "\x00" not in value)
-
-
-def _plausible_row(row: object) -> bool:
-    """True when every field of *row* is valid (the fast path of _row_values)."""
-    if type(row) is not tuple or len(row) != len(EVENT_FIELDS):
-        return False
-    (
-        session_id,
-        connection_id,
-        kind,
-        micros,
-        protocol,
-        sql,
-        statement_name,
-        portal_name,
-        parameters,
-        command_tag,
-        rows,
-        status,
-        sqlstate,
-        error_message,
-        duration,
-        copy_direction,
-        copy_bytes,
-        detail,
-    ) = row
-    try:
-        # Inline checks, no helper calls: this runs once per statement. A text is
-        # None or a str without NUL (which PostgreSQL text cannot hold); an id is
-        # not blank (``not x.isspace()`` is ``x.strip()`` without the copy).
-        return (
-            type(session_id) is str
-            and bool(session_id)
-            and not session_id.isspace()
-            and "\x00" not in session_id
-            and type(connection_id) is str
-            and 0 < len(connection_id) <= ID_LENGTH
-            and not connection_id.isspace()
-            and "\x00" not in connection_id
-            and kind in AUDIT_KINDS
-            and type(micros) is int
-            and (protocol is None or protocol in AUDIT_PROTOCOLS)
-            and (status is None or status in AUDIT_STATUSES)
-            and (copy_direction is None or copy_direction in COPY_DIRECTIONS)
-            and (sql is None or (type(sql) is str and "\x00" not in sql))
-            and (
-                statement_name is None
-                or (type(statement_name) is str and "\x00" not in statement_name)
-            )
-            and (portal_name is None or (type(portal_name) is str and "\x00" not in portal_name))
-            and (command_tag is None or (type(command_tag) is str and "\x00" not in command_tag))
-            and (
-                error_message is None
-                or (type(error_message) is str and "\x00" not in error_message)
-            )
-            and (
-                sqlstate is None or (type(sqlstate) is str and bool(_SQLSTATE.fullmatch(sqlstate)))
-            )
-            and (rows is None or (type(rows) is int and 0 <= rows <= _MAX_BIGINT))
-            and (copy_bytes is None or (type(copy_bytes) is int and 0 <= copy_bytes <= _MAX_BIGINT))
-            and (duration is None or (type(duration) in (float, int) and 0 <= duration < math.inf))
-            and (
-                parameters is None
-                or (
-                    type(parameters) in (tuple, list)
-                    and all(_plausible_parameter_row(p) for p in parameters)
-                )
-            )
-            and (detail is None or type(detail) is dict)
-        )
-    except TypeError:  # an unhashable value where a choice belongs
-        return False
 
 
 def _plausible_parameter_row(parameter: object) -> bool:
