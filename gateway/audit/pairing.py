@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from gateway.audit.records import (
+    MAX_BIGINT,
+    SQLSTATE_PATTERN,
     AuditProtocol,
     AuditStatus,
     CopyDirection,
@@ -203,9 +205,13 @@ _SYNC = _Pending(_SYNC_KIND, 0)
 
 
 def rows_from_tag(tag: str) -> int | None:
-    """The row count of a CommandComplete tag ("INSERT 0 5" -> 5, "SELECT 3" -> 3)."""
+    """The row count of a CommandComplete tag ("INSERT 0 5" -> 5, "SELECT 3" -> 3);
+    None for a tag without one, or with one no BIGINT column holds."""
     last = tag.rsplit(" ", 1)[-1]
-    return int(last) if last.isdigit() and " " in tag else None
+    if not (last.isascii() and last.isdigit() and " " in tag):
+        return None
+    rows = int(last)
+    return rows if rows <= MAX_BIGINT else None
 
 
 def _cstring(body: bytes, pos: int) -> tuple[str, int]:
@@ -426,7 +432,7 @@ class StatementTracker:
                 entry.add_tag(tag)
                 rows = rows_from_tag(tag)
                 if rows is not None:
-                    entry.rows = rows if entry.rows is None else entry.rows + rows
+                    entry.rows = rows if entry.rows is None else min(entry.rows + rows, MAX_BIGINT)
                 if entry.kind == _EXECUTE:
                     self._finish(entry, message, now_ns, "ok")
                 elif entry.copy is not None:
@@ -490,6 +496,9 @@ class StatementTracker:
     def _on_error(self, message: TappedMessage, now_ns: int) -> None:
         fields = parse_error_fields(message.body)
         status: AuditStatus = "cancelled" if fields.sqlstate == QUERY_CANCELED else "error"
+        # The server's word, kept only when it is a SQLSTATE: the store refuses a
+        # record with anything else (and, with it, the whole batch).
+        sqlstate = fields.sqlstate if SQLSTATE_PATTERN.fullmatch(fields.sqlstate) else None
         # Server messages can quote the statement's text: same masking as SQL.
         error = self._redactor.sql(fields.message)
         for entry in self._pending:
@@ -497,7 +506,7 @@ class StatementTracker:
                 continue
             if entry.kind == _SYNC_KIND:
                 break
-            self._finish(entry, message, now_ns, status, sqlstate=fields.sqlstate, error=error)
+            self._finish(entry, message, now_ns, status, sqlstate=sqlstate, error=error)
             if entry.kind in (_QUERY, _FUNCTION):
                 return
             break
@@ -570,7 +579,9 @@ class StatementTracker:
             entry.status,
             entry.sqlstate,
             entry.error,
-            round((ended - started) / 1e6, 3),
+            # The relay's clock is the wall clock: never a negative duration when
+            # it steps back mid-statement.
+            round(max(ended - started, 0) / 1e6, 3),
             entry.copy,
             entry.copy_bytes,
             None,

@@ -28,6 +28,7 @@ object per event on either side.
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -40,7 +41,9 @@ __all__ = [
     "AUDIT_PROTOCOLS",
     "AUDIT_STATUSES",
     "COPY_DIRECTIONS",
+    "MAX_BIGINT",
     "PARAMETER_FORMATS",
+    "SQLSTATE_PATTERN",
     "AuditEvent",
     "AuditKind",
     "AuditProtocol",
@@ -77,6 +80,10 @@ COPY_DIRECTIONS: Final[frozenset[str]] = frozenset(get_args(CopyDirection))
 #: A parameter's wire format (Bind's format codes, 55.7), or ``null`` for a NULL.
 ParameterFormat = Literal["text", "binary", "null"]
 PARAMETER_FORMATS: Final[frozenset[str]] = frozenset(get_args(ParameterFormat))
+
+#: What the store accepts as a SQLSTATE, and as a row or byte count (BIGINT).
+SQLSTATE_PATTERN: Final = re.compile(r"[0-9A-Z]{5}")
+MAX_BIGINT: Final = 2**63 - 1
 
 #: Values allowed in :attr:`AuditEvent.detail`: whatever JSON round-trips unchanged.
 DetailValue = str | int | float | None

@@ -290,7 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         while (payload := _read_frame(frames_in)) is not None:
             try:
-                written = store.append_audit_rows(decode_rows(payload))
+                rows = decode_rows(payload)
+                written = store.append_audit_rows(rows, substitute_invalid=True)
+                if written < len(rows):
+                    log.error("audit_events_unattributable", count=len(rows) - written)
             except Exception as exc:  # every failure is the daemon's to handle
                 _write_frame(frames_out, _error_reply(exc))
                 continue

@@ -73,7 +73,9 @@ from gateway.audit.records import (
     AUDIT_PROTOCOLS,
     AUDIT_STATUSES,
     COPY_DIRECTIONS,
+    MAX_BIGINT,
     PARAMETER_FORMATS,
+    SQLSTATE_PATTERN,
     AuditEvent,
     EventRow,
     Parameter,
@@ -127,7 +129,7 @@ _PG_MIGRATION_LOCK_KEY: Final = 0x70616D_73746F7265  # "pam" "store"
 
 _SESSION_ID_MIN_PREFIX: Final = 6
 _ID_CHARS: Final = re.compile(r"[0-9a-f]{1,32}")
-_SQLSTATE: Final = re.compile(r"[0-9A-Z]{5}")
+_SQLSTATE: Final = SQLSTATE_PATTERN
 
 #: Sessions whose last (seq, hash) the store remembers. The memory is a
 #: tripwire, not the source of truth (see Store._chain_head), so forgetting the
@@ -136,7 +138,7 @@ _AUDIT_HEAD_CACHE_SIZE: Final = 4096
 #: Rows fetched per round trip when verify streams a trail.
 _AUDIT_STREAM_ROWS: Final = 2000
 #: The largest value a BIGINT column holds (both backends).
-_MAX_BIGINT: Final = 2**63 - 1
+_MAX_BIGINT: Final = MAX_BIGINT
 #: PostgreSQL OIDs are unsigned 32-bit.
 _MAX_OID: Final = 0xFFFF_FFFF
 #: Escape character for LIKE patterns built from user text.
@@ -512,6 +514,24 @@ def _plain_text(value: object) -> bool:
     return value is None or (type(value) is str and "\x00" not in value)
 
 
+def _stand_in(position: int, row: object, problem: InvalidRequest) -> tuple[Any, ...] | None:
+    """The stored columns of a record saying that event *position* could not be
+    recorded as it was, and why; None when not even its session, connection and
+    time are usable. :class:`InvalidRequest` messages name fields, never values."""
+    if not isinstance(row, tuple | list) or len(row) != len(EVENT_FIELDS):
+        return None
+    reason = problem.message.removeprefix(f"audit event {position} ")
+    kind = row[2] if isinstance(row[2], str) and row[2] in AUDIT_KINDS else "statement"
+    stand_in: list[Any] = [None] * len(EVENT_FIELDS)
+    stand_in[:4] = [row[0], row[1], kind, row[_OCCURRED_AT]]
+    stand_in[_STATUS] = "incomplete" if kind == "statement" else None
+    stand_in[_ERROR_MESSAGE] = f"pam could not record this event as it was: {reason}"
+    try:
+        return _row_values(position, tuple(stand_in))
+    except InvalidRequest:
+        return None
+
+
 def _plausible_parameter_row(parameter: object) -> bool:
     if type(parameter) is not tuple or len(parameter) != _PARAMETER_FIELDS:
         return False
@@ -595,6 +615,8 @@ _AUDIT_INSERT_COLUMNS: Final = (
 )
 _OCCURRED_AT: Final = EVENT_FIELDS.index("occurred_at")
 _PARAMETERS: Final = EVENT_FIELDS.index("parameters")
+_STATUS: Final = EVENT_FIELDS.index("status")
+_ERROR_MESSAGE: Final = EVENT_FIELDS.index("error_message")
 _PARAMETER_FIELDS: Final = 5
 #: Rows per INSERT statement: 23 parameters each stays under SQLite's (32,766)
 #: and PostgreSQL's (65,535) limit on parameters per statement.
@@ -1478,14 +1500,36 @@ class Store:
         """
         return self.append_audit_rows(event_rows(events))
 
-    def append_audit_rows(self, rows: Sequence[EventRow]) -> int:
+    def append_audit_rows(
+        self, rows: Sequence[EventRow], *, substitute_invalid: bool = False
+    ) -> int:
         """:meth:`append_audit` for events as :data:`~gateway.audit.records.EventRow`
-        tuples, as the audit writer process receives them."""
-        prepared = [_row_values(position, row) for position, row in enumerate(rows)]
+        tuples, as the audit writer process receives them.
+
+        *substitute_invalid* (the audit writer's mode): an event the store cannot
+        take is recorded as a stand-in instead of refusing the batch, which would
+        be refused again on every retry while the sessions wait. The stand-in keeps
+        the event's session, connection, kind and time, has status ``incomplete``
+        (for a statement) and says in ``error_message`` which field was refused
+        (never its value). Events that cannot be attributed even so (no valid
+        session, connection or time, or a session the store does not hold) are
+        left out; the return value, the number written, then falls short.
+        """
+        # (position in rows, stored columns) of each event that will be written
+        prepared: list[tuple[int, tuple[Any, ...]]] = []
+        for position, row in enumerate(rows):
+            try:
+                prepared.append((position, _row_values(position, row)))
+            except InvalidRequest as exc:
+                if not substitute_invalid:
+                    raise
+                stand_in = _stand_in(position, row, exc)
+                if stand_in is not None:
+                    prepared.append((position, stand_in))
         if not prepared:
             return 0
         recorded_at = self._timestamp_param(self._now())
-        session_ids = sorted({values[0] for values in prepared})
+        session_ids = sorted({values[0] for _, values in prepared})
         heads: dict[str, tuple[int, str]] = {}
         row_hash = self._chain.row_hash
         with self._transaction(write=True) as conn:
@@ -1500,10 +1544,13 @@ class Store:
             known = {row.id: row.ended_at is not None for row in found}
             for session_id in session_ids:
                 if session_id not in known:
-                    raise NotFound(f"session '{session_id}' not found")
+                    if not substitute_invalid:
+                        raise NotFound(f"session '{session_id}' not found")
+                    prepared = [p for p in prepared if p[1][0] != session_id]
+                    continue
                 heads[session_id] = self._chain_head(conn, session_id)
             inserted = []
-            for position, values in enumerate(prepared):
+            for position, values in prepared:
                 session_id = values[0]
                 seq, prev_hash = heads[session_id]
                 seq += 1
@@ -1511,9 +1558,17 @@ class Store:
                     digest = row_hash(prev_hash, seq, values)
                 except ValueError:
                     # Lone surrogates and the like: not representable in UTF-8.
-                    raise InvalidRequest(
+                    problem = InvalidRequest(
                         f"audit event {position} holds text that is not valid Unicode"
-                    ) from None
+                    )
+                    stand_in = _stand_in(position, rows[position], problem)
+                    if not substitute_invalid or stand_in is None:
+                        raise problem from None
+                    values = stand_in
+                    try:
+                        digest = row_hash(prev_hash, seq, values)
+                    except ValueError:  # the connection id itself, then
+                        raise problem from None
                 if not self._iso_timestamps:
                     values = (
                         *values[:_OCCURRED_AT],

@@ -451,6 +451,28 @@ def test_a_nul_in_a_text_parameter_is_recorded_as_a_replacement_character() -> N
     assert event.parameters[0].value == "a\ufffdb"
 
 
+def test_what_the_store_would_refuse_never_leaves_the_tracker() -> None:
+    # Each of these once made the store refuse a whole batch, again on every retry.
+    book = Playbook()
+    book.client(query("select 1"))
+    book.now -= 10_000_000  # the wall clock steps back mid-statement
+    book.server(complete("SELECT 99999999999999999999"), ready())
+    book.client(query("select 2"))
+    book.server(error_response("ERROR", "E1", "not a SQLSTATE"), ready())
+    first, second = book.events
+    assert (first.duration_ms, first.rows, first.command_tag) == (
+        0.0,
+        None,
+        "SELECT 99999999999999999999",
+    )
+    assert (second.status, second.sqlstate, second.error_message) == (
+        "error",
+        None,
+        "not a SQLSTATE",
+    )
+    assert rows_from_tag("SELECT ١٢") is None  # Arabic-Indic digits are digits to str
+
+
 def test_configured_patterns_are_masked() -> None:
     redactor = Redactor.build(patterns=[r"ssn=(\d+)", r"secret_\w+"])
     assert redactor.sql("select 'ssn=123456', secret_token") == "select 'ssn=***', ***"

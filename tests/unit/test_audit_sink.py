@@ -145,7 +145,7 @@ def _statements(session_id: str, first: int, count: int) -> list[EventRow]:
 
 
 @pytest.mark.asyncio
-async def test_the_child_writes_batches_reports_refusals_and_is_restarted_after_a_crash(
+async def test_the_child_writes_batches_stands_in_for_bad_events_and_is_restarted_after_a_crash(
     home: Path,
 ) -> None:
     store, session_id = _session(home)
@@ -153,9 +153,13 @@ async def test_the_child_writes_batches_reports_refusals_and_is_restarted_after_
     await sink.start()
     try:
         assert await sink.append(_statements(session_id, 0, 3)) == 3
-        # A refusal comes back as the store's own error class, and the child lives on.
-        with pytest.raises(NotFound, match="session"):
-            await sink.append(_statements("0" * 32, 0, 1))
+        # An event the store cannot take does not wedge the writer (a refused batch
+        # would be refused on every retry): a stand-in record says what was wrong.
+        bad = list(_statements(session_id, 99, 1)[0])
+        bad[14] = -1.0  # duration_ms
+        assert await sink.append([tuple(bad)]) == 1
+        # Events of a session the store does not hold cannot be attributed: left out.
+        assert await sink.append(_statements("0" * 32, 0, 1)) == 0
         first_pid = sink.pid
         assert first_pid is not None
         os.kill(first_pid, signal.SIGKILL)
@@ -170,7 +174,17 @@ async def test_the_child_writes_batches_reports_refusals_and_is_restarted_after_
         assert await sink.append(_statements(session_id, 5, 1)) == 1
     finally:
         await sink.close()
-    assert [r.sql for r in store.list_audit(session_id)] == [f"select {n}" for n in range(6)]
+    records = store.list_audit(session_id)
+    assert [r.sql for r in records] == [f"select {n}" for n in range(3)] + [None] + [
+        f"select {n}" for n in range(3, 6)
+    ]
+    stand_in = records[3]
+    assert (stand_in.kind, stand_in.status, stand_in.error_message) == (
+        "statement",
+        "incomplete",
+        "pam could not record this event as it was: duration_ms must be a finite,"
+        " non-negative number",
+    )
     assert store.verify_audit() == []
     store.close()
 

@@ -33,7 +33,7 @@ from gateway.audit.chain import (
     derive_audit_key,
     event_fields,
 )
-from gateway.audit.records import AuditEvent, Parameter
+from gateway.audit.records import AuditEvent, Parameter, event_rows
 from gateway.crypto import SecretBox
 from gateway.errors import InvalidRequest, NotFound
 from gateway.store import AccessSession, AuditRecord, Store, StoreError
@@ -436,38 +436,83 @@ def test_an_unknown_session_refuses_the_whole_batch(store: Store) -> None:
     assert [(r.seq, r.sql) for r in store.list_audit(session.id)] == [(1, "SELECT 3")]
 
 
+def _bad_events(session_id: str, secret: str) -> list[tuple[AuditEvent, str]]:
+    """Events the store must refuse, each with the start of the message it refuses with."""
+    return [
+        (_stmt(session_id, secret + "\x00"), "audit event 1 sql"),
+        (_stmt(session_id, secret, rows=-1), "audit event 1 rows"),
+        (_stmt(session_id, secret, duration_ms=float("nan")), "audit event 1 duration_ms"),
+        (_stmt(session_id, secret, sqlstate="bad"), "audit event 1 sqlstate"),
+        (_stmt(session_id, secret, at=datetime(2024, 1, 1)), "audit event 1 occurred_at"),
+        (
+            _stmt(session_id, secret, parameters=(Parameter(0, 25, "text", secret),)),
+            "audit event 1 parameter 1 index",
+        ),
+        (
+            _stmt(session_id, "x", parameters=(Parameter(1, 25, "text", secret + "\x00"),)),
+            "audit event 1 parameter 1 value",
+        ),
+        (_stmt(session_id, secret, detail={"k": True}), "audit event 1 detail"),
+        (_stmt(session_id, "\ud800" + secret), "audit event 1 holds text that is not valid"),
+        (
+            AuditEvent(session_id, CONN_A, "query", T0),  # type: ignore[arg-type]
+            "audit event 1 kind",
+        ),
+        (AuditEvent(session_id, "c" * 33, "statement", T0), "audit event 1 connection_id"),
+    ]
+
+
 def test_an_invalid_event_refuses_the_batch_without_echoing_values(store: Store) -> None:
     _add_db(store)
     session = _session(store)
     secret = "canary-" + secrets.token_hex(4)
-    bad_events: list[tuple[AuditEvent, str]] = [
-        (_stmt(session.id, secret + "\x00"), "audit event 1 sql"),
-        (_stmt(session.id, secret, rows=-1), "audit event 1 rows"),
-        (_stmt(session.id, secret, duration_ms=float("nan")), "audit event 1 duration_ms"),
-        (_stmt(session.id, secret, sqlstate="bad"), "audit event 1 sqlstate"),
-        (_stmt(session.id, secret, at=datetime(2024, 1, 1)), "audit event 1 occurred_at"),
-        (
-            _stmt(session.id, secret, parameters=(Parameter(0, 25, "text", secret),)),
-            "audit event 1 parameter 1 index",
-        ),
-        (
-            _stmt(session.id, "x", parameters=(Parameter(1, 25, "text", secret + "\x00"),)),
-            "audit event 1 parameter 1 value",
-        ),
-        (_stmt(session.id, secret, detail={"k": True}), "audit event 1 detail"),
-        (_stmt(session.id, "\ud800" + secret), "audit event 1 holds text that is not valid"),
-        (
-            AuditEvent(session.id, CONN_A, "query", T0),  # type: ignore[arg-type]
-            "audit event 1 kind",
-        ),
-        (AuditEvent(session.id, "c" * 33, "statement", T0), "audit event 1 connection_id"),
-    ]
-    for event, message in bad_events:
+    for event, message in _bad_events(session.id, secret):
         with pytest.raises(InvalidRequest, match=message) as info:
             store.append_audit([_stmt(session.id, "SELECT 1"), event])
         assert secret not in str(info.value)
     assert store.count_audit(session.id) == 0
     assert store.append_audit([]) == 0
+
+
+def test_the_writers_mode_records_a_stand_in_for_each_event_it_cannot_take(
+    store: Store,
+) -> None:
+    # A batch the store refuses is refused again on every retry while the
+    # sessions wait for room: the audit writer's mode never refuses one.
+    _add_db(store)
+    session = _session(store)
+    secret = "canary-" + secrets.token_hex(4)
+    rows = []
+    refused_fields = []
+    for event, message in _bad_events(session.id, secret):
+        if event.occurred_at.tzinfo is None:
+            continue  # no EventRow has a naive time: event_rows refuses it first
+        rows += event_rows([_stmt(session.id, "SELECT 1"), event])
+        field = message.removeprefix("audit event 1 ")
+        if not field.startswith("connection_id"):  # that one can't be attributed
+            refused_fields.append(field)
+    rows += event_rows([_stmt("f" * 32, "SELECT 2")])  # a session the store lacks
+    written = store.append_audit_rows(rows, substitute_invalid=True)
+    records = store.list_audit(session.id)
+    good = [r for r in records if r.status == "ok"]
+    stand_ins = [r for r in records if r.status != "ok"]
+    assert written == len(records) == len(good) + len(refused_fields)
+    assert [r.sql for r in good] == ["SELECT 1"] * 10
+    assert len(stand_ins) == len(refused_fields)
+    for record, field in zip(stand_ins, refused_fields, strict=True):
+        assert record.error_message is not None
+        assert record.error_message.startswith(
+            f"pam could not record this event as it was: {field}"
+        )
+        assert (record.kind, record.status, record.sql, record.parameters) == (
+            "statement",
+            "incomplete",
+            None,
+            None,
+        )
+        assert record.occurred_at == T0 and record.connection_id == CONN_A
+        assert secret not in record.error_message
+    assert store.verify_audit() == []
 
 
 def test_a_database_failure_is_a_store_error(store: Store, raw: Engine) -> None:
