@@ -217,6 +217,11 @@ def _end_values(end: ConnectionEnd, now: datetime) -> dict[str, Any]:
 # Built once: a statement built per call costs SQLAlchemy its construction and
 # cache-key work each time (about a third of a connection record's CPU).
 _INSERT_CONNECTION: Final = connections.insert()
+#: Whether a session has ended, with the row lock (PostgreSQL) that keeps it from
+#: ending until the new connection's row is in.
+_SESSION_END: Final = (
+    select(sessions.c.ended_at).where(sessions.c.id == bindparam("sid")).with_for_update(read=True)
+)
 # Bind names differ from the column names, as SQLAlchemy requires in a SET clause.
 _END_CONNECTION: Final = (
     connections.update()
@@ -1452,10 +1457,9 @@ class Store:
     ) -> ConnectionRecord | GatewayError:
         session_id = row["session_id"]
         if session_id not in session_open:
-            try:
-                parent = self._session_row(conn, session_id, lock="share")
-            except NotFound as exc:
-                return exc
+            parent = conn.execute(_SESSION_END, {"sid": session_id}).one_or_none()
+            if parent is None:
+                return NotFound(f"session '{session_id}' not found")
             session_open[session_id] = parent.ended_at is None
         if not session_open[session_id]:
             return InvalidRequest(f"session '{session_id}' has ended")
