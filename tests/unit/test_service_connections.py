@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,15 @@ class CountingStore(Store):
 
 
 @pytest.fixture
-def service(tmp_path: Path) -> GatewayService:
+def service(tmp_path: Path) -> Iterator[GatewayService]:
     store = CountingStore.open(f"sqlite:///{tmp_path / 'pam.db'}", SecretBox(b"k" * 32))
     store.groups = []
     store.add_resource("db1", "127.0.0.1", 5432, "app")
     store.add_account("db1", "ro", "reader", "pw")
-    return GatewayService(store, GatewaySettings(api_token_sha256="0" * 64, audit_enabled=False))
+    service = GatewayService(store, GatewaySettings(api_token_sha256="0" * 64, audit_enabled=False))
+    yield service
+    service._executor.shutdown(wait=True)
+    store.close()
 
 
 def _session(service: GatewayService) -> str:
