@@ -354,11 +354,8 @@ class GatewayService:
 
         self._stored_secrets = await self.db(load)
 
-    async def _append_audit(self, rows: list[EventRow]) -> object:
-        written = await self.db(self.store.append_audit_rows, rows, substitute_invalid=True)
-        if written < len(rows):
-            log.error("audit_events_unattributable", count=len(rows) - written)
-        return written
+    async def _append_audit(self, rows: list[EventRow]) -> int:
+        return await self.db(self.store.append_audit_rows, rows, substitute_invalid=True)
 
     async def shutdown(self) -> None:
         """Ordered: refuse new work, tell live clients why, record, then close."""

@@ -214,6 +214,13 @@ def rows_from_tag(tag: str) -> int | None:
     return rows if rows <= MAX_BIGINT else None
 
 
+def _text(body: bytes) -> str:
+    """A body that is one NUL-terminated string (Query, CommandComplete), as
+    :func:`_cstring` reads it from the start, without the position."""
+    end = body.find(b"\x00")
+    return (body if end < 0 else body[:end]).decode("utf-8", "replace")
+
+
 def _cstring(body: bytes, pos: int) -> tuple[str, int]:
     """A NUL-terminated string of a tapped body. The relay copies at most
     ``TAP_LIMIT`` bytes of a message, so a long Query or Bind arrives cut off: the
@@ -264,13 +271,11 @@ class StatementTracker:
     def client(self, message: TappedMessage, now_ns: int) -> None:
         mtype, body, truncated, _, self._client_bytes = message
         if mtype == _QUERY_TYPE:
-            end = body.find(b"\x00")
-            sql = (body if end < 0 else body[:end]).decode("utf-8", "replace")
             self._pending.append(
                 _Pending(
                     _QUERY,
                     now_ns,
-                    sql=self._clean_sql(sql, truncated),
+                    sql=self._clean_sql(_text(body), truncated),
                     client_bytes_at=self._client_bytes,
                 )
             )
@@ -278,14 +283,19 @@ class StatementTracker:
             # Most clients run the unnamed portal: skip decoding an empty name.
             portal = "" if body[:1] == b"\x00" else _cstring(body, 0)[0]
             bound = self._portals.get(portal)
-            if bound is None:
-                entry = _Pending(_EXECUTE, now_ns, portal=portal)
-            else:
-                entry = _Pending(
-                    _EXECUTE, now_ns, bound.sql, bound.statement, portal, bound.parameters
+            self._pending.append(
+                _Pending(_EXECUTE, now_ns, portal=portal, client_bytes_at=self._client_bytes)
+                if bound is None
+                else _Pending(
+                    _EXECUTE,
+                    now_ns,
+                    bound.sql,
+                    bound.statement,
+                    portal,
+                    bound.parameters,
+                    self._client_bytes,
                 )
-            entry.client_bytes_at = self._client_bytes
-            self._pending.append(entry)
+            )
         elif mtype == _BIND_TYPE:
             self._on_bind(body)
         elif mtype == _SYNC_TYPE:
@@ -426,16 +436,14 @@ class StatementTracker:
         if mtype == _COMMAND_COMPLETE_TYPE:
             entry = self._current(_EXECUTE_OR_QUERY)
             if entry is not None:
-                body = message.body
-                end = body.find(b"\x00")
-                tag = (body if end < 0 else body[:end]).decode("utf-8", "replace")
+                tag = _text(message.body)
                 entry.add_tag(tag)
                 rows = rows_from_tag(tag)
                 if rows is not None:
                     entry.rows = rows if entry.rows is None else min(entry.rows + rows, MAX_BIGINT)
                 if entry.kind == _EXECUTE:
                     self._finish(entry, message, now_ns, "ok")
-                elif entry.copy is not None:
+                else:
                     self._note_copy(entry, message)
         elif mtype == _READY_FOR_QUERY_TYPE:
             self._on_ready(now_ns)
@@ -543,8 +551,7 @@ class StatementTracker:
     ) -> None:
         entry.status, entry.ended_ns = status, now_ns
         entry.sqlstate, entry.error = sqlstate, error
-        if entry.copy is not None:
-            self._note_copy(entry, message)
+        self._note_copy(entry, message)
         if entry.kind in (_EXECUTE, _PARSE):
             # Queries and function calls are recorded at ReadyForQuery, once all
             # their results are in; an Execute (or a failed Parse) is final now.
@@ -553,6 +560,8 @@ class StatementTracker:
 
     def _note_copy(self, entry: _Pending, message: TappedMessage) -> None:
         """Add the bytes of the COPY that just ended to the entry (a Query may hold several)."""
+        if entry.copy is None:
+            return
         if entry.copy == "out":
             copied = message.measured_bytes - entry.server_bytes_at
         else:

@@ -150,9 +150,10 @@ _MICROSECOND: Final = timedelta(microseconds=1)
 
 
 #: An event's fields in their dataclass order: the order of EventRow too.
-_FIELD_VALUES: Final = operator.attrgetter(*AuditEvent.__dataclass_fields__)
-_OCCURRED_AT: Final = 3
-_PARAMETERS: Final = 8
+_FIELDS: Final = tuple(AuditEvent.__dataclass_fields__)
+_FIELD_VALUES: Final = operator.attrgetter(*_FIELDS)
+_OCCURRED_AT: Final = _FIELDS.index("occurred_at")
+_PARAMETERS: Final = _FIELDS.index("parameters")
 
 
 def event_rows(events: Sequence[AuditEvent]) -> list[EventRow]:
@@ -188,8 +189,8 @@ def row_event(row: EventRow) -> AuditEvent:
     wrong shape.
     """
     fields = list(row)
-    if len(fields) != len(AuditEvent.__dataclass_fields__):
-        raise ValueError(f"an event row has {len(AuditEvent.__dataclass_fields__)} fields")
+    if len(fields) != len(_FIELDS):
+        raise ValueError(f"an event row has {len(_FIELDS)} fields")
     fields[_OCCURRED_AT] = _EPOCH + timedelta(microseconds=fields[_OCCURRED_AT])
     parameters = fields[_PARAMETERS]
     if parameters is not None:

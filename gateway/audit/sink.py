@@ -5,8 +5,8 @@ canonical JSON, the HMAC chain, the INSERT) is Python work that holds the GIL, i
 bursts of a whole batch. In a thread of the daemon that work stalls the event
 loop, which relays every session, for the length of a switch interval at a time;
 in a process of its own it runs beside the relay instead of in turns with it. The
-relay's side of an append is converting the batch to plain tuples and one pipe
-write (:func:`encode_events`).
+relay's side of an append is one ``marshal`` of the batch's tuples and one pipe
+write (:func:`encode_rows`).
 
 The child opens the store itself, from the state directory, exactly as the
 daemon does (settings, master key, store URL): no secret crosses the pipe. It
@@ -43,7 +43,7 @@ from typing import Any, BinaryIO, Final
 
 import structlog
 
-from gateway.audit.records import AuditEvent, EventRow, event_rows
+from gateway.audit.records import EventRow
 from gateway.errors import ConfigError, GatewayError, InvalidRequest, NotFound
 
 log = structlog.get_logger(__name__)
@@ -64,13 +64,6 @@ class SinkError(GatewayError):
 # --- the events, as plain tuples ---------------------------------------------------
 
 
-def encode_events(events: Sequence[AuditEvent]) -> bytes:
-    """*events* as a ``marshal`` payload of :data:`~gateway.audit.records.EventRow`
-    tuples (no classes, no datetimes); raises :class:`InvalidRequest` for an event
-    the store would refuse anyway because its time has no zone."""
-    return marshal.dumps(event_rows(events))
-
-
 def encode_rows(rows: Sequence[EventRow]) -> bytes:
     """A batch of rows as the pipe carries it (``marshal`` of a list of tuples).
 
@@ -84,7 +77,7 @@ def encode_rows(rows: Sequence[EventRow]) -> bytes:
 
 
 def decode_rows(payload: bytes) -> list[EventRow]:
-    """The rows of an :func:`encode_events` payload, as the store appends them."""
+    """The rows of an :func:`encode_rows` payload, as the store appends them."""
     rows: list[EventRow] = marshal.loads(payload)  # noqa: S302 (our own parent, over a private pipe)
     return rows
 
@@ -290,10 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         while (payload := _read_frame(frames_in)) is not None:
             try:
-                rows = decode_rows(payload)
-                written = store.append_audit_rows(rows, substitute_invalid=True)
-                if written < len(rows):
-                    log.error("audit_events_unattributable", count=len(rows) - written)
+                written = store.append_audit_rows(decode_rows(payload), substitute_invalid=True)
             except Exception as exc:  # every failure is the daemon's to handle
                 _write_frame(frames_out, _error_reply(exc))
                 continue

@@ -25,7 +25,9 @@ from gateway.audit.records import EventRow
 
 log = structlog.get_logger(__name__)
 
-AppendFn = Callable[[list[EventRow]], Awaitable[object]]
+#: Writes a batch; returns how many of its events were written (the store's
+#: writer mode leaves out events it cannot attribute to a session).
+AppendFn = Callable[[list[EventRow]], Awaitable[int]]
 Callback = Callable[[BaseException | None], Awaitable[None]]
 
 
@@ -126,11 +128,13 @@ class AuditWriter:
             while len(self._queue) >= self._batch_size or (flush and self._queue):
                 batch = [self._queue[i] for i in range(min(self._batch_size, len(self._queue)))]
                 try:
-                    await self._append(batch)
+                    written = await self._append(batch)
                 except Exception as exc:
                     await self._failed(exc)
                     await asyncio.sleep(self._retry_interval)
                     continue
+                if written < len(batch):
+                    log.error("audit_events_unattributable", count=len(batch) - written)
                 for _ in batch:
                     self._queue.popleft()
                 self.written += len(batch)

@@ -129,7 +129,6 @@ _PG_MIGRATION_LOCK_KEY: Final = 0x70616D_73746F7265  # "pam" "store"
 
 _SESSION_ID_MIN_PREFIX: Final = 6
 _ID_CHARS: Final = re.compile(r"[0-9a-f]{1,32}")
-_SQLSTATE: Final = SQLSTATE_PATTERN
 
 #: Sessions whose last (seq, hash) the store remembers. The memory is a
 #: tripwire, not the source of truth (see Store._chain_head), so forgetting the
@@ -138,7 +137,6 @@ _AUDIT_HEAD_CACHE_SIZE: Final = 4096
 #: Rows fetched per round trip when verify streams a trail.
 _AUDIT_STREAM_ROWS: Final = 2000
 #: The largest value a BIGINT column holds (both backends).
-_MAX_BIGINT: Final = MAX_BIGINT
 #: PostgreSQL OIDs are unsigned 32-bit.
 _MAX_OID: Final = 0xFFFF_FFFF
 #: Escape character for LIKE patterns built from user text.
@@ -200,7 +198,7 @@ def _end_values(end: ConnectionEnd, now: datetime) -> dict[str, Any]:
     _check_reason("connection", end.reason, CONNECTION_END_REASONS)
     _check_count("bytes_from_client", end.bytes_from_client)
     _check_count("bytes_from_server", end.bytes_from_server)
-    if end.error_sqlstate is not None and not _SQLSTATE.fullmatch(end.error_sqlstate):
+    if end.error_sqlstate is not None and not SQLSTATE_PATTERN.fullmatch(end.error_sqlstate):
         raise InvalidRequest("error_sqlstate must be a 5-character SQLSTATE code")
     _check_text("error_message", end.error_message, required=False)
     return {
@@ -358,7 +356,7 @@ def _check_choice(field: str, value: object, allowed: frozenset[str]) -> None:
 
 def _check_optional_count(field: str, value: object) -> None:
     if value is not None and (
-        isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_BIGINT
+        isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_BIGINT
     ):
         raise InvalidRequest(f"{field} must be a non-negative 64-bit integer")
 
@@ -457,10 +455,11 @@ def _row_values(position: int, row: EventRow) -> tuple[Any, ...]:
                 or (type(error_message) is str and "\x00" not in error_message)
             )
             and (
-                sqlstate is None or (type(sqlstate) is str and bool(_SQLSTATE.fullmatch(sqlstate)))
+                sqlstate is None
+                or (type(sqlstate) is str and bool(SQLSTATE_PATTERN.fullmatch(sqlstate)))
             )
-            and (rows is None or (type(rows) is int and 0 <= rows <= _MAX_BIGINT))
-            and (copy_bytes is None or (type(copy_bytes) is int and 0 <= copy_bytes <= _MAX_BIGINT))
+            and (rows is None or (type(rows) is int and 0 <= rows <= MAX_BIGINT))
+            and (copy_bytes is None or (type(copy_bytes) is int and 0 <= copy_bytes <= MAX_BIGINT))
             and (
                 duration_ms is None
                 or (type(duration_ms) in (float, int) and 0 <= duration_ms < math.inf)
@@ -589,7 +588,7 @@ def _explain_invalid_audit_event(where: str, event: AuditEvent) -> None:
     for name in ("sql", "statement_name", "portal_name", "command_tag", "error_message"):
         _check_text(f"{where} {name}", getattr(event, name), required=False)
     if event.sqlstate is not None and (
-        not isinstance(event.sqlstate, str) or not _SQLSTATE.fullmatch(event.sqlstate)
+        not isinstance(event.sqlstate, str) or not SQLSTATE_PATTERN.fullmatch(event.sqlstate)
     ):
         raise InvalidRequest(f"{where} sqlstate must be a 5-character SQLSTATE code")
     _check_optional_count(f"{where} rows", event.rows)
@@ -1430,26 +1429,30 @@ class Store:
         alone. A database failure raises :class:`StoreError` for all of them.
         """
         now = self._now()
-        checked: list[dict[str, Any] | GatewayError] = []
+        checked: list[tuple[bool, dict[str, Any] | GatewayError]] = []
         for change in changes:
+            is_start = isinstance(change, ConnectionStart)
             try:
                 checked.append(
-                    _start_row(change, now)
-                    if isinstance(change, ConnectionStart)
-                    else _end_values(change, now)
+                    (
+                        is_start,
+                        _start_row(change, now)
+                        if isinstance(change, ConnectionStart)
+                        else _end_values(change, now),
+                    )
                 )
             except InvalidRequest as exc:
-                checked.append(exc)
+                checked.append((is_start, exc))
         results: list[ConnectionRecord | GatewayError | None] = []
         with self._transaction(write=True) as conn:
             session_open: dict[str, bool] = {}
-            for values in checked:
-                if isinstance(values, GatewayError):
-                    results.append(values)
-                elif "end_id" not in values:
-                    results.append(self._insert_connection(conn, values, session_open))
+            for is_start, prepared in checked:
+                if isinstance(prepared, GatewayError):
+                    results.append(prepared)
+                elif is_start:
+                    results.append(self._insert_connection(conn, prepared, session_open))
                 else:
-                    results.append(self._update_connection_end(conn, values))
+                    results.append(self._update_connection_end(conn, prepared))
         return results
 
     def _insert_connection(
@@ -1718,14 +1721,19 @@ class Store:
             for sid, group in itertools.groupby(records, key=lambda row: str(row.session_id)):
                 verifier = SessionVerifier(self._chain, sid)
                 for row in group:
+                    if row.chain_version == CHAIN_VERSION:
+                        # Hashed over its columns; the fields only name it in a report.
+                        values, fields = _stored_values(row), {"kind": row.kind, "sql": row.sql}
+                    else:
+                        values, fields = (), _stored_fields(row)
                     verifier.feed(
                         row.id,
                         row.seq,
                         row.prev_hash,
                         row.hash,
-                        _stored_fields(row),
+                        fields,
                         version=row.chain_version,
-                        values=_stored_values(row),
+                        values=values,
                     )
                 problems.extend(self._finish(verifier, ends.get(sid)))
                 checked.add(sid)

@@ -24,7 +24,7 @@ from gateway.audit.records import (
     iso_from_micros,
     row_event,
 )
-from gateway.audit.sink import AuditSink, SinkError, decode_rows, encode_events
+from gateway.audit.sink import AuditSink, SinkError, decode_rows, encode_rows
 from gateway.config import MASTER_KEY_FILE, GatewaySettings, save_settings, store_url
 from gateway.crypto import SecretBox, generate_master_key, load_master_key
 from gateway.errors import ConfigError, InvalidRequest, NotFound
@@ -66,7 +66,7 @@ EVENTS = [
 
 
 def test_events_survive_the_pipe_encoding_unchanged() -> None:
-    rows = decode_rows(encode_events(EVENTS))
+    rows = decode_rows(encode_rows(event_rows(EVENTS)))
     assert all(type(row) is tuple for row in rows)
     assert rows[1][3] == 1_795_424_400_000_001  # 2026-11-23 09:00:00.000001 UTC, in µs
     decoded = [row_event(row) for row in rows]
@@ -98,7 +98,7 @@ def test_an_event_without_a_time_zone_is_refused_before_it_is_sent() -> None:
         occurred_at=datetime(2026, 1, 1),
     )
     with pytest.raises(InvalidRequest, match="audit event 1 occurred_at"):
-        encode_events([EVENTS[0], naive])
+        event_rows([EVENTS[0], naive])
 
 
 @pytest.fixture

@@ -860,25 +860,18 @@ def test_list_sessions_filters_by_grant_and_start(store: Store, clock: FakeClock
 def test_a_database_at_revision_0001_upgrades_with_its_sessions(
     store_url: str, box: SecretBox, raw: Engine
 ) -> None:
-    config = Config()
-    config.set_main_option("script_location", str(store_module._MIGRATIONS_DIR))
-    engine = create_engine(pg_admin_url(store_url) if "postgresql" in store_url else store_url)
-    try:
-        with engine.begin() as conn:
-            config.attributes["connection"] = conn
-            command.upgrade(config, "0001")
-            stamp = T0.isoformat() if conn.dialect.name != "postgresql" else T0
-            conn.execute(
-                text(
-                    "INSERT INTO sessions (id, requester, resource_name, account_name, database,"
-                    " username, listen_host, started_at, expires_at, ended_at, end_reason)"
-                    " VALUES ('0123456789abcdef0123456789abcdef', 'alice', 'db1', 'ro', 'app',"
-                    " 'app_reader', '127.0.0.1', :t, :t, :t, 'expired')"
-                ),
-                {"t": stamp},
-            )
-    finally:
-        engine.dispose()
+    _migrate(store_url, "0001", down=False)
+    with raw.begin() as conn:
+        stamp = T0.isoformat() if conn.dialect.name != "postgresql" else T0
+        conn.execute(
+            text(
+                "INSERT INTO sessions (id, requester, resource_name, account_name, database,"
+                " username, listen_host, started_at, expires_at, ended_at, end_reason)"
+                " VALUES ('0123456789abcdef0123456789abcdef', 'alice', 'db1', 'ro', 'app',"
+                " 'app_reader', '127.0.0.1', :t, :t, :t, 'expired')"
+            ),
+            {"t": stamp},
+        )
     with Store.open(store_url, box) as store:
         legacy = store.get_session("0123456789abcdef0123456789abcdef")
         assert legacy.end_reason == "expired"

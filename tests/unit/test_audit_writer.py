@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
+import structlog.testing
 
 from gateway.audit.records import AuditEvent
 from gateway.audit.writer import AuditWriter
@@ -152,3 +154,21 @@ async def test_a_backlog_over_the_limit_congests_until_it_is_written() -> None:
         assert writer.written == 7
     finally:
         await writer.close()
+
+
+@pytest.mark.asyncio
+async def test_events_the_store_left_out_are_logged_with_their_count() -> None:
+    async def attributes_all_but_two(events: list[Any]) -> int:
+        return len(events) - 2
+
+    writer = AuditWriter(attributes_all_but_two, batch_size=5, interval=NEVER)
+    writer.start()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            writer.submit(_events(5))
+            await _until(lambda: writer.written == 5)
+    finally:
+        await writer.close()
+    assert [(e["event"], e["count"]) for e in logs if e["log_level"] == "error"] == [
+        ("audit_events_unattributable", 2)
+    ]
