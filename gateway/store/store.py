@@ -235,6 +235,16 @@ _END_CONNECTION: Final = (
 )
 
 
+#: How a connection still open when its session ends is recorded as ending.
+_CONNECTION_REASON_AT_SESSION_END: Final[dict[str, str]] = {
+    "client_ended": "session_ended",
+    "expired": "expired",
+    "gateway_shutdown": "gateway_shutdown",
+    "error": "error",
+    "gateway_crash": "gateway_crash",
+}
+
+
 class StoreError(GatewayError):
     """The database behind the state store failed (unreachable, locked, broken)."""
 
@@ -1257,8 +1267,12 @@ class Store:
     ) -> AccessSession:
         """End a session and seal its audit trail. If it has already ended, return it unchanged.
 
-        Open connections of the session are left to the caller, which knows how
-        each of them ended. Flush the session's audit events before calling this;
+        End each connection first where you know how it ended: a connection of
+        the session still open here is ended in the same transaction, at the
+        session's end, with the reason :data:`_CONNECTION_REASON_AT_SESSION_END`
+        maps *reason* to, and no byte counts (they are unknown), so an ended
+        session never shows a live connection. A later end of such a connection
+        changes nothing. Flush the session's audit events before calling this;
         events appended later are accepted and re-seal the trail.
         """
         _check_reason("session", reason, SESSION_END_REASONS)
@@ -1279,6 +1293,11 @@ class Store:
                         end_detail=detail,
                         **self._seal_values(session_id, self._chain_head(conn, session_id)),
                     )
+                )
+                conn.execute(
+                    connections.update()
+                    .where(connections.c.session_id == session_id, connections.c.ended_at.is_(None))
+                    .values(ended_at=ended, end_reason=_CONNECTION_REASON_AT_SESSION_END[reason])
                 )
             return _session(self._session_row(conn, session_id))
 

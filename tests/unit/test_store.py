@@ -30,6 +30,8 @@ import gateway.store.store as store_module
 from gateway.crypto import SecretBox, SecretDecryptError
 from gateway.errors import AlreadyExists, ConfigError, InvalidRequest, NotFound
 from gateway.store import (
+    CONNECTION_END_REASONS,
+    SESSION_END_REASONS,
     AccessSession,
     Account,
     ConnectionEnd,
@@ -495,6 +497,54 @@ def test_end_session_is_idempotent(store: Store, clock: FakeClock) -> None:
     again = store.end_session(session.id, reason="expired")
     assert again == ended
     assert store.get_session(session.id) == ended
+
+
+@pytest.mark.parametrize(
+    ("session_reason", "connection_reason"),
+    [
+        ("client_ended", "session_ended"),
+        ("expired", "expired"),
+        ("gateway_shutdown", "gateway_shutdown"),
+        ("error", "error"),
+        ("gateway_crash", "gateway_crash"),
+    ],
+)
+def test_end_session_ends_the_connections_still_open_with_it(
+    store: Store, clock: FakeClock, session_reason: str, connection_reason: str
+) -> None:
+    _add_db(store)
+    session = _session(store)
+    other = _session(store)
+    left_open = store.create_connection(session.id, client_addr="127.0.0.1:1")
+    closed = store.end_connection(
+        store.create_connection(session.id, client_addr="127.0.0.1:2").id,
+        reason="client_closed",
+        bytes_from_client=10,
+        bytes_from_server=20,
+    )
+    elsewhere = store.create_connection(other.id, client_addr="127.0.0.1:3")
+    clock.advance(42)
+    ended = store.end_session(session.id, reason=session_reason)
+    by_id = {c.id: c for c in store.list_connections(session.id)}
+    assert by_id[closed.id] == closed
+    forced = by_id[left_open.id]
+    assert (forced.end_reason, forced.ended_at) == (connection_reason, ended.ended_at)
+    assert (forced.bytes_from_client, forced.bytes_from_server) == (0, 0)
+    assert forced.error_sqlstate is None and forced.error_message is None
+    # The other session's connection is not touched.
+    assert store.list_connections(other.id) == [elsewhere]
+    # A late end from the connection's handler changes nothing.
+    clock.advance(1)
+    late = store.end_connection(
+        left_open.id, reason="client_closed", bytes_from_client=5, bytes_from_server=6
+    )
+    assert late == forced
+
+
+def test_every_session_end_reason_has_a_connection_end_reason() -> None:
+    mapping = store_module._CONNECTION_REASON_AT_SESSION_END
+    assert set(mapping) == SESSION_END_REASONS
+    assert set(mapping.values()) <= CONNECTION_END_REASONS
 
 
 def test_end_session_with_an_explicit_time(store: Store) -> None:
