@@ -260,7 +260,12 @@ class AuditChain:
     def __init__(self, key: bytes) -> None:
         if not isinstance(key, bytes) or len(key) < _MIN_KEY_BYTES:
             raise ConfigError(f"the audit key must be at least {_MIN_KEY_BYTES} bytes")
-        self._template = hmac.new(key, digestmod=hashlib.sha256)
+        template = hmac.new(key, digestmod=hashlib.sha256)
+        # hmac.HMAC wraps OpenSSL's HMAC object in Python methods: three Python
+        # calls per record. Its ``_hmac`` (CPython, OpenSSL-backed) has the same
+        # copy/update/hexdigest in C and gives the same MAC; the wrapper stays the
+        # fallback where it is absent.
+        self._template: Any = getattr(template, "_hmac", None) or template
 
     def __repr__(self) -> str:
         return "AuditChain(<key hidden>)"
