@@ -39,6 +39,7 @@ import itertools
 import json
 import math
 import re
+import sqlite3
 import threading
 import uuid
 from collections import OrderedDict
@@ -850,6 +851,7 @@ def _create_engine(url: str, sqlite_synchronous: SqliteSynchronous) -> Engine:
 
 
 def _create_sqlite_engine(database: str | None, synchronous: SqliteSynchronous) -> Engine:
+    _bind_none_directly()
     in_memory = database in (None, "", ":memory:")
     if in_memory:
         # One shared connection, or every thread would see its own empty database.
@@ -891,6 +893,24 @@ def _create_sqlite_engine(database: str | None, synchronous: SqliteSynchronous) 
         connection.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+def _bind_none_directly() -> None:
+    """Register ``None``'s adapter with the sqlite3 module: a NULL without the search.
+
+    For every ``None`` it binds, CPython's sqlite3 (3.11) looks for an adapter,
+    asks the protocol and then the value for one, and each miss on the protocol
+    formats and clears an ``AttributeError``: about 0.5 µs per NULL, and an audit
+    row binds ten or more. A registered adapter ends the search at the first
+    lookup. ``{}.get`` maps ``None`` to ``None`` in C (a lambda costs a Python
+    call); the module then binds NULL exactly as before. Process-wide, and the
+    same for every user of sqlite3: ``None`` still means NULL.
+    """
+    sqlite3.register_adapter(type(None), _NONE_TO_NONE)
+
+
+#: ``_NONE_TO_NONE(None) is None``
+_NONE_TO_NONE: Final[Callable[[None], None]] = {}.get
 
 
 def _upgrade_schema(connection: Connection) -> None:

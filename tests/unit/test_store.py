@@ -10,6 +10,7 @@ database may be shared but must allow ``CREATE SCHEMA``.
 from __future__ import annotations
 
 import secrets
+import sqlite3
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -892,6 +893,18 @@ def test_the_sqlite_synchronous_setting_reaches_every_connection(
         store._engine.connect() as conn,
     ):
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar_one() == pragma
+
+
+def test_a_sqlite_store_binds_none_through_a_registered_adapter_as_null(
+    tmp_path: Path, box: SecretBox
+) -> None:
+    # The adapter spares sqlite3 its per-NULL adapter search (see
+    # _bind_none_directly); None must still be stored as NULL, not as a value.
+    with Store.open(f"sqlite:///{tmp_path / 'state.db'}", box) as store:
+        assert (type(None), sqlite3.PrepareProtocol) in sqlite3.adapters
+        with store._engine.connect() as conn:
+            row = conn.exec_driver_sql("SELECT ? IS NULL, typeof(?)", (None, None)).one()
+    assert tuple(row) == (1, "null")
 
 
 def test_an_unknown_sqlite_synchronous_setting_is_refused(tmp_path: Path, box: SecretBox) -> None:
