@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
 from gateway.audit.pairing import (
     CLIENT_MEASURE,
     CLIENT_TAP,
@@ -449,6 +451,23 @@ def test_a_nul_in_a_text_parameter_is_recorded_as_a_replacement_character() -> N
     (event,) = book.events
     assert event.parameters is not None
     assert event.parameters[0].value == "a\ufffdb"
+
+
+@pytest.mark.parametrize(
+    ("nanoseconds", "milliseconds"),
+    [(1_234_499, 1.234), (1_234_500, 1.235), (2_000_000, 2.0), (400, 0.0), (0, 0.0)],
+)
+def test_a_duration_is_milliseconds_to_the_nearest_microsecond(
+    nanoseconds: int, milliseconds: float
+) -> None:
+    book = Playbook()
+    book.client(query("select 1"))
+    # The playbook's clock moves 1 µs for each of CommandComplete and ReadyForQuery.
+    book.now += nanoseconds - 2000
+    book.server(complete("SELECT 1"), ready())
+    (event,) = book.events
+    assert type(event.duration_ms) is float
+    assert event.duration_ms == milliseconds
 
 
 def test_what_the_store_would_refuse_never_leaves_the_tracker() -> None:
