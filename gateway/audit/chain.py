@@ -59,7 +59,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -248,6 +248,16 @@ def canonical_encoding(fields: Mapping[str, Any]) -> bytes:
     return _CANONICAL_JSON(fields).encode("utf-8")
 
 
+class _Mac(Protocol):
+    """What the chain uses of an HMAC object (``hmac.HMAC`` or OpenSSL's own)."""
+
+    def copy(self) -> _Mac: ...
+
+    def update(self, msg: bytes, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
 class AuditChain:
     """Computes and checks record hashes and session seals under one key.
 
@@ -265,7 +275,7 @@ class AuditChain:
         # calls per record. Its ``_hmac`` (CPython, OpenSSL-backed) has the same
         # copy/update/hexdigest in C and gives the same MAC; the wrapper stays the
         # fallback where it is absent.
-        self._template: Any = getattr(template, "_hmac", None) or template
+        self._template: _Mac = getattr(template, "_hmac", None) or template
 
     def __repr__(self) -> str:
         return "AuditChain(<key hidden>)"

@@ -910,7 +910,7 @@ def _bind_none_directly() -> None:
 
 
 #: ``_NONE_TO_NONE(None) is None``
-_NONE_TO_NONE: Final[Callable[[None], None]] = {}.get
+_NONE_TO_NONE: Final = dict[None, None]().get
 
 
 def _upgrade_schema(connection: Connection) -> None:
