@@ -14,6 +14,11 @@ the daemon runs, one stage at a time, in this process:
   ``Store.append_audit`` into a fresh SQLite store (validation, the hash chain,
   the INSERT and the commit).
 
+With ``--instructions`` each stage runs under valgrind's callgrind instead, in a
+process of its own, once with one pass over the statements and once with three;
+the difference per statement is the stage's instruction count, which does not
+move with the machine's load (timings here move by 20 %).
+
 It is a measuring aid for the figures in docs/performance.md (where the time of
 a statement goes), not a test: nothing passes or fails. The full benchmark
 (``python -m bench``) is the one that measures the gateway as it runs.
@@ -22,10 +27,16 @@ a statement goes), not a test: nothing passes or fails. The full benchmark
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import re
+import shutil
 import struct
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -189,38 +200,109 @@ def _store(home: Path) -> tuple[Store, str]:
     return store, session.id
 
 
+STAGES = ("relay", "+audit", "tap", "encode", "store")
+
+
+@contextlib.contextmanager
+def _stages(protocol: str, count: int) -> Iterator[dict[str, Callable[[], int]]]:
+    """Each stage as a function that handles *count* statements once per call."""
+    tap, events = _events(protocol, count)
+    with tempfile.TemporaryDirectory(prefix="pam-audit-path-") as tmp:
+        store, session_id = _store(Path(tmp))
+        events = [(session_id, *e[1:]) for e in events]
+        batches = [events[i : i + BATCH] for i in range(0, len(events), BATCH)]
+        payloads = [encode_rows(batch) for batch in batches]
+
+        def encode() -> int:
+            for batch in batches:
+                encode_rows(batch)
+            return count
+
+        def write() -> int:
+            for payload in payloads:
+                store.append_audit_rows(decode_rows(payload))
+            return count
+
+        try:
+            yield {
+                "relay": _relay(protocol, count, audit=False),
+                "+audit": _relay(protocol, count, audit=True),
+                "tap": tap,
+                "encode": encode,
+                "store": write,
+            }
+        finally:
+            store.close()
+
+
+def _instructions(protocol: str, stage: str, count: int) -> float:
+    """Instructions per statement of one stage, counted by callgrind: the same
+    program run once with one call of the stage and once with three, so that
+    start-up, imports and set-up cancel out."""
+    totals = []
+    for calls in (1, 3):
+        with tempfile.TemporaryDirectory(prefix="pam-callgrind-") as tmp:
+            out = Path(tmp) / "callgrind.out"
+            result = subprocess.run(
+                [
+                    "valgrind",
+                    "--tool=callgrind",
+                    f"--callgrind-out-file={out}",
+                    sys.executable,
+                    "-m",
+                    "bench.audit_path",
+                    "--run-stage",
+                    f"{protocol}:{stage}:{calls}",
+                    "--batches",
+                    str(count // BATCH),
+                ],
+                capture_output=True,
+                text=True,
+                # Same string hashes in both runs: dict probes then match too.
+                env={**os.environ, "PYTHONHASHSEED": "0"},
+                check=False,
+            )
+            found = re.search(r"Collected : (\d+)", result.stderr)
+            if result.returncode != 0 or found is None:
+                raise SystemExit(f"callgrind failed: {result.stderr.strip()[-500:]}")
+            totals.append(int(found.group(1)))
+    return (totals[1] - totals[0]) / (2 * count)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.audit_path", description=__doc__)
     parser.add_argument("--batches", type=int, default=20, help="batches of 500 per protocol")
     parser.add_argument("--repeat", type=int, default=5, help="runs per stage (best is kept)")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions per statement under valgrind's callgrind instead of"
+        " timing (repeatable on a noisy machine; slow: use --batches 2 or so)",
+    )
+    parser.add_argument("--run-stage", help=argparse.SUPPRESS)  # PROTOCOL:STAGE:CALLS
     args = parser.parse_args(argv)
     count = args.batches * BATCH
-    print(f"µs per statement, best of {args.repeat} runs of {count:,} statements")
-    print(f"{'protocol':<10}{'relay':>8}{'+audit':>8}{'tap':>8}{'encode':>8}{'store':>8}")
+    if args.run_stage:
+        protocol, stage, calls = args.run_stage.split(":")
+        with _stages(protocol, count) as stages:
+            for _ in range(int(calls)):
+                stages[stage]()
+        return 0
+    if args.instructions:
+        if shutil.which("valgrind") is None:
+            raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
+        print(f"instructions per statement (callgrind), {count:,} statements a call")
+    else:
+        print(f"µs per statement, best of {args.repeat} runs of {count:,} statements")
+    print(f"{'protocol':<10}" + "".join(f"{stage:>9}" for stage in STAGES))
     for protocol in ("simple", "extended"):
-        relay_only = _relay(protocol, count, audit=False)
-        relay_audit = _relay(protocol, count, audit=True)
-        tap, events = _events(protocol, count)
-        with tempfile.TemporaryDirectory(prefix="pam-audit-path-") as tmp:
-            store, session_id = _store(Path(tmp))
-            events = [(session_id, *e[1:]) for e in events]
-            batches = [events[i : i + BATCH] for i in range(0, len(events), BATCH)]
-            payloads = [encode_rows(batch) for batch in batches]
-
-            def encode(batches: list[list[EventRow]] = batches) -> int:
-                for batch in batches:
-                    encode_rows(batch)
-                return count
-
-            def write(payloads: list[bytes] = payloads, store: Store = store) -> int:
-                for payload in payloads:
-                    store.append_audit_rows(decode_rows(payload))
-                return count
-
-            fns = (relay_only, relay_audit, tap, encode, write)
-            results = [_per_event(fn, args.repeat) for fn in fns]
-            store.close()
-        cells = "".join(f"{r:8.2f}" for r in results)
+        if args.instructions:
+            results = [_instructions(protocol, stage, count) for stage in STAGES]
+            cells = "".join(f"{r:9,.0f}" for r in results)
+        else:
+            with _stages(protocol, count) as stages:
+                results = [_per_event(stages[stage], args.repeat) for stage in STAGES]
+            cells = "".join(f"{r:9.2f}" for r in results)
         print(f"{protocol:<10}{cells}")
     print(
         "relay: the loop's Python work without audit; +audit: the same with the audit"
