@@ -137,7 +137,6 @@ _ID_CHARS: Final = re.compile(r"[0-9a-f]{1,32}")
 _AUDIT_HEAD_CACHE_SIZE: Final = 4096
 #: Rows fetched per round trip when verify streams a trail.
 _AUDIT_STREAM_ROWS: Final = 2000
-#: The largest value a BIGINT column holds (both backends).
 #: PostgreSQL OIDs are unsigned 32-bit.
 _MAX_OID: Final = 0xFFFF_FFFF
 #: Escape character for LIKE patterns built from user text.
@@ -218,7 +217,7 @@ def _end_values(end: ConnectionEnd, now: datetime) -> dict[str, Any]:
 _INSERT_CONNECTION: Final = connections.insert()
 #: Whether a session has ended, with the row lock (PostgreSQL) that keeps it from
 #: ending until the new connection's row is in.
-_SESSION_END: Final = (
+_SESSION_ENDED_AT: Final = (
     select(sessions.c.ended_at).where(sessions.c.id == bindparam("sid")).with_for_update(read=True)
 )
 # Bind names differ from the column names, as SQLAlchemy requires in a SET clause.
@@ -1475,6 +1474,7 @@ class Store:
                 checked.append(
                     (
                         is_start,
+                        # isinstance again, not is_start: mypy narrows only on the call
                         _start_row(change, now)
                         if isinstance(change, ConnectionStart)
                         else _end_values(change, now),
@@ -1499,7 +1499,7 @@ class Store:
     ) -> ConnectionRecord | GatewayError:
         session_id = row["session_id"]
         if session_id not in session_open:
-            parent = conn.execute(_SESSION_END, {"sid": session_id}).one_or_none()
+            parent = conn.execute(_SESSION_ENDED_AT, {"sid": session_id}).one_or_none()
             if parent is None:
                 return NotFound(f"session '{session_id}' not found")
             session_open[session_id] = parent.ended_at is None

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.audit.chain import EVENT_FIELDS
 from gateway.audit.records import (
     AuditEvent,
     EventRow,
@@ -156,7 +157,7 @@ async def test_the_child_writes_batches_stands_in_for_bad_events_and_is_restarte
         # An event the store cannot take does not wedge the writer (a refused batch
         # would be refused on every retry): a stand-in record says what was wrong.
         bad = list(_statements(session_id, 99, 1)[0])
-        bad[14] = -1.0  # duration_ms
+        bad[EVENT_FIELDS.index("duration_ms")] = -1.0
         assert await sink.append([tuple(bad)]) == 1
         # Events of a session the store does not hold cannot be attributed: left out.
         assert await sink.append(_statements("0" * 32, 0, 1)) == 0
