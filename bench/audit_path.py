@@ -46,11 +46,11 @@ from gateway.audit.redaction import Redactor
 from gateway.audit.sink import decode_rows, encode_rows
 from gateway.audit.tap import ConnectionAudit
 from gateway.audit.writer import AuditWriter
-from gateway.crypto import SecretBox
+from gateway.credentials.secretbox import SecretBox
+from gateway.net.relay import Relay
 from gateway.protocol.constants import BackendType, FrontendType
 from gateway.protocol.framing import TappedMessage
 from gateway.protocol.messages import encode_message
-from gateway.relay import Relay
 from gateway.store import Store
 
 BATCH = 500

@@ -61,7 +61,7 @@ def _frame_label(frame: dict[str, Any]) -> str:
     """``function (package/module.py)``: lines dropped, so a function counts once."""
     name = str(frame.get("name", "?"))
     parts = Path(str(frame.get("file", ""))).parts
-    # Keep the path from the package root: "gateway/relay.py", "asyncio/sslproto.py".
+    # Keep the path from the package root: "gateway/net/relay.py", "asyncio/sslproto.py".
     for anchor, skip in (("site-packages", 1), ("python3.11", 1), ("gateway", 0), ("cli", 0)):
         if anchor in parts:
             index = len(parts) - 1 - parts[::-1].index(anchor) + skip

@@ -5,7 +5,7 @@
 1. a snapshot of the gateway's source (``gateway/`` and ``cli/`` of the working
    tree, or of a git revision) in a private directory, so that a run measures one
    fixed version even while people edit the repository;
-2. a :class:`gateway.pgcluster.TempCluster` (TLS, scram-sha-256) with
+2. a :class:`gateway.testing.pgcluster.TempCluster` (TLS, scram-sha-256) with
    ``max_connections`` raised for the idle-connection figure, a ``bench`` role with
    a password, and a ``pgbench`` database initialised with ``pgbench -i``;
 3. a gateway daemon (``python -m cli gateway run --log-format json``, as the
@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import host
-from gateway.pgcluster import TempCluster
+from gateway.testing.pgcluster import TempCluster
 
 REPO = Path(__file__).resolve().parent.parent
 ROLE = "bench"
@@ -500,7 +500,7 @@ class Stack:
         seen = ready_count()
         with self.daemon_log.open("ab") as log:
             self.daemon = subprocess.Popen(
-                # As the shipped systemd unit runs it (deploy/pam-gateway.service).
+                # As the shipped systemd unit runs it (deploy/pam-gateway.access.service).
                 [sys.executable, "-m", "cli", "gateway", "run", "--log-format", "json"],
                 stdout=log,
                 stderr=subprocess.STDOUT,

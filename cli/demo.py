@@ -24,9 +24,9 @@ from types import FrameType
 from cli.access import hold_access
 from cli.client import ApiClient, ApiError
 from cli.render import console
+from gateway.app.daemon import init_home
 from gateway.config import ClientConfig, load_client_config
-from gateway.daemon import init_home
-from gateway.pgcluster import TempCluster, find_pg_bin_dir
+from gateway.testing.pgcluster import TempCluster, find_pg_bin_dir
 
 DEMO_RESOURCE = "demo"
 DEMO_ACCOUNT = "app"

@@ -114,7 +114,7 @@ home_option = click.option(
 )
 def gateway_init(home: Path | None, api_port: int, force: bool) -> None:
     """Create the state directory, master key, store and API token."""
-    from gateway.daemon import init_home
+    from gateway.app.daemon import init_home
 
     result = init_home(resolve_home(home), api_port=api_port, force=force)
     console.print(f"Initialised pam state in {result.home}")
@@ -134,8 +134,8 @@ def gateway_init(home: Path | None, api_port: int, force: bool) -> None:
 )
 def gateway_run(home: Path | None, log_format: str, log_level: str) -> None:
     """Run the gateway daemon in the foreground (stops on SIGTERM/SIGINT)."""
-    from gateway import daemon
-    from gateway.logging import configure_logging
+    from gateway.app import daemon
+    from gateway.app.logging import configure_logging
 
     configure_logging("json" if log_format == "json" else "console", log_level)
     with asyncio.Runner(loop_factory=daemon.event_loop_factory()) as runner:

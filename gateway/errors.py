@@ -38,6 +38,10 @@ class InvalidRequest(GatewayError):
     """A request to the control API was well-formed but not acceptable."""
 
 
+class StoreError(GatewayError):
+    """The database behind the state store failed (unreachable, locked, broken)."""
+
+
 class UpstreamError(GatewayError):
     """Reaching or authenticating to the upstream PostgreSQL server failed."""
 

@@ -8,11 +8,9 @@ in a process of its own it runs beside the relay instead of in turns with it. Th
 relay's side of an append is one ``marshal`` of the batch's tuples and one pipe
 write (:func:`encode_rows`).
 
-The child opens the store itself, from the state directory, exactly as the
-daemon does (settings, master key, store URL): no secret crosses the pipe. It
-ignores SIGINT and SIGTERM, which a terminal or systemd sends to the whole
-process group, so that the daemon can drain its queue into it during an ordered
-shutdown; it exits when its stdin closes, which also happens if the daemon dies.
+The child (:mod:`gateway.app.audit_process`) opens the store itself, from the
+state directory, exactly as the daemon does: no secret crosses the pipe. It exits
+when its stdin closes, which also happens if the daemon dies.
 
 The pipe protocol (private to this module): frames of a 4-byte big-endian length
 and a payload. The child sends ``{"ready": true}`` (JSON) once the store is
@@ -29,12 +27,9 @@ daemon sends the batch again to the next child, and those records appear twice
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import marshal
-import os
-import signal
 import struct
 import sys
 from collections.abc import Sequence
@@ -44,7 +39,7 @@ from typing import Any, BinaryIO, Final
 import structlog
 
 from gateway.audit.records import EventRow
-from gateway.errors import ConfigError, GatewayError, InvalidRequest, NotFound
+from gateway.errors import ConfigError, GatewayError, InvalidRequest, NotFound, StoreError
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +48,8 @@ _LENGTH: Final = struct.Struct("!I")
 MAX_FRAME_BYTES: Final = 256 * 1024 * 1024
 START_TIMEOUT_SECONDS: Final = 60.0
 CLOSE_TIMEOUT_SECONDS: Final = 10.0
+#: The child's entry point (a composition root: it opens the store).
+ENTRY_MODULE: Final = "gateway.app.audit_process"
 
 
 class SinkError(GatewayError):
@@ -88,7 +85,7 @@ _ERRORS: Final[dict[str, type[GatewayError]]] = {
 }
 
 
-def _error_reply(exc: BaseException) -> dict[str, Any]:
+def error_reply(exc: BaseException) -> dict[str, Any]:
     # Our own errors are written never to hold a value; anything else's text might
     # quote the SQL or a parameter it choked on, so only its type crosses.
     message = (
@@ -105,8 +102,6 @@ def _raise_reply(reply: dict[str, Any]) -> int:
         return int(reply["written"])
     name, message = str(reply.get("error")), str(reply.get("message"))
     if name == "StoreError":
-        from gateway.store import StoreError
-
         raise StoreError(message)
     raise _ERRORS.get(name, SinkError)(message)
 
@@ -181,7 +176,7 @@ class AuditSink:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "gateway.audit.sink",
+            ENTRY_MODULE,
             "--home",
             str(self._home),
             *self._log_args,
@@ -229,7 +224,7 @@ class AuditSink:
 # --- the child ---------------------------------------------------------------------
 
 
-def _read_frame(stream: BinaryIO) -> bytes | None:
+def read_frame(stream: BinaryIO) -> bytes | None:
     head = stream.read(_LENGTH.size)
     if len(head) < _LENGTH.size:
         return None  # the daemon closed our stdin: time to go
@@ -242,56 +237,7 @@ def _read_frame(stream: BinaryIO) -> bytes | None:
     return payload
 
 
-def _write_frame(stream: BinaryIO, message: dict[str, Any]) -> None:
+def write_frame(stream: BinaryIO, message: dict[str, Any]) -> None:
     payload = json.dumps(message).encode()
     stream.write(_LENGTH.pack(len(payload)) + payload)
     stream.flush()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway.audit.sink")
-    parser.add_argument("--home", type=Path, required=True)
-    parser.add_argument("--log-format", choices=["console", "json"], default="json")
-    parser.add_argument("--log-level", default="info")
-    args = parser.parse_args(argv)
-    # The daemon decides when we stop (it closes our stdin after draining).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # Frames go to the real stdout; anything else that prints goes to stderr.
-    frames_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    frames_in = sys.stdin.buffer
-
-    from gateway.config import MASTER_KEY_FILE, load_settings, store_url
-    from gateway.crypto import SecretBox, load_master_key
-    from gateway.logging import configure_logging
-    from gateway.store import Store
-
-    configure_logging("json" if args.log_format == "json" else "console", args.log_level)
-    try:
-        settings = load_settings(args.home)
-        box = SecretBox(load_master_key(args.home / MASTER_KEY_FILE))
-        store = Store.open(
-            store_url(args.home, settings),
-            box,
-            sqlite_synchronous=settings.store_sqlite_synchronous,
-        )
-    except GatewayError as exc:
-        _write_frame(frames_out, _error_reply(exc))
-        return 1
-    _write_frame(frames_out, {"ready": True})
-    try:
-        while (payload := _read_frame(frames_in)) is not None:
-            try:
-                written = store.append_audit_rows(decode_rows(payload), substitute_invalid=True)
-            except Exception as exc:  # every failure is the daemon's to handle
-                _write_frame(frames_out, _error_reply(exc))
-                continue
-            _write_frame(frames_out, {"written": written})
-    finally:
-        store.close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

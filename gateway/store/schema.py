@@ -13,7 +13,7 @@ Invariants:
   fixed-width ISO-8601 UTC string elsewhere (SQLite has no date type). Both keep
   microseconds, round-trip exactly and sort chronologically.
 * Passwords exist only as ``accounts.password_ciphertext``, sealed by
-  :class:`gateway.crypto.SecretBox` with the account id as associated data.
+  :class:`gateway.credentials.secretbox.SecretBox` with the account id as associated data.
 * Sessions copy names (resource, account) and connection facts (database,
   username) instead of referencing rows, so the audit trail outlives the
   resources and accounts it mentions.

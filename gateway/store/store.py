@@ -12,7 +12,7 @@ Invariants:
   wholly visible or not at all. Names are resolved inside the same transaction
   that uses them, with row locks on PostgreSQL, so "remove a resource" and
   "start a session on it" cannot interleave into a session without a resource.
-* Passwords are sealed by :class:`~gateway.crypto.SecretBox` with associated data
+* Passwords are sealed by :class:`~gateway.credentials.secretbox.SecretBox` with associated data
   ``b"pam/account/" + account_id`` before they reach SQL, so the database (and its
   WAL, backups and logs) only ever holds ciphertext bound to its own row. SQL
   parameters are hidden from SQLAlchemy's error messages, and no error raised
@@ -84,8 +84,15 @@ from gateway.audit.records import (
     iso_from_micros,
     row_event,
 )
-from gateway.crypto import SecretBox, SecretDecryptError
-from gateway.errors import AlreadyExists, ConfigError, GatewayError, InvalidRequest, NotFound
+from gateway.credentials.secretbox import SecretBox, SecretDecryptError
+from gateway.errors import (
+    AlreadyExists,
+    ConfigError,
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    StoreError,
+)
 from gateway.store.models import (
     CONNECTION_END_REASONS,
     NAME_PATTERN,
@@ -243,10 +250,6 @@ _CONNECTION_REASON_AT_SESSION_END: Final[dict[str, str]] = {
     "error": "error",
     "gateway_crash": "gateway_crash",
 }
-
-
-class StoreError(GatewayError):
-    """The database behind the state store failed (unreachable, locked, broken)."""
 
 
 def _new_id() -> str:

@@ -1,6 +1,6 @@
 """Fixtures for tests that talk to a real PostgreSQL server.
 
-``pg`` is one :class:`~gateway.pgcluster.TempCluster` per test session, with TLS,
+``pg`` is one :class:`~gateway.testing.pgcluster.TempCluster` per test session, with TLS,
 a database ``appdb`` and one login role per password method (``pg_roles``).
 Tests must not change these roles or drop ``appdb``; create their own objects
 when they need to mutate something.
@@ -20,7 +20,7 @@ from types import MappingProxyType
 import pytest
 from harness import Gateway
 
-from gateway.pgcluster import PasswordEncryption, PgRole, PostgresNotInstalled, TempCluster
+from gateway.testing.pgcluster import PasswordEncryption, PgRole, PostgresNotInstalled, TempCluster
 
 APP_DATABASE = "appdb"
 #: How many trailing server log lines a failed test's report shows.

@@ -487,7 +487,7 @@ def audit_sink_pid(gateway: Gateway) -> int:
             cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"gateway.audit.sink" in cmdline:
+        if b"gateway.app.audit_process" in cmdline:
             return child
     raise AssertionError("the daemon has no audit writer process")
 

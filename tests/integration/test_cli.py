@@ -19,7 +19,7 @@ import pytest
 from conftest import APP_DATABASE
 from harness import Gateway, assert_one_error_line, wait_for
 
-from gateway.pgcluster import PgRole, TempCluster
+from gateway.testing.pgcluster import PgRole, TempCluster
 
 pytestmark = pytest.mark.integration
 

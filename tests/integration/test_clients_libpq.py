@@ -28,7 +28,7 @@ import psycopg
 import pytest
 from harness import AccessProcess, Gateway, unique, wait_for
 
-from gateway.pgcluster import TempCluster
+from gateway.testing.pgcluster import TempCluster
 
 pytestmark = pytest.mark.integration
 

@@ -31,7 +31,7 @@ from conftest import APP_DATABASE
 from harness import AccessProcess, Gateway, wait_for
 from psycopg import pq, sql
 
-from gateway.pgcluster import TempCluster
+from gateway.testing.pgcluster import TempCluster
 
 pytestmark = pytest.mark.integration
 

@@ -30,7 +30,7 @@ from harness import (
     wait_for,
 )
 
-from gateway.pgcluster import PgRole, TempCluster
+from gateway.testing.pgcluster import PgRole, TempCluster
 
 pytestmark = pytest.mark.integration
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from gateway import pgcluster
 from gateway.errors import GatewayError
-from gateway.pgcluster import (
+from gateway.testing import pgcluster
+from gateway.testing.pgcluster import (
     ClusterError,
     PgRole,
     PostgresNotInstalled,

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 from harness import Gateway, RawClient, current_rss_kib, peak_rss_kib, wait_for
 
-from gateway.pgcluster import TempCluster
 from gateway.protocol import messages
 from gateway.protocol.framing import BoundaryTracker, TappedMessage
 from gateway.protocol.messages import parse_backend_key_data
+from gateway.testing.pgcluster import TempCluster
 
 pytestmark = pytest.mark.integration
 

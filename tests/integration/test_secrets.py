@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from harness import Gateway, connect_error
 
-from gateway.pgcluster import TempCluster
+from gateway.testing.pgcluster import TempCluster
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,6 @@ import psycopg
 import pytest
 from harness import Gateway, RawClient, error_fields, wait_for
 
-from gateway.pgcluster import TempCluster
 from gateway.protocol import messages
 from gateway.protocol.constants import (
     GSSENC_REQUEST_CODE,
@@ -21,6 +20,7 @@ from gateway.protocol.constants import (
     SSL_REQUEST_CODE,
 )
 from gateway.protocol.messages import parse_backend_key_data
+from gateway.testing.pgcluster import TempCluster
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from gateway.pgcluster import PostgresNotInstalled, TempCluster
+from gateway.testing.pgcluster import PostgresNotInstalled, TempCluster
 
 PG_URL = os.environ.get("PAM_TEST_PG_STORE_URL")
 T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)

@@ -1,6 +1,6 @@
 """Tests of gateway.audit.sink's codec and child process protocol.
 
-The child is run for real (``python -m gateway.audit.sink``) on a real state
+The child is run for real (``python -m gateway.app.audit_process``) on a real state
 directory; tests/integration/test_audit.py covers it inside the daemon.
 """
 
@@ -27,7 +27,7 @@ from gateway.audit.records import (
 )
 from gateway.audit.sink import AuditSink, SinkError, decode_rows, encode_rows
 from gateway.config import MASTER_KEY_FILE, GatewaySettings, save_settings, store_url
-from gateway.crypto import SecretBox, generate_master_key, load_master_key
+from gateway.credentials.secretbox import SecretBox, generate_master_key, load_master_key
 from gateway.errors import ConfigError, InvalidRequest, NotFound
 from gateway.store import Store
 
@@ -201,7 +201,7 @@ async def test_a_child_that_cannot_open_the_store_says_why(home: Path) -> None:
 
 
 def test_an_unexpected_error_in_the_child_crosses_by_type_only() -> None:
-    from gateway.audit.sink import _error_reply
+    from gateway.audit.sink import error_reply as _error_reply
 
     reply = _error_reply(UnicodeEncodeError("utf-8", "pw-hunter2\ud800", 10, 11, "surrogate"))
     assert reply == {

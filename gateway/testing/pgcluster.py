@@ -125,7 +125,7 @@ _HBA_GROUP_BY_PREFIX: tuple[tuple[str, str], ...] = (
 )
 
 _PG_HBA_CONF = """\
-# Written by gateway.pgcluster; first matching line wins.
+# Written by gateway.testing.pgcluster; first matching line wins.
 # TYPE   DATABASE  USER                 ADDRESS        METHOD
 local    all       all                                 trust
 hostssl  all       +pam_hba_plain       127.0.0.1/32   password
@@ -790,9 +790,7 @@ class TempCluster:
         self._write(hba, _PG_HBA_CONF.encode(), _PRIVATE_FILE_MODE)
         # Our settings live in one included file so a port retry rewrites it whole.
         with (self.data_dir / "postgresql.conf").open("a") as conf:
-            conf.write(
-                f"\n# Added by gateway.pgcluster\ninclude {_conf_quote(_CONF_INCLUDE_NAME)}\n"
-            )
+            conf.write(f"\n# Added by pam's pgcluster\ninclude {_conf_quote(_CONF_INCLUDE_NAME)}\n")
 
     def _write_settings(self) -> None:
         settings: dict[str, str] = {

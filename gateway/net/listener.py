@@ -10,7 +10,7 @@ For each client connection the listener (PostgreSQL 15 docs, 55.2.1):
 4. connects and authenticates upstream with the stored credentials, then sends
    the client AuthenticationOk and the server's own ParameterStatus,
    BackendKeyData and ReadyForQuery, and hands both sides to the
-   :class:`~gateway.relay.Relay`.
+   :class:`~gateway.net.relay.Relay`.
 
 Every refusal is an ErrorResponse with a SQLSTATE and a message a person can act
 on, never a bare closed socket. Nobody is authenticated locally: the grant is the
@@ -29,12 +29,20 @@ import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Literal, Protocol
 
 import structlog
 
-from gateway.audit.tap import ConnectionAudit
 from gateway.errors import GatewayError, UpstreamError
+from gateway.net.relay import (
+    READ_SIZE,
+    EndReason,
+    Relay,
+    StatementAudit,
+    Termination,
+    close_writer,
+)
+from gateway.net.upstream import UpstreamConnection, UpstreamTarget, connect_upstream, send_cancel
 from gateway.protocol import messages, sqlstate
 from gateway.protocol.constants import (
     MAX_STARTUP_PACKET_LENGTH,
@@ -53,8 +61,6 @@ from gateway.protocol.startup import (
     StartupMessage,
     parse_startup_packet,
 )
-from gateway.relay import READ_SIZE, EndReason, Relay, Termination, close_writer
-from gateway.upstream import UpstreamConnection, UpstreamTarget, connect_upstream, send_cancel
 
 log = structlog.get_logger(__name__)
 
@@ -76,6 +82,19 @@ class DirectTLSRefused(Exception):
     """The client opened with a TLS ClientHello instead of an SSLRequest."""
 
 
+class ConnectionAuditTap(StatementAudit, Protocol):
+    """The audit of one connection: the relay's statement tap plus the
+    connection's own start and end (implemented by ``gateway.audit.tap``)."""
+
+    def connection_event(
+        self,
+        kind: Literal["connection_start", "connection_end"],
+        detail: dict[str, str | int | float | None],
+        *,
+        now_ns: int,
+    ) -> None: ...
+
+
 class ConnectionHost(Protocol):
     """What a grant's listener needs from the service that owns it."""
 
@@ -94,7 +113,7 @@ class ConnectionHost(Protocol):
 
     def connection_audit(
         self, session_id: str, connection_id: str, secrets: tuple[str, ...]
-    ) -> ConnectionAudit | None:
+    ) -> ConnectionAuditTap | None:
         """The statement audit tap for a new connection (None: audit is off)."""
         ...
 
@@ -283,7 +302,7 @@ class AccessListener:
         application_name = startup.params.get("application_name")
         started_at = datetime.now(UTC)
         relay: Relay | None = None
-        audit: ConnectionAudit | None = None
+        audit: ConnectionAuditTap | None = None
         try:
             upstream, target = await self._connect_upstream(startup)
         except UpstreamError as exc:

@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from gateway.listener import AccessListener, GrantInfo
+from gateway.net.listener import AccessListener, GrantInfo
 
 
 class BrokenHost:

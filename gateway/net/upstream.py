@@ -32,13 +32,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from gateway.errors import UpstreamError
+from gateway.net.relay import unread_bytes
 from gateway.protocol import messages, sqlstate
 from gateway.protocol.constants import MAX_AUTH_MESSAGE_LENGTH, SSL_ACCEPTED, SSL_REFUSED
 from gateway.protocol.errors import ProtocolError
 from gateway.protocol.framing import MessageReader
 from gateway.protocol.handshake import StartupRejected, UnsupportedAuthentication, UpstreamHandshake
 from gateway.protocol.scram import ScramAuthenticationError
-from gateway.relay import unread_bytes
 
 log = structlog.get_logger(__name__)
 

@@ -26,7 +26,7 @@ from gateway.audit.chain import (
     event_fields,
 )
 from gateway.audit.records import AuditEvent, Parameter
-from gateway.crypto import SecretBox
+from gateway.credentials.secretbox import SecretBox
 from gateway.errors import ConfigError
 
 MASTER = bytes(range(32))

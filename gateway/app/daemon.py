@@ -22,7 +22,8 @@ from pathlib import Path
 import structlog
 import uvicorn
 
-from gateway.api import create_app
+from gateway.access.service import GatewayService
+from gateway.app.api import create_app
 from gateway.audit.sink import AuditSink
 from gateway.config import (
     MASTER_KEY_FILE,
@@ -34,10 +35,9 @@ from gateway.config import (
     save_settings,
     store_url,
 )
-from gateway.crypto import SecretBox, generate_master_key, load_master_key
+from gateway.credentials.secretbox import SecretBox, generate_master_key, load_master_key
 from gateway.errors import AlreadyExists, ConfigError
-from gateway.localtls import ensure_local_certificate, server_context
-from gateway.service import GatewayService
+from gateway.net.tls import ensure_local_certificate, server_context
 from gateway.store import Store
 
 log = structlog.get_logger(__name__)

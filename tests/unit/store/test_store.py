@@ -28,7 +28,7 @@ from sqlalchemy import Engine, create_engine, select, text, update
 from store_support import T0, FakeClock, pg_admin_url
 
 import gateway.store.store as store_module
-from gateway.crypto import SecretBox, SecretDecryptError
+from gateway.credentials.secretbox import SecretBox, SecretDecryptError
 from gateway.errors import AlreadyExists, ConfigError, InvalidRequest, NotFound
 from gateway.store import (
     CONNECTION_END_REASONS,

@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field, SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import __version__
+from gateway.access.service import GatewayService, VerifyResult
 from gateway.audit.chain import ChainProblem
 from gateway.config import hash_token
 from gateway.errors import (
@@ -33,7 +34,6 @@ from gateway.errors import (
     InvalidRequest,
     NotFound,
 )
-from gateway.service import GatewayService, VerifyResult
 from gateway.store import AccessSession, Account, ConnectionRecord, Resource, SslMode
 from gateway.store.models import AuditRecord
 

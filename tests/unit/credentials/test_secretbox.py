@@ -1,4 +1,4 @@
-"""Tests of gateway.crypto: the master key file and SecretBox."""
+"""Tests of gateway.credentials.secretbox: the master key file and SecretBox."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from gateway.crypto import (
+from gateway.credentials.secretbox import (
     MASTER_KEY_BYTES,
     SecretBox,
     SecretDecryptError,

@@ -34,7 +34,7 @@ from gateway.audit.chain import (
     event_fields,
 )
 from gateway.audit.records import AuditEvent, Parameter, event_rows
-from gateway.crypto import SecretBox
+from gateway.credentials.secretbox import SecretBox
 from gateway.errors import InvalidRequest, NotFound
 from gateway.store import AccessSession, AuditRecord, Store, StoreError
 from gateway.store.schema import VERSION_TABLE

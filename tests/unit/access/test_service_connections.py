@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
+from gateway.access.service import GatewayService
 from gateway.config import GatewaySettings
-from gateway.crypto import SecretBox
+from gateway.credentials.secretbox import SecretBox
 from gateway.errors import InvalidRequest, NotFound
-from gateway.service import GatewayService
 from gateway.store import Store
 
 

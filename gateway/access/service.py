@@ -1,6 +1,6 @@
 """The gateway service: access grants, their listeners, expiry and the session log.
 
-Owns every :class:`~gateway.listener.AccessListener` and the store. The store is
+Owns every :class:`~gateway.net.listener.AccessListener` and the store. The store is
 synchronous (SQLAlchemy); all store calls run on one dedicated worker thread so
 the event loop never blocks on disk and SQLite writes are serialised.
 
@@ -39,9 +39,10 @@ from gateway.audit.tap import ConnectionAudit
 from gateway.audit.writer import AuditWriter
 from gateway.config import GatewaySettings
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
-from gateway.listener import AccessListener, GrantInfo
+from gateway.net.listener import AccessListener, GrantInfo
+from gateway.net.relay import EndReason, Termination, close_writer
+from gateway.net.upstream import UpstreamTarget, connect_upstream
 from gateway.protocol import messages, sqlstate
-from gateway.relay import EndReason, Termination, close_writer
 from gateway.store import (
     AccessSession,
     ConnectionEnd,
@@ -49,7 +50,6 @@ from gateway.store import (
     ConnectionStart,
     Store,
 )
-from gateway.upstream import UpstreamTarget, connect_upstream
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
