@@ -40,9 +40,10 @@ from gateway.audit.writer import AuditWriter
 from gateway.config import GatewaySettings
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.net.listener import AccessListener, GrantInfo
-from gateway.net.relay import EndReason, Termination, close_writer
+from gateway.net.relay import Termination, close_writer
 from gateway.net.upstream import UpstreamTarget, connect_upstream
 from gateway.protocol import messages, sqlstate
+from gateway.reasons import ConnectionEndReason, SessionEndReason
 from gateway.store import (
     AccessSession,
     ConnectionEnd,
@@ -182,7 +183,7 @@ class GatewayService:
         if self._audit_down is None:
             return None
         return Termination(
-            EndReason.ERROR,
+            ConnectionEndReason.ERROR,
             sqlstate.CANNOT_CONNECT_NOW,
             "pam refuses new connections: the audit trail cannot be written (fail-closed mode)",
             hint="an administrator must restore the gateway's store; check the gateway log",
@@ -193,7 +194,7 @@ class GatewayService:
             return
         self._audit_down = exc or RuntimeError("audit failure")
         termination = Termination(
-            EndReason.ERROR,
+            ConnectionEndReason.ERROR,
             sqlstate.ADMIN_SHUTDOWN,
             "terminating connection: the audit trail cannot be written and pam is in"
             " fail-closed mode",
@@ -319,9 +320,11 @@ class GatewayService:
 
     async def start(self) -> int:
         """Close what a crash left open and start the heartbeat watchdog."""
-        closed = await self.db(self.store.close_orphans, "gateway_crash")
+        closed = await self.db(self.store.close_orphans, SessionEndReason.GATEWAY_CRASH)
         if closed:
-            log.warning("closed_orphaned_sessions", count=closed, reason="gateway_crash")
+            log.warning(
+                "closed_orphaned_sessions", count=closed, reason=SessionEndReason.GATEWAY_CRASH
+            )
         self._watchdog = asyncio.create_task(self._watch_heartbeats(), name="grant-watchdog")
         if self.settings.audit_enabled:
             await self.refresh_secrets()
@@ -364,7 +367,7 @@ class GatewayService:
             self._watchdog.cancel()
             await asyncio.gather(self._watchdog, return_exceptions=True)
         termination = Termination(
-            EndReason.GATEWAY_SHUTDOWN,
+            ConnectionEndReason.GATEWAY_SHUTDOWN,
             sqlstate.ADMIN_SHUTDOWN,
             "terminating connection because the pam gateway is shutting down",
             hint="reconnect once the gateway is back, with a new `pam db access`",
@@ -388,7 +391,11 @@ class GatewayService:
             if grant.expiry_task is not None:
                 grant.expiry_task.cancel()
             if not grant.ended:
-                await self.db(self.store.end_session, grant.session.id, reason="gateway_shutdown")
+                await self.db(
+                    self.store.end_session,
+                    grant.session.id,
+                    reason=SessionEndReason.GATEWAY_SHUTDOWN,
+                )
         self._grants.clear()
         self._executor.shutdown(wait=True)
 
@@ -440,7 +447,10 @@ class GatewayService:
             bound_port = await listener.start()
         except OSError as exc:
             await self.db(
-                self.store.end_session, session.id, reason="error", detail=f"listen failed: {exc}"
+                self.store.end_session,
+                session.id,
+                reason=SessionEndReason.ERROR,
+                detail=f"listen failed: {exc}",
             )
             raise InvalidRequest(
                 f"cannot listen on {self.settings.listen_host}:{port}: {exc.strerror or exc}",
@@ -473,13 +483,17 @@ class GatewayService:
         return grant.session
 
     async def close_access(
-        self, session_id: str, *, reason: str = "client_ended", detail: str | None = None
+        self,
+        session_id: str,
+        *,
+        reason: SessionEndReason = SessionEndReason.CLIENT_ENDED,
+        detail: str | None = None,
     ) -> AccessSession:
         grant = self._grants.get(session_id)
         if grant is None:
             return await self.db(self.store.get_session, session_id)
         termination = Termination(
-            EndReason.SESSION_ENDED,
+            ConnectionEndReason.SESSION_ENDED,
             sqlstate.ADMIN_SHUTDOWN,
             f"terminating connection because access session {session_id[:8]} was ended"
             + (f": {detail}" if detail else " by its owner"),
@@ -525,7 +539,7 @@ class GatewayService:
             f" {format_time(session.expires_at)}"
         )
         termination = Termination(
-            EndReason.EXPIRED,
+            ConnectionEndReason.EXPIRED,
             sqlstate.ADMIN_SHUTDOWN,
             message,
             hint=f"request new access with `pam db access --resource {session.resource_name}"
@@ -534,7 +548,11 @@ class GatewayService:
         # The listener stays up, answering every new connection with this
         # message, until the CLI lets go of the grant or stops calling in.
         await self._end(
-            grant, reason="expired", detail=None, termination=termination, keep_listener=True
+            grant,
+            reason=SessionEndReason.EXPIRED,
+            detail=None,
+            termination=termination,
+            keep_listener=True,
         )
 
     async def _watch_heartbeats(self) -> None:
@@ -551,7 +569,9 @@ class GatewayService:
                     continue
                 detail = f"the pam CLI holding the grant stopped responding for {timeout:g}s"
                 try:
-                    await self.close_access(grant.session.id, reason="client_ended", detail=detail)
+                    await self.close_access(
+                        grant.session.id, reason=SessionEndReason.CLIENT_ENDED, detail=detail
+                    )
                 except Exception as exc:  # keep watching the other grants
                     log.error("watchdog_end_failed", session_id=grant.session.id, error=repr(exc))
 

@@ -36,7 +36,6 @@ import structlog
 from gateway.errors import GatewayError, UpstreamError
 from gateway.net.relay import (
     READ_SIZE,
-    EndReason,
     Relay,
     StatementAudit,
     Termination,
@@ -61,6 +60,7 @@ from gateway.protocol.startup import (
     StartupMessage,
     parse_startup_packet,
 )
+from gateway.reasons import ConnectionEndReason
 
 log = structlog.get_logger(__name__)
 
@@ -70,7 +70,11 @@ _PROTOCOL_OPTION_PREFIX = "_pq_."
 _connection_numbers = itertools.count(1)
 #: Ends the gateway imposes on a live connection, whatever the server is doing.
 _CUT_BY_GATEWAY = frozenset(
-    {EndReason.SESSION_ENDED, EndReason.EXPIRED, EndReason.GATEWAY_SHUTDOWN}
+    {
+        ConnectionEndReason.SESSION_ENDED,
+        ConnectionEndReason.EXPIRED,
+        ConnectionEndReason.GATEWAY_SHUTDOWN,
+    }
 )
 #: First byte of a TLS handshake record: a client starting TLS directly.
 TLS_HANDSHAKE_RECORD = 0x16
@@ -440,7 +444,7 @@ class AccessListener:
             )
             await self.host.record_connection_end(
                 connection_id,
-                reason=EndReason.ERROR,
+                reason=ConnectionEndReason.ERROR,
                 bytes_from_client=0,
                 bytes_from_server=0,
                 error=(exc.sqlstate, exc.message),
@@ -504,20 +508,20 @@ class AccessListener:
             )
         if startup.is_replication:
             return Termination(
-                EndReason.ERROR,
+                ConnectionEndReason.ERROR,
                 sqlstate.FEATURE_NOT_SUPPORTED,
                 "replication connections are not allowed through pam",
             )
         if startup.user != grant.username:
             return Termination(
-                EndReason.ERROR,
+                ConnectionEndReason.ERROR,
                 sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
                 f"this access session is for user {grant.username!r}, not {startup.user!r}",
                 hint=f"connect with user={grant.username}",
             )
         if startup.database != grant.database:
             return Termination(
-                EndReason.ERROR,
+                ConnectionEndReason.ERROR,
                 sqlstate.INVALID_CATALOG_NAME,
                 f"database {startup.database!r} is not available through this access session;"
                 f" resource {grant.resource!r} allows database {grant.database!r}",

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Protocol, cast
 
 import structlog
@@ -25,6 +24,7 @@ from gateway.protocol import messages
 from gateway.protocol.constants import FrontendType
 from gateway.protocol.errors import ProtocolError
 from gateway.protocol.framing import BoundaryTracker, TappedMessage
+from gateway.reasons import ConnectionEndReason
 
 log = structlog.get_logger(__name__)
 
@@ -42,20 +42,11 @@ TAP_LIMIT = 64 * 1024
 _TERMINATE = frozenset({FrontendType.TERMINATE})
 
 
-class EndReason(StrEnum):
-    CLIENT_CLOSED = "client_closed"
-    SERVER_CLOSED = "server_closed"
-    SESSION_ENDED = "session_ended"
-    EXPIRED = "expired"
-    GATEWAY_SHUTDOWN = "gateway_shutdown"
-    ERROR = "error"
-
-
 @dataclass(frozen=True, slots=True)
 class Termination:
     """Why and how the gateway is ending a live connection."""
 
-    reason: EndReason
+    reason: ConnectionEndReason
     sqlstate: str
     message: str
     hint: str | None = None
@@ -140,7 +131,7 @@ class Relay:
         self._closed: asyncio.Event = asyncio.Event()
         self.bytes_from_client = 0
         self.bytes_from_server = 0
-        self.end_reason: EndReason | None = None
+        self.end_reason: ConnectionEndReason | None = None
         self.error: tuple[str, str] | None = None
 
     def prime(self, to_client: bytes, to_server: bytes) -> None:
@@ -162,7 +153,7 @@ class Relay:
             loop = asyncio.get_running_loop()
             self._grace = loop.call_later(BOUNDARY_GRACE_SECONDS, self._finish_termination)
 
-    async def run(self) -> EndReason:
+    async def run(self) -> ConnectionEndReason:
         loop = asyncio.get_running_loop()
         self._done = loop.create_future()
         client_side = _Side(self, from_client=True)
@@ -193,7 +184,7 @@ class Relay:
                 await asyncio.gather(self._room_task, return_exceptions=True)
             await self._close()
         if self.end_reason is None:
-            self.end_reason = EndReason.ERROR
+            self.end_reason = ConnectionEndReason.ERROR
         return self.end_reason
 
     # --- callbacks from the two protocols -----------------------------------------
@@ -212,7 +203,7 @@ class Relay:
             if self._audit is not None:
                 self._audit.on_client(tapped, time.time_ns())
             if tapped[-1].type == FrontendType.TERMINATE:  # the client said goodbye
-                self.end_reason = self.end_reason or EndReason.CLIENT_CLOSED
+                self.end_reason = self.end_reason or ConnectionEndReason.CLIENT_CLOSED
 
     def _on_server_data(self, data: bytes) -> None:
         if self._is_done():
@@ -248,9 +239,9 @@ class Relay:
 
     def _on_eof(self, *, from_client: bool) -> None:
         if from_client:
-            self._end(EndReason.CLIENT_CLOSED)
+            self._end(ConnectionEndReason.CLIENT_CLOSED)
         else:
-            self._end(EndReason.SERVER_CLOSED)
+            self._end(ConnectionEndReason.SERVER_CLOSED)
 
     def _on_lost(self, *, from_client: bool, exc: Exception | None) -> None:
         self._lost["client" if from_client else "server"] = True
@@ -258,7 +249,7 @@ class Relay:
             self._closed.set()
         if exc is not None and self.error is None and not self._is_done():
             self.error = ("08006", f"connection failure: {exc}")
-            self._end(EndReason.ERROR)
+            self._end(ConnectionEndReason.ERROR)
         else:
             self._on_eof(from_client=from_client)
 
@@ -277,7 +268,7 @@ class Relay:
     def _is_done(self) -> bool:
         return self._done is not None and self._done.done()
 
-    def _end(self, reason: EndReason) -> None:
+    def _end(self, reason: ConnectionEndReason) -> None:
         if self.end_reason is None:
             self.end_reason = reason
         if self._done is not None and not self._done.done():
@@ -288,8 +279,8 @@ class Relay:
         self.error = (exc.sqlstate, exc.message)
         if self._from_server.at_boundary:
             self._send_fatal(messages.error_response("FATAL", exc.sqlstate, exc.message))
-        self.end_reason = EndReason.ERROR
-        self._end(EndReason.ERROR)
+        self.end_reason = ConnectionEndReason.ERROR
+        self._end(ConnectionEndReason.ERROR)
 
     def _finish_termination(self) -> None:
         termination = self._termination

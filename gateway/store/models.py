@@ -33,6 +33,12 @@ from gateway.audit.records import (
     DetailValue,
     ParameterFormat,
 )
+from gateway.reasons import (
+    CONNECTION_END_REASONS,
+    SESSION_END_REASONS,
+    ConnectionEndReason,
+    SessionEndReason,
+)
 
 __all__ = [
     "CONNECTION_END_REASONS",
@@ -56,21 +62,6 @@ __all__ = [
 SslMode = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
 SSL_MODES: Final[frozenset[str]] = frozenset(get_args(SslMode))
 
-#: Why an access session ended.
-SessionEndReason = Literal["client_ended", "expired", "gateway_shutdown", "error", "gateway_crash"]
-SESSION_END_REASONS: Final[frozenset[str]] = frozenset(get_args(SessionEndReason))
-
-#: Why one client connection inside a session ended.
-ConnectionEndReason = Literal[
-    "client_closed",
-    "server_closed",
-    "session_ended",
-    "expired",
-    "gateway_shutdown",
-    "error",
-    "gateway_crash",
-]
-CONNECTION_END_REASONS: Final[frozenset[str]] = frozenset(get_args(ConnectionEndReason))
 
 #: Resource and account names: short, lower case, safe in URLs, file names and
 #: ``resource/account`` strings without quoting.

@@ -93,6 +93,7 @@ from gateway.errors import (
     NotFound,
     StoreError,
 )
+from gateway.reasons import CONNECTION_REASON_AT_SESSION_END, SessionEndReason
 from gateway.store.models import (
     CONNECTION_END_REASONS,
     NAME_PATTERN,
@@ -240,16 +241,6 @@ _END_CONNECTION: Final = (
         error_message=bindparam("end_error_message"),
     )
 )
-
-
-#: How a connection still open when its session ends is recorded as ending.
-_CONNECTION_REASON_AT_SESSION_END: Final[dict[str, str]] = {
-    "client_ended": "session_ended",
-    "expired": "expired",
-    "gateway_shutdown": "gateway_shutdown",
-    "error": "error",
-    "gateway_crash": "gateway_crash",
-}
 
 
 def _new_id() -> str:
@@ -1291,7 +1282,7 @@ class Store:
 
         End each connection first where you know how it ended: a connection of
         the session still open here is ended in the same transaction, at the
-        session's end, with the reason :data:`_CONNECTION_REASON_AT_SESSION_END`
+        session's end, with the reason :data:`~gateway.reasons.CONNECTION_REASON_AT_SESSION_END`
         maps *reason* to, and no byte counts (they are unknown), so an ended
         session never shows a live connection. A later end of such a connection
         changes nothing. Flush the session's audit events before calling this;
@@ -1319,7 +1310,10 @@ class Store:
                 conn.execute(
                     connections.update()
                     .where(connections.c.session_id == session_id, connections.c.ended_at.is_(None))
-                    .values(ended_at=ended, end_reason=_CONNECTION_REASON_AT_SESSION_END[reason])
+                    .values(
+                        ended_at=ended,
+                        end_reason=CONNECTION_REASON_AT_SESSION_END[SessionEndReason(reason)],
+                    )
                 )
             return _session(self._session_row(conn, session_id))
 

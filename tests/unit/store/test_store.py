@@ -30,6 +30,7 @@ from store_support import T0, FakeClock, pg_admin_url
 import gateway.store.store as store_module
 from gateway.credentials.secretbox import SecretBox, SecretDecryptError
 from gateway.errors import AlreadyExists, ConfigError, InvalidRequest, NotFound
+from gateway.reasons import CONNECTION_REASON_AT_SESSION_END
 from gateway.store import (
     CONNECTION_END_REASONS,
     SESSION_END_REASONS,
@@ -543,7 +544,7 @@ def test_end_session_ends_the_connections_still_open_with_it(
 
 
 def test_every_session_end_reason_has_a_connection_end_reason() -> None:
-    mapping = store_module._CONNECTION_REASON_AT_SESSION_END
+    mapping = CONNECTION_REASON_AT_SESSION_END
     assert set(mapping) == SESSION_END_REASONS
     assert set(mapping.values()) <= CONNECTION_END_REASONS
 
