@@ -8,11 +8,13 @@ pass names (resource, account), never passwords.
 
 from __future__ import annotations
 
+from gateway.protocol.sqlstate import SqlState
+
 
 class GatewayError(Exception):
     """Root of every error the gateway raises on purpose."""
 
-    sqlstate: str = "XX000"
+    sqlstate: str = SqlState.INTERNAL_ERROR
 
     def __init__(self, message: str, *, hint: str | None = None, sqlstate: str | None = None):
         super().__init__(message)
@@ -45,7 +47,7 @@ class StoreError(GatewayError):
 class UpstreamError(GatewayError):
     """Reaching or authenticating to the upstream PostgreSQL server failed."""
 
-    sqlstate = "08001"
+    sqlstate = SqlState.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION
 
     def __init__(
         self,

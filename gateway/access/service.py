@@ -42,7 +42,8 @@ from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.net.listener import AccessListener, GrantInfo
 from gateway.net.relay import Termination, close_writer
 from gateway.net.upstream import UpstreamTarget, connect_upstream
-from gateway.protocol import messages, sqlstate
+from gateway.protocol import messages
+from gateway.protocol.sqlstate import SqlState
 from gateway.reasons import ConnectionEndReason, SessionEndReason
 from gateway.store import (
     AccessSession,
@@ -184,7 +185,7 @@ class GatewayService:
             return None
         return Termination(
             ConnectionEndReason.ERROR,
-            sqlstate.CANNOT_CONNECT_NOW,
+            SqlState.CANNOT_CONNECT_NOW,
             "pam refuses new connections: the audit trail cannot be written (fail-closed mode)",
             hint="an administrator must restore the gateway's store; check the gateway log",
         )
@@ -195,7 +196,7 @@ class GatewayService:
         self._audit_down = exc or RuntimeError("audit failure")
         termination = Termination(
             ConnectionEndReason.ERROR,
-            sqlstate.ADMIN_SHUTDOWN,
+            SqlState.ADMIN_SHUTDOWN,
             "terminating connection: the audit trail cannot be written and pam is in"
             " fail-closed mode",
             hint="reconnect once the gateway's store is back",
@@ -368,7 +369,7 @@ class GatewayService:
             await asyncio.gather(self._watchdog, return_exceptions=True)
         termination = Termination(
             ConnectionEndReason.GATEWAY_SHUTDOWN,
-            sqlstate.ADMIN_SHUTDOWN,
+            SqlState.ADMIN_SHUTDOWN,
             "terminating connection because the pam gateway is shutting down",
             hint="reconnect once the gateway is back, with a new `pam db access`",
         )
@@ -494,7 +495,7 @@ class GatewayService:
             return await self.db(self.store.get_session, session_id)
         termination = Termination(
             ConnectionEndReason.SESSION_ENDED,
-            sqlstate.ADMIN_SHUTDOWN,
+            SqlState.ADMIN_SHUTDOWN,
             f"terminating connection because access session {session_id[:8]} was ended"
             + (f": {detail}" if detail else " by its owner"),
             hint="request new access with `pam db access`",
@@ -540,7 +541,7 @@ class GatewayService:
         )
         termination = Termination(
             ConnectionEndReason.EXPIRED,
-            sqlstate.ADMIN_SHUTDOWN,
+            SqlState.ADMIN_SHUTDOWN,
             message,
             hint=f"request new access with `pam db access --resource {session.resource_name}"
             f" --account {session.account_name}`",

@@ -45,6 +45,7 @@ from gateway.audit.redaction import MASK, Redactor
 from gateway.protocol.constants import BackendType, FrontendType
 from gateway.protocol.framing import TappedMessage
 from gateway.protocol.messages import parse_error_fields
+from gateway.protocol.sqlstate import SqlState
 
 ParameterMode = Literal["values", "types", "none"]
 
@@ -81,7 +82,7 @@ SERVER_TAP = frozenset(
 #: Server messages only counted: result rows and COPY TO STDOUT data.
 SERVER_MEASURE = frozenset({BackendType.DATA_ROW, BackendType.COPY_DATA})
 
-QUERY_CANCELED = "57014"
+QUERY_CANCELED = SqlState.QUERY_CANCELED
 _NO_EVENTS: tuple[EventRow, ...] = ()
 # Message types as plain ints, for the dispatch on every tapped message.
 _QUERY_TYPE = int(FrontendType.QUERY)

@@ -40,6 +40,7 @@ import structlog
 
 from gateway.audit.records import EventRow
 from gateway.errors import ConfigError, GatewayError, InvalidRequest, NotFound, StoreError
+from gateway.protocol.sqlstate import SqlState
 
 log = structlog.get_logger(__name__)
 
@@ -55,7 +56,7 @@ ENTRY_MODULE: Final = "gateway.app.audit_process"
 class SinkError(GatewayError):
     """The audit writer process failed or went away."""
 
-    sqlstate = "58000"
+    sqlstate = SqlState.SYSTEM_ERROR
 
 
 # --- the events, as plain tuples ---------------------------------------------------

@@ -42,7 +42,7 @@ from gateway.net.relay import (
     close_writer,
 )
 from gateway.net.upstream import UpstreamConnection, UpstreamTarget, connect_upstream, send_cancel
-from gateway.protocol import messages, sqlstate
+from gateway.protocol import messages
 from gateway.protocol.constants import (
     MAX_STARTUP_PACKET_LENGTH,
     PROTOCOL_3_0,
@@ -53,6 +53,7 @@ from gateway.protocol.constants import (
 from gateway.protocol.errors import ProtocolError
 from gateway.protocol.framing import MessageReader
 from gateway.protocol.messages import BackendKey
+from gateway.protocol.sqlstate import SqlState
 from gateway.protocol.startup import (
     CancelRequest,
     GSSENCRequest,
@@ -254,7 +255,7 @@ class AccessListener:
                 # Nothing relayed yet, so the client can still read why.
                 await _refuse(
                     writer,
-                    sqlstate.INTERNAL_ERROR,
+                    SqlState.INTERNAL_ERROR,
                     "pam could not set up this connection because of an internal error",
                     hint="the gateway's log has the details",
                 )
@@ -276,7 +277,7 @@ class AccessListener:
                 startup = await self._read_startup(reader, writer, inbound)
         except TimeoutError:
             await _refuse(
-                writer, sqlstate.PROTOCOL_VIOLATION, "timed out waiting for the startup packet"
+                writer, SqlState.PROTOCOL_VIOLATION, "timed out waiting for the startup packet"
             )
             return
         except DirectTLSRefused:
@@ -345,7 +346,7 @@ class AccessListener:
             await close_writer(upstream.writer)
             await _refuse(
                 writer,
-                sqlstate.CANNOT_CONNECT_NOW,
+                SqlState.CANNOT_CONNECT_NOW,
                 "pam cannot record this connection, so it refuses it: the gateway's store"
                 " is not writable",
                 hint="an administrator must check the gateway's store and log",
@@ -502,27 +503,27 @@ class AccessListener:
         if self.refusal is not None:
             return Termination(
                 self.refusal.reason,
-                sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
+                SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
                 self.refusal.message,
                 self.refusal.hint,
             )
         if startup.is_replication:
             return Termination(
                 ConnectionEndReason.ERROR,
-                sqlstate.FEATURE_NOT_SUPPORTED,
+                SqlState.FEATURE_NOT_SUPPORTED,
                 "replication connections are not allowed through pam",
             )
         if startup.user != grant.username:
             return Termination(
                 ConnectionEndReason.ERROR,
-                sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
+                SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
                 f"this access session is for user {grant.username!r}, not {startup.user!r}",
                 hint=f"connect with user={grant.username}",
             )
         if startup.database != grant.database:
             return Termination(
                 ConnectionEndReason.ERROR,
-                sqlstate.INVALID_CATALOG_NAME,
+                SqlState.INVALID_CATALOG_NAME,
                 f"database {startup.database!r} is not available through this access session;"
                 f" resource {grant.resource!r} allows database {grant.database!r}",
                 hint=f"connect with dbname={grant.database}",

@@ -24,6 +24,7 @@ from gateway.protocol import messages
 from gateway.protocol.constants import FrontendType
 from gateway.protocol.errors import ProtocolError
 from gateway.protocol.framing import BoundaryTracker, TappedMessage
+from gateway.protocol.sqlstate import SqlState
 from gateway.reasons import ConnectionEndReason
 
 log = structlog.get_logger(__name__)
@@ -248,7 +249,7 @@ class Relay:
         if all(self._lost.values()):
             self._closed.set()
         if exc is not None and self.error is None and not self._is_done():
-            self.error = ("08006", f"connection failure: {exc}")
+            self.error = (SqlState.CONNECTION_FAILURE, f"connection failure: {exc}")
             self._end(ConnectionEndReason.ERROR)
         else:
             self._on_eof(from_client=from_client)

@@ -33,12 +33,13 @@ from cryptography.hazmat.primitives import hashes
 
 from gateway.errors import UpstreamError
 from gateway.net.relay import unread_bytes
-from gateway.protocol import messages, sqlstate
+from gateway.protocol import messages
 from gateway.protocol.constants import MAX_AUTH_MESSAGE_LENGTH, SSL_ACCEPTED, SSL_REFUSED
 from gateway.protocol.errors import ProtocolError
 from gateway.protocol.framing import MessageReader
 from gateway.protocol.handshake import StartupRejected, UnsupportedAuthentication, UpstreamHandshake
 from gateway.protocol.scram import ScramAuthenticationError
+from gateway.protocol.sqlstate import SqlState
 
 log = structlog.get_logger(__name__)
 
@@ -164,7 +165,9 @@ async def connect_upstream(
     except UnsupportedAuthentication as exc:
         _abort(writer)
         raise UpstreamError(
-            f"{where}: {exc.message}", kind="unsupported_auth", sqlstate="28000"
+            f"{where}: {exc.message}",
+            kind="unsupported_auth",
+            sqlstate=SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
         ) from None
     except ScramAuthenticationError as exc:
         _abort(writer)
@@ -174,7 +177,9 @@ async def connect_upstream(
     except ProtocolError as exc:
         _abort(writer)
         raise UpstreamError(
-            f"{where} violated the protocol: {exc.message}", kind="protocol", sqlstate="08P01"
+            f"{where} violated the protocol: {exc.message}",
+            kind="protocol",
+            sqlstate=SqlState.PROTOCOL_VIOLATION,
         ) from None
     except (ConnectionError, OSError) as exc:
         _abort(writer)
@@ -252,13 +257,13 @@ async def _negotiate_tls(
         raise UpstreamError(
             f"{where} answered the SSLRequest with {answer!r}; is it a PostgreSQL server?",
             kind="protocol",
-            sqlstate="08P01",
+            sqlstate=SqlState.PROTOCOL_VIOLATION,
         )
     if unread_bytes(reader):
         raise UpstreamError(
             f"{where} sent unencrypted data after accepting TLS; refusing the connection",
             kind="tls",
-            sqlstate="08P01",
+            sqlstate=SqlState.PROTOCOL_VIOLATION,
         )
     ctx = build_tls_context(target)
     try:
@@ -313,8 +318,8 @@ async def _run_handshake(
 def _rejection_error(target: UpstreamTarget, exc: StartupRejected) -> UpstreamError:
     fields = exc.fields
     if exc.during_auth and fields.sqlstate in (
-        sqlstate.INVALID_PASSWORD,
-        sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
+        SqlState.INVALID_PASSWORD,
+        SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
     ):
         return UpstreamError(
             f"upstream {target.resource} rejected the stored credentials of account"
@@ -327,7 +332,7 @@ def _rejection_error(target: UpstreamTarget, exc: StartupRejected) -> UpstreamEr
     return UpstreamError(
         f"upstream {target.resource} refused the session: {fields.message}",
         kind="server",
-        sqlstate=fields.sqlstate or "08004",
+        sqlstate=fields.sqlstate or SqlState.SQLSERVER_REJECTED_ESTABLISHMENT_OF_SQLCONNECTION,
         hint=fields.hint,
         raw_error=exc.raw,
     )

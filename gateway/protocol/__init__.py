@@ -5,7 +5,3 @@ imports asyncio, socket, ssl or logging, or keeps a clock: the asyncio shell in
 ``gateway.net`` drives it. See the PostgreSQL documentation, chapter
 "Frontend/Backend Protocol" (55 in PostgreSQL 15), for every message used here.
 """
-
-from gateway.protocol.errors import ProtocolError, ProtocolUsageError
-
-__all__ = ["ProtocolError", "ProtocolUsageError"]

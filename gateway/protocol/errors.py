@@ -8,14 +8,13 @@ means *we* called the sans-IO API out of order: a bug in the caller.
 from __future__ import annotations
 
 from gateway.errors import GatewayError
-
-PROTOCOL_VIOLATION = "08P01"
+from gateway.protocol.sqlstate import SqlState
 
 
 class ProtocolError(GatewayError):
     """The remote peer violated the protocol."""
 
-    sqlstate = PROTOCOL_VIOLATION
+    sqlstate = SqlState.PROTOCOL_VIOLATION
 
 
 class ProtocolUsageError(GatewayError):

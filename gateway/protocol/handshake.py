@@ -24,6 +24,7 @@ from gateway.protocol.errors import ProtocolError, ProtocolUsageError
 from gateway.protocol.framing import Message
 from gateway.protocol.messages import BackendKey, ErrorFields
 from gateway.protocol.scram import SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramClient
+from gateway.protocol.sqlstate import SqlState
 
 _AUTH_NAMES = {
     AuthRequest.KERBEROS_V5: "Kerberos V5",
@@ -43,7 +44,7 @@ class StartupRejected(GatewayError):
     """The server answered the startup or authentication with an ErrorResponse."""
 
     def __init__(self, fields: ErrorFields, raw: bytes, *, during_auth: bool) -> None:
-        super().__init__(fields.message, sqlstate=fields.sqlstate or "08000")
+        super().__init__(fields.message, sqlstate=fields.sqlstate or SqlState.CONNECTION_EXCEPTION)
         self.fields = fields
         #: the original ErrorResponse message, to relay byte for byte when fitting
         self.raw = raw
@@ -53,7 +54,7 @@ class StartupRejected(GatewayError):
 class UnsupportedAuthentication(GatewayError):
     """The server asked for an authentication method the gateway won't perform."""
 
-    sqlstate = "08004"
+    sqlstate = SqlState.SQLSERVER_REJECTED_ESTABLISHMENT_OF_SQLCONNECTION
 
     def __init__(self, method: str, reason: str) -> None:
         super().__init__(f"upstream server requested {method} authentication, {reason}")

@@ -30,6 +30,7 @@ from collections.abc import MutableMapping
 from enum import Enum, auto
 
 from gateway.protocol.errors import ProtocolError, ProtocolUsageError
+from gateway.protocol.sqlstate import SqlState
 
 SCRAM_SHA_256 = "SCRAM-SHA-256"
 SCRAM_SHA_256_PLUS = "SCRAM-SHA-256-PLUS"
@@ -49,7 +50,7 @@ class _Stage(Enum):
 class ScramAuthenticationError(ProtocolError):
     """The server failed SCRAM verification or sent a SCRAM error."""
 
-    sqlstate = "28000"
+    sqlstate = SqlState.INVALID_AUTHORIZATION_SPECIFICATION
 
 
 def saslprep(password: str) -> str:
