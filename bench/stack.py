@@ -500,7 +500,7 @@ class Stack:
         seen = ready_count()
         with self.daemon_log.open("ab") as log:
             self.daemon = subprocess.Popen(
-                # As the shipped systemd unit runs it (deploy/pam-gateway.access.service).
+                # As the shipped systemd unit runs it (deploy/pam-gateway.service).
                 [sys.executable, "-m", "cli", "gateway", "run", "--log-format", "json"],
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -68,7 +68,7 @@ def statements(gateway: Gateway, session: str) -> list[dict[str, Any]]:
 
 def trail(gateway: Gateway, session: str) -> list[dict[str, Any]]:
     """Every record of a session (all kinds), through the control API."""
-    with gateway.app.api() as client:
+    with gateway.api() as client:
         records: list[dict[str, Any]] = client.get(f"/v1/sessions/{session}/audit", limit=10_000)
     return records
 

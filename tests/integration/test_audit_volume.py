@@ -59,7 +59,7 @@ def test_a_session_of_100000_statements_is_recorded_whole_with_bounded_memory(
     assert result.returncode == 0, result.stderr
     assert f"number of transactions actually processed: {STATEMENTS}/{STATEMENTS}" in result.stdout
     growth = peak_rss_kib(pid) - before
-    with gateway.app.api() as api:
+    with gateway.api() as api:
         detail = api.get(f"/v1/sessions/{access.session_prefix}")
     assert detail["statements"] == STATEMENTS
     assert growth < GROWTH_LIMIT_KIB, f"daemon peak RSS grew by {growth} KiB"

@@ -138,7 +138,7 @@ def test_a_new_connection_after_expiry_is_refused_with_the_expiry_time(
     # The control API directly, holding the grant with heartbeats, so the
     # expired grant's listener stays up until the test lets go of it (the CLI
     # lets go within one heartbeat, too soon to connect reliably).
-    with gateway.app.api() as api:
+    with gateway.api() as api:
         session = api.post(
             "/v1/access",
             {"resource": "prod", "account": "scram", "duration_seconds": 3, "requester": "test"},

@@ -43,7 +43,7 @@ STATEMENT_LINE = re.compile(
 
 
 def api_trail(gateway: Gateway, session: str) -> list[dict[str, Any]]:
-    with gateway.app.api() as client:
+    with gateway.api() as client:
         records: list[dict[str, Any]] = client.get(f"/v1/sessions/{session}/audit", limit=10_000)
     return records
 
