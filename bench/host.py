@@ -23,13 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gateway.testing.net import child_pids
+
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # /proc/PID/stat after the ") " that closes the command name: field 3 is index 0.
 _UTIME_INDEX = 14 - 3
 _STIME_INDEX = 15 - 3
 _CUTIME_INDEX = 16 - 3
 _CSTIME_INDEX = 17 - 3
-_PPID_INDEX = 4 - 3
 
 
 def _stat_fields(pid: int) -> list[str]:
@@ -92,20 +93,6 @@ def rss_kib(pid: int) -> int:
 
 def peak_rss_kib(pid: int) -> int:
     return _status_kib(pid, "VmHWM")
-
-
-def child_pids(parent: int) -> list[int]:
-    """Direct children of ``parent`` (for the postmaster: its auxiliary processes)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if int(_stat_fields(int(entry.name))[_PPID_INDEX]) == parent:
-                found.append(int(entry.name))
-        except (OSError, IndexError, ValueError):
-            continue  # exited while we looked
-    return found
 
 
 def wait_until_quiet(

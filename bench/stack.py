@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import host
+from gateway.testing.net import child_pids, free_port
 from gateway.testing.pgcluster import TempCluster
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,13 +121,6 @@ class Target:
         env.update({names[k]: v for k, v in self.libpq_params().items()})
         env["LC_ALL"] = "C"
         return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _wait_for(
@@ -662,7 +656,7 @@ class Stack:
         assert self.cluster is not None
         postmaster = self.cluster.postmaster_pid
         assert postmaster is not None
-        pids = [postmaster, *host.child_pids(postmaster)]
+        pids = [postmaster, *child_pids(postmaster)]
         pids += [t.pid for t in self.targets.values() if t.pid is not None]
         host.pin(pids, 1)
 

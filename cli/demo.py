@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from cli.client import ApiClient, ApiError
 from cli.render import console
 from gateway.app.daemon import init_home
 from gateway.config import ClientConfig, load_client_config
+from gateway.testing.net import free_port
 from gateway.testing.pgcluster import TempCluster, find_pg_bin_dir
 
 DEMO_RESOURCE = "demo"
@@ -33,13 +33,6 @@ DEMO_ACCOUNT = "app"
 DEMO_ROLE = "app_user"
 DEMO_DATABASE = "appdb"
 DAEMON_START_TIMEOUT = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def run_demo(duration_seconds: int) -> int:
@@ -65,7 +58,7 @@ def run_demo(duration_seconds: int) -> int:
             f" ALTER TABLE greetings OWNER TO {DEMO_ROLE};",
             database=DEMO_DATABASE,
         )
-        init_home(home, api_port=_free_port())
+        init_home(home, api_port=free_port())
         log_path = work / "gateway.log"
         with log_path.open("wb") as log_file:
             daemon = subprocess.Popen(

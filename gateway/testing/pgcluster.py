@@ -42,7 +42,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -58,6 +57,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.errors import GatewayError
+from gateway.testing.net import LOOPBACK_HOST, free_port
 
 __all__ = [
     "ClusterError",
@@ -76,7 +76,6 @@ PG_BIN_ENV = "PAM_PG_BIN"
 PG_USER_ENV = "PAM_PG_USER"
 DEFAULT_SERVER_OS_USER = "postgres"
 SUPERUSER = "postgres"
-LOOPBACK_HOST = "127.0.0.1"
 INSTALL_HINT = (
     "install the server with `apt-get install postgresql-15` (Debian/Ubuntu), "
     f"or set {PG_BIN_ENV} to the directory that holds initdb, pg_ctl and postgres"
@@ -250,13 +249,6 @@ def _clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env["LC_ALL"] = "C"
     return env
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK_HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _conf_quote(value: str) -> str:
@@ -821,7 +813,7 @@ class TempCluster:
 
     def _start_server(self) -> None:
         for attempt in range(1, _PORT_ATTEMPTS + 1):
-            self.port = _free_port()
+            self.port = free_port()
             self._write_settings()
             log_offset = self.log_size()
             result = self._pg_ctl(

@@ -26,18 +26,12 @@ from typing import Any
 
 from cli.client import ApiClient, ApiError
 from gateway.config import load_client_config
+from gateway.testing.net import child_pids, free_port
 
 STARTUP_TIMEOUT = 30.0
 URL_PATTERN = re.compile(
     r"postgresql://(?P<user>[^@\s]+)@127\.0\.0\.1:(?P<port>\d+)/(?P<db>[^?\s]+)\?sslmode=disable"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -462,21 +456,6 @@ def edit_store(gateway: Gateway, *sql: str) -> None:
         for statement in sql:
             db.execute(statement)
     db.close()
-
-
-def child_pids(pid: int) -> list[int]:
-    """Live child processes of *pid* (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rpartition(") ")[2].split()[1]) == pid:
-            found.append(int(entry.name))
-    return found
 
 
 def audit_sink_pid(gateway: Gateway) -> int:
