@@ -6,6 +6,8 @@ code runs on SQLite (the default, a single file) and on PostgreSQL.
 
 Invariants:
 
+* A new SQLite store file is created with mode 0600 (its -wal and -shm files
+  take the same mode): it holds sealed passwords and the audit trail.
 * :meth:`Store.open` brings the schema to the newest alembic revision before
   anything else touches it; opening an up-to-date database changes nothing.
 * Every public method is one database transaction: a multi-row change is either
@@ -38,6 +40,7 @@ import functools
 import itertools
 import json
 import math
+import os
 import re
 import sqlite3
 import threading
@@ -130,6 +133,8 @@ _MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 
 #: How long SQLite waits for another process's write lock before giving up.
 _SQLITE_BUSY_TIMEOUT_MS: Final = 5_000
+#: Mode of a new SQLite store file (and so of its -wal and -shm files).
+_STORE_FILE_MODE: Final = 0o600
 #: Execution option telling the SQLite ``begin`` hook how to start a transaction.
 _SQLITE_BEGIN_OPTION: Final = "pam_sqlite_begin"
 #: Key of the PostgreSQL advisory lock that serialises concurrent migrations
@@ -845,8 +850,7 @@ def _create_engine(url: str, sqlite_synchronous: SqliteSynchronous) -> Engine:
 
 def _create_sqlite_engine(database: str | None, synchronous: SqliteSynchronous) -> Engine:
     _bind_none_directly()
-    in_memory = database in (None, "", ":memory:")
-    if in_memory:
+    if not database or database == ":memory:":
         # One shared connection, or every thread would see its own empty database.
         engine = create_engine(
             "sqlite://",
@@ -855,6 +859,7 @@ def _create_sqlite_engine(database: str | None, synchronous: SqliteSynchronous) 
             connect_args={"check_same_thread": False},
         )
     else:
+        _create_private_file(database)
         engine = create_engine(
             f"sqlite:///{database}",
             hide_parameters=True,
@@ -886,6 +891,29 @@ def _create_sqlite_engine(database: str | None, synchronous: SqliteSynchronous) 
         connection.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+def _create_private_file(path: str) -> None:
+    """Create the store file *path*, empty and mode 0600, unless it exists.
+
+    It holds sealed passwords and the audit trail (SQL text and parameters), so
+    it is private like ``master.key``. SQLite gives its -wal and -shm files the
+    main file's mode, so they follow. Created with the mode in ``open()``, never
+    chmod-ed later, so it is not readable by others even for a moment; SQLite
+    takes an empty file as an empty database. An existing file keeps the mode
+    its operator gave it.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _STORE_FILE_MODE)
+    except OSError:
+        # It exists (the usual case), or the directory is missing or not
+        # writable, which SQLite reports next in its own words.
+        return
+    try:
+        # A restrictive umask can only remove bits; this makes the mode exactly 0600.
+        os.fchmod(fd, _STORE_FILE_MODE)
+    finally:
+        os.close(fd)
 
 
 def _bind_none_directly() -> None:
