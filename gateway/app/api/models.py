@@ -1,0 +1,178 @@
+"""The control API's own models: what goes over HTTP, in both directions.
+
+The API answers with these, never with the store's records, so a column added
+to a table is not a change of the public API. Each ``*Out`` model is built from
+a record with ``from_attributes`` and lists the fields the API promises; a field
+it does not list does not leave the daemon. Passwords travel only inward
+(``SecretStr``) and are never part of a response.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from gateway.net.upstream import SslMode
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(frozen=True, from_attributes=True)
+
+    @classmethod
+    def of(cls, record: Any) -> Self:
+        return cls.model_validate(record, from_attributes=True)
+
+
+# --- requests ---------------------------------------------------------------------
+
+
+class ResourceIn(BaseModel):
+    name: str
+    host: str
+    port: int = 5432
+    database: str
+    ssl_mode: SslMode = "verify-full"
+    ca_cert: str | None = None
+
+
+class AccountIn(BaseModel):
+    name: str
+    username: str
+    password: SecretStr
+
+
+class RotateIn(BaseModel):
+    password: SecretStr
+
+
+class AccessIn(BaseModel):
+    resource: str
+    account: str
+    duration_seconds: int = Field(gt=0)
+    port: int | None = None
+    requester: str = Field(min_length=1, max_length=256)
+
+
+class AccessEndIn(BaseModel):
+    detail: str | None = Field(default=None, max_length=500)
+
+
+# --- responses --------------------------------------------------------------------
+
+
+class ResourceOut(_Out):
+    id: str
+    name: str
+    host: str
+    port: int
+    database: str
+    ssl_mode: str
+    ca_cert: str | None
+    created_at: datetime
+
+
+class AccountOut(_Out):
+    id: str
+    resource_id: str
+    resource_name: str
+    name: str
+    username: str
+    created_at: datetime
+    password_updated_at: datetime
+
+
+class SessionOut(_Out):
+    id: str
+    requester: str
+    resource_name: str
+    account_name: str
+    database: str
+    username: str
+    listen_host: str
+    listen_port: int | None
+    started_at: datetime
+    expires_at: datetime
+    ended_at: datetime | None
+    end_reason: str | None
+    end_detail: str | None
+    duration_seconds: float | None
+
+
+class ConnectionOut(_Out):
+    id: str
+    session_id: str
+    client_addr: str
+    application_name: str | None
+    backend_pid: int | None
+    started_at: datetime
+    ended_at: datetime | None
+    bytes_from_client: int
+    bytes_from_server: int
+    end_reason: str | None
+    error_sqlstate: str | None
+    error_message: str | None
+    duration_seconds: float | None
+
+
+class ParameterOut(_Out):
+    index: int
+    type_oid: int | None
+    format: str
+    value: str | None
+    truncated: bool
+
+
+class AuditRecordOut(_Out):
+    session_id: str
+    connection_id: str | None
+    seq: int
+    kind: str
+    occurred_at: datetime
+    recorded_at: datetime
+    protocol: str | None
+    sql: str | None
+    statement_name: str | None
+    portal_name: str | None
+    parameters: tuple[ParameterOut, ...] | None
+    command_tag: str | None
+    rows: int | None
+    status: str | None
+    sqlstate: str | None
+    error_message: str | None
+    duration_ms: float | None
+    copy_direction: str | None
+    copy_bytes: int | None
+    detail: dict[str, str | int | float | None] | None
+    prev_hash: str
+    hash: str
+    resource_name: str
+    account_name: str
+    requester: str
+
+
+class SessionDetail(BaseModel):
+    session: SessionOut
+    connections: list[ConnectionOut]
+    live_connections: int
+    statements: int
+
+
+class ProblemOut(_Out):
+    session_id: str
+    seq: int | None
+    problem: str
+    detail: str
+
+
+class AuditVerifyOut(BaseModel):
+    ok: bool
+    session: str | None
+    problems: list[ProblemOut]
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    server_time: datetime

@@ -1,0 +1,1 @@
+"""The control API's routers, one per area (FastAPI's "bigger applications" layout)."""
