@@ -25,7 +25,7 @@ import ssl
 import time
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import structlog
 from cryptography import x509
@@ -43,7 +43,10 @@ from gateway.protocol.sqlstate import SqlState
 
 log = structlog.get_logger(__name__)
 
+#: libpq's ``sslmode`` values, minus ``allow`` (it prefers plaintext, which an
+#: access gateway never wants). See libpq "SSL Support", table 34.1.
 SslMode = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
+SSL_MODES: frozenset[str] = frozenset(get_args(SslMode))
 _TLS_REQUIRED: frozenset[str] = frozenset({"require", "verify-ca", "verify-full"})
 _READ_SIZE = 64 * 1024
 

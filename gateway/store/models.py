@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Final, Literal, get_args
+from typing import Annotated, Final
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, computed_field
 
@@ -33,6 +33,7 @@ from gateway.audit.records import (
     DetailValue,
     ParameterFormat,
 )
+from gateway.net.upstream import SSL_MODES, SslMode
 from gateway.reasons import (
     CONNECTION_END_REASONS,
     SESSION_END_REASONS,
@@ -56,12 +57,6 @@ __all__ = [
     "SslMode",
     "UtcDatetime",
 ]
-
-#: libpq's ``sslmode`` values, minus ``allow`` (it prefers plaintext, which an
-#: access gateway never wants). See libpq "SSL Support", table 34.1.
-SslMode = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
-SSL_MODES: Final[frozenset[str]] = frozenset(get_args(SslMode))
-
 
 #: Resource and account names: short, lower case, safe in URLs, file names and
 #: ``resource/account`` strings without quoting.
