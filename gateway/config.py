@@ -7,7 +7,9 @@
   mode 0600) tells the CLI where the daemon's control API is and holds the token.
 
 Invariant: secret-bearing files are created with mode 0600 from the start
-(``os.open`` with the mode), never chmod-ed after the fact.
+(``os.open`` with the mode), never chmod-ed after the fact. A client config
+found open to other users is set to 0600 with a warning when it is the
+caller's own, and refused otherwise (:func:`load_client_config`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
+import sys
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
@@ -30,6 +35,8 @@ MASTER_KEY_FILE = "master.key"
 STORE_FILE = "pam.db"
 DEFAULT_API_PORT = 7745
 SECRET_FILE_MODE = 0o600
+#: group and world permission bits: none may be set on a file holding a secret
+_OTHERS_MAY_ACCESS = 0o077
 
 
 class GatewaySettings(BaseModel):
@@ -135,19 +142,53 @@ def store_url(home: Path, settings: GatewaySettings) -> str:
     return settings.store_url or f"sqlite:///{home / STORE_FILE}"
 
 
-def load_client_config() -> ClientConfig:
+def load_client_config(*, warn: Callable[[str], None] | None = None) -> ClientConfig:
+    """Read the client config; one that others can read is repaired or refused.
+
+    The file holds the API token. When group or world may read it (or write it,
+    and so send the token elsewhere with the next command), a file of the
+    user running this is set to 0600 and *warn* (default: one line on stderr) says
+    so; another user's file is refused, since it is not ours to change.
+    """
     path = client_config_path()
     try:
-        raw = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise ConfigError(
             f"no pam client configuration at {path}",
             hint="run `pam gateway init` on this machine, or set PAM_CONFIG",
         ) from None
+    # Check and read the same open file, so a swap between the two is harmless.
+    with os.fdopen(fd, "rb") as handle:
+        _make_private(path, handle.fileno(), warn or _warn_on_stderr)
+        raw = handle.read()
     try:
         return ClientConfig.model_validate(json.loads(raw))
     except ValueError:
         raise ConfigError(f"{path} is not a valid pam client configuration") from None
+
+
+def _make_private(path: Path, fd: int, warn: Callable[[str], None]) -> None:
+    status = os.fstat(fd)
+    loose = stat.S_IMODE(status.st_mode)
+    if not loose & _OTHERS_MAY_ACCESS:
+        return
+    if status.st_uid != os.geteuid():
+        raise ConfigError(
+            f"{path} holds the API token and is open to other users (mode {loose:04o})",
+            hint=f"its owner can make it private with `chmod 600 {path}`",
+        )
+    os.fchmod(fd, SECRET_FILE_MODE)
+    warn(
+        f"{path} was open to other users (mode {loose:04o}); it is now 0600."
+        " If someone else may have read the token, issue a new one with"
+        " `pam gateway init --force`"
+    )
+
+
+def _warn_on_stderr(message: str) -> None:
+    # Only the CLI reads the client config; one line, like its errors.
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def save_client_config(config: ClientConfig) -> Path:

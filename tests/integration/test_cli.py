@@ -311,6 +311,22 @@ def test_secret_files_are_private_to_their_owner(gateway: Gateway) -> None:
     assert mode(gateway.config_path) == 0o600
 
 
+def test_a_client_config_others_can_read_is_made_private_with_one_warning(
+    gateway: Gateway,
+) -> None:
+    token = json.loads(gateway.config_path.read_text())["token"]
+    gateway.config_path.chmod(0o644)
+
+    result = gateway.cli("resource", "list", "--json")
+
+    assert [r["name"] for r in json.loads(result.stdout)] == ["prod"]
+    assert mode(gateway.config_path) == 0o600
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"warning: {gateway.config_path} was open to other users (mode 0644)")
+    assert token not in result.stderr
+    assert gateway.cli("resource", "list", "--json").stderr == ""
+
+
 def test_debug_shows_a_traceback_and_the_default_never_does(gateway: Gateway) -> None:
     plain = gateway.cli("resource", "show", "nope", check=False)
     assert assert_one_error_line(plain) == "error: resource 'nope' not found"
