@@ -1,7 +1,8 @@
 """The gateway's persistent state: resources, accounts, sessions and connections.
 
 Role: the public face of the store package. Import :class:`Store` and the record
-models from here; ``schema`` and ``migrations`` are internal.
+models from here; the other modules (one per aggregate, ``engine``,
+``validation``, ``schema``, ``migrations``) are internal.
 
 Invariant: records returned from here never carry a password; only
 :meth:`Store.reveal_password` returns one. The audit trail (``AuditRecord``) is
@@ -12,6 +13,7 @@ append-only and verified with :meth:`Store.verify_audit`, which returns
 from __future__ import annotations
 
 from gateway.audit.chain import ChainProblem
+from gateway.store.connections import ConnectionEnd, ConnectionStart
 from gateway.store.models import (
     CONNECTION_END_REASONS,
     SESSION_END_REASONS,
@@ -26,7 +28,7 @@ from gateway.store.models import (
     SessionEndReason,
     SslMode,
 )
-from gateway.store.store import ConnectionEnd, ConnectionStart, Store, StoreError
+from gateway.store.store import Store, StoreError
 
 __all__ = [
     "CONNECTION_END_REASONS",

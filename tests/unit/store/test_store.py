@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 from sqlalchemy import Engine, create_engine, select, text, update
 from store_support import T0, FakeClock, pg_admin_url
 
-import gateway.store.store as store_module
+import gateway.store.sessions as sessions_module
 from gateway.credentials.secretbox import SecretBox, SecretDecryptError
 from gateway.errors import AlreadyExists, ConfigError, InvalidRequest, NotFound
 from gateway.reasons import CONNECTION_REASON_AT_SESSION_END
@@ -576,7 +576,7 @@ def test_get_session_accepts_a_unique_prefix(store: Store, monkeypatch: pytest.M
     one, two = ("abcdef" + "0" * 25 + c for c in "12")
     three = "123456" + "0" * 26
     ids = iter([one, two, three])
-    monkeypatch.setattr(store_module, "_new_id", lambda: next(ids))
+    monkeypatch.setattr(sessions_module, "new_id", lambda: next(ids))
     first = _session(store)
     second = _session(store)
     third = _session(store)

@@ -24,7 +24,8 @@ from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.exc import DBAPIError
 from store_support import T0, FakeClock, pg_admin_url
 
-import gateway.store.store as store_module
+import gateway.store.audit as audit_module
+import gateway.store.engine as engine_module
 from gateway.audit.chain import (
     GENESIS_HASH,
     AuditChain,
@@ -307,7 +308,7 @@ def test_a_record_whose_chain_version_was_changed_does_not_verify(
 
 def _migrate(store_url: str, revision: str, *, down: bool) -> None:
     config = Config()
-    config.set_main_option("script_location", str(store_module._MIGRATIONS_DIR))
+    config.set_main_option("script_location", str(engine_module._MIGRATIONS_DIR))
     engine = create_engine(pg_admin_url(store_url) if "postgresql" in store_url else store_url)
     try:
         with engine.begin() as conn:
@@ -578,7 +579,7 @@ def test_appends_are_not_held_up_by_a_running_verify(
                 assert appended == [1], "append waited for verify"
             super().feed(*args, **kwargs)
 
-    monkeypatch.setattr(store_module, "SessionVerifier", AppendingVerifier)
+    monkeypatch.setattr(audit_module, "SessionVerifier", AppendingVerifier)
     assert store.verify_audit(verified.id) == []
     assert store.count_audit(busy.id) == 1
 

@@ -1,0 +1,235 @@
+"""Access sessions: created on an account, ended once, sealed when they end.
+
+Invariants:
+
+* A session copies its resource's database and its account's username when it
+  is created, so the trail stays true after either changes.
+* Ending a session is idempotent: the first end wins and later calls return the
+  record unchanged. Ending it ends its open connections in the same transaction
+  and seals its audit trail (count, head hash, HMAC) so that truncation shows.
+* :meth:`SessionStore.close_orphans` ends whatever a stopped gateway left open,
+  sealing each trail as it stands.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+
+from gateway.errors import InvalidRequest, NotFound
+from gateway.reasons import CONNECTION_REASON_AT_SESSION_END, SessionEndReason
+from gateway.store.models import CONNECTION_END_REASONS, SESSION_END_REASONS, AccessSession
+from gateway.store.rows import account_row, new_id, resolve_session_id, resource_row, session_row
+from gateway.store.schema import connections, sessions
+from gateway.store.trail import TrailStore
+from gateway.store.validation import (
+    check_limit,
+    check_optional_time,
+    check_port,
+    check_reason,
+    check_text,
+    check_time,
+    required_text,
+)
+
+if TYPE_CHECKING:
+    from gateway.store.rows import AnyRow
+
+__all__ = ["SessionStore"]
+
+
+def _session(row: AnyRow) -> AccessSession:
+    return AccessSession(
+        id=row.id,
+        requester=row.requester,
+        resource_name=row.resource_name,
+        account_name=row.account_name,
+        database=row.database,
+        username=row.username,
+        listen_host=row.listen_host,
+        listen_port=row.listen_port,
+        started_at=row.started_at,
+        expires_at=row.expires_at,
+        ended_at=row.ended_at,
+        end_reason=row.end_reason,
+        end_detail=row.end_detail,
+    )
+
+
+class SessionStore(TrailStore):
+    """Access sessions and their ends."""
+
+    def create_session(
+        self,
+        *,
+        requester: str,
+        resource: str,
+        account: str,
+        listen_host: str,
+        expires_at: datetime,
+        started_at: datetime | None = None,
+    ) -> AccessSession:
+        """Start an access session, copying the database and username into it."""
+        required_text("requester", requester)
+        required_text("listen_host", listen_host)
+        expires = check_time("expires_at", expires_at)
+        started = self._now() if started_at is None else check_time("started_at", started_at)
+        if expires <= started:
+            raise InvalidRequest("expires_at must be later than started_at")
+        with self._transaction(write=True) as conn:
+            parent = resource_row(conn, resource, lock="share")
+            login = account_row(conn, resource, account, lock="share")
+            row = {
+                "id": new_id(),
+                "requester": requester,
+                "resource_name": resource,
+                "account_name": account,
+                "database": parent.database,
+                "username": login.username,
+                "listen_host": listen_host,
+                "listen_port": None,
+                "started_at": started,
+                "expires_at": expires,
+            }
+            conn.execute(sessions.insert().values(row))
+        return AccessSession.model_validate(row)
+
+    def set_session_port(self, session_id: str, port: int) -> None:
+        """Record the local port the session's listener is bound to."""
+        check_port("port", port)
+        with self._transaction(write=True) as conn:
+            result = conn.execute(
+                sessions.update().where(sessions.c.id == session_id).values(listen_port=port)
+            )
+            if result.rowcount == 0:
+                raise NotFound(f"session '{session_id}' not found")
+
+    def end_session(
+        self,
+        session_id: str,
+        *,
+        reason: str,
+        detail: str | None = None,
+        ended_at: datetime | None = None,
+    ) -> AccessSession:
+        """End a session and seal its audit trail. If it has already ended, return it unchanged.
+
+        End each connection first where you know how it ended: a connection of
+        the session still open here is ended in the same transaction, at the
+        session's end, with the reason :data:`~gateway.reasons.CONNECTION_REASON_AT_SESSION_END`
+        maps *reason* to, and no byte counts (they are unknown), so an ended
+        session never shows a live connection. A later end of such a connection
+        changes nothing. Flush the session's audit events before calling this;
+        events appended later are accepted and re-seal the trail.
+        """
+        check_reason("session", reason, SESSION_END_REASONS)
+        check_text("detail", detail, required=False)
+        ended = self._now() if ended_at is None else check_time("ended_at", ended_at)
+        with self._transaction(write=True) as conn:
+            # The row lock keeps appends out while the seal is computed.
+            current = session_row(conn, session_id, lock="update")
+            if current.ended_at is None:
+                # "WHERE ended_at IS NULL" makes the first end win, even against a
+                # concurrent caller; the select then reports whichever end that was.
+                conn.execute(
+                    sessions.update()
+                    .where(sessions.c.id == session_id, sessions.c.ended_at.is_(None))
+                    .values(
+                        ended_at=ended,
+                        end_reason=reason,
+                        end_detail=detail,
+                        **self._seal_values(session_id, self._chain_head(conn, session_id)),
+                    )
+                )
+                conn.execute(
+                    connections.update()
+                    .where(connections.c.session_id == session_id, connections.c.ended_at.is_(None))
+                    .values(
+                        ended_at=ended,
+                        end_reason=CONNECTION_REASON_AT_SESSION_END[SessionEndReason(reason)],
+                    )
+                )
+            return _session(session_row(conn, session_id))
+
+    def get_session(self, session_id: str) -> AccessSession:
+        """A session by full id, or by a unique prefix of at least 6 characters."""
+        with self._transaction(write=False) as conn:
+            return _session(session_row(conn, resolve_session_id(conn, session_id)))
+
+    def list_sessions(
+        self,
+        *,
+        active: bool | None = None,
+        limit: int = 100,
+        resource: str | None = None,
+        account: str | None = None,
+        requester: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[AccessSession]:
+        """Sessions, newest first.
+
+        *active* selects only active (True) or ended (False) sessions; *resource*,
+        *account* and *requester* match exactly; *since* (inclusive) and *until*
+        (exclusive) bound ``started_at``.
+        """
+        check_limit(limit)
+        since = check_optional_time("since", since)
+        until = check_optional_time("until", until)
+        query = select(sessions).order_by(sessions.c.started_at.desc(), sessions.c.id.desc())
+        if active is True:
+            query = query.where(sessions.c.ended_at.is_(None))
+        elif active is False:
+            query = query.where(sessions.c.ended_at.is_not(None))
+        if resource is not None:
+            query = query.where(sessions.c.resource_name == resource)
+        if account is not None:
+            query = query.where(sessions.c.account_name == account)
+        if requester is not None:
+            query = query.where(sessions.c.requester == requester)
+        if since is not None:
+            query = query.where(sessions.c.started_at >= since)
+        if until is not None:
+            query = query.where(sessions.c.started_at < until)
+        with self._transaction(write=False) as conn:
+            return [_session(r) for r in conn.execute(query.limit(limit))]
+
+    def close_orphans(self, reason: str = "gateway_crash") -> int:
+        """End every session and connection still open; returns the sessions closed.
+
+        Called when the gateway starts: anything still open was left behind by a
+        gateway that stopped without recording it (crash, kill -9, power loss).
+        Each session's audit trail is sealed as it stands.
+        """
+        check_reason("session", reason, SESSION_END_REASONS)
+        check_reason("connection", reason, CONNECTION_END_REASONS)
+        now = self._now()
+        with self._transaction(write=True) as conn:
+            orphans = (
+                conn.execute(
+                    select(sessions.c.id)
+                    .where(sessions.c.ended_at.is_(None))
+                    .order_by(sessions.c.id)
+                    .with_for_update()
+                )
+                .scalars()
+                .all()
+            )
+            conn.execute(
+                connections.update()
+                .where(connections.c.ended_at.is_(None))
+                .values(ended_at=now, end_reason=reason)
+            )
+            for session_id in orphans:
+                conn.execute(
+                    sessions.update()
+                    .where(sessions.c.id == session_id, sessions.c.ended_at.is_(None))
+                    .values(
+                        ended_at=now,
+                        end_reason=reason,
+                        **self._seal_values(session_id, self._chain_head(conn, session_id)),
+                    )
+                )
+            return len(orphans)
