@@ -1,20 +1,64 @@
 """Terminal output for the CLI: rich tables for people, JSON for scripts.
 
 Times are shown in the viewer's local time zone; JSON keeps ISO-8601 UTC.
+
+Invariant: text that came from outside (SQL, names, error messages) reaches the
+terminal only through :func:`printable`, as a :class:`rich.text.Text` (never as
+markup): a control character is shown escaped (``\\x1b``), never sent, so a
+statement cannot clear, retitle or recolour the reviewer's terminal, and
+``[bold]`` in a name is shown as typed. JSON, JSONL and CSV keep the exact data.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 console = Console(highlight=False, soft_wrap=True)
+
+#: What a terminal would obey rather than show: C0 controls, DEL, C1 controls
+#: (CSI U+009B alone starts an escape sequence on many terminals), the Unicode
+#: line and paragraph separators and the bidirectional overrides that reorder
+#: what is shown ("Trojan Source", CVE-2021-42574).
+_UNSAFE: Final = "\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+_UNSAFE_CHARS: Final = re.compile(f"[{_UNSAFE}]")
+_UNSAFE_BUT_NEWLINE: Final = re.compile(f"(?!\n)[{_UNSAFE}]")
+_NAMED_ESCAPES: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    named = _NAMED_ESCAPES.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def printable(value: object, *, newlines: bool = False) -> str:
+    """*value* as text safe to show: every control character escaped Python-style.
+
+    ``None`` is ``-``. *newlines* keeps line feeds (a multi-line SQL block);
+    everything else, ``\\r`` and ``\\t`` included, is escaped. Backslashes are
+    left alone, so SQL reads as typed.
+    """
+    if value is None:
+        return "-"
+    pattern = _UNSAFE_BUT_NEWLINE if newlines else _UNSAFE_CHARS
+    return pattern.sub(_escape, str(value))
+
+
+def plain(value: object, *, style: str = "") -> Text:
+    """*value* escaped (:func:`printable`) as rich text that is never read as markup."""
+    return Text(printable(value), style=style)
 
 
 def print_json(data: Any) -> None:
@@ -66,11 +110,13 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any
     for column in columns:
         grid.add_column(column, overflow="fold")
     for row in rows:
-        grid.add_row(*("-" if cell is None else str(cell) for cell in row))
+        grid.add_row(*(plain(cell) for cell in row))
     console.print(grid)
 
 
 def key_values(pairs: Sequence[tuple[str, Any]]) -> None:
     width = max(len(key) for key, _ in pairs)
     for key, value in pairs:
-        console.print(f"[bold]{key.ljust(width)}[/bold]  {'-' if value is None else value}")
+        line = Text(key.ljust(width), style="bold")
+        line.append("  " + printable(value))
+        console.print(line)

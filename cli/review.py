@@ -12,9 +12,10 @@ Invariants:
   are collected, never records.
 * Times are shown in the viewer's local zone; JSON, JSONL and CSV keep the API's
   ISO-8601 UTC. A time the user types without a zone is local time.
-* Text from the trail (SQL, parameters, error messages) is printed as plain
-  :class:`rich.text.Text`, never as markup, so a statement cannot restyle or hide
-  the review output.
+* Text from outside (SQL, parameters, error messages, requester and application
+  names) is printed through :func:`cli.render.printable` as plain
+  :class:`rich.text.Text`, never as markup and never with a raw control
+  character, so a statement cannot restyle, hide or clear the review output.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cli.client import ApiClient, seg
-from cli.render import human_bytes, human_duration, local_time, parse_time
+from cli.render import human_bytes, human_duration, local_time, parse_time, plain, printable
 from gateway.errors import InvalidRequest
 
 #: The API's largest page (``limit``) for sessions and audit records.
@@ -332,7 +333,7 @@ def session_header(detail: Mapping[str, Any]) -> list[RenderableType]:
     out: list[RenderableType] = []
     for key, value in pairs:
         line = Text(key.ljust(width), style="bold")
-        line.append("  " + ("-" if value is None else str(value)))
+        line.append("  " + printable(value))
         out.append(line)
     grid = Table(title="Connections", title_justify="left", header_style="bold")
     for column in (
@@ -361,7 +362,7 @@ def session_header(detail: Mapping[str, Any]) -> list[RenderableType]:
             c.get("end_reason") or "live",
             f"{c['error_sqlstate']}: {c['error_message']}" if c.get("error_sqlstate") else None,
         ]
-        grid.add_row(*(Text("-" if cell is None else str(cell)) for cell in cells))
+        grid.add_row(*(plain(cell) for cell in cells))
     out.append(grid)
     return out
 
@@ -403,7 +404,7 @@ def format_parameter(parameter: Mapping[str, Any]) -> str:
         type_name = _TYPE_NAMES.get(type_oid, f"oid{type_oid}") if type_oid else "?"
         return f"{name}::{type_name}"
     cut = parameter.get("truncated") or len(value) > _PARAMETER_CHARS
-    shown = one_line(value)[:_PARAMETER_CHARS]
+    shown = printable(one_line(value)[:_PARAMETER_CHARS])
     if parameter.get("format") == "binary":
         return f"{name}=b64:{shown}{'…' if cut else ''}"
     return f"{name}='{shown}{'…' if cut else ''}'"
@@ -441,8 +442,9 @@ class Timeline:
             f"{record['seq']:>5} {clock:<12} {label:<4} {protocol:<8} {shown_duration:>11} "
         )
         line.append(f"{status:<10}", style=style)
-        line.append(f" {truncate(_outcome(record), 18):<18} ")
-        line.append(truncate(one_line(record.get("sql")), self._width - len(line.plain)))
+        line.append(f" {truncate(printable(_outcome(record)), 18):<18} ")
+        sql = printable(one_line(record.get("sql")))
+        line.append(truncate(sql, self._width - len(line.plain)))
         out.append(line)
         parameters = record.get("parameters")
         if parameters:
@@ -451,7 +453,7 @@ class Timeline:
         if status in ("error", "cancelled"):
             label_text = "ERROR" if status == "error" else "CANCELLED"
             sqlstate = record.get("sqlstate") or "-"
-            message = one_line(record.get("error_message"))
+            message = printable(one_line(record.get("error_message")))
             out.append(Text(f"{_INDENT}{label_text} {sqlstate}: {message}", style=style))
         elif status == "skipped":
             out.append(
@@ -622,18 +624,18 @@ def search_table(records: Sequence[Mapping[str, Any]]) -> Table:
         status = r.get("status") or r.get("kind") or "-"
         grid.add_row(
             Text(local_time(r["occurred_at"])),
-            Text(r["session_id"][:8]),
+            plain(r["session_id"][:8]),
             Text(str(r["seq"])),
-            Text(r["requester"]),
-            Text(f"{r['resource_name']}/{r['account_name']}"),
-            Text(status, style=_STATUS_STYLES.get(status, "")),
-            Text(truncate(one_line(r.get("sql")), _EXCERPT_CHARS) or "-"),
+            plain(r["requester"]),
+            plain(f"{r['resource_name']}/{r['account_name']}"),
+            plain(status, style=_STATUS_STYLES.get(status, "")),
+            Text(truncate(printable(one_line(r.get("sql"))), _EXCERPT_CHARS) or "-"),
         )
     return grid
 
 
 def problem_line(problem: Mapping[str, Any]) -> str:
-    where = f"session {problem['session_id']}"
+    where = f"session {printable(problem['session_id'])}"
     if problem.get("seq") is not None:
         where += f" seq {problem['seq']}"
-    return f"{where}: {problem['problem']}: {problem['detail']}"
+    return f"{where}: {printable(problem['problem'])}: {printable(problem['detail'])}"

@@ -310,3 +310,35 @@ def test_audit_search_finds_statements_and_verify_reports_the_trail_intact(
     }
     unknown = gateway.cli("audit", "verify", "0123abcd", check=False)
     assert one_error_line(unknown) == "error: session '0123abcd' not found"
+
+
+def test_review_output_escapes_control_characters_that_came_from_the_database(
+    gateway: Gateway,
+) -> None:
+    access = gateway.access().wait_ready()
+    with psycopg.connect(
+        access.dsn(), application_name="app\x1b[31m", autocommit=True, connect_timeout=20
+    ) as conn:
+        conn.execute("select '\x1b[2J' as cleared, '[bold]markup[/bold]' as shown")
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            conn.execute('select * from "\x1b]0;owned\x07"')
+    assert access.stop() == 0
+    prefix = access.session_prefix
+
+    show = gateway.cli("sessions", "show", prefix).stdout
+    search = gateway.cli("audit", "search", "cleared").stdout
+    errors = gateway.cli("audit", "search", "owned", "--status", "error").stdout
+    listing = gateway.cli("sessions", "list").stdout
+    for output in (show, search, errors, listing):
+        assert "\x1b" not in output and "\x07" not in output
+    assert "select '\\x1b[2J' as cleared, '[bold]markup[/bold]' as shown" in show
+    assert "app\\x1b[31m" in show
+    assert 'relation "\\x1b]0;owned\\x07" does not exist' in show
+    assert "'\\x1b[2J'" in search and '"\\x1b]0;owned\\x07"' in errors
+
+    exported = [
+        json.loads(line) for line in gateway.cli("sessions", "export", prefix).stdout.splitlines()
+    ]
+    assert "select '\x1b[2J' as cleared, '[bold]markup[/bold]' as shown" in [
+        r["sql"] for r in exported
+    ]

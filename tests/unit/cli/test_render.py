@@ -1,0 +1,72 @@
+"""Terminal output of the review commands: text from outside is shown, never obeyed.
+
+SQL, requester names, application names and error text come from database
+users. A control character in them reaches the auditor's terminal escaped
+(``\\x1b``), and rich markup in them (``[bold]``) is shown as typed.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from cli import render
+from cli.render import printable
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        ("select 1", "select 1"),
+        ("select '\x1b[2J'", "select '\\x1b[2J'"),
+        ("\x1b]0;owned\x07", "\\x1b]0;owned\\x07"),
+        ("nul\x00 bs\x08 cr\r", "nul\\x00 bs\\x08 cr\\r"),
+        ("tab\there", "tab\\there"),
+        ("del\x7f", "del\\x7f"),
+        ("csi\x9b2J nel\x85", "csi\\x9b2J nel\\x85"),
+        ("bidi \u202eevil\u202c", "bidi \\u202eevil\\u202c"),
+        ("line\u2028sep", "line\\u2028sep"),
+        ("a\nb", "a\\nb"),
+        ("héllo wörld ✓ 数据", "héllo wörld ✓ 数据"),
+        ("[bold]not markup[/bold]", "[bold]not markup[/bold]"),
+    ],
+)
+def test_printable_escapes_every_control_character(raw: str, shown: str) -> None:
+    assert printable(raw) == shown
+
+
+def test_printable_keeps_newlines_only_when_asked() -> None:
+    assert printable("select 1\n  from t\x1b[2J\r\n", newlines=True) == (
+        "select 1\n  from t\\x1b[2J\\r\n"
+    )
+
+
+def test_printable_shows_none_as_a_dash() -> None:
+    assert printable(None) == "-"
+    assert printable(42) == "42"
+
+
+def _rendered(monkeypatch: pytest.MonkeyPatch, width: int, *, terminal: bool) -> io.StringIO:
+    out = io.StringIO()
+    console = Console(
+        file=out, width=width, force_terminal=terminal, highlight=False, soft_wrap=True
+    )
+    monkeypatch.setattr(render, "console", console)
+    return out
+
+
+def test_table_cells_are_escaped_and_never_markup(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = _rendered(monkeypatch, 120, terminal=True)
+    render.table(None, ["WHO", "WHAT"], [["[bold]eve[/bold]", "select '\x1b[2J'"]])
+    text = out.getvalue()
+    assert "[bold]eve[/bold]" in text
+    assert "select '\\x1b[2J'" in text
+    assert "\x1b[2J" not in text
+
+
+def test_key_values_are_escaped_and_never_markup(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = _rendered(monkeypatch, 120, terminal=False)
+    render.key_values([("requester", "[red]mallory\x1b[31m")])
+    assert out.getvalue() == "requester  [red]mallory\\x1b[31m\n"
