@@ -8,16 +8,20 @@ when they need to mutate something.
 Missing PostgreSQL binaries fail these tests rather than skip them: CI must run
 them, and a silent skip would hide that it did not. When a test that used ``pg``
 fails, the server log lines written during that test are attached to its report.
+
+``fault_proxy`` starts :class:`~faultproxy.FaultProxy` instances (drop, delay,
+reset, stall on command) in front of any host:port, stopped when the test ends.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
 import pytest
+from faultproxy import FaultProxy
 from harness import Gateway
 
 from gateway.testing.pgcluster import PasswordEncryption, PgRole, PostgresNotInstalled, TempCluster
@@ -163,3 +167,21 @@ def shared_gateway(module_gateway: Gateway) -> Iterator[Gateway]:
     for access in module_gateway.accesses[started:]:
         if access.proc.poll() is None:
             access.stop()
+
+
+@pytest.fixture
+def fault_proxy() -> Iterator[Callable[[str, int], FaultProxy]]:
+    """Starts a fault-injecting TCP proxy to a host:port (``fault_proxy(host, port)``);
+    every proxy started is stopped, and its sockets closed, when the test ends."""
+    started: list[FaultProxy] = []
+
+    def start(host: str, port: int) -> FaultProxy:
+        proxy = FaultProxy(host, port).start()
+        started.append(proxy)
+        return proxy
+
+    try:
+        yield start
+    finally:
+        for proxy in started:
+            proxy.stop()
