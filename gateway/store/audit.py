@@ -205,6 +205,8 @@ class AuditStore(TrailStore):
         session, connection or time, or a session the store does not hold) are
         left out; the return value, the number written, then falls short.
         """
+        # One function on purpose: this is the audit writer's per-row loop, and a
+        # helper call per row costs what the benchmark in bench/audit_path.py shows.
         # (position in rows, stored columns) of each event that will be written
         prepared: list[tuple[int, tuple[Any, ...]]] = []
         for position, row in enumerate(rows):
