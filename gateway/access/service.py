@@ -14,6 +14,10 @@ Invariants:
   crash is closed with ``gateway_crash``. Connection rows are group-committed:
   the starts and ends that queue up while one store transaction runs share the
   next, and each caller resumes once its own change is committed.
+* A connection's end is a fact with its own time: if the store refuses to write
+  it (the state fail-closed mode cuts connections in), it is kept and written
+  again until the store takes it, and before its session ends, so it is never
+  left for the session's end to close under another reason.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from gateway.audit.sink import AuditSink
 from gateway.audit.tap import ConnectionAudit
 from gateway.audit.writer import AuditWriter
 from gateway.config import GatewaySettings
-from gateway.errors import GatewayError, InvalidRequest, UpstreamError
+from gateway.errors import GatewayError, InvalidRequest, StoreError, UpstreamError
 from gateway.net.listener import AccessListener, GrantInfo
 from gateway.net.relay import Termination, close_writer
 from gateway.net.upstream import UpstreamTarget, connect_upstream
@@ -63,6 +67,8 @@ MAX_SCRAM_CACHES = 1024
 #: at once; the bound only matters for edits made behind its back.
 TARGET_CACHE_SECONDS = 10.0
 SHUTDOWN_GRACE_SECONDS = 3.0
+#: How often connection ends the store refused are written again.
+UNWRITTEN_RETRY_SECONDS = 1.0
 
 
 def format_time(moment: datetime) -> str:
@@ -131,6 +137,9 @@ class GatewayService:
         tuple[ConnectionStart | ConnectionEnd, asyncio.Future[ConnectionRecord | None]]
     ] = field(default_factory=list, repr=False)
     _connection_writer: asyncio.Task[None] | None = None
+    #: connection ends the store refused, kept with their own end time
+    _unwritten_ends: list[ConnectionEnd] = field(default_factory=list, repr=False)
+    _unwritten_retry: asyncio.Task[None] | None = None
 
     # --- ConnectionHost, for the listeners ------------------------------------
 
@@ -184,7 +193,7 @@ class GatewayService:
         if self._audit_down is None:
             return None
         return Termination(
-            ConnectionEndReason.ERROR,
+            ConnectionEndReason.AUDIT_UNAVAILABLE,
             SqlState.CANNOT_CONNECT_NOW,
             "pam refuses new connections: the audit trail cannot be written (fail-closed mode)",
             hint="an administrator must restore the gateway's store; check the gateway log",
@@ -195,7 +204,7 @@ class GatewayService:
             return
         self._audit_down = exc or RuntimeError("audit failure")
         termination = Termination(
-            ConnectionEndReason.ERROR,
+            ConnectionEndReason.AUDIT_UNAVAILABLE,
             SqlState.ADMIN_SHUTDOWN,
             "terminating connection: the audit trail cannot be written and pam is in"
             " fail-closed mode",
@@ -268,16 +277,66 @@ class GatewayService:
         bytes_from_server: int,
         error: tuple[str, str] | None,
     ) -> None:
-        await self._record_connection(
-            ConnectionEnd(
-                connection_id,
-                reason,
-                bytes_from_client,
-                bytes_from_server,
-                error[0] if error else None,
-                error[1] if error else None,
-            )
+        end = ConnectionEnd(
+            connection_id,
+            reason,
+            bytes_from_client,
+            bytes_from_server,
+            error[0] if error else None,
+            error[1] if error else None,
+            # Taken now, not when the store takes it: a refused write is retried.
+            ended_at=datetime.now(UTC),
         )
+        try:
+            await self._record_connection(end)
+        except StoreError as exc:
+            self._keep_unwritten(end, exc)
+
+    def _keep_unwritten(self, end: ConnectionEnd, exc: StoreError) -> None:
+        log.error(
+            "connection_end_unwritten",
+            connection_id=end.connection_id,
+            reason=end.reason,
+            error=exc.message,
+        )
+        self._unwritten_ends.append(end)
+        self._schedule_retry()
+
+    def _schedule_retry(self) -> None:
+        if self._unwritten_ends and self._unwritten_retry is None and not self._closing:
+            self._unwritten_retry = asyncio.create_task(
+                self._retry_unwritten_ends(), name="connection-ends-retry"
+            )
+
+    async def _retry_unwritten_ends(self) -> None:
+        try:
+            while self._unwritten_ends:
+                await asyncio.sleep(UNWRITTEN_RETRY_SECONDS)
+                await self.write_unwritten_ends()
+        finally:
+            self._unwritten_retry = None
+
+    async def write_unwritten_ends(self) -> None:
+        """Try once more to write the connection ends the store refused; those it
+        still refuses are kept. Called before a session ends, whose end would
+        otherwise close them under its own reason and time."""
+        ends, self._unwritten_ends = self._unwritten_ends, []
+        if not ends:
+            return
+        outcomes = await asyncio.gather(
+            *(self._record_connection(end) for end in ends), return_exceptions=True
+        )
+        for end, outcome in zip(ends, outcomes, strict=True):
+            if isinstance(outcome, StoreError):
+                self._unwritten_ends.append(end)
+            elif isinstance(outcome, BaseException):
+                log.error(
+                    "connection_end_dropped", connection_id=end.connection_id, error=repr(outcome)
+                )
+        if self._unwritten_ends:
+            self._schedule_retry()
+        else:
+            log.warning("connection_ends_written", count=len(ends))
 
     async def _record_connection(
         self, change: ConnectionStart | ConnectionEnd
@@ -383,6 +442,10 @@ class GatewayService:
         if self._connection_writer is not None:
             # Connection ends still being written go in before their sessions end.
             await asyncio.gather(self._connection_writer, return_exceptions=True)
+        if self._unwritten_retry is not None:
+            self._unwritten_retry.cancel()
+            await asyncio.gather(self._unwritten_retry, return_exceptions=True)
+        await self.write_unwritten_ends()
         if self.audit_writer is not None:
             # Flush the audit trail before the sessions are sealed and closed.
             await self.audit_writer.close()
@@ -521,6 +584,7 @@ class GatewayService:
             await grant.listener.wait_idle(SHUTDOWN_GRACE_SECONDS)
             if self.audit_writer is not None:
                 await self.audit_writer.drain()
+            await self.write_unwritten_ends()
             grant.ended = True
             grant.session = await self.db(
                 self.store.end_session, session_id, reason=reason, detail=detail

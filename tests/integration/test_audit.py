@@ -24,6 +24,7 @@ import struct
 import subprocess
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -546,6 +547,65 @@ def test_fail_closed_ends_live_connections_and_refuses_new_ones_while_the_trail_
     # Nothing the client got an answer for is missing.
     assert [s for s in recorded if s in answered] == answered
     assert gateway.cli("audit", "verify", access.session_prefix).returncode == 0
+
+
+@pytest.mark.parametrize("writer_process", [True, False], ids=["writer-process", "store-thread"])
+def test_a_connection_cut_in_fail_closed_mode_keeps_its_own_end_reason_and_time(
+    configured_gateway: Callable[..., Gateway], writer_process: bool
+) -> None:
+    gateway = configured_gateway(audit_fail_closed=True, audit_writer_process=writer_process)
+    access = gateway.access().wait_ready()
+    conn = psycopg.connect(access.dsn(), autocommit=True)
+    conn.execute("select 'before-block'")
+    wait_for(
+        lambda: any(
+            r["sql"] == "select 'before-block'" for r in trail(gateway, access.session_prefix)
+        )
+    )
+    # As a full disk would: neither the trail nor the connection's end can be written.
+    edit_store(
+        gateway,
+        "create trigger audit_test_block before insert on audit_events"
+        " begin select raise(abort, 'blocked by the test'); end",
+        "create trigger connections_test_block before update on connections"
+        " begin select raise(abort, 'blocked by the test'); end",
+    )
+
+    def cut() -> bool:
+        try:
+            conn.execute("select 'while-blocked'")
+        except psycopg.OperationalError:
+            return True
+        return False
+
+    wait_for(cut, timeout=WAIT_SECONDS)
+    conn.close()
+    # The daemon logs the end in the same step as it takes the end's time.
+    wait_for(lambda: any(e.get("event") == "connection_ended" for e in gateway.log_events()))
+    before_recovery = datetime.now(UTC)
+    edit_store(gateway, "drop trigger audit_test_block", "drop trigger connections_test_block")
+
+    def connection() -> tuple[dict[str, Any], dict[str, Any]]:
+        with gateway.api() as client:
+            detail: dict[str, Any] = client.get(f"/v1/sessions/{access.session_prefix}")
+        (record,) = detail["connections"]
+        return detail["session"], record
+
+    def end_recorded() -> tuple[dict[str, Any], dict[str, Any]] | None:
+        found = connection()
+        return found if found[1]["ended_at"] is not None else None
+
+    # Recorded once the store is back, while the session goes on: not left open
+    # for the session's end to close as session_ended.
+    session, record = wait_for(end_recorded, timeout=WAIT_SECONDS)
+    assert session["ended_at"] is None
+    assert record["end_reason"] == "audit_unavailable"
+    assert datetime.fromisoformat(record["ended_at"]) < before_recovery
+
+    assert access.stop() == 0
+    session, after = connection()
+    assert session["end_reason"] == "client_ended"
+    assert (after["end_reason"], after["ended_at"]) == ("audit_unavailable", record["ended_at"])
 
 
 # --- completeness ----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 from gateway.access.service import GatewayService
 from gateway.config import GatewaySettings
 from gateway.credentials.secretbox import SecretBox
-from gateway.errors import InvalidRequest, NotFound
+from gateway.errors import InvalidRequest, NotFound, StoreError
 from gateway.store import Store
 
 
@@ -25,8 +25,12 @@ class CountingStore(Store):
     busy store thread would, so that changes queue up behind it."""
 
     groups: list[int]
+    #: set: every write of connection records fails, as on a full disk
+    unwritable: bool = False
 
     def record_connections(self, changes: Any) -> Any:
+        if self.unwritable:
+            raise StoreError("state store error: disk full (test)")
         self.groups.append(len(changes))
         result = super().record_connections(changes)
         time.sleep(0.02)
@@ -107,3 +111,40 @@ async def test_concurrent_connection_records_share_transactions_and_keep_their_o
             2 * n,
         )
     assert service._connection_writer is None
+
+
+async def test_a_connection_end_the_store_refuses_is_written_later_with_its_own_time(
+    service: GatewayService,
+) -> None:
+    store = service.store
+    assert isinstance(store, CountingStore)
+    session_id = _session(service)
+    connection_id = await service.record_connection_start(
+        session_id, "127.0.0.1:1", "psql", backend_pid=1, started_at=datetime.now(UTC)
+    )
+    store.unwritable = True
+    before = datetime.now(UTC)
+    await service.record_connection_end(
+        connection_id,
+        reason="audit_unavailable",
+        bytes_from_client=5,
+        bytes_from_server=7,
+        error=None,
+    )
+    after = datetime.now(UTC)
+    await service.write_unwritten_ends()  # still refused: kept
+    (record,) = store.list_connections(session_id)
+    assert record.ended_at is None
+
+    store.unwritable = False
+    await service.write_unwritten_ends()
+    (record,) = store.list_connections(session_id)
+    assert (record.end_reason, record.bytes_from_client, record.bytes_from_server) == (
+        "audit_unavailable",
+        5,
+        7,
+    )
+    assert record.ended_at is not None and before <= record.ended_at <= after
+    if service._unwritten_retry is not None:
+        await service._unwritten_retry  # finds nothing left and stops
+    assert service._unwritten_ends == [] and service._unwritten_retry is None
