@@ -128,6 +128,9 @@ class Relay:
         self._done: asyncio.Future[None] | None = None
         self._grace: asyncio.TimerHandle | None = None
         self._room_task: asyncio.Task[None] | None = None
+        #: the client's write buffer is over its high-water mark (between the
+        #: client transport's pause_writing and resume_writing)
+        self._client_full = False
         self._lost = {"client": False, "server": False}
         self._closed: asyncio.Event = asyncio.Event()
         self.bytes_from_client = 0
@@ -235,7 +238,9 @@ class Relay:
             await audit.wait_for_room()
         finally:
             self._room_task = None
-            if not self._is_done() and not self._upstream.is_closing():
+            # A client still full keeps the server paused: its resume_writing
+            # resumes it (it comes once, after the one pause_writing).
+            if not (self._is_done() or self._upstream.is_closing() or self._client_full):
                 self._upstream.resume_reading()
 
     def _on_eof(self, *, from_client: bool) -> None:
@@ -255,11 +260,15 @@ class Relay:
             self._on_eof(from_client=from_client)
 
     def _pause_reading_into(self, *, client_is_full: bool) -> None:
+        if client_is_full:
+            self._client_full = True
         source = self._upstream if client_is_full else self._client
         if not source.is_closing():
             source.pause_reading()
 
     def _resume_reading_into(self, *, client_is_full: bool) -> None:
+        if client_is_full:
+            self._client_full = False
         source = self._upstream if client_is_full else self._client
         if not source.is_closing() and not (client_is_full and self._room_task is not None):
             source.resume_reading()

@@ -87,9 +87,16 @@ def virtual_time(
     test's signature, so ``pytest.mark.parametrize`` still works.
     """
 
+    async def scenario(*args: Any, **kwargs: Any) -> None:
+        await test(*args, **kwargs)
+        # A relay still running would be cancelled by the runner, which is not
+        # what any test means to check: each scenario ends its relays.
+        left = [t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert not left, f"tasks left running: {left}"
+
     def run(*args: Any, **kwargs: Any) -> None:
         with asyncio.Runner(loop_factory=VirtualClockLoop) as runner:
-            runner.run(test(*args, **kwargs))
+            runner.run(scenario(*args, **kwargs))
 
     run.__name__ = test.__name__
     run.__qualname__ = test.__qualname__
