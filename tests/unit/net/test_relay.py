@@ -3,9 +3,9 @@
 Each test plays the client and the server (see ``playbook.py``) and asserts what
 each receives: bytes forwarded whole and in order however the stream is cut,
 a FATAL to the client only between server messages, a Terminate to the server
-only between client messages, backpressure both ways and from the audit tap,
-what the tap sees, and why and with how many bytes a connection ended.
-Time is the loop's virtual clock, so grace periods are exact and instant.
+only between client messages, and why and with how many bytes a connection
+ended. Time is the loop's virtual clock, so grace periods are exact and
+instant. Flow control and the audit tap are in ``test_relay_flow.py``.
 """
 
 from __future__ import annotations
@@ -24,59 +24,29 @@ from playbook import (
     split_at,
     virtual_time,
 )
+from relay_script import (
+    BIND,
+    DESCRIBE,
+    EXECUTE,
+    ONE_ROW,
+    PARSE,
+    QUERY,
+    ROW_DESCRIPTION,
+    SERVER_STREAM,
+    SERVER_TAPPED,
+    SYNC,
+    TERMINATE,
+    TIMEOUT,
+    client_leaves,
+    fatal,
+    started,
+)
 
 from gateway.net.relay import BOUNDARY_GRACE_SECONDS, CLOSE_TIMEOUT_SECONDS, Termination
 from gateway.protocol import messages
-from gateway.protocol.framing import BoundaryTracker, TappedMessage
+from gateway.protocol.framing import BoundaryTracker
 from gateway.protocol.sqlstate import SqlState
 from gateway.reasons import ConnectionEndReason
-
-# --- the script's messages -----------------------------------------------------------
-
-QUERY = message("Q", cstr("select n from t"))
-PARSE = message("P", cstr("") + cstr("select $1::int") + b"\x00\x00")
-BIND = message("B", cstr("") + cstr("") + b"\x00\x00\x00\x01\x00\x00\x00\x017\x00\x00")
-DESCRIBE = message("D", b"P" + cstr(""))
-EXECUTE = message("E", cstr("") + b"\x00\x00\x00\x00")
-SYNC = message("S")
-TERMINATE = messages.terminate()
-
-ROW_DESCRIPTION = message("T", b"\x00\x01" + cstr("n") + bytes(18))
-SERVER_STREAM_PARTS = [
-    message("1"),  # ParseComplete: an empty body
-    message("2"),  # BindComplete
-    ROW_DESCRIPTION,
-    message("D", b"\x00\x01\x00\x00\x00\x017"),
-    message("A", b"\x00\x00\x00\x2a" + cstr("jobs") + cstr("ready")),  # a NOTIFY between rows
-    message("D", b"\x00\x01\x00\x00\x00\x0242"),
-    message("S", cstr("TimeZone") + cstr("UTC")),  # ParameterStatus, unasked for
-    message("C", cstr("SELECT 2")),
-    messages.ready_for_query(),
-]
-SERVER_STREAM = b"".join(SERVER_STREAM_PARTS)
-#: What the tap must see of SERVER_STREAM (C and Z, with the DataRows measured).
-SERVER_TAPPED = [
-    TappedMessage(ord("C"), cstr("SELECT 2"), False, 2, 15),
-    TappedMessage(ord("Z"), b"I", False, 2, 15),
-]
-ONE_ROW = message("D", b"\x00\x01\x00\x00\x00\x01x")
-TIMEOUT = Termination(
-    ConnectionEndReason.EXPIRED, SqlState.ADMIN_SHUTDOWN, "the access session has expired"
-)
-
-
-def fatal(termination: Termination = TIMEOUT) -> bytes:
-    return termination.error_response()
-
-
-async def started(**kwargs: object) -> Playbook:
-    return await Playbook(**kwargs).start()  # type: ignore[arg-type]
-
-
-async def client_leaves(pb: Playbook) -> ConnectionEndReason:
-    pb.client.send(TERMINATE)
-    pb.client.send_eof()
-    return await pb.ended()  # type: ignore[no-any-return]
 
 
 def test_the_script_is_whole_messages() -> None:
@@ -325,156 +295,6 @@ async def test_a_server_that_closes_gets_nothing_more() -> None:
     assert bytes(pb.server.written) == QUERY
     assert bytes(pb.client.written) == SERVER_STREAM
     assert pb.server.writes_after_close == 0
-
-
-# --- backpressure ------------------------------------------------------------------------
-
-
-@virtual_time
-async def test_a_full_client_buffer_pauses_reading_the_server_until_it_drains() -> None:
-    pb = await started(high=64, low=16, peers_read=False)
-    pb.server.send(SERVER_STREAM[:70])
-    assert pb.client.writing_paused
-    assert not pb.server.reading
-    pb.server.send(SERVER_STREAM[70:])  # waits in the "socket"
-    await pb.settle()
-    assert bytes(pb.client.written) == SERVER_STREAM[:70]
-    pb.client.read(40)  # 30 left: still above the low-water mark
-    await pb.settle()
-    assert not pb.server.reading
-    pb.client.read(14)  # 16 left: at the low-water mark
-    await pb.settle()
-    assert bytes(pb.client.written) == SERVER_STREAM  # what waited, in order
-    assert pb.client.writing_paused  # 16 + 60 bytes: over the mark again
-    assert not pb.server.reading
-    pb.client.read()
-    await pb.settle()
-    assert pb.server.reading
-    assert pb.client.reading  # the other direction was never paused
-    await client_leaves(pb)
-
-
-@virtual_time
-async def test_a_full_server_buffer_pauses_reading_the_client_until_it_drains() -> None:
-    pb = await started(high=32, low=0, peers_read=False)
-    copy_data = [message("d", bytes([n]) * 20) for n in range(4)]
-    pb.client.send(copy_data[0], copy_data[1])
-    assert pb.server.writing_paused
-    assert not pb.client.reading
-    pb.client.send(copy_data[2], copy_data[3])
-    await pb.settle()
-    assert bytes(pb.server.written) == copy_data[0] + copy_data[1]
-    pb.server.read()
-    await pb.settle()
-    assert bytes(pb.server.written) == b"".join(copy_data)
-    assert not pb.client.reading  # the last two filled the buffer again
-    pb.server.read()
-    await pb.settle()
-    assert pb.client.reading
-    assert pb.server.reading
-    await client_leaves(pb)
-
-
-@virtual_time
-async def test_a_congested_audit_pauses_reading_the_server_until_it_has_room() -> None:
-    audit = RecordingAudit()
-    pb = await started(audit=audit)
-    audit.congested = True
-    pb.server.send(SERVER_STREAM[:30])
-    await pb.settle()
-    assert not pb.server.reading
-    assert audit.room_waits == 1
-    pb.server.send(SERVER_STREAM[30:])
-    pb.client.send(QUERY)  # the client side keeps flowing
-    await pb.settle()
-    assert bytes(pb.client.written) == SERVER_STREAM[:30]
-    assert bytes(pb.server.written) == QUERY
-    audit.make_room()
-    await pb.settle()
-    assert pb.server.reading
-    assert bytes(pb.client.written) == SERVER_STREAM
-    assert audit.from_server == SERVER_TAPPED
-    assert audit.room_waits == 1
-    await client_leaves(pb)
-
-
-@virtual_time
-async def test_a_drained_client_does_not_resume_the_server_while_the_audit_is_congested() -> None:
-    audit = RecordingAudit()
-    pb = await started(audit=audit, high=20, low=0, peers_read=False)
-    audit.congested = True
-    pb.server.send(SERVER_STREAM[:30])
-    await pb.settle()
-    pb.client.read()
-    await pb.settle()
-    assert not pb.server.reading
-    audit.make_room()
-    await pb.settle()
-    assert pb.server.reading
-    await client_leaves(pb)
-
-
-@virtual_time
-async def test_audit_room_does_not_resume_the_server_while_the_client_is_full() -> None:
-    # The client's transport calls pause_writing once, so when the audit has room
-    # again only the client's resume_writing may resume the server.
-    audit = RecordingAudit()
-    pb = await started(audit=audit, high=20, low=0, peers_read=False)
-    audit.congested = True
-    pb.server.send(SERVER_STREAM[:30])
-    await pb.settle()
-    assert pb.client.writing_paused
-    audit.make_room()
-    await pb.settle()
-    assert not pb.server.reading
-    pb.server.send(SERVER_STREAM[30:])
-    await pb.settle()
-    assert bytes(pb.client.written) == SERVER_STREAM[:30]  # nothing more piles up
-    pb.client.read()
-    await pb.settle()
-    assert bytes(pb.client.written) == SERVER_STREAM
-    await client_leaves(pb)
-
-
-# --- the audit tap -------------------------------------------------------------------------
-
-
-@virtual_time
-async def test_the_tap_gets_the_client_statements_and_the_goodbye() -> None:
-    audit = RecordingAudit()
-    pb = await started(audit=audit)
-    pb.client.send(QUERY[:3], QUERY[3:] + PARSE[:8], PARSE[8:] + BIND + SYNC)
-    await client_leaves(pb)
-    assert audit.from_client == [
-        TappedMessage(ord("Q"), QUERY[5:]),
-        TappedMessage(ord("P"), PARSE[5:]),
-        TappedMessage(ord("B"), BIND[5:]),
-        TappedMessage(ord("X"), b""),  # always tapped: it tells the relay the client left
-    ]
-
-
-@virtual_time
-async def test_the_tap_gets_server_batches_in_stream_order() -> None:
-    audit = RecordingAudit()
-    pb = await started(audit=audit)
-    pb.server.send(SERVER_STREAM[:-3], SERVER_STREAM[-3:])
-    await pb.settle()
-    assert audit.server_batches == [SERVER_TAPPED[:1], SERVER_TAPPED[1:]]
-    await client_leaves(pb)
-
-
-@virtual_time
-async def test_a_long_statement_is_tapped_truncated_but_forwarded_whole() -> None:
-    audit = RecordingAudit()
-    pb = await started(audit=audit)
-    long_query = message("Q", b"x" * (300 * 1024) + b"\x00")
-    pb.client.send(*split_at(long_query, range(1, len(long_query), 65536)))
-    await pb.settle()
-    assert bytes(pb.server.written) == long_query
-    [tapped] = audit.from_client
-    assert tapped.truncated
-    assert tapped.body == b"x" * len(tapped.body)
-    await client_leaves(pb)
 
 
 # --- end reasons and byte counters -----------------------------------------------------------
