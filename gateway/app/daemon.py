@@ -22,8 +22,8 @@ from pathlib import Path
 import structlog
 import uvicorn
 
-from gateway.access.service import GatewayService
 from gateway.app.api import create_app
+from gateway.app.gateway import Gateway
 from gateway.audit.sink import AuditSink
 from gateway.config import (
     MASTER_KEY_FILE,
@@ -156,7 +156,7 @@ async def run(home: Path, *, log_format: str = "console", log_level: str = "info
         if settings.audit_enabled and settings.audit_writer_process
         else None
     )
-    service = GatewayService(
+    service = Gateway(
         store, settings, client_tls_context=server_context(cert, key), audit_sink=sink
     )
     sock = _bind(settings.api_host, settings.api_port)

@@ -16,12 +16,13 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import Connection, bindparam, select
 
+# The changes are the access package's vocabulary: declared with its SessionStore port.
+from gateway.access.ports import ConnectionEnd, ConnectionStart
 from gateway.audit.records import SQLSTATE_PATTERN
 from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.store.engine import StoreBase
@@ -40,33 +41,6 @@ if TYPE_CHECKING:
     from gateway.store.rows import AnyRow
 
 __all__ = ["ConnectionEnd", "ConnectionStart", "ConnectionStore"]
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionStart:
-    """A client connection to record as started (:meth:`ConnectionStore.record_connections`)."""
-
-    session_id: str
-    client_addr: str
-    application_name: str | None = None
-    #: the upstream server's process id, once the upstream session is up
-    backend_pid: int | None = None
-    #: defaults to now
-    started_at: datetime | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionEnd:
-    """A client connection to record as ended, with its byte counts."""
-
-    connection_id: str
-    reason: str
-    bytes_from_client: int
-    bytes_from_server: int
-    error_sqlstate: str | None = None
-    error_message: str | None = None
-    #: defaults to now
-    ended_at: datetime | None = None
 
 
 def _start_row(start: ConnectionStart, now: datetime) -> dict[str, Any]:

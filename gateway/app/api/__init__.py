@@ -15,14 +15,14 @@ from __future__ import annotations
 from fastapi import Depends, FastAPI
 
 from gateway import __version__
-from gateway.access.service import GatewayService
 from gateway.app.api.deps import authorize, install_error_handlers
 from gateway.app.api.routers import access, health, resources, review
+from gateway.app.gateway import Gateway
 
 __all__ = ["create_app"]
 
 
-def create_app(service: GatewayService, token_sha256: str) -> FastAPI:
+def create_app(service: Gateway, token_sha256: str) -> FastAPI:
     app = FastAPI(
         title="pam gateway control API",
         version=__version__,

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.access.service import GatewayService
+from gateway.app.gateway import Gateway
 from gateway.config import hash_token
 from gateway.errors import AlreadyExists, ConfigError, GatewayError, InvalidRequest, NotFound
 
@@ -35,12 +35,12 @@ class UnauthorizedError(Exception):
     """The request had no token or the wrong one."""
 
 
-def get_service(request: Request) -> GatewayService:
-    service: GatewayService = request.app.state.service
+def get_service(request: Request) -> Gateway:
+    service: Gateway = request.app.state.service
     return service
 
 
-Service = Annotated[GatewayService, Depends(get_service)]
+Service = Annotated[Gateway, Depends(get_service)]
 
 
 def authorize(

@@ -1,6 +1,6 @@
-"""Connection records in the service: group-committed, yet each caller gets its own
-outcome, after its own change is committed. A real SQLite store; no PostgreSQL is
-involved (nothing is relayed)."""
+"""Connection records of the grant service: group-committed, yet each caller gets
+its own outcome, after its own change is committed. A real SQLite store; no
+PostgreSQL is involved (nothing is relayed)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from gateway.access.service import GatewayService
+from gateway.access.connections import ConnectionRecords
+from gateway.app.gateway import Gateway
 from gateway.config import GatewaySettings
 from gateway.credentials.secretbox import SecretBox
 from gateway.errors import InvalidRequest, NotFound, StoreError
@@ -38,18 +39,18 @@ class CountingStore(Store):
 
 
 @pytest.fixture
-def service(tmp_path: Path) -> Iterator[GatewayService]:
+def service(tmp_path: Path) -> Iterator[Gateway]:
     store = CountingStore.open(f"sqlite:///{tmp_path / 'pam.db'}", SecretBox(b"k" * 32))
     store.groups = []
     store.add_resource("db1", "127.0.0.1", 5432, "app")
     store.add_account("db1", "ro", "reader", "pw")
-    service = GatewayService(store, GatewaySettings(api_token_sha256="0" * 64, audit_enabled=False))
+    service = Gateway(store, GatewaySettings(api_token_sha256="0" * 64, audit_enabled=False))
     yield service
-    service._executor.shutdown(wait=True)
+    service.db.shutdown()
     store.close()
 
 
-def _session(service: GatewayService) -> str:
+def _session(service: Gateway) -> str:
     return service.store.create_session(
         requester="alice",
         resource="db1",
@@ -60,7 +61,7 @@ def _session(service: GatewayService) -> str:
 
 
 async def test_concurrent_connection_records_share_transactions_and_keep_their_outcomes(
-    service: GatewayService,
+    service: Gateway,
 ) -> None:
     store = service.store
     assert isinstance(store, CountingStore)
@@ -69,7 +70,7 @@ async def test_concurrent_connection_records_share_transactions_and_keep_their_o
     now = datetime.now(UTC)
 
     async def start(n: int, session: str) -> str:
-        return await service.record_connection_start(
+        return await service.host.record_connection_start(
             session, f"127.0.0.1:{n}", "psql", backend_pid=n, started_at=now
         )
 
@@ -86,7 +87,7 @@ async def test_concurrent_connection_records_share_transactions_and_keep_their_o
 
     store.groups.clear()
     ends = [
-        service.record_connection_end(
+        service.host.record_connection_end(
             connection_id,
             reason="client_closed",
             bytes_from_client=n,
@@ -95,7 +96,7 @@ async def test_concurrent_connection_records_share_transactions_and_keep_their_o
         )
         for n, connection_id in enumerate(outcomes)
     ]
-    unknown = service.record_connection_end(
+    unknown = service.host.record_connection_end(
         "0" * 32, reason="error", bytes_from_client=0, bytes_from_server=0, error=("08P01", "x")
     )
     results = await asyncio.gather(*ends, unknown, return_exceptions=True)
@@ -110,21 +111,21 @@ async def test_concurrent_connection_records_share_transactions_and_keep_their_o
             n,
             2 * n,
         )
-    assert service._connection_writer is None
+    assert service.records._writer is None
 
 
 async def test_a_connection_end_the_store_refuses_is_written_later_with_its_own_time(
-    service: GatewayService,
+    service: Gateway,
 ) -> None:
     store = service.store
     assert isinstance(store, CountingStore)
     session_id = _session(service)
-    connection_id = await service.record_connection_start(
+    connection_id = await service.host.record_connection_start(
         session_id, "127.0.0.1:1", "psql", backend_pid=1, started_at=datetime.now(UTC)
     )
     store.unwritable = True
     before = datetime.now(UTC)
-    await service.record_connection_end(
+    await service.host.record_connection_end(
         connection_id,
         reason="audit_unavailable",
         bytes_from_client=5,
@@ -132,12 +133,13 @@ async def test_a_connection_end_the_store_refuses_is_written_later_with_its_own_
         error=None,
     )
     after = datetime.now(UTC)
-    await service.write_unwritten_ends()  # still refused: kept
+    records: ConnectionRecords = service.records
+    await records.write_unwritten_ends()  # still refused: kept
     (record,) = store.list_connections(session_id)
     assert record.ended_at is None
 
     store.unwritable = False
-    await service.write_unwritten_ends()
+    await records.write_unwritten_ends()
     (record,) = store.list_connections(session_id)
     assert (record.end_reason, record.bytes_from_client, record.bytes_from_server) == (
         "audit_unavailable",
@@ -145,6 +147,6 @@ async def test_a_connection_end_the_store_refuses_is_written_later_with_its_own_
         7,
     )
     assert record.ended_at is not None and before <= record.ended_at <= after
-    if service._unwritten_retry is not None:
-        await service._unwritten_retry  # finds nothing left and stops
-    assert service._unwritten_ends == [] and service._unwritten_retry is None
+    if records._unwritten_retry is not None:
+        await records._unwritten_retry  # finds nothing left and stops
+    assert records._unwritten_ends == [] and records._unwritten_retry is None

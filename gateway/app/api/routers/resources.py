@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from gateway.access.service import VerifyResult
 from gateway.app.api.deps import Service
 from gateway.app.api.models import AccountIn, AccountOut, ResourceIn, ResourceOut, RotateIn
+from gateway.credentials.verify import VerifyResult
 
 router = APIRouter(prefix="/v1")
 

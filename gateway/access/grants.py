@@ -1,0 +1,43 @@
+"""An access grant and its states.
+
+Today a grant is created active (its session row and listener exist) and ends
+once (owner, expiry, watchdog, shutdown, a failed listen). After an end by
+expiry its listener may stay up, answering every new connection with the end's
+reason, until the CLI lets go. Next a grant will be requested and approved
+before it is active: those states land in :class:`GrantState`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from gateway.access.ports import SessionRecord
+from gateway.net.listener import AccessListener
+
+
+class GrantState(StrEnum):
+    #: its session is open and its listener relays connections
+    ACTIVE = "active"
+    #: its session has ended; a listener still up refuses with the end's reason
+    ENDED = "ended"
+
+
+@dataclass(eq=False)
+class Grant:
+    session: SessionRecord
+    listener: AccessListener
+    #: when its CLI last called in (monotonic clock)
+    last_heartbeat: float
+    state: GrantState = GrantState.ACTIVE
+    expiry_task: asyncio.Task[None] | None = None
+
+    @property
+    def is_ended(self) -> bool:
+        return self.state is GrantState.ENDED
+
+
+def format_time(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

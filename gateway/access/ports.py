@@ -1,0 +1,114 @@
+"""What the access package needs from the outside, as ports.
+
+:class:`SessionStore` is the store operations the grant service and the
+connection records use; ``gateway.store.Store`` implements it structurally
+(nothing here imports the store: only the composition root in ``gateway.app``
+does). :class:`ConnectionStart` and :class:`ConnectionEnd` are the changes the
+connection records hand the store; they are declared here, with the port, and
+the store imports them. :class:`StoreThread` runs a blocking store call off the
+event loop (one thread, so SQLite writes are serialised).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
+
+from gateway.errors import GatewayError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionStart:
+    """A client connection to record as started (``record_connections``)."""
+
+    session_id: str
+    client_addr: str
+    application_name: str | None = None
+    #: the upstream server's process id, once the upstream session is up
+    backend_pid: int | None = None
+    #: defaults to now
+    started_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionEnd:
+    """A client connection to record as ended, with its byte counts."""
+
+    connection_id: str
+    reason: str
+    bytes_from_client: int
+    bytes_from_server: int
+    error_sqlstate: str | None = None
+    error_message: str | None = None
+    #: defaults to now
+    ended_at: datetime | None = None
+
+
+class SessionRecord(Protocol):
+    """An access session as the store keeps it (read-only here)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def resource_name(self) -> str: ...
+    @property
+    def account_name(self) -> str: ...
+    @property
+    def username(self) -> str: ...
+    @property
+    def database(self) -> str: ...
+    @property
+    def expires_at(self) -> datetime: ...
+    @property
+    def ended_at(self) -> datetime | None: ...
+
+
+class StartedConnection(Protocol):
+    """The record of a connection just started: only its id is needed."""
+
+    @property
+    def id(self) -> str: ...
+
+
+class SessionStore(Protocol):
+    """Sessions and connection records (``gateway.store.Store`` implements it)."""
+
+    def create_session(
+        self,
+        *,
+        requester: str,
+        resource: str,
+        account: str,
+        listen_host: str,
+        expires_at: datetime,
+        started_at: datetime | None = None,
+    ) -> SessionRecord: ...
+
+    def set_session_port(self, session_id: str, port: int) -> None: ...
+
+    def end_session(
+        self,
+        session_id: str,
+        *,
+        reason: str,
+        detail: str | None = None,
+        ended_at: datetime | None = None,
+    ) -> SessionRecord: ...
+
+    def get_session(self, session_id: str) -> SessionRecord: ...
+
+    def close_orphans(self, reason: str = ...) -> int: ...
+
+    def record_connections(
+        self, changes: Sequence[ConnectionStart | ConnectionEnd]
+    ) -> Sequence[StartedConnection | GatewayError | None]: ...
+
+
+class StoreThread(Protocol):
+    """Runs a blocking store call on the store's own thread."""
+
+    async def __call__(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T: ...

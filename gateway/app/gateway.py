@@ -1,0 +1,135 @@
+"""The composed gateway: the store, its thread, and the pieces that use it.
+
+A composition root: it alone (with the daemon and the audit writer process)
+knows the concrete :class:`~gateway.store.Store`, and hands it to the grant
+service, the credentials and the audit runtime as their ports. It wires the
+fail-closed cut (audit runtime -> every grant's live connections) and the
+gateway-wide refusal (admission <- audit runtime).
+
+:class:`Gateway` is what the control API's routers receive: ``db``, ``store``,
+``audit_writer`` and ``live_connection_count`` (review), grants (access),
+``verify`` and ``refresh_secrets`` (resources).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ssl
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from gateway.access.admission import Admission
+from gateway.access.connections import ConnectionRecords
+from gateway.access.host import ListenerHost
+from gateway.access.ports import SessionRecord
+from gateway.access.service import GrantService
+from gateway.audit.runtime import AuditRuntime
+from gateway.audit.sink import AuditSink
+from gateway.audit.writer import AuditWriter
+from gateway.config import GatewaySettings
+from gateway.credentials.targets import Credentials
+from gateway.credentials.verify import VerifyResult, verify
+from gateway.store import Store
+
+T = TypeVar("T")
+
+
+class StoreThread:
+    """One worker thread for every store call: the event loop never blocks on
+    disk, and SQLite writes are serialised."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="pam-store")
+
+    async def __call__(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+class Gateway:
+    def __init__(
+        self,
+        store: Store,
+        settings: GatewaySettings,
+        *,
+        client_tls_context: ssl.SSLContext | None = None,
+        audit_sink: AuditSink | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.db = StoreThread()
+        self.credentials = Credentials(store, self.db)
+        self.audit = AuditRuntime(store, self.db, settings, sink=audit_sink)
+        self.admission = Admission(checks=(self.audit.refusal,))
+        self.records = ConnectionRecords(store, self.db)
+        self.host = ListenerHost(
+            settings,
+            self.credentials,
+            self.audit,
+            self.admission,
+            self.records,
+            client_tls_context=client_tls_context,
+        )
+        self.grants = GrantService(store, self.db, settings, self.host, self.records, self.audit)
+        self.audit.cut_live = self.grants.terminate_live
+
+    @property
+    def audit_writer(self) -> AuditWriter | None:
+        return self.audit.writer
+
+    def live_connection_count(self, session_id: str) -> int:
+        return self.grants.live_connection_count(session_id)
+
+    async def start(self) -> int:
+        """Close what a crash left open, start the watchdog and the audit writer;
+        returns how many sessions a crash had left open."""
+        closed = await self.grants.start()
+        if self.settings.audit_enabled:
+            await self.credentials.refresh()
+            await self.audit.start()
+        return closed
+
+    async def shutdown(self) -> None:
+        await self.grants.shutdown()
+        self.db.shutdown()
+
+    async def refresh_secrets(self) -> None:
+        await self.credentials.refresh()
+
+    async def verify(self, resource: str, account: str | None) -> list[VerifyResult]:
+        return await verify(
+            self.credentials,
+            self.store,
+            self.db,
+            resource,
+            account,
+            connect_timeout=self.settings.upstream_connect_timeout_seconds,
+        )
+
+    async def open_access(
+        self,
+        *,
+        requester: str,
+        resource: str,
+        account: str,
+        duration_seconds: int,
+        port: int | None = None,
+    ) -> SessionRecord:
+        return await self.grants.open_access(
+            requester=requester,
+            resource=resource,
+            account=account,
+            duration_seconds=duration_seconds,
+            port=port,
+        )
+
+    async def heartbeat(self, session_id: str) -> SessionRecord:
+        return await self.grants.heartbeat(session_id)
+
+    async def close_access(self, session_id: str, *, detail: str | None = None) -> SessionRecord:
+        return await self.grants.close_access(session_id, detail=detail)
