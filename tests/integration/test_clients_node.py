@@ -128,3 +128,12 @@ def test_a_streamed_result_of_100000_rows_arrives_complete_and_in_order(
         "last": "row 100000",
         "after": 10,
     }
+
+
+def test_a_client_that_ends_before_its_startup_packet_sees_no_error(
+    gateway: Gateway, run_check: RunCheck
+) -> None:
+    # node-postgres's quick-disconnect: Terminate goes out before the startup
+    # packet, and, as PostgreSQL does, pam closes without answering it.
+    access = gateway.access().wait_ready()
+    assert run_check(access, "quick_disconnect") == {"error": None}

@@ -142,7 +142,26 @@ async function stream() {
   });
 }
 
-const CHECKS = { params, pool, stream };
+// node-postgres's own test quick-disconnect: connect, then end at once. The
+// client sends Terminate before its startup packet; PostgreSQL closes without a
+// reply (the length cannot be a startup packet), so the client sees no error.
+async function quickDisconnect() {
+  const client = new Client(config());
+  let error = null;
+  const record = (err) => {
+    error = error || { code: err.code || null, message: err.message };
+  };
+  client.on('error', record);
+  const connecting = client.connect().catch(record);
+  await client.end();
+  // An ErrorResponse would have been read before the close that ended the client;
+  // one more turn of the event loop lets its rejection settle.
+  await new Promise((resolve) => setImmediate(resolve));
+  void connecting;
+  return { error };
+}
+
+const CHECKS = { params, pool, stream, quick_disconnect: quickDisconnect };
 
 async function main() {
   const name = process.argv[2];

@@ -1,0 +1,94 @@
+"""What a grant's door needs from the service that owns it, as ports.
+
+:class:`ConnectionHost` is implemented by the grant service (gateway.access),
+:class:`ConnectionAuditTap` by the audit (gateway.audit.tap); :class:`GrantInfo`
+is the part of an access session a door checks connections against. Declared
+here, below the packages that implement them, so dependencies point one way.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal, Protocol
+
+from gateway.net.relay import StatementAudit, Termination
+from gateway.net.upstream import UpstreamTarget
+
+
+class ConnectionAuditTap(StatementAudit, Protocol):
+    """The audit of one connection: the relay's statement tap plus the
+    connection's own start and end (implemented by ``gateway.audit.tap``)."""
+
+    def connection_event(
+        self,
+        kind: Literal["connection_start", "connection_end"],
+        detail: dict[str, str | int | float | None],
+        *,
+        now_ns: int,
+    ) -> None: ...
+
+
+class ConnectionHost(Protocol):
+    """What a grant's listener needs from the service that owns it."""
+
+    @property
+    def startup_timeout(self) -> float: ...
+
+    @property
+    def connect_timeout(self) -> float: ...
+
+    @property
+    def client_tls(self) -> ssl.SSLContext | None:
+        """Server-side TLS for local clients that ask for it; None answers ``N``."""
+        ...
+
+    async def upstream_target(self, resource: str, account: str) -> UpstreamTarget: ...
+
+    def connection_audit(
+        self, session_id: str, connection_id: str, secrets: tuple[str, ...]
+    ) -> ConnectionAuditTap | None:
+        """The statement audit tap for a new connection (None: audit is off)."""
+        ...
+
+    def refusal(self) -> Termination | None:
+        """Why the gateway as a whole refuses new connections right now, if it does."""
+        ...
+
+    def scram_cache(self, target: UpstreamTarget) -> MutableMapping[tuple[bytes, int], bytes]:
+        """Salted passwords of this target's credentials, by (salt, iterations)."""
+        ...
+
+    async def record_connection_start(
+        self,
+        session_id: str,
+        client_addr: str,
+        application_name: str | None,
+        *,
+        backend_pid: int | None,
+        started_at: datetime,
+    ) -> str: ...
+
+    async def record_connection_end(
+        self,
+        connection_id: str,
+        *,
+        reason: str,
+        bytes_from_client: int,
+        bytes_from_server: int,
+        error: tuple[str, str] | None,
+    ) -> None: ...
+
+
+@dataclass
+class GrantInfo:
+    """The parts of an access session a listener checks connections against."""
+
+    session_id: str
+    resource: str
+    account: str
+    username: str
+    database: str
+    expires_at: datetime
