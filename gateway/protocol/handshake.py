@@ -5,6 +5,12 @@ message from the server goes to :meth:`UpstreamHandshake.receive` which returns
 the bytes to send back (possibly none). When :attr:`is_ready` turns true the
 server has sent ReadyForQuery and the session can be relayed.
 
+:class:`HandshakeState` names where the exchange is (all transitions are in
+:class:`UpstreamHandshake`): NEW, AUTHENTICATING (StartupMessage sent),
+AUTHENTICATED (AuthenticationOk received, collecting ParameterStatus and
+BackendKeyData), READY (ReadyForQuery received) and ERROR (the server refused
+or misbehaved: the handshake raised and takes no more messages).
+
 Authentication methods (PostgreSQL 15 docs, 55.2.1 and 55.3): SCRAM-SHA-256
 (with -PLUS channel binding when the caller offers binding data and the server
 lists it), MD5, and cleartext only when the leg is encrypted (the caller says so).
@@ -13,6 +19,7 @@ Any other method is refused with :class:`UnsupportedAuthentication`.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -38,6 +45,20 @@ def md5_password(user: str, password: str, salt: bytes) -> bytes:
     inner = hashlib.md5(password.encode() + user.encode(), usedforsecurity=False).hexdigest()
     outer = hashlib.md5(inner.encode() + salt, usedforsecurity=False).hexdigest()
     return b"md5" + outer.encode()
+
+
+class HandshakeState(enum.Enum):
+    """Where the startup and authentication exchange with the server is."""
+
+    NEW = enum.auto()
+    #: StartupMessage sent; the server is authenticating us
+    AUTHENTICATING = enum.auto()
+    #: AuthenticationOk received; reading the server's parameters and key
+    AUTHENTICATED = enum.auto()
+    #: ReadyForQuery received: the session can be relayed
+    READY = enum.auto()
+    #: the server refused or violated the protocol; no more messages
+    ERROR = enum.auto()
 
 
 class StartupRejected(GatewayError):
@@ -77,37 +98,55 @@ class UpstreamHandshake:
     )
 
     auth_method: str = "trust"
-    is_ready: bool = False
+    state: HandshakeState = HandshakeState.NEW
     backend_key: BackendKey | None = None
     parameters: dict[str, str] = field(default_factory=dict)
     #: server messages after AuthenticationOk, original bytes, in order, for the client
     #: (kept out of repr: BackendKeyData carries the cancel secret)
     forward: list[bytes] = field(default_factory=list, repr=False)
-    _started: bool = False
-    _authenticated: bool = False
     _scram: ScramClient | None = field(default=None, repr=False)
 
+    @property
+    def is_ready(self) -> bool:
+        """Whether the server sent ReadyForQuery: the session can be relayed."""
+        return self.state is HandshakeState.READY
+
     def start(self) -> bytes:
-        if self._started:
+        if self.state is not HandshakeState.NEW:
             raise ProtocolUsageError("handshake already started")
-        self._started = True
+        self.state = HandshakeState.AUTHENTICATING
         params = {"user": self.user, "database": self.database}
         params.update({k: v for k, v in self.params.items() if k not in ("user", "database")})
         return messages.startup_message(params)
 
     def receive(self, message: Message) -> bytes:
-        if not self._started or self.is_ready:
+        """The reply to one server message (possibly empty).
+
+        Whatever the server did wrong raises (StartupRejected, ProtocolError,
+        UnsupportedAuthentication, a SCRAM error) and leaves the handshake in
+        :attr:`HandshakeState.ERROR`.
+        """
+        if self.state not in (HandshakeState.AUTHENTICATING, HandshakeState.AUTHENTICATED):
             raise ProtocolUsageError("handshake is not expecting messages")
+        try:
+            return self._receive(message)
+        except GatewayError as exc:
+            if not isinstance(exc, ProtocolUsageError):
+                self.state = HandshakeState.ERROR
+            raise
+
+    def _receive(self, message: Message) -> bytes:
         mtype = message.type
+        authenticated = self.state is HandshakeState.AUTHENTICATED
         if mtype == BackendType.ERROR_RESPONSE:
             raise StartupRejected(
                 messages.parse_error_fields(message.body),
                 message.encode(),
-                during_auth=not self._authenticated,
+                during_auth=not authenticated,
             )
         if mtype == BackendType.AUTHENTICATION:
             return self._on_authentication(message.body)
-        if not self._authenticated:
+        if not authenticated:
             if mtype in (BackendType.NOTICE_RESPONSE, BackendType.NEGOTIATE_PROTOCOL_VERSION):
                 return b""
             raise ProtocolError(
@@ -120,7 +159,7 @@ class UpstreamHandshake:
             self.backend_key = messages.parse_backend_key_data(message.body)
         elif mtype == BackendType.READY_FOR_QUERY:
             messages.parse_ready_for_query(message.body)
-            self.is_ready = True
+            self.state = HandshakeState.READY
         elif mtype not in (BackendType.NOTICE_RESPONSE, BackendType.NEGOTIATE_PROTOCOL_VERSION):
             raise ProtocolError(f"unexpected message {bytes((mtype,))!r} during startup")
         self.forward.append(message.encode())
@@ -130,13 +169,13 @@ class UpstreamHandshake:
         request = messages.parse_authentication(body)
         code = request.code
         if code == AuthRequest.OK:
-            if self._authenticated:
+            if self.state is HandshakeState.AUTHENTICATED:
                 raise ProtocolError("server sent AuthenticationOk twice")
             if self._scram is not None and not self._scram.is_done:
                 raise ProtocolError("server sent AuthenticationOk before completing SCRAM")
-            self._authenticated = True
+            self.state = HandshakeState.AUTHENTICATED
             return b""
-        if self._authenticated:
+        if self.state is HandshakeState.AUTHENTICATED:
             raise ProtocolError("authentication request after AuthenticationOk")
         if code == AuthRequest.CLEARTEXT_PASSWORD:
             if not self.encrypted:

@@ -19,6 +19,7 @@ from gateway.protocol.constants import AuthRequest, BackendType, FrontendType
 from gateway.protocol.errors import ProtocolError, ProtocolUsageError
 from gateway.protocol.framing import Message, MessageReader
 from gateway.protocol.handshake import (
+    HandshakeState,
     StartupRejected,
     UnsupportedAuthentication,
     UpstreamHandshake,
@@ -482,3 +483,34 @@ def test_a_short_authentication_message_is_a_protocol_error() -> None:
     raw = messages.encode_message(BackendType.AUTHENTICATION, b"\x00\x00")
     with pytest.raises(ProtocolError, match="too short"):
         handshake().receive(msg(raw))
+
+
+# --- the state enum ---------------------------------------------------------------------
+
+
+def test_states_run_new_authenticating_authenticated_ready() -> None:
+    hs = UpstreamHandshake(user="app", database="appdb", password=PASSWORD)
+    assert hs.state is HandshakeState.NEW
+    hs.start()
+    assert hs.state is HandshakeState.AUTHENTICATING
+    hs.receive(msg(AUTH_OK))
+    assert hs.state is HandshakeState.AUTHENTICATED
+    hs.receive(msg(KEY_DATA))
+    hs.receive(msg(READY))
+    assert hs.state is HandshakeState.READY
+    assert hs.is_ready
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [AUTH_ERROR, READY, auth(AuthRequest.GSS)],
+    ids=["error-response", "ready-before-auth", "unsupported-method"],
+)
+def test_a_refusal_or_violation_leaves_the_error_state_and_takes_no_more(raw: bytes) -> None:
+    hs = handshake()
+    with pytest.raises((StartupRejected, ProtocolError, UnsupportedAuthentication)):
+        hs.receive(msg(raw))
+    assert hs.state is HandshakeState.ERROR
+    assert not hs.is_ready
+    with pytest.raises(ProtocolUsageError, match="not expecting messages"):
+        hs.receive(msg(AUTH_OK))
