@@ -26,11 +26,17 @@ from cli.render import console, local_time, parse_time
 HEARTBEAT_SECONDS = 2.0
 #: consecutive failed heartbeats before the CLI gives up on an unreachable daemon
 MAX_MISSED_HEARTBEATS = 3
-_DURATION = re.compile(r"^(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?$")
+_DURATION = re.compile(
+    r"^(?:(?P<w>\d+)w)?(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?$"
+)
+_UNIT_SECONDS = {"w": 7 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
 
 
 def parse_duration(text: str) -> int:
-    """'1h', '30m', '1h30m', '90s' or plain seconds, to seconds."""
+    """'1h', '30m', '1h30m', '90s', '7d', '2w' or plain seconds, to seconds.
+
+    The one duration parser: ``pam sessions``/``pam audit`` use it for ``--since 7d``.
+    """
     value = text.strip().lower()
     if value.isdigit():
         seconds = int(value)
@@ -38,7 +44,7 @@ def parse_duration(text: str) -> int:
         match = _DURATION.match(value)
         if not value or match is None:
             raise click.BadParameter(f"{text!r} is not a duration like 1h, 30m, 1h30m or 90s")
-        seconds = int(match["h"] or 0) * 3600 + int(match["m"] or 0) * 60 + int(match["s"] or 0)
+        seconds = sum(int(match[unit] or 0) * size for unit, size in _UNIT_SECONDS.items())
     if seconds <= 0:
         raise click.BadParameter("the duration must be positive")
     return seconds

@@ -1,17 +1,21 @@
 """Reviewing access sessions and their audit trail: what `pam sessions` and `pam audit` show.
 
-Role: the rendering, paging and export behind the review commands in
-:mod:`cli.main`, kept thin over the control API (``/v1/sessions``,
-``/v1/sessions/{id}/audit``, ``/v1/audit/search``, ``/v1/audit/verify``). Nothing
-here reads the store or recomputes anything the daemon already decided.
+Role: the terminal rendering behind the review commands (:mod:`cli.commands`),
+kept thin over the control API (``/v1/sessions``, ``/v1/sessions/{id}/statements``
+and ``/trail``, ``/v1/audit/search``, ``/v1/audit/verify``). Paging, export
+columns and formats and type names are :mod:`gateway.audit.review`'s, shared
+with the server (and a future web page); nothing here reads the store or
+recomputes anything the daemon already decided.
 
 Invariants:
 
-* Memory stays bounded by one API page: exports and ``--all`` listings stream
-  record pages (``after_seq`` paging) straight to their output; only session ids
-  are collected, never records.
+* One request per page, whatever the page number: the server finds a page by a
+  keyed cursor and answers the cursor of the next one. Memory stays bounded by
+  one API page: exports and ``--all`` listings stream pages straight to their
+  output; only session ids are collected, never records.
 * Times are shown in the viewer's local zone; JSON, JSONL and CSV keep the API's
-  ISO-8601 UTC. A time the user types without a zone is local time.
+  ISO-8601 UTC. A time the user types without a zone is local time; a relative
+  one (``7d``) is :func:`cli.access.parse_duration`'s.
 * Text from outside (SQL, parameters, error messages, requester and application
   names) is printed through :func:`cli.render.printable` as plain
   :class:`rich.text.Text`, never as markup and never with a raw control
@@ -20,67 +24,69 @@ Invariants:
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 import os
 import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import IO, Any, Final
+from typing import Any, Final
 
 import click
 from rich.console import Console, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from cli.access import parse_duration
 from cli.client import ApiClient, seg
-from cli.render import human_bytes, human_duration, local_time, parse_time, plain, printable
-from gateway.errors import InvalidRequest
-
-#: The API's largest page (``limit``) for sessions and audit records.
-API_MAX_PAGE: Final = 10_000
-#: Statements per page of ``pam sessions show``.
-DEFAULT_PAGE_SIZE: Final = 200
-#: Records per request when streaming an export.
-EXPORT_PAGE: Final = 1_000
-
-#: The CSV export's columns, in order. Fixed: a SIEM maps columns by position.
-EXPORT_COLUMNS: Final = (
-    "session_id",
-    "seq",
-    "kind",
-    "occurred_at",
-    "recorded_at",
-    "connection_id",
-    "requester",
-    "resource_name",
-    "account_name",
-    "protocol",
-    "statement_name",
-    "portal_name",
-    "sql",
-    "parameters",
-    "command_tag",
-    "rows",
-    "status",
-    "sqlstate",
-    "error_message",
-    "duration_ms",
-    "copy_direction",
-    "copy_bytes",
-    "detail",
-    "prev_hash",
-    "hash",
+from cli.render import (
+    human_bytes,
+    human_duration,
+    local_time,
+    parse_time,
+    plain,
+    printable,
 )
-#: Columns holding structured values; the CSV carries them as compact JSON text.
-_JSON_COLUMNS: Final = frozenset({"parameters", "detail"})
+from gateway.audit.review import (
+    API_MAX_PAGE,
+    DEFAULT_PAGE_SIZE,
+    EXPORT_COLUMNS,
+    EXPORT_PAGE,
+    Cursor,
+    ExportWriter,
+    Paging,
+    csv_row,
+    paging,
+    type_name,
+)
 
-_RELATIVE: Final = re.compile(r"^(?P<n>\d+)\s*(?P<unit>[smhdw])$")
-_UNITS: Final = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+__all__ = [
+    "API_MAX_PAGE",
+    "DEFAULT_PAGE_SIZE",
+    "EXPORT_COLUMNS",
+    "SEARCH_COLUMNS",
+    "SESSION_COLUMNS",
+    "ExportWriter",
+    "Paging",
+    "Timeline",
+    "When",
+    "closed_pipe_ends_quietly",
+    "csv_row",
+    "export_sessions",
+    "format_parameter",
+    "iso",
+    "iter_audit_pages",
+    "iter_sessions",
+    "paging",
+    "parse_when",
+    "problem_line",
+    "search_table",
+    "session_header",
+    "session_rows",
+    "show_timeline",
+    "statement_page",
+]
+
 _WHITESPACE: Final = re.compile(r"\s+")
 
 _STATUS_STYLES: Final = {
@@ -91,27 +97,6 @@ _STATUS_STYLES: Final = {
     "incomplete": "magenta",
 }
 _PROTOCOLS: Final = {"simple": "simple", "extended": "extended", "function_call": "fncall"}
-#: Common type OIDs (pg_type.dat) so a types-only trail reads ``$1::int4``.
-_TYPE_NAMES: Final = {
-    16: "bool",
-    17: "bytea",
-    20: "int8",
-    21: "int2",
-    23: "int4",
-    25: "text",
-    114: "json",
-    700: "float4",
-    701: "float8",
-    1042: "bpchar",
-    1043: "varchar",
-    1082: "date",
-    1083: "time",
-    1114: "timestamp",
-    1184: "timestamptz",
-    1700: "numeric",
-    2950: "uuid",
-    3802: "jsonb",
-}
 #: Longest parameter value shown inline in the timeline (the trail keeps more).
 _PARAMETER_CHARS: Final = 60
 _INDENT: Final = " " * 7
@@ -121,22 +106,24 @@ _INDENT: Final = " " * 7
 
 
 def parse_when(text: str, *, now: datetime | None = None) -> datetime:
-    """``7d``/``12h``/``30m``/``90s``/``2w`` ago, or an ISO-8601 date or datetime.
+    """An ISO-8601 date or datetime, or a duration ago (``7d``, ``12h``, ``1h30m``).
 
-    A date or datetime without a zone is local time. Returns an aware UTC datetime.
+    The duration is :func:`cli.access.parse_duration`'s (the one parser of
+    ``pam db access --duration`` too). A date or datetime without a zone is
+    local time. Returns an aware UTC datetime.
     """
     value = text.strip()
-    match = _RELATIVE.match(value.lower())
-    if match:
-        delta = timedelta(**{_UNITS[match["unit"]]: int(match["n"])})
-        return (now or datetime.now(UTC)).astimezone(UTC) - delta
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
-        raise click.BadParameter(
-            f"{text!r} is not a time: use 7d, 12h, 30m (ago) or an ISO-8601 date"
-            " or datetime such as 2024-06-01 or 2024-06-01T14:30"
-        ) from None
+        try:
+            seconds = parse_duration(re.sub(r"\s+", "", value))
+        except click.BadParameter:
+            raise click.BadParameter(
+                f"{text!r} is not a time: use 7d, 12h, 30m (ago) or an ISO-8601 date"
+                " or datetime such as 2024-06-01 or 2024-06-01T14:30"
+            ) from None
+        return (now or datetime.now(UTC)).astimezone(UTC) - timedelta(seconds=seconds)
     if moment.tzinfo is None:
         moment = moment.astimezone()  # the viewer's local time
     return moment.astimezone(UTC)
@@ -208,42 +195,37 @@ def iter_audit_pages(
     page_size: int = EXPORT_PAGE,
     after_seq: int = 0,
 ) -> Iterator[list[dict[str, Any]]]:
-    """One session's records in seq order, a page at a time (``after_seq`` paging)."""
+    """One session's records in seq order (*kind* ``statement``: its statements), a
+    page at a time, each page read by the cursor the server gave with the last."""
+    path = f"/v1/sessions/{seg(session_id)}/" + ("statements" if kind == "statement" else "trail")
+    if kind not in (None, "statement"):
+        raise ValueError(f"kind {kind!r}: pages are of statements or of every record")
+    cursor: str | None = None
+    if after_seq:
+        full_id = client.get(f"/v1/sessions/{seg(session_id)}")["session"]["id"]
+        cursor = Cursor(full_id, after_seq).encode()
     while True:
-        page: list[dict[str, Any]] = client.get(
-            f"/v1/sessions/{seg(session_id)}/audit", after_seq=after_seq, limit=page_size, kind=kind
-        )
-        if page:
-            yield page
-        if len(page) < page_size:
+        if cursor is None:
+            answer = client.get(path, page=1, page_size=page_size)
+        else:
+            answer = client.get(path, cursor=cursor, page_size=page_size)
+        records: list[dict[str, Any]] = answer["records"]
+        if records:
+            yield records
+        cursor = answer["next_cursor"]
+        if cursor is None:
             return
-        after_seq = page[-1]["seq"]
 
 
 def statement_page(
     client: ApiClient, session_id: str, page: int, page_size: int
 ) -> list[dict[str, Any]]:
-    """Statements ``(page-1)*page_size+1 .. page*page_size`` of a session, in seq order.
-
-    The audit API pages by seq, which connection records share with statements,
-    so the statements before the page are walked over (in the largest pages the
-    API allows) to find where the page starts.
-    """
-    path = f"/v1/sessions/{seg(session_id)}/audit"
-    after_seq = 0
-    skip = (page - 1) * page_size
-    while skip > 0:
-        want = min(skip, API_MAX_PAGE)
-        chunk: list[dict[str, Any]] = client.get(
-            path, after_seq=after_seq, limit=want, kind="statement"
-        )
-        if len(chunk) < want:
-            return []
-        after_seq = chunk[-1]["seq"]
-        skip -= want
-    records: list[dict[str, Any]] = client.get(
-        path, after_seq=after_seq, limit=page_size, kind="statement"
+    """Statements ``(page-1)*page_size+1 .. page*page_size`` of a session, in seq order:
+    one request, which the server answers at the same cost for every page."""
+    answer = client.get(
+        f"/v1/sessions/{seg(session_id)}/statements", page=page, page_size=page_size
     )
+    records: list[dict[str, Any]] = answer["records"]
     return records
 
 
@@ -284,28 +266,23 @@ SESSION_COLUMNS: Final = (
 # --- sessions show -------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Paging:
-    #: ``None``: every page (``--all``).
-    page: int | None
-    page_size: int
-    pages: int
-    total: int
-
-
-def paging(total: int, page: int | None, page_size: int) -> Paging:
-    pages = max(1, math.ceil(total / page_size))
-    if page is not None and page > pages:
-        raise InvalidRequest(
-            f"page {page} is past the last page: {total} statements make {pages}"
-            f" page{'s' if pages != 1 else ''} of {page_size}"
-        )
-    return Paging(page, page_size, pages, total)
-
-
 def connection_labels(connections: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     """``#1``, ``#2``, ... by start order, as the Connections table numbers them."""
     return {c["id"]: f"#{n}" for n, c in enumerate(connections, start=1)}
+
+
+CONNECTION_COLUMNS: Final = (
+    "#",
+    "STARTED",
+    "CLIENT",
+    "APPLICATION",
+    "PID",
+    "DURATION",
+    "FROM CLIENT",
+    "FROM SERVER",
+    "END",
+    "ERROR",
+)
 
 
 def session_header(detail: Mapping[str, Any]) -> list[RenderableType]:
@@ -335,22 +312,8 @@ def session_header(detail: Mapping[str, Any]) -> list[RenderableType]:
         line = Text(key.ljust(width), style="bold")
         line.append("  " + printable(value))
         out.append(line)
-    grid = Table(title="Connections", title_justify="left", header_style="bold")
-    for column in (
-        "#",
-        "STARTED",
-        "CLIENT",
-        "APPLICATION",
-        "PID",
-        "DURATION",
-        "FROM CLIENT",
-        "FROM SERVER",
-        "END",
-        "ERROR",
-    ):
-        grid.add_column(column, overflow="fold")
-    for n, c in enumerate(detail["connections"], start=1):
-        cells = [
+    rows = [
+        [
             f"#{n}",
             local_time(c["started_at"]),
             c["client_addr"],
@@ -362,8 +325,14 @@ def session_header(detail: Mapping[str, Any]) -> list[RenderableType]:
             c.get("end_reason") or "live",
             f"{c['error_sqlstate']}: {c['error_message']}" if c.get("error_sqlstate") else None,
         ]
-        grid.add_row(*(plain(cell) for cell in cells))
-    out.append(grid)
+        for n, c in enumerate(detail["connections"], start=1)
+    ]
+    connections = Table(title="Connections", title_justify="left", header_style="bold")
+    for column in CONNECTION_COLUMNS:
+        connections.add_column(column, overflow="fold")
+    for row in rows:
+        connections.add_row(*(plain(cell) for cell in row))
+    out.append(connections)
     return out
 
 
@@ -400,9 +369,7 @@ def format_parameter(parameter: Mapping[str, Any]) -> str:
     if parameter.get("format") == "null":
         return f"{name}=NULL"
     if value is None:
-        type_oid = parameter.get("type_oid")
-        type_name = _TYPE_NAMES.get(type_oid, f"oid{type_oid}") if type_oid else "?"
-        return f"{name}::{type_name}"
+        return f"{name}::{type_name(parameter.get('type_oid'))}"
     cut = parameter.get("truncated") or len(value) > _PARAMETER_CHARS
     shown = printable(one_line(value)[:_PARAMETER_CHARS])
     if parameter.get("format") == "binary":
@@ -540,41 +507,6 @@ def closed_pipe_ends_quietly() -> Iterator[None]:
         sys.exit(141)
 
 
-def csv_row(record: Mapping[str, Any]) -> list[Any]:
-    row: list[Any] = []
-    for column in EXPORT_COLUMNS:
-        value = record.get(column)
-        if column in _JSON_COLUMNS:
-            value = (
-                None
-                if value is None
-                else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-            )
-        row.append("" if value is None else value)
-    return row
-
-
-class ExportWriter:
-    """Writes audit records as JSON lines or CSV (with its fixed header) to *out*."""
-
-    def __init__(self, out: IO[str], fmt: str) -> None:
-        self._out = out
-        self._csv = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
-        if self._csv is not None:
-            self._csv.writerow(EXPORT_COLUMNS)
-        self.records = 0
-
-    def write(self, records: Sequence[Mapping[str, Any]]) -> None:
-        if self._csv is not None:
-            self._csv.writerows(csv_row(r) for r in records)
-        else:
-            self._out.writelines(
-                json.dumps(r, separators=(",", ":"), ensure_ascii=False) + "\n" for r in records
-            )
-        self._out.flush()
-        self.records += len(records)
-
-
 def export_sessions(
     client: ApiClient,
     writer: ExportWriter,
@@ -596,7 +528,7 @@ def export_sessions(
         ids = [s["id"] for s in iter_sessions(client, since=iso(since), until=until)]
         ids.reverse()
     for sid in ids:
-        for page in iter_audit_pages(client, sid):
+        for page in iter_audit_pages(client, sid, page_size=EXPORT_PAGE):
             writer.write(page)
     return len(ids)
 
@@ -616,22 +548,27 @@ SEARCH_COLUMNS: Final = (
 _EXCERPT_CHARS: Final = 100
 
 
-def search_table(records: Sequence[Mapping[str, Any]]) -> Table:
-    grid = Table(show_lines=False, header_style="bold")
-    for column in SEARCH_COLUMNS:
-        grid.add_column(column, overflow="fold")
+def search_table(records: Sequence[Mapping[str, Any]]) -> RenderableType:
+    rows = []
     for r in records:
         status = r.get("status") or r.get("kind") or "-"
-        grid.add_row(
-            Text(local_time(r["occurred_at"])),
-            plain(r["session_id"][:8]),
-            Text(str(r["seq"])),
-            plain(r["requester"]),
-            plain(f"{r['resource_name']}/{r['account_name']}"),
-            plain(status, style=_STATUS_STYLES.get(status, "")),
-            Text(truncate(printable(one_line(r.get("sql"))), _EXCERPT_CHARS) or "-"),
+        rows.append(
+            [
+                local_time(r["occurred_at"]),
+                r["session_id"][:8],
+                r["seq"],
+                r["requester"],
+                f"{r['resource_name']}/{r['account_name']}",
+                plain(status, style=_STATUS_STYLES.get(status, "")),
+                truncate(printable(one_line(r.get("sql"))), _EXCERPT_CHARS) or "-",
+            ]
         )
-    return grid
+    table = Table(show_lines=False, header_style="bold")
+    for column in SEARCH_COLUMNS:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(cell if isinstance(cell, Text) else plain(cell) for cell in row))
+    return table
 
 
 def problem_line(problem: Mapping[str, Any]) -> str:

@@ -159,6 +159,23 @@ class SessionDetail(BaseModel):
     statements: int
 
 
+class AuditPageOut(BaseModel):
+    """One page of a session's trail (``kind`` ``statement``: its statements only).
+
+    ``page`` is ``None`` for a page read by ``cursor``; ``next_cursor`` reads the
+    following page at the same cost, ``None`` on the last page.
+    """
+
+    session_id: str
+    kind: str | None
+    total: int
+    page: int | None
+    pages: int
+    page_size: int
+    records: list[AuditRecordOut]
+    next_cursor: str | None
+
+
 class ProblemOut(_Out):
     session_id: str
     seq: int | None

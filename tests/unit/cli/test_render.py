@@ -70,3 +70,39 @@ def test_key_values_are_escaped_and_never_markup(monkeypatch: pytest.MonkeyPatch
     out = _rendered(monkeypatch, 120, terminal=False)
     render.key_values([("requester", "[red]mallory\x1b[31m")])
     assert out.getvalue() == "requester  [red]mallory\\x1b[31m\n"
+
+
+def test_the_statement_page_is_one_request_whatever_its_number() -> None:
+    from cli.review import statement_page
+
+    class CountingClient:
+        def __init__(self) -> None:
+            self.requests: list[tuple[str, dict[str, object]]] = []
+
+        def get(self, path: str, **params: object) -> dict[str, object]:
+            self.requests.append((path, params))
+            return {"records": [], "next_cursor": None}
+
+    client = CountingClient()
+    statement_page(client, "ab" * 16, 1, 200)  # type: ignore[arg-type]
+    statement_page(client, "ab" * 16, 766, 200)  # type: ignore[arg-type]
+    assert client.requests == [
+        (f"/v1/sessions/{'ab' * 16}/statements", {"page": 1, "page_size": 200}),
+        (f"/v1/sessions/{'ab' * 16}/statements", {"page": 766, "page_size": 200}),
+    ]
+
+
+def test_relative_times_use_the_one_duration_parser() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    import click
+
+    from cli.review import parse_when
+
+    now = datetime(2024, 6, 8, 12, 0, tzinfo=UTC)
+    assert parse_when("7d", now=now) == now - timedelta(days=7)
+    assert parse_when("1h30m", now=now) == now - timedelta(minutes=90)
+    assert parse_when("2w", now=now) == now - timedelta(weeks=2)
+    assert parse_when("2024-06-01T00:00:00+00:00") == datetime(2024, 6, 1, tzinfo=UTC)
+    with pytest.raises(click.BadParameter, match="is not a time"):
+        parse_when("last tuesday")

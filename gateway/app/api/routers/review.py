@@ -1,14 +1,20 @@
-"""Review: sessions, their connections and audit trails, search and verification."""
+"""Review: sessions, their connections and audit trails, search and verification.
+
+Paging is :mod:`gateway.audit.review`'s (over the store as its ``AuditTrail``
+port): a page is read by a keyed cursor, so page 766 costs what page 1 costs,
+and the answer carries the cursor of the next page.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
 from gateway.app.api.deps import Service, aware
 from gateway.app.api.models import (
+    AuditPageOut,
     AuditRecordOut,
     AuditVerifyOut,
     ConnectionOut,
@@ -16,6 +22,8 @@ from gateway.app.api.models import (
     SessionDetail,
     SessionOut,
 )
+from gateway.audit import review
+from gateway.audit.review import API_MAX_PAGE, DEFAULT_PAGE_SIZE, STATEMENT, AuditTrail, Cursor
 
 router = APIRouter(prefix="/v1")
 
@@ -80,6 +88,73 @@ async def session_audit(
         service.store.list_audit, session_id, after_seq=after_seq, limit=limit, kinds=kind
     )
     return [AuditRecordOut.of(r) for r in records]
+
+
+@router.get("/sessions/{session_id}/statements")
+async def statement_page(
+    session_id: str,
+    service: Service,
+    page: int = Query(default=1, ge=1),
+    page_size: int = Query(default=DEFAULT_PAGE_SIZE, ge=1, le=API_MAX_PAGE),
+    cursor: str | None = None,
+) -> AuditPageOut:
+    """A page of the session's statements: page *page*, or the page after *cursor*."""
+    return await _page(service, session_id, STATEMENT, page, page_size, cursor)
+
+
+@router.get("/sessions/{session_id}/trail")
+async def trail_page(
+    session_id: str,
+    service: Service,
+    page: int = Query(default=1, ge=1),
+    page_size: int = Query(default=1000, ge=1, le=API_MAX_PAGE),
+    cursor: str | None = None,
+) -> AuditPageOut:
+    """A page of every record of the session (its seq range), or the page after *cursor*."""
+    return await _page(service, session_id, None, page, page_size, cursor)
+
+
+def _trail(service: Service) -> AuditTrail[Any]:
+    # Typed, so mypy checks that the store implements the review port.
+    trail: AuditTrail[Any] = service.store
+    return trail
+
+
+async def _page(
+    service: Service,
+    session_id: str,
+    kind: str | None,
+    page: int,
+    page_size: int,
+    cursor: str | None,
+) -> AuditPageOut:
+    trail = _trail(service)
+    full_id = (await service.db(service.store.get_session, session_id)).id
+    await _drain(service)
+    total = await service.db(service.store.count_audit, full_id, kind)
+    kinds = None if kind is None else (kind,)
+    if cursor is not None:
+        after = Cursor.decode(cursor, full_id).after_seq
+        view = review.paging(total, None, page_size)
+        found = await service.db(
+            review.read_page, trail, full_id, after_seq=after, limit=page_size, kinds=kinds
+        )
+    else:
+        view = review.paging(
+            total, page, page_size, what="records" if kind is None else "statements"
+        )
+        read = review.record_page if kind is None else review.statement_page
+        found = await service.db(read, trail, full_id, page, page_size)
+    return AuditPageOut(
+        session_id=full_id,
+        kind=kind,
+        total=total,
+        page=view.page,
+        pages=view.pages,
+        page_size=page_size,
+        records=[AuditRecordOut.of(r) for r in found.records],
+        next_cursor=None if found.next_cursor is None else found.next_cursor.encode(),
+    )
 
 
 @router.get("/audit/search")

@@ -1,0 +1,345 @@
+"""Reviewing a session's audit trail: pages by keyed cursor, export formats, type names.
+
+Role: the review logic that the control API serves and the CLI (and a future web
+page) share, so none of them computes paging, export columns or type names on
+its own. Sans-store: it works on records passed in, or over :class:`AuditTrail`,
+the two store reads it needs (the store implements it; this package never
+imports the store).
+
+Invariants:
+
+* Every page costs the same, whatever its number. A page is read by a keyed
+  cursor (session, ``seq > after_seq``), never by skipping earlier pages.
+  Records of a session are numbered ``seq`` 1, 2, 3 ... (the store appends at
+  its head and refuses deletes), so page *N* of the whole trail is the seq range
+  ``((N-1)*size, N*size]``, and statement *k* sits at *k* plus the number of
+  connection records before it, which :func:`statement_page` counts from the
+  connection records alone (two per connection). A trail whose seqs are not
+  dense (tampered; ``pam audit verify`` names it) is still answered correctly,
+  by walking it here, server-side.
+* A cursor is opaque to clients and names its session: one from another
+  session is refused, not silently applied.
+* Export rows keep the exact data (no escaping: that is the terminal's job);
+  the CSV columns are fixed, in order, because a SIEM maps them by position.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import IO, Any, Final, Generic, Protocol, TypeVar
+
+from gateway.audit.records import AUDIT_KINDS
+from gateway.errors import InvalidRequest
+
+#: The largest page the API answers (``limit``/``page_size``).
+API_MAX_PAGE: Final = 10_000
+#: Statements per page of ``pam sessions show``.
+DEFAULT_PAGE_SIZE: Final = 200
+#: Records per read when streaming an export.
+EXPORT_PAGE: Final = 1_000
+
+STATEMENT: Final = "statement"
+#: The kinds that are not statements (connection start and end): a few per
+#: connection, read to place a statement page without reading the statements.
+_OTHER_KINDS: Final = tuple(sorted(AUDIT_KINDS - {STATEMENT}))
+
+#: The CSV export's columns, in order. Fixed: a SIEM maps columns by position.
+EXPORT_COLUMNS: Final = (
+    "session_id",
+    "seq",
+    "kind",
+    "occurred_at",
+    "recorded_at",
+    "connection_id",
+    "requester",
+    "resource_name",
+    "account_name",
+    "protocol",
+    "statement_name",
+    "portal_name",
+    "sql",
+    "parameters",
+    "command_tag",
+    "rows",
+    "status",
+    "sqlstate",
+    "error_message",
+    "duration_ms",
+    "copy_direction",
+    "copy_bytes",
+    "detail",
+    "prev_hash",
+    "hash",
+)
+#: Columns holding structured values; the CSV carries them as compact JSON text.
+JSON_COLUMNS: Final = frozenset({"parameters", "detail"})
+EXPORT_FORMATS: Final = ("jsonl", "csv")
+
+#: Common type OIDs (PostgreSQL's pg_type.dat) so a types-only trail reads ``$1::int4``.
+TYPE_NAMES: Final = {
+    16: "bool",
+    17: "bytea",
+    20: "int8",
+    21: "int2",
+    23: "int4",
+    25: "text",
+    114: "json",
+    700: "float4",
+    701: "float8",
+    1042: "bpchar",
+    1043: "varchar",
+    1082: "date",
+    1083: "time",
+    1114: "timestamp",
+    1184: "timestamptz",
+    1700: "numeric",
+    2950: "uuid",
+    3802: "jsonb",
+}
+
+_CURSOR_PREFIX: Final = "c1."
+
+
+def type_name(type_oid: int | None) -> str:
+    """``int4`` for 23, ``oid12345`` for a type without a common name, ``?`` for none."""
+    if not type_oid:
+        return "?"
+    return TYPE_NAMES.get(type_oid, f"oid{type_oid}")
+
+
+# --- the port ------------------------------------------------------------------------
+
+
+class TrailRecord(Protocol):
+    """What paging needs of a record: its place and its kind."""
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def kind(self) -> str: ...
+
+
+R = TypeVar("R", bound=TrailRecord)
+R_co = TypeVar("R_co", bound=TrailRecord, covariant=True)
+
+
+class AuditTrail(Protocol[R_co]):
+    """The store reads review needs, keyed by seq (the store implements them)."""
+
+    def list_audit(
+        self,
+        session_id: str,
+        *,
+        after_seq: int = 0,
+        limit: int = 1000,
+        kinds: Iterable[str] | None = None,
+    ) -> Sequence[R_co]:
+        """A session's records with ``seq > after_seq``, in seq order, at most *limit*."""
+        ...
+
+    def count_audit(self, session_id: str, kind: str | None = None) -> int:
+        """How many records the session's trail holds (of *kind*, if given)."""
+        ...
+
+
+# --- paging --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Paging:
+    """Where a page sits: ``page`` ``None`` means every page (``--all``)."""
+
+    page: int | None
+    page_size: int
+    pages: int
+    total: int
+
+
+def paging(total: int, page: int | None, page_size: int, *, what: str = "statements") -> Paging:
+    """The page count for *total* records; a page past the last is refused."""
+    pages = max(1, math.ceil(total / page_size))
+    if page is not None and page > pages:
+        raise InvalidRequest(
+            f"page {page} is past the last page: {total} {what} make {pages}"
+            f" page{'s' if pages != 1 else ''} of {page_size}"
+        )
+    return Paging(page, page_size, pages, total)
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where the next page starts: the records of *session_id* after *after_seq*."""
+
+    session_id: str
+    after_seq: int
+
+    def encode(self) -> str:
+        raw = f"{self.session_id}:{self.after_seq}".encode()
+        return _CURSOR_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, token: str, session_id: str) -> Cursor:
+        """The cursor *token* encodes, which must name *session_id*."""
+        bad = InvalidRequest(
+            "cursor: not a cursor this gateway issued",
+            hint="pass the next_cursor of the previous page unchanged",
+        )
+        if not token.startswith(_CURSOR_PREFIX):
+            raise bad
+        body = token[len(_CURSOR_PREFIX) :]
+        try:
+            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise bad from None
+        named, _, after = raw.rpartition(":")
+        if not named or not after.isdigit():
+            raise bad
+        if named != session_id:
+            raise InvalidRequest("cursor: it belongs to another session")
+        return cls(named, int(after))
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[R]):
+    """One page of records, and the cursor of the next (``None``: this is the last)."""
+
+    records: list[R]
+    next_cursor: Cursor | None
+
+
+def read_page(
+    trail: AuditTrail[R],
+    session_id: str,
+    *,
+    after_seq: int,
+    limit: int,
+    kinds: Sequence[str] | None = None,
+) -> Page[R]:
+    """The records after a cursor: one keyed read, whatever the position."""
+    records = list(trail.list_audit(session_id, after_seq=after_seq, limit=limit, kinds=kinds))
+    following = Cursor(session_id, records[-1].seq) if len(records) == limit else None
+    return Page(records, following)
+
+
+def record_page(trail: AuditTrail[R], session_id: str, page: int, page_size: int) -> Page[R]:
+    """Page *page* of the whole trail (every kind): the seq range of that page."""
+    return read_page(trail, session_id, after_seq=(page - 1) * page_size, limit=page_size)
+
+
+def statement_page(trail: AuditTrail[R], session_id: str, page: int, page_size: int) -> Page[R]:
+    """Statements ``(page-1)*page_size+1 ..`` of *session_id*, in seq order.
+
+    Reads the connection records to find the seq of the page's first statement,
+    then that page: the same reads for page 1 and page 766. *session_id* must
+    be a full id (the API resolves prefixes first).
+    """
+    index = (page - 1) * page_size + 1
+    if _is_dense(trail, session_id):
+        start = _nth_seq_not_in(_other_seqs(trail, session_id), index)
+        return read_page(
+            trail, session_id, after_seq=start - 1, limit=page_size, kinds=(STATEMENT,)
+        )
+    return _walked_statement_page(trail, session_id, index, page_size)
+
+
+def _is_dense(trail: AuditTrail[R], session_id: str) -> bool:
+    """Whether the trail's seqs are exactly 1..count.
+
+    *count* distinct positive seqs with none above *count* are 1..count. A
+    record appended between the two reads makes this false (the walk answers),
+    never wrongly true: appends only ever go above the head.
+    """
+    count = trail.count_audit(session_id)
+    return not trail.list_audit(session_id, after_seq=count, limit=1)
+
+
+def _other_seqs(trail: AuditTrail[R], session_id: str) -> Iterator[int]:
+    """Seqs of the session's non-statement records, ascending, read lazily."""
+    after = 0
+    while True:
+        chunk = trail.list_audit(
+            session_id, after_seq=after, limit=API_MAX_PAGE, kinds=_OTHER_KINDS
+        )
+        for record in chunk:
+            yield record.seq
+        if len(chunk) < API_MAX_PAGE:
+            return
+        after = chunk[-1].seq
+
+
+def _nth_seq_not_in(taken: Iterable[int], n: int) -> int:
+    """The *n*-th positive integer (1-based) not in the ascending *taken*."""
+    candidate = n
+    for seq in taken:
+        if seq > candidate:
+            break
+        candidate += 1
+    return candidate
+
+
+def _walked_statement_page(
+    trail: AuditTrail[R], session_id: str, index: int, page_size: int
+) -> Page[R]:
+    # Only for a trail with holes in its seqs: skip statements server-side, in
+    # the largest reads the store allows; the client still gets one page.
+    after_seq = 0
+    skip = index - 1
+    while skip > 0:
+        want = min(skip, API_MAX_PAGE)
+        chunk = trail.list_audit(session_id, after_seq=after_seq, limit=want, kinds=(STATEMENT,))
+        if len(chunk) < want:
+            return Page([], None)
+        after_seq = chunk[-1].seq
+        skip -= want
+    return read_page(trail, session_id, after_seq=after_seq, limit=page_size, kinds=(STATEMENT,))
+
+
+# --- export --------------------------------------------------------------------------
+
+
+def csv_row(record: Mapping[str, Any]) -> list[Any]:
+    """One record (as the API's JSON) as a CSV row of :data:`EXPORT_COLUMNS`."""
+    row: list[Any] = []
+    for column in EXPORT_COLUMNS:
+        value = record.get(column)
+        if column in JSON_COLUMNS:
+            value = (
+                None
+                if value is None
+                else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+            )
+        row.append("" if value is None else value)
+    return row
+
+
+def jsonl_line(record: Mapping[str, Any]) -> str:
+    """One record (as the API's JSON) as one JSON line, exactly as the API has it."""
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n"
+
+
+class ExportWriter:
+    """Writes audit records as JSON lines or CSV (with its fixed header) to *out*."""
+
+    def __init__(self, out: IO[str], fmt: str) -> None:
+        if fmt not in EXPORT_FORMATS:
+            raise InvalidRequest(f"format: {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
+        self._out = out
+        self._csv = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
+        if self._csv is not None:
+            self._csv.writerow(EXPORT_COLUMNS)
+        self.records = 0
+
+    def write(self, records: Sequence[Mapping[str, Any]]) -> None:
+        if self._csv is not None:
+            self._csv.writerows(csv_row(r) for r in records)
+        else:
+            self._out.writelines(jsonl_line(r) for r in records)
+        self._out.flush()
+        self.records += len(records)
