@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -105,13 +105,67 @@ def human_bytes(count: int | None) -> str:
     return f"{count} B"
 
 
+def is_interactive(out: Console | None = None) -> bool:
+    """Whether *out* (default: the CLI's console) writes to a terminal a person reads.
+
+    Not ``Console.is_terminal`` alone: ``FORCE_COLOR`` makes that true for a pipe,
+    and a pipe gets plain rows (colours are still rich's choice).
+    """
+    out = out or console
+    isatty = getattr(out.file, "isatty", None)
+    return out.is_terminal and callable(isatty) and bool(isatty())
+
+
+def _cell(value: object) -> Text:
+    return value if isinstance(value, Text) else plain(value)
+
+
+def grid(
+    columns: Sequence[str],
+    rows: Iterable[Sequence[object]],
+    *,
+    title: str | None = None,
+    out: Console | None = None,
+) -> RenderableType:
+    """Rows for people: a boxed table if it fits the terminal, else one block per row;
+    plain aligned lines (one per row, never wrapped) when not on a terminal.
+
+    Cells are escaped (:func:`plain`) unless they are already :class:`Text`.
+    """
+    out = out or console
+    cells = [[_cell(value) for value in row] for row in rows]
+    heads = [Text(column, style="bold") for column in columns]
+    widths = [max([h.cell_len] + [row[i].cell_len for row in cells]) for i, h in enumerate(heads)]
+    parts: list[RenderableType] = [] if title is None else [Text(title, style="bold italic")]
+    if not is_interactive(out):
+        for row in [heads, *cells]:
+            line = Text("  ").join(
+                cell
+                if i == len(row) - 1
+                else Text.assemble(cell, " " * (widths[i] - cell.cell_len))
+                for i, cell in enumerate(row)
+            )
+            parts.append(line)
+        return Group(*parts)
+    # A box with one space of padding each side: 3 columns of frame per column, plus 1.
+    if sum(widths) + 3 * len(widths) + 1 <= out.width:
+        boxed = Table(title=title, title_justify="left", show_lines=False, header_style="bold")
+        for column in columns:
+            boxed.add_column(column, no_wrap=True)
+        for row in cells:
+            boxed.add_row(*row)
+        return boxed
+    label = max(h.cell_len for h in heads)
+    for n, row in enumerate(cells):
+        if n:
+            parts.append(Text(""))
+        for head, cell in zip(heads, row, strict=True):
+            parts.append(Text.assemble(head, " " * (label - head.cell_len + 2), cell))
+    return Group(*parts)
+
+
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    grid = Table(title=title, title_justify="left", show_lines=False, header_style="bold")
-    for column in columns:
-        grid.add_column(column, overflow="fold")
-    for row in rows:
-        grid.add_row(*(plain(cell) for cell in row))
-    console.print(grid)
+    console.print(grid(columns, rows, title=title))
 
 
 def key_values(pairs: Sequence[tuple[str, Any]]) -> None:

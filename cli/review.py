@@ -20,6 +20,8 @@ Invariants:
   names) is printed through :func:`cli.render.printable` as plain
   :class:`rich.text.Text`, never as markup and never with a raw control
   character, so a statement cannot restyle, hide or clear the review output.
+* Tables fit: boxed when they fit the terminal, one block per record when they
+  do not, plain aligned lines when stdout is not a terminal (:func:`cli.render.grid`).
 """
 
 from __future__ import annotations
@@ -34,12 +36,12 @@ from typing import Any, Final
 
 import click
 from rich.console import Console, RenderableType
-from rich.table import Table
 from rich.text import Text
 
 from cli.access import parse_duration
 from cli.client import ApiClient, seg
 from cli.render import (
+    grid,
     human_bytes,
     human_duration,
     local_time,
@@ -327,12 +329,7 @@ def session_header(detail: Mapping[str, Any]) -> list[RenderableType]:
         ]
         for n, c in enumerate(detail["connections"], start=1)
     ]
-    connections = Table(title="Connections", title_justify="left", header_style="bold")
-    for column in CONNECTION_COLUMNS:
-        connections.add_column(column, overflow="fold")
-    for row in rows:
-        connections.add_row(*(plain(cell) for cell in row))
-    out.append(connections)
+    out.append(grid(CONNECTION_COLUMNS, rows, title="Connections"))
     return out
 
 
@@ -563,12 +560,7 @@ def search_table(records: Sequence[Mapping[str, Any]]) -> RenderableType:
                 truncate(printable(one_line(r.get("sql"))), _EXCERPT_CHARS) or "-",
             ]
         )
-    table = Table(show_lines=False, header_style="bold")
-    for column in SEARCH_COLUMNS:
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*(cell if isinstance(cell, Text) else plain(cell) for cell in row))
-    return table
+    return grid(SEARCH_COLUMNS, rows)
 
 
 def problem_line(problem: Mapping[str, Any]) -> str:

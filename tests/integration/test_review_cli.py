@@ -16,6 +16,7 @@ import json
 import re
 import secrets
 import subprocess
+import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -342,3 +343,45 @@ def test_review_output_escapes_control_characters_that_came_from_the_database(
     assert "select '\x1b[2J' as cleared, '[bold]markup[/bold]' as shown" in [
         r["sql"] for r in exported
     ]
+
+
+def test_review_tables_piped_at_80_columns_are_plain_lines_one_record_each(
+    gateway: Gateway,
+) -> None:
+    access = gateway.access().wait_ready()
+    psql(access, "select 'a statement long enough to need more than eighty columns' as text")
+    assert access.stop() == 0
+
+    def piped(*args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "cli", *args],
+            capture_output=True,
+            text=True,
+            env={**gateway.env, "COLUMNS": "80"},
+            timeout=120,
+            check=True,
+        )
+        return result.stdout
+
+    listing = piped("sessions", "list").splitlines()
+    assert listing[0].split() == [
+        "SESSION",
+        "REQUESTER",
+        "RESOURCE/ACCOUNT",
+        "STARTED",
+        "ENDED",
+        "DURATION",
+        "STATE",
+    ]
+    assert len(listing) == 2 and listing[1].startswith(access.session_prefix)
+    assert listing[1].rstrip().endswith("client_ended")
+    search = piped("audit", "search", "eighty columns").splitlines()
+    assert len(search) == 2
+    assert search[1].endswith(
+        "select 'a statement long enough to need more than eighty columns' as text"
+    )
+    show = piped("sessions", "show", access.session_prefix)
+    connections = show.splitlines()[show.splitlines().index("Connections") + 2]
+    assert connections.startswith("#1 ") and connections.rstrip().endswith("-")
+    for output in (listing, search, show.splitlines()):
+        assert not any(box in line for line in output for box in "│┃━─┏└")

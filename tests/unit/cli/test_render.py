@@ -72,6 +72,61 @@ def test_key_values_are_escaped_and_never_markup(monkeypatch: pytest.MonkeyPatch
     assert out.getvalue() == "requester  [red]mallory\\x1b[31m\n"
 
 
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _console(width: int, *, tty: bool) -> tuple[Console, io.StringIO]:
+    out: io.StringIO = _Tty() if tty else io.StringIO()
+    console = Console(file=out, width=width, highlight=False, soft_wrap=True, color_system=None)
+    return console, out
+
+
+SESSION_ROW = [
+    "3f2a9c1d2e4b",
+    "requester-with-a-long-name",
+    "production-db/readonly",
+    "2024-06-01 14:30:00 CEST",
+    "2024-06-01 15:30:00 CEST",
+    "1h00m00s",
+    "client_closed",
+]
+COLUMNS = ["SESSION", "REQUESTER", "RESOURCE/ACCOUNT", "STARTED", "ENDED", "DURATION", "STATE"]
+
+
+def test_a_table_too_wide_for_80_columns_shows_one_block_per_record() -> None:
+    console, out = _console(80, tty=True)
+    console.print(render.grid(COLUMNS, [SESSION_ROW, SESSION_ROW], out=console))
+    lines = out.getvalue().splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    assert "REQUESTER         requester-with-a-long-name" in lines
+    assert "STATE             client_closed" in lines
+    assert lines.count("") == 1  # a blank line between the two records
+    assert not any(char in out.getvalue() for char in "│┃━─")
+
+
+def test_a_table_that_fits_is_boxed_with_no_cell_broken() -> None:
+    console, out = _console(200, tty=True)
+    console.print(render.grid(COLUMNS, [SESSION_ROW], out=console))
+    text = out.getvalue()
+    assert "│ requester-with-a-long-name │" in text
+    assert all(len(line) <= 200 for line in text.splitlines())
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_piped_output_is_plain_aligned_lines_one_per_record(width: int) -> None:
+    console, out = _console(width, tty=False)
+    console.print(render.grid(COLUMNS, [SESSION_ROW, [*SESSION_ROW[:-1], "active"]], out=console))
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3
+    assert lines[0].split() == [*COLUMNS[:3], "STARTED", "ENDED", "DURATION", "STATE"]
+    assert lines[1].split("  ")[0] == "3f2a9c1d2e4b"
+    assert lines[1].endswith("client_closed") and lines[2].endswith("active")
+    assert lines[0].index("REQUESTER") == lines[1].index("requester-with")
+    assert not any(char in out.getvalue() for char in "│┃━─")
+
+
 def test_the_statement_page_is_one_request_whatever_its_number() -> None:
     from cli.review import statement_page
 
