@@ -49,45 +49,13 @@ from cli.render import (
     plain,
     printable,
 )
-from gateway.audit.review import (
-    API_MAX_PAGE,
-    DEFAULT_PAGE_SIZE,
-    EXPORT_COLUMNS,
-    EXPORT_PAGE,
-    Cursor,
-    ExportWriter,
-    Paging,
-    csv_row,
-    paging,
-    type_name,
-)
 
-__all__ = [
-    "API_MAX_PAGE",
-    "DEFAULT_PAGE_SIZE",
-    "EXPORT_COLUMNS",
-    "SEARCH_COLUMNS",
-    "SESSION_COLUMNS",
-    "ExportWriter",
-    "Paging",
-    "Timeline",
-    "When",
-    "closed_pipe_ends_quietly",
-    "csv_row",
-    "export_sessions",
-    "format_parameter",
-    "iso",
-    "iter_audit_pages",
-    "iter_sessions",
-    "paging",
-    "parse_when",
-    "problem_line",
-    "search_table",
-    "session_header",
-    "session_rows",
-    "show_timeline",
-    "statement_page",
-]
+# Re-exported: the commands take paging and the export writer from here.
+from gateway.audit.review import API_MAX_PAGE as API_MAX_PAGE
+from gateway.audit.review import DEFAULT_PAGE_SIZE as DEFAULT_PAGE_SIZE
+from gateway.audit.review import EXPORT_PAGE, Cursor, Paging, type_name
+from gateway.audit.review import ExportWriter as ExportWriter
+from gateway.audit.review import paging as paging
 
 _WHITESPACE: Final = re.compile(r"\s+")
 
