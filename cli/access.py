@@ -15,12 +15,11 @@ import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import FrameType
-from typing import Any
 from urllib.parse import quote
 
 import click
 
-from cli.client import ApiClient, ApiError
+from cli.client import ApiClient, ApiError, SessionJson
 from cli.render import console, local_time, parse_time
 
 HEARTBEAT_SECONDS = 2.0
@@ -57,7 +56,7 @@ class ConnectionInfo:
     jdbc: str
 
 
-def connection_info(session: dict[str, Any]) -> ConnectionInfo:
+def connection_info(session: SessionJson) -> ConnectionInfo:
     host = session["listen_host"]
     port = session["listen_port"]
     user = quote(session["username"], safe="")
@@ -88,15 +87,12 @@ def hold_access(
     ready: threading.Event | None = None,
 ) -> int:
     """Open a grant and hold it until Ctrl+C/SIGTERM or expiry; returns an exit code."""
-    session = client.post(
-        "/v1/access",
-        {
-            "resource": resource,
-            "account": account,
-            "duration_seconds": duration_seconds,
-            "port": port,
-            "requester": getpass.getuser(),
-        },
+    session = client.open_access(
+        resource=resource,
+        account=account,
+        duration_seconds=duration_seconds,
+        port=port,
+        requester=getpass.getuser(),
     )
     info = connection_info(session)
     expires = parse_time(session["expires_at"])
@@ -123,7 +119,7 @@ def hold_access(
             if stop.wait(HEARTBEAT_SECONDS):
                 break
             try:
-                state = client.post(f"/v1/access/{session['id']}/heartbeat")
+                state = client.heartbeat(session["id"])
                 missed = 0
             except ApiError as exc:
                 if exc.status is not None:
@@ -141,7 +137,7 @@ def hold_access(
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-    ended = client.post(f"/v1/access/{session['id']}/end", {})
+    ended = client.end_access(session["id"])
     console.print(
         f"Session {ended['id'][:8]} ended"
         f" ({ended.get('end_reason') or 'client_ended'}) after"
@@ -150,7 +146,7 @@ def hold_access(
     return 0
 
 
-def _report_end(client: ApiClient, state: dict[str, Any]) -> int:
+def _report_end(client: ApiClient, state: SessionJson) -> int:
     reason = state.get("end_reason")
     if reason == "expired":
         console.print(
@@ -161,11 +157,11 @@ def _report_end(client: ApiClient, state: dict[str, Any]) -> int:
         detail = f": {state['end_detail']}" if state.get("end_detail") else ""
         console.print(f"[bold yellow]Session ended by the gateway[/] ({reason}{detail}).")
     # Release the listener that still answers late connections with a refusal.
-    client.post(f"/v1/access/{state['id']}/end", {})
+    client.end_access(state["id"])
     return 0
 
 
-def _elapsed(session: dict[str, Any]) -> str:
+def _elapsed(session: SessionJson) -> str:
     from cli.render import human_duration
 
     seconds = session.get("duration_seconds")

@@ -1,12 +1,26 @@
-"""HTTP client for the gateway's control API (httpx).
+"""Typed HTTP client for the gateway's control API (httpx).
 
-Turns every failure into :class:`ApiError` with one line a person can act on:
-an unreachable daemon, a wrong token, or the daemon's own JSON error.
+Role: one method per API call, each returning the API's JSON typed by a
+``TypedDict`` that mirrors the API's own model (``gateway/app/api/models.py``;
+``tests/unit/cli/test_client.py`` keeps the two in step). Commands call these
+methods; they do not build URLs or guess at keys.
+
+Invariants:
+
+* Results stay the daemon's JSON, not re-serialised models: ``--json`` prints
+  exactly what the API answered, times stay ISO-8601 strings for the renderers.
+* Every failure is :class:`ApiError` with one line a person can act on: an
+  unreachable daemon, a wrong token, or the daemon's own JSON error
+  ``{"error": {"type", "message", "hint"}}``.
+* Names become single URL path segments (:func:`seg`): a name cannot reach
+  another route. Passwords go only into request bodies, never into a URL or an
+  error.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Final, TypedDict, cast
 from urllib.parse import quote
 
 import httpx
@@ -14,10 +28,157 @@ import httpx
 from gateway.config import ClientConfig, load_client_config
 from gateway.errors import GatewayError
 
+#: ``resource verify`` connects to every account upstream, each with its own timeout.
+VERIFY_TIMEOUT: Final = 120.0
+#: ``audit verify`` recomputes every chain in the store.
+AUDIT_VERIFY_TIMEOUT: Final = 600.0
+
 
 def seg(value: str) -> str:
     """A name as one URL path segment: '/' and friends can't reach another route."""
     return quote(value, safe="") or "%20"
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.astimezone(UTC).isoformat()
+
+
+# --- what the API answers (times are ISO-8601 strings) --------------------------------
+
+
+class HealthJson(TypedDict):
+    status: str
+    version: str
+    server_time: str
+
+
+class ResourceJson(TypedDict):
+    id: str
+    name: str
+    host: str
+    port: int
+    database: str
+    ssl_mode: str
+    ca_cert: str | None
+    created_at: str
+
+
+class AccountJson(TypedDict):
+    id: str
+    resource_id: str
+    resource_name: str
+    name: str
+    username: str
+    created_at: str
+    password_updated_at: str
+
+
+class VerifyResultJson(TypedDict):
+    """One account's outcome of ``POST /v1/resources/{name}/verify``."""
+
+    ok: bool
+    resource: str
+    account: str
+    address: str
+    ssl_mode: str
+    latency_ms: float | None
+    server_version: str | None
+    tls_version: str | None
+    cipher: str | None
+    auth_method: str | None
+    error_kind: str | None
+    error_sqlstate: str | None
+    error: str | None
+    hint: str | None
+
+
+class SessionJson(TypedDict):
+    id: str
+    requester: str
+    resource_name: str
+    account_name: str
+    database: str
+    username: str
+    listen_host: str
+    listen_port: int | None
+    started_at: str
+    expires_at: str
+    ended_at: str | None
+    end_reason: str | None
+    end_detail: str | None
+    duration_seconds: float | None
+
+
+class ConnectionJson(TypedDict):
+    id: str
+    session_id: str
+    client_addr: str
+    application_name: str | None
+    backend_pid: int | None
+    started_at: str
+    ended_at: str | None
+    bytes_from_client: int
+    bytes_from_server: int
+    end_reason: str | None
+    error_sqlstate: str | None
+    error_message: str | None
+    duration_seconds: float | None
+
+
+class SessionDetailJson(TypedDict):
+    session: SessionJson
+    connections: list[ConnectionJson]
+    live_connections: int
+    statements: int
+
+
+class ParameterJson(TypedDict):
+    index: int
+    type_oid: int | None
+    format: str
+    value: str | None
+    truncated: bool
+
+
+class AuditRecordJson(TypedDict):
+    session_id: str
+    connection_id: str | None
+    seq: int
+    kind: str
+    occurred_at: str
+    recorded_at: str
+    protocol: str | None
+    sql: str | None
+    statement_name: str | None
+    portal_name: str | None
+    parameters: list[ParameterJson] | None
+    command_tag: str | None
+    rows: int | None
+    status: str | None
+    sqlstate: str | None
+    error_message: str | None
+    duration_ms: float | None
+    copy_direction: str | None
+    copy_bytes: int | None
+    detail: dict[str, str | int | float | None] | None
+    prev_hash: str
+    hash: str
+    resource_name: str
+    account_name: str
+    requester: str
+
+
+class ProblemJson(TypedDict):
+    session_id: str
+    seq: int | None
+    problem: str
+    detail: str
+
+
+class AuditVerifyJson(TypedDict):
+    ok: bool
+    session: str | None
+    problems: list[ProblemJson]
 
 
 class ApiError(GatewayError):
@@ -29,13 +190,22 @@ class ApiError(GatewayError):
 
 
 class ApiClient:
-    def __init__(self, config: ClientConfig | None = None, *, timeout: float = 30.0) -> None:
+    """The control API, one method per call (see :mod:`gateway.app.api.routers`)."""
+
+    def __init__(
+        self,
+        config: ClientConfig | None = None,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         self.config = config or load_client_config()
         self._http = httpx.Client(
             base_url=self.config.api_url,
             headers={"Authorization": f"Bearer {self.config.token}"},
             timeout=timeout,
             trust_env=False,
+            transport=transport,
         )
 
     def close(self) -> None:
@@ -47,6 +217,169 @@ class ApiClient:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
+    # --- health ------------------------------------------------------------------------
+
+    def health(self) -> HealthJson:
+        return cast(HealthJson, self.get("/v1/health"))
+
+    # --- resources and accounts --------------------------------------------------------
+
+    def add_resource(
+        self,
+        name: str,
+        *,
+        host: str,
+        port: int,
+        database: str,
+        ssl_mode: str,
+        ca_cert: str | None,
+    ) -> ResourceJson:
+        body = {
+            "name": name,
+            "host": host,
+            "port": port,
+            "database": database,
+            "ssl_mode": ssl_mode,
+            "ca_cert": ca_cert,
+        }
+        return cast(ResourceJson, self.post("/v1/resources", body))
+
+    def list_resources(self) -> list[ResourceJson]:
+        return cast(list[ResourceJson], self.get("/v1/resources"))
+
+    def get_resource(self, name: str) -> ResourceJson:
+        return cast(ResourceJson, self.get(f"/v1/resources/{seg(name)}"))
+
+    def remove_resource(self, name: str) -> None:
+        self.delete(f"/v1/resources/{seg(name)}")
+
+    def verify_resource(self, name: str, account: str | None = None) -> list[VerifyResultJson]:
+        results = self.request(
+            "POST",
+            f"/v1/resources/{seg(name)}/verify",
+            params={"account": account},
+            timeout=VERIFY_TIMEOUT,
+        )
+        return cast(list[VerifyResultJson], results)
+
+    def add_account(self, resource: str, name: str, *, username: str, password: str) -> AccountJson:
+        body = {"name": name, "username": username, "password": password}
+        return cast(AccountJson, self.post(f"/v1/resources/{seg(resource)}/accounts", body))
+
+    def rotate_password(self, resource: str, name: str, password: str) -> AccountJson:
+        path = f"/v1/resources/{seg(resource)}/accounts/{seg(name)}/rotate"
+        return cast(AccountJson, self.post(path, {"password": password}))
+
+    def list_accounts(self, resource: str | None = None) -> list[AccountJson]:
+        return cast(list[AccountJson], self.get("/v1/accounts", resource=resource))
+
+    def remove_account(self, resource: str, name: str) -> None:
+        self.delete(f"/v1/resources/{seg(resource)}/accounts/{seg(name)}")
+
+    # --- access ------------------------------------------------------------------------
+
+    def open_access(
+        self,
+        *,
+        resource: str,
+        account: str,
+        duration_seconds: int,
+        port: int | None,
+        requester: str,
+    ) -> SessionJson:
+        body = {
+            "resource": resource,
+            "account": account,
+            "duration_seconds": duration_seconds,
+            "port": port,
+            "requester": requester,
+        }
+        return cast(SessionJson, self.post("/v1/access", body))
+
+    def heartbeat(self, session_id: str) -> SessionJson:
+        return cast(SessionJson, self.post(f"/v1/access/{seg(session_id)}/heartbeat"))
+
+    def end_access(self, session_id: str) -> SessionJson:
+        return cast(SessionJson, self.post(f"/v1/access/{seg(session_id)}/end", {}))
+
+    # --- review ------------------------------------------------------------------------
+
+    def list_sessions(
+        self,
+        *,
+        active: bool | None = None,
+        limit: int | None = None,
+        resource: str | None = None,
+        account: str | None = None,
+        requester: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[SessionJson]:
+        sessions = self.get(
+            "/v1/sessions",
+            active=active,
+            limit=limit,
+            resource=resource,
+            account=account,
+            requester=requester,
+            since=_iso(since),
+            until=_iso(until),
+        )
+        return cast(list[SessionJson], sessions)
+
+    def get_session(self, session_id: str) -> SessionDetailJson:
+        """A session (by id or unique prefix), its connections and statement count."""
+        return cast(SessionDetailJson, self.get(f"/v1/sessions/{seg(session_id)}"))
+
+    def session_audit(
+        self,
+        session_id: str,
+        *,
+        after_seq: int = 0,
+        limit: int | None = None,
+        kind: str | None = None,
+    ) -> list[AuditRecordJson]:
+        """One page of a session's records in seq order, after ``after_seq``."""
+        path = f"/v1/sessions/{seg(session_id)}/audit"
+        return cast(
+            list[AuditRecordJson], self.get(path, after_seq=after_seq, limit=limit, kind=kind)
+        )
+
+    def search_audit(
+        self,
+        text: str | None = None,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        resource: str | None = None,
+        account: str | None = None,
+        requester: str | None = None,
+        session: str | None = None,
+        status: str | None = None,
+        limit: int | None = None,
+    ) -> list[AuditRecordJson]:
+        records = self.get(
+            "/v1/audit/search",
+            q=text,
+            since=_iso(since),
+            until=_iso(until),
+            resource=resource,
+            account=account,
+            requester=requester,
+            session=session,
+            status=status,
+            limit=limit,
+        )
+        return cast(list[AuditRecordJson], records)
+
+    def verify_audit(self, session: str | None = None) -> AuditVerifyJson:
+        result = self.request(
+            "POST", "/v1/audit/verify", params={"session": session}, timeout=AUDIT_VERIFY_TIMEOUT
+        )
+        return cast(AuditVerifyJson, result)
+
+    # --- the transport (also used directly by cli/review.py and cli/demo.py) ------------
+
     def request(
         self,
         method: str,
@@ -56,6 +389,7 @@ class ApiClient:
         params: dict[str, Any] | None = None,
         timeout: float | None = None,
     ) -> Any:
+        """One call; ``None`` params are left out; the JSON body, or None for 204."""
         try:
             response = self._http.request(
                 method,

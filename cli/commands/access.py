@@ -1,0 +1,45 @@
+"""`pam db access`: open a time-boxed local port to a resource and hold it.
+
+The holding (heartbeats, Ctrl+C, the end report) is :func:`cli.access.hold_access`,
+which ``pam demo`` shares.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from cli.access import hold_access, parse_duration
+from cli.commands import api_client
+
+
+@click.group()
+def db() -> None:
+    """Get access to a database."""
+
+
+@db.command("access")
+@click.option("--resource", "resource_name", required=True)
+@click.option("--account", "account_name", required=True)
+@click.option(
+    "--duration",
+    default="1h",
+    show_default=True,
+    help="How long the grant lasts: 1h, 30m, 1h30m, 90s.",
+)
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=None, help="Local port (default: a free one)."
+)
+def db_access(resource_name: str, account_name: str, duration: str, port: int | None) -> None:
+    """Open a time-boxed local port to a resource, as an account, with no password."""
+    seconds = parse_duration(duration)
+    with api_client() as client:
+        code = hold_access(
+            client,
+            resource=resource_name,
+            account=account_name,
+            duration_seconds=seconds,
+            port=port,
+        )
+    sys.exit(code)

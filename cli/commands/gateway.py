@@ -1,0 +1,72 @@
+"""`pam gateway`: set up a state directory and run the daemon in the foreground.
+
+The only commands that work on the state directory itself rather than through
+the control API. ``--home`` here wins over the root's ``pam --home``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import click
+
+from cli.render import console
+from gateway.config import DEFAULT_API_PORT, resolve_home
+
+
+@click.group()
+def gateway() -> None:
+    """Set up and run the gateway daemon."""
+
+
+home_option = click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="State directory (default: $PAM_HOME or the per-user data directory).",
+)
+
+
+def _home(home: Path | None) -> Path:
+    given = home or click.get_current_context().find_root().params.get("home")
+    return resolve_home(given)
+
+
+@gateway.command("init")
+@home_option
+@click.option(
+    "--api-port", type=click.IntRange(1, 65535), default=DEFAULT_API_PORT, show_default=True
+)
+@click.option(
+    "--force", is_flag=True, help="Issue a new API token for an existing state directory."
+)
+def gateway_init(home: Path | None, api_port: int, force: bool) -> None:
+    """Create the state directory, master key, store and API token."""
+    # Imported here: the daemon's stack is heavy and only these commands need it.
+    from gateway.app.daemon import init_home
+
+    result = init_home(_home(home), api_port=api_port, force=force)
+    console.print(f"Initialised pam state in {result.home}")
+    console.print(f"Client configuration (API token, mode 0600): {result.client_config}")
+    if force:
+        console.print("A running daemon keeps the old token until it is restarted.")
+    console.print(f"Start the daemon with: pam gateway run --home {result.home}")
+
+
+@gateway.command("run")
+@home_option
+@click.option(
+    "--log-format", type=click.Choice(["console", "json"]), default="console", show_default=True
+)
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"
+)
+def gateway_run(home: Path | None, log_format: str, log_level: str) -> None:
+    """Run the gateway daemon in the foreground (stops on SIGTERM/SIGINT)."""
+    from gateway.app import daemon
+    from gateway.app.logging import configure_logging
+
+    configure_logging("json" if log_format == "json" else "console", log_level)
+    with asyncio.Runner(loop_factory=daemon.event_loop_factory()) as runner:
+        runner.run(daemon.run(_home(home), log_format=log_format, log_level=log_level))

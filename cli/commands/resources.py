@@ -1,0 +1,166 @@
+"""`pam resource`: register PostgreSQL servers, show them, and verify their accounts."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cli.client import ResourceJson, VerifyResultJson
+from cli.commands import api_client, json_option
+from cli.render import console, key_values, local_time, print_json, table
+
+#: gateway.net.upstream's SslMode, in libpq's order. Spelled out rather than
+#: imported: the data path's modules add a tenth of a second to every command.
+#: tests/unit/cli/test_commands.py keeps the two equal.
+SSL_MODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
+
+
+@click.group()
+def resource() -> None:
+    """Register PostgreSQL servers (resources)."""
+
+
+@resource.command("add")
+@click.argument("name")
+@click.option("--host", required=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=5432, show_default=True)
+@click.option("--database", required=True, help="The one database this resource gives access to.")
+@click.option("--ssl-mode", type=click.Choice(SSL_MODES), default="verify-full", show_default=True)
+@click.option(
+    "--ca-cert",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="PEM file of the CA that signs the server certificate.",
+)
+@json_option
+def resource_add(
+    name: str,
+    host: str,
+    port: int,
+    database: str,
+    ssl_mode: str,
+    ca_cert: Path | None,
+    as_json: bool,
+) -> None:
+    """Register a resource."""
+    with api_client() as client:
+        created = client.add_resource(
+            name,
+            host=host,
+            port=port,
+            database=database,
+            ssl_mode=ssl_mode,
+            ca_cert=ca_cert.read_text() if ca_cert else None,
+        )
+    if as_json:
+        print_json(created)
+    else:
+        console.print(
+            f"Resource {created['name']} added ({host}:{port}/{database}, ssl {ssl_mode})."
+        )
+
+
+def _resource_rows(resources: list[ResourceJson]) -> list[list[Any]]:
+    return [
+        [
+            r["name"],
+            f"{r['host']}:{r['port']}",
+            r["database"],
+            r["ssl_mode"],
+            "custom" if r["ca_cert"] else "system",
+            local_time(r["created_at"]),
+        ]
+        for r in resources
+    ]
+
+
+@resource.command("list")
+@json_option
+def resource_list(as_json: bool) -> None:
+    """List resources."""
+    with api_client() as client:
+        resources = client.list_resources()
+    if as_json:
+        print_json(resources)
+    else:
+        table(
+            None,
+            ["NAME", "ADDRESS", "DATABASE", "SSL MODE", "CA", "CREATED"],
+            _resource_rows(resources),
+        )
+
+
+@resource.command("show")
+@click.argument("name")
+@json_option
+def resource_show(name: str, as_json: bool) -> None:
+    """Show one resource and its accounts."""
+    with api_client() as client:
+        res = client.get_resource(name)
+        accounts = client.list_accounts(name)
+    if as_json:
+        print_json({**res, "accounts": accounts})
+        return
+    key_values(
+        [
+            ("name", res["name"]),
+            ("address", f"{res['host']}:{res['port']}"),
+            ("database", res["database"]),
+            ("ssl mode", res["ssl_mode"]),
+            ("CA", "custom (PEM stored)" if res["ca_cert"] else "system trust store"),
+            ("created", local_time(res["created_at"])),
+            (
+                "accounts",
+                ", ".join(f"{a['name']} (user {a['username']})" for a in accounts) or "none",
+            ),
+        ]
+    )
+
+
+@resource.command("remove")
+@click.argument("name")
+def resource_remove(name: str) -> None:
+    """Remove a resource and its accounts."""
+    with api_client() as client:
+        client.remove_resource(name)
+    console.print(f"Resource {name} removed.")
+
+
+@resource.command("verify")
+@click.argument("name")
+@click.option("--account", default=None, help="Verify only this account (default: all).")
+@json_option
+def resource_verify(name: str, account: str | None, as_json: bool) -> None:
+    """Connect upstream with the stored credentials and report the outcome."""
+    with api_client() as client:
+        results = client.verify_resource(name, account)
+    if as_json:
+        print_json(results)
+    else:
+        for r in results:
+            if r["ok"]:
+                console.print(_verified_line(r))
+            else:
+                click.echo(_failed_line(r), err=True)
+    if not all(r["ok"] for r in results):
+        sys.exit(1)
+
+
+def _verified_line(r: VerifyResultJson) -> str:
+    return (
+        f"[green]ok[/]  {r['resource']}/{r['account']} at {r['address']}:"
+        f" PostgreSQL {r['server_version']}, {r['tls_version'] or 'no TLS'}"
+        f"{' ' + r['cipher'] if r['cipher'] else ''}, auth {r['auth_method']},"
+        f" {r['latency_ms']} ms"
+    )
+
+
+def _failed_line(r: VerifyResultJson) -> str:
+    hint = f" (hint: {r['hint']})" if r["hint"] else ""
+    return (
+        f"FAILED  {r['resource']}/{r['account']} at {r['address']}:"
+        f" [{r['error_kind']}, {r['error_sqlstate']}] {r['error']}{hint}"
+    )

@@ -1,0 +1,321 @@
+"""Tests of the typed control API client: its types match the API, its calls hit the right routes.
+
+The client is exercised over an in-memory httpx transport that records each
+request, so these tests need no daemon.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import BaseModel
+
+from cli import client as api
+from cli.client import ApiClient, ApiError
+from gateway.access.service import VerifyResult
+from gateway.app.api import models
+from gateway.config import ClientConfig
+
+TOKEN = "t0ken-" + "x" * 32
+CONFIG = ClientConfig(api_url="http://pam.test:7745", token=TOKEN)
+
+
+class Recorder:
+    """An httpx transport answering every request with one canned response."""
+
+    def __init__(self, status: int = 200, body: Any = None, *, raw: bytes | None = None) -> None:
+        self.requests: list[httpx.Request] = []
+        self.status = status
+        self.body = body
+        self.raw = raw
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if self.raw is not None:
+            return httpx.Response(self.status, content=self.raw)
+        if self.status == 204:
+            return httpx.Response(204)
+        return httpx.Response(self.status, json=self.body)
+
+    @property
+    def last(self) -> httpx.Request:
+        return self.requests[-1]
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder(body={"answer": 42})
+
+
+def client_for(handler: Callable[[httpx.Request], httpx.Response]) -> ApiClient:
+    return ApiClient(CONFIG, transport=httpx.MockTransport(handler))
+
+
+@pytest.fixture
+def client(recorder: Recorder) -> Iterator[ApiClient]:
+    with client_for(recorder) as c:
+        yield c
+
+
+def body_of(request: httpx.Request) -> Any:
+    return json.loads(request.content) if request.content else None
+
+
+# --- the types mirror the API ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("typed", "model"),
+    [
+        (api.HealthJson, models.Health),
+        (api.ResourceJson, models.ResourceOut),
+        (api.AccountJson, models.AccountOut),
+        (api.SessionJson, models.SessionOut),
+        (api.ConnectionJson, models.ConnectionOut),
+        (api.SessionDetailJson, models.SessionDetail),
+        (api.ParameterJson, models.ParameterOut),
+        (api.AuditRecordJson, models.AuditRecordOut),
+        (api.ProblemJson, models.ProblemOut),
+        (api.AuditVerifyJson, models.AuditVerifyOut),
+    ],
+    ids=lambda t: t.__name__,
+)
+def test_each_result_type_has_the_fields_of_the_api_model_in_order(
+    typed: type, model: type[BaseModel]
+) -> None:
+    assert list(typed.__annotations__) == list(model.model_fields)
+
+
+def test_the_verify_result_type_has_the_fields_of_the_service_result() -> None:
+    fields = [f.name for f in dataclasses.fields(VerifyResult)]
+    assert list(api.VerifyResultJson.__annotations__) == fields
+
+
+# --- one method per call ----------------------------------------------------------------
+
+SINCE = datetime(2024, 6, 1, 12, 0, tzinfo=timezone(timedelta(hours=2)))
+
+CALLS: list[tuple[str, Callable[[ApiClient], Any], str, str, dict[str, str], Any]] = [
+    ("health", lambda c: c.health(), "GET", "/v1/health", {}, None),
+    (
+        "add_resource",
+        lambda c: c.add_resource(
+            "prod", host="db", port=5432, database="app", ssl_mode="require", ca_cert=None
+        ),
+        "POST",
+        "/v1/resources",
+        {},
+        {
+            "name": "prod",
+            "host": "db",
+            "port": 5432,
+            "database": "app",
+            "ssl_mode": "require",
+            "ca_cert": None,
+        },
+    ),
+    ("list_resources", lambda c: c.list_resources(), "GET", "/v1/resources", {}, None),
+    ("get_resource", lambda c: c.get_resource("a/b"), "GET", "/v1/resources/a%2Fb", {}, None),
+    (
+        "remove_resource",
+        lambda c: c.remove_resource("prod"),
+        "DELETE",
+        "/v1/resources/prod",
+        {},
+        None,
+    ),
+    (
+        "verify_resource",
+        lambda c: c.verify_resource("prod", "scram"),
+        "POST",
+        "/v1/resources/prod/verify",
+        {"account": "scram"},
+        None,
+    ),
+    (
+        "verify_resource, every account",
+        lambda c: c.verify_resource("prod"),
+        "POST",
+        "/v1/resources/prod/verify",
+        {},
+        None,
+    ),
+    (
+        "add_account",
+        lambda c: c.add_account("prod", "app", username="app_user", password="pw"),
+        "POST",
+        "/v1/resources/prod/accounts",
+        {},
+        {"name": "app", "username": "app_user", "password": "pw"},
+    ),
+    (
+        "rotate_password",
+        lambda c: c.rotate_password("prod", "app", "new"),
+        "POST",
+        "/v1/resources/prod/accounts/app/rotate",
+        {},
+        {"password": "new"},
+    ),
+    ("list_accounts", lambda c: c.list_accounts(), "GET", "/v1/accounts", {}, None),
+    (
+        "list_accounts of a resource",
+        lambda c: c.list_accounts("prod"),
+        "GET",
+        "/v1/accounts",
+        {"resource": "prod"},
+        None,
+    ),
+    (
+        "remove_account",
+        lambda c: c.remove_account("prod", "app"),
+        "DELETE",
+        "/v1/resources/prod/accounts/app",
+        {},
+        None,
+    ),
+    (
+        "open_access",
+        lambda c: c.open_access(
+            resource="prod", account="app", duration_seconds=60, port=None, requester="ann"
+        ),
+        "POST",
+        "/v1/access",
+        {},
+        {
+            "resource": "prod",
+            "account": "app",
+            "duration_seconds": 60,
+            "port": None,
+            "requester": "ann",
+        },
+    ),
+    ("heartbeat", lambda c: c.heartbeat("s1"), "POST", "/v1/access/s1/heartbeat", {}, None),
+    ("end_access", lambda c: c.end_access("s1"), "POST", "/v1/access/s1/end", {}, {}),
+    (
+        "list_sessions",
+        lambda c: c.list_sessions(active=True, limit=5, requester="ann", since=SINCE),
+        "GET",
+        "/v1/sessions",
+        {"active": "true", "limit": "5", "requester": "ann", "since": "2024-06-01T10:00:00+00:00"},
+        None,
+    ),
+    ("get_session", lambda c: c.get_session("3c57"), "GET", "/v1/sessions/3c57", {}, None),
+    (
+        "session_audit",
+        lambda c: c.session_audit("s1", after_seq=7, limit=10, kind="statement"),
+        "GET",
+        "/v1/sessions/s1/audit",
+        {"after_seq": "7", "limit": "10", "kind": "statement"},
+        None,
+    ),
+    (
+        "search_audit",
+        lambda c: c.search_audit("select", until=SINCE, status="error", limit=3),
+        "GET",
+        "/v1/audit/search",
+        {"q": "select", "until": "2024-06-01T10:00:00+00:00", "status": "error", "limit": "3"},
+        None,
+    ),
+    (
+        "verify_audit",
+        lambda c: c.verify_audit("s1"),
+        "POST",
+        "/v1/audit/verify",
+        {"session": "s1"},
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "method", "path", "params", "body"),
+    [pytest.param(*row[1:], id=row[0]) for row in CALLS],
+)
+def test_each_method_sends_its_route_query_and_body_with_the_token(
+    client: ApiClient,
+    recorder: Recorder,
+    call: Callable[[ApiClient], Any],
+    method: str,
+    path: str,
+    params: dict[str, str],
+    body: Any,
+) -> None:
+    answer = call(client)
+
+    request = recorder.last
+    assert (request.method, request.url.raw_path.split(b"?")[0].decode()) == (method, path)
+    assert dict(request.url.params) == params
+    assert body_of(request) == body
+    assert request.headers["Authorization"] == f"Bearer {TOKEN}"
+    # The answer is the daemon's JSON as it came (removals answer 204 in the API).
+    assert answer in ({"answer": 42}, None)
+
+
+def test_results_are_the_json_as_the_daemon_sent_it() -> None:
+    resource = {"name": "prod", "created_at": "2024-06-01T10:00:00.123000Z", "extra": 1}
+    recorder = Recorder(body=[resource])
+    with client_for(recorder) as c:
+        assert c.list_resources() == [resource]
+
+
+def test_an_answer_with_204_and_no_body_is_none() -> None:
+    with client_for(Recorder(204)) as c:
+        assert c.delete("/v1/resources/prod/accounts/app") is None
+
+
+def test_naive_times_are_sent_as_utc_by_the_local_zone() -> None:
+    recorder = Recorder(body=[])
+    naive = datetime(2024, 6, 1, 12, 0)
+    with client_for(recorder) as c:
+        c.list_sessions(until=naive)
+    assert recorder.last.url.params["until"] == naive.astimezone(UTC).isoformat()
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+def test_an_api_error_becomes_its_message_hint_and_status() -> None:
+    body = {"error": {"type": "NotFound", "message": "resource 'x' not found", "hint": "add it"}}
+    with client_for(Recorder(404, body)) as c, pytest.raises(ApiError) as raised:
+        c.get_resource("x")
+    assert (raised.value.message, raised.value.hint, raised.value.status) == (
+        "resource 'x' not found",
+        "add it",
+        404,
+    )
+
+
+def test_an_answer_without_json_is_one_error_naming_the_status() -> None:
+    recorder = Recorder(502, raw=b"<html>bad gateway</html>")
+    with client_for(recorder) as c, pytest.raises(ApiError) as raised:
+        c.list_resources()
+    assert raised.value.message == "the pam gateway answered HTTP 502 without JSON"
+    assert raised.value.status == 502
+
+
+def test_an_unreachable_daemon_names_the_url_and_the_next_step_but_not_the_token() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    with client_for(refuse) as c, pytest.raises(ApiError) as raised:
+        c.health()
+    error = raised.value
+    assert error.message == "cannot reach the pam gateway at http://pam.test:7745"
+    assert error.hint == "is `pam gateway run` running?"
+    assert error.status is None
+    assert TOKEN not in f"{error.message} {error.hint}"
+
+
+def test_a_timeout_is_one_error_naming_the_url() -> None:
+    def stall(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    with client_for(stall) as c, pytest.raises(ApiError) as raised:
+        c.verify_audit()
+    assert raised.value.message == "the pam gateway at http://pam.test:7745 did not answer in time"
