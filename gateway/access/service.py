@@ -32,6 +32,7 @@ from gateway.access.grants import Grant, GrantState, format_time
 from gateway.access.ports import SessionRecord, SessionStore, StoreThread
 from gateway.audit.runtime import AuditRuntime
 from gateway.config import GatewaySettings
+
 # Moved to gateway.credentials.verify; named here too for the importers that still look here.
 from gateway.credentials.verify import VerifyResult
 from gateway.errors import InvalidRequest
