@@ -1,7 +1,8 @@
 """pam gateway: just-in-time, audited access to PostgreSQL.
 
 Layers, with dependencies pointing one way only:
-``cli -> gateway.access.service/api/daemon -> gateway.net.relay/upstream -> gateway.protocol``.
+``cli -> app -> store -> access -> audit | credentials -> net -> protocol``
+(docs/architecture.md; import-linter checks it).
 """
 
 __version__ = "0.1.0"
