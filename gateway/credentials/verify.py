@@ -76,7 +76,7 @@ async def _verify_one(
             error_kind=exc.kind,
             error_sqlstate=exc.sqlstate,
             error=exc.message,
-            hint=exc.hint,
+            hint=_next_step(exc, resource, account),
             **base,  # type: ignore[arg-type]
         )
     upstream.writer.write(messages.terminate())
@@ -90,3 +90,17 @@ async def _verify_one(
         auth_method=upstream.handshake.auth_method,
         **base,
     )
+
+
+def _next_step(exc: UpstreamError, resource: str, account: str) -> str | None:
+    """The hint for someone who is already verifying: the step after this one.
+
+    An upstream error's hint is written for a client's connection, where running
+    `pam resource verify` is the next step; here it is the command just run.
+    """
+    if exc.kind == "auth":
+        return (
+            "if the password changed on the server, store the new one with"
+            f" `pam account rotate {resource} {account}`"
+        )
+    return exc.hint

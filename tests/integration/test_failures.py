@@ -228,6 +228,9 @@ def test_a_wrong_stored_password_is_28p01_naming_resource_and_account_but_not_th
     line = assert_one_error_line(verify(gateway, "prod", "stale"))
     assert "[auth, 28P01]" in line
     assert wrong not in line
+    # The hint names the next step, not the command just run.
+    assert "pam account rotate prod stale" in line
+    assert "pam resource verify" not in line
     [result] = verify_json(gateway, "prod", "stale")
     assert (result["ok"], result["error_kind"], result["error_sqlstate"]) == (
         False,
