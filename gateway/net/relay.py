@@ -131,6 +131,8 @@ class Relay:
         #: the client's write buffer is over its high-water mark (between the
         #: client transport's pause_writing and resume_writing)
         self._client_full = False
+        #: the client sent its own Terminate: the server needs no second one
+        self._client_said_goodbye = False
         self._lost = {"client": False, "server": False}
         self._closed: asyncio.Event = asyncio.Event()
         self.bytes_from_client = 0
@@ -160,6 +162,10 @@ class Relay:
     async def run(self) -> ConnectionEndReason:
         loop = asyncio.get_running_loop()
         self._done = loop.create_future()
+        if self.end_reason is not None:
+            # Ended before it ran (terminate() at a boundary wrote the FATAL):
+            # nothing the handshake left over may follow it.
+            self._done.set_result(None)
         client_side = _Side(self, from_client=True)
         server_side = _Side(self, from_client=False)
         pending_client, client_eof = _take_over(self._client_reader, self._client, client_side)
@@ -199,6 +205,7 @@ class Relay:
         try:
             tapped = self._from_client.feed(data)
         except ProtocolError as exc:
+            self._forward_valid_prefix(data, from_client=True)
             self._fail_protocol(exc)
             return
         self.bytes_from_client += len(data)
@@ -207,6 +214,7 @@ class Relay:
             if self._audit is not None:
                 self._audit.on_client(tapped, time.time_ns())
             if tapped[-1].type == FrontendType.TERMINATE:  # the client said goodbye
+                self._client_said_goodbye = True
                 self.end_reason = self.end_reason or ConnectionEndReason.CLIENT_CLOSED
 
     def _on_server_data(self, data: bytes) -> None:
@@ -216,6 +224,7 @@ class Relay:
         try:
             tapped = tracker.feed(data)
         except ProtocolError as exc:
+            self._forward_valid_prefix(data, from_client=False)
             self._fail_protocol(exc)
             return
         self.bytes_from_server += len(data)
@@ -255,6 +264,18 @@ class Relay:
             self._closed.set()
         if exc is not None and self.error is None and not self._is_done():
             self.error = (SqlState.CONNECTION_FAILURE, f"connection failure: {exc}")
+            if not from_client and self._from_server.at_boundary:
+                # The server's connection broke between messages: the client can
+                # still read why, as an ErrorResponse rather than a bare close.
+                self._send_fatal(
+                    messages.error_response(
+                        "FATAL",
+                        SqlState.CONNECTION_FAILURE,
+                        f"pam lost the connection to the database server: {exc}",
+                        hint="reconnect; if it keeps happening, check the server and the"
+                        " network between the gateway and it",
+                    )
+                )
             self._end(ConnectionEndReason.ERROR)
         else:
             self._on_eof(from_client=from_client)
@@ -284,6 +305,26 @@ class Relay:
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
 
+    def _forward_valid_prefix(self, data: bytes, *, from_client: bool) -> None:
+        """A chunk broke the framing: forward (and audit) its whole messages before
+        the bad header, so the other side stands at a boundary for the FATAL or
+        the Terminate, and nothing relayed goes unrecorded."""
+        tracker = self._from_client if from_client else self._from_server
+        prefix = data[: tracker.valid_prefix]
+        if not prefix:
+            return
+        now = time.time_ns()
+        if from_client:
+            self.bytes_from_client += len(prefix)
+            self._upstream.write(prefix)
+            if self._audit is not None and tracker.prefix_tapped:
+                self._audit.on_client(tracker.prefix_tapped, now)
+        else:
+            self.bytes_from_server += len(prefix)
+            self._client.write(prefix)
+            if self._audit is not None and tracker.prefix_tapped:
+                self._audit.on_server(tracker.prefix_tapped, now)
+
     def _fail_protocol(self, exc: ProtocolError) -> None:
         # A peer broke the framing: tell the client why, then close.
         self.error = (exc.sqlstate, exc.message)
@@ -308,7 +349,11 @@ class Relay:
 
     async def _close(self) -> None:
         upstream, client = self._upstream, self._client
-        if not upstream.is_closing() and self._from_client.at_boundary:
+        if (
+            not upstream.is_closing()
+            and self._from_client.at_boundary
+            and not self._client_said_goodbye
+        ):
             # A polite Terminate spares the server log an "unexpected EOF".
             upstream.write(messages.terminate())
         for transport in (client, upstream):

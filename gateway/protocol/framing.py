@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from gateway.protocol.constants import HEADER_SIZE, STARTUP_HEADER_SIZE
-from gateway.protocol.errors import ProtocolError
+from gateway.protocol.errors import ProtocolError, ProtocolUsageError
 
 _HEADER = struct.Struct("!cI")
 _INT32 = struct.Struct("!I")
@@ -129,6 +129,7 @@ class BoundaryTracker:
     """
 
     __slots__ = (
+        "_broken",
         "_header",
         "_remaining",
         "_tap_body",
@@ -139,8 +140,10 @@ class BoundaryTracker:
         "measured_bytes",
         "measured_messages",
         "messages",
+        "prefix_tapped",
         "tap",
         "tap_limit",
+        "valid_prefix",
     )
 
     def __init__(
@@ -165,10 +168,19 @@ class BoundaryTracker:
         self._tap_full_length = 0
         #: count of complete messages seen
         self.messages = 0
+        #: after a framing error: whether the valid prefix ends at a boundary
+        self._broken: bool | None = None
+        #: after a framing error: the failed chunk's leading whole messages, in
+        #: bytes, and their taps (see _stop)
+        self.valid_prefix = 0
+        self.prefix_tapped: list[TappedMessage] = []
 
     @property
     def at_boundary(self) -> bool:
-        """True when the bytes seen so far end exactly at a message boundary."""
+        """True when the bytes seen so far end exactly at a message boundary (after
+        a framing error: when the chunk's ``valid_prefix`` does)."""
+        if self._broken is not None:
+            return self._broken
         return self._remaining == 0 and not self._header
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[TappedMessage]:
@@ -184,6 +196,10 @@ class BoundaryTracker:
         tap, measure = self.tap, self.measure
         tap_limit, max_length = self.tap_limit, self.max_length
         unpack_from = _HEADER.unpack_from
+        if self._broken is not None:
+            raise ProtocolUsageError("the stream's framing is broken: nothing more can be fed")
+        #: where a header that this chunk holds whole begins (the error path needs it)
+        header_at = -1
         try:
             while pos < end:
                 if self._remaining:
@@ -244,11 +260,30 @@ class BoundaryTracker:
                     # A message that does not end in this chunk (or a bad length,
                     # which _start_message refuses).
                     type_byte, length = unpack_from(view, pos)
+                    header_at = pos
                     pos += HEADER_SIZE
                     self._start_message(type_byte[0], length, tapped)
+        except ProtocolError:
+            self._stop(header_at, tapped)
+            raise
         finally:
             view.release()
         return tapped
+
+    def _stop(self, header_at: int, tapped: list[TappedMessage]) -> None:
+        """After a framing error: keep what of the chunk was whole.
+
+        A bad header whose bytes all came in this chunk starts at a boundary: the
+        ``valid_prefix`` before it is whole messages (``prefix_tapped`` their taps)
+        that the caller may still forward, after which the stream stands at a
+        boundary. A bad header begun in an earlier chunk was partly forwarded
+        already: no prefix, and never a boundary again.
+        """
+        self._tap_body = None
+        self._header.clear()
+        self._broken = header_at >= 0
+        self.valid_prefix = max(header_at, 0)
+        self.prefix_tapped = tapped if self._broken else []
 
     def _start_message(self, msg_type: int, length: int, tapped: list[TappedMessage]) -> None:
         if length < _LENGTH_SIZE or length > self.max_length:

@@ -260,11 +260,6 @@ def test_an_upstream_reset_mid_result_fails_that_connection_only(
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: an upstream that fails at a message boundary closes the client's connection"
-    " without an ErrorResponse, though the relay records 08006 for it",
-)
 def test_an_upstream_reset_between_messages_tells_the_client_why_with_08006(
     gateway: Gateway, pg: TempCluster, pg_roles: Mapping[str, PgRole], fault_proxy: ProxyFactory
 ) -> None:

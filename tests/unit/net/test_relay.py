@@ -223,12 +223,6 @@ async def test_a_terminate_before_run_at_a_boundary_ends_at_once() -> None:
     assert bytes(pb.client.written) == greeting + fatal()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: terminate() before run() writes the FATAL at once, then run() still"
-    " forwards the bytes left in the upstream stream, so the client gets server bytes"
-    " (here half a message) after the FATAL",
-)
 @virtual_time
 async def test_nothing_follows_the_fatal_of_a_terminate_before_run() -> None:
     pb = Playbook(server_pending=ONE_ROW[:3])
@@ -273,11 +267,6 @@ async def test_a_client_that_vanishes_between_messages_has_the_server_told() -> 
     assert bytes(pb.server.written) == QUERY + TERMINATE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect (minor): after the client's own Terminate the relay writes a second"
-    " one upstream on closing, bytes after Terminate that the server never reads",
-)
 @virtual_time
 async def test_a_client_that_says_goodbye_sends_the_server_one_terminate() -> None:
     pb = await started()
@@ -390,12 +379,6 @@ async def test_a_server_breaking_the_framing_ends_as_error_with_a_fatal() -> Non
     assert ends_at_boundary(client)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a chunk that ends one server message and then breaks the framing is"
-    " not forwarded, but the tracker has already passed the message's end, so the FATAL"
-    " lands inside the message the client has only half of",
-)
 @virtual_time
 async def test_a_fatal_for_broken_server_framing_never_lands_inside_a_message() -> None:
     pb = await started()
@@ -408,12 +391,6 @@ async def test_a_fatal_for_broken_server_framing_never_lands_inside_a_message() 
     assert ends_at_boundary(bytes(pb.client.written))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a bad client header split across chunks leaves its first bytes"
-    " forwarded upstream while the tracker reports a boundary, so the closing Terminate"
-    " is written inside that broken header",
-)
 @virtual_time
 async def test_no_terminate_follows_a_broken_client_header() -> None:
     pb = await started()

@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from gateway.protocol.constants import MAX_STARTUP_PACKET_LENGTH, PROTOCOL_3_0
-from gateway.protocol.errors import ProtocolError
+from gateway.protocol.errors import ProtocolError, ProtocolUsageError
 from gateway.protocol.framing import BoundaryTracker, Message, MessageReader, TappedMessage
 
 # Three server messages, written out by hand so the test does not trust the encoder:
@@ -357,3 +357,47 @@ def test_tracker_rejects_an_invalid_length_split_across_feeds() -> None:
     tracker.feed(b"\xff")
     with pytest.raises(ProtocolError):
         tracker.feed(b"\xff\xff")
+
+
+# --- BoundaryTracker after a framing error --------------------------------------------------
+
+BAD_HEADER = b"Q\x00\x00\x00\x02"  # a length below four
+
+
+def test_a_bad_header_after_whole_messages_leaves_them_as_the_valid_prefix() -> None:
+    tracker = BoundaryTracker(max_length=1024, tap=frozenset({ord("Q")}))
+    tracker.feed(QUERY[:7])
+    chunk = QUERY[7:] + SYNC + BAD_HEADER + b"rest"
+    with pytest.raises(ProtocolError, match="invalid length 2"):
+        tracker.feed(chunk)
+    # The end of the Query and the Sync may still be forwarded; then the stream
+    # stands at a boundary.
+    assert tracker.valid_prefix == len(QUERY) - 7 + len(SYNC)
+    assert [t.body for t in tracker.prefix_tapped] == [QUERY[5:]]
+    assert tracker.at_boundary
+
+
+def test_a_bad_header_at_the_start_of_a_chunk_has_an_empty_prefix_at_a_boundary() -> None:
+    tracker = BoundaryTracker(max_length=1024)
+    tracker.feed(QUERY)
+    with pytest.raises(ProtocolError):
+        tracker.feed(BAD_HEADER)
+    assert tracker.valid_prefix == 0
+    assert tracker.at_boundary
+
+
+def test_a_bad_header_begun_in_an_earlier_chunk_is_never_a_boundary_again() -> None:
+    tracker = BoundaryTracker(max_length=1024)
+    tracker.feed(SYNC + BAD_HEADER[:2])  # these two bytes have gone on already
+    with pytest.raises(ProtocolError):
+        tracker.feed(BAD_HEADER[2:] + SYNC)
+    assert tracker.valid_prefix == 0
+    assert not tracker.at_boundary
+
+
+def test_a_tracker_refuses_to_be_fed_after_a_framing_error() -> None:
+    tracker = BoundaryTracker(max_length=1024)
+    with pytest.raises(ProtocolError):
+        tracker.feed(BAD_HEADER)
+    with pytest.raises(ProtocolUsageError):
+        tracker.feed(SYNC)
