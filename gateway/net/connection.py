@@ -60,6 +60,7 @@ _CUT_BY_GATEWAY = frozenset(
         ConnectionEndReason.SESSION_ENDED,
         ConnectionEndReason.EXPIRED,
         ConnectionEndReason.GATEWAY_SHUTDOWN,
+        ConnectionEndReason.AUDIT_UNAVAILABLE,
     }
 )
 

@@ -549,6 +549,51 @@ def test_fail_closed_ends_live_connections_and_refuses_new_ones_while_the_trail_
     assert gateway.cli("audit", "verify", access.session_prefix).returncode == 0
 
 
+def test_a_fail_closed_cut_also_stops_a_query_still_running_upstream(
+    configured_gateway: Callable[..., Gateway], pg: TempCluster
+) -> None:
+    gateway = configured_gateway(audit_fail_closed=True)
+    access = gateway.access().wait_ready()
+    sleeper = psycopg.connect(access.dsn(application_name="sleeper"), autocommit=True)
+    pid = sleeper.info.backend_pid
+    errors: list[psycopg.Error] = []
+
+    def sleep() -> None:
+        try:
+            sleeper.execute("select pg_sleep(600)")
+        except psycopg.Error as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=sleep, name="pg_sleep", daemon=True)
+    thread.start()
+    activity = f"select wait_event from pg_stat_activity where pid = {pid}"
+    try:
+        wait_for(lambda: pg.admin_sql(activity) == "PgSleep")
+        edit_store(
+            gateway,
+            "create trigger audit_test_block before insert on audit_events"
+            " begin select raise(abort, 'blocked by the test'); end",
+        )
+        other = psycopg.connect(access.dsn(), autocommit=True)
+
+        def cut() -> bool:
+            try:
+                other.execute("select 'while-blocked'")
+            except psycopg.OperationalError:
+                return True
+            return False
+
+        wait_for(cut, timeout=WAIT_SECONDS)
+        thread.join(WAIT_SECONDS)
+        assert errors and errors[0].sqlstate == "57P01", errors
+        # The backend does not notice a vanished client while it sleeps: the cut
+        # must cancel the query upstream, as an expiry does.
+        wait_for(lambda: pg.admin_sql(activity) != "PgSleep", timeout=WAIT_SECONDS)
+    finally:
+        pg.admin_sql(f"select pg_terminate_backend({pid})")
+        edit_store(gateway, "drop trigger if exists audit_test_block")
+
+
 @pytest.mark.parametrize("writer_process", [True, False], ids=["writer-process", "store-thread"])
 def test_a_connection_cut_in_fail_closed_mode_keeps_its_own_end_reason_and_time(
     configured_gateway: Callable[..., Gateway], writer_process: bool
