@@ -37,6 +37,7 @@ from gateway.protocol.client_startup import (
     StartTLS,
     StartupReceived,
 )
+from gateway.protocol.sqlstate import SqlState
 from gateway.protocol.startup import CancelRequest, StartupMessage
 
 
@@ -51,6 +52,15 @@ class ClientStarted:
     pipelined: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class StartupFailed:
+    """A client whose start ended otherwise, for the trail: why, with a SQLSTATE
+    (08P01 for a close without a reply, the refusal's own code otherwise)."""
+
+    sqlstate: str
+    reason: str
+
+
 async def read_client_startup(
     sock: socket.socket,
     *,
@@ -58,10 +68,11 @@ async def read_client_startup(
     timeout: float,
     forward_cancel: Callable[[CancelRequest], Awaitable[None]],
     log: structlog.typing.FilteringBoundLogger,
-) -> ClientStarted | None:
-    """Run the start of a just-accepted client to its StartupMessage, or None
-    when it ended otherwise (the connection is then closed, with whatever answer
-    was due). With ``tls``, a direct TLS ClientHello is served."""
+) -> ClientStarted | StartupFailed | None:
+    """Run the start of a just-accepted client to its StartupMessage; else a
+    :class:`StartupFailed` worth recording, or None (a cancel request, a client
+    that left without a word). The connection is then closed, with whatever
+    answer was due. With ``tls``, a direct TLS ClientHello is served."""
     machine = ClientStartup(tls_available=tls is not None)
     streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
     try:
@@ -77,15 +88,18 @@ async def read_client_startup(
     except TimeoutError:
         if streams is None and sock.fileno() != -1:
             streams = await _open_streams(sock, None)
+        refusal = machine.timed_out()
         if streams is not None:
-            await _refuse(streams[1], machine.timed_out())
-        return None
+            await _refuse(streams[1], refusal)
+        return StartupFailed(refusal.sqlstate, refusal.message)
     except (ssl.SSLError, ConnectionError) as exc:
         log.info("client_tls_failed", error=str(exc))
         if streams is not None:
             streams[1].transport.abort()
         else:
             sock.close()
+        if isinstance(exc, ssl.SSLError):
+            return StartupFailed(SqlState.PROTOCOL_VIOLATION, f"TLS handshake failed: {exc}")
         return None
 
 
@@ -142,7 +156,7 @@ async def _run(
     tls: ssl.SSLContext | None,
     forward_cancel: Callable[[CancelRequest], Awaitable[None]],
     log: structlog.typing.FilteringBoundLogger,
-) -> ClientStarted | None:
+) -> ClientStarted | StartupFailed | None:
     while True:
         event = machine.next_event()
         if isinstance(event, NeedData):
@@ -166,11 +180,13 @@ async def _run(
             # PostgreSQL logs these (COMMERROR) and closes without a reply.
             log.info("client_startup_closed", reason=event.reason)
             await close_writer(writer)
-            return None
+            if not event.noteworthy:
+                return None
+            return StartupFailed(SqlState.PROTOCOL_VIOLATION, event.reason)
         else:
             log.info("client_startup_refused", sqlstate=event.sqlstate, reason=event.message)
             await _refuse(writer, event)
-            return None
+            return StartupFailed(event.sqlstate, event.message)
 
 
 async def _refuse(writer: asyncio.StreamWriter, refusal: Refuse) -> None:

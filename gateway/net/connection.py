@@ -35,7 +35,7 @@ from typing import Protocol
 import structlog
 
 from gateway.errors import GatewayError, UpstreamError
-from gateway.net.client_startup import ClientStarted, read_client_startup
+from gateway.net.client_startup import ClientStarted, StartupFailed, read_client_startup
 from gateway.net.ports import ConnectionAuditTap, ConnectionHost, GrantInfo
 from gateway.net.relay import Relay, Termination, close_writer
 from gateway.net.upstream import UpstreamConnection, connect_upstream, send_cancel
@@ -149,6 +149,12 @@ class ConnectionLife:
             log=self.log,
         )
         if started is None:
+            return
+        if isinstance(started, StartupFailed):
+            # Kept in the trail as well as the log: who knocked, and why they
+            # were turned away (the client got PostgreSQL's answer, or none).
+            error = GatewayError(started.reason, sqlstate=started.sqlstate)
+            await self._record_failure(None, error)
             return
         self.writer = started.writer
         if not await self._admit(started):

@@ -136,9 +136,12 @@ class Refuse:
 
 @dataclass(frozen=True, slots=True)
 class CloseSilently:
-    """Close without a reply, as PostgreSQL does; :attr:`reason` is for the log."""
+    """Close without a reply, as PostgreSQL does; :attr:`reason` is for the log
+    and, when :attr:`noteworthy`, the trail (a client that closes before sending
+    a byte is not: PostgreSQL logs nothing for it either)."""
 
     reason: str
+    noteworthy: bool = True
 
 
 Event = AnswerEncryption | StartTLS | CancelRequested | StartupReceived | Refuse | CloseSilently
@@ -250,7 +253,9 @@ class ClientStartup:
                 return NEED_DATA
             if reader.buffered:
                 return CloseSilently("incomplete startup packet")
-            return CloseSilently("client closed the connection before its startup packet")
+            return CloseSilently(
+                "client closed the connection before its startup packet", noteworthy=False
+            )
         self._packets += 1
         return self._on_packet(body)
 

@@ -7,6 +7,7 @@ import random
 import socket
 import ssl
 import struct
+from typing import Any
 
 import psycopg
 import pytest
@@ -165,6 +166,28 @@ def test_terminate_before_the_startup_packet_is_closed_without_a_reply(gateway: 
         client.send(b"X\x00\x00\x00\x04")
         assert client.recv_raw() == b""
     wait_for(lambda: "invalid startup packet length 1476395008" in gateway.log())
+
+    # The trail keeps it too: a connection that ended in an error, with the reason.
+    def recorded() -> list[dict[str, Any]]:
+        detail: dict[str, Any] = gateway.cli_json("sessions", "show", access.session_prefix)
+        return [c for c in detail["connections"] if c["ended_at"]]
+
+    [record] = wait_for(recorded)
+    assert (record["end_reason"], record["error_sqlstate"]) == ("error", "08P01")
+    assert "invalid startup packet length 1476395008" in record["error_message"]
+    assert (record["bytes_from_client"], record["bytes_from_server"]) == (0, 0)
+
+
+def test_a_client_that_closes_before_sending_a_byte_leaves_no_record(gateway: Gateway) -> None:
+    # A TCP probe (connect, close) is no connection: PostgreSQL logs nothing.
+    access = gateway.access().wait_ready()
+    with RawClient(access.port) as client:
+        client.sock.shutdown(socket.SHUT_WR)
+        assert client.recv_raw() == b""
+    with psycopg.connect(access.dsn()) as conn:  # a real one, recorded after the probe
+        conn.execute("select 1")
+    detail: dict[str, Any] = gateway.cli_json("sessions", "show", access.session_prefix)
+    assert len(detail["connections"]) == 1
 
 
 def test_an_oversized_startup_packet_is_closed_without_a_reply_before_its_body(
