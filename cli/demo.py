@@ -39,61 +39,23 @@ def run_demo(duration_seconds: int) -> int:
     find_pg_bin_dir()  # fails early, with the install hint, when PostgreSQL is missing
     work = Path(tempfile.mkdtemp(prefix="pam-demo-"))
     home = work / "home"
-    config_path = work / "client.json"
     cluster = TempCluster()
     daemon: subprocess.Popen[bytes] | None = None
     previous_config = os.environ.get("PAM_CONFIG")
     # SIGTERM during set-up must tear down like Ctrl+C does.
     signal.signal(signal.SIGTERM, _interrupt)
-    os.environ["PAM_CONFIG"] = str(config_path)
+    os.environ["PAM_CONFIG"] = str(work / "client.json")
     try:
         console.print("Starting a throwaway PostgreSQL (TLS, scram-sha-256)...")
-        cluster.start()
-        password = secrets.token_urlsafe(18)
-        cluster.create_role(DEMO_ROLE, password)
-        cluster.create_database(DEMO_DATABASE, owner=DEMO_ROLE)
-        cluster.admin_sql(
-            "CREATE TABLE greetings (id int PRIMARY KEY, text text NOT NULL);"
-            " INSERT INTO greetings VALUES (1, 'hello from pam');"
-            f" ALTER TABLE greetings OWNER TO {DEMO_ROLE};",
-            database=DEMO_DATABASE,
-        )
+        password = _prepare_cluster(cluster)
         init_home(home, api_port=free_port())
         log_path = work / "gateway.log"
-        with log_path.open("wb") as log_file:
-            daemon = subprocess.Popen(
-                [sys.executable, "-m", "cli", "gateway", "run", "--home", str(home)],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=os.environ.copy(),
-                # Its own process group: a terminal's Ctrl+C goes to the demo,
-                # which ends the session first and then stops the daemon in order.
-                start_new_session=True,
-            )
-        config = load_client_config()
-        with ApiClient(config, timeout=10) as client:
+        daemon = _start_daemon(home, log_path)
+        with ApiClient(load_client_config(), timeout=10) as client:
             _wait_for_daemon(client, daemon, log_path)
             console.print(f"Gateway daemon running (pid {daemon.pid}, log {log_path}).")
-            client.post(
-                "/v1/resources",
-                {
-                    "name": DEMO_RESOURCE,
-                    "host": cluster.host,
-                    "port": cluster.port,
-                    "database": DEMO_DATABASE,
-                    "ssl_mode": "verify-full",
-                    "ca_cert": cluster.ca_cert_path.read_text(),
-                },
-            )
-            client.post(
-                f"/v1/resources/{DEMO_RESOURCE}/accounts",
-                {"name": DEMO_ACCOUNT, "username": DEMO_ROLE, "password": password},
-            )
+            _register(client, cluster, password)
             del password
-            console.print(
-                f"Registered resource {DEMO_RESOURCE!r} (PostgreSQL {cluster.server_version} on"
-                f" {cluster.host}:{cluster.port}, verify-full) and account {DEMO_ACCOUNT!r}."
-            )
             console.print("Try: SELECT * FROM greetings;")
             return hold_access(
                 client,
@@ -116,6 +78,51 @@ def run_demo(duration_seconds: int) -> int:
         console.print("Demo torn down: daemon and PostgreSQL stopped, temporary files removed.")
 
 
+def _prepare_cluster(cluster: TempCluster) -> str:
+    """Start the cluster with the demo's role, database and table; returns the
+    role's password (random, never printed)."""
+    cluster.start()
+    password = secrets.token_urlsafe(18)
+    cluster.create_role(DEMO_ROLE, password)
+    cluster.create_database(DEMO_DATABASE, owner=DEMO_ROLE)
+    cluster.admin_sql(
+        "CREATE TABLE greetings (id int PRIMARY KEY, text text NOT NULL);"
+        " INSERT INTO greetings VALUES (1, 'hello from pam');"
+        f" ALTER TABLE greetings OWNER TO {DEMO_ROLE};",
+        database=DEMO_DATABASE,
+    )
+    return password
+
+
+def _start_daemon(home: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "cli", "gateway", "run", "--home", str(home)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=os.environ.copy(),
+            # Its own process group: a terminal's Ctrl+C goes to the demo,
+            # which ends the session first and then stops the daemon in order.
+            start_new_session=True,
+        )
+
+
+def _register(client: ApiClient, cluster: TempCluster, password: str) -> None:
+    client.add_resource(
+        DEMO_RESOURCE,
+        host=cluster.host,
+        port=cluster.port,
+        database=DEMO_DATABASE,
+        ssl_mode="verify-full",
+        ca_cert=cluster.ca_cert_path.read_text(),
+    )
+    client.add_account(DEMO_RESOURCE, DEMO_ACCOUNT, username=DEMO_ROLE, password=password)
+    console.print(
+        f"Registered resource {DEMO_RESOURCE!r} (PostgreSQL {cluster.server_version} on"
+        f" {cluster.host}:{cluster.port}, verify-full) and account {DEMO_ACCOUNT!r}."
+    )
+
+
 def _interrupt(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -127,11 +134,16 @@ def _wait_for_daemon(client: ApiClient, daemon: subprocess.Popen[bytes], log_pat
             tail = log_path.read_text(errors="replace")[-2000:]
             raise ApiError(f"the gateway daemon exited during start-up: {tail.strip()}")
         try:
-            client.get("/v1/health")
+            client.health()
             return
         except ApiError:
             if time.monotonic() > deadline:
-                raise
+                # The client's own hint ("is `pam gateway run` running?") is not
+                # the next step here: the demo started that daemon itself.
+                raise ApiError(
+                    f"the demo's gateway daemon did not answer within {DAEMON_START_TIMEOUT:g}s",
+                    hint=f"its log is {log_path}",
+                ) from None
             time.sleep(0.2)
 
 

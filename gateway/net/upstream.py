@@ -152,43 +152,9 @@ async def connect_upstream(
                 salted_password_cache=salted_password_cache,
             )
             leftover = await _run_handshake(handshake, reader, writer)
-    except TimeoutError:
+    except _FAILURES as exc:
         _abort(writer)
-        raise UpstreamError(
-            f"timed out after {timeout:g}s connecting to {where}",
-            kind="timeout",
-            hint="check that the host is reachable from the gateway and the port is open",
-        ) from None
-    except UpstreamError:
-        _abort(writer)
-        raise
-    except StartupRejected as exc:
-        _abort(writer)
-        raise _rejection_error(target, exc) from None
-    except UnsupportedAuthentication as exc:
-        _abort(writer)
-        raise UpstreamError(
-            f"{where}: {exc.message}",
-            kind="unsupported_auth",
-            sqlstate=SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
-        ) from None
-    except ScramAuthenticationError as exc:
-        _abort(writer)
-        raise UpstreamError(
-            f"SCRAM authentication with {where} failed: {exc.message}", kind="auth"
-        ) from None
-    except ProtocolError as exc:
-        _abort(writer)
-        raise UpstreamError(
-            f"{where} violated the protocol: {exc.message}",
-            kind="protocol",
-            sqlstate=SqlState.PROTOCOL_VIOLATION,
-        ) from None
-    except (ConnectionError, OSError) as exc:
-        _abort(writer)
-        raise UpstreamError(
-            f"connection to {where} failed: {exc.strerror or exc}", kind="refused"
-        ) from None
+        raise _upstream_error(exc, target, where, timeout) from None
     return UpstreamConnection(
         reader=reader,
         writer=writer,
@@ -198,6 +164,54 @@ async def connect_upstream(
         cipher=cipher,
         connect_ms=(time.perf_counter() - started) * 1000,
     )
+
+
+#: What reaching and signing in to the server can raise; each becomes an UpstreamError.
+_FAILURES = (
+    TimeoutError,
+    UpstreamError,
+    StartupRejected,
+    UnsupportedAuthentication,
+    ScramAuthenticationError,
+    ProtocolError,
+    ConnectionError,
+    OSError,
+)
+
+
+def _upstream_error(
+    exc: BaseException, target: UpstreamTarget, where: str, timeout: float
+) -> UpstreamError:
+    """The UpstreamError (SQLSTATE, kind, hint) for a failure of connect_upstream.
+    TimeoutError is an OSError: it is tested first."""
+    if isinstance(exc, TimeoutError):
+        return UpstreamError(
+            f"timed out after {timeout:g}s connecting to {where}",
+            kind="timeout",
+            hint="check that the host is reachable from the gateway and the port is open",
+        )
+    if isinstance(exc, UpstreamError):
+        return exc
+    if isinstance(exc, StartupRejected):
+        return _rejection_error(target, exc)
+    if isinstance(exc, UnsupportedAuthentication):
+        return UpstreamError(
+            f"{where}: {exc.message}",
+            kind="unsupported_auth",
+            sqlstate=SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
+        )
+    if isinstance(exc, ScramAuthenticationError):
+        return UpstreamError(
+            f"SCRAM authentication with {where} failed: {exc.message}", kind="auth"
+        )
+    if isinstance(exc, ProtocolError):
+        return UpstreamError(
+            f"{where} violated the protocol: {exc.message}",
+            kind="protocol",
+            sqlstate=SqlState.PROTOCOL_VIOLATION,
+        )
+    assert isinstance(exc, OSError)
+    return UpstreamError(f"connection to {where} failed: {exc.strerror or exc}", kind="refused")
 
 
 def _abort(writer: asyncio.StreamWriter | None) -> None:
