@@ -22,6 +22,11 @@ asynchronous and never pair with anything (they are not even tapped).
 Every Execute is its own record, with the parameters of the Bind that created
 its portal: ``$10`` stays parameter 10, every Execute of the unnamed portal
 counts, a prepared statement run many times records each run.
+
+The tracker keeps the pairing; reading the fields of a tapped body is in
+:mod:`gateway.audit.decoding` and the entries it keeps between a message and its
+outcome are in :mod:`gateway.audit.pending` (both imported by name: no extra
+call per message).
 """
 
 from __future__ import annotations
@@ -29,17 +34,35 @@ from __future__ import annotations
 import struct
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal
 
+from gateway.audit.decoding import (
+    INT16,
+    UINT32,
+    ParameterRow,
+    body_text,
+    decode_parameters,
+    read_cstring,
+    rows_from_tag,
+)
+from gateway.audit.pending import (
+    EXECUTE_OR_QUERY,
+    KIND_EXECUTE,
+    KIND_FUNCTION,
+    KIND_PARSE,
+    KIND_QUERY,
+    KIND_SYNC,
+    PROTOCOLS,
+    SYNC_ENTRY,
+    Pending,
+    Portal,
+    Prepared,
+)
 from gateway.audit.records import (
     MAX_BIGINT,
     SQLSTATE_PATTERN,
-    AuditProtocol,
     AuditStatus,
-    CopyDirection,
     EventRow,
-    ParameterFormat,
 )
 from gateway.audit.redaction import MASK, Redactor
 from gateway.protocol.constants import BackendType, FrontendType
@@ -101,136 +124,12 @@ _EMPTY_QUERY_RESPONSE_TYPE = int(BackendType.EMPTY_QUERY_RESPONSE)
 _COPY_IN_TYPES = (int(BackendType.COPY_IN_RESPONSE), int(BackendType.COPY_BOTH_RESPONSE))
 _COPY_OUT_RESPONSE_TYPE = int(BackendType.COPY_OUT_RESPONSE)
 _FUNCTION_CALL_RESPONSE_TYPE = int(BackendType.FUNCTION_CALL_RESPONSE)
-_INT16 = struct.Struct("!h")
-_INT32 = struct.Struct("!i")
-_UINT32 = struct.Struct("!I")
-
-
-# What a pending entry waits for an outcome of (plain ints: compared on every
-# tapped message).
-_QUERY = 1
-_PARSE = 2
-_EXECUTE = 3
-_FUNCTION = 4
-_SYNC_KIND = 5
-_EXECUTE_OR_QUERY = (_EXECUTE, _QUERY)
-_PROTOCOLS: dict[int, AuditProtocol] = {
-    _QUERY: "simple",
-    _PARSE: "extended",
-    _EXECUTE: "extended",
-    _FUNCTION: "function_call",
-}
-
-#: A logged parameter: (index, type_oid, format, value, truncated), the shape of
-#: :data:`~gateway.audit.records.EventRow`'s parameters.
-ParameterRow = tuple[int, int | None, ParameterFormat, str | None, bool]
-
-
-@dataclass(frozen=True, slots=True)
-class _Prepared:
-    sql: str
-    param_types: tuple[int, ...]
-    #: whether the parameters may carry a secret (Redactor.hides_parameters)
-    hides_parameters: bool
-
-
-@dataclass(frozen=True, slots=True)
-class _Portal:
-    statement: str
-    sql: str
-    parameters: tuple[ParameterRow, ...] | None
-
-
-class _Pending:
-    """A client message waiting for its outcome (one per Query, Parse, Execute,
-    FunctionCall; every Sync shares one)."""
-
-    __slots__ = (
-        "client_bytes_at",
-        "copy",
-        "copy_bytes",
-        "ended_ns",
-        "error",
-        "kind",
-        "parameters",
-        "portal",
-        "rows",
-        "server_bytes_at",
-        "sql",
-        "sqlstate",
-        "started_ns",
-        "statement",
-        "status",
-        "tag",
-    )
-
-    def __init__(
-        self,
-        kind: int,
-        started_ns: int,
-        sql: str | None = None,
-        statement: str | None = None,
-        portal: str | None = None,
-        parameters: tuple[ParameterRow, ...] | None = None,
-        client_bytes_at: int = 0,
-    ) -> None:
-        self.kind = kind
-        self.started_ns = started_ns
-        self.sql = sql
-        self.statement = statement
-        self.portal = portal
-        self.parameters = parameters
-        #: the command tags so far, "; "-joined (a Query may run several)
-        self.tag: str | None = None
-        self.rows: int | None = None
-        self.copy: CopyDirection | None = None
-        #: COPY byte counters when this entry's COPY started
-        self.server_bytes_at = 0
-        self.client_bytes_at = client_bytes_at
-        self.status: AuditStatus | None = None
-        self.ended_ns = 0
-        self.sqlstate: str | None = None
-        self.error: str | None = None
-        self.copy_bytes: int | None = None
-
-    def add_tag(self, tag: str) -> None:
-        self.tag = tag if self.tag is None else self.tag + "; " + tag
 
 
 #: Parse messages remembered per connection, and the longest one remembered: at
 #: most 64 KiB per connection, whatever the client sends.
 _PARSE_CACHE_SIZE = 32
 _PARSE_CACHE_MAX_BODY = 2048
-#: The one pending entry every Sync shares (see StatementTracker.client).
-_SYNC = _Pending(_SYNC_KIND, 0)
-
-
-def rows_from_tag(tag: str) -> int | None:
-    """The row count of a CommandComplete tag ("INSERT 0 5" -> 5, "SELECT 3" -> 3);
-    None for a tag without one, or with one no BIGINT column holds."""
-    last = tag.rsplit(" ", 1)[-1]
-    if not (last.isascii() and last.isdigit() and " " in tag):
-        return None
-    rows = int(last)
-    return rows if rows <= MAX_BIGINT else None
-
-
-def _text(body: bytes) -> str:
-    """A body that is one NUL-terminated string (Query, CommandComplete), as
-    :func:`_cstring` reads it from the start, without the position."""
-    end = body.find(b"\x00")
-    return (body if end < 0 else body[:end]).decode("utf-8", "replace")
-
-
-def _cstring(body: bytes, pos: int) -> tuple[str, int]:
-    """A NUL-terminated string of a tapped body. The relay copies at most
-    ``TAP_LIMIT`` bytes of a message, so a long Query or Bind arrives cut off: the
-    string then runs to the end of what was kept (the caller marks it truncated).
-    The relay has already forwarded the message, so nothing here may raise."""
-    end = body.find(b"\x00", pos)
-    if end < 0:
-        return body[pos:].decode("utf-8", "replace"), len(body)
-    return body[pos:end].decode("utf-8", "replace"), end + 1
 
 
 class StatementTracker:
@@ -257,11 +156,11 @@ class StatementTracker:
         self._parameter_mode = parameter_mode
         self._max_value_bytes = max_value_bytes
         self._max_sql_chars = max_sql_chars
-        self._prepared: dict[str, _Prepared] = {}
+        self._prepared: dict[str, Prepared] = {}
         #: Parse bodies already decoded and redacted (see _parse)
-        self._parsed: dict[bytes, tuple[str, _Prepared]] = {}
-        self._portals: dict[str, _Portal] = {}
-        self._pending: deque[_Pending] = deque()
+        self._parsed: dict[bytes, tuple[str, Prepared]] = {}
+        self._portals: dict[str, Portal] = {}
+        self._pending: deque[Pending] = deque()
         self._failed = False
         self._client_bytes = 0
         self._server_messages = 0
@@ -273,22 +172,22 @@ class StatementTracker:
         mtype, body, truncated, _, self._client_bytes = message
         if mtype == _QUERY_TYPE:
             self._pending.append(
-                _Pending(
-                    _QUERY,
+                Pending(
+                    KIND_QUERY,
                     now_ns,
-                    sql=self._clean_sql(_text(body), truncated),
+                    sql=self._clean_sql(body_text(body), truncated),
                     client_bytes_at=self._client_bytes,
                 )
             )
         elif mtype == _EXECUTE_TYPE:
             # Most clients run the unnamed portal: skip decoding an empty name.
-            portal = "" if body[:1] == b"\x00" else _cstring(body, 0)[0]
+            portal = "" if body[:1] == b"\x00" else read_cstring(body, 0)[0]
             bound = self._portals.get(portal)
             self._pending.append(
-                _Pending(_EXECUTE, now_ns, portal=portal, client_bytes_at=self._client_bytes)
+                Pending(KIND_EXECUTE, now_ns, portal=portal, client_bytes_at=self._client_bytes)
                 if bound is None
-                else _Pending(
-                    _EXECUTE,
+                else Pending(
+                    KIND_EXECUTE,
                     now_ns,
                     bound.sql,
                     bound.statement,
@@ -301,7 +200,7 @@ class StatementTracker:
             self._on_bind(body)
         elif mtype == _SYNC_TYPE:
             # Nothing of a Sync's entry ever changes: one shared object will do.
-            self._pending.append(_SYNC)
+            self._pending.append(SYNC_ENTRY)
         elif mtype == _PARSE_TYPE:
             parsed = None if truncated else self._parsed.get(body)
             if parsed is None:
@@ -309,8 +208,8 @@ class StatementTracker:
             name, prepared = parsed
             self._prepared[name] = prepared
             self._pending.append(
-                _Pending(
-                    _PARSE,
+                Pending(
+                    KIND_PARSE,
                     now_ns,
                     sql=prepared.sql,
                     statement=name,
@@ -320,22 +219,22 @@ class StatementTracker:
         elif mtype == _FUNCTION_CALL_TYPE:
             self._on_function_call(body, now_ns)
         elif mtype == _CLOSE_TYPE and body:
-            name, _ = _cstring(body, 1)
+            name, _ = read_cstring(body, 1)
             (self._prepared if body[0] == ord("S") else self._portals).pop(name, None)
         # CopyDone / CopyFail only update the byte counter read above.
 
-    def _parse(self, body: bytes, truncated: bool) -> tuple[str, _Prepared]:
+    def _parse(self, body: bytes, truncated: bool) -> tuple[str, Prepared]:
         """Decode and redact a Parse; remembered by its bytes, since clients
         send the same Parse over and over (the unnamed statement, mostly)."""
-        name, pos = _cstring(body, 0)
-        sql, pos = _cstring(body, pos)
+        name, pos = read_cstring(body, 0)
+        sql, pos = read_cstring(body, pos)
         types: tuple[int, ...] = ()
         if pos + 2 <= len(body):
-            (count,) = _INT16.unpack_from(body, pos)
+            (count,) = INT16.unpack_from(body, pos)
             avail = min(count, (len(body) - pos - 2) // 4)
             types = struct.unpack_from(f"!{avail}I", body, pos + 2) if avail > 0 else ()
         clean = self._clean_sql(sql, truncated)
-        parsed = (name, _Prepared(clean, types, Redactor.hides_parameters(clean)))
+        parsed = (name, Prepared(clean, types, Redactor.hides_parameters(clean)))
         if not truncated and len(body) <= _PARSE_CACHE_MAX_BODY:
             if len(self._parsed) >= _PARSE_CACHE_SIZE:
                 self._parsed.clear()
@@ -352,77 +251,39 @@ class StatementTracker:
         if body[:2] == b"\x00\x00":  # the unnamed portal of the unnamed statement
             portal, statement, pos = "", "", 2
         else:
-            portal, pos = _cstring(body, 0)
-            statement, pos = _cstring(body, pos)
+            portal, pos = read_cstring(body, 0)
+            statement, pos = read_cstring(body, pos)
         prepared = self._prepared.get(statement)
         parameters: tuple[ParameterRow, ...] | None = None
-        if self._parameter_mode != "none":
-            parameters = self._decode_parameters(
-                body, pos, prepared.param_types if prepared else ()
+        mode = self._parameter_mode
+        if mode != "none":
+            parameters = decode_parameters(
+                body,
+                pos,
+                prepared.param_types if prepared else (),
+                mode == "values",
+                self._max_value_bytes,
+                self._redactor,
             )
             if parameters and (prepared.hides_parameters if prepared else False):
                 parameters = tuple(
                     (index, oid, fmt, MASK if value else value, cut)
                     for index, oid, fmt, value, cut in parameters
                 )
-        self._portals[portal] = _Portal(statement, prepared.sql if prepared else "", parameters)
-
-    def _decode_parameters(
-        self, body: bytes, pos: int, types: tuple[int, ...]
-    ) -> tuple[ParameterRow, ...] | None:
-        size = len(body)
-        if pos + 2 > size:
-            return None  # the tap kept too little to know the parameters
-        (nformats,) = _INT16.unpack_from(body, pos)
-        counts_at = pos + 2 + 2 * max(nformats, 0)
-        if counts_at + 2 > size:
-            return None
-        formats = struct.unpack_from(f"!{nformats}h", body, pos + 2) if nformats > 0 else ()
-        (count,) = _INT16.unpack_from(body, counts_at)
-        pos = counts_at + 2
-        values_wanted = self._parameter_mode == "values"
-        out: list[ParameterRow] = []
-        limit = self._max_value_bytes
-        redactor = self._redactor
-        ntypes = len(types)
-        for i in range(count):
-            binary = (formats[0] if nformats == 1 else formats[i] if i < nformats else 0) == 1
-            type_oid = (types[i] or None) if i < ntypes else None
-            if pos + 4 > size:  # the tap kept only the start of a huge Bind
-                out.append((i + 1, type_oid, "binary" if binary else "text", None, True))
-                continue
-            (length,) = _INT32.unpack_from(body, pos)
-            pos += 4
-            if length < 0:
-                out.append((i + 1, type_oid, "null", None, False))
-                continue
-            raw = body[pos : pos + min(length, limit)]
-            cut = length > limit or pos + length > size
-            pos += length
-            value: str | None
-            if not values_wanted:
-                value = None
-            elif binary:
-                value = redactor.binary(raw)
-            else:
-                text = raw.decode("utf-8", "replace")
-                if "\x00" in text:
-                    # Text can't hold NUL (the server refuses it too); shown as
-                    # undecodable bytes are, instead of a record the store refuses.
-                    text = text.replace("\x00", "\ufffd")
-                value = redactor.value(text)
-            out.append((i + 1, type_oid, "binary" if binary else "text", value, cut))
-        return tuple(out)
+        self._portals[portal] = Portal(statement, prepared.sql if prepared else "", parameters)
 
     def _on_function_call(self, body: bytes, now_ns: int) -> None:
-        (oid,) = _UINT32.unpack_from(body, 0)
+        (oid,) = UINT32.unpack_from(body, 0)
         parameters = None
-        if self._parameter_mode != "none":
+        mode = self._parameter_mode
+        if mode != "none":
             # Same layout as Bind's formats/values, after the function's oid.
-            parameters = self._decode_parameters(body, 4, ())
+            parameters = decode_parameters(
+                body, 4, (), mode == "values", self._max_value_bytes, self._redactor
+            )
         self._pending.append(
-            _Pending(
-                _FUNCTION,
+            Pending(
+                KIND_FUNCTION,
                 now_ns,
                 sql=f"-- FunctionCall oid {oid}",
                 parameters=parameters,
@@ -435,27 +296,27 @@ class StatementTracker:
     def server(self, message: TappedMessage, now_ns: int) -> Sequence[EventRow]:
         mtype = message.type
         if mtype == _COMMAND_COMPLETE_TYPE:
-            entry = self._current(_EXECUTE_OR_QUERY)
+            entry = self._current(EXECUTE_OR_QUERY)
             if entry is not None:
-                tag = _text(message.body)
+                tag = body_text(message.body)
                 entry.add_tag(tag)
                 rows = rows_from_tag(tag)
                 if rows is not None:
                     entry.rows = rows if entry.rows is None else min(entry.rows + rows, MAX_BIGINT)
-                if entry.kind == _EXECUTE:
+                if entry.kind == KIND_EXECUTE:
                     self._finish(entry, message, now_ns, "ok")
                 else:
                     self._note_copy(entry, message)
         elif mtype == _READY_FOR_QUERY_TYPE:
             self._on_ready(now_ns)
         elif mtype == _PARSE_COMPLETE_TYPE:
-            entry = self._current((_PARSE,))
+            entry = self._current((KIND_PARSE,))
             if entry is not None:
                 self._pending.remove(entry)
         elif mtype == _ERROR_RESPONSE_TYPE:
             self._on_error(message, now_ns)
         elif mtype == _PORTAL_SUSPENDED_TYPE:
-            entry = self._current((_EXECUTE,))
+            entry = self._current((KIND_EXECUTE,))
             if entry is not None:
                 entry.add_tag("(portal suspended)")
                 # The DataRows since the previous tapped server message are this
@@ -463,23 +324,23 @@ class StatementTracker:
                 entry.rows = message.measured_messages - self._server_messages
                 self._finish(entry, message, now_ns, "ok")
         elif mtype == _EMPTY_QUERY_RESPONSE_TYPE:
-            entry = self._current(_EXECUTE_OR_QUERY)
+            entry = self._current(EXECUTE_OR_QUERY)
             if entry is not None:
                 entry.add_tag("(empty query)")
-                if entry.kind == _EXECUTE:
+                if entry.kind == KIND_EXECUTE:
                     self._finish(entry, message, now_ns, "ok")
         elif mtype in _COPY_IN_TYPES:
-            entry = self._current(_EXECUTE_OR_QUERY)
+            entry = self._current(EXECUTE_OR_QUERY)
             if entry is not None:
                 entry.copy = "in"
                 entry.client_bytes_at = self._client_bytes
         elif mtype == _COPY_OUT_RESPONSE_TYPE:
-            entry = self._current(_EXECUTE_OR_QUERY)
+            entry = self._current(EXECUTE_OR_QUERY)
             if entry is not None:
                 entry.copy = "out"
                 entry.server_bytes_at = message.measured_bytes
         elif mtype == _FUNCTION_CALL_RESPONSE_TYPE:
-            entry = self._current((_FUNCTION,))
+            entry = self._current((KIND_FUNCTION,))
             if entry is not None:
                 entry.add_tag("FUNCTION CALL")
         self._server_messages = message.measured_messages
@@ -491,14 +352,14 @@ class StatementTracker:
         self._events = []
         return events
 
-    def _current(self, kinds: tuple[int, ...]) -> _Pending | None:
+    def _current(self, kinds: tuple[int, ...]) -> Pending | None:
         """The oldest unfinished entry of ``kinds``, never across a batch boundary."""
         for entry in self._pending:
             if entry.status is not None:
                 continue
             if entry.kind in kinds:
                 return entry
-            if entry.kind != _PARSE:
+            if entry.kind != KIND_PARSE:
                 return None
         return None
 
@@ -513,10 +374,10 @@ class StatementTracker:
         for entry in self._pending:
             if entry.status is not None:
                 continue
-            if entry.kind == _SYNC_KIND:
+            if entry.kind == KIND_SYNC:
                 break
             self._finish(entry, message, now_ns, status, sqlstate=sqlstate, error=error)
-            if entry.kind in (_QUERY, _FUNCTION):
+            if entry.kind in (KIND_QUERY, KIND_FUNCTION):
                 return
             break
         # Extended protocol: the server skips everything up to the next Sync.
@@ -527,14 +388,14 @@ class StatementTracker:
         while pending:
             entry = pending.popleft()
             kind = entry.kind
-            if kind == _SYNC_KIND:
+            if kind == KIND_SYNC:
                 break
-            if kind in (_QUERY, _FUNCTION):
+            if kind in (KIND_QUERY, KIND_FUNCTION):
                 if entry.status is None:
                     entry.status, entry.ended_ns = "ok", now_ns
                 self._events.append(self._row(entry))
                 break
-            if kind == _EXECUTE and entry.status is None:
+            if kind == KIND_EXECUTE and entry.status is None:
                 entry.status = "skipped" if self._failed else "incomplete"
                 entry.ended_ns = now_ns
                 self._events.append(self._row(entry))
@@ -542,7 +403,7 @@ class StatementTracker:
 
     def _finish(
         self,
-        entry: _Pending,
+        entry: Pending,
         message: TappedMessage,
         now_ns: int,
         status: AuditStatus,
@@ -553,13 +414,13 @@ class StatementTracker:
         entry.status, entry.ended_ns = status, now_ns
         entry.sqlstate, entry.error = sqlstate, error
         self._note_copy(entry, message)
-        if entry.kind in (_EXECUTE, _PARSE):
+        if entry.kind in (KIND_EXECUTE, KIND_PARSE):
             # Queries and function calls are recorded at ReadyForQuery, once all
             # their results are in; an Execute (or a failed Parse) is final now.
             self._events.append(self._row(entry))
             self._pending.remove(entry)
 
-    def _note_copy(self, entry: _Pending, message: TappedMessage) -> None:
+    def _note_copy(self, entry: Pending, message: TappedMessage) -> None:
         """Add the bytes of the COPY that just ended to the entry (a Query may hold several)."""
         if entry.copy is None:
             return
@@ -571,7 +432,7 @@ class StatementTracker:
         entry.server_bytes_at = message.measured_bytes
         entry.client_bytes_at = self._client_bytes
 
-    def _row(self, entry: _Pending) -> EventRow:
+    def _row(self, entry: Pending) -> EventRow:
         started = entry.started_ns
         ended = entry.ended_ns or started
         return (
@@ -579,7 +440,7 @@ class StatementTracker:
             self.connection_id,
             "statement",
             started // 1000,
-            _PROTOCOLS[entry.kind],
+            PROTOCOLS[entry.kind],
             entry.sql,
             entry.statement,
             entry.portal,
@@ -603,7 +464,7 @@ class StatementTracker:
         """The connection ended: whatever never got an outcome is ``incomplete``."""
         events = self._events
         for entry in self._pending:
-            if entry.kind in (_EXECUTE, _QUERY, _FUNCTION):
+            if entry.kind in (KIND_EXECUTE, KIND_QUERY, KIND_FUNCTION):
                 if entry.status is None:
                     entry.status, entry.ended_ns = "incomplete", now_ns
                 events.append(self._row(entry))

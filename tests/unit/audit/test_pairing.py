@@ -7,13 +7,13 @@ import struct
 
 import pytest
 
+from gateway.audit.decoding import rows_from_tag
 from gateway.audit.pairing import (
     CLIENT_MEASURE,
     CLIENT_TAP,
     SERVER_MEASURE,
     SERVER_TAP,
     StatementTracker,
-    rows_from_tag,
 )
 from gateway.audit.records import AuditEvent, EventRow, row_event
 from gateway.audit.redaction import Redactor
