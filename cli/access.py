@@ -12,6 +12,7 @@ import getpass
 import re
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import FrameType
@@ -94,9 +95,29 @@ def hold_access(
         port=port,
         requester=getpass.getuser(),
     )
+    _print_grant(session, resource, account)
+    if ready is not None:
+        ready.set()
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        ended_by_gateway = _heartbeat_until_ended(client, session["id"])
+    except (KeyboardInterrupt, _Stop):
+        ended_by_gateway = None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if ended_by_gateway is not None:
+        return _report_end(client, ended_by_gateway)
+    ended = client.end_access(session["id"])
+    console.print(
+        f"Session {ended['id'][:8]} ended"
+        f" ({ended.get('end_reason') or 'client_ended'}) after"
+        f" {_elapsed(ended)}."
+    )
+    return 0
+
+
+def _print_grant(session: SessionJson, resource: str, account: str) -> None:
     info = connection_info(session)
-    expires = parse_time(session["expires_at"])
-    assert expires is not None
     console.print(
         f"[bold green]Access granted[/]: session {session['id'][:8]} for"
         f" {resource}/{account}, expires {local_time(session['expires_at'])}"
@@ -109,41 +130,29 @@ def hold_access(
         " Press Ctrl+C to end the session."
     )
     console.file.flush()  # the URL must reach a pipe or file at once, not at exit
-    if ready is not None:
-        ready.set()
-    previous = signal.signal(signal.SIGTERM, _raise_stop)
+
+
+def _heartbeat_until_ended(client: ApiClient, session_id: str) -> SessionJson:
+    """Call in every HEARTBEAT_SECONDS until the gateway says the session ended
+    (expiry, an administrator); Ctrl+C or SIGTERM interrupt it."""
     missed = 0
-    stop = threading.Event()
-    try:
-        while True:
-            if stop.wait(HEARTBEAT_SECONDS):
-                break
-            try:
-                state = client.heartbeat(session["id"])
-                missed = 0
-            except ApiError as exc:
-                if exc.status is not None:
-                    raise
-                missed += 1
-                if missed >= MAX_MISSED_HEARTBEATS:
-                    raise ApiError(
-                        f"lost contact with the pam gateway: {exc.message}",
-                        hint="the gateway ends the session when it stops hearing from this command",
-                    ) from None
-                continue
-            if state.get("ended_at"):
-                return _report_end(client, state)
-    except (KeyboardInterrupt, _Stop):
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    ended = client.end_access(session["id"])
-    console.print(
-        f"Session {ended['id'][:8]} ended"
-        f" ({ended.get('end_reason') or 'client_ended'}) after"
-        f" {_elapsed(ended)}."
-    )
-    return 0
+    while True:
+        time.sleep(HEARTBEAT_SECONDS)
+        try:
+            state = client.heartbeat(session_id)
+            missed = 0
+        except ApiError as exc:
+            if exc.status is not None:
+                raise
+            missed += 1
+            if missed >= MAX_MISSED_HEARTBEATS:
+                raise ApiError(
+                    f"lost contact with the pam gateway: {exc.message}",
+                    hint="the gateway ends the session when it stops hearing from this command",
+                ) from None
+            continue
+        if state.get("ended_at"):
+            return state
 
 
 def _report_end(client: ApiClient, state: SessionJson) -> int:
