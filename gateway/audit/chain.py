@@ -1,8 +1,9 @@
 """Tamper evidence for the audit trail: a keyed hash chain per access session.
 
-Role: the arithmetic behind :meth:`gateway.store.Store.append_audit` and
-:meth:`gateway.store.Store.verify_audit`. Pure: no I/O, no database; the store
-feeds rows in and gets hashes and :class:`ChainProblem` reports out.
+Role: the arithmetic behind :meth:`gateway.store.Store.append_audit` (the
+writer hashes every row with :meth:`AuditChain.row_hash`) and the record
+encodings that :mod:`gateway.audit.verify` checks a stored trail against. Pure:
+no I/O, no database; the store feeds rows in and gets hashes out.
 
 How the chain works:
 
@@ -11,7 +12,7 @@ How the chain works:
   its own ``hash``: HMAC-SHA256 under the audit key over a canonical encoding of
   ``seq``, ``prev_hash`` and every field of the event. Changing any covered
   field, moving a record to another seq or session, or removing one breaks the
-  chain at a place that :class:`SessionVerifier` names.
+  chain at a place that :class:`~gateway.audit.verify.SessionVerifier` names.
 * Two encodings exist; each record names its own (``chain_version``), and a
   session's trail may hold both:
 
@@ -55,15 +56,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Protocol
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from pydantic import BaseModel, ConfigDict
 
 from gateway.audit.records import AuditEvent, Parameter
 from gateway.errors import ConfigError
@@ -75,14 +73,11 @@ __all__ = [
     "EVENT_FIELDS",
     "GENESIS_HASH",
     "AuditChain",
-    "ChainProblem",
-    "ChainProblemKind",
-    "SessionVerifier",
     "canonical_encoding",
     "canonical_json",
     "derive_audit_key",
-    "describe",
     "event_fields",
+    "is_same_digest",
     "parameter_dicts",
 ]
 
@@ -98,15 +93,6 @@ _MIN_KEY_BYTES: Final = 16
 #: Domain separation: a seal can never equal a record hash (whose message is a
 #: JSON object and so starts with "{").
 _SEAL_PREFIX: Final = b"pam audit seal v1\x00"
-
-_EXCERPT_CHARS: Final = 40
-#: Failing records held back to judge whether they were moved (see _settle);
-#: beyond this many in a row (a wrong key, say) they are reported as they stand.
-_MAX_SUSPECTS: Final = 1000
-_WHITESPACE: Final = re.compile(r"\s+")
-
-#: What :meth:`gateway.store.Store.verify_audit` can find wrong.
-ChainProblemKind = Literal["changed", "removed", "reordered", "truncated", "seal"]
 
 #: Event fields in their dataclass order (the keys of :func:`event_fields`);
 #: ``seq`` and ``prev_hash`` are added by :meth:`AuditChain.record_hash`.
@@ -142,7 +128,7 @@ def derive_audit_key(master_key: bytes) -> bytes:
     ).derive(master_key)
 
 
-def _same(a: str, b: str) -> bool:
+def is_same_digest(a: str, b: str) -> bool:
     """Constant-time equality of two hex strings.
 
     Encoded first: ``compare_digest`` refuses non-ASCII ``str``, and a tampered
@@ -304,259 +290,4 @@ class AuditChain:
         return self._mac(_SEAL_PREFIX + f"{session_id}|{count}|{head}".encode())
 
     def is_valid_seal(self, session_id: str, count: int, head: str, seal: str) -> bool:
-        return _same(self.seal(session_id, count, head), seal)
-
-
-class ChainProblem(BaseModel):
-    """One thing wrong with a session's audit trail. ``detail`` names the record."""
-
-    model_config = ConfigDict(frozen=True)
-
-    session_id: str
-    #: The record concerned (for ``removed``/``truncated``: the first missing seq);
-    #: ``None`` when the problem is the session's seal as a whole.
-    seq: int | None
-    problem: ChainProblemKind
-    detail: str
-
-
-def describe(seq: int, fields: Mapping[str, Any]) -> str:
-    """``seq 7 (statement 'UPDATE t SET ...')``: enough for a reviewer to find it."""
-    kind = fields.get("kind")
-    sql = fields.get("sql")
-    if isinstance(sql, str) and sql:
-        excerpt = _WHITESPACE.sub(" ", sql).strip()
-        if len(excerpt) > _EXCERPT_CHARS:
-            excerpt = excerpt[:_EXCERPT_CHARS] + "..."
-        return f"seq {seq} ({kind} {excerpt!r})"
-    return f"seq {seq} ({kind})"
-
-
-class _Name:
-    """Formats as :func:`describe` would, but only when a report needs it."""
-
-    __slots__ = ("_fields", "_seq")
-
-    def __init__(self, seq: int, fields: Mapping[str, Any]) -> None:
-        self._seq = seq
-        self._fields = fields
-
-    def __format__(self, spec: str) -> str:
-        return describe(self._seq, self._fields)
-
-
-def _span(first: int, last: int) -> str:
-    return f"seq {first}" if first == last else f"seqs {first}-{last}"
-
-
-@dataclass(slots=True)
-class _Suspect:
-    """A record that failed its hash, held until the next intact record is seen."""
-
-    row_id: int
-    seq: int
-    name: _Name
-    reports: list[tuple[int | None, ChainProblemKind, str]]
-
-
-class SessionVerifier:
-    """Checks one session's records, fed in ``seq`` order, then its seal.
-
-    Streaming: it keeps the previous record's facts and the run of failing
-    records since the last intact one (at most :data:`_MAX_SUSPECTS`), so a
-    session of any length verifies in bounded memory. Each record is checked for
-
-    * ``changed``: its content no longer matches its own hash (``seq`` is covered,
-      so a record moved to another seq is changed too);
-    * ``removed``: a gap in ``seq`` before it, or (when both records verify) a
-      ``prev_hash`` that is not the previous record's hash;
-    * ``reordered``: a seq that repeats or goes back; an intact record stored
-      (row id) before the intact record that precedes it; or a changed record
-      whose row id does not lie between those of the intact records around it,
-      i.e. one that was moved here from another position.
-
-    :meth:`finish` then checks the end against the seal: ``truncated`` when
-    records are missing at the end, ``seal`` when the seal itself does not
-    verify or does not fit the session.
-    """
-
-    __slots__ = (
-        "_chain",
-        "_last_changed",
-        "_last_hash",
-        "_last_seq",
-        "_problems",
-        "_records",
-        "_suspects",
-        "_valid_id",
-        "_valid_seq",
-        "session_id",
-    )
-
-    def __init__(self, chain: AuditChain, session_id: str) -> None:
-        self._chain = chain
-        self.session_id = session_id
-        self._last_seq = 0
-        self._last_hash = GENESIS_HASH
-        self._last_changed = False
-        # Row id and seq of the last record whose hash verified.
-        self._valid_id: int | None = None
-        self._valid_seq = 0
-        self._suspects: list[_Suspect] = []
-        self._records = 0
-        self._problems: list[ChainProblem] = []
-
-    def _emit(self, reports: list[tuple[int | None, ChainProblemKind, str]]) -> None:
-        self._problems.extend(
-            ChainProblem(session_id=self.session_id, seq=seq, problem=problem, detail=detail)
-            for seq, problem, detail in reports
-        )
-
-    def _report(self, seq: int | None, problem: ChainProblemKind, detail: str) -> None:
-        self._emit([(seq, problem, detail)])
-
-    def _settle(self, next_valid_id: int | None) -> None:
-        """Report the held failing records, now that the intact one after them is known."""
-        # A record edited in place keeps its row id, which lies between those of
-        # its neighbours; one moved here from elsewhere does not.
-        previous_id = self._valid_id
-        for suspect in self._suspects:
-            if (previous_id is not None and suspect.row_id <= previous_id) or (
-                next_valid_id is not None and suspect.row_id >= next_valid_id
-            ):
-                suspect.reports.append(
-                    (
-                        suspect.seq,
-                        "reordered",
-                        f"{suspect.name} was stored out of seq order: it was moved here "
-                        "from another position",
-                    )
-                )
-            else:
-                previous_id = suspect.row_id
-            self._emit(suspect.reports)
-        self._suspects.clear()
-
-    def feed(
-        self,
-        row_id: int,
-        seq: int,
-        prev_hash: str,
-        stored_hash: str,
-        fields: Mapping[str, Any],
-        *,
-        version: int = 1,
-        values: Sequence[Any] = (),
-    ) -> None:
-        """Check the next record (by seq). *fields* is as :func:`event_fields`
-        returns; a *version* 2 record is hashed over *values*, its stored columns
-        (:meth:`AuditChain.row_hash`). Any other version does not verify."""
-        # Only spelled out when something is wrong: verify runs over every record.
-        name = _Name(seq, fields)
-        reports: list[tuple[int | None, ChainProblemKind, str]] = []
-        expected = self._last_seq + 1
-        explained = False
-        if seq > expected:
-            reports.append(
-                (expected, "removed", f"{_span(expected, seq - 1)} missing before {name}")
-            )
-            explained = True
-        elif seq < expected:
-            reports.append(
-                (seq, "reordered", f"{name} repeats or goes back after seq {self._last_seq}")
-            )
-            explained = True
-        try:
-            if version == CHAIN_VERSION:
-                recomputed = self._chain.row_hash(prev_hash, seq, values)
-            elif version == 1:
-                recomputed = self._chain.record_hash(prev_hash, seq, fields)
-            else:
-                recomputed = ""
-        except ValueError:
-            recomputed = ""
-        changed = not _same(recomputed, stored_hash)
-        if changed:
-            reports.append((seq, "changed", f"{name} does not match its hash: it was edited"))
-            self._suspects.append(_Suspect(row_id, seq, name, reports))
-            if len(self._suspects) >= _MAX_SUSPECTS:
-                self._settle(None)
-        else:
-            if self._valid_id is not None and row_id <= self._valid_id:
-                reports.append(
-                    (
-                        seq,
-                        "reordered",
-                        f"{name} was stored before seq {self._valid_seq}: row order was changed",
-                    )
-                )
-                explained = True
-            if not (explained or self._last_changed or _same(prev_hash, self._last_hash)):
-                # Both records verify, yet they were not written one after the other.
-                reports.append(
-                    (
-                        seq,
-                        "removed",
-                        f"{name} is not chained to seq {self._last_seq}: a record between "
-                        "them was removed or replaced",
-                    )
-                )
-            self._settle(row_id)
-            self._emit(reports)
-            self._valid_id = row_id if self._valid_id is None else max(self._valid_id, row_id)
-            self._valid_seq = seq
-        self._last_seq = max(self._last_seq, seq)
-        self._last_hash = stored_hash
-        self._last_changed = changed
-        self._records += 1
-
-    def finish(
-        self,
-        *,
-        ended: bool,
-        count: int | None,
-        head: str | None,
-        seal: str | None,
-    ) -> list[ChainProblem]:
-        """Check the session's end against its seal; return every problem found."""
-        self._settle(None)
-        if seal is None:
-            # A session that ended before the audit trail existed has neither
-            # records nor a seal; one with records must have been sealed.
-            if ended and self._records:
-                self._report(
-                    None, "seal", "the session has ended but its audit trail is not sealed"
-                )
-            elif count is not None or head is not None:
-                self._report(None, "seal", "the session has a record count and head but no seal")
-            return self._problems
-        if (
-            count is None
-            or head is None
-            or not self._chain.is_valid_seal(self.session_id, count, head, seal)
-        ):
-            self._report(None, "seal", "the seal does not match the recorded count and head")
-            return self._problems
-        if not ended:
-            self._report(None, "seal", "the session is sealed but marked active: it was reopened")
-        if self._last_seq < count:
-            self._report(
-                self._last_seq + 1,
-                "truncated",
-                f"{_span(self._last_seq + 1, count)} missing at the end "
-                f"(the session was sealed with {count} records)",
-            )
-        elif self._last_seq > count:
-            self._report(
-                count + 1,
-                "seal",
-                f"{_span(count + 1, self._last_seq)} added after the session was sealed "
-                f"with {count} records",
-            )
-        elif not _same(self._last_hash, head):
-            self._report(
-                count,
-                "truncated",
-                f"the last record, seq {count}, is not the one the session was sealed with",
-            )
-        return self._problems
+        return is_same_digest(self.seal(session_id, count, head), seal)

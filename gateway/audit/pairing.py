@@ -169,6 +169,8 @@ class StatementTracker:
     # --- client side ----------------------------------------------------------------
 
     def client(self, message: TappedMessage, now_ns: int) -> None:
+        # One flat dispatch on purpose (as server's): a method per message type
+        # would add a call to every tapped message; the rarer ones have their own.
         mtype, body, truncated, _, self._client_bytes = message
         if mtype == _QUERY_TYPE:
             self._pending.append(
@@ -294,6 +296,7 @@ class StatementTracker:
     # --- server side ------------------------------------------------------------------
 
     def server(self, message: TappedMessage, now_ns: int) -> Sequence[EventRow]:
+        # One flat dispatch on purpose: see client.
         mtype = message.type
         if mtype == _COMMAND_COMPLETE_TYPE:
             entry = self._current(EXECUTE_OR_QUERY)

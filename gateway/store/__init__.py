@@ -12,7 +12,7 @@ append-only and verified with :meth:`Store.verify_audit`, which returns
 
 from __future__ import annotations
 
-from gateway.audit.chain import ChainProblem
+from gateway.audit.verify import ChainProblem
 from gateway.store.connections import ConnectionEnd, ConnectionStart
 from gateway.store.models import (
     CONNECTION_END_REASONS,

@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any, Final
 from pydantic import ValidationError
 from sqlalchemy import Connection, func, select
 
-from gateway.audit.chain import CHAIN_VERSION, EVENT_FIELDS, ChainProblem, SessionVerifier
+from gateway.audit.chain import CHAIN_VERSION, EVENT_FIELDS
 from gateway.audit.records import AUDIT_KINDS, AUDIT_STATUSES, AuditEvent, EventRow, event_rows
+from gateway.audit.verify import ChainProblem, SessionVerifier
 from gateway.errors import InvalidRequest, NotFound, StoreError
 from gateway.store.models import AuditRecord
 from gateway.store.rows import existing_session_id

@@ -1,4 +1,5 @@
-"""Tests of gateway.audit.chain: the keyed hash chain, the seal and the verifier (no I/O)."""
+"""Tests of gateway.audit.chain and gateway.audit.verify: the keyed hash chain, the seal and
+the verifier (no I/O)."""
 
 from __future__ import annotations
 
@@ -18,14 +19,12 @@ from gateway.audit.chain import (
     AUDIT_KEY_INFO,
     GENESIS_HASH,
     AuditChain,
-    ChainProblem,
-    SessionVerifier,
     canonical_encoding,
     derive_audit_key,
-    describe,
     event_fields,
 )
 from gateway.audit.records import AuditEvent, Parameter
+from gateway.audit.verify import ChainProblem, SessionVerifier, describe
 from gateway.credentials.secretbox import SecretBox
 from gateway.errors import ConfigError
 

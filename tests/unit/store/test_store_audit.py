@@ -29,12 +29,12 @@ import gateway.store.engine as engine_module
 from gateway.audit.chain import (
     GENESIS_HASH,
     AuditChain,
-    SessionVerifier,
     canonical_json,
     derive_audit_key,
     event_fields,
 )
 from gateway.audit.records import AuditEvent, Parameter, event_rows
+from gateway.audit.verify import SessionVerifier
 from gateway.credentials.secretbox import SecretBox
 from gateway.errors import InvalidRequest, NotFound
 from gateway.store import AccessSession, AuditRecord, Store, StoreError
