@@ -15,16 +15,23 @@ Invariants:
 * Names become single URL path segments (:func:`seg`): a name cannot reach
   another route. Passwords go only into request bodies, never into a URL or an
   error.
+* An export is streamed, never held: :meth:`ApiClient.export_session` and
+  :meth:`ApiClient.export_window` hand over the response's bytes as they arrive.
+  A refusal comes before the first byte (as an :class:`ApiError`); a stream cut
+  short is an :class:`ApiError` too, raised while reading it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, Final, TypedDict, cast
 from urllib.parse import quote
 
 import httpx
 
+from gateway.audit.review import EXPORT_SESSIONS_HEADER
 from gateway.config import ClientConfig, load_client_config
 from gateway.errors import GatewayError
 
@@ -175,10 +182,24 @@ class ProblemJson(TypedDict):
     detail: str
 
 
+class AuditPageJson(TypedDict):
+    """A page of ``/statements`` or ``/trail``; ``next_cursor`` reads the next one."""
+
+    session_id: str
+    kind: str | None
+    total: int
+    page: int | None
+    pages: int
+    page_size: int
+    records: list[AuditRecordJson]
+    next_cursor: str | None
+
+
 class AuditVerifyJson(TypedDict):
     ok: bool
     session: str | None
     problems: list[ProblemJson]
+    sessions_checked: int
 
 
 class ApiError(GatewayError):
@@ -187,6 +208,18 @@ class ApiError(GatewayError):
     def __init__(self, message: str, *, hint: str | None = None, status: int | None = None):
         super().__init__(message, hint=hint)
         self.status = status
+
+
+class ExportStream:
+    """A streamed export: how many sessions it covers, then its bytes as they arrive."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.sessions = int(response.headers.get(EXPORT_SESSIONS_HEADER, "0"))
+
+    def chunks(self) -> Iterator[bytes]:
+        """The export's bytes, exactly as the daemon wrote them, a chunk at a time."""
+        return self._response.iter_bytes()
 
 
 class ApiClient:
@@ -345,6 +378,47 @@ class ApiClient:
             list[AuditRecordJson], self.get(path, after_seq=after_seq, limit=limit, kind=kind)
         )
 
+    def statement_page(
+        self,
+        session_id: str,
+        *,
+        page: int | None = None,
+        page_size: int | None = None,
+        cursor: str | None = None,
+    ) -> AuditPageJson:
+        """Page *page* of a session's statements, or the page after *cursor*: one request."""
+        path = f"/v1/sessions/{seg(session_id)}/statements"
+        answer = self.get(path, page=page, page_size=page_size, cursor=cursor)
+        return cast(AuditPageJson, answer)
+
+    def trail_page(
+        self,
+        session_id: str,
+        *,
+        page: int | None = None,
+        page_size: int | None = None,
+        cursor: str | None = None,
+    ) -> AuditPageJson:
+        """Page *page* of every record of a session (its seq range), or the page after *cursor*."""
+        path = f"/v1/sessions/{seg(session_id)}/trail"
+        answer = self.get(path, page=page, page_size=page_size, cursor=cursor)
+        return cast(AuditPageJson, answer)
+
+    @contextmanager
+    def export_session(self, session_id: str, *, fmt: str) -> Iterator[ExportStream]:
+        """Every record of one session (id or prefix) as *fmt* (jsonl, csv), streamed."""
+        with self.stream(f"/v1/sessions/{seg(session_id)}/export", format=fmt) as stream:
+            yield stream
+
+    @contextmanager
+    def export_window(
+        self, *, fmt: str, since: datetime | None = None, until: datetime | None = None
+    ) -> Iterator[ExportStream]:
+        """Every record of each session started in ``[since, until)``, oldest first, streamed."""
+        params = {"format": fmt, "since": _iso(since), "until": _iso(until)}
+        with self.stream("/v1/audit/export", **params) as stream:
+            yield stream
+
     def search_audit(
         self,
         text: str | None = None,
@@ -378,7 +452,7 @@ class ApiClient:
         )
         return cast(AuditVerifyJson, result)
 
-    # --- the transport (also used directly by cli/review.py and cli/demo.py) ------------
+    # --- the transport (also used directly by cli/demo.py and the tests) ---------------
 
     def request(
         self,
@@ -395,37 +469,37 @@ class ApiClient:
                 method,
                 path,
                 json=json,
-                params={k: v for k, v in (params or {}).items() if v is not None},
+                params=_present(params or {}),
                 timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
             )
-        except httpx.ConnectError:
-            raise ApiError(
-                f"cannot reach the pam gateway at {self.config.api_url}",
-                hint="is `pam gateway run` running?",
-            ) from None
-        except httpx.TimeoutException:
-            raise ApiError(
-                f"the pam gateway at {self.config.api_url} did not answer in time"
-            ) from None
         except httpx.HTTPError as exc:
-            raise ApiError(f"talking to the pam gateway failed: {exc}") from None
+            raise self._failed(exc) from None
         if response.status_code == 204:
             return None
+        return _answer(response)
+
+    @contextmanager
+    def stream(self, path: str, **params: Any) -> Iterator[ExportStream]:
+        """A GET whose answer is read as it arrives; a refusal is read whole and raised."""
         try:
-            body = response.json()
-        except ValueError:
-            raise ApiError(
-                f"the pam gateway answered HTTP {response.status_code} without JSON",
-                status=response.status_code,
-            ) from None
-        if response.is_error:
-            error = body.get("error", {}) if isinstance(body, dict) else {}
-            raise ApiError(
-                error.get("message") or f"HTTP {response.status_code}",
-                hint=error.get("hint"),
-                status=response.status_code,
+            with self._http.stream("GET", path, params=_present(params)) as response:
+                if response.is_error:
+                    response.read()
+                    _answer(response)
+                yield ExportStream(response)
+        except httpx.HTTPError as exc:
+            # Also what the caller meets reading the chunks: a stream cut short.
+            raise self._failed(exc) from None
+
+    def _failed(self, exc: httpx.HTTPError) -> ApiError:
+        if isinstance(exc, httpx.ConnectError):
+            return ApiError(
+                f"cannot reach the pam gateway at {self.config.api_url}",
+                hint="is `pam gateway run` running?",
             )
-        return body
+        if isinstance(exc, httpx.TimeoutException):
+            return ApiError(f"the pam gateway at {self.config.api_url} did not answer in time")
+        return ApiError(f"talking to the pam gateway failed: {exc}")
 
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params=params)
@@ -435,3 +509,26 @@ class ApiClient:
 
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path)
+
+
+def _present(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _answer(response: httpx.Response) -> Any:
+    """The JSON body of a read response, or its error as :class:`ApiError`."""
+    try:
+        body = response.json()
+    except ValueError:
+        raise ApiError(
+            f"the pam gateway answered HTTP {response.status_code} without JSON",
+            status=response.status_code,
+        ) from None
+    if response.is_error:
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        raise ApiError(
+            error.get("message") or f"HTTP {response.status_code}",
+            hint=error.get("hint"),
+            status=response.status_code,
+        )
+    return body

@@ -1,33 +1,35 @@
 """`pam sessions`: list, show and export access sessions and their statements.
 
-The paging, timeline and export are :mod:`cli.review`'s; these commands parse
-options, ask the typed client and hand over.
+The rendering is :mod:`cli.review`'s and :mod:`cli.timeline`'s, the export's
+output :mod:`cli.export`'s; these commands parse options, ask the typed client
+and hand over.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
 import click
 
+from cli.client import ApiClient, ExportStream
 from cli.commands import api_client, json_option
+from cli.export import write_export
 from cli.render import console, print_json, table
 from cli.review import (
     API_MAX_PAGE,
     DEFAULT_PAGE_SIZE,
     SESSION_COLUMNS,
-    ExportWriter,
     When,
     closed_pipe_ends_quietly,
-    export_sessions,
-    iter_audit_pages,
+    iter_statement_pages,
     paging,
     session_rows,
-    show_timeline,
-    statement_page,
 )
+from cli.timeline import show_timeline
 
 
 @click.group()
@@ -95,13 +97,15 @@ def sessions_show(
         detail = client.get_session(session_id)
         full_id = detail["session"]["id"]
         view = paging(int(detail.get("statements") or 0), None if show_all else page, page_size)
-        first = None if show_all else statement_page(client, full_id, page, page_size)
+        first = None
+        if not show_all:
+            first = client.statement_page(full_id, page=page, page_size=page_size)["records"]
         if not as_json:
             with closed_pipe_ends_quietly():
                 show_timeline(console, client, detail, view, first)
             return
         if first is None:
-            first = [r for p in iter_audit_pages(client, full_id, kind="statement") for r in p]
+            first = [r for p in iter_statement_pages(client, full_id) for r in p]
     print_json(
         {
             "session": detail["session"],
@@ -143,16 +147,32 @@ def sessions_export(
     """
     if session_id is not None and (since is not None or until is not None):
         raise click.UsageError("--since/--until select sessions; leave them out with SESSION_ID")
-    with api_client() as client:
+    with api_client() as client, _export(client, session_id, fmt, since, until) as stream:
         if output is None:
             with closed_pipe_ends_quietly():
-                writer = ExportWriter(sys.stdout, fmt)
-                export_sessions(client, writer, session_id, since=since, until=until)
+                sys.stdout.flush()
+                write_export(stream, fmt, sys.stdout.buffer)
             return
-        with output.open("w", encoding="utf-8", newline="") as handle:
-            writer = ExportWriter(handle, fmt)
-            count = export_sessions(client, writer, session_id, since=since, until=until)
+        with output.open("wb") as handle:
+            records = write_export(stream, fmt, handle)
+    count = stream.sessions
     console.print(
-        f"Exported {writer.records} records of {count} session{'s' if count != 1 else ''}"
-        f" to {output}."
+        f"Exported {records} records of {count} session{'s' if count != 1 else ''} to {output}."
     )
+
+
+@contextmanager
+def _export(
+    client: ApiClient,
+    session_id: str | None,
+    fmt: str,
+    since: datetime | None,
+    until: datetime | None,
+) -> Iterator[ExportStream]:
+    # The daemon picks the sessions, reads, orders and encodes; this only asks.
+    if session_id is not None:
+        with client.export_session(session_id, fmt=fmt) as stream:
+            yield stream
+    else:
+        with client.export_window(fmt=fmt, since=since, until=until) as stream:
+            yield stream

@@ -21,6 +21,13 @@ Invariants:
   session is refused, not silently applied.
 * Export rows keep the exact data (no escaping: that is the terminal's job);
   the CSV columns are fixed, in order, because a SIEM maps them by position.
+* An export streams: :func:`export_stream` reads one page by keyed cursor,
+  encodes it and hands its bytes on before reading the next, so memory is
+  bounded by a page, never by the trail. The reads go through the caller's
+  ``read`` (the API runs them on the store's thread); nothing here waits on I/O.
+* The session list has no cursor of its own (it is ordered newest first by
+  start time); :func:`iter_sessions` walks it by ``until`` here, server-side,
+  so a client asks once (an export of a window, the count ``verify`` reports).
 """
 
 from __future__ import annotations
@@ -28,10 +35,20 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import io
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import IO, Any, Final, Generic, Protocol, TypeVar
 
 from gateway.audit.records import AUDIT_KINDS
@@ -80,6 +97,11 @@ EXPORT_COLUMNS: Final = (
 #: Columns holding structured values; the CSV carries them as compact JSON text.
 JSON_COLUMNS: Final = frozenset({"parameters", "detail"})
 EXPORT_FORMATS: Final = ("jsonl", "csv")
+#: The media type each export format is served as.
+EXPORT_MEDIA_TYPES: Final = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
+#: Response header of a streamed export: how many sessions it covers (known
+#: before the first byte, unlike the record count, which the reader counts).
+EXPORT_SESSIONS_HEADER: Final = "Pam-Export-Sessions"
 
 #: Common type OIDs (PostgreSQL's pg_type.dat) so a types-only trail reads ``$1::int4``.
 TYPE_NAMES: Final = {
@@ -343,3 +365,133 @@ class ExportWriter:
             self._out.writelines(jsonl_line(r) for r in records)
         self._out.flush()
         self.records += len(records)
+
+
+class ExportEncoder:
+    """An :class:`ExportWriter` into a buffer: the bytes of each page, for a stream.
+
+    Built before the response starts, so a wrong format is refused as an error
+    answer, not a cut stream. The CSV header is the first :meth:`take`.
+    """
+
+    def __init__(self, fmt: str) -> None:
+        self._buffer = io.StringIO()
+        self._writer = ExportWriter(self._buffer, fmt)
+        self.media_type: str = EXPORT_MEDIA_TYPES[fmt]
+
+    def encode(self, records: Sequence[Mapping[str, Any]]) -> bytes:
+        """*records* (as the API's JSON) in the export format, UTF-8."""
+        self._writer.write(records)
+        return self.take()
+
+    def take(self) -> bytes:
+        """What was written since the last take (the CSV header, at first)."""
+        text = self._buffer.getvalue()
+        self._buffer.seek(0)
+        self._buffer.truncate()
+        return text.encode()
+
+
+async def export_stream(
+    encoder: ExportEncoder,
+    session_ids: Sequence[str],
+    read: Callable[[str, int], Awaitable[Page[R]]],
+    as_json: Callable[[R], Mapping[str, Any]],
+) -> AsyncIterator[bytes]:
+    """Every record of each session in turn, in seq order, one encoded page at a time.
+
+    ``read(session_id, after_seq)`` is one keyed read (:func:`read_page` on the
+    store's thread); *as_json* turns a record into the API's JSON, which the
+    export keeps exactly. A page's bytes are yielded before the next is read.
+    """
+    header = encoder.take()
+    if header:
+        yield header
+    for session_id in session_ids:
+        after_seq = 0
+        while True:
+            page = await read(session_id, after_seq)
+            if page.records:
+                yield encoder.encode([as_json(r) for r in page.records])
+            if page.next_cursor is None:
+                break
+            after_seq = page.next_cursor.after_seq
+
+
+# --- the session list ----------------------------------------------------------------
+
+
+class SessionRow(Protocol):
+    """What the session walk needs of a session."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def started_at(self) -> datetime: ...
+
+
+S_co = TypeVar("S_co", bound=SessionRow, covariant=True)
+
+
+class SessionList(Protocol[S_co]):
+    """The store's session list: newest first, ``since`` inclusive, ``until`` exclusive."""
+
+    def list_sessions(
+        self,
+        *,
+        limit: int = 100,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> Sequence[S_co]: ...
+
+
+def iter_sessions(
+    store: SessionList[SessionRow],
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    page_size: int = API_MAX_PAGE,
+) -> Iterator[SessionRow]:
+    """Every session started in ``[since, until)``, newest first, read a page at a time.
+
+    The list has no cursor; it is walked by ``until`` (exclusive start time).
+    Sessions sharing the oldest start time of a page are read again with the
+    next page and skipped by id (more than a page of sessions started in the
+    same microsecond would end the walk early). Blocking: run it on the
+    store's thread.
+    """
+    boundary: datetime | None = None
+    at_boundary: set[str] = set()
+    while True:
+        page = store.list_sessions(limit=page_size, since=since, until=until)
+        fresh = [s for s in page if s.id not in at_boundary]
+        yield from fresh
+        if len(page) < page_size or not fresh:
+            return
+        oldest = page[-1].started_at
+        if oldest != boundary:
+            at_boundary = set()
+        boundary = oldest
+        at_boundary |= {s.id for s in page if s.started_at == oldest}
+        until = oldest + timedelta(microseconds=1)
+
+
+def session_ids_oldest_first(
+    store: SessionList[SessionRow],
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[str]:
+    """The ids of the sessions started in ``[since, until)``, oldest first (an export's order).
+
+    Ids only, never records, are collected. Blocking: run it on the store's thread.
+    """
+    ids = [s.id for s in iter_sessions(store, since=since, until=until)]
+    ids.reverse()
+    return ids
+
+
+def count_sessions(store: SessionList[SessionRow]) -> int:
+    """How many sessions the store holds (what ``verify`` reports it checked)."""
+    return sum(1 for _ in iter_sessions(store))

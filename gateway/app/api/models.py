@@ -184,9 +184,12 @@ class ProblemOut(_Out):
 
 
 class AuditVerifyOut(BaseModel):
+    """A chain check; ``sessions_checked`` is 1 for one session, else every session's."""
+
     ok: bool
     session: str | None
     problems: list[ProblemOut]
+    sessions_checked: int
 
 
 class Health(BaseModel):

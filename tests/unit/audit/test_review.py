@@ -7,21 +7,30 @@ the store would do, not by a clock.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
 from gateway.audit.review import (
     EXPORT_COLUMNS,
     Cursor,
+    ExportEncoder,
     ExportWriter,
+    Page,
+    count_sessions,
+    export_stream,
+    iter_sessions,
     paging,
     read_page,
     record_page,
+    session_ids_oldest_first,
     statement_page,
     type_name,
 )
@@ -172,3 +181,103 @@ def test_the_export_keeps_the_exact_data_in_fixed_columns() -> None:
     assert [json.loads(line) for line in lines.getvalue().splitlines()] == [record, record]
     with pytest.raises(InvalidRequest):
         ExportWriter(io.StringIO(), "xml")
+
+
+# --- the streamed export ---------------------------------------------------------------
+
+
+def as_json(record: Record) -> dict[str, Any]:
+    return {"session_id": SESSION, "seq": record.seq, "kind": record.kind, "sql": 'a,"b"\n'}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_a_streamed_export_is_the_writers_output_read_and_sent_a_page_at_a_time(fmt: str) -> None:
+    trail = CountingTrail(busy_session(connections=2, statements_each=4))  # 12 records
+    events: list[str] = []
+
+    async def read(session_id: str, after_seq: int) -> Page[Record]:
+        events.append(f"read after {after_seq}")
+        return read_page(trail, session_id, after_seq=after_seq, limit=5)
+
+    async def collect() -> list[bytes]:
+        chunks = []
+        async for chunk in export_stream(ExportEncoder(fmt), [SESSION], read, as_json):
+            events.append(f"sent {len(chunks)}")
+            chunks.append(chunk)
+        return chunks
+
+    chunks = asyncio.run(collect())
+
+    expected = io.StringIO()
+    ExportWriter(expected, fmt).write([as_json(r) for r in trail.records])
+    assert b"".join(chunks) == expected.getvalue().encode()
+    # Keyed reads, each page sent before the next is read: memory holds one page.
+    reads_and_sends = [e for e in events if not (fmt == "csv" and e == "sent 0")]
+    first = 1 if fmt == "csv" else 0
+    assert reads_and_sends == [
+        "read after 0",
+        f"sent {first}",
+        "read after 5",
+        f"sent {first + 1}",
+        "read after 10",
+        f"sent {first + 2}",
+    ]
+
+
+def test_an_export_of_no_session_is_the_csv_header_alone_or_nothing() -> None:
+    async def read(session_id: str, after_seq: int) -> Page[Record]:
+        raise AssertionError("no session, no read")
+
+    async def collect(fmt: str) -> bytes:
+        return b"".join([c async for c in export_stream(ExportEncoder(fmt), [], read, as_json)])
+
+    assert asyncio.run(collect("csv")) == (",".join(EXPORT_COLUMNS) + "\n").encode()
+    assert asyncio.run(collect("jsonl")) == b""
+    with pytest.raises(InvalidRequest, match="format"):
+        ExportEncoder("xml")
+
+
+# --- the session walk ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Session:
+    id: str
+    started_at: datetime
+
+
+class SessionTable:
+    """The store's session list: newest first by (started_at, id), since/until, limit."""
+
+    def __init__(self, sessions: list[Session]) -> None:
+        self.sessions = sorted(sessions, key=lambda s: (s.started_at, s.id), reverse=True)
+        self.reads = 0
+
+    def list_sessions(
+        self, *, limit: int = 100, since: datetime | None = None, until: datetime | None = None
+    ) -> list[Session]:
+        self.reads += 1
+        return [
+            s
+            for s in self.sessions
+            if (since is None or s.started_at >= since) and (until is None or s.started_at < until)
+        ][:limit]
+
+
+def test_the_session_walk_pages_by_start_time_and_keeps_sessions_sharing_one() -> None:
+    t0 = datetime(2024, 6, 1, tzinfo=UTC)
+    # Pages of 3 end inside runs of sessions that started in the same microsecond.
+    starts = [0, 1, 1, 2, 3, 3, 4, 4]
+    table = SessionTable(
+        [Session(f"s{n}", t0 + timedelta(microseconds=at)) for n, at in enumerate(starts)]
+    )
+
+    walked = [s.id for s in iter_sessions(table, page_size=3)]
+
+    assert walked == [s.id for s in table.sessions]
+    assert session_ids_oldest_first(table) == walked[::-1]
+    assert count_sessions(table) == len(starts)
+    since = t0 + timedelta(microseconds=1)
+    until = t0 + timedelta(microseconds=3)
+    window = session_ids_oldest_first(table, since=since, until=until)
+    assert window == [s.id for s in reversed(table.sessions) if since <= s.started_at < until]

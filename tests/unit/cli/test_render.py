@@ -128,22 +128,24 @@ def test_piped_output_is_plain_aligned_lines_one_per_record(width: int) -> None:
 
 
 def test_the_statement_page_is_one_request_whatever_its_number() -> None:
-    from cli.review import statement_page
+    import httpx
 
-    class CountingClient:
-        def __init__(self) -> None:
-            self.requests: list[tuple[str, dict[str, object]]] = []
+    from cli.client import ApiClient
+    from gateway.config import ClientConfig
 
-        def get(self, path: str, **params: object) -> dict[str, object]:
-            self.requests.append((path, params))
-            return {"records": [], "next_cursor": None}
+    requests: list[tuple[str, dict[str, str]]] = []
 
-    client = CountingClient()
-    statement_page(client, "ab" * 16, 1, 200)  # type: ignore[arg-type]
-    statement_page(client, "ab" * 16, 766, 200)  # type: ignore[arg-type]
-    assert client.requests == [
-        (f"/v1/sessions/{'ab' * 16}/statements", {"page": 1, "page_size": 200}),
-        (f"/v1/sessions/{'ab' * 16}/statements", {"page": 766, "page_size": 200}),
+    def answer(request: httpx.Request) -> httpx.Response:
+        requests.append((request.url.path, dict(request.url.params)))
+        return httpx.Response(200, json={"records": [], "next_cursor": None})
+
+    config = ClientConfig(api_url="http://pam.test:7745", token="t0ken")
+    with ApiClient(config, transport=httpx.MockTransport(answer)) as client:
+        client.statement_page("ab" * 16, page=1, page_size=200)
+        client.statement_page("ab" * 16, page=766, page_size=200)
+    assert requests == [
+        (f"/v1/sessions/{'ab' * 16}/statements", {"page": "1", "page_size": "200"}),
+        (f"/v1/sessions/{'ab' * 16}/statements", {"page": "766", "page_size": "200"}),
     ]
 
 

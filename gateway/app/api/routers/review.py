@@ -2,7 +2,10 @@
 
 Paging is :mod:`gateway.audit.review`'s (over the store as its ``AuditTrail``
 port): a page is read by a keyed cursor, so page 766 costs what page 1 costs,
-and the answer carries the cursor of the next page.
+and the answer carries the cursor of the next page. An export streams
+(``/v1/sessions/{id}/export``, ``/v1/audit/export``): one page is read, encoded
+and sent before the next is read. Every store read runs on the store's thread
+(``service.db``), never on the event loop.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
 
 from gateway.app.api.deps import Service, aware
 from gateway.app.api.models import (
@@ -23,7 +27,18 @@ from gateway.app.api.models import (
     SessionOut,
 )
 from gateway.audit import review
-from gateway.audit.review import API_MAX_PAGE, DEFAULT_PAGE_SIZE, STATEMENT, AuditTrail, Cursor
+from gateway.audit.review import (
+    API_MAX_PAGE,
+    DEFAULT_PAGE_SIZE,
+    EXPORT_PAGE,
+    EXPORT_SESSIONS_HEADER,
+    STATEMENT,
+    AuditTrail,
+    Cursor,
+    ExportEncoder,
+    Page,
+    SessionList,
+)
 
 router = APIRouter(prefix="/v1")
 
@@ -120,6 +135,12 @@ def _trail(service: Service) -> AuditTrail[Any]:
     return trail
 
 
+def _sessions(service: Service) -> SessionList[Any]:
+    # Typed, so mypy checks that the store implements the session walk's port.
+    sessions: SessionList[Any] = service.store
+    return sessions
+
+
 async def _page(
     service: Service,
     session_id: str,
@@ -157,6 +178,52 @@ async def _page(
     )
 
 
+@router.get("/sessions/{session_id}/export")
+async def export_session(
+    session_id: str, service: Service, fmt: str = Query(default="jsonl", alias="format")
+) -> StreamingResponse:
+    """Every record of the session, in seq order, as JSON lines or CSV, streamed."""
+    encoder = ExportEncoder(fmt)
+    full_id = (await service.db(service.store.get_session, session_id)).id
+    return await _export(service, encoder, [full_id])
+
+
+@router.get("/audit/export")
+async def export_window(
+    service: Service,
+    fmt: str = Query(default="jsonl", alias="format"),
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> StreamingResponse:
+    """Every record of each session started in ``[since, until)``, oldest session first."""
+    encoder = ExportEncoder(fmt)
+    ids = await service.db(
+        review.session_ids_oldest_first, _sessions(service), since=aware(since), until=aware(until)
+    )
+    return await _export(service, encoder, ids)
+
+
+async def _export(service: Service, encoder: ExportEncoder, ids: list[str]) -> StreamingResponse:
+    # Everything that can be refused (format, session, window) is settled before
+    # the first byte: after it, a failure can only cut the stream short.
+    await _drain(service)
+    trail = _trail(service)
+
+    async def read(session_id: str, after_seq: int) -> Page[Any]:
+        return await service.db(
+            review.read_page, trail, session_id, after_seq=after_seq, limit=EXPORT_PAGE
+        )
+
+    def as_json(record: Any) -> dict[str, Any]:
+        return AuditRecordOut.of(record).model_dump(mode="json")
+
+    return StreamingResponse(
+        review.export_stream(encoder, ids, read, as_json),
+        media_type=encoder.media_type,
+        headers={EXPORT_SESSIONS_HEADER: str(len(ids))},
+    )
+
+
 @router.get("/audit/search")
 async def search_audit(
     service: Service,
@@ -189,7 +256,11 @@ async def search_audit(
 @router.post("/audit/verify")
 async def verify_audit(service: Service, session: str | None = None) -> AuditVerifyOut:
     await _drain(service)
+    checked = 1 if session else await service.db(review.count_sessions, _sessions(service))
     problems = await service.db(service.store.verify_audit, session)
     return AuditVerifyOut(
-        ok=not problems, session=session, problems=[ProblemOut.of(p) for p in problems]
+        ok=not problems,
+        session=session,
+        problems=[ProblemOut.of(p) for p in problems],
+        sessions_checked=checked,
     )
