@@ -457,17 +457,18 @@ def iter_sessions(
 
     The list has no cursor; it is walked by ``until`` (exclusive start time).
     Sessions sharing the oldest start time of a page are read again with the
-    next page and skipped by id (more than a page of sessions started in the
-    same microsecond would end the walk early). Blocking: run it on the
-    store's thread.
+    next page and skipped by id; that read asks for as many more rows, so it
+    always has room for *page_size* new ones, however many sessions started in
+    the same microsecond. Blocking: run it on the store's thread.
     """
     boundary: datetime | None = None
     at_boundary: set[str] = set()
     while True:
-        page = store.list_sessions(limit=page_size, since=since, until=until)
+        limit = page_size + len(at_boundary)
+        page = store.list_sessions(limit=limit, since=since, until=until)
         fresh = [s for s in page if s.id not in at_boundary]
         yield from fresh
-        if len(page) < page_size or not fresh:
+        if len(page) < limit or not fresh:
             return
         oldest = page[-1].started_at
         if oldest != boundary:

@@ -281,3 +281,15 @@ def test_the_session_walk_pages_by_start_time_and_keeps_sessions_sharing_one() -
     until = t0 + timedelta(microseconds=3)
     window = session_ids_oldest_first(table, since=since, until=until)
     assert window == [s.id for s in reversed(table.sessions) if since <= s.started_at < until]
+
+
+@pytest.mark.parametrize("run", [3, 4, 7])
+def test_the_session_walk_keeps_a_page_or_more_of_sessions_started_in_one_microsecond(
+    run: int,
+) -> None:
+    t0 = datetime(2024, 6, 1, tzinfo=UTC)
+    starts = [0, *[1] * run, 2, 3]
+    table = SessionTable(
+        [Session(f"s{n}", t0 + timedelta(microseconds=at)) for n, at in enumerate(starts)]
+    )
+    assert [s.id for s in iter_sessions(table, page_size=3)] == [s.id for s in table.sessions]
