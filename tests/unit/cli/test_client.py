@@ -83,6 +83,7 @@ def body_of(request: httpx.Request) -> Any:
         (api.AuditRecordJson, models.AuditRecordOut),
         (api.ProblemJson, models.ProblemOut),
         (api.AuditVerifyJson, models.AuditVerifyOut),
+        (api.AuditPageJson, models.AuditPageOut),
     ],
     ids=lambda t: t.__name__,
 )
@@ -215,6 +216,30 @@ CALLS: list[tuple[str, Callable[[ApiClient], Any], str, str, dict[str, str], Any
         None,
     ),
     (
+        "statement_page",
+        lambda c: c.statement_page("s1", page=766, page_size=200),
+        "GET",
+        "/v1/sessions/s1/statements",
+        {"page": "766", "page_size": "200"},
+        None,
+    ),
+    (
+        "statement_page by cursor",
+        lambda c: c.statement_page("s1", cursor="c1.abc", page_size=50),
+        "GET",
+        "/v1/sessions/s1/statements",
+        {"cursor": "c1.abc", "page_size": "50"},
+        None,
+    ),
+    (
+        "trail_page",
+        lambda c: c.trail_page("a/b", page=2),
+        "GET",
+        "/v1/sessions/a%2Fb/trail",
+        {"page": "2"},
+        None,
+    ),
+    (
         "search_audit",
         lambda c: c.search_audit("select", until=SINCE, status="error", limit=3),
         "GET",
@@ -319,3 +344,61 @@ def test_a_timeout_is_one_error_naming_the_url() -> None:
     with client_for(stall) as c, pytest.raises(ApiError) as raised:
         c.verify_audit()
     assert raised.value.message == "the pam gateway at http://pam.test:7745 did not answer in time"
+
+
+# --- streamed exports -------------------------------------------------------------------
+
+
+def test_an_export_streams_the_daemons_bytes_and_names_its_sessions() -> None:
+    seen: list[httpx.Request] = []
+    body = [b'{"seq":1}\n', b'{"seq":2}\n']
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        headers = {"Pam-Export-Sessions": "2", "Content-Type": "application/x-ndjson"}
+        return httpx.Response(200, headers=headers, stream=httpx.ByteStream(b"".join(body)))
+
+    with client_for(answer) as c:
+        with c.export_session("3c/57", fmt="csv") as stream:
+            assert b"".join(stream.chunks()) == b"".join(body)
+        with c.export_window(fmt="jsonl", since=SINCE) as stream:
+            assert stream.sessions == 2
+    assert [(r.url.raw_path.split(b"?")[0].decode(), dict(r.url.params)) for r in seen] == [
+        ("/v1/sessions/3c%2F57/export", {"format": "csv"}),
+        ("/v1/audit/export", {"format": "jsonl", "since": "2024-06-01T10:00:00+00:00"}),
+    ]
+    assert all(r.headers["Authorization"] == f"Bearer {TOKEN}" for r in seen)
+
+
+def test_an_export_refused_is_an_api_error_before_any_byte() -> None:
+    body = {"error": {"type": "NotFound", "message": "session 'x' not found", "hint": None}}
+    with (
+        client_for(Recorder(404, body)) as c,
+        pytest.raises(ApiError) as raised,
+        c.export_session("x", fmt="jsonl"),
+    ):
+        pytest.fail("a refused export has no stream")
+    assert (raised.value.message, raised.value.status) == ("session 'x' not found", 404)
+
+
+class _CutShort(httpx.SyncByteStream):
+    def __iter__(self) -> Iterator[bytes]:
+        yield b'{"seq":1}\n'
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete body")
+
+
+def test_an_export_cut_short_is_an_api_error_while_reading() -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=_CutShort())
+
+    received: list[bytes] = []
+    with (
+        client_for(answer) as c,
+        pytest.raises(ApiError) as raised,
+        c.export_window(fmt="jsonl") as stream,
+    ):
+        received.extend(stream.chunks())
+    assert received == [b'{"seq":1}\n']
+    assert raised.value.message == (
+        "talking to the pam gateway failed: peer closed connection without sending complete body"
+    )
