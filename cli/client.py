@@ -1,9 +1,9 @@
 """Typed HTTP client for the gateway's control API (httpx).
 
 Role: one method per API call, each returning the API's JSON typed by a
-``TypedDict`` that mirrors the API's own model (``gateway/app/api/models.py``;
-``tests/unit/cli/test_client.py`` keeps the two in step). Commands call these
-methods; they do not build URLs or guess at keys.
+``TypedDict`` (:mod:`cli.api_json`) that mirrors the API's own model
+(``gateway/app/api/models.py``; ``tests/unit/cli/test_client.py`` keeps the two
+in step). Commands call these methods; they do not build URLs or guess at keys.
 
 Invariants:
 
@@ -26,11 +26,24 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any, Final, TypedDict, cast
+from typing import Any, Final, cast
 from urllib.parse import quote
 
 import httpx
 
+# The result types (cli.api_json), re-exported: callers import them from here.
+from cli.api_json import AccountJson as AccountJson
+from cli.api_json import AuditPageJson as AuditPageJson
+from cli.api_json import AuditRecordJson as AuditRecordJson
+from cli.api_json import AuditVerifyJson as AuditVerifyJson
+from cli.api_json import ConnectionJson as ConnectionJson
+from cli.api_json import HealthJson as HealthJson
+from cli.api_json import ParameterJson as ParameterJson
+from cli.api_json import ProblemJson as ProblemJson
+from cli.api_json import ResourceJson as ResourceJson
+from cli.api_json import SessionDetailJson as SessionDetailJson
+from cli.api_json import SessionJson as SessionJson
+from cli.api_json import VerifyResultJson as VerifyResultJson
 from gateway.audit.review import EXPORT_SESSIONS_HEADER
 from gateway.config import ClientConfig, load_client_config
 from gateway.errors import GatewayError
@@ -48,158 +61,6 @@ def seg(value: str) -> str:
 
 def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.astimezone(UTC).isoformat()
-
-
-# --- what the API answers (times are ISO-8601 strings) --------------------------------
-
-
-class HealthJson(TypedDict):
-    status: str
-    version: str
-    server_time: str
-
-
-class ResourceJson(TypedDict):
-    id: str
-    name: str
-    host: str
-    port: int
-    database: str
-    ssl_mode: str
-    ca_cert: str | None
-    created_at: str
-
-
-class AccountJson(TypedDict):
-    id: str
-    resource_id: str
-    resource_name: str
-    name: str
-    username: str
-    created_at: str
-    password_updated_at: str
-
-
-class VerifyResultJson(TypedDict):
-    """One account's outcome of ``POST /v1/resources/{name}/verify``."""
-
-    ok: bool
-    resource: str
-    account: str
-    address: str
-    ssl_mode: str
-    latency_ms: float | None
-    server_version: str | None
-    tls_version: str | None
-    cipher: str | None
-    auth_method: str | None
-    error_kind: str | None
-    error_sqlstate: str | None
-    error: str | None
-    hint: str | None
-
-
-class SessionJson(TypedDict):
-    id: str
-    requester: str
-    resource_name: str
-    account_name: str
-    database: str
-    username: str
-    listen_host: str
-    listen_port: int | None
-    started_at: str
-    expires_at: str
-    ended_at: str | None
-    end_reason: str | None
-    end_detail: str | None
-    duration_seconds: float | None
-
-
-class ConnectionJson(TypedDict):
-    id: str
-    session_id: str
-    client_addr: str
-    application_name: str | None
-    backend_pid: int | None
-    started_at: str
-    ended_at: str | None
-    bytes_from_client: int
-    bytes_from_server: int
-    end_reason: str | None
-    error_sqlstate: str | None
-    error_message: str | None
-    duration_seconds: float | None
-
-
-class SessionDetailJson(TypedDict):
-    session: SessionJson
-    connections: list[ConnectionJson]
-    live_connections: int
-    statements: int
-
-
-class ParameterJson(TypedDict):
-    index: int
-    type_oid: int | None
-    format: str
-    value: str | None
-    truncated: bool
-
-
-class AuditRecordJson(TypedDict):
-    session_id: str
-    connection_id: str | None
-    seq: int
-    kind: str
-    occurred_at: str
-    recorded_at: str
-    protocol: str | None
-    sql: str | None
-    statement_name: str | None
-    portal_name: str | None
-    parameters: list[ParameterJson] | None
-    command_tag: str | None
-    rows: int | None
-    status: str | None
-    sqlstate: str | None
-    error_message: str | None
-    duration_ms: float | None
-    copy_direction: str | None
-    copy_bytes: int | None
-    detail: dict[str, str | int | float | None] | None
-    prev_hash: str
-    hash: str
-    resource_name: str
-    account_name: str
-    requester: str
-
-
-class ProblemJson(TypedDict):
-    session_id: str
-    seq: int | None
-    problem: str
-    detail: str
-
-
-class AuditPageJson(TypedDict):
-    """A page of ``/statements`` or ``/trail``; ``next_cursor`` reads the next one."""
-
-    session_id: str
-    kind: str | None
-    total: int
-    page: int | None
-    pages: int
-    page_size: int
-    records: list[AuditRecordJson]
-    next_cursor: str | None
-
-
-class AuditVerifyJson(TypedDict):
-    ok: bool
-    session: str | None
-    problems: list[ProblemJson]
-    sessions_checked: int
 
 
 class ApiError(GatewayError):

@@ -1,0 +1,162 @@
+"""What the control API answers, as ``TypedDict``s: the JSON as the daemon sends it.
+
+Role: the result types of :class:`cli.client.ApiClient` (re-exported there).
+Each mirrors the API's own model in ``gateway/app/api/models.py`` field by
+field, in order; ``tests/unit/cli/test_client.py`` keeps the two in step.
+
+Invariant: times stay ISO-8601 strings, as sent, so ``--json`` prints exactly
+what the API answered and the renderers parse times themselves.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+
+class HealthJson(TypedDict):
+    status: str
+    version: str
+    server_time: str
+
+
+class ResourceJson(TypedDict):
+    id: str
+    name: str
+    host: str
+    port: int
+    database: str
+    ssl_mode: str
+    ca_cert: str | None
+    created_at: str
+
+
+class AccountJson(TypedDict):
+    id: str
+    resource_id: str
+    resource_name: str
+    name: str
+    username: str
+    created_at: str
+    password_updated_at: str
+
+
+class VerifyResultJson(TypedDict):
+    """One account's outcome of ``POST /v1/resources/{name}/verify``."""
+
+    ok: bool
+    resource: str
+    account: str
+    address: str
+    ssl_mode: str
+    latency_ms: float | None
+    server_version: str | None
+    tls_version: str | None
+    cipher: str | None
+    auth_method: str | None
+    error_kind: str | None
+    error_sqlstate: str | None
+    error: str | None
+    hint: str | None
+
+
+class SessionJson(TypedDict):
+    id: str
+    requester: str
+    resource_name: str
+    account_name: str
+    database: str
+    username: str
+    listen_host: str
+    listen_port: int | None
+    started_at: str
+    expires_at: str
+    ended_at: str | None
+    end_reason: str | None
+    end_detail: str | None
+    duration_seconds: float | None
+
+
+class ConnectionJson(TypedDict):
+    id: str
+    session_id: str
+    client_addr: str
+    application_name: str | None
+    backend_pid: int | None
+    started_at: str
+    ended_at: str | None
+    bytes_from_client: int
+    bytes_from_server: int
+    end_reason: str | None
+    error_sqlstate: str | None
+    error_message: str | None
+    duration_seconds: float | None
+
+
+class SessionDetailJson(TypedDict):
+    session: SessionJson
+    connections: list[ConnectionJson]
+    live_connections: int
+    statements: int
+
+
+class ParameterJson(TypedDict):
+    index: int
+    type_oid: int | None
+    format: str
+    value: str | None
+    truncated: bool
+
+
+class AuditRecordJson(TypedDict):
+    session_id: str
+    connection_id: str | None
+    seq: int
+    kind: str
+    occurred_at: str
+    recorded_at: str
+    protocol: str | None
+    sql: str | None
+    statement_name: str | None
+    portal_name: str | None
+    parameters: list[ParameterJson] | None
+    command_tag: str | None
+    rows: int | None
+    status: str | None
+    sqlstate: str | None
+    error_message: str | None
+    duration_ms: float | None
+    copy_direction: str | None
+    copy_bytes: int | None
+    detail: dict[str, str | int | float | None] | None
+    prev_hash: str
+    hash: str
+    resource_name: str
+    account_name: str
+    requester: str
+
+
+class ProblemJson(TypedDict):
+    session_id: str
+    seq: int | None
+    problem: str
+    detail: str
+
+
+class AuditPageJson(TypedDict):
+    """A page of ``/statements`` or ``/trail``; ``next_cursor`` reads the next one."""
+
+    session_id: str
+    kind: str | None
+    total: int
+    page: int | None
+    pages: int
+    page_size: int
+    records: list[AuditRecordJson]
+    next_cursor: str | None
+
+
+class AuditVerifyJson(TypedDict):
+    ok: bool
+    session: str | None
+    problems: list[ProblemJson]
+    sessions_checked: int
