@@ -25,6 +25,8 @@ import psycopg
 import pytest
 from harness import Gateway, psql
 
+from cli.client import ApiError
+
 pytestmark = pytest.mark.integration
 
 WAIT_SECONDS = 30.0
@@ -253,6 +255,34 @@ def test_sessions_export_writes_every_record_as_jsonl_or_csv(
     mixed = gateway.cli("sessions", "export", first.session_prefix, "--since", "1h", check=False)
     assert mixed.returncode == 2
     assert "--since/--until select sessions" in mixed.stderr
+
+
+def test_the_export_is_the_daemons_stream_and_a_wrong_format_is_refused_before_it(
+    gateway: Gateway,
+) -> None:
+    access = gateway.access().wait_ready()
+    psql(access, *[f"select {n}, 'a,\"b\"'" for n in range(12)])
+    assert access.stop() == 0
+    prefix = access.session_prefix
+
+    with gateway.api() as client:
+        with client.export_session(prefix, fmt="csv") as stream:
+            assert stream.sessions == 1
+            streamed = b"".join(stream.chunks())
+        with (
+            pytest.raises(ApiError, match="format: 'xml' is not one of jsonl, csv"),
+            client.export_window(fmt="xml"),
+        ):
+            pytest.fail("a refused export has no stream")
+    printed = subprocess.run(
+        [sys.executable, "-m", "cli", "sessions", "export", prefix, "--format", "csv"],
+        capture_output=True,
+        env=gateway.env,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert printed == streamed
+    assert len(list(csv.reader(io.StringIO(streamed.decode())))) == 1 + 2 + 12
 
 
 def test_audit_search_finds_statements_and_verify_reports_the_trail_intact(
