@@ -32,16 +32,13 @@ from gateway.access.grants import Grant, GrantState, format_time
 from gateway.access.ports import SessionRecord, SessionStore, StoreThread
 from gateway.audit.runtime import AuditRuntime
 from gateway.config import GatewaySettings
-
-# Moved to gateway.credentials.verify; named here too for the importers that still look here.
-from gateway.credentials.verify import VerifyResult
 from gateway.errors import InvalidRequest
 from gateway.net.listener import AccessListener, ConnectionHost, GrantInfo
 from gateway.net.relay import Termination
 from gateway.protocol.sqlstate import SqlState
 from gateway.reasons import ConnectionEndReason, SessionEndReason
 
-__all__ = ["GrantService", "VerifyResult"]
+__all__ = ["GrantService"]
 
 log = structlog.get_logger(__name__)
 

@@ -18,9 +18,9 @@ from pydantic import BaseModel
 
 from cli import client as api
 from cli.client import ApiClient, ApiError
-from gateway.access.service import VerifyResult
 from gateway.app.api import models
 from gateway.config import ClientConfig
+from gateway.credentials.verify import VerifyResult
 
 TOKEN = "t0ken-" + "x" * 32
 CONFIG = ClientConfig(api_url="http://pam.test:7745", token=TOKEN)
