@@ -64,7 +64,9 @@ class AccessListener:
     async def start(self) -> int:
         # A socket of our own rather than asyncio.start_server: a connection's
         # first byte is peeked before any transport reads it (direct TLS).
-        sock = socket.create_server((self.listen_host, self.port), backlog=_BACKLOG)
+        # An IPv6 literal needs its family said (create_server defaults to IPv4).
+        family = socket.AF_INET6 if ":" in self.listen_host else socket.AF_INET
+        sock = socket.create_server((self.listen_host, self.port), family=family, backlog=_BACKLOG)
         sock.setblocking(False)
         self._listening = sock
         self.port = sock.getsockname()[1]

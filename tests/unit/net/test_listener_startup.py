@@ -36,6 +36,15 @@ class Host:
 
     def __init__(self, client_tls: ssl.SSLContext | None) -> None:
         self.client_tls = client_tls
+        #: connection records written, as (call, arguments)
+        self.records: list[tuple[str, dict[str, Any]]] = []
+
+    async def record_connection_start(self, session_id: str, *args: Any, **kwargs: Any) -> str:
+        self.records.append(("start", {"session_id": session_id, **kwargs}))
+        return f"c{len(self.records)}"
+
+    async def record_connection_end(self, connection_id: str, **kwargs: Any) -> None:
+        self.records.append(("end", {"connection_id": connection_id, **kwargs}))
 
     def refusal(self) -> Any:
         from gateway.net.relay import Termination
@@ -68,7 +77,8 @@ async def exchange(listener: AccessListener, data: bytes) -> bytes:
 
 @pytest.mark.asyncio
 async def test_terminate_before_startup_gets_no_reply_and_a_log_line() -> None:
-    listener = AccessListener(GRANT, Host(None))  # type: ignore[arg-type]
+    host = Host(None)
+    listener = AccessListener(GRANT, host)  # type: ignore[arg-type]
     await listener.start()
     try:
         with capture_logs() as logs:
@@ -79,6 +89,43 @@ async def test_terminate_before_startup_gets_no_reply_and_a_log_line() -> None:
     [line] = [entry for entry in logs if entry["event"] == "client_startup_closed"]
     assert line["reason"] == "invalid startup packet length 1476395008 (allowed 8..10000)"
     assert line["session_id"] == GRANT.session_id
+    # ... and the trail: a connection that ended in an error, with the reason.
+    assert [call for call, _ in host.records] == ["start", "end"]
+    end = host.records[1][1]
+    assert end["reason"] == "error"
+    assert end["error"] == ("08P01", line["reason"])
+
+
+@pytest.mark.asyncio
+async def test_a_client_that_sends_nothing_leaves_no_record() -> None:
+    host = Host(None)
+    listener = AccessListener(GRANT, host)  # type: ignore[arg-type]
+    await listener.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        writer.write_eof()  # connect, then close: a TCP probe
+        assert await reader.read() == b""
+        writer.close()
+        await listener.wait_idle(30)
+    finally:
+        await listener.close()
+    assert host.records == []
+
+
+@pytest.mark.asyncio
+async def test_a_listener_on_an_ipv6_address_accepts_connections() -> None:
+    host = Host(None)
+    listener = AccessListener(GRANT, host, listen_host="::1")  # type: ignore[arg-type]
+    await listener.start()
+    try:
+        reader, writer = await asyncio.open_connection("::1", listener.port)
+        writer.write(b"X\x00\x00\x00\x04")
+        assert await reader.read() == b""
+        writer.close()
+        await listener.wait_idle(30)
+    finally:
+        await listener.close()
+    assert [call for call, _ in host.records] == ["start", "end"]
 
 
 @pytest.mark.asyncio
