@@ -27,6 +27,8 @@ from gateway.app.gateway import Gateway
 from gateway.audit.sink import AuditSink
 from gateway.config import (
     MASTER_KEY_FILE,
+    SECRET_FILE_MODE,
+    STORE_FILE,
     ClientConfig,
     GatewaySettings,
     hash_token,
@@ -144,9 +146,37 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def make_state_files_private(home: Path, settings: GatewaySettings) -> None:
+    """Set the SQLite store's files back to 0600 when others can reach them.
+
+    New stores are created 0600; one from an older pam, or chmod-ed since, holds
+    the audit trail's SQL and parameters and the sealed passwords, so the daemon
+    repairs it (its own files) and logs what it changed.
+    """
+    if settings.store_url:
+        return  # a PostgreSQL store, or a path the operator chose and owns
+    for path in (home / STORE_FILE, *(home / f"{STORE_FILE}{s}" for s in ("-wal", "-shm"))):
+        try:
+            was = path.stat().st_mode & 0o777
+        except FileNotFoundError:
+            continue
+        if not was & 0o077:
+            continue
+        try:
+            path.chmod(SECRET_FILE_MODE)
+        except OSError as exc:
+            raise ConfigError(
+                f"{path} is open to other users (mode {was:04o}) and pam cannot make it"
+                f" private: {exc.strerror or exc}",
+                hint=f"its owner can run `chmod 600 {path}`",
+            ) from None
+        log.warning("state_file_made_private", path=str(path), was_mode=f"{was:04o}")
+
+
 async def run(home: Path, *, log_format: str = "console", log_level: str = "info") -> None:
     settings = load_settings(home)
     box = SecretBox(load_master_key(home / MASTER_KEY_FILE))
+    make_state_files_private(home, settings)
     store = Store.open(
         store_url(home, settings), box, sqlite_synchronous=settings.store_sqlite_synchronous
     )

@@ -327,6 +327,24 @@ def test_a_client_config_others_can_read_is_made_private_with_one_warning(
     assert gateway.cli("resource", "list", "--json").stderr == ""
 
 
+def test_a_state_store_left_open_to_others_is_made_private_when_the_daemon_starts(
+    gateway: Gateway,
+) -> None:
+    # A pam.db from before files were created 0600 (or chmod-ed since): it holds
+    # the audit trail's SQL and parameters, so the daemon repairs it and says so.
+    store = gateway.home / "pam.db"
+    assert gateway.stop() == 0
+    store.chmod(0o644)
+
+    gateway.start()
+
+    assert mode(store) == 0o600
+    [event] = [e for e in gateway.log_events() if e.get("event") == "state_file_made_private"]
+    assert event["path"] == str(store)
+    assert event["was_mode"] == "0644"
+    assert [r["name"] for r in gateway.cli_json("resource", "list")] == ["prod"]
+
+
 def test_debug_shows_a_traceback_and_the_default_never_does(gateway: Gateway) -> None:
     plain = gateway.cli("resource", "show", "nope", check=False)
     assert assert_one_error_line(plain) == "error: resource 'nope' not found"
