@@ -22,6 +22,7 @@ import click
 
 from cli.client import ApiError
 from cli.commands import access, accounts, audit, demo, gateway, resources, sessions
+from cli.render import printable
 from gateway.errors import GatewayError
 
 
@@ -45,9 +46,10 @@ class PamGroup(click.Group):
 def _fail(ctx: click.Context, message: str, hint: str | None, exc: BaseException) -> None:
     if ctx.find_root().params.get("debug"):
         traceback.print_exception(exc, file=sys.stderr)
-    line = f"error: {message}"
+    # Messages can quote what a server or a database user wrote: escaped.
+    line = f"error: {printable(message)}"
     if hint:
-        line += f" (hint: {hint})"
+        line += f" (hint: {printable(hint)})"
     click.echo(line, err=True)
     ctx.exit(1)
 

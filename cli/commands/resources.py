@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.text import Text
 
 from cli.client import ResourceJson, VerifyResultJson
 from cli.commands import api_client, json_option
-from cli.render import console, key_values, local_time, print_json, table
+from cli.render import console, key_values, local_time, print_json, printable, table
 
 #: gateway.net.upstream's SslMode, in libpq's order. Spelled out rather than
 #: imported: the data path's modules add a tenth of a second to every command.
@@ -149,18 +150,21 @@ def resource_verify(name: str, account: str | None, as_json: bool) -> None:
         sys.exit(1)
 
 
-def _verified_line(r: VerifyResultJson) -> str:
-    return (
-        f"[green]ok[/]  {r['resource']}/{r['account']} at {r['address']}:"
+def _verified_line(r: VerifyResultJson) -> Text:
+    # The server version and cipher come from the server: shown escaped, never
+    # read as markup.
+    details = (
+        f"  {r['resource']}/{r['account']} at {r['address']}:"
         f" PostgreSQL {r['server_version']}, {r['tls_version'] or 'no TLS'}"
         f"{' ' + r['cipher'] if r['cipher'] else ''}, auth {r['auth_method']},"
         f" {r['latency_ms']} ms"
     )
+    return Text.assemble(("ok", "green"), printable(details))
 
 
 def _failed_line(r: VerifyResultJson) -> str:
     hint = f" (hint: {r['hint']})" if r["hint"] else ""
-    return (
+    return printable(
         f"FAILED  {r['resource']}/{r['account']} at {r['address']}:"
         f" [{r['error_kind']}, {r['error_sqlstate']}] {r['error']}{hint}"
     )

@@ -165,3 +165,30 @@ def test_gateway_commands_take_the_state_directory_from_home_here_or_at_the_root
 
     assert result.exit_code == 0, result.output
     assert homes == [Path(expected.format(**paths))]
+
+
+# --- text from outside is shown escaped --------------------------------------------------
+
+ESC_TEXT = "evil\x1b[2J\x07[bold]x[/bold]"
+
+
+def test_server_text_in_verify_lines_is_escaped_and_never_markup() -> None:
+    # server_version and error text come from the database server itself.
+    ok = verify_result(True, server_version=ESC_TEXT)
+    failed = verify_result(
+        False, account="x", error_kind="server", error_sqlstate="XX000", error=ESC_TEXT
+    )
+    routes = {("POST", "/v1/resources/prod/verify"): (200, [ok, failed])}
+
+    result, _ = run(routes, "resource", "verify", "prod")
+
+    assert "\x1b" not in result.output and "\x07" not in result.output
+    assert "PostgreSQL evil\\x1b[2J\\x07[bold]x[/bold]," in result.stdout
+    assert "evil\\x1b[2J\\x07[bold]x[/bold]" in result.stderr
+
+
+def test_an_error_line_escapes_what_the_daemon_sent() -> None:
+    refused = (400, {"error": {"type": "InvalidRequest", "message": ESC_TEXT, "hint": "\x1b]0;t"}})
+    result, _ = run({("GET", "/v1/resources/nope"): refused}, "resource", "show", "nope")
+    assert result.exit_code == 1
+    assert result.stderr == "error: evil\\x1b[2J\\x07[bold]x[/bold] (hint: \\x1b]0;t)\n"
