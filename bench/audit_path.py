@@ -100,7 +100,7 @@ def _per_event(fn: Callable[[], int], repeat: int) -> float:
     return best
 
 
-def _events(protocol: str, count: int) -> tuple[Callable[[], int], list[EventRow]]:
+def statement_events(protocol: str, count: int) -> tuple[Callable[[], int], list[EventRow]]:
     make = _simple_transaction if protocol == "simple" else _extended_transaction
     transactions = [make(1 + i * 7919 % 1_000_000) for i in range(count)]
     produced: list[EventRow] = []
@@ -186,7 +186,7 @@ async def _discard(rows: list[EventRow]) -> int:
     return len(rows)
 
 
-def _store(home: Path) -> tuple[Store, str]:
+def bench_store(home: Path) -> tuple[Store, str]:
     store = Store.open(f"sqlite:///{home / 'pam.db'}", SecretBox(b"k" * 32))
     store.add_resource("prod", "127.0.0.1", 5432, "appdb")
     store.add_account("prod", "ro", "app_ro", "hunter2")
@@ -206,9 +206,9 @@ STAGES = ("relay", "+audit", "tap", "encode", "store")
 @contextlib.contextmanager
 def _stages(protocol: str, count: int) -> Iterator[dict[str, Callable[[], int]]]:
     """Each stage as a function that handles *count* statements once per call."""
-    tap, events = _events(protocol, count)
+    tap, events = statement_events(protocol, count)
     with tempfile.TemporaryDirectory(prefix="pam-audit-path-") as tmp:
-        store, session_id = _store(Path(tmp))
+        store, session_id = bench_store(Path(tmp))
         events = [(session_id, *e[1:]) for e in events]
         batches = [events[i : i + BATCH] for i in range(0, len(events), BATCH)]
         payloads = [encode_rows(batch) for batch in batches]
