@@ -313,17 +313,19 @@ class Relay:
         prefix = data[: tracker.valid_prefix]
         if not prefix:
             return
-        now = time.time_ns()
+        tapped = tracker.prefix_tapped
         if from_client:
             self.bytes_from_client += len(prefix)
             self._upstream.write(prefix)
-            if self._audit is not None and tracker.prefix_tapped:
-                self._audit.on_client(tracker.prefix_tapped, now)
+            if tapped and tapped[-1].type == FrontendType.TERMINATE:
+                self._client_said_goodbye = True  # as in _on_client_data
+            if self._audit is not None and tapped:
+                self._audit.on_client(tapped, time.time_ns())
         else:
             self.bytes_from_server += len(prefix)
             self._client.write(prefix)
-            if self._audit is not None and tracker.prefix_tapped:
-                self._audit.on_server(tracker.prefix_tapped, now)
+            if self._audit is not None and tapped:
+                self._audit.on_server(tapped, time.time_ns())
 
     def _fail_protocol(self, exc: ProtocolError) -> None:
         # A peer broke the framing: tell the client why, then close.

@@ -401,6 +401,15 @@ async def test_no_terminate_follows_a_broken_client_header() -> None:
     assert bytes(pb.server.written) == QUERY + BAD_HEADER[:3]
 
 
+@virtual_time
+async def test_whole_client_messages_before_a_bad_header_are_forwarded_and_terminate_once() -> None:
+    pb = await started()
+    pb.client.send(QUERY + TERMINATE + BAD_HEADER)
+    assert await pb.ended() is ConnectionEndReason.ERROR
+    # The query and the client's own Terminate go on; no second Terminate follows.
+    assert bytes(pb.server.written) == QUERY + TERMINATE
+
+
 # --- closing ------------------------------------------------------------------------------
 
 
