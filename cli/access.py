@@ -95,11 +95,13 @@ def hold_access(
         port=port,
         requester=getpass.getuser(),
     )
-    _print_grant(session, resource, account)
-    if ready is not None:
-        ready.set()
+    # The handlers are in place before the URL is shown: a Ctrl+C the moment it
+    # appears still ends the session in order (exit 0), not with exit 130.
     previous = signal.signal(signal.SIGTERM, _raise_stop)
     try:
+        _print_grant(session, resource, account)
+        if ready is not None:
+            ready.set()
         ended_by_gateway = _heartbeat_until_ended(client, session["id"])
     except (KeyboardInterrupt, _Stop):
         ended_by_gateway = None
