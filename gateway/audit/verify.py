@@ -17,16 +17,30 @@ over every record.
 
 from __future__ import annotations
 
+import hmac
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-from gateway.audit.chain import CHAIN_VERSION, GENESIS_HASH, AuditChain, is_same_digest
+from gateway.audit.batch import (
+    KIND_BITS,
+    BatchFormatError,
+    decode_record,
+    encoded_records,
+    record_fields,
+)
+from gateway.audit.chain import (
+    CHAIN_VERSION,
+    GENESIS_HASH,
+    RECORD_DIGEST_BYTES,
+    AuditChain,
+    is_same_digest,
+)
 
-__all__ = ["ChainProblem", "ChainProblemKind", "SessionVerifier", "describe"]
+__all__ = ["ChainProblem", "ChainProblemKind", "SessionVerifier", "StoredBatch", "describe"]
 
 _EXCERPT_CHARS: Final = 40
 #: Failing records held back to judge whether they were moved (see _settle);
@@ -38,6 +52,21 @@ _WHITESPACE: Final = re.compile(r"\s+")
 ChainProblemKind = Literal["changed", "removed", "reordered", "truncated", "seal"]
 #: A problem found before its session is known to the report: (seq, kind, detail).
 _Report = tuple[int | None, ChainProblemKind, str]
+
+
+class StoredBatch(Protocol):
+    """A sealed batch as stored (a row of ``audit_batches``; see gateway.audit.batch)."""
+
+    first_seq: int
+    last_seq: int
+    min_at: int
+    max_at: int
+    kinds: int
+    statement_count: int
+    records: bytes
+    digests: bytes
+    prev_hash: str
+    hash: str
 
 
 class ChainProblem(BaseModel):
@@ -82,6 +111,44 @@ def _span(first: int, last: int) -> str:
     return f"seq {first}" if first == last else f"seqs {first}-{last}"
 
 
+class _BatchIndex:
+    """What a batch's index columns must say, accumulated from its records."""
+
+    __slots__ = ("kinds", "last_seq", "max_at", "min_at", "statements")
+
+    def __init__(self) -> None:
+        self.min_at: int | None = None
+        self.max_at: int | None = None
+        self.kinds = 0
+        self.statements = 0
+        self.last_seq: int | None = None
+
+    def add(self, fields: Mapping[str, Any]) -> None:
+        at = fields["occurred_at"]
+        if type(at) is int:
+            self.min_at = at if self.min_at is None else min(self.min_at, at)
+            self.max_at = at if self.max_at is None else max(self.max_at, at)
+        self.kinds |= KIND_BITS.get(fields["kind"], 0)
+        self.statements += fields["kind"] == "statement"
+        self.last_seq = fields["seq"]
+
+    def matches(self, batch: StoredBatch) -> bool:
+        """Whether *batch*'s columns cover its records (an empty batch never does).
+
+        The time range may be wider than the records' (records cut off), never
+        narrower; the kinds and statement count must be exact.
+        """
+        return (
+            self.min_at is not None
+            and self.max_at is not None
+            and batch.min_at <= self.min_at
+            and batch.max_at >= self.max_at
+            and (batch.kinds & self.kinds) == self.kinds
+            and batch.statement_count >= self.statements
+            and batch.last_seq >= (self.last_seq or 0)
+        )
+
+
 @dataclass(slots=True)
 class _Suspect:
     """A record that failed its hash, held until the next intact record is seen."""
@@ -114,6 +181,7 @@ class SessionVerifier:
     """
 
     __slots__ = (
+        "_batch_suspect",
         "_chain",
         "_last_changed",
         "_last_hash",
@@ -138,8 +206,19 @@ class SessionVerifier:
         self._suspects: list[_Suspect] = []
         self._records = 0
         self._problems: list[ChainProblem] = []
+        # A batch whose MAC failed with every record intact and in order: what
+        # comes next may explain it (records cut off its end), or not.
+        # (the seq after it, its report)
+        self._batch_suspect: tuple[int, _Report] | None = None
 
     def _emit(self, reports: list[_Report]) -> None:
+        suspect, self._batch_suspect = self._batch_suspect, None
+        if suspect is not None:
+            after, report = suspect
+            if not any(
+                problem in ("removed", "truncated") and seq == after for seq, problem, _ in reports
+            ):
+                reports = [report, *reports]
         self._problems.extend(
             ChainProblem(session_id=self.session_id, seq=seq, problem=problem, detail=detail)
             for seq, problem, detail in reports
@@ -222,6 +301,74 @@ class SessionVerifier:
         self._last_changed = changed
         self._records += 1
 
+    def feed_batch(self, batch: StoredBatch) -> None:
+        """Check the next sealed batch (chain version 3, gateway.audit.batch).
+
+        Each record is checked against its own digest (``changed``) and its seq
+        against the one before (``removed``, ``reordered``); the batch's MAC
+        covers the digests, their order, the first seq and the link to what came
+        before, and its index columns must match its records.
+        """
+        self._settle(None)  # records of chain version 1 or 2 before it
+        first = batch.first_seq
+        reports: list[_Report] = []
+        try:
+            parts = encoded_records(batch.records)
+        except BatchFormatError:
+            parts = []
+            span = _span(first, batch.last_seq)
+            reports.append((first, "changed", f"{span}: the batch's records are unreadable"))
+        chain, size, stored = self._chain, RECORD_DIGEST_BYTES, batch.digests
+        recomputed = chain.record_digests(self.session_id, parts)
+        sealed = is_same_digest(
+            chain.batch_hash(self.session_id, first, batch.prev_hash, stored), batch.hash
+        )
+        slots = len(stored) // size
+        index = _BatchIndex()
+        linked = self._last_changed or is_same_digest(batch.prev_hash, self._last_hash)
+        for position, part in enumerate(parts):
+            fields = record_fields(decode_record(part) or ())
+            expected = self._last_seq + 1
+            seq = fields["seq"] if fields is not None and type(fields["seq"]) is int else expected
+            name = _Name(seq, fields or {})
+            if seq != expected:
+                reports.append(self._out_of_seq(seq, expected, name))
+            # Its digest is found by its own seq: a record moved keeps its digest.
+            slot = seq - first if 0 <= seq - first < slots else position
+            mine = recomputed[position * size : (position + 1) * size]
+            if fields is None or not hmac.compare_digest(
+                mine, stored[slot * size : (slot + 1) * size]
+            ):
+                reports.append((seq, "changed", f"{name} does not match its digest: it was edited"))
+            elif position == 0 and not linked and not reports:
+                reports.append(self._unchained(seq, name))
+            if fields is not None:
+                index.add(fields)
+            self._last_seq = max(self._last_seq, seq)
+        if parts and not index.matches(batch):
+            reports.append(
+                (
+                    first,
+                    "changed",
+                    f"the batch of {_span(first, batch.last_seq)} has index columns that do not"
+                    " match its records (a search could pass them over): they were edited",
+                )
+            )
+        self._emit(reports)
+        if not sealed and not reports:
+            self._batch_suspect = (
+                self._last_seq + 1,
+                (
+                    first,
+                    "changed",
+                    f"the batch of {_span(first, batch.last_seq)} does not match its MAC:"
+                    " its digests, first seq or link to the record before were edited",
+                ),
+            )
+        self._last_hash = batch.hash
+        self._last_changed = not sealed
+        self._records += len(parts)
+
     def _out_of_seq(self, seq: int, expected: int, name: _Name) -> _Report:
         """The report for a record whose seq does not follow the previous one."""
         if seq > expected:
@@ -262,6 +409,7 @@ class SessionVerifier:
                 )
             elif count is not None or head is not None:
                 self._report(None, "seal", "the session has a record count and head but no seal")
+            self._emit([])
             return self._problems
         if (
             count is None
@@ -269,6 +417,7 @@ class SessionVerifier:
             or not self._chain.is_valid_seal(self.session_id, count, head, seal)
         ):
             self._report(None, "seal", "the seal does not match the recorded count and head")
+            self._emit([])
             return self._problems
         if not ended:
             self._report(None, "seal", "the session is sealed but marked active: it was reopened")
@@ -292,4 +441,5 @@ class SessionVerifier:
                 "truncated",
                 f"the last record, seq {count}, is not the one the session was sealed with",
             )
+        self._emit([])
         return self._problems

@@ -20,8 +20,6 @@ Invariants:
 
 from __future__ import annotations
 
-import functools
-import itertools
 import json
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -30,16 +28,23 @@ from typing import TYPE_CHECKING, Any, Final
 from pydantic import ValidationError
 from sqlalchemy import Connection, func, select
 
-from gateway.audit.chain import CHAIN_VERSION, EVENT_FIELDS
+from gateway.audit.batch import SealedBatch, is_encodable, seal_batch
+from gateway.audit.chain import CHAIN_VERSION, AuditChain
 from gateway.audit.records import AUDIT_KINDS, AUDIT_STATUSES, AuditEvent, EventRow, event_rows
 from gateway.audit.verify import ChainProblem, SessionVerifier
 from gateway.errors import InvalidRequest, NotFound, StoreError
+from gateway.store.batches import (
+    count_batch_records,
+    insert_batches,
+    iter_session_batches,
+    search_batches,
+    session_batch_records,
+)
 from gateway.store.models import AuditRecord
 from gateway.store.rows import existing_session_id
 from gateway.store.schema import audit_events, sessions
 from gateway.store.trail import TrailStore
 from gateway.store.validation import (
-    OCCURRED_AT,
     check_choice,
     check_count,
     check_limit,
@@ -58,32 +63,11 @@ __all__ = ["AuditStore"]
 #: Rows fetched per round trip when verify streams a trail.
 _AUDIT_STREAM_ROWS: Final = 2000
 
+#: Records per sealed batch at most: a page of review decodes one or two.
+_RECORDS_PER_BATCH: Final = 1000
+
 #: Escape character for LIKE patterns built from user text.
 _LIKE_ESCAPE: Final = "/"
-
-#: Columns of an inserted audit row, in the order of append_audit_rows's tuples:
-#: the event's fields as the chain lists them, then what the store adds.
-_AUDIT_INSERT_COLUMNS: Final = (
-    *EVENT_FIELDS,
-    "seq",
-    "recorded_at",
-    "prev_hash",
-    "hash",
-    "chain_version",
-)
-
-#: Rows per INSERT statement: 23 parameters each stays under SQLite's (32,766)
-#: and PostgreSQL's (65,535) limit on parameters per statement.
-_AUDIT_ROWS_PER_INSERT: Final = 500
-
-
-@functools.lru_cache(maxsize=16)
-def _audit_insert_sql(paramstyle: str, count: int) -> str:
-    """``INSERT INTO audit_events (...) VALUES (...), (...)`` for *count* rows."""
-    mark = "?" if paramstyle == "qmark" else "%s"
-    columns = ", ".join(f'"{name}"' for name in _AUDIT_INSERT_COLUMNS)
-    one = "(" + ", ".join([mark] * len(_AUDIT_INSERT_COLUMNS)) + ")"
-    return f"INSERT INTO audit_events ({columns}) VALUES " + ", ".join([one] * count)
 
 
 def _json_value(text: str | None) -> Any:
@@ -176,6 +160,41 @@ def _audit_record(row: AnyRow) -> AuditRecord:
         ) from None
 
 
+def _sealed(
+    chain: AuditChain, session_id: str, head: tuple[int, str], bodies: list[tuple[Any, ...]]
+) -> list[SealedBatch]:
+    """*bodies* as the session's next batches, chained on from *head*.
+
+    Raises ``ValueError`` for text that UTF-8 cannot carry.
+    """
+    seq, prev_hash = head
+    batches = []
+    for start in range(0, len(bodies), _RECORDS_PER_BATCH):
+        batch = seal_batch(
+            chain, session_id, seq + 1, prev_hash, bodies[start : start + _RECORDS_PER_BATCH]
+        )
+        batches.append(batch)
+        seq, prev_hash = batch.last_seq, batch.hash
+    return batches
+
+
+def _encodable_bodies(
+    items: list[tuple[int, tuple[Any, ...]]], rows: Sequence[EventRow], substitute_invalid: bool
+) -> list[tuple[Any, ...]]:
+    """The bodies of *items*, each that UTF-8 cannot carry replaced by a stand-in
+    (or refused with :class:`InvalidRequest` outside the writer's mode)."""
+    bodies = []
+    for position, body in items:
+        if not is_encodable(body):
+            problem = InvalidRequest(f"audit event {position} holds text that is not valid Unicode")
+            stand_in = stand_in_row(position, rows[position], problem)
+            if not substitute_invalid or stand_in is None or not is_encodable(stand_in[1:]):
+                raise problem
+            body = stand_in[1:]
+        bodies.append(body)
+    return bodies
+
+
 class AuditStore(TrailStore):
     """Appending to, reading and verifying the sessions' audit trails."""
 
@@ -206,9 +225,7 @@ class AuditStore(TrailStore):
         session, connection or time, or a session the store does not hold) are
         left out; the return value, the number written, then falls short.
         """
-        # One function on purpose: this is the audit writer's per-row loop, and a
-        # helper call per row costs what the benchmark in bench/audit_path.py shows.
-        # (position in rows, stored columns) of each event that will be written
+        # (position in rows, (session_id, *record body)) of each event to write
         prepared: list[tuple[int, tuple[Any, ...]]] = []
         for position, row in enumerate(rows):
             try:
@@ -222,55 +239,39 @@ class AuditStore(TrailStore):
         if not prepared:
             return 0
         recorded_at = self._timestamp_param(self._now())
-        session_ids = sorted({values[0] for _, values in prepared})
+        by_session: dict[str, list[tuple[int, tuple[Any, ...]]]] = {}
+        for position, values in prepared:
+            by_session.setdefault(values[0], []).append((position, values[1:]))
         heads: dict[str, tuple[int, str]] = {}
-        row_hash = self._chain.row_hash
+        written = 0
         with self._transaction(write=True) as conn:
             # Locked in id order, so two batches never wait on each other in a
             # cycle; the lock orders every append to a session (and its end).
             found = conn.execute(
                 select(sessions.c.id, sessions.c.ended_at)
-                .where(sessions.c.id.in_(session_ids))
+                .where(sessions.c.id.in_(sorted(by_session)))
                 .order_by(sessions.c.id)
                 .with_for_update()
             ).all()
             known = {row.id: row.ended_at is not None for row in found}
-            for session_id in session_ids:
+            sealed: list[SealedBatch] = []
+            for session_id, items in sorted(by_session.items()):
                 if session_id not in known:
                     if not substitute_invalid:
                         raise NotFound(f"session '{session_id}' not found")
-                    prepared = [p for p in prepared if p[1][0] != session_id]
                     continue
-                heads[session_id] = self._chain_head(conn, session_id)
-            inserted = []
-            for position, values in prepared:
-                session_id = values[0]
-                seq, prev_hash = heads[session_id]
-                seq += 1
+                head = self._chain_head(conn, session_id)
+                bodies = [body for _, body in items]
                 try:
-                    digest = row_hash(prev_hash, seq, values)
-                except ValueError:
-                    # Lone surrogates and the like: not representable in UTF-8.
-                    problem = InvalidRequest(
-                        f"audit event {position} holds text that is not valid Unicode"
-                    )
-                    stand_in = stand_in_row(position, rows[position], problem)
-                    if not substitute_invalid or stand_in is None:
-                        raise problem from None
-                    values = stand_in
-                    try:
-                        digest = row_hash(prev_hash, seq, values)
-                    except ValueError:  # the connection id itself, then
-                        raise problem from None
-                if not self._iso_timestamps:
-                    values = (
-                        *values[:OCCURRED_AT],
-                        datetime.fromisoformat(values[OCCURRED_AT]),
-                        *values[OCCURRED_AT + 1 :],
-                    )
-                inserted.append((*values, seq, recorded_at, prev_hash, digest, CHAIN_VERSION))
-                heads[session_id] = (seq, digest)
-            self._insert_audit_rows(conn, inserted)
+                    batches = _sealed(self._chain, session_id, head, bodies)
+                except ValueError:  # text UTF-8 cannot carry, such as a lone surrogate
+                    bodies = _encodable_bodies(items, rows, substitute_invalid)
+                    batches = _sealed(self._chain, session_id, head, bodies)
+                sealed += batches
+                seq, prev_hash = batches[-1].last_seq, batches[-1].hash
+                heads[session_id] = (seq, prev_hash)
+                written += len(bodies)
+            insert_batches(conn, sealed, recorded_at)
             for session_id, is_ended in known.items():
                 if is_ended:
                     conn.execute(
@@ -279,7 +280,7 @@ class AuditStore(TrailStore):
                         .values(**self._seal_values(session_id, heads[session_id]))
                     )
         self._remember_heads(heads)
-        return len(inserted)
+        return written
 
     def list_audit(
         self,
@@ -299,6 +300,7 @@ class AuditStore(TrailStore):
         wanted = self._check_kinds(kinds)
         with self._transaction(write=False) as conn:
             full_id = existing_session_id(conn, session_id)
+            # A trail begun before chain version 3 has its first records as rows.
             query = (
                 self._audit_query()
                 .where(audit_events.c.session_id == full_id, audit_events.c.seq > after_seq)
@@ -307,8 +309,16 @@ class AuditStore(TrailStore):
             )
             if wanted is not None:
                 query = query.where(audit_events.c.kind.in_(wanted))
-            rows = conn.execute(query).all()
-        return [_audit_record(r) for r in rows]
+            records = [_audit_record(r) for r in conn.execute(query)]
+            if len(records) < limit:
+                records += session_batch_records(
+                    conn,
+                    full_id,
+                    after_seq=max(after_seq, records[-1].seq if records else 0),
+                    limit=limit - len(records),
+                    kinds=wanted,
+                )
+        return records
 
     def count_audit(self, session_id: str, kind: str | None = None) -> int:
         """How many records a session's trail holds (of *kind*, if given)."""
@@ -322,7 +332,8 @@ class AuditStore(TrailStore):
             )
             if kind is not None:
                 query = query.where(audit_events.c.kind == kind)
-            return int(conn.execute(query).scalar_one())
+            rows = int(conn.execute(query).scalar_one())
+            return rows + count_batch_records(conn, full_id, kind)
 
     def search_audit(
         self,
@@ -339,18 +350,25 @@ class AuditStore(TrailStore):
     ) -> list[AuditRecord]:
         """Records across sessions, newest first.
 
-        *text* is a case-insensitive substring of the SQL (``%`` and ``_`` are
-        literal characters; SQLite folds only ASCII case); ``None`` matches every
-        record, with or without SQL. *since* (inclusive) and *until* (exclusive)
-        bound ``occurred_at``; *resource*, *account*, *requester* and *status*
-        match exactly; *session_id* may be a unique prefix.
+        *text* is a substring of the SQL, ignoring the case of ASCII letters (``%``
+        and ``_`` are literal characters); ``None`` matches every record, with or
+        without SQL. *since* (inclusive) and *until* (exclusive) bound
+        ``occurred_at``; *resource*, *account*, *requester* and *status* match
+        exactly; *session_id* may be a unique prefix.
         """
         check_text("text", text, required=False)
         since = check_optional_time("since", since)
         until = check_optional_time("until", until)
         check_choice("status", status, AUDIT_STATUSES)
         check_limit(limit)
-        query = self._audit_query()
+        where: list[Any] = []
+        if resource is not None:
+            where.append(sessions.c.resource_name == resource)
+        if account is not None:
+            where.append(sessions.c.account_name == account)
+        if requester is not None:
+            where.append(sessions.c.requester == requester)
+        query = self._audit_query().where(*where)
         if text is not None:
             pattern = "%" + _escape_like(text) + "%"
             query = query.where(
@@ -360,21 +378,21 @@ class AuditStore(TrailStore):
             query = query.where(audit_events.c.occurred_at >= since)
         if until is not None:
             query = query.where(audit_events.c.occurred_at < until)
-        if resource is not None:
-            query = query.where(sessions.c.resource_name == resource)
-        if account is not None:
-            query = query.where(sessions.c.account_name == account)
-        if requester is not None:
-            query = query.where(sessions.c.requester == requester)
         if status is not None:
             query = query.where(audit_events.c.status == status)
         query = query.order_by(audit_events.c.occurred_at.desc(), audit_events.c.id.desc())
         with self._transaction(write=False) as conn:
             if session_id is not None:
                 full_id = existing_session_id(conn, session_id)
+                where.append(sessions.c.id == full_id)
                 query = query.where(audit_events.c.session_id == full_id)
-            rows = conn.execute(query.limit(limit)).all()
-        return [_audit_record(r) for r in rows]
+            found = [_audit_record(r) for r in conn.execute(query.limit(limit))]
+            found += search_batches(
+                conn, text, where=where, since=since, until=until, status=status, limit=limit
+            )
+        # Stable: each part is newest first already, so ties keep their order.
+        found.sort(key=lambda record: record.occurred_at, reverse=True)
+        return found[:limit]
 
     def verify_audit(self, session_id: str | None = None) -> list[ChainProblem]:
         """Recompute the hash chain of one session (id or unique prefix) or of all.
@@ -391,42 +409,43 @@ class AuditStore(TrailStore):
                 sessions.c.audit_count,
                 sessions.c.audit_head,
                 sessions.c.audit_seal,
-            )
-            record_query = select(audit_events)
+            ).order_by(sessions.c.id)
             if session_id is not None:
-                full_id = existing_session_id(conn, session_id)
-                session_query = session_query.where(sessions.c.id == full_id)
-                record_query = record_query.where(audit_events.c.session_id == full_id)
-            ends = {row.id: row for row in conn.execute(session_query)}
-            records = conn.execute(
-                record_query.order_by(
-                    audit_events.c.session_id, audit_events.c.seq, audit_events.c.id
-                ).execution_options(yield_per=_AUDIT_STREAM_ROWS)
-            )
-            checked: set[str] = set()
-            for sid, group in itertools.groupby(records, key=lambda row: str(row.session_id)):
-                verifier = SessionVerifier(self._chain, sid)
-                for row in group:
-                    if row.chain_version == CHAIN_VERSION:
-                        # Hashed over its columns; the fields only name it in a report.
-                        values, fields = _stored_values(row), {"kind": row.kind, "sql": row.sql}
-                    else:
-                        values, fields = (), _stored_fields(row)
-                    verifier.feed(
-                        row.id,
-                        row.seq,
-                        row.prev_hash,
-                        row.hash,
-                        fields,
-                        version=row.chain_version,
-                        values=values,
-                    )
-                problems.extend(self._finish(verifier, ends.get(sid)))
-                checked.add(sid)
-            for sid, end in ends.items():
-                if sid not in checked:
-                    problems.extend(self._finish(SessionVerifier(self._chain, sid), end))
+                session_query = session_query.where(
+                    sessions.c.id == existing_session_id(conn, session_id)
+                )
+            for end in conn.execute(session_query).all():
+                verifier = SessionVerifier(self._chain, end.id)
+                self._feed_rows(conn, verifier)
+                for batch in iter_session_batches(conn, end.id):
+                    verifier.feed_batch(batch)
+                problems.extend(self._finish(verifier, end))
         return problems
+
+    @staticmethod
+    def _feed_rows(conn: Connection, verifier: SessionVerifier) -> None:
+        """Feed the session's records of chain versions 1 and 2 (one row each)."""
+        rows = conn.execute(
+            select(audit_events)
+            .where(audit_events.c.session_id == verifier.session_id)
+            .order_by(audit_events.c.seq, audit_events.c.id)
+            .execution_options(yield_per=_AUDIT_STREAM_ROWS)
+        )
+        for row in rows:
+            if row.chain_version == CHAIN_VERSION:
+                # Hashed over its columns; the fields only name it in a report.
+                values, fields = _stored_values(row), {"kind": row.kind, "sql": row.sql}
+            else:
+                values, fields = (), _stored_fields(row)
+            verifier.feed(
+                row.id,
+                row.seq,
+                row.prev_hash,
+                row.hash,
+                fields,
+                version=row.chain_version,
+                values=values,
+            )
 
     @staticmethod
     def _finish(verifier: SessionVerifier, end: AnyRow | None) -> list[ChainProblem]:
@@ -459,17 +478,3 @@ class AuditStore(TrailStore):
             sessions.c.account_name,
             sessions.c.requester,
         ).select_from(audit_events.join(sessions, audit_events.c.session_id == sessions.c.id))
-
-    def _insert_audit_rows(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-        """Insert *rows* with one multi-row INSERT per chunk.
-
-        Not ``executemany``: the sqlite3 module releases and retakes the GIL
-        around every row it steps, and under load each of those hand-offs waits
-        for the event loop's thread, which made the audit writer cost the relay
-        more than the writing itself. One statement per few hundred rows is one
-        hand-off, on both backends.
-        """
-        for start in range(0, len(rows), _AUDIT_ROWS_PER_INSERT):
-            chunk = rows[start : start + _AUDIT_ROWS_PER_INSERT]
-            statement = _audit_insert_sql(conn.dialect.paramstyle, len(chunk))
-            conn.exec_driver_sql(statement, tuple(itertools.chain.from_iterable(chunk)))

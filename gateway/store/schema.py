@@ -51,6 +51,7 @@ __all__ = [
     "VERSION_TABLE",
     "UtcTimestamp",
     "accounts",
+    "audit_batches",
     "audit_events",
     "connections",
     "metadata",
@@ -233,6 +234,41 @@ audit_events = Table(
     # Also the index for "a session's records in seq order".
     UniqueConstraint("session_id", "seq"),
     Index(None, "occurred_at"),
+)
+
+#: The audit trail since chain version 3 (gateway.audit.batch): one row per
+#: sealed batch of a session's consecutive records. Append-only like
+#: ``audit_events`` (triggers refuse UPDATE and DELETE). ``records`` holds the
+#: encoded records, ``digests`` one keyed digest per record, ``hash`` the batch's
+#: MAC that the next batch chains to; the other columns are derived from the
+#: records for reading (seq range, time range in microseconds since the epoch,
+#: the kinds present as bits, the statement count) and verify checks them.
+audit_batches = Table(
+    "audit_batches",
+    metadata,
+    Column(
+        "id",
+        BigInteger().with_variant(Integer(), "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    Column("session_id", String(ID_LENGTH), ForeignKey("sessions.id"), nullable=False),
+    Column("first_seq", Integer, nullable=False),
+    Column("last_seq", Integer, nullable=False),
+    Column("min_at", BigInteger, nullable=False),
+    Column("max_at", BigInteger, nullable=False),
+    Column("kinds", Integer, nullable=False),
+    Column("statement_count", Integer, nullable=False),
+    Column("records", LargeBinary, nullable=False),
+    Column("digests", LargeBinary, nullable=False),
+    Column("prev_hash", String(HASH_LENGTH), nullable=False),
+    Column("hash", String(HASH_LENGTH), nullable=False),
+    Column("chain_version", SmallInteger, nullable=False),
+    Column("recorded_at", UtcTimestamp, nullable=False),
+    # Also the index for "a session's batches in seq order".
+    UniqueConstraint("session_id", "first_seq"),
+    # Search reads newest first and stops early.
+    Index(None, "max_at"),
 )
 
 #: Alembic's bookkeeping table. Prefixed so the store can share a PostgreSQL

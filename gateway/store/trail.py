@@ -22,6 +22,7 @@ from typing import Any, Final
 from sqlalchemy import Connection, select
 
 from gateway.audit.chain import GENESIS_HASH
+from gateway.store.batches import batch_head
 from gateway.store.engine import StoreBase
 from gateway.store.schema import audit_events
 
@@ -46,13 +47,15 @@ class TrailStore(StoreBase):
         remembered head keeps that visible (verify reports the gap) instead of
         papering over it.
         """
-        row = conn.execute(
-            select(audit_events.c.seq, audit_events.c.hash)
-            .where(audit_events.c.session_id == session_id)
-            .order_by(audit_events.c.seq.desc())
-            .limit(1)
-        ).one_or_none()
-        stored = (0, GENESIS_HASH) if row is None else (int(row.seq), str(row.hash))
+        stored = batch_head(conn, session_id)
+        if stored is None:  # a trail begun before chain version 3, or none yet
+            row = conn.execute(
+                select(audit_events.c.seq, audit_events.c.hash)
+                .where(audit_events.c.session_id == session_id)
+                .order_by(audit_events.c.seq.desc())
+                .limit(1)
+            ).one_or_none()
+            stored = (0, GENESIS_HASH) if row is None else (int(row.seq), str(row.hash))
         with self._heads_lock:
             remembered = self._heads.get(session_id)
         if remembered is not None and remembered[0] > stored[0]:

@@ -19,12 +19,12 @@ Invariants:
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from cryptography import x509
 
-from gateway.audit.chain import EVENT_FIELDS, canonical_json
+from gateway.audit.chain import EVENT_FIELDS
 from gateway.audit.records import (
     AUDIT_KINDS,
     AUDIT_PROTOCOLS,
@@ -36,7 +36,6 @@ from gateway.audit.records import (
     AuditEvent,
     EventRow,
     Parameter,
-    iso_from_micros,
     row_event,
 )
 from gateway.errors import InvalidRequest
@@ -209,6 +208,12 @@ def _check_detail(where: str, detail: object) -> None:
 
 
 OCCURRED_AT: Final = EVENT_FIELDS.index("occurred_at")
+#: The fields only a statement may set (a connection event's body is its detail).
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_STATEMENT_ONLY: Final = slice(OCCURRED_AT + 1, len(EVENT_FIELDS) - 1)
+#: The range of a datetime, in microseconds since the epoch.
+_MIN_MICROS: Final = (datetime.min.replace(tzinfo=UTC) - _EPOCH) // timedelta(microseconds=1)
+_MAX_MICROS: Final = (datetime.max.replace(tzinfo=UTC) - _EPOCH) // timedelta(microseconds=1)
 _PARAMETERS: Final = EVENT_FIELDS.index("parameters")
 _STATUS: Final = EVENT_FIELDS.index("status")
 _ERROR_MESSAGE: Final = EVENT_FIELDS.index("error_message")
@@ -216,8 +221,10 @@ _PARAMETER_FIELDS: Final = 5
 
 
 def row_values(position: int, row: EventRow) -> tuple[Any, ...]:
-    """Validate one event row; return its stored columns in ``EVENT_FIELDS`` order,
-    which are also what the chain (version 2) MACs.
+    """Validate one event row; return its session id and its record body as chain
+    version 3 encodes it: ``(session_id, kind, occurred_at, connection_id,
+    *body)``, the body being the fields of its kind
+    (:data:`gateway.audit.batch.BODY_FIELDS`).
 
     Messages name the event's position and the field, never a value: values may
     hold data a client sent. Runs once per statement in the audit writer, so the
@@ -300,37 +307,32 @@ def row_values(position: int, row: EventRow) -> tuple[Any, ...]:
         _explain_invalid_row(f"audit event {position}", row)
     if detail is not None:
         _check_detail(f"audit event {position}", detail)
-    try:
-        occurred_at = iso_from_micros(micros)
-    except (OverflowError, ValueError):
-        raise InvalidRequest(f"audit event {position} occurred_at is out of range") from None
+    if not _MIN_MICROS <= micros <= _MAX_MICROS:
+        raise InvalidRequest(f"audit event {position} occurred_at is out of range")
+    if kind != "statement":
+        if any(value is not None for value in row[_STATEMENT_ONLY]):
+            raise InvalidRequest(f"audit event {position} is a {kind} with statement fields")
+        return (session_id, kind, micros, connection_id, detail)
     return (
         session_id,
-        connection_id,
         kind,
-        occurred_at,
+        micros,
+        connection_id,
         protocol,
         sql,
         statement_name,
         portal_name,
-        None
-        if parameters is None
-        else canonical_json(
-            [
-                {"index": i, "type_oid": oid, "format": f, "value": v, "truncated": cut}
-                for i, oid, f, v, cut in parameters
-            ]
-        ),
+        parameters if parameters is None or type(parameters) is tuple else tuple(parameters),
         command_tag,
         rows,
         status,
         sqlstate,
         error_message,
-        # A float column reads back 5 as 5.0; normalising here keeps the hash stable.
+        # Always a float, whatever the caller passed: 5 and 5.0 are one duration.
         None if duration_ms is None else float(duration_ms),
         copy_direction,
         copy_bytes,
-        None if detail is None else canonical_json(detail),
+        detail,
     )
 
 
@@ -340,7 +342,7 @@ def _plain_text(value: object) -> bool:
 
 
 def stand_in_row(position: int, row: object, problem: InvalidRequest) -> tuple[Any, ...] | None:
-    """The stored columns of a record saying that event *position* could not be
+    """The :func:`row_values` of a record saying that event *position* could not be
     recorded as it was, and why; None when not even its session, connection and
     time are usable. :class:`InvalidRequest` messages name fields, never values."""
     if not isinstance(row, tuple | list) or len(row) != len(EVENT_FIELDS):
@@ -349,8 +351,12 @@ def stand_in_row(position: int, row: object, problem: InvalidRequest) -> tuple[A
     kind = row[2] if isinstance(row[2], str) and row[2] in AUDIT_KINDS else "statement"
     stand_in: list[Any] = [None] * len(EVENT_FIELDS)
     stand_in[:4] = [row[0], row[1], kind, row[OCCURRED_AT]]
-    stand_in[_STATUS] = "incomplete" if kind == "statement" else None
-    stand_in[_ERROR_MESSAGE] = f"pam could not record this event as it was: {reason}"
+    message = f"pam could not record this event as it was: {reason}"
+    if kind == "statement":
+        stand_in[_STATUS] = "incomplete"
+        stand_in[_ERROR_MESSAGE] = message
+    else:  # a connection event's body is its detail
+        stand_in[-1] = {"pam_error": message}
     try:
         return row_values(position, tuple(stand_in))
     except InvalidRequest:

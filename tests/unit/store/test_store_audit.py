@@ -23,6 +23,7 @@ from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.exc import DBAPIError
 from store_support import T0, FakeClock, pg_admin_url
+from trail_support import append_version_2, drop_triggers, edit_record
 
 import gateway.store.audit as audit_module
 import gateway.store.engine as engine_module
@@ -103,17 +104,17 @@ def _fill(store: Store, session_id: str, count: int = 5) -> None:
     store.append_audit([_stmt(session_id, f"SELECT {n}") for n in range(1, count + 1)])
 
 
-def _drop_triggers(conn: Connection) -> None:
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("DROP TRIGGER audit_events_no_update_delete ON audit_events"))
-    else:
-        conn.execute(text("DROP TRIGGER audit_events_no_update"))
-        conn.execute(text("DROP TRIGGER audit_events_no_delete"))
+def _fill_v2(raw: Engine, master_key: bytes, session_id: str, count: int = 5) -> None:
+    """A trail of *count* records as chain version 2 wrote them (one row each):
+    the tampering tests here check that such trails keep verifying; those of
+    version 3 (sealed batches) are in test_store_batches.py."""
+    chain = AuditChain(derive_audit_key(master_key))
+    append_version_2(raw, chain, [_stmt(session_id, f"SELECT {n}") for n in range(1, count + 1)])
 
 
 def _tamper(raw: Engine, *statements: str, **params: Any) -> None:
     with raw.begin() as conn:
-        _drop_triggers(conn)
+        drop_triggers(conn)
         for statement in statements:
             conn.execute(text(statement), params)
 
@@ -223,7 +224,7 @@ def test_stored_hashes_are_the_chain_under_the_master_key_derived_key(
     _add_db(store)
     session = _session(store)
     event = _stmt(session.id, "SELECT 'é', $1", parameters=(Parameter(1, 23, "text", "1"),), rows=1)
-    store.append_audit([event])
+    append_version_2(raw, AuditChain(derive_audit_key(master_key)), [event])
     (record,) = store.list_audit(session.id)
     # Chain version 2, spelled out byte for byte: the JSON array of version, seq,
     # prev_hash and the stored columns, parameters as the JSON text they are stored as.
@@ -268,7 +269,7 @@ def _insert_version_1(raw: Engine, key: bytes, event: AuditEvent, seq: int, prev
     return digest
 
 
-def test_a_trail_begun_under_chain_version_1_verifies_and_chains_on_in_version_2(
+def test_a_trail_begun_under_chain_versions_1_and_2_verifies_and_chains_on_in_batches(
     store: Store, master_key: bytes, raw: Engine
 ) -> None:
     _add_db(store)
@@ -278,10 +279,14 @@ def test_a_trail_begun_under_chain_version_1_verifies_and_chains_on_in_version_2
     for seq in (1, 2):
         old = _stmt(session.id, f"SELECT {seq}", parameters=(Parameter(1, 23, "text", "7"),))
         head = _insert_version_1(raw, key, old, seq, head)
+    events = [_stmt(session.id, f"SELECT {seq}") for seq in (3, 4)]
+    _, head = append_version_2(raw, AuditChain(key), events, seq=2, prev=head)
     _fill(store, session.id, 2)
     records = store.list_audit(session.id)
-    assert [r.seq for r in records] == [1, 2, 3, 4]
-    assert records[2].prev_hash == head
+    assert [r.seq for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[4].prev_hash == head
+    assert store.list_audit(session.id, after_seq=3, limit=2)[1].seq == 5
+    assert store.count_audit(session.id) == 6
     assert store.verify_audit(session.id) == []
     # Each version's records are checked under their own encoding.
     _tamper(
@@ -289,15 +294,20 @@ def test_a_trail_begun_under_chain_version_1_verifies_and_chains_on_in_version_2
         "UPDATE audit_events SET sql = 'SELECT 99' WHERE session_id = :sid AND seq IN (2, 4)",
         sid=session.id,
     )
-    assert _found(store.verify_audit(session.id)) == [(2, "changed"), (4, "changed")]
+    edit_record(raw, session.id, 6, sql="SELECT 99")
+    assert _found(store.verify_audit(session.id)) == [
+        (2, "changed"),
+        (4, "changed"),
+        (6, "changed"),
+    ]
 
 
 def test_a_record_whose_chain_version_was_changed_does_not_verify(
-    store: Store, raw: Engine
+    store: Store, raw: Engine, master_key: bytes
 ) -> None:
     _add_db(store)
     session = _session(store)
-    _fill(store, session.id, 3)
+    _fill_v2(raw, master_key, session.id, 3)
     update = "UPDATE audit_events SET chain_version = :v WHERE session_id = :sid AND seq = 2"
     _tamper(raw, update, v=1, sid=session.id)
     assert _found(store.verify_audit(session.id)) == [(2, "changed")]
@@ -327,7 +337,7 @@ def test_revision_0003_downgrades_only_while_no_version_2_record_exists(
     _migrate(store_url, "0002", down=True)
     _migrate(store_url, "head", down=False)
     with Store.open(store_url, box) as store:
-        _fill(store, session.id, 1)
+        append_version_2(raw, store._chain, [_stmt(session.id, "SELECT 1")])
         assert store.verify_audit(session.id) == []
     with pytest.raises(RuntimeError, match="chain version 2"):
         _migrate(store_url, "0002", down=True)
@@ -528,10 +538,10 @@ def test_a_database_failure_is_a_store_error(store: Store, raw: Engine) -> None:
 # -- append-only -----------------------------------------------------------------------
 
 
-def test_triggers_refuse_update_and_delete(store: Store, raw: Engine) -> None:
+def test_triggers_refuse_update_and_delete(store: Store, raw: Engine, master_key: bytes) -> None:
     _add_db(store)
     session = _session(store)
-    _fill(store, session.id, 2)
+    _fill_v2(raw, master_key, session.id, 2)
     for statement in (
         "UPDATE audit_events SET sql = 'SELECT 0' WHERE seq = 1",
         "DELETE FROM audit_events WHERE seq = 2",
@@ -569,7 +579,7 @@ def test_appends_are_not_held_up_by_a_running_verify(
     appended: list[int] = []
 
     class AppendingVerifier(SessionVerifier):
-        def feed(self, *args: Any, **kwargs: Any) -> None:
+        def feed_batch(self, *args: Any, **kwargs: Any) -> None:
             if not appended:
                 worker = threading.Thread(
                     target=lambda: appended.append(store.append_audit([_stmt(busy.id, "x")]))
@@ -577,17 +587,19 @@ def test_appends_are_not_held_up_by_a_running_verify(
                 worker.start()
                 worker.join(timeout=30)
                 assert appended == [1], "append waited for verify"
-            super().feed(*args, **kwargs)
+            super().feed_batch(*args, **kwargs)
 
     monkeypatch.setattr(audit_module, "SessionVerifier", AppendingVerifier)
     assert store.verify_audit(verified.id) == []
     assert store.count_audit(busy.id) == 1
 
 
-def test_an_edited_record_is_reported_as_changed_with_its_seq(store: Store, raw: Engine) -> None:
+def test_an_edited_record_is_reported_as_changed_with_its_seq(
+    store: Store, raw: Engine, master_key: bytes
+) -> None:
     _add_db(store)
     session = _session(store)
-    _fill(store, session.id)
+    _fill_v2(raw, master_key, session.id)
     _tamper(
         raw,
         "UPDATE audit_events SET sql = 'SELECT 1 /* harmless */' "
@@ -600,14 +612,18 @@ def test_an_edited_record_is_reported_as_changed_with_its_seq(store: Store, raw:
     assert problems[0].detail.startswith("seq 3 (statement 'SELECT 1 /* harmless */')")
 
 
-def test_an_edited_parameter_or_time_is_changed(store: Store, raw: Engine) -> None:
+def test_an_edited_parameter_or_time_is_changed(
+    store: Store, raw: Engine, master_key: bytes
+) -> None:
     _add_db(store)
     session = _session(store)
-    store.append_audit(
+    append_version_2(
+        raw,
+        AuditChain(derive_audit_key(master_key)),
         [
             _stmt(session.id, "SELECT $1", parameters=(Parameter(1, 23, "text", "1"),)),
             _stmt(session.id, "SELECT 2"),
-        ]
+        ],
     )
     _tamper(
         raw,
@@ -633,20 +649,24 @@ def _tamper_occurred_at(raw: Engine, session_id: str, seq: int) -> None:
         )
 
 
-def test_a_deleted_middle_record_is_reported_as_removed(store: Store, raw: Engine) -> None:
+def test_a_deleted_middle_record_is_reported_as_removed(
+    store: Store, raw: Engine, master_key: bytes
+) -> None:
     _add_db(store)
     session = _session(store)
-    _fill(store, session.id)
+    _fill_v2(raw, master_key, session.id)
     _tamper(raw, "DELETE FROM audit_events WHERE session_id = :sid AND seq = 3", sid=session.id)
     problems = store.verify_audit()
     assert _found(problems) == [(3, "removed")]
     assert problems[0].detail == "seq 3 missing before seq 4 (statement 'SELECT 4')"
 
 
-def test_swapped_seqs_are_reported_as_reordered_and_changed(store: Store, raw: Engine) -> None:
+def test_swapped_seqs_are_reported_as_reordered_and_changed(
+    store: Store, raw: Engine, master_key: bytes
+) -> None:
     _add_db(store)
     session = _session(store)
-    _fill(store, session.id)
+    _fill_v2(raw, master_key, session.id)
     _tamper(
         raw,
         "UPDATE audit_events SET seq = -1 WHERE session_id = :sid AND seq = 2",
@@ -659,10 +679,12 @@ def test_swapped_seqs_are_reported_as_reordered_and_changed(store: Store, raw: E
     assert problems[1].detail.startswith("seq 2 (statement 'SELECT 4') was stored out of seq")
 
 
-def test_a_deleted_last_record_of_an_ended_session_is_truncated(store: Store, raw: Engine) -> None:
+def test_a_deleted_last_record_of_an_ended_session_is_truncated(
+    store: Store, raw: Engine, master_key: bytes
+) -> None:
     _add_db(store)
     session = _session(store)
-    _fill(store, session.id)
+    _fill_v2(raw, master_key, session.id)
     store.end_session(session.id, reason="client_ended")
     assert store.verify_audit(session.id) == []
     _tamper(raw, "DELETE FROM audit_events WHERE session_id = :sid AND seq = 5", sid=session.id)
@@ -671,10 +693,12 @@ def test_a_deleted_last_record_of_an_ended_session_is_truncated(store: Store, ra
     assert "seq 5 missing at the end" in problems[0].detail
 
 
-def test_editing_the_seal_columns_is_a_seal_problem(store: Store, raw: Engine) -> None:
+def test_editing_the_seal_columns_is_a_seal_problem(
+    store: Store, raw: Engine, master_key: bytes
+) -> None:
     _add_db(store)
     session = _session(store)
-    _fill(store, session.id)
+    _fill_v2(raw, master_key, session.id)
     store.end_session(session.id, reason="client_ended")
     _tamper(raw, "DELETE FROM audit_events WHERE session_id = :sid AND seq = 5", sid=session.id)
     with raw.begin() as conn:
@@ -694,8 +718,11 @@ def test_records_removed_while_active_are_caught_by_the_next_append(
 ) -> None:
     _add_db(store)
     session = _session(store)
-    _fill(store, session.id)
-    _tamper(raw, "DELETE FROM audit_events WHERE session_id = :sid AND seq >= 4", sid=session.id)
+    _fill(store, session.id, 3)
+    store.append_audit([_stmt(session.id, "SELECT 4"), _stmt(session.id, "SELECT 5")])
+    _tamper(
+        raw, "DELETE FROM audit_batches WHERE session_id = :sid AND first_seq = 4", sid=session.id
+    )
     store.append_audit([_stmt(session.id, "SELECT 6")])
     assert [r.seq for r in store.list_audit(session.id)] == [1, 2, 3, 6]
     assert _found(store.verify_audit(session.id)) == [(4, "removed")]
@@ -883,7 +910,7 @@ def test_a_database_at_revision_0001_upgrades_with_its_sessions(
         _fill(store, session.id, 2)
         assert store.verify_audit() == []
     with raw.connect() as conn:
-        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0003"
+        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0004"
 
 
 # -- volume ----------------------------------------------------------------------------
@@ -947,12 +974,12 @@ def test_a_hundred_thousand_events_in_batches_stay_chained(
     with raw.connect() as conn:
         stats = conn.execute(
             text(
-                "SELECT count(*), min(seq), max(seq), count(DISTINCT seq) FROM audit_events"
-                " WHERE session_id = :sid"
+                "SELECT sum(last_seq - first_seq + 1), min(first_seq), max(last_seq), count(*)"
+                " FROM audit_batches WHERE session_id = :sid"
             ),
             {"sid": session.id},
         ).one()
-    assert tuple(stats) == (total, 1, total, total)
+    assert tuple(stats) == (total, 1, total, total // batch)
     verify_started = time.perf_counter()
     assert store.verify_audit() == []
     verified = time.perf_counter()
