@@ -17,7 +17,6 @@ over every record.
 
 from __future__ import annotations
 
-import hmac
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any, Final, Literal, Protocol
 from pydantic import BaseModel, ConfigDict
 
 from gateway.audit.batch import (
+    BATCH_CHAIN_VERSION,
     KIND_BITS,
     BatchFormatError,
     decode_record,
@@ -67,6 +67,7 @@ class StoredBatch(Protocol):
     digests: bytes
     prev_hash: str
     hash: str
+    chain_version: int
 
 
 class ChainProblem(BaseModel):
@@ -318,34 +319,50 @@ class SessionVerifier:
             parts = []
             span = _span(first, batch.last_seq)
             reports.append((first, "changed", f"{span}: the batch's records are unreadable"))
+        if batch.chain_version != BATCH_CHAIN_VERSION:
+            parts = []
+            span = _span(first, batch.last_seq)
+            reports.append((first, "changed", f"{span}: the batch's chain version was edited"))
         chain, size, stored = self._chain, RECORD_DIGEST_BYTES, batch.digests
         recomputed = chain.record_digests(self.session_id, parts)
         sealed = is_same_digest(
             chain.batch_hash(self.session_id, first, batch.prev_hash, stored), batch.hash
         )
-        slots = len(stored) // size
+        known = {stored[at : at + size] for at in range(0, len(stored), size)}
         index = _BatchIndex()
         linked = self._last_changed or is_same_digest(batch.prev_hash, self._last_hash)
+        decoded = []
         for position, part in enumerate(parts):
             fields = record_fields(decode_record(part) or ())
+            seq = fields["seq"] if fields is not None and type(fields["seq"]) is int else None
+            decoded.append((seq, position, fields))
+        # Checked in seq order; a record stored elsewhere than its rank is reported.
+        ordered = sorted(decoded, key=lambda item: (item[0] is None, item[0] or 0, item[1]))
+        for rank, (own_seq, position, fields) in enumerate(ordered):
             expected = self._last_seq + 1
-            seq = fields["seq"] if fields is not None and type(fields["seq"]) is int else expected
+            seq = expected if own_seq is None else own_seq
             name = _Name(seq, fields or {})
             if seq != expected:
                 reports.append(self._out_of_seq(seq, expected, name))
-            # Its digest is found by its own seq: a record moved keeps its digest.
-            slot = seq - first if 0 <= seq - first < slots else position
+            if rank != position:
+                moved = (
+                    f"{name} was stored out of seq order: it was moved here from another position"
+                )
+                reports.append((seq, "reordered", moved))
+            # A keyed digest over the record's bytes (its seq and session included)
+            # can only come from that record: where it sits among the digests is
+            # for the batch's MAC and the seq checks to judge.
             mine = recomputed[position * size : (position + 1) * size]
-            if fields is None or not hmac.compare_digest(
-                mine, stored[slot * size : (slot + 1) * size]
-            ):
+            if fields is None or mine not in known:
                 reports.append((seq, "changed", f"{name} does not match its digest: it was edited"))
-            elif position == 0 and not linked and not reports:
+            elif rank == 0 and not linked and not reports:
                 reports.append(self._unchained(seq, name))
             if fields is not None:
                 index.add(fields)
             self._last_seq = max(self._last_seq, seq)
-        if parts and not index.matches(batch):
+        if not parts:  # unreadable: its seqs are taken as the columns say
+            self._last_seq = max(self._last_seq, batch.last_seq)
+        elif not reports and not index.matches(batch):
             reports.append(
                 (
                     first,

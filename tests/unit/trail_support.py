@@ -100,14 +100,14 @@ def _store(conn: Connection, batch_id: int, records: list[list[Any]], digests: b
     )
 
 
-def edit_record(raw: Engine, session_id: str, seq: int, **changes: Any) -> None:
-    """Change fields of record *seq* inside its batch (digests untouched)."""
+def edit_record(raw: Engine, session_id: str, which: int, **changes: Any) -> None:
+    """Change fields of record seq *which* inside its batch (digests untouched)."""
     with raw.begin() as conn:
         drop_triggers(conn)
-        batch = _batch_of(conn, session_id, seq)
+        batch = _batch_of(conn, session_id, which)
         records = decode_records(bytes(batch.records))
         for record in records:
-            if record[0] == seq:
+            if record[0] == which:
                 names = (*_HEAD, *BODY_FIELDS[record[1]])
                 for name, value in changes.items():
                     record[names.index(name)] = value
