@@ -13,10 +13,15 @@ How the chain works:
   ``seq``, ``prev_hash`` and every field of the event. Changing any covered
   field, moving a record to another seq or session, or removing one breaks the
   chain at a place that :class:`~gateway.audit.verify.SessionVerifier` names.
-* Two encodings exist; each record names its own (``chain_version``), and a
-  session's trail may hold both:
+* Three encodings exist; each record (or batch) names its own
+  (``chain_version``), and a session's trail may hold all of them in order:
 
-  - version 2 (:meth:`AuditChain.row_hash`, written since December 2026): the
+  - version 3 (written since issue 12; the format is in
+    :mod:`gateway.audit.batch`): records in sealed batches, each record with a
+    keyed BLAKE2b digest (:meth:`AuditChain.record_digests`), each batch with one
+    HMAC over its digests, first seq and previous hash
+    (:meth:`AuditChain.batch_hash`);
+  - version 2 (:meth:`AuditChain.row_hash`, rows of ``audit_events``): the
     JSON array ``[2, seq, prev_hash, <the stored columns in EVENT_FIELDS
     order>]``, where ``occurred_at`` is UTC ISO-8601 text with microseconds,
     ``duration_ms`` a float, and ``parameters`` and ``detail`` are the JSON texts
@@ -27,7 +32,9 @@ How the chain works:
     time); kept so that older records still verify.
 
   The encodings cannot collide: a version 1 message starts with ``{``, a
-  version 2 message with ``[2,`` and a seal with :data:`_SEAL_PREFIX`.
+  version 2 message with ``[2,``, a batch's with :data:`_BATCH_PREFIX` and a seal
+  with :data:`_SEAL_PREFIX`; record digests are BLAKE2b with their own
+  personalisation.
 * When a session ends, the store records the final count and head hash and an
   HMAC over ``session_id|count|head`` (:meth:`AuditChain.seal`). That catches
   what a chain alone cannot: records cut off the end.

@@ -44,6 +44,8 @@ from harness import (
     unique,
     wait_for,
 )
+from sqlalchemy import create_engine
+from trail_support import delete_record, edit_record
 
 from gateway.protocol.messages import encode_message
 from gateway.testing.pgcluster import PgRole, TempCluster
@@ -446,26 +448,19 @@ def test_audit_verify_names_an_edited_and_a_removed_record(gateway: Gateway) -> 
     two, four = seq["select 'two'"], seq["select 'four'"]
     session_id = records[0]["session_id"]
 
-    edit_store(
-        gateway,
-        "drop trigger audit_events_no_update",
-        f"update audit_events set sql = 'select ''TWO''' where session_id = '{session_id}'"
-        f" and seq = {two}",
-    )
+    store = create_engine(f"sqlite:///{store_path(gateway)}")
+    edit_record(store, session_id, two, sql="select 'TWO'")
     edited = gateway.cli("audit", "verify", tampered.session_prefix, check=False)
     assert edited.returncode == 1
     assert edited.stdout.splitlines() == [
         f"session {session_id} seq {two}: changed:"
-        f" seq {two} (statement \"select 'TWO'\") does not match its hash:"
+        f" seq {two} (statement \"select 'TWO'\") does not match its digest:"
         " it was edited"
     ]
     assert edited.stderr == "error: the audit trail is not intact: 1 problem in 1 session\n"
 
-    edit_store(
-        gateway,
-        "drop trigger audit_events_no_delete",
-        f"delete from audit_events where session_id = '{session_id}' and seq = {four}",
-    )
+    delete_record(store, session_id, four)
+    store.dispose()
     result = gateway.cli("audit", "verify", tampered.session_prefix, "--json", check=False)
     assert result.returncode == 1
     both = json.loads(result.stdout)
@@ -501,7 +496,7 @@ def test_fail_closed_ends_live_connections_and_refuses_new_ones_while_the_trail_
 
     edit_store(
         gateway,
-        "create trigger audit_test_block before insert on audit_events"
+        "create trigger audit_test_block before insert on audit_batches"
         " begin select raise(abort, 'blocked by the test'); end",
     )
     answered: list[str] = []
@@ -571,7 +566,7 @@ def test_a_fail_closed_cut_also_stops_a_query_still_running_upstream(
         wait_for(lambda: pg.admin_sql(activity) == "PgSleep")
         edit_store(
             gateway,
-            "create trigger audit_test_block before insert on audit_events"
+            "create trigger audit_test_block before insert on audit_batches"
             " begin select raise(abort, 'blocked by the test'); end",
         )
         other = psycopg.connect(access.dsn(), autocommit=True)
@@ -610,7 +605,7 @@ def test_a_connection_cut_in_fail_closed_mode_keeps_its_own_end_reason_and_time(
     # As a full disk would: neither the trail nor the connection's end can be written.
     edit_store(
         gateway,
-        "create trigger audit_test_block before insert on audit_events"
+        "create trigger audit_test_block before insert on audit_batches"
         " begin select raise(abort, 'blocked by the test'); end",
         "create trigger connections_test_block before update on connections"
         " begin select raise(abort, 'blocked by the test'); end",
