@@ -250,8 +250,10 @@ def search_batches(
     best: list[tuple[int, int, int, Any, list[Any]]] = []
     with conn.execute(query.execution_options(yield_per=_STREAM_BATCHES)) as result:
         for row in result:
-            if len(best) >= limit and row.max_at < best[0][0]:
-                break  # every record left is older than the oldest kept
+            if len(best) >= limit and (row.max_at, row.id) < best[0][:2]:
+                # Every record left is older than the oldest kept, or as old and in
+                # an older batch (ties go to the newer batch): none can get in.
+                break
             if needle is not None and needle not in row.records.lower():
                 continue
             for index, record in enumerate(_records(row)):

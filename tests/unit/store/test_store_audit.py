@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import DBAPIError
 from store_support import T0, FakeClock, pg_admin_url
 from trail_support import append_version_2, drop_triggers, edit_record

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import secrets
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -91,10 +92,9 @@ def test_a_batch_is_the_records_their_keyed_digests_and_one_mac(
     store.append_audit([event])
     micros = (T0 - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
     # Spelled out: [seq, kind, occurred_at, connection_id, *the statement's body].
-    record = msgspec.msgpack.encode(
-        [1, "statement", micros, CONN_A, "simple", "SELECT 'é', $1", None, None]
-        + [[[1, 23, "text", "1", False]], None, 1, "ok", None, None, None, None, None, None]
-    )
+    head = [1, "statement", micros, CONN_A, "simple", "SELECT 'é', $1", None, None]
+    tail = [[[1, 23, "text", "1", False]], None, 1, "ok", None, None, None, None, None, None]
+    record = msgspec.msgpack.encode([*head, *tail])
     key = derive_audit_key(master_key)
     digest = hashlib.blake2b(
         session.id.encode() + b"\x00" + record, key=key, digest_size=16, person=b"pam audit rec v3"
@@ -119,7 +119,7 @@ def test_records_link_one_to_the_next_within_and_across_batches(store: Store) ->
     records = store.list_audit(session.id)
     assert [r.seq for r in records] == [1, 2, 3, 4, 5]
     assert records[0].prev_hash == GENESIS_HASH
-    for before, after in zip(records, records[1:], strict=False):
+    for before, after in itertools.pairwise(records):
         assert after.prev_hash == before.hash
     assert store.verify_audit() == []
 
