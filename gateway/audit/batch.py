@@ -40,7 +40,7 @@ from typing import Any, Final, NamedTuple
 
 import msgspec
 
-from gateway.audit.chain import RECORD_DIGEST_BYTES, AuditChain
+from gateway.audit.chain import EVENT_FIELDS, RECORD_DIGEST_BYTES, AuditChain
 
 __all__ = [
     "BATCH_CHAIN_VERSION",
@@ -61,23 +61,9 @@ __all__ = [
 
 BATCH_CHAIN_VERSION: Final = 3
 
-#: The fields after ``[seq, kind, occurred_at, connection_id]``, by kind.
-_STATEMENT_BODY: Final = (
-    "protocol",
-    "sql",
-    "statement_name",
-    "portal_name",
-    "parameters",
-    "command_tag",
-    "rows",
-    "status",
-    "sqlstate",
-    "error_message",
-    "duration_ms",
-    "copy_direction",
-    "copy_bytes",
-    "detail",
-)
+#: The fields after ``[seq, kind, occurred_at, connection_id]``, by kind: a
+#: statement's are the event fields from ``protocol`` on, ``detail`` last.
+_STATEMENT_BODY: Final = EVENT_FIELDS[EVENT_FIELDS.index("protocol") :]
 BODY_FIELDS: Final[Mapping[str, tuple[str, ...]]] = {
     "connection_start": ("detail",),
     "statement": _STATEMENT_BODY,
@@ -218,9 +204,3 @@ def micros_datetime(micros: int) -> datetime:
 def datetime_micros(value: datetime) -> int:
     """An aware datetime as microseconds since the epoch."""
     return (value - _EPOCH) // _MICROSECOND
-
-
-def digest_count(digests: bytes) -> int:
-    """How many record digests *digests* holds (-1 when it is not whole digests)."""
-    count, rest = divmod(len(digests), RECORD_DIGEST_BYTES)
-    return -1 if rest else count
