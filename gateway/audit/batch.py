@@ -40,7 +40,7 @@ from typing import Any, Final, NamedTuple
 
 import msgspec
 
-from gateway.audit.chain import EVENT_FIELDS, RECORD_DIGEST_BYTES, AuditChain
+from gateway.audit.chain import EVENT_FIELDS, AuditChain
 
 __all__ = [
     "BATCH_CHAIN_VERSION",
