@@ -310,6 +310,9 @@ class SegmentReader:
         Raises ``ValueError`` for a header no journal writes (a damaged file).
         """
         while True:
+            # What is buffered first: a caller may have stopped midway last time
+            # (a store failure while it handled a record).
+            yield from self._parse()
             chunk = os.read(self._fd, _READ_SIZE)
             if not chunk:
                 return
@@ -318,7 +321,6 @@ class SegmentReader:
                 self._base += self._pos
                 self._pos = 0
             self._buf += chunk
-            yield from self._parse()
 
     def _parse(self) -> Iterator[Record]:
         buf, size = self._buf, len(self._buf)

@@ -19,7 +19,7 @@ Invariants:
   checkpoint (a crash between the two) is appended again, each copy chained.
 * A segment is deleted once the checkpoint lies in a later segment: the store
   holds everything it led to, and the checkpoint the state it left.
-* Runs older than the current one belong to a daemon that died. :meth:`recover`
+* Runs other than the current one belong to a daemon that died. :meth:`recover`
   replays each to its end (a torn last record is dropped: it was never
   forwarded), records every statement still without an outcome as
   ``incomplete`` with :data:`CRASH_ERROR`, ends each open connection with a
@@ -155,6 +155,10 @@ class JournalProcessor:
         raises (the rows stay queued: the next call tries again).
         """
         state = self._current
+        if len(self._rows) >= self._batch_size:
+            # A batch the store refused: no more is read until it goes in, so
+            # the rows held here stay bounded while the store is down.
+            self._commit(state)
         self._read(state, final=False)
         now = time.monotonic()
         if self._rows:
@@ -186,17 +190,25 @@ class JournalProcessor:
         connections they left open (each now ended as ``gateway_crash``)."""
         closed = 0
         for run in list_runs(self._directory):
-            if run >= self._current.run:
+            # Every other run is a dead daemon's (one daemon per state directory),
+            # whatever its name says: the wall clock may have stepped back.
+            if run == self._current.run:
                 continue
             state = self._load(run)
-            self._read(state, final=True)
-            when = state.last_ns
-            for number in sorted(state.connections):
-                self._rows.extend(self._crash_rows(state.connections.pop(number), when))
-                closed += 1
-            self._commit(state)
-            if state.reader is not None:
-                state.reader.close()
+            try:
+                self._read(state, final=True)
+                when = state.last_ns
+                for number in sorted(state.connections):
+                    self._rows.extend(self._crash_rows(state.connections.pop(number), when))
+                    closed += 1
+                self._commit(state)
+            except BaseException:
+                # Read again from its checkpoint next time: keep no row twice.
+                self._rows = []
+                raise
+            finally:
+                if state.reader is not None:
+                    state.reader.close()
             self._delete_run(run, upto=None)
             log.warning("audit_journal_recovered", run=run, connections_closed=closed)
         return closed

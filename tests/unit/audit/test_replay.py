@@ -330,3 +330,21 @@ def test_a_run_whose_daemon_died_is_closed_with_its_statements_incomplete(
     assert events[2].error_message == CRASH_ERROR
     assert events[3].detail == {"end_reason": "gateway_crash"}
     assert list_runs(tmp_path) == [later.run]
+
+
+def test_while_the_store_refuses_a_full_batch_nothing_more_is_read(tmp_path: Path) -> None:
+    store = Rows()
+    book = JournalBook(tmp_path)
+    for n in range(20):
+        book.client(query(f"select {n}"))
+        book.server(complete("SELECT 1"), ready())
+    processor = _processor(tmp_path, book.journal.run, store, batch_size=4)
+    store.failing = True
+    for _ in range(3):
+        with pytest.raises(OSError, match="disk full"):
+            processor.poll()
+    held = processor.position
+    assert held < book.journal.position
+    store.failing = False
+    processor.poll(flush=True)
+    assert [e.sql for e in store.events("statement")] == [f"select {n}" for n in range(20)]
