@@ -43,10 +43,11 @@ from gateway.audit.journal import (
 from gateway.audit.records import AuditEvent, EventRow, row_event
 from gateway.audit.redaction import Redactor
 from gateway.audit.replay import CRASH_ERROR, JournalProcessor, TrackerSettings
-from gateway.audit.tap import ConnectionAudit
+from gateway.audit.tap import UNRECORDABLE, ConnectionAudit
 from gateway.audit.writer import AuditWriter
 from gateway.protocol.framing import TappedMessage
 from gateway.protocol.messages import encode_message
+from gateway.protocol.sqlstate import SqlState
 
 SECRET = "pw-hunter2"
 
@@ -348,3 +349,26 @@ def test_while_the_store_refuses_a_full_batch_nothing_more_is_read(tmp_path: Pat
     store.failing = False
     processor.poll(flush=True)
     assert [e.sql for e in store.events("statement")] == [f"select {n}" for n in range(20)]
+
+
+def test_a_record_that_cannot_be_written_ends_the_connection_and_no_other(
+    tmp_path: Path,
+) -> None:
+    store = Rows()
+    book = JournalBook(tmp_path)
+    book.client(query("select 1"))
+    book.server(complete("SELECT 1"), ready())
+    # The disk is full for the next write (ENOSPC, as /dev/full answers).
+    os.dup2(os.open("/dev/full", os.O_WRONLY), book.journal._fd)
+    refused = book.audit.on_client([TappedMessage(ord("Q"), b"delete from t\x00")], book.now)
+    assert refused is UNRECORDABLE
+    assert (refused.reason, refused.sqlstate) == ("audit_unavailable", SqlState.SYSTEM_ERROR)
+    # The connection stays refused even once the disk has room again ...
+    assert book.audit.on_client([TappedMessage(ord("Q"), b"select 2\x00")], book.now) is not None
+    # ... while a new connection is journaled in a new segment.
+    other = ConnectionAudit(book.writer, "s1", "c2")
+    other.connection_event("connection_start", {}, now_ns=book.now)
+    assert other.on_client([TappedMessage(ord("Q"), b"select 3\x00")], book.now) is None
+    assert book.journal.segment == 1
+    _processor(tmp_path, book.journal.run, store).poll(flush=True)
+    assert [e.sql for e in store.events("statement")] == ["select 1"]
