@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from gateway.audit.journal import Journal
+from gateway.audit.journal import Journal, checkpoint_path
 from gateway.audit.pairing import StatementTracker
 from gateway.audit.records import EventRow
 from gateway.audit.redaction import Redactor
@@ -208,6 +208,8 @@ def _journal(
 
     def pair() -> int:
         store = _Discard()
+        # From the start of the run each time: a previous pass left its checkpoint.
+        checkpoint_path(directory, runs[-1]).unlink(missing_ok=True)
         processor = JournalProcessor(
             directory, runs[-1], store, TrackerSettings(), lambda: ("hunter2",)
         )

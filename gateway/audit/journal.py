@@ -149,9 +149,10 @@ def encode_chunk(kind: int, connection: int, now_ns: int, tapped: Sequence[Tappe
     return b"".join(parts)
 
 
-def encode_event(kind: int, connection: int, now_ns: int, payload: dict[str, Any]) -> bytes:
-    """A START, END or SECRETS record (JSON payload; once per connection, not per chunk)."""
-    body = json.dumps(payload, separators=(",", ":")).encode() if payload else b""
+def encode_event(kind: int, connection: int, now_ns: int, payload: dict[str, Any] | None) -> bytes:
+    """A START or END record (JSON payload; once per connection, not per chunk),
+    or with *payload* None one without a payload (SECRETS)."""
+    body = b"" if payload is None else json.dumps(payload, separators=(",", ":")).encode()
     return HEADER.pack(kind, connection, now_ns, len(body)) + body
 
 

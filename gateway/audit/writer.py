@@ -89,7 +89,7 @@ class AuditWriter:
     def secrets_changed(self) -> None:
         """Tell the reader to reload the stored passwords before what follows."""
         try:
-            self.append(encode_event(KIND_SECRETS, 0, 0, {}))
+            self.append(encode_event(KIND_SECRETS, 0, 0, None))
         except OSError as exc:
             log.error("audit_journal_write_failed", error=str(exc))
 

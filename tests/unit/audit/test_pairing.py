@@ -15,7 +15,7 @@ from gateway.audit.pairing import (
     SERVER_TAP,
     StatementTracker,
 )
-from gateway.audit.records import AuditEvent, EventRow, row_event
+from gateway.audit.records import AuditEvent, row_event
 from gateway.audit.redaction import Redactor
 from gateway.protocol.framing import BoundaryTracker
 from gateway.protocol.messages import encode_message, error_response
