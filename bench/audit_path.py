@@ -7,12 +7,14 @@ the daemon runs, one stage at a time, in this process:
 * ``relay``: the event loop's Python work per transaction without the audit:
   both relay callbacks (framing from the headers, forwarding) with transports
   that only count what they are given, so no system call is in the figure;
-* ``tap``: the statement tracker, from tapped messages to events (the event
-  loop's share, minus framing);
-* ``encode``: the event loop's side of handing a batch to the writer process;
-* ``store``: the writer process's side: decoding the batch and
-  ``Store.append_audit`` into a fresh SQLite store (validation, the hash chain,
-  the INSERT and the commit).
+* ``+audit``: the same with the audit tap, which appends one journal record per
+  tapped chunk to a real journal file (so the ``os.write`` IS in the figure);
+* ``journal``: the tap alone: encoding the records and writing them (the event
+  loop's whole share of the audit, minus framing);
+* ``pair``: the writer process's reading of that journal: decoding the records,
+  the statement tracker (pairing, redaction), rows out (no store);
+* ``store``: the writer process's append of those rows in batches of 500 into a
+  fresh SQLite store (validation, the hash chain, the INSERT and the commit).
 
 With ``--instructions`` each stage runs under valgrind's callgrind instead, in a
 process of its own, once with one pass over the statements and once with three;
@@ -40,10 +42,11 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from gateway.audit.journal import Journal, checkpoint_path
 from gateway.audit.pairing import StatementTracker
 from gateway.audit.records import EventRow
 from gateway.audit.redaction import Redactor
-from gateway.audit.sink import decode_rows, encode_rows
+from gateway.audit.replay import JournalProcessor, TrackerSettings
 from gateway.audit.tap import ConnectionAudit
 from gateway.audit.writer import AuditWriter
 from gateway.credentials.secretbox import SecretBox
@@ -155,7 +158,71 @@ def _server_reply(protocol: str, aid: int) -> bytes:
     return reply + encode_message(BackendType.READY_FOR_QUERY, b"I")
 
 
-def _relay(protocol: str, count: int, *, audit: bool) -> Callable[[], int]:
+class _NoConsumer:
+    """The journal's reader, absent: the loop's side is measured alone."""
+
+    async def start(self, writer: AuditWriter) -> None: ...
+
+    def flush(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class _Discard:
+    """A store that takes rows and keeps nothing (the ``pair`` stage has no store)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def append_audit_rows(self, rows: list[EventRow], *, substitute_invalid: bool = False) -> int:
+        self.rows += len(rows)
+        return len(rows)
+
+
+def _tap(directory: Path) -> ConnectionAudit:
+    """A connection's tap journaling into a new run in *directory*."""
+    writer = AuditWriter(Journal(directory), _NoConsumer())
+    audit = ConnectionAudit(writer, "s" * 32, "c" * 32)
+    audit.connection_event("connection_start", {"user": "bench"}, now_ns=time.time_ns())
+    return audit
+
+
+def _journal(
+    protocol: str, count: int, directory: Path
+) -> tuple[Callable[[], int], Callable[[], int]]:
+    """The ``journal`` stage (the tap writing records) and the ``pair`` stage
+    (reading back the last run the journal stage wrote)."""
+    make = _simple_transaction if protocol == "simple" else _extended_transaction
+    transactions = [make(1 + i * 7919 % 1_000_000) for i in range(count)]
+    runs: list[str] = []
+
+    def journal() -> int:
+        audit = _tap(directory)
+        runs.append(audit._writer.journal.run)
+        now = time.time_ns()
+        for client, server in transactions:
+            audit.on_client(client, now)
+            audit.on_server(server, now + 50_000)
+        audit.connection_event("connection_end", {}, now_ns=now + 60_000)
+        return count
+
+    def pair() -> int:
+        store = _Discard()
+        # From the start of the run each time: a previous pass left its checkpoint.
+        checkpoint_path(directory, runs[-1]).unlink(missing_ok=True)
+        processor = JournalProcessor(
+            directory, runs[-1], store, TrackerSettings(), lambda: ("hunter2",)
+        )
+        # Checkpoints and commits as the writer process makes them, minus the store.
+        processor.poll(flush=True)
+        assert store.rows >= count
+        return count
+
+    journal()
+    return journal, pair
+
+
+def _relay(protocol: str, count: int, *, audit: Path | None) -> Callable[[], int]:
     make = _simple_transaction if protocol == "simple" else _extended_transaction
     chunks = []
     for i in range(count):
@@ -164,15 +231,13 @@ def _relay(protocol: str, count: int, *, audit: bool) -> Callable[[], int]:
         chunks.append((request, _server_reply(protocol, i)))
 
     def run() -> int:
-        writer = AuditWriter(_discard)
-        tracker = StatementTracker("s" * 32, "c" * 32, redactor=Redactor.build((), ("hunter2",)))
         relay = Relay(
             None,  # type: ignore[arg-type]
             _Stream(_Transport()),  # type: ignore[arg-type]
             None,  # type: ignore[arg-type]
             _Stream(_Transport()),  # type: ignore[arg-type]
             name="bench",
-            audit=ConnectionAudit(tracker, writer) if audit else None,
+            audit=_tap(audit) if audit is not None else None,
         )
         for request, reply in chunks:
             relay._on_client_data(request)
@@ -180,10 +245,6 @@ def _relay(protocol: str, count: int, *, audit: bool) -> Callable[[], int]:
         return count
 
     return run
-
-
-async def _discard(rows: list[EventRow]) -> int:
-    return len(rows)
 
 
 def bench_store(home: Path) -> tuple[Store, str]:
@@ -200,35 +261,30 @@ def bench_store(home: Path) -> tuple[Store, str]:
     return store, session.id
 
 
-STAGES = ("relay", "+audit", "tap", "encode", "store")
+STAGES = ("relay", "+audit", "journal", "pair", "store")
 
 
 @contextlib.contextmanager
 def _stages(protocol: str, count: int) -> Iterator[dict[str, Callable[[], int]]]:
     """Each stage as a function that handles *count* statements once per call."""
-    tap, events = statement_events(protocol, count)
+    _, events = statement_events(protocol, count)
     with tempfile.TemporaryDirectory(prefix="pam-audit-path-") as tmp:
         store, session_id = bench_store(Path(tmp))
         events = [(session_id, *e[1:]) for e in events]
         batches = [events[i : i + BATCH] for i in range(0, len(events), BATCH)]
-        payloads = [encode_rows(batch) for batch in batches]
-
-        def encode() -> int:
-            for batch in batches:
-                encode_rows(batch)
-            return count
+        journal, pair = _journal(protocol, count, Path(tmp) / "journal")
 
         def write() -> int:
-            for payload in payloads:
-                store.append_audit_rows(decode_rows(payload))
+            for batch in batches:
+                store.append_audit_rows(batch)
             return count
 
         try:
             yield {
-                "relay": _relay(protocol, count, audit=False),
-                "+audit": _relay(protocol, count, audit=True),
-                "tap": tap,
-                "encode": encode,
+                "relay": _relay(protocol, count, audit=None),
+                "+audit": _relay(protocol, count, audit=Path(tmp) / "relay-journal"),
+                "journal": journal,
+                "pair": pair,
                 "store": write,
             }
         finally:
@@ -306,8 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{protocol:<10}{cells}")
     print(
         "relay: the loop's Python work without audit; +audit: the same with the audit"
-        " tap (framing copies, tracker, queueing); tap: the tracker alone; encode: the"
-        " loop's side of a batch; store: the writer process's"
+        " tap (framing copies, one journal record and write per tapped chunk); journal:"
+        " the tap alone; pair: the writer process reading the journal into rows;"
+        " store: the writer process's append of the rows"
     )
     return 0
 

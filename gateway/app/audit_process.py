@@ -1,35 +1,64 @@
 """The audit writer process's entry point: ``python -m gateway.app.audit_process``.
 
 A composition root: it opens the store from the state directory exactly as the
-daemon does (settings, master key, store URL), so no secret crosses the pipe,
-then appends each batch the daemon sends (see :mod:`gateway.audit.sink` for the
-pipe protocol and why the trail is written in a process of its own).
+daemon does (settings, master key, store URL), and reads the stored passwords
+the trail masks from it, so no secret crosses the pipe or the journal. Then it
+replays what earlier runs of the daemon left in the journal (a crash), and
+tails the current run's journal (``--run``) into the store (see
+:mod:`gateway.audit.sink` for the control pipe, :mod:`gateway.audit.replay` for
+the reading).
 
 It ignores SIGINT and SIGTERM, which a terminal or systemd sends to the whole
-process group, so that the daemon can drain its queue into it during an ordered
-shutdown; it exits when its stdin closes, which also happens if the daemon dies.
+process group, so that the daemon can drain the journal into it during an
+ordered shutdown; it exits when its stdin closes (after processing the journal
+to its end), which also happens if the daemon dies.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import select
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO, Final
+
+import structlog
 
 from gateway.app.logging import configure_logging
-from gateway.audit.sink import decode_rows, error_reply, read_frame, write_frame
+from gateway.audit.journal import JOURNAL_DIR
+from gateway.audit.replay import JournalProcessor, TrackerSettings
+from gateway.audit.sink import FrameReader, error_reply, write_frame
 from gateway.config import MASTER_KEY_FILE, load_settings, store_url
 from gateway.credentials.secretbox import SecretBox, load_master_key
 from gateway.errors import GatewayError
 from gateway.store import Store
 
+log = structlog.get_logger(__name__)
+
+#: How long the loop waits for the daemon when the journal has nothing new.
+IDLE_SECONDS: Final = 0.05
+RETRY_SECONDS: Final = 1.0
+
+
+def stored_passwords(store: Store) -> tuple[str, ...]:
+    """Every account's stored password, for the trail to mask."""
+    found: list[str] = []
+    for account in store.list_accounts():
+        try:
+            found.append(store.reveal_password(account.resource_name, account.name))
+        except GatewayError:
+            continue  # an undecryptable row is reported when it is used
+    return tuple(found)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gateway.app.audit_process")
     parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--run", required=True)
     parser.add_argument("--log-format", choices=["console", "json"], default="json")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
@@ -39,7 +68,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Frames go to the real stdout; anything else that prints goes to stderr.
     frames_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    frames_in = sys.stdin.buffer
 
     configure_logging("json" if args.log_format == "json" else "console", args.log_level)
     try:
@@ -50,20 +78,57 @@ def main(argv: Sequence[str] | None = None) -> int:
             box,
             sqlite_synchronous=settings.store_sqlite_synchronous,
         )
+        processor = JournalProcessor(
+            args.home / JOURNAL_DIR,
+            args.run,
+            store,
+            TrackerSettings(
+                tuple(settings.audit_redact_patterns),
+                settings.audit_parameters,
+                settings.audit_max_value_bytes,
+            ),
+            lambda: stored_passwords(store),
+        )
     except GatewayError as exc:
         write_frame(frames_out, error_reply(exc))
         return 1
     write_frame(frames_out, {"ready": True})
     try:
-        while (payload := read_frame(frames_in)) is not None:
-            try:
-                written = store.append_audit_rows(decode_rows(payload), substitute_invalid=True)
-            except Exception as exc:  # every failure is the daemon's to handle
-                write_frame(frames_out, error_reply(exc))
-                continue
-            write_frame(frames_out, {"written": written})
+        return _serve(processor, FrameReader(sys.stdin.fileno()), frames_out)
     finally:
         store.close()
+
+
+def _serve(processor: JournalProcessor, control: FrameReader, out: BinaryIO) -> int:
+    """Recover, then tail the journal until stdin closes; then finish it."""
+    recovered = False
+    reported = None
+    busy = True
+    while not control.eof:
+        readable, _, _ = select.select([control], [], [], 0 if busy else IDLE_SECONDS)
+        flush = bool(readable) and any(f.get("op") == "flush" for f in control.read())
+        before = processor.position
+        try:
+            if not recovered:
+                processor.recover()
+                recovered = True
+            committed = processor.poll(flush=flush or control.eof)
+        except Exception as exc:  # every failure is the daemon's to hear about
+            write_frame(out, error_reply(exc))
+            time.sleep(RETRY_SECONDS)
+            continue
+        busy = processor.position != before
+        if committed != reported:
+            write_frame(out, {"progress": list(committed)})
+            reported = committed
+    try:
+        if not recovered:
+            processor.recover()
+        committed = processor.finish()
+    except Exception as exc:
+        write_frame(out, error_reply(exc))
+        return 1
+    write_frame(out, {"progress": list(committed)})
     return 0
 
 

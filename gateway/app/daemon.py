@@ -24,6 +24,7 @@ import uvicorn
 
 from gateway.app.api import create_app
 from gateway.app.gateway import Gateway
+from gateway.audit.journal import JOURNAL_DIR
 from gateway.audit.sink import AuditSink
 from gateway.config import (
     MASTER_KEY_FILE,
@@ -187,7 +188,11 @@ async def run(home: Path, *, log_format: str = "console", log_level: str = "info
         else None
     )
     service = Gateway(
-        store, settings, client_tls_context=server_context(cert, key), audit_sink=sink
+        store,
+        settings,
+        client_tls_context=server_context(cert, key),
+        audit_sink=sink,
+        journal_dir=home / JOURNAL_DIR,
     )
     sock = _bind(settings.api_host, settings.api_port)
     stop = asyncio.Event()

@@ -18,6 +18,7 @@ import functools
 import ssl
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.access.admission import Admission
@@ -59,12 +60,20 @@ class Gateway:
         *,
         client_tls_context: ssl.SSLContext | None = None,
         audit_sink: AuditSink | None = None,
+        journal_dir: Path | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.db = StoreThread()
         self.credentials = Credentials(store, self.db)
-        self.audit = AuditRuntime(store, self.db, settings, sink=audit_sink)
+        self.audit = AuditRuntime(
+            store,
+            self.db,
+            settings,
+            sink=audit_sink,
+            journal_dir=journal_dir,
+            stored_secrets=lambda: self.credentials.stored_secrets,
+        )
         self.admission = Admission(checks=(self.audit.refusal,))
         self.records = ConnectionRecords(store, self.db)
         self.host = ListenerHost(
@@ -100,6 +109,7 @@ class Gateway:
 
     async def refresh_secrets(self) -> None:
         await self.credentials.refresh()
+        self.audit.secrets_changed()
 
     async def verify(self, resource: str, account: str | None) -> list[VerifyResult]:
         return await verify(

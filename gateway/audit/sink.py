@@ -1,28 +1,32 @@
-"""The audit sink: a child process of the daemon that writes the trail to the store.
+"""The audit sink: a child process of the daemon that turns the journal into the trail.
 
-Why a process and not the store thread: writing a statement record (validation,
-canonical JSON, the HMAC chain, the INSERT) is Python work that holds the GIL, in
-bursts of a whole batch. In a thread of the daemon that work stalls the event
-loop, which relays every session, for the length of a switch interval at a time;
-in a process of its own it runs beside the relay instead of in turns with it. The
-relay's side of an append is one ``marshal`` of the batch's tuples and one pipe
-write (:func:`encode_rows`).
+Why a process and not the store thread: pairing statements, redacting and
+writing the trail (validation, the HMAC chain, the INSERT) is Python work that
+holds the GIL. In a thread of the daemon that work stalls the event loop, which
+relays every session; in a process of its own it runs beside the relay. The
+relay's side is one journal write per chunk (:mod:`gateway.audit.journal`).
 
 The child (:mod:`gateway.app.audit_process`) opens the store itself, from the
-state directory, exactly as the daemon does: no secret crosses the pipe. It exits
-when its stdin closes, which also happens if the daemon dies.
+state directory, exactly as the daemon does, and reads the stored passwords it
+masks from there: no secret crosses the pipe or the journal. It reads the
+journal's segments itself (:class:`~gateway.audit.replay.JournalProcessor`). It
+exits when its stdin closes, which also happens if the daemon dies.
 
-The pipe protocol (private to this module): frames of a 4-byte big-endian length
-and a payload. The child sends ``{"ready": true}`` (JSON) once the store is
-open. Then, for each batch the daemon sends (``marshal`` of a list of event
-tuples), it answers ``{"written": N}`` or ``{"error": CLASS, "message": TEXT}``,
-where CLASS names a :class:`~gateway.errors.GatewayError` subclass. ``marshal``
-is only safe for data from a trusted writer; here that is the parent, over a pipe
-nobody else holds.
+The control pipe (private to this module): frames of a 4-byte big-endian length
+and a JSON payload. The child sends ``{"ready": true}`` once the store is open
+(or ``{"error": CLASS, "message": TEXT}`` and exits). The daemon sends
+``{"op": "flush"}`` to have what is journaled committed now rather than at the
+next full batch or interval (a drain). The child sends ``{"progress": [SEGMENT,
+OFFSET]}`` whenever the store holds the journal up to there, and ``{"error":
+CLASS, "message": TEXT}`` when a write fails (it retries), where CLASS names a
+:class:`~gateway.errors.GatewayError` subclass. When its stdin closes it
+processes the journal to its end, reports, and exits.
 
-One limit: if the child dies after committing a batch but before answering, the
-daemon sends the batch again to the next child, and those records appear twice
-(each chained, so verification still passes). Nothing is lost either way.
+If the child dies, the daemon starts another, which goes on from the checkpoint
+the last one left (see :mod:`gateway.audit.replay`): what was committed after
+the last checkpoint appears twice (each copy chained, so verification passes);
+nothing is lost. ``encode_rows``/``decode_rows`` remain the compact form of a
+batch of rows for tools and tests.
 """
 
 from __future__ import annotations
@@ -30,11 +34,12 @@ from __future__ import annotations
 import asyncio
 import json
 import marshal
+import os
 import struct
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Final
+from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 import structlog
 
@@ -42,13 +47,19 @@ from gateway.audit.records import EventRow
 from gateway.errors import ConfigError, GatewayError, InvalidRequest, NotFound, StoreError
 from gateway.protocol.sqlstate import SqlState
 
+if TYPE_CHECKING:
+    from gateway.audit.writer import AuditWriter
+
 log = structlog.get_logger(__name__)
 
 _LENGTH: Final = struct.Struct("!I")
 #: A batch of 500 statements with 64 KiB of SQL each is 32 MiB; refuse beyond.
 MAX_FRAME_BYTES: Final = 256 * 1024 * 1024
 START_TIMEOUT_SECONDS: Final = 60.0
-CLOSE_TIMEOUT_SECONDS: Final = 10.0
+#: How long an ordered shutdown waits for the child to finish the journal; what
+#: it has not processed by then is recovered at the next start.
+CLOSE_TIMEOUT_SECONDS: Final = 30.0
+RESTART_INTERVAL_SECONDS: Final = 1.0
 #: The child's entry point (a composition root: it opens the store).
 ENTRY_MODULE: Final = "gateway.app.audit_process"
 
@@ -111,75 +122,113 @@ def _raise_reply(reply: dict[str, Any]) -> int:
 
 
 class AuditSink:
-    """Runs and talks to the audit writer process; :meth:`append` is the
-    :class:`~gateway.audit.writer.AuditWriter`'s append function.
+    """Runs and talks to the audit writer process: the
+    :class:`~gateway.audit.writer.AuditWriter`'s journal consumer.
 
-    A process that has exited is started again by the next append, so a crash of
-    the writer process costs a retry, not the trail.
+    A process that exits unexpectedly is started again at once (retrying every
+    ``RESTART_INTERVAL_SECONDS`` while it cannot start), so a crash of the writer
+    process costs a replay from its checkpoint, not the trail.
     """
 
     def __init__(self, home: Path, *, log_format: str = "json", log_level: str = "info") -> None:
         self._home = home
         self._log_args = ["--log-format", log_format, "--log-level", log_level]
         self._proc: asyncio.subprocess.Process | None = None
-        self._lock = asyncio.Lock()
+        self._writer: AuditWriter | None = None
+        self._run: str = ""
+        self._monitor: asyncio.Task[None] | None = None
+        self._closing = False
         self.starts = 0
 
     @property
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
-    async def start(self) -> None:
-        async with self._lock:
-            await self._spawn()
+    async def start(self, writer: AuditWriter) -> None:
+        self._writer = writer
+        self._run = writer.journal.run
+        self._proc = await self._spawn()
+        self._monitor = asyncio.create_task(self._watch(), name="audit-sink-monitor")
 
-    async def append(self, rows: list[EventRow]) -> int:
-        payload = encode_rows(rows)
-        async with self._lock:
-            proc = self._proc
-            if proc is not None and proc.returncode is not None:
-                log.warning("audit_sink_exited", pid=proc.pid, status=proc.returncode)
-            if proc is None or proc.returncode is not None:
-                proc = await self._spawn()
-            assert proc.stdin is not None
-            try:
-                proc.stdin.write(_LENGTH.pack(len(payload)) + payload)
-                await proc.stdin.drain()
-                reply = await self._read_reply(proc)
-            except (ConnectionError, asyncio.IncompleteReadError) as exc:
-                code = await self._reap(proc)
-                log.warning("audit_sink_exited", pid=proc.pid, status=code)
-                raise SinkError(
-                    f"the audit writer process (pid {proc.pid}) exited"
-                    f" (status {code}) before answering: {type(exc).__name__}"
-                ) from None
-        return _raise_reply(reply)
+    def flush(self) -> None:
+        self._send({"op": "flush"})
 
     async def close(self) -> None:
-        async with self._lock:
-            proc, self._proc = self._proc, None
-            if proc is None or proc.returncode is not None:
-                return
-            assert proc.stdin is not None
+        self._closing = True
+        proc = self._proc
+        if proc is not None and proc.returncode is None and proc.stdin is not None:
             proc.stdin.close()
             try:
                 async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
                     await proc.wait()
             except TimeoutError:
+                # What it did not get to stays in the journal for the next start.
                 log.error("audit_sink_kill", pid=proc.pid)
                 proc.kill()
                 await proc.wait()
+        if self._monitor is not None:
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
+                    await asyncio.gather(self._monitor, return_exceptions=True)
+            except TimeoutError:
+                self._monitor.cancel()
+        self._proc = None
+
+    def _send(self, message: dict[str, Any]) -> None:
+        proc = self._proc
+        if proc is None or proc.returncode is not None or proc.stdin is None:
+            return
+        if proc.stdin.is_closing():
+            return
+        payload = json.dumps(message).encode()
+        proc.stdin.write(_LENGTH.pack(len(payload)) + payload)
+
+    async def _watch(self) -> None:
+        """Hand the child's reports to the writer; start a new child when it dies."""
+        writer = self._writer
+        assert writer is not None
+        while True:
+            proc = self._proc
+            assert proc is not None
+            try:
+                reply = await self._read_reply(proc)
+            except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+                code = await proc.wait()
+                if self._closing:
+                    return
+                log.warning("audit_sink_exited", pid=proc.pid, status=code)
+                await writer.failure(
+                    SinkError(f"the audit writer process (pid {proc.pid}) exited (status {code})")
+                )
+                self._proc = await self._respawn()
+                continue
+            if "progress" in reply:
+                segment, offset = reply["progress"]
+                await writer.progressed(int(segment), int(offset))
+            elif "error" in reply:
+                try:
+                    _raise_reply(reply)
+                except GatewayError as exc:
+                    await writer.failure(exc)
+
+    async def _respawn(self) -> asyncio.subprocess.Process:
+        while True:
+            try:
+                return await self._spawn()
+            except GatewayError as exc:
+                assert self._writer is not None
+                await self._writer.failure(exc)
+                await asyncio.sleep(RESTART_INTERVAL_SECONDS)
 
     async def _spawn(self) -> asyncio.subprocess.Process:
-        if self._proc is not None and self._proc.returncode is None:
-            self._proc.kill()
-            await self._proc.wait()
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             ENTRY_MODULE,
             "--home",
             str(self._home),
+            "--run",
+            self._run,
             *self._log_args,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
@@ -199,7 +248,6 @@ class AuditSink:
         if not reply.get("ready"):
             await proc.wait()
             _raise_reply(reply)
-        self._proc = proc
         self.starts += 1
         log.info("audit_sink_started", pid=proc.pid, starts=self.starts)
         return proc
@@ -208,34 +256,44 @@ class AuditSink:
     async def _read_reply(proc: asyncio.subprocess.Process) -> dict[str, Any]:
         assert proc.stdout is not None
         (length,) = _LENGTH.unpack(await proc.stdout.readexactly(_LENGTH.size))
+        if length > MAX_FRAME_BYTES:
+            raise ValueError("an oversized frame from the audit writer process")
         reply: dict[str, Any] = json.loads(await proc.stdout.readexactly(length))
         return reply
-
-    async def _reap(self, proc: asyncio.subprocess.Process) -> int | None:
-        if self._proc is proc:
-            self._proc = None
-        try:
-            async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
-                return await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            return await proc.wait()
 
 
 # --- the child ---------------------------------------------------------------------
 
 
-def read_frame(stream: BinaryIO) -> bytes | None:
-    head = stream.read(_LENGTH.size)
-    if len(head) < _LENGTH.size:
-        return None  # the daemon closed our stdin: time to go
-    (length,) = _LENGTH.unpack(head)
-    if length > MAX_FRAME_BYTES:
-        raise SinkError(f"a frame of {length} bytes is over the limit of {MAX_FRAME_BYTES}")
-    payload = stream.read(length)
-    if len(payload) < length:
-        return None
-    return payload
+class FrameReader:
+    """The daemon's control frames from a raw file descriptor (the child's stdin),
+    for a ``select`` loop: a buffered reader could hold a frame ``select`` does not see."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buf = bytearray()
+        self.eof = False
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def read(self) -> list[dict[str, Any]]:
+        """The whole frames that arrived (call when the descriptor is readable)."""
+        data = os.read(self._fd, 65536)
+        if not data:
+            self.eof = True  # the daemon closed our stdin: time to go
+            return []
+        self._buf += data
+        frames = []
+        while len(self._buf) >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(self._buf)
+            if length > MAX_FRAME_BYTES:
+                raise SinkError(f"a frame of {length} bytes is over the limit of {MAX_FRAME_BYTES}")
+            if len(self._buf) < _LENGTH.size + length:
+                break
+            frames.append(json.loads(self._buf[_LENGTH.size : _LENGTH.size + length]))
+            del self._buf[: _LENGTH.size + length]
+        return frames
 
 
 def write_frame(stream: BinaryIO, message: dict[str, Any]) -> None:

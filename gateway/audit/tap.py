@@ -1,40 +1,62 @@
-"""The audit tap of one relayed connection: tapped messages to the writer.
+"""The audit tap of one relayed connection: tapped messages into the journal.
 
-Glue between the relay (which copies only the tapped message types), the
-sans-IO :class:`~gateway.audit.pairing.StatementTracker` and the batching
-:class:`~gateway.audit.writer.AuditWriter`. Called inline by the relay after each
-chunk is forwarded: the chunk is already on its way before any decoding.
+Glue between the relay (which copies only the tapped message types) and the
+:class:`~gateway.audit.writer.AuditWriter`'s journal. Per chunk with tapped
+messages it builds one record and appends it with one write; the relay calls it
+for a client chunk BEFORE forwarding the chunk, so a statement is on record
+(in the kernel) before the server can run it. Pairing, decoding and redaction
+happen later, off the event loop (:mod:`gateway.audit.replay`).
+
+Invariant: a record that cannot be journaled ends the connection (the relay
+gets a :class:`~gateway.net.relay.Termination` back and forwards nothing more),
+and so does every later one once a record of the connection is missing: the
+reader must never see a connection's records with a gap.
 """
 
 from __future__ import annotations
 
-import struct
-from datetime import UTC, datetime
-from typing import Literal
+from typing import Final, Literal
 
 import structlog
 
-from gateway.audit.pairing import (
-    CLIENT_MEASURE,
-    CLIENT_TAP,
-    SERVER_MEASURE,
-    SERVER_TAP,
-    StatementTracker,
+from gateway.audit.journal import (
+    KIND_CLIENT,
+    KIND_END,
+    KIND_SERVER,
+    KIND_START,
+    encode_chunk,
+    encode_event,
 )
-from gateway.audit.records import AuditEvent, DetailValue, event_rows
+from gateway.audit.pairing import CLIENT_MEASURE, CLIENT_TAP, SERVER_MEASURE, SERVER_TAP
+from gateway.audit.records import DetailValue
 from gateway.audit.writer import AuditWriter
-from gateway.protocol.errors import ProtocolError
+from gateway.net.relay import Termination
 from gateway.protocol.framing import TappedMessage
+from gateway.protocol.sqlstate import SqlState
+from gateway.reasons import ConnectionEndReason
 
 log = structlog.get_logger(__name__)
-#: What decoding a malformed tapped body can raise.
-_UNDECODABLE = (ProtocolError, struct.error, ValueError, IndexError)
+
+#: How a connection ends when what it relays cannot be journaled (disk full).
+UNRECORDABLE: Final = Termination(
+    ConnectionEndReason.AUDIT_UNAVAILABLE,
+    SqlState.SYSTEM_ERROR,
+    "terminating connection: pam cannot record this statement in its audit journal,"
+    " so it did not forward it",
+    hint="an administrator must check the disk of the gateway's state directory",
+)
 
 
 class ConnectionAudit:
-    def __init__(self, tracker: StatementTracker, writer: AuditWriter) -> None:
-        self._tracker = tracker
+    __slots__ = ("_broken", "_number", "_writer", "connection_id", "session_id")
+
+    def __init__(self, writer: AuditWriter, session_id: str, connection_id: str) -> None:
         self._writer = writer
+        self._number = writer.journal.next_connection()
+        self.session_id = session_id
+        self.connection_id = connection_id
+        #: a record of this connection could not be journaled
+        self._broken = False
 
     @property
     def client_tap(self) -> frozenset[int]:
@@ -52,36 +74,27 @@ class ConnectionAudit:
     def server_measure(self) -> frozenset[int]:
         return SERVER_MEASURE
 
-    def on_client(self, tapped: list[TappedMessage], now_ns: int) -> None:
-        tracker = self._tracker
-        for message in tapped:
-            try:
-                tracker.client(message, now_ns)
-            except _UNDECODABLE as exc:
-                self._undecodable(message, exc)
+    def on_client(self, tapped: list[TappedMessage], now_ns: int) -> Termination | None:
+        return self._append(encode_chunk(KIND_CLIENT, self._number, now_ns, tapped))
 
-    def on_server(self, tapped: list[TappedMessage], now_ns: int) -> None:
-        tracker, submit = self._tracker, self._writer.submit
-        for message in tapped:
-            try:
-                events = tracker.server(message, now_ns)
-            except _UNDECODABLE as exc:
-                self._undecodable(message, exc)
-                continue
-            if events:
-                submit(events)
+    def on_server(self, tapped: list[TappedMessage], now_ns: int) -> Termination | None:
+        return self._append(encode_chunk(KIND_SERVER, self._number, now_ns, tapped))
 
-    def _undecodable(self, message: TappedMessage, exc: Exception) -> None:
-        # The message was already forwarded; a peer's malformed message is the
-        # server's to reject, and must not take the relay down with the audit.
-        # Only the type is logged: the body may hold anything the client sent.
-        log.warning(
-            "audit_message_undecodable",
-            session_id=self._tracker.session_id,
-            connection_id=self._tracker.connection_id,
-            message_type=chr(message.type),
-            error=type(exc).__name__,
-        )
+    def _append(self, record: bytes) -> Termination | None:
+        if self._broken:
+            return UNRECORDABLE
+        try:
+            self._writer.append(record)
+        except OSError as exc:
+            self._broken = True
+            log.error(
+                "audit_journal_write_failed",
+                session_id=self.session_id,
+                connection_id=self.connection_id,
+                error=exc.strerror or str(exc),
+            )
+            return UNRECORDABLE
+        return None
 
     @property
     def congested(self) -> bool:
@@ -97,18 +110,14 @@ class ConnectionAudit:
         *,
         now_ns: int,
     ) -> None:
-        if kind == "connection_end":
-            self._writer.submit(self._tracker.close(now_ns))
-        self._writer.submit(
-            event_rows(
-                [
-                    AuditEvent(
-                        session_id=self._tracker.session_id,
-                        connection_id=self._tracker.connection_id,
-                        kind=kind,
-                        occurred_at=datetime.fromtimestamp(now_ns / 1e9, UTC),
-                        detail=detail,
-                    )
-                ]
-            )
-        )
+        if kind == "connection_start":
+            payload = {
+                "session_id": self.session_id,
+                "connection_id": self.connection_id,
+                "detail": detail,
+            }
+            self._append(encode_event(KIND_START, self._number, now_ns, payload))
+        elif not self._broken:
+            # A connection with a record missing stays open in the reader's eyes
+            # and is closed at the next start, as a crash's are.
+            self._append(encode_event(KIND_END, self._number, now_ns, dict(detail)))

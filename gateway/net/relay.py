@@ -9,6 +9,10 @@ Message boundaries are followed from the 5-byte headers only
 (:class:`~gateway.protocol.framing.BoundaryTracker`), so the gateway can end a
 connection cleanly: a FATAL ErrorResponse is injected only at a boundary of the
 server-to-client stream, never in the middle of a server message.
+
+With an audit tap, a client chunk's tapped messages are recorded BEFORE the
+chunk is forwarded: a chunk that cannot be recorded is not forwarded at all,
+and the connection ends (nothing the server runs goes unrecorded).
 """
 
 from __future__ import annotations
@@ -71,9 +75,15 @@ class StatementAudit(Protocol):
     @property
     def server_measure(self) -> frozenset[int]: ...
 
-    def on_client(self, tapped: list[TappedMessage], now_ns: int) -> None: ...
+    def on_client(self, tapped: list[TappedMessage], now_ns: int) -> Termination | None:
+        """Record a client chunk's tapped messages, before the chunk is forwarded;
+        a Termination when they cannot be recorded (the chunk is then dropped)."""
+        ...
 
-    def on_server(self, tapped: list[TappedMessage], now_ns: int) -> None: ...
+    def on_server(self, tapped: list[TappedMessage], now_ns: int) -> Termination | None:
+        """Record a server chunk's tapped messages (after forwarding); a
+        Termination when they cannot be recorded."""
+        ...
 
     @property
     def congested(self) -> bool: ...
@@ -133,6 +143,9 @@ class Relay:
         self._client_full = False
         #: the client sent its own Terminate: the server needs no second one
         self._client_said_goodbye = False
+        #: a client chunk could not be recorded and was dropped: nothing more of
+        #: the client's is forwarded, and the server may stand mid-message
+        self._client_refused = False
         self._lost = {"client": False, "server": False}
         self._closed: asyncio.Event = asyncio.Event()
         self.bytes_from_client = 0
@@ -200,7 +213,7 @@ class Relay:
     # --- callbacks from the two protocols -----------------------------------------
 
     def _on_client_data(self, data: bytes) -> None:
-        if self._is_done():
+        if self._is_done() or self._client_refused:
             return  # ending: nothing more is forwarded
         try:
             tapped = self._from_client.feed(data)
@@ -208,14 +221,31 @@ class Relay:
             self._forward_valid_prefix(data, from_client=True)
             self._fail_protocol(exc)
             return
-        self.bytes_from_client += len(data)
-        self._upstream.write(data)
         if tapped:
-            if self._audit is not None:
-                self._audit.on_client(tapped, time.time_ns())
+            # On record before the server can see it (see the module docstring).
+            if self._audit is not None and not self._record_client(tapped):
+                return
+            self.bytes_from_client += len(data)
+            self._upstream.write(data)
             if tapped[-1].type == FrontendType.TERMINATE:  # the client said goodbye
                 self._client_said_goodbye = True
                 self.end_reason = self.end_reason or ConnectionEndReason.CLIENT_CLOSED
+        else:
+            self.bytes_from_client += len(data)
+            self._upstream.write(data)
+
+    def _record_client(self, tapped: list[TappedMessage]) -> bool:
+        """Journal a client chunk's taps; False (and the connection ending, the
+        chunk dropped) when they cannot be."""
+        assert self._audit is not None
+        refusal = self._audit.on_client(tapped, time.time_ns())
+        if refusal is None:
+            return True
+        self._client_refused = True
+        if not self._client.is_closing():
+            self._client.pause_reading()
+        self.terminate(refusal)
+        return False
 
     def _on_server_data(self, data: bytes) -> None:
         if self._is_done():
@@ -231,7 +261,9 @@ class Relay:
         self._client.write(data)
         audit = self._audit
         if tapped and audit is not None:
-            audit.on_server(tapped, time.time_ns())
+            refusal = audit.on_server(tapped, time.time_ns())
+            if refusal is not None:
+                self.terminate(refusal)
         if self._termination is not None and tracker.at_boundary:
             self._finish_termination()
         elif audit is not None and audit.congested and self._room_task is None:
@@ -315,16 +347,17 @@ class Relay:
             return
         tapped = tracker.prefix_tapped
         if from_client:
+            if self._audit is not None and tapped and not self._record_client(tapped):
+                return
             self.bytes_from_client += len(prefix)
             self._upstream.write(prefix)
             if tapped and tapped[-1].type == FrontendType.TERMINATE:
                 self._client_said_goodbye = True  # as in _on_client_data
-            if self._audit is not None and tapped:
-                self._audit.on_client(tapped, time.time_ns())
         else:
             self.bytes_from_server += len(prefix)
             self._client.write(prefix)
             if self._audit is not None and tapped:
+                # Ending anyway (the framing broke): a failed record changes nothing.
                 self._audit.on_server(tapped, time.time_ns())
 
     def _fail_protocol(self, exc: ProtocolError) -> None:
@@ -355,7 +388,10 @@ class Relay:
             not upstream.is_closing()
             and self._from_client.at_boundary
             and not self._client_said_goodbye
+            and not self._client_refused
         ):
+            # (After a refused chunk the server may stand mid-message: a
+            # Terminate there could complete a statement; it gets a bare close.)
             # A polite Terminate spares the server log an "unexpected EOF".
             upstream.write(messages.terminate())
         for transport in (client, upstream):

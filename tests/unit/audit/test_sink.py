@@ -1,4 +1,4 @@
-"""Tests of gateway.audit.sink's codec and child process protocol.
+"""Tests of gateway.audit.sink's codec and child process (the journal's reader).
 
 The child is run for real (``python -m gateway.app.audit_process``) on a real state
 directory; tests/integration/test_audit.py covers it inside the daemon.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.audit.chain import EVENT_FIELDS
+from gateway.audit.journal import JOURNAL_DIR, Journal
 from gateway.audit.records import (
     AuditEvent,
     EventRow,
@@ -25,10 +25,13 @@ from gateway.audit.records import (
     iso_from_micros,
     row_event,
 )
-from gateway.audit.sink import AuditSink, SinkError, decode_rows, encode_rows
+from gateway.audit.sink import AuditSink, decode_rows, encode_rows
+from gateway.audit.tap import ConnectionAudit
+from gateway.audit.writer import AuditWriter
 from gateway.config import MASTER_KEY_FILE, GatewaySettings, save_settings, store_url
 from gateway.credentials.secretbox import SecretBox, generate_master_key, load_master_key
 from gateway.errors import ConfigError, InvalidRequest, NotFound
+from gateway.protocol.framing import TappedMessage
 from gateway.store import Store
 
 EVENTS = [
@@ -145,48 +148,50 @@ def _statements(session_id: str, first: int, count: int) -> list[EventRow]:
     )
 
 
+def _journal_statements(writer: AuditWriter, session_id: str, first: int, count: int) -> None:
+    """One connection per call running ``select N``, as a relay journals it."""
+    audit = ConnectionAudit(writer, session_id, "c" * 32)
+    audit.connection_event("connection_start", {"user": "u"}, now_ns=1)
+    for n in range(first, first + count):
+        assert audit.on_client([TappedMessage(ord("Q"), f"select {n}\x00".encode())], 2) is None
+        server = [TappedMessage(ord("C"), b"SELECT 1\x00"), TappedMessage(ord("Z"), b"I")]
+        assert audit.on_server(server, 3) is None
+    audit.connection_event("connection_end", {"end_reason": "client_closed"}, now_ns=4)
+
+
 @pytest.mark.asyncio
-async def test_the_child_writes_batches_stands_in_for_bad_events_and_is_restarted_after_a_crash(
+async def test_the_child_writes_the_journal_and_a_new_one_goes_on_after_a_crash(
     home: Path,
 ) -> None:
     store, session_id = _session(home)
     sink = AuditSink(home, log_format="json", log_level="warning")
-    await sink.start()
+    writer = AuditWriter(Journal(home / JOURNAL_DIR), sink)
+    await writer.start()
     try:
-        assert await sink.append(_statements(session_id, 0, 3)) == 3
-        # An event the store cannot take does not wedge the writer (a refused batch
-        # would be refused on every retry): a stand-in record says what was wrong.
-        bad = list(_statements(session_id, 99, 1)[0])
-        bad[EVENT_FIELDS.index("duration_ms")] = -1.0
-        assert await sink.append([tuple(bad)]) == 1
+        _journal_statements(writer, session_id, 0, 3)
+        assert await writer.drain(timeout=60)
         # Events of a session the store does not hold cannot be attributed: left out.
-        assert await sink.append(_statements("0" * 32, 0, 1)) == 0
+        _journal_statements(writer, "0" * 32, 0, 1)
+        assert await writer.drain(timeout=60)
         first_pid = sink.pid
         assert first_pid is not None
         os.kill(first_pid, signal.SIGKILL)
-        with pytest.raises(SinkError, match="exited"):
-            await sink.append(_statements(session_id, 3, 2))
-        # The next append starts a new child; the failed batch is the writer's to retry.
-        assert await sink.append(_statements(session_id, 3, 2)) == 2
+        _journal_statements(writer, session_id, 3, 2)
+        # A new child starts by itself and goes on from the last one's checkpoint.
+        assert await writer.drain(timeout=60)
         assert sink.pid not in (None, first_pid) and sink.starts == 2
         # Signals meant for the daemon's process group do not stop the child.
         os.kill(sink.pid, signal.SIGINT)  # type: ignore[arg-type]
         os.kill(sink.pid, signal.SIGTERM)  # type: ignore[arg-type]
-        assert await sink.append(_statements(session_id, 5, 1)) == 1
+        _journal_statements(writer, session_id, 5, 1)
+        assert await writer.drain(timeout=60)
     finally:
-        await sink.close()
+        await writer.close()
     records = store.list_audit(session_id)
-    assert [r.sql for r in records] == [f"select {n}" for n in range(3)] + [None] + [
-        f"select {n}" for n in range(3, 6)
-    ]
-    stand_in = records[3]
-    assert (stand_in.kind, stand_in.status, stand_in.error_message) == (
-        "statement",
-        "incomplete",
-        "pam could not record this event as it was: duration_ms must be a finite,"
-        " non-negative number",
-    )
+    assert [r.sql for r in records if r.kind == "statement"] == [f"select {n}" for n in range(6)]
     assert store.verify_audit() == []
+    # Every connection ended and is in the store: the journal is gone.
+    assert list((home / JOURNAL_DIR).iterdir()) == []
     store.close()
 
 
@@ -195,8 +200,9 @@ async def test_a_child_that_cannot_open_the_store_says_why(home: Path) -> None:
     path = home / "gateway.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "store_url": "mysql://x/y"}))
     sink = AuditSink(home, log_format="json", log_level="warning")
+    writer = AuditWriter(Journal(home / JOURNAL_DIR), sink)
     with pytest.raises(ConfigError, match="state store URL"):
-        await asyncio.wait_for(sink.start(), 60)
+        await asyncio.wait_for(writer.start(), 60)
     assert sink.pid is None
 
 

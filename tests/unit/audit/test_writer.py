@@ -1,174 +1,111 @@
-"""Tests of gateway.audit.writer.AuditWriter: batching, draining, failure and backpressure.
+"""Tests of gateway.audit.writer.AuditWriter: the journal's backpressure, drain and failure.
 
-The writer's ``append`` is its only dependency; here it records the batches it is
-given (the store behind it is tested in test_audit_store.py and end to end in
+The consumer that reads the journal into the store is a stand-in here that
+reports progress when told to (the real ones, the writer process and the store
+thread, are tested in test_sink.py, test_runtime.py and end to end in
 tests/integration/test_audit*.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
 
 import pytest
-import structlog.testing
 
-from gateway.audit.records import AuditEvent
+from gateway.audit.journal import KIND_SECRETS, Journal, SegmentReader, segment_path
 from gateway.audit.writer import AuditWriter
 
-#: Long enough that the interval never fires during a test.
+#: Bound on every wait; not a timing check.
 NEVER = 3600.0
 
 
-def _events(count: int, start: int = 0) -> list[AuditEvent]:
-    return [
-        AuditEvent(
-            session_id="s" * 32,
-            connection_id=f"{start + i:032d}",
-            kind="statement",
-            occurred_at=datetime(2026, 1, 1, tzinfo=UTC),
-        )
-        for i in range(count)
-    ]
+class Consumer:
+    """Reports progress only when the test says so; counts flush requests."""
 
-
-class Recorder:
     def __init__(self) -> None:
-        self.batches: list[list[AuditEvent]] = []
-        self.fail_with: Exception | None = None
-        self.gate: asyncio.Event | None = None
+        self.writer: AuditWriter | None = None
+        self.flushes = 0
+        self.answer_flush = False
+        self.closed = False
 
-    async def __call__(self, events: list[AuditEvent]) -> object:
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.fail_with is not None:
-            raise self.fail_with
-        self.batches.append(list(events))
-        return len(events)
+    async def start(self, writer: AuditWriter) -> None:
+        self.writer = writer
 
-    @property
-    def sizes(self) -> list[int]:
-        return [len(batch) for batch in self.batches]
+    def flush(self) -> None:
+        self.flushes += 1
+        if self.answer_flush:
+            assert self.writer is not None
+            asyncio.get_running_loop().create_task(
+                self.writer.progressed(*self.writer.journal.position)
+            )
 
-
-async def _until(condition: object, *, steps: int = 10_000) -> None:
-    """Let the writer task run until *condition()* holds (a step bound, not a clock)."""
-    for _ in range(steps):
-        if condition():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition never held")
+    async def close(self) -> None:
+        self.closed = True
 
 
-@pytest.mark.asyncio
-async def test_full_batches_go_at_once_and_a_partial_one_waits_for_drain() -> None:
-    sink = Recorder()
-    writer = AuditWriter(sink, batch_size=10, interval=NEVER)
-    writer.start()
-    try:
-        events = _events(25)
-        writer.submit(events)
-        await _until(lambda: writer.written == 20)
-        # The 5 left over are not written on their own: under steady load that
-        # would turn into a stream of tiny transactions.
-        for _ in range(100):
-            await asyncio.sleep(0)
-        assert sink.sizes == [10, 10]
-        assert writer.backlog == 5
-        assert await writer.drain(timeout=NEVER)
-        assert sink.sizes == [10, 10, 5]
-        assert [e for batch in sink.batches for e in batch] == events
-    finally:
-        await writer.close()
+async def _writer(tmp_path: Path, **kwargs: int) -> tuple[AuditWriter, Consumer]:
+    consumer = Consumer()
+    writer = AuditWriter(Journal(tmp_path), consumer, **kwargs)  # type: ignore[arg-type]
+    await writer.start()
+    return writer, consumer
 
 
 @pytest.mark.asyncio
-async def test_the_interval_flushes_a_partial_batch() -> None:
-    sink = Recorder()
-    writer = AuditWriter(sink, batch_size=1000, interval=0.01)
-    writer.start()
-    try:
-        writer.submit(_events(3))
-        # No drain: only the interval can write these.
-        await _until(lambda: writer.written == 3, steps=10**9)
-        assert sink.sizes == [3]
-    finally:
-        await writer.close()
+async def test_a_journal_too_far_ahead_of_the_store_congests_until_it_catches_up(
+    tmp_path: Path,
+) -> None:
+    writer, _ = await _writer(tmp_path, max_lag=100)
+    writer.append(b"x" * 100)
+    assert not writer.congested
+    writer.append(b"x" * 1)
+    assert writer.congested and writer.backlog == 101
+    room = asyncio.ensure_future(writer.wait_for_room())
+    await asyncio.sleep(0)
+    assert not room.done()
+    # Caught up to within the bound but not half of it: still congested.
+    await writer.progressed(0, 30)
+    assert writer.congested
+    await writer.progressed(0, 60)
+    await asyncio.wait_for(room, NEVER)
+    assert not writer.congested and writer.backlog == 41
 
 
 @pytest.mark.asyncio
-async def test_a_failed_write_keeps_the_events_and_reports_failure_then_recovery() -> None:
-    sink = Recorder()
-    sink.fail_with = RuntimeError("database is locked")
+async def test_drain_waits_until_the_store_holds_what_was_journaled(tmp_path: Path) -> None:
+    writer, consumer = await _writer(tmp_path)
+    writer.append(b"y" * 10)
+    assert not await writer.drain(timeout=0.01)
+    assert consumer.flushes >= 1
+    consumer.answer_flush = True
+    assert await writer.drain(timeout=NEVER)
+    assert writer.backlog == 0
+    await writer.close()
+    assert consumer.closed
+
+
+@pytest.mark.asyncio
+async def test_a_failure_is_reported_once_and_recovery_when_progress_comes(
+    tmp_path: Path,
+) -> None:
     seen: list[BaseException | None] = []
 
-    async def on_failure(exc: BaseException | None) -> None:
+    async def note(exc: BaseException | None) -> None:
         seen.append(exc)
 
-    async def on_recovery(exc: BaseException | None) -> None:
-        seen.append(exc)
-
-    writer = AuditWriter(
-        sink,
-        batch_size=2,
-        interval=NEVER,
-        retry_interval=0,
-        on_failure=on_failure,
-        on_recovery=on_recovery,
-    )
-    writer.start()
-    try:
-        events = _events(2)
-        writer.submit(events)
-        await _until(lambda: writer.failed is not None)
-        assert writer.backlog == 2
-        assert len(seen) == 1 and isinstance(seen[0], RuntimeError)
-        sink.fail_with = None
-        await _until(lambda: writer.written == 2)
-        assert sink.batches == [events]
-        assert writer.failed is None
-        assert seen[1:] == [None]
-    finally:
-        await writer.close()
+    consumer = Consumer()
+    writer = AuditWriter(Journal(tmp_path), consumer, on_failure=note, on_recovery=note)
+    await writer.start()
+    await writer.failure(RuntimeError("database is locked"))
+    await writer.failure(RuntimeError("database is locked"))
+    assert len(seen) == 1 and isinstance(writer.failed, RuntimeError)
+    await writer.progressed(0, 0)
+    assert writer.failed is None and seen[1:] == [None]
 
 
 @pytest.mark.asyncio
-async def test_a_backlog_over_the_limit_congests_until_it_is_written() -> None:
-    sink = Recorder()
-    sink.gate = asyncio.Event()
-    writer = AuditWriter(sink, batch_size=4, interval=NEVER, max_backlog=6)
-    writer.start()
-    try:
-        writer.submit(_events(6))
-        assert not writer.congested
-        writer.submit(_events(1, start=6))
-        assert writer.congested
-        room = asyncio.ensure_future(writer.wait_for_room())
-        await asyncio.sleep(0)
-        assert not room.done()
-        sink.gate.set()
-        await asyncio.wait_for(room, NEVER)
-        assert not writer.congested
-        assert await writer.drain(timeout=NEVER)
-        assert writer.written == 7
-    finally:
-        await writer.close()
-
-
-@pytest.mark.asyncio
-async def test_events_the_store_left_out_are_logged_with_their_count() -> None:
-    async def attributes_all_but_two(events: list[Any]) -> int:
-        return len(events) - 2
-
-    writer = AuditWriter(attributes_all_but_two, batch_size=5, interval=NEVER)
-    writer.start()
-    try:
-        with structlog.testing.capture_logs() as logs:
-            writer.submit(_events(5))
-            await _until(lambda: writer.written == 5)
-    finally:
-        await writer.close()
-    assert [(e["event"], e["count"]) for e in logs if e["log_level"] == "error"] == [
-        ("audit_events_unattributable", 2)
-    ]
+async def test_a_change_of_the_stored_passwords_is_a_record_of_its_own(tmp_path: Path) -> None:
+    writer, _ = await _writer(tmp_path)
+    writer.secrets_changed()
+    (record,) = SegmentReader(segment_path(tmp_path, writer.journal.run, 0)).records()
+    assert (record.kind, record.connection, record.payload) == (KIND_SECRETS, 0, b"")

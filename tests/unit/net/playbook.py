@@ -33,7 +33,7 @@ import selectors
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
-from gateway.net.relay import Relay
+from gateway.net.relay import Relay, Termination
 from gateway.protocol.framing import BoundaryTracker, TappedMessage
 from gateway.protocol.messages import encode_message
 
@@ -303,13 +303,23 @@ class RecordingAudit:
         self.congested = False
         self.room_waits = 0
         self._room = asyncio.Event()
+        #: what on_client answers (a Termination: the journal write failed)
+        self.refusal: Termination | None = None
+        #: called at each on_client, its results kept (what the server had by then)
+        self.probe: Callable[[], object] | None = None
+        self.probed: list[object] = []
 
-    def on_client(self, tapped: list[TappedMessage], now_ns: int) -> None:
-        self.from_client.extend(tapped)
+    def on_client(self, tapped: list[TappedMessage], now_ns: int) -> Termination | None:
+        if self.probe is not None:
+            self.probed.append(self.probe())
+        if self.refusal is None:
+            self.from_client.extend(tapped)
+        return self.refusal
 
-    def on_server(self, tapped: list[TappedMessage], now_ns: int) -> None:
+    def on_server(self, tapped: list[TappedMessage], now_ns: int) -> Termination | None:
         self.from_server.extend(tapped)
         self.server_batches.append(list(tapped))
+        return None
 
     async def wait_for_room(self) -> None:
         self.room_waits += 1

@@ -19,7 +19,16 @@ from relay_script import (
     started,
 )
 
+from gateway.net.relay import Termination
+from gateway.protocol import messages
 from gateway.protocol.framing import TappedMessage
+from gateway.protocol.sqlstate import SqlState
+from gateway.reasons import ConnectionEndReason
+
+#: What the audit tap answers when its journal cannot be written.
+UNRECORDABLE = Termination(
+    ConnectionEndReason.AUDIT_UNAVAILABLE, SqlState.SYSTEM_ERROR, "cannot record (test)"
+)
 
 # --- backpressure ------------------------------------------------------------------------
 
@@ -169,3 +178,37 @@ async def test_a_long_statement_is_tapped_truncated_but_forwarded_whole() -> Non
     assert tapped.truncated
     assert tapped.body == b"x" * len(tapped.body)
     await client_leaves(pb)
+
+
+@virtual_time
+async def test_a_client_chunk_is_on_record_before_the_server_gets_it() -> None:
+    audit = RecordingAudit()
+    pb = await started(audit=audit)
+    audit.probe = lambda: bytes(pb.server.written)
+    pb.client.send(QUERY, PARSE + BIND + SYNC)
+    await pb.settle()
+    # At each record, the server had none of the chunk being recorded.
+    assert audit.probed == [b"", QUERY]
+    assert bytes(pb.server.written) == QUERY + PARSE + BIND + SYNC
+    await client_leaves(pb)
+
+
+@virtual_time
+async def test_a_chunk_that_cannot_be_recorded_is_not_forwarded_and_the_client_is_told_why() -> (
+    None
+):
+    audit = RecordingAudit()
+    pb = await started(audit=audit)
+    pb.client.send(QUERY)
+    pb.server.send(SERVER_STREAM)
+    await pb.settle()
+    audit.refusal = UNRECORDABLE
+    # The second half of a Parse completes it: the server must not get that half.
+    pb.client.send(PARSE[:6])
+    await pb.settle()
+    pb.client.send(PARSE[6:] + SYNC)
+    assert await pb.ended() == ConnectionEndReason.AUDIT_UNAVAILABLE
+    assert bytes(pb.server.written) == QUERY + PARSE[:6]  # and no Terminate inside the Parse
+    assert bytes(pb.client.written) == SERVER_STREAM + UNRECORDABLE.error_response()
+    error = messages.parse_error_fields(bytes(pb.client.written)[len(SERVER_STREAM) + 5 :])
+    assert (error.severity, error.sqlstate) == ("FATAL", SqlState.SYSTEM_ERROR)
