@@ -55,6 +55,19 @@ def cpu_times(pid: int) -> tuple[float, float]:
     return user / _CLOCK_TICKS, system / _CLOCK_TICKS
 
 
+def children_cpu_seconds(pid: int) -> float:
+    """CPU seconds of the process's running children (the gateway's audit writer
+    process), user plus system: the part of :func:`cpu_times` that is not the
+    process's own."""
+    total = 0.0
+    for child in child_pids(pid):
+        try:
+            total += sum(cpu_times(child))
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU seconds the process (all its threads) has used so far."""
     return sum(cpu_times(pid))

@@ -124,6 +124,7 @@ class JournalProcessor:
         *,
         batch_size: int = 500,
         interval: float = 0.2,
+        checkpoint_interval: float = 1.0,
     ) -> None:
         self._directory = directory
         self._store = store
@@ -131,6 +132,7 @@ class JournalProcessor:
         self._load_secrets = load_secrets
         self._batch_size = batch_size
         self._interval = interval
+        self._checkpoint_interval = checkpoint_interval
         self._redactor = Redactor.build(settings.redact_patterns, load_secrets())
         self._rows: list[EventRow] = []
         self._first_row_at = 0.0
@@ -163,7 +165,7 @@ class JournalProcessor:
         now = time.monotonic()
         if self._rows:
             if flush or now - self._first_row_at >= self._interval:
-                self._commit(state)
+                self._commit(state, checkpoint=flush)
         elif self.committed != (state.segment, state.offset):
             self.committed = (state.segment, state.offset)
             if flush or now - self._checkpointed_at >= self._interval:
@@ -350,7 +352,7 @@ class JournalProcessor:
 
     # --- committing -------------------------------------------------------------------
 
-    def _commit(self, state: _Run) -> None:
+    def _commit(self, state: _Run, *, checkpoint: bool = False) -> None:
         rows = self._rows
         if rows:
             written = self._store.append_audit_rows(rows, substitute_invalid=True)
@@ -360,6 +362,12 @@ class JournalProcessor:
             self._rows = []
         if state is self._current:
             self.committed = (state.segment, state.offset)
+            # Not after every batch: writing and renaming the file costs about as
+            # much as pairing a few hundred statements. A writer that dies appends
+            # again what it committed since (each copy chained), never less.
+            recent = time.monotonic() - self._checkpointed_at < self._checkpoint_interval
+            if recent and not checkpoint:
+                return
         self._checkpoint(state)
 
     def _checkpoint(self, state: _Run) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_pairing import (
@@ -35,6 +36,7 @@ from gateway.audit.journal import (
     KIND_CLIENT,
     Journal,
     SegmentReader,
+    checkpoint_path,
     decode_messages,
     encode_chunk,
     list_runs,
@@ -171,6 +173,36 @@ def test_segments_rotate_past_their_size_and_the_reader_follows(tmp_path: Path) 
     assert processor.committed == book.journal.position
     assert book.journal.processed(*processor.committed) == book.journal.journaled
     assert len(list(tmp_path.glob("*.journal"))) == 1
+
+
+def test_checkpoints_are_written_at_most_once_an_interval_unless_flushed(tmp_path: Path) -> None:
+    store = Rows()
+    book = JournalBook(tmp_path)
+    processor = _processor(tmp_path, book.journal.run, store, batch_size=2)
+    written: list[int] = []
+    checkpoint = processor._checkpoint
+
+    def counted(state: Any) -> None:
+        written.append(state.offset)
+        checkpoint(state)
+
+    processor._checkpoint = counted  # type: ignore[method-assign]
+    for n in range(3):
+        book.client(query(f"select {n}"))
+        book.server(complete("SELECT 1"), ready())
+    processor.poll()  # the first batch checkpoints (none was written yet)
+    assert len(written) == 1
+    for n in range(3, 9):
+        book.client(query(f"select {n}"))
+        book.server(complete("SELECT 1"), ready())
+    processor.poll()  # full batches commit; the checkpoint waits for its interval
+    assert len(store.events("statement")) >= 8
+    assert len(written) == 1
+    book.client(query("select 9"))
+    book.server(complete("SELECT 1"), ready())
+    processor.poll(flush=True)
+    assert len(written) == 2
+    assert checkpoint_path(tmp_path, book.journal.run).exists()
 
 
 # --- the same rows as the tracker --------------------------------------------------------
