@@ -44,9 +44,8 @@ import secrets
 import struct
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from gateway.protocol.framing import TappedMessage
 
@@ -272,8 +271,11 @@ class Journal:
 # --- the writer's side: reading -----------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
+    """One journal record as read back. A named tuple, not a frozen dataclass:
+    one is built per record in the writer process, and a frozen dataclass's
+    ``__init__`` sets each field through ``object.__setattr__``."""
+
     kind: int
     connection: int
     time_ns: int
@@ -333,7 +335,9 @@ class SegmentReader:
             if start + length > size:
                 return
             self._pos = start + length
-            yield Record(kind, connection, time_ns, bytes(buf[start : self._pos]), self.offset)
+            # One copy: a bytearray slice would copy once more before bytes() does.
+            payload = bytes(memoryview(buf)[start : self._pos])
+            yield Record(kind, connection, time_ns, payload, self.offset)
 
     def close(self) -> None:
         if self._fd >= 0:
