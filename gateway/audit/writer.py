@@ -32,8 +32,11 @@ from gateway.audit.journal import KIND_SECRETS, Journal, encode_event
 log = structlog.get_logger(__name__)
 
 Callback = Callable[[BaseException | None], Awaitable[None]]
-#: How far the journal may run ahead of the store before relays pause.
-MAX_LAG_BYTES = 64 * 1024 * 1024
+#: How far the journal may run ahead of the store before relays pause: about
+#: 50,000 statements (what the event backlog allowed before the journal), under a
+#: second of the writer's work, so a review's bounded drain sees a burst whole
+#: and a crash's replay stays short.
+MAX_LAG_BYTES = 8 * 1024 * 1024
 #: How often a waiting drain asks the consumer again to commit what it has.
 _DRAIN_NUDGE_SECONDS = 0.5
 
