@@ -37,7 +37,6 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -60,7 +59,7 @@ from gateway.audit.journal import (
 )
 from gateway.audit.pairing import StatementTracker
 from gateway.audit.ports import AuditStore
-from gateway.audit.records import AuditEvent, EventRow, event_rows
+from gateway.audit.records import AuditEvent, EventRow, event_rows, micros_datetime
 from gateway.audit.redaction import Redactor
 from gateway.protocol.errors import ProtocolError
 from gateway.reasons import ConnectionEndReason
@@ -332,7 +331,9 @@ class JournalProcessor:
                     session_id=conn.session_id,
                     connection_id=conn.connection_id,
                     kind=kind,
-                    occurred_at=datetime.fromtimestamp(now_ns / 1e9, UTC),
+                    # Floored to the microsecond as the tracker floors a
+                    # statement's time (a float division could round past it).
+                    occurred_at=micros_datetime(now_ns // 1000),
                     detail=detail,
                 )
             ]

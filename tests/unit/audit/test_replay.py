@@ -124,6 +124,22 @@ class JournalBook(Playbook):
 # --- the record format -----------------------------------------------------------------
 
 
+def test_connection_events_take_their_microsecond_as_statements_do(tmp_path: Path) -> None:
+    # 999 ns into a microsecond of 2026: a float division of the nanoseconds
+    # rounds into the next microsecond; the tracker floors a statement's time.
+    now_ns = 1_796_558_032_352_317_999
+    journal = Journal(tmp_path)
+    audit = ConnectionAudit(AuditWriter(journal, NoConsumer()), "s1", "c1")
+    audit.connection_event("connection_start", {}, now_ns=now_ns)
+    audit.connection_event("connection_end", {}, now_ns=now_ns)
+    store = Rows()
+    _processor(tmp_path, journal.run, store).poll(flush=True)
+    assert [(row[2], row[3]) for row in store.rows] == [
+        ("connection_start", now_ns // 1000),
+        ("connection_end", now_ns // 1000),
+    ]
+
+
 def test_a_chunk_record_reads_back_byte_exact(tmp_path: Path) -> None:
     messages = [
         TappedMessage(ord("Q"), b"select 1\x00", False, 0, 7),
