@@ -15,7 +15,7 @@ from sqlalchemy import Connection, Engine, text
 
 from gateway.audit.batch import BODY_FIELDS, decode_records, encoded_records
 from gateway.audit.chain import GENESIS_HASH, RECORD_DIGEST_BYTES, AuditChain, canonical_json
-from gateway.audit.records import AuditEvent, event_rows, iso_from_micros
+from gateway.audit.records import AuditEvent, event_rows, micros_datetime
 
 _HEAD = ("seq", "kind", "occurred_at", "connection_id")
 
@@ -44,7 +44,7 @@ def append_version_2(
             params = row[8]
             values = [
                 *row[:3],
-                iso_from_micros(row[3]),
+                micros_datetime(row[3]).isoformat(timespec="microseconds"),
                 *row[4:8],
                 None
                 if params is None

@@ -34,8 +34,7 @@ depends on re-encoding. Decoding untrusted bytes never raises anything but
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
 import msgspec
@@ -48,13 +47,14 @@ __all__ = [
     "KIND_BITS",
     "PARAMETER_FIELDS",
     "BatchFormatError",
+    "BatchIndex",
     "SealedBatch",
-    "datetime_micros",
+    "batch_index",
     "decode_record",
     "decode_records",
     "encoded_records",
+    "field_position",
     "is_encodable",
-    "micros_datetime",
     "record_fields",
     "seal_batch",
 ]
@@ -80,8 +80,6 @@ _ENCODE: Final = msgspec.msgpack.Encoder().encode
 _DECODE_RECORDS: Final = msgspec.msgpack.Decoder(list[list[Any]]).decode
 _DECODE_ANY: Final = msgspec.msgpack.Decoder().decode
 _DECODE_RAW: Final = msgspec.msgpack.Decoder(list[msgspec.Raw]).decode
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND: Final = timedelta(microseconds=1)
 
 
 class BatchFormatError(ValueError):
@@ -106,6 +104,31 @@ class SealedBatch(NamedTuple):
     hash: str
 
 
+class BatchIndex(NamedTuple):
+    """What a batch's index columns say, derived from its records."""
+
+    min_at: int
+    max_at: int
+    #: OR of :data:`KIND_BITS`
+    kinds: int
+    statement_count: int
+
+
+def batch_index(records: Iterable[tuple[str, int]]) -> BatchIndex:
+    """The index columns of a batch of records given as ``(kind, occurred_at)``
+    (at least one; every kind known): the store writes them, verify checks them."""
+    min_at = max_at = None
+    kinds = statements = 0
+    for kind, at in records:
+        min_at = at if min_at is None or at < min_at else min_at
+        max_at = at if max_at is None or at > max_at else max_at
+        kinds |= KIND_BITS[kind]
+        statements += kind == "statement"
+    if min_at is None or max_at is None:
+        raise ValueError("a batch holds at least one record")
+    return BatchIndex(min_at, max_at, kinds, statements)
+
+
 def seal_batch(
     chain: AuditChain,
     session_id: str,
@@ -122,20 +145,15 @@ def seal_batch(
     encode = _ENCODE
     parts = [encode((seq, *body)) for seq, body in enumerate(bodies, first_seq)]
     digests = chain.record_digests(session_id, parts)
-    times = [body[1] for body in bodies]
-    kinds = 0
-    statements = 0
-    for body in bodies:
-        kinds |= KIND_BITS[body[0]]
-        statements += body[0] == "statement"
+    index = batch_index((body[0], body[1]) for body in bodies)
     return SealedBatch(
         session_id=session_id,
         first_seq=first_seq,
         last_seq=first_seq + len(parts) - 1,
-        min_at=min(times),
-        max_at=max(times),
-        kinds=kinds,
-        statement_count=statements,
+        min_at=index.min_at,
+        max_at=index.max_at,
+        kinds=index.kinds,
+        statement_count=index.statement_count,
         records=encode([msgspec.Raw(part) for part in parts]),
         digests=digests,
         prev_hash=prev_hash,
@@ -177,6 +195,12 @@ def decode_records(blob: bytes) -> list[list[Any]]:
         raise BatchFormatError("the batch's records are not arrays") from None
 
 
+def field_position(kind: str, name: str) -> int:
+    """Where a record of *kind* holds the body field *name* (for readers that
+    look at one field of many records without building a mapping each)."""
+    return _HEAD + BODY_FIELDS[kind].index(name)
+
+
 def record_fields(record: Sequence[Any]) -> dict[str, Any] | None:
     """A decoded record as the event fields it holds (``seq`` included,
     ``occurred_at`` still in microseconds); None for one of no known shape."""
@@ -194,13 +218,3 @@ def record_fields(record: Sequence[Any]) -> dict[str, Any] | None:
     }
     fields.update(zip(layout, record[_HEAD:], strict=True))
     return fields
-
-
-def micros_datetime(micros: int) -> datetime:
-    """Microseconds since the epoch as an aware UTC datetime."""
-    return _EPOCH + timedelta(microseconds=micros)
-
-
-def datetime_micros(value: datetime) -> int:
-    """An aware datetime as microseconds since the epoch."""
-    return (value - _EPOCH) // _MICROSECOND

@@ -19,10 +19,10 @@ Invariants:
 * Nothing here validates; the store validates at its boundary (and refuses a
   whole batch if one event is malformed).
 
-:data:`EventRow` is the same event as a plain tuple: what crosses the pipe to the
-audit writer process (``marshal`` takes only built-in types) and what
+:data:`EventRow` is the same event as a plain tuple: what the journal's reader
+(:mod:`gateway.audit.replay`) builds and
 :meth:`~gateway.store.Store.append_audit_rows` appends, without a datetime or an
-object per event on either side.
+object per event.
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ __all__ = [
     "EventRow",
     "Parameter",
     "ParameterFormat",
+    "datetime_micros",
     "event_rows",
-    "iso_from_micros",
+    "micros_datetime",
     "row_event",
 ]
 
@@ -149,6 +150,18 @@ _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND: Final = timedelta(microseconds=1)
 
 
+def datetime_micros(value: datetime) -> int:
+    """An aware datetime as microseconds since the epoch: how an EventRow and a
+    sealed batch keep time. Raises ``TypeError`` for a naive one."""
+    return (value - _EPOCH) // _MICROSECOND
+
+
+def micros_datetime(micros: int) -> datetime:
+    """Microseconds since the epoch as an aware UTC datetime (the inverse).
+    Raises ``OverflowError`` beyond what a datetime holds."""
+    return _EPOCH + timedelta(microseconds=micros)
+
+
 #: An event's fields in their dataclass order: the order of EventRow too.
 _FIELDS: Final = tuple(AuditEvent.__dataclass_fields__)
 _FIELD_VALUES: Final = operator.attrgetter(*_FIELDS)
@@ -167,7 +180,7 @@ def event_rows(events: Sequence[AuditEvent]) -> list[EventRow]:
         if not isinstance(e, AuditEvent):
             raise InvalidRequest(f"audit event {position} is not an AuditEvent")
         try:
-            micros = (e.occurred_at - _EPOCH) // _MICROSECOND
+            micros = datetime_micros(e.occurred_at)
         except TypeError:
             raise InvalidRequest(
                 f"audit event {position} occurred_at must be a timezone-aware datetime"
@@ -191,31 +204,8 @@ def row_event(row: EventRow) -> AuditEvent:
     fields = list(row)
     if len(fields) != len(_FIELDS):
         raise ValueError(f"an event row has {len(_FIELDS)} fields")
-    fields[_OCCURRED_AT] = _EPOCH + timedelta(microseconds=fields[_OCCURRED_AT])
+    fields[_OCCURRED_AT] = micros_datetime(fields[_OCCURRED_AT])
     parameters = fields[_PARAMETERS]
     if parameters is not None:
         fields[_PARAMETERS] = tuple(Parameter(*p) for p in parameters)
     return AuditEvent(*fields)
-
-
-#: ISO-8601 text of whole seconds, by second: the events of a batch mostly share
-#: a handful of seconds, and formatting a datetime costs far more than a lookup.
-_ISO_SECONDS: dict[int, str] = {}
-_ISO_SECONDS_KEPT: Final = 4096
-
-
-def iso_from_micros(micros: int) -> str:
-    """Microseconds since the epoch as UTC ISO-8601 with microseconds, exactly as
-    ``datetime.isoformat(timespec="microseconds")`` spells it
-    (``2026-11-23T09:00:00.123456+00:00``).
-
-    Raises ``OverflowError`` (or ``TypeError``) for what is no datetime.
-    """
-    seconds, fraction = divmod(micros, 1_000_000)
-    prefix = _ISO_SECONDS.get(seconds)
-    if prefix is None:
-        if len(_ISO_SECONDS) >= _ISO_SECONDS_KEPT:
-            _ISO_SECONDS.clear()
-        whole = (_EPOCH + timedelta(seconds=seconds)).isoformat(timespec="seconds")
-        prefix = _ISO_SECONDS[seconds] = whole.removesuffix("+00:00")
-    return f"{prefix}.{fraction:06d}+00:00"

@@ -25,25 +25,21 @@ processes the journal to its end, reports, and exits.
 If the child dies, the daemon starts another, which goes on from the checkpoint
 the last one left (see :mod:`gateway.audit.replay`): what was committed after
 the last checkpoint appears twice (each copy chained, so verification passes);
-nothing is lost. ``encode_rows``/``decode_rows`` remain the compact form of a
-batch of rows for tools and tests.
+nothing is lost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import marshal
 import os
 import struct
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 import structlog
 
-from gateway.audit.records import EventRow
 from gateway.errors import ConfigError, GatewayError, InvalidRequest, NotFound, StoreError
 from gateway.protocol.sqlstate import SqlState
 
@@ -53,8 +49,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 _LENGTH: Final = struct.Struct("!I")
-#: A batch of 500 statements with 64 KiB of SQL each is 32 MiB; refuse beyond.
-MAX_FRAME_BYTES: Final = 256 * 1024 * 1024
+#: The control frames are a few bytes of JSON; anything this long is no frame.
+MAX_FRAME_BYTES: Final = 1024 * 1024
 START_TIMEOUT_SECONDS: Final = 60.0
 #: How long an ordered shutdown waits for the child to finish the journal; what
 #: it has not processed by then is recovered at the next start.
@@ -70,25 +66,7 @@ class SinkError(GatewayError):
     sqlstate = SqlState.SYSTEM_ERROR
 
 
-# --- the events, as plain tuples ---------------------------------------------------
-
-
-def encode_rows(rows: Sequence[EventRow]) -> bytes:
-    """A batch of rows as the pipe carries it (``marshal`` of a list of tuples).
-
-    Raises :class:`InvalidRequest` for a row that holds something ``marshal``
-    cannot carry (only a bug can put one there).
-    """
-    try:
-        return marshal.dumps(rows if type(rows) is list else list(rows))
-    except ValueError:
-        raise InvalidRequest("an audit event holds a value that is not a plain value") from None
-
-
-def decode_rows(payload: bytes) -> list[EventRow]:
-    """The rows of an :func:`encode_rows` payload, as the store appends them."""
-    rows: list[EventRow] = marshal.loads(payload)  # noqa: S302 (our own parent, over a private pipe)
-    return rows
+# --- errors across the pipe ----------------------------------------------------------
 
 
 #: Errors the child reports by class name, raised again as such in the daemon.

@@ -26,8 +26,8 @@ from pydantic import BaseModel, ConfigDict
 
 from gateway.audit.batch import (
     BATCH_CHAIN_VERSION,
-    KIND_BITS,
     BatchFormatError,
+    batch_index,
     decode_record,
     encoded_records,
     record_fields,
@@ -112,42 +112,24 @@ def _span(first: int, last: int) -> str:
     return f"seq {first}" if first == last else f"seqs {first}-{last}"
 
 
-class _BatchIndex:
-    """What a batch's index columns must say, accumulated from its records."""
+def _index_matches(batch: StoredBatch, records: list[tuple[str, int]], last_seq: int) -> bool:
+    """Whether *batch*'s index columns cover its intact *records* (``(kind,
+    occurred_at)``, as :func:`~gateway.audit.batch.batch_index` takes them).
 
-    __slots__ = ("kinds", "last_seq", "max_at", "min_at", "statements")
-
-    def __init__(self) -> None:
-        self.min_at: int | None = None
-        self.max_at: int | None = None
-        self.kinds = 0
-        self.statements = 0
-        self.last_seq: int | None = None
-
-    def add(self, fields: Mapping[str, Any]) -> None:
-        at = fields["occurred_at"]
-        if type(at) is int:
-            self.min_at = at if self.min_at is None else min(self.min_at, at)
-            self.max_at = at if self.max_at is None else max(self.max_at, at)
-        self.kinds |= KIND_BITS.get(fields["kind"], 0)
-        self.statements += fields["kind"] == "statement"
-        self.last_seq = fields["seq"]
-
-    def matches(self, batch: StoredBatch) -> bool:
-        """Whether *batch*'s columns cover its records (an empty batch never does).
-
-        The time range may be wider than the records' (records cut off), never
-        narrower; the kinds and statement count must be exact.
-        """
-        return (
-            self.min_at is not None
-            and self.max_at is not None
-            and batch.min_at <= self.min_at
-            and batch.max_at >= self.max_at
-            and (batch.kinds & self.kinds) == self.kinds
-            and batch.statement_count >= self.statements
-            and batch.last_seq >= (self.last_seq or 0)
-        )
+    The time range may be wider than the records' (records cut off), never
+    narrower; the kinds must include theirs, the statement count and last seq
+    must reach theirs.
+    """
+    if not records:
+        return False
+    derived = batch_index(records)
+    return (
+        batch.min_at <= derived.min_at
+        and batch.max_at >= derived.max_at
+        and (batch.kinds & derived.kinds) == derived.kinds
+        and batch.statement_count >= derived.statement_count
+        and batch.last_seq >= last_seq
+    )
 
 
 @dataclass(slots=True)
@@ -329,7 +311,8 @@ class SessionVerifier:
             chain.batch_hash(self.session_id, first, batch.prev_hash, stored), batch.hash
         )
         known = {stored[at : at + size] for at in range(0, len(stored), size)}
-        index = _BatchIndex()
+        # (kind, occurred_at) of each readable record, for the index columns
+        indexed: list[tuple[str, int]] = []
         linked = self._last_changed or is_same_digest(batch.prev_hash, self._last_hash)
         decoded = []
         for position, part in enumerate(parts):
@@ -357,12 +340,12 @@ class SessionVerifier:
                 reports.append((seq, "changed", f"{name} does not match its digest: it was edited"))
             elif rank == 0 and not linked and not reports:
                 reports.append(self._unchained(seq, name))
-            if fields is not None:
-                index.add(fields)
+            if fields is not None and type(fields["occurred_at"]) is int:
+                indexed.append((fields["kind"], fields["occurred_at"]))
             self._last_seq = max(self._last_seq, seq)
         if not parts:  # unreadable: its seqs are taken as the columns say
             self._last_seq = max(self._last_seq, batch.last_seq)
-        elif not reports and not index.matches(batch):
+        elif not reports and not _index_matches(batch, indexed, self._last_seq):
             reports.append(
                 (
                     first,

@@ -31,17 +31,16 @@ from sqlalchemy import Connection, Select, func, select
 
 from gateway.audit.batch import (
     BATCH_CHAIN_VERSION,
-    BODY_FIELDS,
     KIND_BITS,
     PARAMETER_FIELDS,
     BatchFormatError,
     SealedBatch,
-    datetime_micros,
     decode_records,
-    micros_datetime,
+    field_position,
     record_fields,
 )
 from gateway.audit.chain import RECORD_DIGEST_BYTES
+from gateway.audit.records import datetime_micros, micros_datetime
 from gateway.errors import StoreError
 from gateway.store.models import AuditRecord
 from gateway.store.schema import audit_batches, sessions
@@ -64,9 +63,8 @@ _STREAM_BATCHES: Final = 16
 #: The columns a batch is inserted with, in SealedBatch order plus the store's own.
 _COLUMNS: Final = (*SealedBatch._fields, "chain_version", "recorded_at")
 #: Where a statement record holds its SQL and status.
-_HEAD: Final = 4
-_SQL: Final = _HEAD + BODY_FIELDS["statement"].index("sql")
-_STATUS: Final = _HEAD + BODY_FIELDS["statement"].index("status")
+_SQL: Final = field_position("statement", "sql")
+_STATUS: Final = field_position("statement", "status")
 
 
 def insert_batches(conn: Connection, batches: Sequence[SealedBatch], recorded_at: Any) -> None:

@@ -19,7 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from cryptography import x509
@@ -36,6 +36,7 @@ from gateway.audit.records import (
     AuditEvent,
     EventRow,
     Parameter,
+    datetime_micros,
     row_event,
 )
 from gateway.errors import InvalidRequest
@@ -209,11 +210,10 @@ def _check_detail(where: str, detail: object) -> None:
 
 OCCURRED_AT: Final = EVENT_FIELDS.index("occurred_at")
 #: The fields only a statement may set (a connection event's body is its detail).
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _STATEMENT_ONLY: Final = slice(OCCURRED_AT + 1, len(EVENT_FIELDS) - 1)
 #: The range of a datetime, in microseconds since the epoch.
-_MIN_MICROS: Final = (datetime.min.replace(tzinfo=UTC) - _EPOCH) // timedelta(microseconds=1)
-_MAX_MICROS: Final = (datetime.max.replace(tzinfo=UTC) - _EPOCH) // timedelta(microseconds=1)
+_MIN_MICROS: Final = datetime_micros(datetime.min.replace(tzinfo=UTC))
+_MAX_MICROS: Final = datetime_micros(datetime.max.replace(tzinfo=UTC))
 _PARAMETERS: Final = EVENT_FIELDS.index("parameters")
 _STATUS: Final = EVENT_FIELDS.index("status")
 _ERROR_MESSAGE: Final = EVENT_FIELDS.index("error_message")
