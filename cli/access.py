@@ -8,9 +8,9 @@ SIGTERM ends the session: live connections get a FATAL from the daemon.
 
 from __future__ import annotations
 
-import getpass
 import re
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -86,6 +86,7 @@ def hold_access(
     duration_seconds: int,
     port: int | None,
     ready: threading.Event | None = None,
+    reason: str | None = None,
 ) -> int:
     """Open a grant and hold it until Ctrl+C/SIGTERM or expiry; returns an exit code."""
     session = client.open_access(
@@ -93,7 +94,8 @@ def hold_access(
         account=account,
         duration_seconds=duration_seconds,
         port=port,
-        requester=getpass.getuser(),
+        reason=reason,
+        client_host=socket.gethostname(),
     )
     # The handlers are in place before the URL is shown: a Ctrl+C the moment it
     # appears still ends the session in order (exit 0), not with exit 130.

@@ -17,6 +17,7 @@ class HealthJson(TypedDict):
     status: str
     version: str
     server_time: str
+    gateway_id: str
 
 
 class ResourceJson(TypedDict):
@@ -28,6 +29,7 @@ class ResourceJson(TypedDict):
     ssl_mode: str
     ca_cert: str | None
     created_at: str
+    project: str
 
 
 class AccountJson(TypedDict):
@@ -74,6 +76,13 @@ class SessionJson(TypedDict):
     end_reason: str | None
     end_detail: str | None
     duration_seconds: float | None
+    principal_id: str | None
+    token_id: str | None
+    project: str | None
+    policy_name: str | None
+    reason: str | None
+    api_client_addr: str | None
+    reported_host: str | None
 
 
 class ConnectionJson(TypedDict):
@@ -160,3 +169,40 @@ class AuditVerifyJson(TypedDict):
     session: str | None
     problems: list[ProblemJson]
     sessions_checked: int
+
+
+class TokenJson(TypedDict):
+    token: str
+    token_id: str
+    user: str
+    expires_at: str | None
+
+
+class PrincipalJson(TypedDict):
+    id: str
+    name: str
+    kind: str
+    roles: dict[str, str]
+    groups: list[str]
+    has_password: bool
+    created_at: str
+    disabled_at: str | None
+
+
+class WhoamiJson(TypedDict):
+    id: str
+    name: str
+    kind: str
+    roles: dict[str, str]
+    groups: list[str]
+    token_id: str | None
+
+
+class PolicyJson(TypedDict):
+    name: str
+    project: str
+    subjects: list[str]
+    resource_glob: str
+    account_glob: str
+    max_duration_seconds: int
+    require_reason: bool

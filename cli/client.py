@@ -23,6 +23,7 @@ Invariants:
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -39,13 +40,17 @@ from cli.api_json import AuditVerifyJson as AuditVerifyJson
 from cli.api_json import ConnectionJson as ConnectionJson
 from cli.api_json import HealthJson as HealthJson
 from cli.api_json import ParameterJson as ParameterJson
+from cli.api_json import PolicyJson as PolicyJson
+from cli.api_json import PrincipalJson as PrincipalJson
 from cli.api_json import ProblemJson as ProblemJson
 from cli.api_json import ResourceJson as ResourceJson
 from cli.api_json import SessionDetailJson as SessionDetailJson
 from cli.api_json import SessionJson as SessionJson
+from cli.api_json import TokenJson as TokenJson
 from cli.api_json import VerifyResultJson as VerifyResultJson
+from cli.api_json import WhoamiJson as WhoamiJson
 from gateway.audit.review import EXPORT_SESSIONS_HEADER
-from gateway.config import ClientConfig, load_client_config
+from gateway.config import Profile, active_profile
 from gateway.errors import GatewayError
 
 #: ``resource verify`` connects to every account upstream, each with its own timeout.
@@ -88,18 +93,25 @@ class ApiClient:
 
     def __init__(
         self,
-        config: ClientConfig | None = None,
+        config: Profile | None = None,
         *,
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.config = config or load_client_config()
+        self.config = config or active_profile()
+        headers = {"Authorization": f"Bearer {self.config.token}"} if self.config.token else {}
         self._http = httpx.Client(
             base_url=self.config.api_url,
-            headers={"Authorization": f"Bearer {self.config.token}"},
+            headers=headers,
             timeout=timeout,
             trust_env=False,
             transport=transport,
+            # A gateway's own CA, when the profile pins one; else the system's.
+            verify=(
+                ssl.create_default_context(cadata=self.config.ca_cert)
+                if self.config.ca_cert
+                else True
+            ),
         )
 
     def close(self) -> None:
@@ -179,14 +191,16 @@ class ApiClient:
         account: str,
         duration_seconds: int,
         port: int | None,
-        requester: str,
+        reason: str | None = None,
+        client_host: str | None = None,
     ) -> SessionJson:
         body = {
             "resource": resource,
             "account": account,
             "duration_seconds": duration_seconds,
             "port": port,
-            "requester": requester,
+            "reason": reason,
+            "client_host": client_host,
         }
         return cast(SessionJson, self.post("/v1/access", body))
 
@@ -195,6 +209,53 @@ class ApiClient:
 
     def end_access(self, session_id: str) -> SessionJson:
         return cast(SessionJson, self.post(f"/v1/access/{seg(session_id)}/end", {}))
+
+    # --- who: signing in, users, tokens, policies ----------------------------------------
+
+    def login(self, user: str, password: str) -> TokenJson:
+        return cast(TokenJson, self.post("/v1/login", {"user": user, "password": password}))
+
+    def logout(self) -> None:
+        self.post("/v1/logout")
+
+    def whoami(self) -> WhoamiJson:
+        return cast(WhoamiJson, self.get("/v1/whoami"))
+
+    def add_user(
+        self,
+        name: str,
+        *,
+        role: str,
+        project: str,
+        groups: list[str],
+        password: str | None,
+    ) -> PrincipalJson:
+        body = {"name": name, "role": role, "project": project, "groups": groups}
+        if password is not None:
+            body["password"] = password
+        return cast(PrincipalJson, self.post("/v1/users", body))
+
+    def list_users(self) -> list[PrincipalJson]:
+        return cast(list[PrincipalJson], self.get("/v1/users"))
+
+    def disable_user(self, name: str) -> PrincipalJson:
+        return cast(PrincipalJson, self.post(f"/v1/users/{seg(name)}/disable"))
+
+    def remove_user(self, name: str) -> None:
+        self.delete(f"/v1/users/{seg(name)}")
+
+    def create_token(self, name: str, *, role: str, project: str, ttl_seconds: int) -> TokenJson:
+        body = {"name": name, "role": role, "project": project, "ttl_seconds": ttl_seconds}
+        return cast(TokenJson, self.post("/v1/tokens", body))
+
+    def add_policy(self, body: dict[str, Any]) -> PolicyJson:
+        return cast(PolicyJson, self.post("/v1/policies", body))
+
+    def list_policies(self) -> list[PolicyJson]:
+        return cast(list[PolicyJson], self.get("/v1/policies"))
+
+    def remove_policy(self, name: str) -> None:
+        self.delete(f"/v1/policies/{seg(name)}")
 
     # --- review ------------------------------------------------------------------------
 

@@ -21,7 +21,17 @@ from typing import Any
 import click
 
 from cli.client import ApiError
-from cli.commands import access, accounts, audit, demo, gateway, resources, sessions
+from cli.commands import (
+    access,
+    accounts,
+    audit,
+    demo,
+    gateway,
+    identity,
+    policies,
+    resources,
+    sessions,
+)
 from cli.render import printable
 from gateway.errors import GatewayError
 
@@ -76,6 +86,12 @@ for _command in (
     sessions.sessions,
     audit.audit,
     demo.demo,
+    identity.login,
+    identity.logout,
+    identity.whoami,
+    identity.user,
+    identity.token,
+    policies.policy,
 ):
     cli.add_command(_command)
 

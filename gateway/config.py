@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import stat
 import sys
 from collections.abc import Callable
@@ -49,8 +50,13 @@ class GatewaySettings(BaseModel):
     #: SQLite store only: "normal" survives the daemon dying but may lose the last
     #: commits to a power loss; "full" fsyncs every commit (slower connection setup)
     store_sqlite_synchronous: Literal["normal", "full"] = "normal"
-    #: SHA-256 (hex) of the control API token; the token itself is not kept here
-    api_token_sha256: str
+    #: SHA-256 (hex) of the control API token of state directories made before
+    #: users existed; at start it becomes the first admin's local token
+    api_token_sha256: str | None = None
+    #: this gateway's id (random, made once): tells clients two gateways apart
+    gateway_id: str = Field(default_factory=lambda: secrets.token_hex(8))
+    #: how long a `pam login` session token lasts
+    login_ttl_seconds: int = Field(default=int(timedelta(hours=12).total_seconds()), gt=0)
     #: address the access listeners bind to
     listen_host: str = "127.0.0.1"
     max_grant_seconds: int = Field(default=int(timedelta(hours=12).total_seconds()), gt=0)
@@ -72,11 +78,50 @@ class GatewaySettings(BaseModel):
     audit_writer_process: bool = True
 
 
-class ClientConfig(BaseModel):
-    """What the CLI needs to reach the daemon."""
+class Profile(BaseModel):
+    """How the CLI reaches one gateway, as whom."""
 
     api_url: str
     token: str = Field(repr=False)
+    #: who the token belongs to (for `pam whoami` without a round trip, and messages)
+    user: str | None = None
+    #: the gateway's own id (``gateway.json``), so a profile is never silently
+    #: replaced by another gateway's at the same address
+    gateway_id: str | None = None
+    #: PEM of the gateway's CA, pinned for HTTPS and the tunnel
+    ca_cert: str | None = None
+
+
+class ClientConfig(Profile):
+    """The client configuration file: the current gateway's profile at the top
+    (``api_url``, ``token``, ...), every other gateway's under ``profiles``."""
+
+    profiles: dict[str, Profile] = Field(default_factory=dict)
+
+    @property
+    def current(self) -> Profile:
+        return Profile.model_validate(self.model_dump(exclude={"profiles"}))
+
+    def with_current(self, profile: Profile) -> ClientConfig:
+        """This config with *profile* current; the previous current one is kept
+        under ``profiles`` unless it is for the same address."""
+        others = dict(self.profiles)
+        others.pop(profile.api_url, None)
+        if self.api_url != profile.api_url:
+            others[self.api_url] = self.current
+        return ClientConfig(**profile.model_dump(), profiles=others)
+
+    def without(self, api_url: str) -> ClientConfig | None:
+        """This config with the profile for *api_url* gone (None: nothing left)."""
+        others = dict(self.profiles)
+        if self.api_url != api_url:
+            others.pop(api_url, None)
+            return self.model_copy(update={"profiles": others})
+        if not others:
+            return None
+        url, first = next(iter(sorted(others.items())))
+        del others[url]
+        return ClientConfig(**first.model_dump(), profiles=others)
 
 
 def default_home() -> Path:
@@ -193,5 +238,53 @@ def _warn_on_stderr(message: str) -> None:
 
 def save_client_config(config: ClientConfig) -> Path:
     path = client_config_path()
-    write_private_file(path, config.model_dump_json(indent=2).encode())
+    write_private_file(path, config.model_dump_json(indent=2, exclude_none=True).encode())
     return path
+
+
+def active_profile() -> Profile:
+    """The profile the CLI uses: the client config's current one, or the one for
+    ``$PAM_GATEWAY``; ``$PAM_TOKEN`` (a machine token) replaces its token, and
+    with both variables set no client config is needed."""
+    url, token = os.environ.get("PAM_GATEWAY"), os.environ.get("PAM_TOKEN")
+    try:
+        config = load_client_config()
+    except ConfigError:
+        if url and token:
+            return Profile(api_url=url, token=token)
+        raise
+    if url and url != config.api_url:
+        profile = config.profiles.get(url) or Profile(api_url=url, token="")
+    else:
+        profile = config.current
+    return profile.model_copy(update={"token": token}) if token else profile
+
+
+def save_profile(profile: Profile, *, replace_other_gateway: bool = False) -> Path:
+    """Make *profile* current in the client config, keeping every other one.
+
+    Refuses (:class:`ConfigError`) to replace a profile for the same address
+    that belongs to another gateway (its ``gateway_id`` differs), unless
+    *replace_other_gateway*."""
+    try:
+        config: ClientConfig | None = load_client_config()
+    except ConfigError:
+        config = None  # none yet, or unreadable: a new file
+    if config is None:
+        return save_client_config(ClientConfig(**profile.model_dump()))
+    existing = config.current if config.api_url == profile.api_url else None
+    existing = existing or config.profiles.get(profile.api_url)
+    if (
+        existing is not None
+        and existing.gateway_id
+        and profile.gateway_id
+        and existing.gateway_id != profile.gateway_id
+        and not replace_other_gateway
+    ):
+        raise ConfigError(
+            f"the client configuration already has a profile for {profile.api_url}"
+            " that belongs to another gateway",
+            hint=f"remove it with `pam logout --gateway {profile.api_url}`, or use another"
+            " --api-port",
+        )
+    return save_client_config(config.with_current(profile))

@@ -40,6 +40,14 @@ class InvalidRequest(GatewayError):
     """A request to the control API was well-formed but not acceptable."""
 
 
+class Unauthenticated(GatewayError):
+    """The caller is not known: no token, a wrong, expired or revoked one, a bad password."""
+
+
+class Forbidden(GatewayError):
+    """The caller is known but may not do this (role, policy, disabled)."""
+
+
 class StoreError(GatewayError):
     """The database behind the state store failed (unreachable, locked, broken)."""
 

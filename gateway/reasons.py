@@ -30,6 +30,8 @@ class SessionEndReason(StrEnum):
     ERROR = "error"
     #: left open by a gateway that died; closed at the next start
     GATEWAY_CRASH = "gateway_crash"
+    #: its principal was disabled or removed by an administrator
+    REVOKED = "revoked"
 
 
 class ConnectionEndReason(StrEnum):
@@ -57,4 +59,5 @@ CONNECTION_REASON_AT_SESSION_END: Final[dict[SessionEndReason, ConnectionEndReas
     SessionEndReason.GATEWAY_SHUTDOWN: ConnectionEndReason.GATEWAY_SHUTDOWN,
     SessionEndReason.ERROR: ConnectionEndReason.ERROR,
     SessionEndReason.GATEWAY_CRASH: ConnectionEndReason.GATEWAY_CRASH,
+    SessionEndReason.REVOKED: ConnectionEndReason.SESSION_ENDED,
 }

@@ -8,6 +8,8 @@ the root group turns them into one line on stderr.
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from cli.client import ApiClient
@@ -28,3 +30,19 @@ def api_client() -> ApiClient:
     client = make()
     assert isinstance(client, ApiClient)
     return client
+
+
+def read_password(password_stdin: bool, prompt: str, *, confirm: bool = True) -> str:
+    """A password from the first line of stdin, or a no-echo prompt (never argv)."""
+    if password_stdin:
+        line = sys.stdin.readline()
+        password = line[:-1] if line.endswith("\n") else line
+        if password.endswith("\r"):
+            password = password[:-1]
+    elif sys.stdin.isatty():
+        password = click.prompt(prompt, hide_input=True, confirmation_prompt=confirm)
+    else:
+        raise click.UsageError("no terminal to prompt for the password; use --password-stdin")
+    if not password:
+        raise click.UsageError("the password is empty")
+    return password

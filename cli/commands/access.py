@@ -31,7 +31,12 @@ def db() -> None:
 @click.option(
     "--port", type=click.IntRange(1, 65535), default=None, help="Local port (default: a free one)."
 )
-def db_access(resource_name: str, account_name: str, duration: str, port: int | None) -> None:
+@click.option(
+    "--reason", default=None, help="Why you need access (recorded; a policy may require it)."
+)
+def db_access(
+    resource_name: str, account_name: str, duration: str, port: int | None, reason: str | None
+) -> None:
     """Open a time-boxed local port to a resource, as an account, with no password."""
     seconds = parse_duration(duration)
     with api_client() as client:
@@ -41,5 +46,6 @@ def db_access(resource_name: str, account_name: str, duration: str, port: int | 
             account=account_name,
             duration_seconds=seconds,
             port=port,
+            reason=reason,
         )
     sys.exit(code)

@@ -6,32 +6,15 @@ argv, and is never printed.
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-from cli.commands import api_client, json_option
+from cli.commands import api_client, json_option, read_password
 from cli.render import console, local_time, print_json, table
 
 
 @click.group()
 def account() -> None:
     """Store database accounts (credentials) for resources."""
-
-
-def _read_password(password_stdin: bool, prompt: str) -> str:
-    if password_stdin:
-        line = sys.stdin.readline()
-        password = line[:-1] if line.endswith("\n") else line
-        if password.endswith("\r"):
-            password = password[:-1]
-    elif sys.stdin.isatty():
-        password = click.prompt(prompt, hide_input=True, confirmation_prompt=True)
-    else:
-        raise click.UsageError("no terminal to prompt for the password; use --password-stdin")
-    if not password:
-        raise click.UsageError("the password is empty")
-    return password
 
 
 @account.command("add")
@@ -46,7 +29,7 @@ def account_add(
     resource_name: str, name: str, username: str, password_stdin: bool, as_json: bool
 ) -> None:
     """Add an account; the password is prompted for (or read from stdin) and stored encrypted."""
-    password = _read_password(password_stdin, f"Password for {username}")
+    password = read_password(password_stdin, f"Password for {username}")
     with api_client() as client:
         created = client.add_account(resource_name, name, username=username, password=password)
     if as_json:
@@ -64,7 +47,7 @@ def account_add(
 @click.option("--password-stdin", is_flag=True)
 def account_rotate(resource_name: str, name: str, password_stdin: bool) -> None:
     """Replace an account's stored password."""
-    password = _read_password(password_stdin, "New password")
+    password = read_password(password_stdin, "New password")
     with api_client() as client:
         client.rotate_password(resource_name, name, password)
     console.print(f"Password of {resource_name}/{name} replaced.")

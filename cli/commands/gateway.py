@@ -7,10 +7,12 @@ the control API. ``--home`` here wins over the root's ``pam --home``.
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 
 import click
 
+from cli.commands import read_password
 from cli.render import console
 from gateway.config import DEFAULT_API_PORT, resolve_home
 
@@ -41,12 +43,28 @@ def _home(home: Path | None) -> Path:
 @click.option(
     "--force", is_flag=True, help="Issue a new API token for an existing state directory."
 )
-def gateway_init(home: Path | None, api_port: int, force: bool) -> None:
-    """Create the state directory, master key, store and API token."""
+@click.option("--admin", default=None, help="The first admin's user name (default: your OS user).")
+@click.option(
+    "--password-stdin", is_flag=True, help="Read the admin's password from stdin's first line."
+)
+def gateway_init(
+    home: Path | None, api_port: int, force: bool, admin: str | None, password_stdin: bool
+) -> None:
+    """Create the state directory, master key, store, first admin and its local token.
+
+    The admin's password (for `pam login` from other hosts) comes from a no-echo
+    prompt or --password-stdin; with neither a terminal nor that flag none is
+    set, and the admin works from this host only, through the config written here.
+    """
     # Imported here: the daemon's stack is heavy and only these commands need it.
     from gateway.app.daemon import init_home
 
-    result = init_home(_home(home), api_port=api_port, force=force)
+    password = (
+        read_password(password_stdin, "Password for the admin (for pam login)")
+        if password_stdin or sys.stdin.isatty()
+        else None
+    )
+    result = init_home(_home(home), api_port=api_port, force=force, admin=admin, password=password)
     console.print(f"Initialised pam state in {result.home}")
     console.print(f"Client configuration (API token, mode 0600): {result.client_config}")
     if force:

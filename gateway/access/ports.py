@@ -65,6 +65,8 @@ class SessionRecord(Protocol):
     def expires_at(self) -> datetime: ...
     @property
     def ended_at(self) -> datetime | None: ...
+    @property
+    def principal_id(self) -> str | None: ...
 
 
 class StartedConnection(Protocol):
@@ -86,6 +88,7 @@ class SessionStore(Protocol):
         listen_host: str,
         expires_at: datetime,
         started_at: datetime | None = None,
+        request: dict[str, str | None] | None = None,
     ) -> SessionRecord: ...
 
     def set_session_port(self, session_id: str, port: int) -> None: ...

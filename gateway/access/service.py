@@ -120,7 +120,10 @@ class GrantService:
         account: str,
         duration_seconds: int,
         port: int | None = None,
+        request: dict[str, str | None] | None = None,
     ) -> SessionRecord:
+        """Open a grant; *request* is what its session records of who asked
+        (``gateway.store.sessions.REQUEST_FIELDS``), decided by the caller."""
         check_grant_request(
             duration_seconds=duration_seconds,
             port=port,
@@ -136,6 +139,7 @@ class GrantService:
             listen_host=self.settings.listen_host,
             expires_at=now + timedelta(seconds=duration_seconds),
             started_at=now,
+            request=request,
         )
         bound_port, listener = await self._listen(session, port)
         await self.db(self.store.set_session_port, session.id, bound_port)
@@ -210,6 +214,30 @@ class GrantService:
             hint="request new access with `pam db access`",
         )
         return await self._end(grant, reason=reason, detail=detail, termination=termination)
+
+    def owner_of(self, session_id: str) -> str | None:
+        """The principal id of a live grant's session (None: not live, or no principal)."""
+        grant = self._grants.get(session_id)
+        return None if grant is None else grant.session.principal_id
+
+    async def end_grants_of(self, principal_id: str, *, detail: str) -> int:
+        """End every live grant of *principal_id* (it was disabled); how many."""
+        ended = 0
+        for grant in list(self._grants.values()):
+            if grant.session.principal_id != principal_id or grant.is_ended:
+                continue
+            termination = Termination(
+                ConnectionEndReason.SESSION_ENDED,
+                SqlState.ADMIN_SHUTDOWN,
+                f"terminating connection because access session {grant.session.id[:8]}"
+                f" was ended: {detail}",
+                hint="ask an administrator",
+            )
+            await self._end(
+                grant, reason=SessionEndReason.REVOKED, detail=detail, termination=termination
+            )
+            ended += 1
+        return ended
 
     async def _end(
         self,

@@ -1,18 +1,19 @@
 """The daemon: state-directory set-up, and running the service with its control API.
 
-``init_home`` creates the state directory, the master key (0600), the store and
-the API token (kept only as a hash in ``gateway.json``; the token itself goes to
-the user's client config, 0600). ``run`` serves until SIGTERM/SIGINT, then shuts
-down in order: stop the control API, tell live clients why (FATAL), record the
-sessions' ends, close the store.
+``init_home`` creates the state directory, the master key (0600), the store,
+the first admin (optionally with a password, argon2id-hashed) and a ``local``
+token for it on this host (the store keeps its SHA-256; the token itself goes
+to the user's client config, 0600, as this gateway's profile). ``run`` serves
+until SIGTERM/SIGINT, then shuts down in order: stop the control API, tell live
+clients why (FATAL), record the sessions' ends, close the store.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import os
-import secrets
 import signal
 import socket
 from collections.abc import Callable, Generator
@@ -30,16 +31,18 @@ from gateway.config import (
     MASTER_KEY_FILE,
     SECRET_FILE_MODE,
     STORE_FILE,
-    ClientConfig,
     GatewaySettings,
-    hash_token,
+    Profile,
     load_settings,
-    save_client_config,
+    save_profile,
     save_settings,
     store_url,
 )
 from gateway.credentials.secretbox import SecretBox, generate_master_key, load_master_key
-from gateway.errors import AlreadyExists, ConfigError
+from gateway.errors import AlreadyExists, ConfigError, NotFound
+from gateway.identity.hashing import hash_password, new_token, token_digest
+from gateway.identity.principals import ALL_PROJECTS, PrincipalKind, Role
+from gateway.identity.service import TokenKind
 from gateway.net.tls import ensure_local_certificate, server_context
 from gateway.store import Store
 
@@ -61,10 +64,22 @@ def api_url(settings: GatewaySettings) -> str:
     return f"http://{host}:{settings.api_port}"
 
 
+def default_admin_name() -> str:
+    """The OS user running this, as a pam user name (lower case)."""
+    return getpass.getuser().lower()
+
+
 def init_home(
-    home: Path, *, api_port: int, api_host: str = "127.0.0.1", force: bool = False
+    home: Path,
+    *,
+    api_port: int,
+    api_host: str = "127.0.0.1",
+    force: bool = False,
+    admin: str | None = None,
+    password: str | None = None,
 ) -> InitResult:
-    """Create a state directory; with ``force``, keep key and store but issue a new token."""
+    """Create a state directory and its first admin (default: the OS user);
+    with ``force``, keep key, store and users but issue a new local token."""
     home.mkdir(parents=True, exist_ok=True, mode=STATE_DIR_MODE)
     os.chmod(home, STATE_DIR_MODE)
     settings_path = home / "gateway.json"
@@ -76,29 +91,65 @@ def init_home(
     key_path = home / MASTER_KEY_FILE
     if not key_path.exists():
         generate_master_key(key_path)
-    token = secrets.token_urlsafe(32)
     if settings_path.exists():
         settings = load_settings(home).model_copy(
-            update={
-                "api_token_sha256": hash_token(token),
-                "api_host": api_host,
-                "api_port": api_port,
-            }
+            update={"api_token_sha256": None, "api_host": api_host, "api_port": api_port}
         )
     else:
-        settings = GatewaySettings(
-            api_host=api_host, api_port=api_port, api_token_sha256=hash_token(token)
-        )
-    save_settings(home, settings)
-    store = Store.open(
+        settings = GatewaySettings(api_host=api_host, api_port=api_port)
+    name = admin or default_admin_name()
+    token = new_token()
+    with Store.open(
         store_url(home, settings),
         SecretBox(load_master_key(key_path)),
         sqlite_synchronous=settings.store_sqlite_synchronous,
-    )
-    store.close()
+    ) as store:
+        _ensure_admin(store, name, password)
+        principal_id = store.get_principal(name).id
+        # A new local token replaces the old one: a copy of the old config stops working.
+        store.revoke_tokens_of(principal_id, kind=TokenKind.LOCAL)
+        store.add_token(
+            principal_id, kind=TokenKind.LOCAL, digest=token_digest(token), expires_at=None
+        )
+    save_settings(home, settings)
     url = api_url(settings)
-    path = save_client_config(ClientConfig(api_url=url, token=token))
+    path = save_profile(
+        Profile(api_url=url, token=token, user=name, gateway_id=settings.gateway_id),
+        replace_other_gateway=force,
+    )
     return InitResult(home=home, client_config=path, api_url=url)
+
+
+def _ensure_admin(store: Store, name: str, password: str | None) -> None:
+    """*name* as an admin of every project (made if missing; its password set if given)."""
+    hashed = None if password is None else hash_password(password)
+    try:
+        info = store.get_principal(name)
+    except NotFound:
+        store.add_principal(
+            name, kind=PrincipalKind.USER, roles={ALL_PROJECTS: Role.ADMIN}, password_hash=hashed
+        )
+        return
+    if info.roles.get(ALL_PROJECTS) != Role.ADMIN.value:
+        raise ConfigError(f"user '{name}' exists and is not an admin of every project")
+    if hashed is not None:
+        store.set_password_hash(name, hashed)
+
+
+def adopt_legacy_token(store: Store, settings: GatewaySettings, home: Path) -> None:
+    """A state directory from before users: its API token becomes the local
+    token of a first admin named after the OS user, so its CLI keeps working."""
+    digest = settings.api_token_sha256
+    if digest is None:
+        return
+    if not store.list_principals():
+        name = default_admin_name()
+        _ensure_admin(store, name, None)
+        store.add_token(
+            store.get_principal(name).id, kind=TokenKind.LOCAL, digest=digest, expires_at=None
+        )
+        log.warning("legacy_api_token_adopted", admin=name)
+    save_settings(home, settings.model_copy(update={"api_token_sha256": None}))
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -181,6 +232,7 @@ async def run(home: Path, *, log_format: str = "console", log_level: str = "info
     store = Store.open(
         store_url(home, settings), box, sqlite_synchronous=settings.store_sqlite_synchronous
     )
+    adopt_legacy_token(store, settings, home)
     cert, key = ensure_local_certificate(home)
     sink = (
         AuditSink(home, log_format=log_format, log_level=log_level)
@@ -203,7 +255,7 @@ async def run(home: Path, *, log_format: str = "console", log_level: str = "info
         await service.start()
         server = _EmbeddedServer(
             uvicorn.Config(
-                create_app(service, settings.api_token_sha256),
+                create_app(service),
                 log_level="warning",
                 access_log=False,
                 lifespan="off",

@@ -18,10 +18,12 @@ import functools
 import ssl
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.access.admission import Admission
+from gateway.access.authorization import authorize_access, not_allowed
 from gateway.access.connections import ConnectionRecords
 from gateway.access.host import ListenerHost
 from gateway.access.ports import SessionRecord
@@ -32,6 +34,9 @@ from gateway.audit.writer import AuditWriter
 from gateway.config import GatewaySettings
 from gateway.credentials.targets import Credentials
 from gateway.credentials.verify import VerifyResult, verify
+from gateway.errors import NotFound
+from gateway.identity.principals import Principal
+from gateway.identity.service import IdentityService
 from gateway.store import Store
 
 T = TypeVar("T")
@@ -86,6 +91,15 @@ class Gateway:
         )
         self.grants = GrantService(store, self.db, settings, self.host, self.records, self.audit)
         self.audit.cut_live = self.grants.terminate_live
+        self.identity = IdentityService(
+            store,
+            self.db,
+            session_ttl=timedelta(seconds=settings.login_ttl_seconds),
+            on_disabled=self._principal_disabled,
+        )
+
+    async def _principal_disabled(self, principal_id: str, name: str) -> None:
+        await self.grants.end_grants_of(principal_id, detail=f"user {name} was disabled")
 
     @property
     def audit_writer(self) -> AuditWriter | None:
@@ -123,19 +137,50 @@ class Gateway:
 
     async def open_access(
         self,
+        principal: Principal,
         *,
-        requester: str,
         resource: str,
         account: str,
         duration_seconds: int,
         port: int | None = None,
+        reason: str | None = None,
+        api_client_addr: str | None = None,
+        reported_host: str | None = None,
     ) -> SessionRecord:
+        """Open a grant for *principal* if its role or a policy allows it."""
+        try:
+            project: str | None = (await self.db(self.store.get_resource, resource)).project
+        except NotFound:
+            if principal.is_admin():
+                raise
+            project = None
+        policies = [] if project is None else await self.identity.policies(project)
+        if project is None and not principal.is_admin():
+            raise not_allowed(principal, resource, account)
+        allowed_by = authorize_access(
+            principal,
+            project=project,
+            policies=policies,
+            resource=resource,
+            account=account,
+            duration_seconds=duration_seconds,
+            reason=reason,
+        )
         return await self.grants.open_access(
-            requester=requester,
+            requester=principal.name,
             resource=resource,
             account=account,
             duration_seconds=duration_seconds,
             port=port,
+            request={
+                "principal_id": principal.id,
+                "token_id": principal.token_id,
+                "project": project,
+                "policy_name": allowed_by,
+                "reason": reason,
+                "api_client_addr": api_client_addr,
+                "reported_host": reported_host,
+            },
         )
 
     async def heartbeat(self, session_id: str) -> SessionRecord:

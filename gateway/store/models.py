@@ -94,6 +94,8 @@ class Resource(_Record):
     #: system trust store.
     ca_cert: str | None = None
     created_at: UtcDatetime
+    #: the project its accounts and policies belong to
+    project: str = "default"
 
 
 class Account(_Record):
@@ -128,6 +130,17 @@ class AccessSession(_Record):
     expires_at: UtcDatetime
     ended_at: UtcDatetime | None = None
     end_reason: SessionEndReason | None = None
+    #: who asked (all None for sessions from before users existed): the
+    #: authenticated principal, the token it used, the project, the policy
+    #: that allowed it, the reason given, the API client's address and the host
+    #: name the CLI reported (reported, not verified)
+    principal_id: str | None = None
+    token_id: str | None = None
+    project: str | None = None
+    policy_name: str | None = None
+    reason: str | None = None
+    api_client_addr: str | None = None
+    reported_host: str | None = None
     end_detail: str | None = None
 
     # mypy does not understand a decorated property; pydantic documents this ignore.

@@ -65,6 +65,7 @@ def _resource(row: AnyRow) -> Resource:
         ssl_mode=row.ssl_mode,
         ca_cert=row.ca_cert,
         created_at=row.created_at,
+        project=row.project,
     )
 
 
@@ -91,6 +92,7 @@ class ResourceStore(StoreBase):
         database: str,
         ssl_mode: str = "verify-full",
         ca_cert: str | None = None,
+        project: str = "default",
     ) -> Resource:
         """Register an upstream database. Raises :class:`AlreadyExists` for a taken name."""
         row = {
@@ -102,6 +104,7 @@ class ResourceStore(StoreBase):
             "ssl_mode": check_ssl_mode(ssl_mode),
             "ca_cert": check_ca_cert(ca_cert),
             "created_at": self._now(),
+            "project": check_name("project", project),
         }
         try:
             with self._transaction(write=True, conflicts=True) as conn:

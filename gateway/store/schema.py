@@ -55,8 +55,13 @@ __all__ = [
     "audit_events",
     "connections",
     "metadata",
+    "policies",
+    "principal_groups",
+    "principals",
     "resources",
+    "role_bindings",
     "sessions",
+    "tokens",
 ]
 
 #: uuid4().hex
@@ -128,6 +133,8 @@ resources = Table(
     Column("ssl_mode", String(16), nullable=False),
     Column("ca_cert", Text, nullable=True),
     Column("created_at", UtcTimestamp, nullable=False),
+    # Accounts and policies are scoped by their resource's project.
+    Column("project", String(NAME_LENGTH), nullable=False, server_default="default"),
     UniqueConstraint("name"),
 )
 
@@ -167,9 +174,84 @@ sessions = Table(
     Column("audit_count", Integer, nullable=True),
     Column("audit_head", String(HASH_LENGTH), nullable=True),
     Column("audit_seal", String(HASH_LENGTH), nullable=True),
+    # Who asked (revision 0005): the authenticated principal (``requester`` is
+    # its name), the token it used, the policy that allowed it and the reason
+    # given, the API client's address and the host name the CLI reported.
+    Column("principal_id", String(ID_LENGTH), nullable=True),
+    Column("token_id", String(ID_LENGTH), nullable=True),
+    Column("project", String(NAME_LENGTH), nullable=True),
+    Column("policy_name", String(NAME_LENGTH), nullable=True),
+    Column("reason", Text, nullable=True),
+    Column("api_client_addr", Text, nullable=True),
+    Column("reported_host", Text, nullable=True),
     Index(None, "started_at"),
     Index(None, "ended_at"),
     Index(None, "resource_name", "account_name"),
+)
+
+#: People and automation (revision 0005). A user may have an argon2id password
+#: hash; a machine principal has only tokens. Disabling keeps the row (sessions
+#: name it) and revokes its tokens.
+principals = Table(
+    "principals",
+    metadata,
+    Column("id", String(ID_LENGTH), primary_key=True),
+    Column("name", String(NAME_LENGTH), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("password_hash", Text, nullable=True),
+    Column("created_at", UtcTimestamp, nullable=False),
+    Column("disabled_at", UtcTimestamp, nullable=True),
+    UniqueConstraint("name"),
+)
+
+principal_groups = Table(
+    "principal_groups",
+    metadata,
+    Column("principal_id", String(ID_LENGTH), ForeignKey("principals.id"), primary_key=True),
+    Column("group_name", String(NAME_LENGTH), primary_key=True),
+)
+
+#: One role per principal and project; project ``*`` is every project.
+role_bindings = Table(
+    "role_bindings",
+    metadata,
+    Column("principal_id", String(ID_LENGTH), ForeignKey("principals.id"), primary_key=True),
+    Column("project", String(NAME_LENGTH), primary_key=True),
+    Column("role", String(16), nullable=False),
+)
+
+#: API tokens, kept as SHA-256 only. ``kind``: ``session`` (pam login, short
+#: lived), ``machine`` (pam token create), ``local`` (written by gateway init
+#: for this host's client configuration; accepted from loopback only).
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("id", String(ID_LENGTH), primary_key=True),
+    Column("principal_id", String(ID_LENGTH), ForeignKey("principals.id"), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("digest", String(HASH_LENGTH), nullable=False),
+    Column("created_at", UtcTimestamp, nullable=False),
+    Column("expires_at", UtcTimestamp, nullable=True),
+    Column("revoked_at", UtcTimestamp, nullable=True),
+    UniqueConstraint("digest"),
+    Index(None, "principal_id"),
+)
+
+policies = Table(
+    "policies",
+    metadata,
+    Column("id", String(ID_LENGTH), primary_key=True),
+    Column("name", String(NAME_LENGTH), nullable=False),
+    Column("project", String(NAME_LENGTH), nullable=False),
+    #: JSON list of principal names and ``@group``s
+    Column("subjects", Text, nullable=False),
+    Column("resource_glob", Text, nullable=False),
+    Column("account_glob", Text, nullable=False),
+    Column("max_duration_seconds", Integer, nullable=False),
+    Column("require_reason", Integer, nullable=False),
+    Column("created_at", UtcTimestamp, nullable=False),
+    UniqueConstraint("name"),
+    Index(None, "project"),
 )
 
 connections = Table(

@@ -16,9 +16,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
+from sqlalchemy import func, or_, select
 
 from gateway.errors import InvalidRequest, NotFound
+from gateway.identity.principals import DEFAULT_PROJECT
 from gateway.reasons import CONNECTION_REASON_AT_SESSION_END, SessionEndReason
 from gateway.store.models import CONNECTION_END_REASONS, SESSION_END_REASONS, AccessSession
 from gateway.store.rows import account_row, new_id, resolve_session_id, resource_row, session_row
@@ -37,7 +38,18 @@ from gateway.store.validation import (
 if TYPE_CHECKING:
     from gateway.store.rows import AnyRow
 
-__all__ = ["SessionStore"]
+__all__ = ["REQUEST_FIELDS", "SessionStore"]
+
+#: What a session records of the request that opened it (revision 0005).
+REQUEST_FIELDS = (
+    "principal_id",
+    "token_id",
+    "project",
+    "policy_name",
+    "reason",
+    "api_client_addr",
+    "reported_host",
+)
 
 
 def _session(row: AnyRow) -> AccessSession:
@@ -55,6 +67,7 @@ def _session(row: AnyRow) -> AccessSession:
         ended_at=row.ended_at,
         end_reason=row.end_reason,
         end_detail=row.end_detail,
+        **{name: getattr(row, name) for name in REQUEST_FIELDS},
     )
 
 
@@ -70,9 +83,17 @@ class SessionStore(TrailStore):
         listen_host: str,
         expires_at: datetime,
         started_at: datetime | None = None,
+        request: dict[str, str | None] | None = None,
     ) -> AccessSession:
-        """Start an access session, copying the database and username into it."""
+        """Start an access session, copying the database and username into it.
+        *request*: what it records of who asked (keys of :data:`REQUEST_FIELDS`)."""
         required_text("requester", requester)
+        asked = dict.fromkeys(REQUEST_FIELDS) | (request or {})
+        if asked.keys() != set(REQUEST_FIELDS):
+            unknown = sorted(set(asked) - set(REQUEST_FIELDS))
+            raise InvalidRequest(f"unknown request fields {unknown}")
+        for name, value in asked.items():
+            check_text(name, value, required=False)
         required_text("listen_host", listen_host)
         expires = check_time("expires_at", expires_at)
         started = self._now() if started_at is None else check_time("started_at", started_at)
@@ -92,6 +113,7 @@ class SessionStore(TrailStore):
                 "listen_port": None,
                 "started_at": started,
                 "expires_at": expires,
+                **asked,
             }
             conn.execute(sessions.insert().values(row))
         return AccessSession.model_validate(row)
@@ -168,12 +190,15 @@ class SessionStore(TrailStore):
         requester: str | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
+        visible_to: tuple[str, frozenset[str]] | None = None,
     ) -> list[AccessSession]:
         """Sessions, newest first.
 
         *active* selects only active (True) or ended (False) sessions; *resource*,
         *account* and *requester* match exactly; *since* (inclusive) and *until*
-        (exclusive) bound ``started_at``.
+        (exclusive) bound ``started_at``. *visible_to* (principal id, projects)
+        keeps the principal's own sessions and those of the projects (a
+        session from before projects counts as ``default``'s).
         """
         check_limit(limit)
         since = check_optional_time("since", since)
@@ -193,6 +218,14 @@ class SessionStore(TrailStore):
             query = query.where(sessions.c.started_at >= since)
         if until is not None:
             query = query.where(sessions.c.started_at < until)
+        if visible_to is not None:
+            principal_id, projects = visible_to
+            query = query.where(
+                or_(
+                    sessions.c.principal_id == principal_id,
+                    func.coalesce(sessions.c.project, DEFAULT_PROJECT).in_(sorted(projects)),
+                )
+            )
         with self._transaction(write=False) as conn:
             return [_session(r) for r in conn.execute(query.limit(limit))]
 

@@ -24,6 +24,11 @@ from gateway.testing.pgcluster import PgRole, TempCluster
 pytestmark = pytest.mark.integration
 
 
+#: What a stale, wrong or revoked API token gets.
+WRONG_TOKEN = (
+    "error: the API token is unknown, expired or revoked (hint: sign in again with `pam login`)"
+)
+
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
@@ -266,7 +271,7 @@ def test_a_wrong_api_token_is_refused(gateway: Gateway) -> None:
     gateway.config_path.write_text(json.dumps(config))
 
     result = gateway.cli("resource", "list", check=False)
-    assert assert_one_error_line(result) == "error: missing or wrong API token"
+    assert assert_one_error_line(result) == WRONG_TOKEN
 
 
 def test_a_missing_client_config_says_how_to_create_one(gateway: Gateway) -> None:
@@ -301,7 +306,7 @@ def test_gateway_init_twice_needs_force_and_force_replaces_the_token(gateway: Ga
 
     gateway.config_path.write_bytes(old_config)
     result = gateway.cli("resource", "list", check=False)
-    assert assert_one_error_line(result) == "error: missing or wrong API token"
+    assert assert_one_error_line(result) == WRONG_TOKEN
 
 
 def test_secret_files_are_private_to_their_owner(gateway: Gateway) -> None:

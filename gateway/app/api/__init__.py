@@ -1,8 +1,9 @@
 """The control API: HTTP/JSON over FastAPI, served by uvicorn inside the daemon.
 
 One router per area (``routers/``), API models of its own (``models.py``), and the
-token check and error format every route shares (``deps.py``). Every route needs
-``Authorization: Bearer <token>``. Errors are JSON
+caller check and error format every route shares (``deps.py``). Every route but
+``/v1/health`` and ``/v1/login`` needs ``Authorization: Bearer <token>``; the
+OpenAPI document and docs pages are not served. Errors are JSON
 ``{"error": {"type", "message", "hint"}}`` with a fitting status code. Passwords
 travel only inward (add, rotate) and are never part of a response.
 
@@ -15,24 +16,27 @@ from __future__ import annotations
 from fastapi import Depends, FastAPI
 
 from gateway import __version__
-from gateway.app.api.deps import authorize, install_error_handlers
-from gateway.app.api.routers import access, health, resources, review
+from gateway.app.api.deps import current_principal, install_error_handlers
+from gateway.app.api.routers import access, health, identity, policies, resources, review
 from gateway.app.gateway import Gateway
 
 __all__ = ["create_app"]
 
 
-def create_app(service: Gateway, token_sha256: str) -> FastAPI:
+def create_app(service: Gateway) -> FastAPI:
     app = FastAPI(
         title="pam gateway control API",
         version=__version__,
         docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
         redirect_slashes=False,
-        dependencies=[Depends(authorize)],
     )
     app.state.service = service
-    app.state.token_sha256 = token_sha256
     install_error_handlers(app)
-    for module in (health, resources, access, review):
-        app.include_router(module.router)
+    # Open: liveness, and signing in (which is how a caller gets a token).
+    app.include_router(health.router)
+    app.include_router(identity.login_router)
+    for module in (resources, access, review, identity, policies):
+        app.include_router(module.router, dependencies=[Depends(current_principal)])
     return app

@@ -1,13 +1,17 @@
-"""What the routers share: the service they act on, the token check, the error format.
+"""What the routers share: the service they act on, the caller, the error format.
 
-Every route needs ``Authorization: Bearer <token>``; the daemon keeps only the
-token's SHA-256 and compares with ``hmac.compare_digest``. Errors are JSON
-``{"error": {"type", "message", "hint"}}`` with a fitting status code.
+Every route but the health check needs ``Authorization: Bearer <token>``: the
+caller is the principal the token belongs to (:data:`Caller`), looked up by the
+token's SHA-256; nothing a request body says about who is asking counts.
+Role checks are dependencies (:data:`GlobalAdmin`) or, where the project comes
+from the object, helpers (:func:`require_admin_of`). Errors are JSON
+``{"error": {"type", "message", "hint"}}`` with a fitting status code (401 for
+an unknown caller, 403 for a known one that may not).
 """
 
 from __future__ import annotations
 
-import hmac
+import ipaddress
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -18,10 +22,20 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.app.gateway import Gateway
-from gateway.config import hash_token
-from gateway.errors import AlreadyExists, ConfigError, GatewayError, InvalidRequest, NotFound
+from gateway.errors import (
+    AlreadyExists,
+    ConfigError,
+    Forbidden,
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    Unauthenticated,
+)
+from gateway.identity.principals import Principal
 
 _STATUS: list[tuple[type[GatewayError], int]] = [
+    (Unauthenticated, 401),
+    (Forbidden, 403),
     (NotFound, 404),
     (AlreadyExists, 409),
     (InvalidRequest, 400),
@@ -29,10 +43,6 @@ _STATUS: list[tuple[type[GatewayError], int]] = [
 ]
 
 _bearer = HTTPBearer(auto_error=False)
-
-
-class UnauthorizedError(Exception):
-    """The request had no token or the wrong one."""
 
 
 def get_service(request: Request) -> Gateway:
@@ -43,13 +53,52 @@ def get_service(request: Request) -> Gateway:
 Service = Annotated[Gateway, Depends(get_service)]
 
 
-def authorize(
+def client_addr(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def current_principal(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
-    presented = credentials.credentials if credentials else ""
-    if not hmac.compare_digest(hash_token(presented), request.app.state.token_sha256):
-        raise UnauthorizedError
+) -> Principal:
+    service: Gateway = request.app.state.service
+    principal = await service.identity.authenticate(
+        credentials.credentials if credentials else "",
+        loopback=is_loopback(client_addr(request)),
+    )
+    request.state.principal = principal
+    return principal
+
+
+Caller = Annotated[Principal, Depends(current_principal)]
+
+
+def _global_admin(caller: Caller) -> Principal:
+    if not caller.is_admin():
+        raise Forbidden(f"{caller.name} is not an administrator of every project")
+    return caller
+
+
+#: The caller, who must be an admin of every project (users, tokens).
+GlobalAdmin = Annotated[Principal, Depends(_global_admin)]
+
+
+def require_admin_of(caller: Principal, project: str) -> None:
+    if not caller.is_admin(project):
+        raise Forbidden(f"{caller.name} is not an administrator of project '{project}'")
+
+
+def require_reader(caller: Principal) -> None:
+    """An admin or auditor of some project (search, export, verify)."""
+    if not any(caller.reads_all_sessions(p) for p in caller.projects):
+        raise Forbidden(f"{caller.name} may read only their own sessions")
 
 
 def aware(moment: datetime | None) -> datetime | None:
@@ -72,10 +121,6 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         kind = "NotFound" if exc.status_code == 404 else "HTTPError"
         return error(exc.status_code, kind, f"no such API endpoint or object ({exc.detail})")
-
-    @app.exception_handler(UnauthorizedError)
-    async def _unauthorized(_request: Request, _exc: Exception) -> JSONResponse:
-        return error(401, "unauthorized", "missing or wrong API token")
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(_request: Request, exc: Exception) -> JSONResponse:

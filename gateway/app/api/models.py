@@ -14,6 +14,7 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from gateway.identity.principals import ALL_PROJECTS, Role
 from gateway.net.upstream import SslMode
 
 
@@ -35,6 +36,7 @@ class ResourceIn(BaseModel):
     database: str
     ssl_mode: SslMode = "verify-full"
     ca_cert: str | None = None
+    project: str = "default"
 
 
 class AccountIn(BaseModel):
@@ -52,7 +54,43 @@ class AccessIn(BaseModel):
     account: str
     duration_seconds: int = Field(gt=0)
     port: int | None = None
-    requester: str = Field(min_length=1, max_length=256)
+    reason: str | None = Field(default=None, max_length=2000)
+    #: the host name the CLI reports (recorded as reported, not verified)
+    client_host: str | None = Field(default=None, max_length=255)
+
+
+class LoginIn(BaseModel):
+    user: str = Field(min_length=1, max_length=63)
+    password: SecretStr
+
+
+class UserIn(BaseModel):
+    name: str
+    role: Role
+    project: str = ALL_PROJECTS
+    groups: list[str] = Field(default_factory=list)
+    password: SecretStr | None = None
+
+
+class PasswordIn(BaseModel):
+    password: SecretStr
+
+
+class MachineTokenIn(BaseModel):
+    name: str
+    role: Role = Role.MEMBER
+    project: str = ALL_PROJECTS
+    ttl_seconds: int = Field(gt=0, le=366 * 86400)
+
+
+class PolicyIn(BaseModel):
+    name: str
+    project: str = "default"
+    subjects: list[str] = Field(min_length=1)
+    resource: str = Field(min_length=1, max_length=255)
+    account: str = Field(min_length=1, max_length=255)
+    max_duration_seconds: int = Field(gt=0)
+    require_reason: bool = False
 
 
 class AccessEndIn(BaseModel):
@@ -71,6 +109,7 @@ class ResourceOut(_Out):
     ssl_mode: str
     ca_cert: str | None
     created_at: datetime
+    project: str
 
 
 class AccountOut(_Out):
@@ -98,6 +137,13 @@ class SessionOut(_Out):
     end_reason: str | None
     end_detail: str | None
     duration_seconds: float | None
+    principal_id: str | None = None
+    token_id: str | None = None
+    project: str | None = None
+    policy_name: str | None = None
+    reason: str | None = None
+    api_client_addr: str | None = None
+    reported_host: str | None = None
 
 
 class ConnectionOut(_Out):
@@ -192,7 +238,48 @@ class AuditVerifyOut(BaseModel):
     sessions_checked: int
 
 
+class TokenOut(BaseModel):
+    """A token, the one time it is shown."""
+
+    token: str
+    token_id: str
+    user: str
+    expires_at: datetime | None
+
+
+class PrincipalOut(_Out):
+    id: str
+    name: str
+    kind: str
+    roles: dict[str, str]
+    groups: tuple[str, ...]
+    has_password: bool
+    created_at: datetime
+    disabled_at: datetime | None
+
+
+class WhoamiOut(BaseModel):
+    id: str
+    name: str
+    kind: str
+    roles: dict[str, str]
+    groups: list[str]
+    token_id: str | None
+
+
+class PolicyOut(_Out):
+    name: str
+    project: str
+    subjects: tuple[str, ...]
+    resource_glob: str
+    account_glob: str
+    max_duration_seconds: int
+    require_reason: bool
+
+
 class Health(BaseModel):
     status: str
     version: str
     server_time: datetime
+    #: which gateway this is (clients keep one profile per gateway)
+    gateway_id: str

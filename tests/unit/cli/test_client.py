@@ -84,6 +84,10 @@ def body_of(request: httpx.Request) -> Any:
         (api.ProblemJson, models.ProblemOut),
         (api.AuditVerifyJson, models.AuditVerifyOut),
         (api.AuditPageJson, models.AuditPageOut),
+        (api.TokenJson, models.TokenOut),
+        (api.PrincipalJson, models.PrincipalOut),
+        (api.WhoamiJson, models.WhoamiOut),
+        (api.PolicyJson, models.PolicyOut),
     ],
     ids=lambda t: t.__name__,
 )
@@ -183,7 +187,12 @@ CALLS: list[tuple[str, Callable[[ApiClient], Any], str, str, dict[str, str], Any
     (
         "open_access",
         lambda c: c.open_access(
-            resource="prod", account="app", duration_seconds=60, port=None, requester="ann"
+            resource="prod",
+            account="app",
+            duration_seconds=60,
+            port=None,
+            reason="INC-7",
+            client_host="laptop",
         ),
         "POST",
         "/v1/access",
@@ -193,7 +202,8 @@ CALLS: list[tuple[str, Callable[[ApiClient], Any], str, str, dict[str, str], Any
             "account": "app",
             "duration_seconds": 60,
             "port": None,
-            "requester": "ann",
+            "reason": "INC-7",
+            "client_host": "laptop",
         },
     ),
     ("heartbeat", lambda c: c.heartbeat("s1"), "POST", "/v1/access/s1/heartbeat", {}, None),

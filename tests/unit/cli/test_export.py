@@ -32,8 +32,11 @@ from gateway.app.api.routers import review as review_router
 from gateway.app.gateway import StoreThread
 from gateway.audit.records import AuditEvent, Parameter
 from gateway.audit.review import ExportWriter
-from gateway.config import ClientConfig, hash_token
+from gateway.config import ClientConfig
 from gateway.credentials.secretbox import SecretBox
+from gateway.identity.hashing import token_digest
+from gateway.identity.principals import ALL_PROJECTS, PrincipalKind, Role
+from gateway.identity.service import IdentityService
 from gateway.store import Store
 
 TOKEN = "t0ken-" + "e" * 32
@@ -77,6 +80,7 @@ class Served:
         self.store = store
         self.db = StoreThread()
         self.audit_writer = None
+        self.identity = IdentityService(store, self.db, session_ttl=timedelta(hours=1))  # type: ignore[arg-type]
 
     def live_connection_count(self, session_id: str) -> int:
         return 0
@@ -145,6 +149,9 @@ def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
     ) as store:
         store.add_resource("prod", "db.internal", 5432, "app")
         store.add_account("prod", "ro", "app_reader", "pw-" + secrets.token_hex(8))
+        # The caller: an admin of every project, by the client's token.
+        ann = store.add_principal("ann", kind=PrincipalKind.USER, roles={ALL_PROJECTS: Role.ADMIN})
+        store.add_token(ann.id, kind="machine", digest=token_digest(TOKEN), expires_at=None)
         ids = []
         for count in (10, 3):
             session = store.create_session(
@@ -158,7 +165,7 @@ def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
             ids.append(session.id)
         watched = WatchedStore(store)
         served = Served(watched)
-        app = create_app(served, hash_token(TOKEN))  # type: ignore[arg-type]
+        app = create_app(served)  # type: ignore[arg-type]
         yield Daemon(watched, ids, _forward(app))
         served.db.shutdown()
 

@@ -6,6 +6,11 @@ and the answer carries the cursor of the next page. An export streams
 (``/v1/sessions/{id}/export``, ``/v1/audit/export``): one page is read, encoded
 and sent before the next is read. Every store read runs on the store's thread
 (``service.db``), never on the event loop.
+
+Who sees what: admins and auditors read every session of their projects;
+anyone reads the sessions they opened themselves (a session someone may not
+see is "not found", as one that does not exist). Searching, exporting a window
+and verifying the whole trail take an admin or auditor of every project.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
-from gateway.app.api.deps import Service, aware
+from gateway.app.api.deps import Caller, Service, aware
 from gateway.app.api.models import (
     AuditPageOut,
     AuditRecordOut,
@@ -39,6 +44,8 @@ from gateway.audit.review import (
     Page,
     SessionList,
 )
+from gateway.errors import Forbidden, NotFound
+from gateway.identity.principals import ALL_PROJECTS, DEFAULT_PROJECT, Principal
 
 router = APIRouter(prefix="/v1")
 
@@ -52,9 +59,31 @@ async def _drain(service: Service) -> None:
         await service.audit_writer.drain(timeout=_DRAIN_SECONDS)
 
 
+async def _visible_session(service: Service, caller: Principal, session_id: str) -> str:
+    """The full id of a session *caller* may read."""
+    try:
+        session = await service.db(service.store.get_session, session_id)
+    except NotFound:
+        raise NotFound(f"session '{session_id}' not found") from None
+    own = session.principal_id is not None and session.principal_id == caller.id
+    if not own and not caller.reads_all_sessions(session.project or DEFAULT_PROJECT):
+        raise NotFound(f"session '{session_id}' not found")
+    return session.id
+
+
+def _whole_trail_reader(caller: Principal) -> None:
+    if not caller.reads_all_sessions(ALL_PROJECTS):
+        raise Forbidden(
+            f"{caller.name} may not read the whole trail",
+            hint="searching, exporting a window and verifying every session take"
+            " an admin or auditor of every project; read one session with `pam sessions show`",
+        )
+
+
 @router.get("/sessions")
 async def list_sessions(
     service: Service,
+    caller: Caller,
     active: bool | None = None,
     limit: int = Query(default=100, ge=1, le=10_000),
     resource: str | None = None,
@@ -72,12 +101,19 @@ async def list_sessions(
         requester=requester,
         since=aware(since),
         until=aware(until),
+        visible_to=None if caller.reads_all_sessions(ALL_PROJECTS) else _visibility(caller),
     )
     return [SessionOut.of(s) for s in sessions]
 
 
+def _visibility(caller: Principal) -> tuple[str, frozenset[str]]:
+    """(principal id, projects whose every session it reads)."""
+    return caller.id, frozenset(p for p in caller.projects if caller.reads_all_sessions(p))
+
+
 @router.get("/sessions/{session_id}")
-async def show_session(session_id: str, service: Service) -> SessionDetail:
+async def show_session(session_id: str, service: Service, caller: Caller) -> SessionDetail:
+    session_id = await _visible_session(service, caller, session_id)
     session = await service.db(service.store.get_session, session_id)
     connections = await service.db(service.store.list_connections, session.id)
     await _drain(service)
@@ -94,10 +130,12 @@ async def show_session(session_id: str, service: Service) -> SessionDetail:
 async def session_audit(
     session_id: str,
     service: Service,
+    caller: Caller,
     after_seq: int = Query(default=0, ge=0),
     limit: int = Query(default=1000, ge=1, le=10_000),
     kind: Annotated[list[str] | None, Query()] = None,
 ) -> list[AuditRecordOut]:
+    session_id = await _visible_session(service, caller, session_id)
     await _drain(service)
     records = await service.db(
         service.store.list_audit, session_id, after_seq=after_seq, limit=limit, kinds=kind
@@ -109,11 +147,13 @@ async def session_audit(
 async def statement_page(
     session_id: str,
     service: Service,
+    caller: Caller,
     page: int = Query(default=1, ge=1),
     page_size: int = Query(default=DEFAULT_PAGE_SIZE, ge=1, le=API_MAX_PAGE),
     cursor: str | None = None,
 ) -> AuditPageOut:
     """A page of the session's statements: page *page*, or the page after *cursor*."""
+    session_id = await _visible_session(service, caller, session_id)
     return await _page(service, session_id, STATEMENT, page, page_size, cursor)
 
 
@@ -121,11 +161,13 @@ async def statement_page(
 async def trail_page(
     session_id: str,
     service: Service,
+    caller: Caller,
     page: int = Query(default=1, ge=1),
     page_size: int = Query(default=1000, ge=1, le=API_MAX_PAGE),
     cursor: str | None = None,
 ) -> AuditPageOut:
     """A page of every record of the session (its seq range), or the page after *cursor*."""
+    session_id = await _visible_session(service, caller, session_id)
     return await _page(service, session_id, None, page, page_size, cursor)
 
 
@@ -180,22 +222,27 @@ async def _page(
 
 @router.get("/sessions/{session_id}/export")
 async def export_session(
-    session_id: str, service: Service, fmt: str = Query(default="jsonl", alias="format")
+    session_id: str,
+    service: Service,
+    caller: Caller,
+    fmt: str = Query(default="jsonl", alias="format"),
 ) -> StreamingResponse:
     """Every record of the session, in seq order, as JSON lines or CSV, streamed."""
     encoder = ExportEncoder(fmt)
-    full_id = (await service.db(service.store.get_session, session_id)).id
+    full_id = await _visible_session(service, caller, session_id)
     return await _export(service, encoder, [full_id])
 
 
 @router.get("/audit/export")
 async def export_window(
     service: Service,
+    caller: Caller,
     fmt: str = Query(default="jsonl", alias="format"),
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> StreamingResponse:
     """Every record of each session started in ``[since, until)``, oldest session first."""
+    _whole_trail_reader(caller)
     encoder = ExportEncoder(fmt)
     ids = await service.db(
         review.session_ids_oldest_first, _sessions(service), since=aware(since), until=aware(until)
@@ -227,6 +274,7 @@ async def _export(service: Service, encoder: ExportEncoder, ids: list[str]) -> S
 @router.get("/audit/search")
 async def search_audit(
     service: Service,
+    caller: Caller,
     q: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
@@ -237,6 +285,7 @@ async def search_audit(
     status: str | None = None,
     limit: int = Query(default=100, ge=1, le=10_000),
 ) -> list[AuditRecordOut]:
+    _whole_trail_reader(caller)
     await _drain(service)
     records = await service.db(
         service.store.search_audit,
@@ -254,7 +303,10 @@ async def search_audit(
 
 
 @router.post("/audit/verify")
-async def verify_audit(service: Service, session: str | None = None) -> AuditVerifyOut:
+async def verify_audit(
+    service: Service, caller: Caller, session: str | None = None
+) -> AuditVerifyOut:
+    _whole_trail_reader(caller)
     await _drain(service)
     checked = 1 if session else await service.db(review.count_sessions, _sessions(service))
     problems = await service.db(service.store.verify_audit, session)

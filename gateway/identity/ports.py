@@ -1,0 +1,61 @@
+"""What the identity service needs: the store (``gateway.store.Store``
+implements it) and the thread its calls run on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
+
+from gateway.identity.policy import Policy
+from gateway.identity.principals import Principal, PrincipalInfo, PrincipalKind, Role, TokenInfo
+
+T = TypeVar("T")
+
+
+class IdentityStore(Protocol):
+    def add_principal(
+        self,
+        name: str,
+        *,
+        kind: PrincipalKind,
+        roles: dict[str, Role],
+        groups: tuple[str, ...] = (),
+        password_hash: str | None = None,
+    ) -> PrincipalInfo: ...
+
+    def get_principal(self, name: str) -> PrincipalInfo: ...
+
+    def list_principals(self) -> list[PrincipalInfo]: ...
+
+    def set_password_hash(self, name: str, password_hash: str) -> None: ...
+
+    def disable_principal(self, name: str) -> PrincipalInfo: ...
+
+    def remove_principal(self, name: str) -> bool: ...
+
+    def password_hash(self, name: str) -> tuple[str, str | None] | None:
+        """(principal id, argon2 hash) of an enabled user, None for anyone else."""
+        ...
+
+    def add_token(
+        self, principal_id: str, *, kind: str, digest: str, expires_at: datetime | None
+    ) -> TokenInfo: ...
+
+    def revoke_token(self, digest: str) -> bool: ...
+
+    def principal_by_token(self, digest: str, *, now: datetime) -> tuple[Principal, str] | None:
+        """The enabled principal a live token belongs to, and the token's kind."""
+        ...
+
+    def add_policy(self, policy: Policy) -> Policy: ...
+
+    def policies(self, project: str | None = None) -> list[Policy]: ...
+
+    def remove_policy(self, name: str) -> None: ...
+
+
+class StoreThread(Protocol):
+    """Runs a blocking store call on the store's own thread."""
+
+    async def __call__(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T: ...
