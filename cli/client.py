@@ -180,6 +180,7 @@ class ApiClient:
         duration_seconds: int,
         port: int | None,
         requester: str,
+        socket_dir: str | None = None,
     ) -> SessionJson:
         body = {
             "resource": resource,
@@ -188,6 +189,8 @@ class ApiClient:
             "port": port,
             "requester": requester,
         }
+        if socket_dir is not None:
+            body["socket_dir"] = socket_dir
         return cast(SessionJson, self.post("/v1/access", body))
 
     def heartbeat(self, session_id: str) -> SessionJson:

@@ -6,6 +6,7 @@ which ``pam demo`` shares.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -31,8 +32,21 @@ def db() -> None:
 @click.option(
     "--port", type=click.IntRange(1, 65535), default=None, help="Local port (default: a free one)."
 )
-def db_access(resource_name: str, account_name: str, duration: str, port: int | None) -> None:
-    """Open a time-boxed local port to a resource, as an account, with no password."""
+@click.option(
+    "--socket",
+    "socket_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Serve a Unix socket in this directory (mode 0700, yours) instead of a TCP port;"
+    " --port names the socket (default 5432).",
+)
+def db_access(
+    resource_name: str, account_name: str, duration: str, port: int | None, socket_dir: str | None
+) -> None:
+    """Open a time-boxed local port to a resource, as an account, with no password.
+
+    The port accepts connections only from your own OS user's processes (Linux).
+    """
     seconds = parse_duration(duration)
     with api_client() as client:
         code = hold_access(
@@ -41,5 +55,7 @@ def db_access(resource_name: str, account_name: str, duration: str, port: int | 
             account=account_name,
             duration_seconds=seconds,
             port=port,
+            # The daemon's working directory is not ours: send an absolute path.
+            socket_dir=os.path.abspath(socket_dir) if socket_dir is not None else None,
         )
     sys.exit(code)

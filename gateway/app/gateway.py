@@ -129,6 +129,8 @@ class Gateway:
         account: str,
         duration_seconds: int,
         port: int | None = None,
+        owner_uid: int | None = None,
+        socket_dir: str | None = None,
     ) -> SessionRecord:
         return await self.grants.open_access(
             requester=requester,
@@ -136,6 +138,8 @@ class Gateway:
             account=account,
             duration_seconds=duration_seconds,
             port=port,
+            owner_uid=owner_uid,
+            socket_dir=socket_dir,
         )
 
     async def heartbeat(self, session_id: str) -> SessionRecord:

@@ -53,6 +53,8 @@ class AccessIn(BaseModel):
     duration_seconds: int = Field(gt=0)
     port: int | None = None
     requester: str = Field(min_length=1, max_length=256)
+    #: serve a Unix socket in this directory (absolute path) instead of a TCP port
+    socket_dir: str | None = Field(default=None, min_length=1, max_length=4096)
 
 
 class AccessEndIn(BaseModel):
