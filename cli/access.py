@@ -57,16 +57,36 @@ class ConnectionInfo:
     jdbc: str
 
 
+#: pgjdbc reaches a Unix socket through junixsocket's socket factory.
+JUNIXSOCKET_FACTORY = "org.newsclub.net.unix.AFUNIXSocketFactory$FactoryArg"
+
+
 def connection_info(session: SessionJson) -> ConnectionInfo:
     host = session["listen_host"]
     port = session["listen_port"]
     user = quote(session["username"], safe="")
     database = quote(session["database"], safe="")
+    if host.startswith("/"):
+        # A Unix socket directory, as libpq's host= takes it (--socket).
+        return _socket_connection_info(host, port, user, database)
     url = f"postgresql://{user}@{host}:{port}/{database}?sslmode=disable"
     return ConnectionInfo(
         url=url,
         psql=f'psql "{url}"',
         jdbc=f"jdbc:postgresql://{host}:{port}/{database}?user={user}&sslmode=disable",
+    )
+
+
+def _socket_connection_info(
+    directory: str, port: int | None, user: str, database: str
+) -> ConnectionInfo:
+    url = f"postgresql://{user}@/{database}?host={quote(directory, safe='')}&port={port}"
+    socket_path = quote(f"{directory}/.s.PGSQL.{port}", safe="")
+    return ConnectionInfo(
+        url=url,
+        psql=f'psql "{url}"',
+        jdbc=f"jdbc:postgresql://localhost/{database}?user={user}&sslmode=disable"
+        f"&socketFactory={JUNIXSOCKET_FACTORY}&socketFactoryArg={socket_path}",
     )
 
 
@@ -87,6 +107,7 @@ def hold_access(
     port: int | None,
     ready: threading.Event | None = None,
     reason: str | None = None,
+    socket_dir: str | None = None,
 ) -> int:
     """Open a grant and hold it until Ctrl+C/SIGTERM or expiry; returns an exit code."""
     session = client.open_access(
@@ -96,6 +117,7 @@ def hold_access(
         port=port,
         reason=reason,
         client_host=socket.gethostname(),
+        socket_dir=socket_dir,
     )
     # The handlers are in place before the URL is shown: a Ctrl+C the moment it
     # appears still ends the session in order (exit 0), not with exit 130.
@@ -129,6 +151,8 @@ def _print_grant(session: SessionJson, resource: str, account: str) -> None:
     console.print(f"  URL   {info.url}")
     console.print(f"  psql  {info.psql}")
     console.print(f"  JDBC  {info.jdbc}")
+    if session["listen_host"].startswith("/"):
+        console.print("  (JDBC over a Unix socket needs junixsocket on the classpath)")
     console.print(
         "No password is needed: the gateway signs in to the database for you."
         " Press Ctrl+C to end the session."

@@ -193,6 +193,7 @@ class ApiClient:
         port: int | None,
         reason: str | None = None,
         client_host: str | None = None,
+        socket_dir: str | None = None,
     ) -> SessionJson:
         body = {
             "resource": resource,
@@ -202,6 +203,8 @@ class ApiClient:
             "reason": reason,
             "client_host": client_host,
         }
+        if socket_dir is not None:
+            body["socket_dir"] = socket_dir
         return cast(SessionJson, self.post("/v1/access", body))
 
     def heartbeat(self, session_id: str) -> SessionJson:

@@ -6,6 +6,7 @@ which ``pam demo`` shares.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -34,10 +35,26 @@ def db() -> None:
 @click.option(
     "--reason", default=None, help="Why you need access (recorded; a policy may require it)."
 )
+@click.option(
+    "--socket",
+    "socket_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Serve a Unix socket in this directory (mode 0700, yours) instead of a TCP port;"
+    " --port names the socket (default 5432).",
+)
 def db_access(
-    resource_name: str, account_name: str, duration: str, port: int | None, reason: str | None
+    resource_name: str,
+    account_name: str,
+    duration: str,
+    port: int | None,
+    reason: str | None,
+    socket_dir: str | None,
 ) -> None:
-    """Open a time-boxed local port to a resource, as an account, with no password."""
+    """Open a time-boxed local port to a resource, as an account, with no password.
+
+    The port accepts connections only from your own OS user's processes (Linux).
+    """
     seconds = parse_duration(duration)
     with api_client() as client:
         code = hold_access(
@@ -47,5 +64,7 @@ def db_access(
             duration_seconds=seconds,
             port=port,
             reason=reason,
+            # The daemon's working directory is not ours: send an absolute path.
+            socket_dir=os.path.abspath(socket_dir) if socket_dir is not None else None,
         )
     sys.exit(code)

@@ -33,7 +33,13 @@ from gateway.access.ports import SessionRecord, SessionStore, StoreThread
 from gateway.audit.runtime import AuditRuntime
 from gateway.config import GatewaySettings
 from gateway.errors import InvalidRequest
-from gateway.net.listener import AccessListener, ConnectionHost, GrantInfo
+from gateway.net.listener import (
+    DEFAULT_SOCKET_PORT,
+    AccessListener,
+    ConnectionHost,
+    GrantInfo,
+    unix_socket_path,
+)
 from gateway.net.relay import Termination
 from gateway.protocol.sqlstate import SqlState
 from gateway.reasons import ConnectionEndReason, SessionEndReason
@@ -121,27 +127,42 @@ class GrantService:
         duration_seconds: int,
         port: int | None = None,
         request: dict[str, str | None] | None = None,
+        owner_uid: int | None = None,
+        socket_dir: str | None = None,
     ) -> SessionRecord:
         """Open a grant; *request* is what its session records of who asked
-        (``gateway.store.sessions.REQUEST_FIELDS``), decided by the caller."""
+        (``gateway.store.sessions.REQUEST_FIELDS``), decided by the caller;
+        ``owner_uid`` (the API caller's OS user, found by the kernel) alone may
+        connect; ``socket_dir`` serves a Unix socket there instead of a TCP
+        port, and needs an owner."""
         check_grant_request(
             duration_seconds=duration_seconds,
             port=port,
             max_grant_seconds=self.settings.max_grant_seconds,
             closing=self._closing,
         )
+        unix_path = None
+        if socket_dir is not None:
+            if owner_uid is None:
+                raise InvalidRequest(
+                    "a Unix socket grant needs `pam db access` to run on the gateway's host",
+                    hint="omit --socket to get a local TCP port",
+                )
+            port = port or DEFAULT_SOCKET_PORT
+            unix_path = unix_socket_path(socket_dir, port, owner_uid)
         now = datetime.now(UTC)
         session = await self.db(
             self.store.create_session,
             requester=requester,
             resource=resource,
             account=account,
-            listen_host=self.settings.listen_host,
+            # A directory, as libpq's host= names a Unix socket's.
+            listen_host=socket_dir or self.settings.listen_host,
             expires_at=now + timedelta(seconds=duration_seconds),
             started_at=now,
             request=request,
         )
-        bound_port, listener = await self._listen(session, port)
+        bound_port, listener = await self._listen(session, port, owner_uid, unix_path)
         await self.db(self.store.set_session_port, session.id, bound_port)
         session = await self.db(self.store.get_session, session.id)
         grant = Grant(session, listener, last_heartbeat=time.monotonic())
@@ -160,7 +181,9 @@ class GrantService:
         )
         return session
 
-    async def _listen(self, session: SessionRecord, port: int | None) -> tuple[int, AccessListener]:
+    async def _listen(
+        self, session: SessionRecord, port: int | None, owner_uid: int | None, unix_path: str | None
+    ) -> tuple[int, AccessListener]:
         listener = AccessListener(
             GrantInfo(
                 session_id=session.id,
@@ -173,6 +196,8 @@ class GrantService:
             self.host,
             listen_host=self.settings.listen_host,
             port=port or 0,
+            owner_uid=owner_uid,
+            unix_path=unix_path,
         )
         try:
             return await listener.start(), listener
@@ -183,9 +208,12 @@ class GrantService:
                 reason=SessionEndReason.ERROR,
                 detail=f"listen failed: {exc}",
             )
+            where = unix_path or f"{self.settings.listen_host}:{port}"
             raise InvalidRequest(
-                f"cannot listen on {self.settings.listen_host}:{port}: {exc.strerror or exc}",
-                hint="pick another --port, or omit it for a free one",
+                f"cannot listen on {where}: {exc.strerror or exc}",
+                hint="pick another --port, or omit it for a free one"
+                if unix_path is None
+                else "pick another --port (the socket is named after it)",
             ) from None
 
     async def heartbeat(self, session_id: str) -> SessionRecord:

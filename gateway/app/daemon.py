@@ -43,6 +43,7 @@ from gateway.errors import AlreadyExists, ConfigError, NotFound
 from gateway.identity.hashing import hash_password, new_token, token_digest
 from gateway.identity.principals import ALL_PROJECTS, PrincipalKind, Role
 from gateway.identity.service import TokenKind
+from gateway.net import peercred
 from gateway.net.tls import ensure_local_certificate, server_context
 from gateway.store import Store
 
@@ -264,6 +265,11 @@ async def run(home: Path, *, log_format: str = "console", log_level: str = "info
         )
         api_task = asyncio.create_task(server.serve(sockets=[sock]), name="control-api")
         log.info("gateway_ready", api=api_url(settings), home=str(home), pid=os.getpid())
+        if not peercred.is_available():
+            log.warning(
+                "owner_check_unavailable",
+                reason="no /proc/net/tcp: a grant's TCP port accepts every local OS user",
+            )
         stop_task = asyncio.create_task(stop.wait(), name="stop-signal")
         done, _ = await asyncio.wait({api_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
         log.info("gateway_stopping")

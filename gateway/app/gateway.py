@@ -146,6 +146,8 @@ class Gateway:
         reason: str | None = None,
         api_client_addr: str | None = None,
         reported_host: str | None = None,
+        owner_uid: int | None = None,
+        socket_dir: str | None = None,
     ) -> SessionRecord:
         """Open a grant for *principal* if its role or a policy allows it."""
         try:
@@ -181,6 +183,8 @@ class Gateway:
                 "api_client_addr": api_client_addr,
                 "reported_host": reported_host,
             },
+            owner_uid=owner_uid,
+            socket_dir=socket_dir,
         )
 
     async def heartbeat(self, session_id: str) -> SessionRecord:

@@ -19,7 +19,9 @@ The steps, in order (each a method of :class:`ConnectionLife`):
 
 After a valid StartupMessage every refusal is an ErrorResponse with a SQLSTATE
 and a message a person can act on, never a bare closed socket. Nobody is
-authenticated locally: the grant is the authorisation.
+authenticated locally: the grant is the authorisation, and the door may refuse
+a client outright (another OS user's process): that refusal comes before the
+grant checks, and such a client's CancelRequest is never forwarded.
 """
 
 from __future__ import annotations
@@ -98,8 +100,12 @@ class ConnectionLife:
         sock: socket.socket,
         *,
         log: structlog.typing.FilteringBoundLogger,
+        refusal: Termination | None = None,
     ) -> None:
         self.door = door
+        #: set when the door refuses this client whatever it sends (another OS
+        #: user's process): answered at its startup, its cancels dropped
+        self.refusal = refusal
         self.host = door.host
         self.grant = door.grant
         self.conn = conn
@@ -145,7 +151,7 @@ class ConnectionLife:
             sock,
             tls=self.host.client_tls,
             timeout=self.host.startup_timeout,
-            forward_cancel=self.door.forward_cancel,
+            forward_cancel=self.door.forward_cancel if self.refusal is None else self._drop_cancel,
             log=self.log,
         )
         if started is None:
@@ -178,12 +184,19 @@ class ConnectionLife:
 
     async def _admit(self, client: ClientStarted) -> bool:
         """Check the startup against the gateway and the grant; refuse if it fails."""
-        refusal = self._check_grant(client.startup)
+        refusal = self.refusal or self._check_grant(client.startup)
         if refusal is None:
             return True
         self.log.info("connection_refused", sqlstate=refusal.sqlstate, reason=refusal.message)
         await _refuse(client.writer, refusal.sqlstate, refusal.message, hint=refusal.hint)
+        if refusal is self.refusal:
+            # Another OS user knocking is kept in the trail, not only the log.
+            error = GatewayError(refusal.message, sqlstate=refusal.sqlstate)
+            await self._record_failure(client.startup.params.get("application_name"), error)
         return False
+
+    async def _drop_cancel(self, _request: CancelRequest) -> None:
+        self.log.info("cancel_refused", reason=self.refusal.message if self.refusal else "")
 
     def _check_grant(self, startup: StartupMessage) -> Termination | None:
         grant = self.grant

@@ -1,4 +1,5 @@
-"""The door of an access grant: a listener on 127.0.0.1 for one grant's port.
+"""The door of an access grant: a listener on 127.0.0.1 (or a Unix socket) for
+one grant's port.
 
 The listener accepts connections and keeps the set of live ones, so that the
 grant service can end them (:meth:`AccessListener.end`,
@@ -8,36 +9,56 @@ connection's life (startup, grant check, upstream, records, relay) is
 :class:`~gateway.net.connection.ConnectionLife`.
 
 Nobody is authenticated locally: the grant is the authorisation, and the port is
-bound to loopback. :class:`ConnectionHost` and :class:`GrantInfo` (declared in
+bound to loopback. With :attr:`AccessListener.owner_uid` set, only processes of
+that OS user are served: every accepted connection's owner is looked up in the
+kernel (:mod:`gateway.net.peercred`) before a byte of it is read, and any other
+(or one whose owner cannot be found) is answered with FATAL 28000 and recorded,
+never relayed; its CancelRequests are dropped. With
+:attr:`AccessListener.unix_path` the door is a Unix socket (mode 0600, owned by
+the owner) instead of a TCP port, removed when the listener closes.
+:class:`ConnectionHost` and :class:`GrantInfo` (declared in
 :mod:`gateway.net.ports`) are exported here for the grant service.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import hmac
 import itertools
+import os
+import pwd
 import socket
+import stat
 from dataclasses import dataclass, field
 
 import structlog
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, InvalidRequest
 from gateway.net.connection import ConnectionLife, LiveConnection
+from gateway.net.peercred import socket_peer_owner
 from gateway.net.ports import ConnectionAuditTap, ConnectionHost, GrantInfo
 from gateway.net.relay import Termination
 from gateway.net.upstream import send_cancel
+from gateway.protocol.sqlstate import SqlState
 from gateway.protocol.startup import CancelRequest
+from gateway.reasons import ConnectionEndReason
 
 log = structlog.get_logger(__name__)
 
 _connection_numbers = itertools.count(1)
 #: asyncio.start_server's default backlog.
 _BACKLOG = 100
+#: The port a Unix socket is named after when none is asked for (libpq's default).
+DEFAULT_SOCKET_PORT = 5432
+#: sun_path's size on Linux, its terminating NUL included (unix(7)).
+_SUN_PATH_MAX = 108
 #: Seconds before accepting again after an accept error (asyncio's own value).
 _ACCEPT_RETRY_DELAY = 1.0
 
 __all__ = [
+    "DEFAULT_SOCKET_PORT",
     "AccessListener",
     "ConnectionAuditTap",
     "ConnectionHost",
@@ -57,7 +78,13 @@ class AccessListener:
     #: set once the grant has ended; new connections get this FATAL
     refusal: Termination | None = None
     connections: set[LiveConnection] = field(default_factory=set)
+    #: the OS user whose processes alone are served; None serves any local process
+    owner_uid: int | None = None
+    #: serve on this Unix socket path instead of a TCP port (``port`` names it)
+    unix_path: str | None = None
     _listening: socket.socket | None = None
+    _unix_inode: int | None = None
+    _owner_name: str = ""
     _acceptor: asyncio.Task[None] | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -65,11 +92,19 @@ class AccessListener:
         # A socket of our own rather than asyncio.start_server: a connection's
         # first byte is peeked before any transport reads it (direct TLS).
         # An IPv6 literal needs its family said (create_server defaults to IPv4).
-        family = socket.AF_INET6 if ":" in self.listen_host else socket.AF_INET
-        sock = socket.create_server((self.listen_host, self.port), family=family, backlog=_BACKLOG)
+        if self.owner_uid is not None:
+            self._owner_name = _user_name(self.owner_uid)
+        if self.unix_path is not None:
+            sock = _bind_unix(self.unix_path, self.owner_uid)
+            self._unix_inode = os.stat(self.unix_path).st_ino
+        else:
+            family = socket.AF_INET6 if ":" in self.listen_host else socket.AF_INET
+            sock = socket.create_server(
+                (self.listen_host, self.port), family=family, backlog=_BACKLOG
+            )
+            self.port = sock.getsockname()[1]
         sock.setblocking(False)
         self._listening = sock
-        self.port = sock.getsockname()[1]
         self._acceptor = asyncio.create_task(
             self._accept_loop(sock), name=f"grant-{self.grant.session_id[:8]}-accept"
         )
@@ -120,6 +155,12 @@ class AccessListener:
         if self._listening is not None:
             self._listening.close()
             self._listening = None
+        if self.unix_path is not None and self._unix_inode is not None:
+            # Only the socket this listener made: a file put there since stays.
+            with contextlib.suppress(OSError):
+                if os.lstat(self.unix_path).st_ino == self._unix_inode:
+                    os.unlink(self.unix_path)
+            self._unix_inode = None
         if self._tasks:
             _done, pending = await asyncio.wait(set(self._tasks), timeout=wait)
             for task in pending:
@@ -128,20 +169,42 @@ class AccessListener:
 
     async def _serve(self, sock: socket.socket, number: int) -> None:
         sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            peer = sock.getpeername()
-        except OSError:  # the client is already gone
-            peer = None
-        client_addr = f"{peer[0]}:{peer[1]}" if peer else "unknown"
+        if sock.family == socket.AF_UNIX:
+            client_addr = _LOCAL_CLIENT
+        else:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                peer = sock.getpeername()
+            except OSError:  # the client is already gone
+                peer = None
+            client_addr = f"{peer[0]}:{peer[1]}" if peer else "unknown"
         conn = LiveConnection(number, client_addr)
         bound = log.bind(session_id=self.grant.session_id, connection=number, client=client_addr)
-        life = ConnectionLife(self, conn, sock, log=bound)
+        refusal = await self._check_owner(sock, bound)
+        life = ConnectionLife(self, conn, sock, log=bound, refusal=refusal)
         self.connections.add(conn)
         try:
             await life.serve()
         finally:
             self.connections.discard(conn)
+
+    async def _check_owner(
+        self, sock: socket.socket, bound: structlog.typing.FilteringBoundLogger
+    ) -> Termination | None:
+        """None if the connecting process belongs to the owner (or nobody owns
+        the door); else the refusal it gets."""
+        if self.owner_uid is None:
+            return None
+        try:
+            # Reading /proc/net/tcp is blocking work proportional to the host's
+            # socket count: off the loop, so a burst does not stall the relays.
+            uid = await asyncio.to_thread(socket_peer_owner, sock)
+        except (OSError, ValueError) as exc:
+            bound.warning("owner_lookup_failed", error=str(exc))
+            uid = None
+        if uid == self.owner_uid:
+            return None
+        return owner_refusal(self.owner_uid, self._owner_name, uid)
 
     async def forward_cancel(self, request: CancelRequest) -> None:
         """Forward a CancelRequest whose key this listener handed out.
@@ -172,3 +235,130 @@ class AccessListener:
                 log.info("cancel_forwarded", session_id=self.grant.session_id, backend_pid=real.pid)
             return
         log.info("cancel_ignored_unknown_key", session_id=self.grant.session_id)
+
+
+#: what a Unix socket client's address is recorded as (PostgreSQL's own log term)
+_LOCAL_CLIENT = "[local]"
+
+
+def owner_refusal(owner_uid: int, owner_name: str, peer_uid: int | None) -> Termination:
+    """The FATAL a process of another OS user (or of none found) gets."""
+    who = (
+        f"the connecting process runs as uid {peer_uid}"
+        if peer_uid is not None
+        else "pam could not find which OS user the connecting process runs as"
+    )
+    return Termination(
+        ConnectionEndReason.ERROR,
+        SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
+        "connection refused: this pam grant's port accepts connections only from OS user"
+        f" {owner_name} (uid {owner_uid}); {who}",
+        hint=f"connect as OS user {owner_name}, or open a grant of your own with `pam db access`",
+    )
+
+
+def unix_socket_path(directory: str, port: int, owner_uid: int) -> str:
+    """``directory/.s.PGSQL.<port>`` (libpq's name, so ``host=DIR port=N`` finds
+    it), once ``directory`` is a 0700 directory of ``owner_uid``'s; created so if
+    missing and this process runs as that user. Else :class:`InvalidRequest`."""
+    if not os.path.isabs(directory):
+        raise InvalidRequest(f"the socket directory {directory!r} is not an absolute path")
+    try:
+        info = os.lstat(directory)
+    except FileNotFoundError:
+        info = _make_socket_dir(directory, owner_uid)
+    hint = f"use a directory of your own: mkdir -m 700 DIR (and chmod 700 {directory})"
+    if not stat.S_ISDIR(info.st_mode):
+        raise InvalidRequest(
+            f"the socket directory {directory} is not a directory (a symbolic link is refused)",
+            hint=hint,
+        )
+    if info.st_uid != owner_uid:
+        raise InvalidRequest(
+            f"the socket directory {directory} belongs to uid {info.st_uid}, not to the OS user"
+            f" asking for access (uid {owner_uid})",
+            hint=hint,
+        )
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        raise InvalidRequest(
+            f"the socket directory {directory} has mode {stat.S_IMODE(info.st_mode):04o}; it must"
+            " be 0700 so that no other OS user can reach the socket",
+            hint=f"chmod 700 {directory}",
+        )
+    path = os.path.join(directory, f".s.PGSQL.{port}")
+    if len(os.fsencode(path)) >= _SUN_PATH_MAX:
+        raise InvalidRequest(
+            f"the socket path {path} is longer than a Unix socket's {_SUN_PATH_MAX - 1} bytes",
+            hint="pick a shorter --socket directory",
+        )
+    return path
+
+
+def _make_socket_dir(directory: str, owner_uid: int) -> os.stat_result:
+    if os.geteuid() != owner_uid:
+        raise InvalidRequest(
+            f"the socket directory {directory} does not exist",
+            hint=f"create it: mkdir -m 700 {directory}",
+        )
+    try:
+        os.mkdir(directory, 0o700)
+        os.chmod(directory, 0o700)  # whatever the umask
+    except OSError as exc:
+        raise InvalidRequest(
+            f"cannot create the socket directory {directory}: {exc.strerror or exc}"
+        ) from None
+    return os.lstat(directory)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # a uid with no passwd entry (a container's, say)
+        return f"#{uid}"
+
+
+def _bind_unix(path: str, owner_uid: int | None) -> socket.socket:
+    """A listening Unix socket at ``path``, mode 0600, owned by ``owner_uid``.
+
+    A socket file left by a listener that died (nothing accepts on it) is
+    replaced; anything else there is an error (EADDRINUSE), never removed.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(mode) or _is_served(path):
+            raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE), path)
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+    except OSError:
+        sock.close()
+        raise
+    try:
+        # Connecting needs write permission on the file (unix(7)): 0600 lets in
+        # its owner alone. The directory (0700, the owner's) already keeps
+        # others out between bind and chmod.
+        os.chmod(path, 0o600)
+        if owner_uid is not None and os.geteuid() != owner_uid:
+            os.chown(path, owner_uid, -1)
+        sock.listen(_BACKLOG)
+    except OSError:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    return sock
+
+
+def _is_served(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:
+            return True
+    return True

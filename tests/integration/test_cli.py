@@ -29,6 +29,7 @@ WRONG_TOKEN = (
     "error: the API token is unknown, expired or revoked (hint: sign in again with `pam login`)"
 )
 
+
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 

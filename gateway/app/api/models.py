@@ -57,6 +57,8 @@ class AccessIn(BaseModel):
     reason: str | None = Field(default=None, max_length=2000)
     #: the host name the CLI reports (recorded as reported, not verified)
     client_host: str | None = Field(default=None, max_length=255)
+    #: serve a Unix socket in this directory (absolute path) instead of a TCP port
+    socket_dir: str | None = Field(default=None, min_length=1, max_length=4096)
 
 
 class LoginIn(BaseModel):

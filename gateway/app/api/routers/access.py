@@ -3,16 +3,25 @@
 The grant is the caller's: who asked is the authenticated principal, never a
 field of the request. Only its owner (or an admin of its project) may keep a
 grant alive or end it.
+
+A grant's port is open only to the OS user of the process that asked for it,
+when that process runs on this host: its uid comes from the kernel's socket
+table for this request's own connection (:mod:`gateway.net.peercred`), never
+from anything in the request.
 """
 
 from __future__ import annotations
+
+import asyncio
+import ipaddress
 
 from fastapi import APIRouter, Request
 
 from gateway.app.api.deps import Caller, Service, client_addr
 from gateway.app.api.models import AccessEndIn, AccessIn, SessionOut
-from gateway.errors import NotFound
+from gateway.errors import InvalidRequest, NotFound
 from gateway.identity.principals import Principal
+from gateway.net import peercred
 
 router = APIRouter(prefix="/v1/access")
 
@@ -30,6 +39,8 @@ async def open_access(
         reason=body.reason,
         api_client_addr=client_addr(request),
         reported_host=body.client_host,
+        owner_uid=await api_client_uid(request),
+        socket_dir=body.socket_dir,
     )
     return SessionOut.of(session)
 
@@ -40,6 +51,29 @@ async def _own(session_id: str, caller: Principal, service: Service) -> str:
     if session.principal_id != caller.id and not caller.is_admin(session.project or ""):
         raise NotFound(f"session '{session_id}' not found")
     return session.id
+
+
+async def api_client_uid(request: Request) -> int | None:
+    """The OS user of the process that sent ``request`` when it runs on this host;
+    None for a client elsewhere (or where the kernel does not say: no /proc)."""
+    client, server = request.scope.get("client"), request.scope.get("server")
+    if not client or not server or not peercred.is_available():
+        return None
+    try:
+        is_loopback = ipaddress.ip_address(client[0].partition("%")[0]).is_loopback
+        peer, ours = (client[0], int(client[1])), (server[0], int(server[1]))
+    except (ValueError, TypeError):  # not an IP connection (a test client, a Unix socket)
+        return None
+    uid = await asyncio.to_thread(peercred.tcp_peer_owner, peer, ours)
+    if uid is None and is_loopback:
+        # A local caller whose socket the kernel does not show: do not open a
+        # port to every local user in its place.
+        raise InvalidRequest(
+            "pam could not find which OS user runs this `pam db access`, so it cannot open"
+            " a port only that user may use",
+            hint="try again; the gateway's log has the details",
+        )
+    return uid
 
 
 @router.post("/{session_id}/heartbeat")
