@@ -30,6 +30,7 @@ from gateway.audit.runtime import AuditRuntime
 from gateway.audit.sink import AuditSink
 from gateway.audit.writer import AuditWriter
 from gateway.config import GatewaySettings
+from gateway.credentials.pki import GatewayPki
 from gateway.credentials.targets import Credentials
 from gateway.credentials.verify import VerifyResult, verify
 from gateway.store import Store
@@ -61,6 +62,7 @@ class Gateway:
         client_tls_context: ssl.SSLContext | None = None,
         audit_sink: AuditSink | None = None,
         journal_dir: Path | None = None,
+        pki: GatewayPki | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -84,7 +86,11 @@ class Gateway:
             self.records,
             client_tls_context=client_tls_context,
         )
-        self.grants = GrantService(store, self.db, settings, self.host, self.records, self.audit)
+        self.grants = GrantService(
+            store, self.db, settings, self.host, self.records, self.audit, pki=pki
+        )
+        #: the tunnel endpoint's bound port, once the daemon serves it
+        self.tunnel_port: int | None = None
         self.audit.cut_live = self.grants.terminate_live
 
     @property
@@ -129,6 +135,7 @@ class Gateway:
         account: str,
         duration_seconds: int,
         port: int | None = None,
+        csr: str | None = None,
     ) -> SessionRecord:
         return await self.grants.open_access(
             requester=requester,
@@ -136,7 +143,16 @@ class Gateway:
             account=account,
             duration_seconds=duration_seconds,
             port=port,
+            csr=csr,
         )
+
+    def tunnel_offer(self, session_id: str) -> tuple[bytes, bytes, int] | None:
+        """For a grant opened with a CSR: its certificate, the CA and the tunnel port."""
+        cert = self.grants.certificate_of(session_id)
+        pki = self.grants.pki
+        if cert is None or pki is None or self.tunnel_port is None:
+            return None
+        return cert, pki.ca_pem, self.tunnel_port
 
     async def heartbeat(self, session_id: str) -> SessionRecord:
         return await self.grants.heartbeat(session_id)

@@ -53,6 +53,8 @@ class AccessIn(BaseModel):
     duration_seconds: int = Field(gt=0)
     port: int | None = None
     requester: str = Field(min_length=1, max_length=256)
+    #: from a CLI on another host: a PEM CSR for its in-memory key (tunnel grant)
+    csr: str | None = Field(default=None, max_length=16 * 1024)
 
 
 class AccessEndIn(BaseModel):
@@ -98,6 +100,16 @@ class SessionOut(_Out):
     end_reason: str | None
     end_detail: str | None
     duration_seconds: float | None
+
+
+class AccessOut(SessionOut):
+    """A new grant; a tunnel grant's also carries what the CLI's forwarder needs."""
+
+    #: the client certificate issued for the CSR (PEM), expiring with the grant
+    certificate: str | None = None
+    #: the gateway CA (PEM) the tunnel's server certificate chains to
+    ca_cert_pem: str | None = None
+    tunnel_port: int | None = None
 
 
 class ConnectionOut(_Out):
