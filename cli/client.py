@@ -31,6 +31,8 @@ from urllib.parse import quote
 
 import httpx
 
+from cli.api_json import AccessJson as AccessJson
+
 # The result types (cli.api_json), re-exported: callers import them from here.
 from cli.api_json import AccountJson as AccountJson
 from cli.api_json import AuditPageJson as AuditPageJson
@@ -180,15 +182,18 @@ class ApiClient:
         duration_seconds: int,
         port: int | None,
         requester: str,
-    ) -> SessionJson:
+        csr: str | None = None,
+    ) -> AccessJson:
         body = {
             "resource": resource,
             "account": account,
             "duration_seconds": duration_seconds,
-            "port": port,
+            "port": None if csr else port,
             "requester": requester,
         }
-        return cast(SessionJson, self.post("/v1/access", body))
+        if csr is not None:
+            body["csr"] = csr  # a tunnel grant: the gateway opens no port of its own
+        return cast(AccessJson, self.post("/v1/access", body))
 
     def heartbeat(self, session_id: str) -> SessionJson:
         return cast(SessionJson, self.post(f"/v1/access/{seg(session_id)}/heartbeat"))

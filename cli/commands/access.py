@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from cli.access import hold_access, parse_duration
+from cli.access import hold_access, is_remote, parse_duration
 from cli.commands import api_client
 
 
@@ -31,7 +31,15 @@ def db() -> None:
 @click.option(
     "--port", type=click.IntRange(1, 65535), default=None, help="Local port (default: a free one)."
 )
-def db_access(resource_name: str, account_name: str, duration: str, port: int | None) -> None:
+@click.option(
+    "--tunnel/--no-tunnel",
+    default=None,
+    help="Carry connections to the gateway's tunnel from a local port of this process"
+    " (default: when the gateway is on another host).",
+)
+def db_access(
+    resource_name: str, account_name: str, duration: str, port: int | None, tunnel: bool | None
+) -> None:
     """Open a time-boxed local port to a resource, as an account, with no password."""
     seconds = parse_duration(duration)
     with api_client() as client:
@@ -41,5 +49,6 @@ def db_access(resource_name: str, account_name: str, duration: str, port: int | 
             account=account_name,
             duration_seconds=seconds,
             port=port,
+            tunnel=is_remote(client) if tunnel is None else tunnel,
         )
     sys.exit(code)
