@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import FrameType
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import click
 
@@ -98,6 +98,12 @@ def _raise_stop(_signum: int, _frame: FrameType | None) -> None:
     raise _Stop
 
 
+def is_remote(client: ApiClient) -> bool:
+    """Whether the gateway is on another host (its API is not on loopback)."""
+    host = urlsplit(client.config.api_url).hostname or ""
+    return host not in ("localhost", "127.0.0.1", "::1")
+
+
 def hold_access(
     client: ApiClient,
     *,
@@ -108,17 +114,48 @@ def hold_access(
     ready: threading.Event | None = None,
     reason: str | None = None,
     socket_dir: str | None = None,
+    tunnel: bool = False,
 ) -> int:
-    """Open a grant and hold it until Ctrl+C/SIGTERM or expiry; returns an exit code."""
-    session = client.open_access(
-        resource=resource,
-        account=account,
-        duration_seconds=duration_seconds,
-        port=port,
-        reason=reason,
-        client_host=socket.gethostname(),
-        socket_dir=socket_dir,
-    )
+    """Open a grant and hold it until Ctrl+C/SIGTERM or expiry; returns an exit code.
+
+    With ``tunnel`` this process serves the local port itself and carries its
+    connections to the gateway's tunnel (:mod:`cli.forwarder`)."""
+    forwarder = None
+    if tunnel:
+        from cli.forwarder import open_tunnel_access
+
+        session, forwarder = open_tunnel_access(
+            client,
+            resource=resource,
+            account=account,
+            duration_seconds=duration_seconds,
+            port=port,
+            reason=reason,
+        )
+    else:
+        session = client.open_access(
+            resource=resource,
+            account=account,
+            duration_seconds=duration_seconds,
+            port=port,
+            reason=reason,
+            client_host=socket.gethostname(),
+            socket_dir=socket_dir,
+        )
+    try:
+        return _hold(client, session, resource, account, ready)
+    finally:
+        if forwarder is not None:
+            forwarder.stop()
+
+
+def _hold(
+    client: ApiClient,
+    session: SessionJson,
+    resource: str,
+    account: str,
+    ready: threading.Event | None,
+) -> int:
     # The handlers are in place before the URL is shown: a Ctrl+C the moment it
     # appears still ends the session in order (exit 0), not with exit 130.
     previous = signal.signal(signal.SIGTERM, _raise_stop)

@@ -85,6 +85,14 @@ class SessionJson(TypedDict):
     reported_host: str | None
 
 
+class AccessJson(SessionJson, total=False):
+    """A new grant; a tunnel grant's carries its certificate, the CA and the port."""
+
+    certificate: str | None
+    ca_cert_pem: str | None
+    tunnel_port: int | None
+
+
 class ConnectionJson(TypedDict):
     id: str
     session_id: str

@@ -32,6 +32,8 @@ from urllib.parse import quote
 
 import httpx
 
+from cli.api_json import AccessJson as AccessJson
+
 # The result types (cli.api_json), re-exported: callers import them from here.
 from cli.api_json import AccountJson as AccountJson
 from cli.api_json import AuditPageJson as AuditPageJson
@@ -194,18 +196,21 @@ class ApiClient:
         reason: str | None = None,
         client_host: str | None = None,
         socket_dir: str | None = None,
-    ) -> SessionJson:
+        csr: str | None = None,
+    ) -> AccessJson:
         body = {
             "resource": resource,
             "account": account,
             "duration_seconds": duration_seconds,
-            "port": port,
+            "port": None if csr else port,
             "reason": reason,
             "client_host": client_host,
         }
         if socket_dir is not None:
             body["socket_dir"] = socket_dir
-        return cast(SessionJson, self.post("/v1/access", body))
+        if csr is not None:
+            body["csr"] = csr  # a tunnel grant: the gateway opens no port of its own
+        return cast(AccessJson, self.post("/v1/access", body))
 
     def heartbeat(self, session_id: str) -> SessionJson:
         return cast(SessionJson, self.post(f"/v1/access/{seg(session_id)}/heartbeat"))

@@ -59,6 +59,11 @@ class GatewaySettings(BaseModel):
     login_ttl_seconds: int = Field(default=int(timedelta(hours=12).total_seconds()), gt=0)
     #: address the access listeners bind to
     listen_host: str = "127.0.0.1"
+    #: the tunnel endpoint for CLIs on other hosts (port 0: a free one at start)
+    tunnel_host: str = "127.0.0.1"
+    tunnel_port: int = Field(default=0, ge=0, le=65535)
+    #: names and addresses the server certificate is issued for (loopback always)
+    public_hosts: list[str] = Field(default_factory=list)
     max_grant_seconds: int = Field(default=int(timedelta(hours=12).total_seconds()), gt=0)
     #: the daemon ends a grant whose CLI has not called in for this long
     heartbeat_timeout_seconds: float = Field(default=6.0, gt=0)

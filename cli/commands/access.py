@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from cli.access import hold_access, parse_duration
+from cli.access import hold_access, is_remote, parse_duration
 from cli.commands import api_client
 
 
@@ -33,6 +33,12 @@ def db() -> None:
     "--port", type=click.IntRange(1, 65535), default=None, help="Local port (default: a free one)."
 )
 @click.option(
+    "--tunnel/--no-tunnel",
+    default=None,
+    help="Carry connections to the gateway's tunnel from a local port of this process"
+    " (default: when the gateway is on another host).",
+)
+@click.option(
     "--reason", default=None, help="Why you need access (recorded; a policy may require it)."
 )
 @click.option(
@@ -50,6 +56,7 @@ def db_access(
     port: int | None,
     reason: str | None,
     socket_dir: str | None,
+    tunnel: bool | None,
 ) -> None:
     """Open a time-boxed local port to a resource, as an account, with no password.
 
@@ -66,5 +73,6 @@ def db_access(
             reason=reason,
             # The daemon's working directory is not ours: send an absolute path.
             socket_dir=os.path.abspath(socket_dir) if socket_dir is not None else None,
+            tunnel=is_remote(client) if tunnel is None else tunnel,
         )
     sys.exit(code)

@@ -47,10 +47,30 @@ def _home(home: Path | None) -> Path:
 @click.option(
     "--password-stdin", is_flag=True, help="Read the admin's password from stdin's first line."
 )
+@click.option(
+    "--public-host",
+    "public_hosts",
+    multiple=True,
+    help="A name or address CLIs on other hosts reach this gateway by (repeatable);"
+    " the server certificate names it (loopback always).",
+)
+@click.option(
+    "--tunnel-listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Where the tunnel for CLIs on other hosts listens (default 127.0.0.1, a free port).",
+)
 def gateway_init(
-    home: Path | None, api_port: int, force: bool, admin: str | None, password_stdin: bool
+    home: Path | None,
+    api_port: int,
+    force: bool,
+    admin: str | None,
+    password_stdin: bool,
+    public_hosts: tuple[str, ...],
+    tunnel_listen: str | None,
 ) -> None:
-    """Create the state directory, master key, store, first admin and its local token.
+    """Create the state directory, master key, store, gateway CA, first admin and its
+    local token.
 
     The admin's password (for `pam login` from other hosts) comes from a no-echo
     prompt or --password-stdin; with neither a terminal nor that flag none is
@@ -64,12 +84,38 @@ def gateway_init(
         if password_stdin or sys.stdin.isatty()
         else None
     )
-    result = init_home(_home(home), api_port=api_port, force=force, admin=admin, password=password)
+    result = init_home(
+        _home(home),
+        api_port=api_port,
+        force=force,
+        admin=admin,
+        password=password,
+        public_hosts=public_hosts,
+        tunnel_listen=parse_listen(tunnel_listen) if tunnel_listen else None,
+    )
     console.print(f"Initialised pam state in {result.home}")
     console.print(f"Client configuration (API token, mode 0600): {result.client_config}")
     if force:
         console.print("A running daemon keeps the old token until it is restarted.")
     console.print(f"Start the daemon with: pam gateway run --home {result.home}")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as a (host, port) pair."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise click.BadParameter(f"{value!r} is not HOST:PORT", param_hint="--tunnel-listen")
+    return host, int(port)
+
+
+@gateway.command("ca-cert")
+@home_option
+def gateway_ca_cert(home: Path | None) -> None:
+    """Print the gateway CA certificate (PEM), for `pam login --ca-cert` elsewhere."""
+    from gateway.credentials.pki import load_ca_certificate
+
+    click.echo(load_ca_certificate(_home(home)).decode(), nl=False)
 
 
 @gateway.command("run")
@@ -80,11 +126,26 @@ def gateway_init(
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"
 )
-def gateway_run(home: Path | None, log_format: str, log_level: str) -> None:
+@click.option(
+    "--tunnel-listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Where the tunnel listens (default: tunnel_host/tunnel_port of gateway.json).",
+)
+def gateway_run(
+    home: Path | None, log_format: str, log_level: str, tunnel_listen: str | None
+) -> None:
     """Run the gateway daemon in the foreground (stops on SIGTERM/SIGINT)."""
     from gateway.app import daemon
     from gateway.app.logging import configure_logging
 
     configure_logging("json" if log_format == "json" else "console", log_level)
     with asyncio.Runner(loop_factory=daemon.event_loop_factory()) as runner:
-        runner.run(daemon.run(_home(home), log_format=log_format, log_level=log_level))
+        runner.run(
+            daemon.run(
+                _home(home),
+                log_format=log_format,
+                log_level=log_level,
+                tunnel_listen=parse_listen(tunnel_listen) if tunnel_listen else None,
+            )
+        )

@@ -33,6 +33,10 @@ class Grant:
     last_heartbeat: float
     state: GrantState = GrantState.ACTIVE
     expiry_task: asyncio.Task[None] | None = None
+    #: for a grant opened from another host: its client certificate (PEM) and
+    #: that certificate's public key (DER), the only key the tunnel admits for it
+    certificate: bytes | None = None
+    public_key: bytes | None = None
 
     @property
     def is_ended(self) -> bool:

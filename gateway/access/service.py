@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import structlog
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.access.admission import check_grant_request
 from gateway.access.connections import ConnectionRecords
@@ -32,7 +33,8 @@ from gateway.access.grants import Grant, GrantState, format_time
 from gateway.access.ports import SessionRecord, SessionStore, StoreThread
 from gateway.audit.runtime import AuditRuntime
 from gateway.config import GatewaySettings
-from gateway.errors import InvalidRequest
+from gateway.credentials.pki import GatewayPki, grant_id_of, is_within_validity, public_key_of
+from gateway.errors import InvalidRequest, NotFound
 from gateway.net.listener import (
     DEFAULT_SOCKET_PORT,
     AccessListener,
@@ -67,6 +69,8 @@ class GrantService:
     host: ConnectionHost
     records: ConnectionRecords
     audit: AuditRuntime
+    #: signs the client certificates of grants opened from another host
+    pki: GatewayPki | None = None
     _grants: dict[str, Grant] = field(default_factory=dict)
     _watchdog: asyncio.Task[None] | None = None
     _closing: bool = False
@@ -129,12 +133,16 @@ class GrantService:
         request: dict[str, str | None] | None = None,
         owner_uid: int | None = None,
         socket_dir: str | None = None,
+        csr: str | None = None,
     ) -> SessionRecord:
         """Open a grant; *request* is what its session records of who asked
         (``gateway.store.sessions.REQUEST_FIELDS``), decided by the caller;
         ``owner_uid`` (the API caller's OS user, found by the kernel) alone may
         connect; ``socket_dir`` serves a Unix socket there instead of a TCP
-        port, and needs an owner."""
+        port, and needs an owner. With ``csr`` (from a CLI on another host) it
+        is reached through the tunnel with the certificate issued for it
+        (:meth:`certificate_of`) and opens no local port."""
+        public_key = self._check_csr(csr)
         check_grant_request(
             duration_seconds=duration_seconds,
             port=port,
@@ -162,10 +170,17 @@ class GrantService:
             started_at=now,
             request=request,
         )
-        bound_port, listener = await self._listen(session, port, owner_uid, unix_path)
-        await self.db(self.store.set_session_port, session.id, bound_port)
+        bound_port, listener = await self._listen(
+            session, port, owner_uid, unix_path, bind=public_key is None
+        )
+        if bound_port:
+            await self.db(self.store.set_session_port, session.id, bound_port)
         session = await self.db(self.store.get_session, session.id)
         grant = Grant(session, listener, last_heartbeat=time.monotonic())
+        if public_key is not None:
+            assert self.pki is not None  # _check_csr refuses a CSR without a CA
+            grant.certificate = self.pki.issue_grant(public_key, session.id, session.expires_at)
+            grant.public_key = public_key_of(grant.certificate)
         grant.expiry_task = asyncio.create_task(
             self._expire_at(grant), name=f"grant-{session.id[:8]}-expiry"
         )
@@ -181,8 +196,59 @@ class GrantService:
         )
         return session
 
+    def _check_csr(self, csr: str | None) -> ec.EllipticCurvePublicKey | None:
+        if csr is None:
+            return None
+        if self.pki is None:
+            raise InvalidRequest(
+                "this gateway has no CA, so it cannot be reached from another host",
+                hint="run `pam gateway init --force` on the gateway host to create one",
+            )
+        return self.pki.check_csr(csr)
+
+    def certificate_of(self, session_id: str) -> bytes | None:
+        """The client certificate (PEM) issued for a grant opened with a CSR."""
+        grant = self._grants.get(session_id)
+        return grant.certificate if grant else None
+
+    async def tunnel_door(self, cert_der: bytes | None) -> AccessListener | Termination:
+        """The door of the grant a tunnel peer's (CA-verified) certificate names,
+        or why it is refused: an ended grant's own reason, else 28000."""
+        grant_id = grant_id_of(cert_der) if cert_der else None
+        if cert_der is None or grant_id is None:
+            return _cert_refused("the client certificate names no pam grant")
+        grant = self._grants.get(grant_id)
+        if grant is not None and grant.public_key != public_key_of(cert_der):
+            return _cert_refused("the client certificate is not the one issued for this grant")
+        if grant is not None and grant.listener.refusal is not None:
+            return grant.listener  # ended, not yet let go: it answers with the end's reason
+        if grant is not None:
+            if not is_within_validity(cert_der):
+                return _cert_refused("the client certificate is outside its validity period")
+            return grant.listener
+        try:
+            session = await self.db(self.store.get_session, grant_id)
+        except NotFound:
+            session = None
+        if session is None or session.id != grant_id:
+            return _cert_refused("the client certificate names a grant this gateway does not have")
+        why = session.end_reason or "ended"
+        detail = f": {session.end_detail}" if session.end_detail else ""
+        return Termination(
+            ConnectionEndReason.SESSION_ENDED,
+            SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
+            f"access session {grant_id[:8]} has ended ({why}{detail})",
+            hint="request new access with `pam db access`",
+        )
+
     async def _listen(
-        self, session: SessionRecord, port: int | None, owner_uid: int | None, unix_path: str | None
+        self,
+        session: SessionRecord,
+        port: int | None,
+        owner_uid: int | None,
+        unix_path: str | None,
+        *,
+        bind: bool = True,
     ) -> tuple[int, AccessListener]:
         listener = AccessListener(
             GrantInfo(
@@ -199,6 +265,8 @@ class GrantService:
             owner_uid=owner_uid,
             unix_path=unix_path,
         )
+        if not bind:
+            return 0, listener  # a tunnel grant: its connections come through the tunnel
         try:
             return await listener.start(), listener
         except OSError as exc:
@@ -340,3 +408,12 @@ class GrantService:
                     )
                 except Exception as exc:  # keep watching the other grants
                     log.error("watchdog_end_failed", session_id=grant.session.id, error=repr(exc))
+
+
+def _cert_refused(message: str) -> Termination:
+    return Termination(
+        ConnectionEndReason.ERROR,
+        SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
+        message,
+        hint="request new access with `pam db access`, which issues a new certificate",
+    )

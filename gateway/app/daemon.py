@@ -38,6 +38,7 @@ from gateway.config import (
     save_settings,
     store_url,
 )
+from gateway.credentials import pki
 from gateway.credentials.secretbox import SecretBox, generate_master_key, load_master_key
 from gateway.errors import AlreadyExists, ConfigError, NotFound
 from gateway.identity.hashing import hash_password, new_token, token_digest
@@ -45,6 +46,7 @@ from gateway.identity.principals import ALL_PROJECTS, PrincipalKind, Role
 from gateway.identity.service import TokenKind
 from gateway.net import peercred
 from gateway.net.tls import ensure_local_certificate, server_context
+from gateway.net.tunnel import TunnelEndpoint
 from gateway.store import Store
 
 log = structlog.get_logger(__name__)
@@ -78,9 +80,12 @@ def init_home(
     force: bool = False,
     admin: str | None = None,
     password: str | None = None,
+    public_hosts: tuple[str, ...] = (),
+    tunnel_listen: tuple[str, int] | None = None,
 ) -> InitResult:
-    """Create a state directory and its first admin (default: the OS user);
-    with ``force``, keep key, store and users but issue a new local token."""
+    """Create a state directory, its gateway CA and first admin (default: the OS
+    user); with ``force``, keep key, CA, store and users but issue a new local
+    token (and a server certificate for ``public_hosts``)."""
     home.mkdir(parents=True, exist_ok=True, mode=STATE_DIR_MODE)
     os.chmod(home, STATE_DIR_MODE)
     settings_path = home / "gateway.json"
@@ -92,12 +97,19 @@ def init_home(
     key_path = home / MASTER_KEY_FILE
     if not key_path.exists():
         generate_master_key(key_path)
+    update: dict[str, object] = {"public_hosts": list(public_hosts)}
+    if tunnel_listen is not None:
+        update |= {"tunnel_host": tunnel_listen[0], "tunnel_port": tunnel_listen[1]}
     if settings_path.exists():
         settings = load_settings(home).model_copy(
-            update={"api_token_sha256": None, "api_host": api_host, "api_port": api_port}
+            update={"api_token_sha256": None, "api_host": api_host, "api_port": api_port, **update}
         )
     else:
-        settings = GatewaySettings(api_host=api_host, api_port=api_port)
+        settings = GatewaySettings.model_validate(
+            {"api_host": api_host, "api_port": api_port} | update
+        )
+    # The CA key is sealed with the master key; an existing CA is kept (CLIs pin it).
+    pki.ensure_pki(home, SecretBox(load_master_key(key_path)), tuple(settings.public_hosts))
     name = admin or default_admin_name()
     token = new_token()
     with Store.open(
@@ -226,8 +238,49 @@ def make_state_files_private(home: Path, settings: GatewaySettings) -> None:
         log.warning("state_file_made_private", path=str(path), was_mode=f"{was:04o}")
 
 
-async def run(home: Path, *, log_format: str = "console", log_level: str = "info") -> None:
+def _load_ca(home: Path, box: SecretBox) -> pki.GatewayPki | None:
+    if not (home / pki.CA_CERT_FILE).exists():
+        # A state directory from before the CA: the local path works as ever.
+        log.warning(
+            "tunnel_off_no_ca", hint="run `pam gateway init --force` to create the gateway CA"
+        )
+        return None
+    return pki.load_pki(home, box)
+
+
+async def _start_tunnel(
+    home: Path, box: SecretBox, settings: GatewaySettings, service: Gateway, ca: pki.GatewayPki
+) -> TunnelEndpoint:
+    tunnel = TunnelEndpoint(
+        tls=pki.tunnel_server_context(pki.load_server_identity(home, box), ca.ca_pem),
+        admit=service.grants.tunnel_door,
+        host=settings.tunnel_host,
+        port=settings.tunnel_port,
+        startup_timeout=settings.client_startup_timeout_seconds,
+    )
+    try:
+        service.tunnel_port = await tunnel.start()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot bind the tunnel on {settings.tunnel_host}:{settings.tunnel_port}:"
+            f" {exc.strerror or exc}",
+            hint="pick another --tunnel-listen (see tunnel_port in gateway.json)",
+        ) from None
+    return tunnel
+
+
+async def run(
+    home: Path,
+    *,
+    log_format: str = "console",
+    log_level: str = "info",
+    tunnel_listen: tuple[str, int] | None = None,
+) -> None:
     settings = load_settings(home)
+    if tunnel_listen is not None:
+        settings = settings.model_copy(
+            update={"tunnel_host": tunnel_listen[0], "tunnel_port": tunnel_listen[1]}
+        )
     box = SecretBox(load_master_key(home / MASTER_KEY_FILE))
     make_state_files_private(home, settings)
     store = Store.open(
@@ -235,6 +288,7 @@ async def run(home: Path, *, log_format: str = "console", log_level: str = "info
     )
     adopt_legacy_token(store, settings, home)
     cert, key = ensure_local_certificate(home)
+    ca = _load_ca(home, box)
     sink = (
         AuditSink(home, log_format=log_format, log_level=log_level)
         if settings.audit_enabled and settings.audit_writer_process
@@ -246,7 +300,9 @@ async def run(home: Path, *, log_format: str = "console", log_level: str = "info
         client_tls_context=server_context(cert, key),
         audit_sink=sink,
         journal_dir=home / JOURNAL_DIR,
+        pki=ca,
     )
+    tunnel: TunnelEndpoint | None = None
     sock = _bind(settings.api_host, settings.api_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -254,6 +310,8 @@ async def run(home: Path, *, log_format: str = "console", log_level: str = "info
         loop.add_signal_handler(sig, stop.set)
     try:
         await service.start()
+        if ca is not None:
+            tunnel = await _start_tunnel(home, box, settings, service, ca)
         server = _EmbeddedServer(
             uvicorn.Config(
                 create_app(service),
@@ -264,7 +322,13 @@ async def run(home: Path, *, log_format: str = "console", log_level: str = "info
             )
         )
         api_task = asyncio.create_task(server.serve(sockets=[sock]), name="control-api")
-        log.info("gateway_ready", api=api_url(settings), home=str(home), pid=os.getpid())
+        log.info(
+            "gateway_ready",
+            api=api_url(settings),
+            tunnel_port=service.tunnel_port,
+            home=str(home),
+            pid=os.getpid(),
+        )
         if not peercred.is_available():
             log.warning(
                 "owner_check_unavailable",
@@ -278,6 +342,8 @@ async def run(home: Path, *, log_format: str = "console", log_level: str = "info
         await asyncio.gather(api_task, stop_task, return_exceptions=True)
         if api_task in done and (exc := api_task.exception()) is not None:
             log.error("control_api_failed", error=repr(exc))
+        if tunnel is not None:
+            await tunnel.close()  # stop accepting; live tunnelled connections are the grants'
         await service.shutdown()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

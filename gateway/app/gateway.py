@@ -32,6 +32,7 @@ from gateway.audit.runtime import AuditRuntime
 from gateway.audit.sink import AuditSink
 from gateway.audit.writer import AuditWriter
 from gateway.config import GatewaySettings
+from gateway.credentials.pki import GatewayPki
 from gateway.credentials.targets import Credentials
 from gateway.credentials.verify import VerifyResult, verify
 from gateway.errors import NotFound
@@ -66,6 +67,7 @@ class Gateway:
         client_tls_context: ssl.SSLContext | None = None,
         audit_sink: AuditSink | None = None,
         journal_dir: Path | None = None,
+        pki: GatewayPki | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -89,7 +91,11 @@ class Gateway:
             self.records,
             client_tls_context=client_tls_context,
         )
-        self.grants = GrantService(store, self.db, settings, self.host, self.records, self.audit)
+        self.grants = GrantService(
+            store, self.db, settings, self.host, self.records, self.audit, pki=pki
+        )
+        #: the tunnel endpoint's bound port, once the daemon serves it
+        self.tunnel_port: int | None = None
         self.audit.cut_live = self.grants.terminate_live
         self.identity = IdentityService(
             store,
@@ -148,6 +154,7 @@ class Gateway:
         reported_host: str | None = None,
         owner_uid: int | None = None,
         socket_dir: str | None = None,
+        csr: str | None = None,
     ) -> SessionRecord:
         """Open a grant for *principal* if its role or a policy allows it."""
         try:
@@ -185,7 +192,16 @@ class Gateway:
             },
             owner_uid=owner_uid,
             socket_dir=socket_dir,
+            csr=csr,
         )
+
+    def tunnel_offer(self, session_id: str) -> tuple[bytes, bytes, int] | None:
+        """For a grant opened with a CSR: its certificate, the CA and the tunnel port."""
+        cert = self.grants.certificate_of(session_id)
+        pki = self.grants.pki
+        if cert is None or pki is None or self.tunnel_port is None:
+            return None
+        return cert, pki.ca_pem, self.tunnel_port
 
     async def heartbeat(self, session_id: str) -> SessionRecord:
         return await self.grants.heartbeat(session_id)

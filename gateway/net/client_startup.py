@@ -103,6 +103,30 @@ async def read_client_startup(
         return None
 
 
+async def read_tunnelled_startup(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    *,
+    timeout: float,
+    forward_cancel: Callable[[CancelRequest], Awaitable[None]],
+    log: structlog.typing.FilteringBoundLogger,
+) -> ClientStarted | StartupFailed | None:
+    """As :func:`read_client_startup`, on streams already inside the tunnel's TLS:
+    the client's own SSLRequest is answered ``N`` (the tunnel is the encryption)."""
+    machine = ClientStartup(tls_available=False)
+    try:
+        async with asyncio.timeout(timeout):
+            return await _run(machine, reader, writer, None, forward_cancel, log)
+    except TimeoutError:
+        refusal = machine.timed_out()
+        await _refuse(writer, refusal)
+        return StartupFailed(refusal.sqlstate, refusal.message)
+    except (ssl.SSLError, ConnectionError) as exc:
+        log.info("tunnel_stream_failed", error=str(exc))
+        writer.transport.abort()
+        return None
+
+
 async def _peek_first_byte(sock: socket.socket) -> int | None:
     """The first byte on a just-accepted socket, left unread; None at end of file.
 

@@ -37,7 +37,12 @@ from typing import Protocol
 import structlog
 
 from gateway.errors import GatewayError, UpstreamError
-from gateway.net.client_startup import ClientStarted, StartupFailed, read_client_startup
+from gateway.net.client_startup import (
+    ClientStarted,
+    StartupFailed,
+    read_client_startup,
+    read_tunnelled_startup,
+)
 from gateway.net.ports import ConnectionAuditTap, ConnectionHost, GrantInfo
 from gateway.net.relay import Relay, Termination, close_writer
 from gateway.net.upstream import UpstreamConnection, connect_upstream, send_cancel
@@ -65,6 +70,10 @@ _CUT_BY_GATEWAY = frozenset(
         ConnectionEndReason.AUDIT_UNAVAILABLE,
     }
 )
+
+
+#: a tunnelled client's streams, already inside the tunnel's TLS
+ClientStreams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 class Door(Protocol):
@@ -97,7 +106,7 @@ class ConnectionLife:
         self,
         door: Door,
         conn: LiveConnection,
-        sock: socket.socket,
+        sock: socket.socket | ClientStreams,
         *,
         log: structlog.typing.FilteringBoundLogger,
         refusal: Termination | None = None,
@@ -109,8 +118,9 @@ class ConnectionLife:
         self.host = door.host
         self.grant = door.grant
         self.conn = conn
-        #: the accepted socket, until the startup has made streams of it
-        self.sock: socket.socket | None = sock
+        #: the accepted socket, until the startup has made streams of it; or the
+        #: streams of a tunnelled connection (already inside the tunnel's TLS)
+        self.sock: socket.socket | ClientStreams | None = sock
         #: the client's writer, once its startup made streams of the socket
         self.writer: asyncio.StreamWriter | None = None
         self.log = log
@@ -127,7 +137,9 @@ class ConnectionLife:
             self.log.error("connection_failed", error=repr(exc))
             conn, writer = self.conn, self.writer
             if writer is None:
-                if self.sock is not None:
+                if isinstance(self.sock, tuple):
+                    self.sock[1].transport.abort()
+                elif self.sock is not None:
                     self.sock.close()
                 return
             if conn.relay is None and conn.upstream is not None:
@@ -147,13 +159,25 @@ class ConnectionLife:
     async def _live(self) -> None:
         sock, self.sock = self.sock, None
         assert sock is not None, "a connection is served once"
-        started = await read_client_startup(
-            sock,
-            tls=self.host.client_tls,
-            timeout=self.host.startup_timeout,
-            forward_cancel=self.door.forward_cancel if self.refusal is None else self._drop_cancel,
-            log=self.log,
-        )
+        if isinstance(sock, tuple):
+            started = await read_tunnelled_startup(
+                *sock,
+                timeout=self.host.startup_timeout,
+                forward_cancel=self.door.forward_cancel
+                if self.refusal is None
+                else self._drop_cancel,
+                log=self.log,
+            )
+        else:
+            started = await read_client_startup(
+                sock,
+                tls=self.host.client_tls,
+                timeout=self.host.startup_timeout,
+                forward_cancel=self.door.forward_cancel
+                if self.refusal is None
+                else self._drop_cancel,
+                log=self.log,
+            )
         if started is None:
             return
         if isinstance(started, StartupFailed):
@@ -417,4 +441,4 @@ async def _refuse(
     await close_writer(writer)
 
 
-__all__ = ["ConnectionLife", "Door", "LiveConnection"]
+__all__ = ["ClientStreams", "ConnectionLife", "Door", "LiveConnection"]

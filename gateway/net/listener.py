@@ -206,6 +206,39 @@ class AccessListener:
             return None
         return owner_refusal(self.owner_uid, self._owner_name, uid)
 
+    def serve_tunnelled(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client_addr: str
+    ) -> asyncio.Task[None]:
+        """Serve a connection that came through the tunnel, as one of this door's own
+        (same life, same live set, cut and cancelled the same way); ``client_addr``
+        is the tunnel's peer, the laptop, not a loopback forwarder."""
+        number = next(_connection_numbers)
+        task = asyncio.create_task(
+            self._serve_streams(reader, writer, client_addr, number),
+            name=f"grant-{self.grant.session_id[:8]}-t{number}",
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _serve_streams(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        client_addr: str,
+        number: int,
+    ) -> None:
+        conn = LiveConnection(number, client_addr)
+        bound = log.bind(
+            session_id=self.grant.session_id, connection=number, client=client_addr, tunnel=True
+        )
+        life = ConnectionLife(self, conn, (reader, writer), log=bound)
+        self.connections.add(conn)
+        try:
+            await life.serve()
+        finally:
+            self.connections.discard(conn)
+
     async def forward_cancel(self, request: CancelRequest) -> None:
         """Forward a CancelRequest whose key this listener handed out.
 

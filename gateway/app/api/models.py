@@ -59,6 +59,8 @@ class AccessIn(BaseModel):
     client_host: str | None = Field(default=None, max_length=255)
     #: serve a Unix socket in this directory (absolute path) instead of a TCP port
     socket_dir: str | None = Field(default=None, min_length=1, max_length=4096)
+    #: from a CLI on another host: a PEM CSR for its in-memory key (tunnel grant)
+    csr: str | None = Field(default=None, max_length=16 * 1024)
 
 
 class LoginIn(BaseModel):
@@ -146,6 +148,16 @@ class SessionOut(_Out):
     reason: str | None = None
     api_client_addr: str | None = None
     reported_host: str | None = None
+
+
+class AccessOut(SessionOut):
+    """A new grant; a tunnel grant's also carries what the CLI's forwarder needs."""
+
+    #: the client certificate issued for the CSR (PEM), expiring with the grant
+    certificate: str | None = None
+    #: the gateway CA (PEM) the tunnel's server certificate chains to
+    ca_cert_pem: str | None = None
+    tunnel_port: int | None = None
 
 
 class ConnectionOut(_Out):

@@ -18,7 +18,7 @@ import ipaddress
 from fastapi import APIRouter, Request
 
 from gateway.app.api.deps import Caller, Service, client_addr
-from gateway.app.api.models import AccessEndIn, AccessIn, SessionOut
+from gateway.app.api.models import AccessEndIn, AccessIn, AccessOut, SessionOut
 from gateway.errors import InvalidRequest, NotFound
 from gateway.identity.principals import Principal
 from gateway.net import peercred
@@ -29,7 +29,7 @@ router = APIRouter(prefix="/v1/access")
 @router.post("", status_code=201)
 async def open_access(
     body: AccessIn, caller: Caller, service: Service, request: Request
-) -> SessionOut:
+) -> AccessOut:
     session = await service.open_access(
         caller,
         resource=body.resource,
@@ -41,8 +41,16 @@ async def open_access(
         reported_host=body.client_host,
         owner_uid=await api_client_uid(request),
         socket_dir=body.socket_dir,
+        csr=body.csr,
     )
-    return SessionOut.of(session)
+    out = AccessOut.of(session)
+    offer = service.tunnel_offer(session.id)
+    if offer is not None:
+        cert, ca, port = offer
+        out = out.model_copy(
+            update={"certificate": cert.decode(), "ca_cert_pem": ca.decode(), "tunnel_port": port}
+        )
+    return out
 
 
 async def _own(session_id: str, caller: Principal, service: Service) -> str:

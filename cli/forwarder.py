@@ -1,0 +1,310 @@
+"""The CLI's forwarder: a local port whose connections go to the gateway's tunnel.
+
+When the gateway runs on another host, ``pam db access`` makes an ECDSA P-256
+key in memory, sends a CSR with the grant request, and gets back a certificate
+naming the grant. :class:`Forwarder` then opens 127.0.0.1:PORT itself and
+carries each client connection, CancelRequests included, to the gateway's
+tunnel endpoint over TLS 1.3 with that certificate, the gateway CA pinned.
+The gateway does the PostgreSQL startup; this process only moves bytes.
+
+Invariants:
+
+* The private key never leaves this process: it is not sent, and it reaches the
+  TLS context through an anonymous memory file (``os.memfd_create``), never a
+  file on disk (:func:`gateway.credentials.pki.tunnel_client_context`).
+* One client's trouble (Ctrl+C, a reset, a refused tunnel) ends that client's
+  connection only; the forwarder keeps serving the others.
+* A tunnel failure reaches the local client as a PostgreSQL ErrorResponse after
+  its StartupMessage, not a closed socket: gateway unreachable -> 08001 naming
+  the gateway; the gateway dropping the tunnel without a byte (it refused the
+  certificate during the TLS handshake) -> 28000.
+* TCP keepalives on every tunnel connection keep an idle one (a long query) up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import ssl
+import threading
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+from cli.client import ApiClient, ApiError, SessionJson
+from gateway.credentials.pki import csr_for, new_key, tunnel_client_context
+from gateway.net.relay import READ_SIZE
+from gateway.net.tunnel import enable_keepalive
+from gateway.protocol import messages
+from gateway.protocol.client_startup import (
+    AnswerEncryption,
+    ClientStartup,
+    NeedData,
+    Refuse,
+    StartupReceived,
+)
+from gateway.protocol.sqlstate import SqlState
+
+#: how long opening a tunnel connection (TCP and TLS) may take
+CONNECT_TIMEOUT_SECONDS = 15.0
+#: client bytes kept until the tunnel first answers, to answer locally if it never does
+_PENDING_LIMIT = 64 * 1024
+
+
+@dataclass(frozen=True)
+class TunnelTarget:
+    """Where the tunnel is and how to speak to it."""
+
+    host: str
+    port: int
+    tls: ssl.SSLContext
+    #: the name the gateway's server certificate must carry (the API's host)
+    server_hostname: str
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(eq=False)
+class _Client:
+    """One local client connection while it is being carried."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    #: what the client sent before the tunnel said anything (None once it has)
+    unanswered: bytearray | None = field(default_factory=bytearray)
+
+
+async def _answer_locally(client: _Client, seen: bytes, error: bytes) -> None:
+    """Play the start of the PostgreSQL protocol with the local client (``N`` to
+    an SSLRequest), then send ``error`` after its StartupMessage (55.2.1); a
+    CancelRequest, garbage or silence just closes."""
+    machine = ClientStartup(tls_available=False)
+    if seen:  # empty data is end of file to the machine
+        machine.receive_data(seen)
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
+            while True:
+                event = machine.next_event()
+                if event is NeedData.NEED_DATA:
+                    data = await client.reader.read(READ_SIZE)
+                    if not data:
+                        return
+                    machine.receive_data(data)
+                elif isinstance(event, AnswerEncryption):
+                    client.writer.write(event.data)
+                elif isinstance(event, StartupReceived):
+                    client.writer.write(error)
+                    return
+                elif isinstance(event, Refuse):
+                    client.writer.write(event.data)
+                    return
+                else:
+                    return
+    except (TimeoutError, ConnectionError):
+        return
+    finally:
+        await _close(client.writer)
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    try:
+        if not writer.is_closing():
+            await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+    except (ConnectionError, ssl.SSLError, OSError):
+        writer.transport.abort()
+
+
+async def _pump(
+    source: asyncio.StreamReader, sink: asyncio.StreamWriter, client: _Client, *, upstream: bool
+) -> None:
+    """Copy one direction until end of file; ``upstream`` is client -> tunnel."""
+    while True:
+        data = await source.read(READ_SIZE)
+        if not data:
+            break
+        if upstream and client.unanswered is not None:
+            if len(client.unanswered) + len(data) <= _PENDING_LIMIT:
+                client.unanswered += data
+        elif not upstream:
+            client.unanswered = None  # the gateway has spoken; from now on, bytes only
+        sink.write(data)
+        await sink.drain()
+    if upstream:
+        # The client left: so does its tunnel connection (TLS has no half-close).
+        await _close(sink)
+
+
+@dataclass(eq=False)
+class Forwarder:
+    """Serves 127.0.0.1:PORT in a thread of its own, for one grant's tunnel."""
+
+    target: TunnelTarget
+    listen_host: str = "127.0.0.1"
+    port: int = 0
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+    _server: asyncio.Server | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def start(self) -> int:
+        """Bind the local port and serve it from a background thread; returns the port."""
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._server = loop.run_until_complete(
+            asyncio.start_server(self._on_client, self.listen_host, self.port, limit=READ_SIZE)
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._thread = threading.Thread(target=loop.run_forever, name="pam-forwarder", daemon=True)
+        self._thread.start()
+        return self.port
+
+    def stop(self) -> None:
+        """Stop listening and close every carried connection."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+        self._loop = self._thread = None
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:  # kept so that stop() can end it
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        client = _Client(reader, writer)
+        try:
+            # One client's failure must never stop the forwarder.
+            with contextlib.suppress(Exception):
+                await self._carry(client)
+        finally:
+            # Closed already on every orderly path; this covers errors and stop().
+            writer.transport.abort()
+
+    async def _carry(self, client: _Client) -> None:
+        target = self.target
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
+                t_reader, t_writer = await asyncio.open_connection(
+                    target.host,
+                    target.port,
+                    ssl=target.tls,
+                    server_hostname=target.server_hostname,
+                    limit=READ_SIZE,
+                )
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            why = str(exc) or type(exc).__name__
+            error = messages.error_response(
+                "FATAL",
+                SqlState.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                f"cannot reach the pam gateway's tunnel at {target.address}: {why}",
+                hint="check that the gateway is running and reachable from this host",
+            )
+            await _answer_locally(client, b"", error)
+            return
+        sock = t_writer.get_extra_info("socket")
+        if sock is not None:
+            enable_keepalive(sock)
+        up = self._spawn(_pump(client.reader, t_writer, client, upstream=True), "fwd-up")
+        try:
+            await _pump(t_reader, client.writer, client, upstream=False)
+        except (ConnectionError, ssl.SSLError, OSError):
+            pass
+        finally:
+            up.cancel()
+            await asyncio.gather(up, return_exceptions=True)
+            t_writer.transport.abort()
+        if client.unanswered is not None:
+            # Not a byte back: the gateway dropped the tunnel in the TLS handshake
+            # (TLS 1.3 checks the client's certificate after the client's side
+            # of the handshake is done), so the certificate was refused. The
+            # drop may come before the client has even sent its startup.
+            error = messages.error_response(
+                "FATAL",
+                SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
+                f"the pam gateway at {target.address} refused this access's certificate",
+                hint="the grant may have ended; request new access with `pam db access`",
+            )
+            await _answer_locally(client, bytes(client.unanswered), error)
+            return
+        await _close(client.writer)
+
+
+def open_tunnel_access(
+    client: ApiClient,
+    *,
+    resource: str,
+    account: str,
+    duration_seconds: int,
+    port: int | None,
+    reason: str | None = None,
+) -> tuple[SessionJson, Forwarder]:
+    """Request a tunnel grant with a CSR for a key made here, and serve its local
+    port; returns the session (its listen address the forwarder's) and the forwarder.
+
+    ``PAM_TUNNEL_HOST`` overrides the host the tunnel is dialled at (the API's
+    host by default; the certificate is still checked for the API's host name).
+    """
+    key = new_key()  # lives only in this process's memory
+    session = client.open_access(
+        resource=resource,
+        account=account,
+        duration_seconds=duration_seconds,
+        port=None,
+        reason=reason,
+        client_host=socket.gethostname(),
+        csr=csr_for(key),
+    )
+    cert, ca, tunnel_port = (
+        session.get("certificate"),
+        session.get("ca_cert_pem"),
+        session.get("tunnel_port"),
+    )
+    if not cert or not ca or not tunnel_port:
+        client.end_access(session["id"])
+        raise ApiError(
+            "the pam gateway did not issue a tunnel certificate for this access",
+            hint="the gateway may predate the tunnel; run `pam gateway init --force` there",
+        )
+    api_host = urlsplit(client.config.api_url).hostname or "localhost"
+    target = TunnelTarget(
+        host=os.environ.get("PAM_TUNNEL_HOST") or api_host,
+        port=tunnel_port,
+        tls=tunnel_client_context(cert.encode(), key, ca.encode()),
+        server_hostname=api_host,
+    )
+    forwarder = Forwarder(target, port=port or 0)
+    try:
+        local_port = forwarder.start()
+    except OSError as exc:
+        client.end_access(session["id"])
+        raise ApiError(
+            f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}",
+            hint="pick another --port, or omit it for a free one",
+        ) from None
+    local = cast(SessionJson, dict(session))
+    local["listen_host"], local["listen_port"] = "127.0.0.1", local_port
+    return local, forwarder

@@ -1,0 +1,207 @@
+"""The tunnel endpoint: where CLIs on other hosts bring their grants' connections.
+
+One TCP listener (``--tunnel-listen``, loopback by default) speaking TLS 1.3
+only, with a client certificate required and verified against the gateway CA
+(the context is built by ``gateway.credentials.pki``). After the handshake the
+peer's certificate names a grant; :attr:`TunnelEndpoint.admit` (the grant
+service) answers with that grant's door or with a refusal.
+
+* An admitted connection is handed to the grant's own
+  :class:`~gateway.net.listener.AccessListener` as streams over the TLS
+  transport (``loop.connect_accepted_socket(ssl=...)``, no extra hop): the same
+  :class:`~gateway.net.connection.ConnectionLife` runs it, with the PostgreSQL
+  startup inside the tunnel, the grant check, the upstream sign-in, the relay,
+  the records, the expiry cut and cancel forwarding; the recorded client
+  address is the TLS peer's.
+* A refused one (the grant ended or expired, the certificate names no grant)
+  reads the client's startup inside the tunnel and answers it with a FATAL
+  ErrorResponse, so the client hears why rather than a closed socket.
+* A handshake that fails (no certificate, or one the CA did not sign) is
+  dropped by TLS itself and logged with the peer's address: asyncio closes
+  without flushing TLS's alert, so the CLI's forwarder, which never gets a
+  byte back, tells its client 28000.
+
+TCP keepalives are on for every tunnel connection, so NAT and firewalls between
+the laptop and the gateway keep an idle one (a long ``pg_sleep``) open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+
+from gateway.net.client_startup import ClientStarted, read_tunnelled_startup
+from gateway.net.relay import READ_SIZE, Termination, close_writer
+from gateway.protocol.startup import CancelRequest
+
+log = structlog.get_logger(__name__)
+
+#: Connections waiting to be accepted; a burst of a whole team's tools connecting
+#: at once must not be turned away by the kernel.
+_BACKLOG = 1024
+_ACCEPT_RETRY_DELAY = 1.0
+#: TCP keepalive: first probe after a minute idle, then every 15 s, 4 misses.
+KEEPALIVE_IDLE_SECONDS = 60
+KEEPALIVE_INTERVAL_SECONDS = 15
+KEEPALIVE_PROBES = 4
+_numbers = itertools.count(1)
+
+
+class TunnelDoor(Protocol):
+    """What the tunnel hands an admitted connection to (an AccessListener)."""
+
+    def serve_tunnelled(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client_addr: str
+    ) -> asyncio.Task[None]: ...
+
+
+#: given the peer's certificate (DER), the grant's door or why it is refused
+Admit = Callable[[bytes | None], Awaitable[TunnelDoor | Termination]]
+
+
+def enable_keepalive(sock: socket.socket) -> None:
+    """TCP keepalives on a tunnel socket (both ends set them)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):  # Linux; macOS has only the switch above
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_SECONDS)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_SECONDS)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+
+
+def _address(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = f"[{peer[0]}]" if ":" in str(peer[0]) else str(peer[0])
+        return f"{host}:{peer[1]}"
+    return "unknown"
+
+
+@dataclass
+class TunnelEndpoint:
+    """The tunnel's listener; one task per connection until it is handed over."""
+
+    tls: ssl.SSLContext
+    admit: Admit
+    host: str = "127.0.0.1"
+    port: int = 0
+    handshake_timeout: float = 15.0
+    startup_timeout: float = 15.0
+    _listening: socket.socket | None = None
+    _acceptor: asyncio.Task[None] | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def start(self) -> int:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.create_server((self.host, self.port), family=family, backlog=_BACKLOG)
+        sock.setblocking(False)
+        self._listening = sock
+        self.port = sock.getsockname()[1]
+        self._acceptor = asyncio.create_task(self._accept_loop(sock), name="tunnel-accept")
+        log.info("tunnel_listening", host=self.host, port=self.port)
+        return self.port
+
+    async def close(self) -> None:
+        """Stop accepting; connections already handed to a grant are the grant's."""
+        if self._acceptor is not None:
+            self._acceptor.cancel()
+            await asyncio.gather(self._acceptor, return_exceptions=True)
+            self._acceptor = None
+        if self._listening is not None:
+            self._listening.close()
+            self._listening = None
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                client, address = await loop.sock_accept(sock)
+            except OSError as exc:
+                log.warning("tunnel_accept_failed", error=str(exc))
+                await asyncio.sleep(_ACCEPT_RETRY_DELAY)
+                continue
+            number = next(_numbers)
+            task = asyncio.create_task(
+                self._serve(client, _address(address)), name=f"tunnel-{number}"
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, sock: socket.socket, client_addr: str) -> None:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        enable_keepalive(sock)
+        bound = log.bind(tunnel_client=client_addr)
+        try:
+            reader, writer = await self._handshake(sock)
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            # No certificate, one the CA did not sign, not TLS 1.3, or silence.
+            bound.info("tunnel_handshake_refused", error=str(exc) or type(exc).__name__)
+            sock.close()
+            return
+        ssl_object = writer.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        try:
+            outcome = await self.admit(der)
+        except Exception as exc:  # a bug in a lookup must not leave the socket open
+            bound.error("tunnel_admit_failed", error=repr(exc))
+            writer.transport.abort()
+            return
+        if isinstance(outcome, Termination):
+            bound.info("tunnel_refused", sqlstate=outcome.sqlstate, reason=outcome.message)
+            await self._refuse(reader, writer, outcome, bound)
+            return
+        outcome.serve_tunnelled(reader, writer, client_addr)
+
+    async def _handshake(
+        self, sock: socket.socket
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Streams over the accepted socket after a TLS server handshake.
+
+        ``connect_accepted_socket`` returns once the handshake is done (and
+        raises when it fails), so the TLS transport itself is what the relay
+        reads and writes: no second hop."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=READ_SIZE)
+        connected: asyncio.Future[asyncio.StreamWriter] = loop.create_future()
+
+        def on_connected(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            connected.set_result(writer)
+
+        protocol = asyncio.StreamReaderProtocol(reader, on_connected)
+        async with asyncio.timeout(self.handshake_timeout):
+            await loop.connect_accepted_socket(
+                lambda: protocol, sock, ssl=self.tls, ssl_handshake_timeout=self.handshake_timeout
+            )
+            return reader, await connected
+
+    async def _refuse(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        refusal: Termination,
+        bound: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        """Answer the client's startup (inside the tunnel) with ``refusal``."""
+
+        async def drop_cancel(_request: CancelRequest) -> None:
+            bound.info("tunnel_cancel_dropped", reason=refusal.message)
+
+        started = await read_tunnelled_startup(
+            reader, writer, timeout=self.startup_timeout, forward_cancel=drop_cancel, log=bound
+        )
+        if isinstance(started, ClientStarted):
+            if not writer.is_closing():
+                writer.write(refusal.error_response())
+            await close_writer(writer)
+
+
+__all__ = ["Admit", "TunnelDoor", "TunnelEndpoint", "enable_keepalive"]
