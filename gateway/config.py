@@ -62,6 +62,9 @@ class GatewaySettings(BaseModel):
     #: the tunnel endpoint for CLIs on other hosts (port 0: a free one at start)
     tunnel_host: str = "127.0.0.1"
     tunnel_port: int = Field(default=0, ge=0, le=65535)
+    #: serve the control API over HTTPS with the gateway CA's server certificate
+    #: (state directories made before the CA have none: plain HTTP, on loopback)
+    api_tls: bool = True
     #: names and addresses the server certificate is issued for (loopback always)
     public_hosts: list[str] = Field(default_factory=list)
     max_grant_seconds: int = Field(default=int(timedelta(hours=12).total_seconds()), gt=0)

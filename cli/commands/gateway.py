@@ -132,8 +132,18 @@ def gateway_ca_cert(home: Path | None) -> None:
     metavar="HOST:PORT",
     help="Where the tunnel listens (default: tunnel_host/tunnel_port of gateway.json).",
 )
+@click.option(
+    "--api-listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Where the control API (HTTPS) listens (default: api_host/api_port of gateway.json).",
+)
 def gateway_run(
-    home: Path | None, log_format: str, log_level: str, tunnel_listen: str | None
+    home: Path | None,
+    log_format: str,
+    log_level: str,
+    tunnel_listen: str | None,
+    api_listen: str | None,
 ) -> None:
     """Run the gateway daemon in the foreground (stops on SIGTERM/SIGINT)."""
     from gateway.app import daemon
@@ -147,5 +157,6 @@ def gateway_run(
                 log_format=log_format,
                 log_level=log_level,
                 tunnel_listen=parse_listen(tunnel_listen) if tunnel_listen else None,
+                api_listen=parse_listen(api_listen) if api_listen else None,
             )
         )

@@ -60,11 +60,12 @@ class InitResult:
     api_url: str
 
 
-def api_url(settings: GatewaySettings) -> str:
+def api_url(settings: GatewaySettings, *, tls: bool | None = None) -> str:
     host = settings.api_host
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{settings.api_port}"
+    scheme = "https" if (settings.api_tls if tls is None else tls) else "http"
+    return f"{scheme}://{host}:{settings.api_port}"
 
 
 def default_admin_name() -> str:
@@ -126,8 +127,11 @@ def init_home(
         )
     save_settings(home, settings)
     url = api_url(settings)
+    ca_pem = pki.load_ca_certificate(home).decode() if settings.api_tls else None
     path = save_profile(
-        Profile(api_url=url, token=token, user=name, gateway_id=settings.gateway_id),
+        Profile(
+            api_url=url, token=token, user=name, gateway_id=settings.gateway_id, ca_cert=ca_pem
+        ),
         replace_other_gateway=force,
     )
     return InitResult(home=home, client_config=path, api_url=url)
@@ -275,11 +279,16 @@ async def run(
     log_format: str = "console",
     log_level: str = "info",
     tunnel_listen: tuple[str, int] | None = None,
+    api_listen: tuple[str, int] | None = None,
 ) -> None:
     settings = load_settings(home)
     if tunnel_listen is not None:
         settings = settings.model_copy(
             update={"tunnel_host": tunnel_listen[0], "tunnel_port": tunnel_listen[1]}
+        )
+    if api_listen is not None:
+        settings = settings.model_copy(
+            update={"api_host": api_listen[0], "api_port": api_listen[1]}
         )
     box = SecretBox(load_master_key(home / MASTER_KEY_FILE))
     make_state_files_private(home, settings)
@@ -312,19 +321,25 @@ async def run(
         await service.start()
         if ca is not None:
             tunnel = await _start_tunnel(home, box, settings, service, ca)
-        server = _EmbeddedServer(
-            uvicorn.Config(
-                create_app(service),
-                log_level="warning",
-                access_log=False,
-                lifespan="off",
-                server_header=False,
-            )
+        config = uvicorn.Config(
+            create_app(service),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            server_header=False,
         )
+        config.load()
+        # uvicorn takes TLS keys only as files; ours stay in memory (pki._load_chain).
+        tls = settings.api_tls and ca is not None
+        if tls:
+            config.ssl = pki.api_server_context(pki.load_server_identity(home, box))
+        elif settings.api_tls:
+            log.warning("control_api_plain_http", reason="no gateway CA in the state directory")
+        server = _EmbeddedServer(config)
         api_task = asyncio.create_task(server.serve(sockets=[sock]), name="control-api")
         log.info(
             "gateway_ready",
-            api=api_url(settings),
+            api=api_url(settings, tls=tls),
             tunnel_port=service.tunnel_port,
             home=str(home),
             pid=os.getpid(),

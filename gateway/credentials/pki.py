@@ -356,6 +356,15 @@ def _load_chain(ctx: ssl.SSLContext, cert_pem: bytes, key: ec.EllipticCurvePriva
         os.close(fd)
 
 
+def api_server_context(server: ServerIdentity) -> ssl.SSLContext:
+    """The control API's HTTPS: TLS 1.2 or newer with the gateway's server
+    certificate (clients pin the gateway CA: ``pam login --ca-cert``)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_chain(ctx, server.cert_pem, server.key)
+    return ctx
+
+
 def tunnel_server_context(server: ServerIdentity, ca_pem: bytes) -> ssl.SSLContext:
     """TLS 1.3 only; a client certificate signed by the CA is required.
 
