@@ -103,6 +103,8 @@ _MIN_KEY_BYTES: Final = 16
 _SEAL_PREFIX: Final = b"pam audit seal v1\x00"
 #: Domain separation of a version 3 batch's MAC from records and seals.
 _BATCH_PREFIX: Final = b"pam audit batch v3\x00"
+#: Domain separation for the seals of session and connection rows (revision 0006).
+_ROW_PREFIX: Final = b"pam audit row v1\x00"
 #: BLAKE2b personalisation of version 3 record digests (16 bytes exactly).
 _RECORD_PERSON: Final = b"pam audit rec v3"
 #: Bytes of a version 3 record digest (BLAKE2b-128, keyed).
@@ -326,6 +328,11 @@ class AuditChain:
         also how many records there are, and their order)."""
         header = f"{session_id}|{first_seq}|{prev_hash}|".encode("utf-8", "surrogatepass")
         return self._mac(_BATCH_PREFIX + header + digests)
+
+    def row_mac(self, table: str, part: str, row_id: str, fields_json: str) -> str:
+        """Hex HMAC over one sealed part of a session or connection row (see
+        :mod:`gateway.store.sealing`): its table, part, row id and fields."""
+        return self._mac(_ROW_PREFIX + f"{table}|{part}|{row_id}|{fields_json}".encode())
 
     def seal(self, session_id: str, count: int, head: str) -> str:
         """Hex HMAC over ``session_id|count|head``: the trail's length and last hash."""

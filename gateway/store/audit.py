@@ -43,6 +43,7 @@ from gateway.store.batches import (
 from gateway.store.models import AuditRecord
 from gateway.store.rows import existing_session_id
 from gateway.store.schema import audit_events, sessions
+from gateway.store.sealing import row_problems
 from gateway.store.trail import TrailStore
 from gateway.store.validation import (
     check_choice,
@@ -420,6 +421,7 @@ class AuditStore(TrailStore):
                 for batch in iter_session_batches(conn, end.id):
                     verifier.feed_batch(batch)
                 problems.extend(self._finish(verifier, end))
+                problems.extend(row_problems(self._chain, conn, end.id))
         return problems
 
     @staticmethod

@@ -29,6 +29,7 @@ from gateway.store.engine import StoreBase
 from gateway.store.models import CONNECTION_END_REASONS, ConnectionRecord
 from gateway.store.rows import new_id, session_row
 from gateway.store.schema import connections, sessions
+from gateway.store.sealing import CONNECTION_END, CONNECTION_START, seal
 from gateway.store.validation import (
     check_count,
     check_reason,
@@ -102,6 +103,7 @@ _END_CONNECTION: Final = (
         bytes_from_server=bindparam("end_bytes_from_server"),
         error_sqlstate=bindparam("end_error_sqlstate"),
         error_message=bindparam("end_error_message"),
+        end_seal=bindparam("end_end_seal"),
     )
 )
 
@@ -228,13 +230,22 @@ class ConnectionStore(StoreBase):
             session_open[session_id] = parent.ended_at is None
         if not session_open[session_id]:
             return InvalidRequest(f"session '{session_id}' has ended")
-        conn.execute(_INSERT_CONNECTION, row)
+        sealed = seal(self._chain, "connections", "start", row["id"], row, CONNECTION_START)
+        conn.execute(_INSERT_CONNECTION, {**row, "start_seal": sealed})
         return ConnectionRecord.model_validate(row)
 
-    @staticmethod
-    def _update_connection_end(conn: Connection, values: dict[str, Any]) -> GatewayError | None:
+    def _update_connection_end(
+        self, conn: Connection, values: dict[str, Any]
+    ) -> GatewayError | None:
         connection_id = values["end_id"]
-        updated = conn.execute(_END_CONNECTION, values)
+        # The end's fields under their column names (the bind names carry
+        # "end_", except end_reason's, which is its own column name).
+        end = {
+            name: values[name if name == "end_reason" else "end_" + name]
+            for name in CONNECTION_END
+        }
+        sealed = seal(self._chain, "connections", "end", connection_id, end, CONNECTION_END)
+        updated = conn.execute(_END_CONNECTION, {**values, "end_end_seal": sealed})
         if updated.rowcount == 0 and (
             conn.execute(
                 select(connections.c.id).where(connections.c.id == connection_id)

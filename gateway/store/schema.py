@@ -184,6 +184,9 @@ sessions = Table(
     Column("reason", Text, nullable=True),
     Column("api_client_addr", Text, nullable=True),
     Column("reported_host", Text, nullable=True),
+    # Seals over the row's fields (revision 0006, gateway.store.sealing).
+    Column("start_seal", Text, nullable=True),
+    Column("end_seal", Text, nullable=True),
     Index(None, "started_at"),
     Index(None, "ended_at"),
     Index(None, "resource_name", "account_name"),
@@ -269,6 +272,8 @@ connections = Table(
     Column("end_reason", String(32), nullable=True),
     Column("error_sqlstate", String(5), nullable=True),
     Column("error_message", Text, nullable=True),
+    Column("start_seal", Text, nullable=True),
+    Column("end_seal", Text, nullable=True),
     Index(None, "session_id", "started_at"),
     Index(None, "ended_at"),
 )

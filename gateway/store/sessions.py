@@ -16,7 +16,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import ColumnElement, Connection, func, or_, select, true
 
 from gateway.errors import InvalidRequest, NotFound
 from gateway.identity.principals import DEFAULT_PROJECT
@@ -24,6 +24,7 @@ from gateway.reasons import CONNECTION_REASON_AT_SESSION_END, SessionEndReason
 from gateway.store.models import CONNECTION_END_REASONS, SESSION_END_REASONS, AccessSession
 from gateway.store.rows import account_row, new_id, resolve_session_id, resource_row, session_row
 from gateway.store.schema import connections, sessions
+from gateway.store.sealing import CONNECTION_END, SESSION_END, SESSION_START, seal
 from gateway.store.trail import TrailStore
 from gateway.store.validation import (
     check_limit,
@@ -115,7 +116,8 @@ class SessionStore(TrailStore):
                 "expires_at": expires,
                 **asked,
             }
-            conn.execute(sessions.insert().values(row))
+            sealed = seal(self._chain, "sessions", "start", row["id"], row, SESSION_START)
+            conn.execute(sessions.insert().values({**row, "start_seal": sealed}))
         return AccessSession.model_validate(row)
 
     def set_session_port(self, session_id: str, port: int) -> None:
@@ -155,23 +157,21 @@ class SessionStore(TrailStore):
             if current.ended_at is None:
                 # "WHERE ended_at IS NULL" makes the first end win, even against a
                 # concurrent caller; the select then reports whichever end that was.
+                end = {"ended_at": ended, "end_reason": reason, "end_detail": detail}
                 conn.execute(
                     sessions.update()
                     .where(sessions.c.id == session_id, sessions.c.ended_at.is_(None))
                     .values(
-                        ended_at=ended,
-                        end_reason=reason,
-                        end_detail=detail,
+                        **end,
+                        end_seal=seal(self._chain, "sessions", "end", session_id, end, SESSION_END),
                         **self._seal_values(session_id, self._chain_head(conn, session_id)),
                     )
                 )
-                conn.execute(
-                    connections.update()
-                    .where(connections.c.session_id == session_id, connections.c.ended_at.is_(None))
-                    .values(
-                        ended_at=ended,
-                        end_reason=CONNECTION_REASON_AT_SESSION_END[SessionEndReason(reason)],
-                    )
+                self._end_open_connections(
+                    conn,
+                    connections.c.session_id == session_id,
+                    ended,
+                    CONNECTION_REASON_AT_SESSION_END[SessionEndReason(reason)],
                 )
             return _session(session_row(conn, session_id))
 
@@ -250,19 +250,41 @@ class SessionStore(TrailStore):
                 .scalars()
                 .all()
             )
-            conn.execute(
-                connections.update()
-                .where(connections.c.ended_at.is_(None))
-                .values(ended_at=now, end_reason=reason)
-            )
+            self._end_open_connections(conn, true(), now, reason)
             for session_id in orphans:
+                end = {"ended_at": now, "end_reason": reason, "end_detail": None}
                 conn.execute(
                     sessions.update()
                     .where(sessions.c.id == session_id, sessions.c.ended_at.is_(None))
                     .values(
-                        ended_at=now,
-                        end_reason=reason,
+                        **end,
+                        end_seal=seal(self._chain, "sessions", "end", session_id, end, SESSION_END),
                         **self._seal_values(session_id, self._chain_head(conn, session_id)),
                     )
                 )
             return len(orphans)
+
+    def _end_open_connections(
+        self, conn: Connection, where: ColumnElement[bool], ended: datetime, reason: str
+    ) -> None:
+        """End the open connections *where* selects (a session's, or every one),
+        each with its end seal; byte counts stay as they are (unknown)."""
+        open_ids = (
+            conn.execute(select(connections.c.id).where(where, connections.c.ended_at.is_(None)))
+            .scalars()
+            .all()
+        )
+        for connection_id in open_ids:
+            row = conn.execute(select(connections).where(connections.c.id == connection_id)).one()
+            end = {**row._mapping, "ended_at": ended, "end_reason": reason}
+            conn.execute(
+                connections.update()
+                .where(connections.c.id == connection_id, connections.c.ended_at.is_(None))
+                .values(
+                    ended_at=ended,
+                    end_reason=reason,
+                    end_seal=seal(
+                        self._chain, "connections", "end", connection_id, end, CONNECTION_END
+                    ),
+                )
+            )
