@@ -42,8 +42,12 @@ class PamGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except click.ClickException as exc:
+            # click's own format is four lines (usage, try, blank, error): one here,
+            # with click's exit code (2 for usage errors).
+            _fail(ctx, exc.format_message(), None, exc, code=exc.exit_code)
         except GatewayError as exc:
             _fail(ctx, exc.message, exc.hint, exc)
         except KeyboardInterrupt:
@@ -53,7 +57,9 @@ class PamGroup(click.Group):
             _fail(ctx, f"unexpected error: {type(exc).__name__}: {exc}", None, exc)
 
 
-def _fail(ctx: click.Context, message: str, hint: str | None, exc: BaseException) -> None:
+def _fail(
+    ctx: click.Context, message: str, hint: str | None, exc: BaseException, code: int = 1
+) -> None:
     if ctx.find_root().params.get("debug"):
         traceback.print_exception(exc, file=sys.stderr)
     # Messages can quote what a server or a database user wrote: escaped.
@@ -61,7 +67,7 @@ def _fail(ctx: click.Context, message: str, hint: str | None, exc: BaseException
     if hint:
         line += f" (hint: {printable(hint)})"
     click.echo(line, err=True)
-    ctx.exit(1)
+    ctx.exit(code)
 
 
 @click.group(cls=PamGroup)

@@ -149,6 +149,12 @@ def _ensure_admin(store: Store, name: str, password: str | None) -> None:
         return
     if info.roles.get(ALL_PROJECTS) != Role.ADMIN.value:
         raise ConfigError(f"user '{name}' exists and is not an admin of every project")
+    if info.disabled_at is not None:
+        # Its new local token would never authenticate: say so instead.
+        raise ConfigError(
+            f"user '{name}' is disabled",
+            hint="make another first admin with `pam gateway init --force --admin NAME`",
+        )
     if hashed is not None:
         store.set_password_hash(name, hashed)
 
