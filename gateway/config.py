@@ -64,6 +64,8 @@ class GatewaySettings(BaseModel):
     heartbeat_timeout_seconds: float = Field(default=6.0, gt=0)
     upstream_connect_timeout_seconds: float = Field(default=10.0, gt=0)
     client_startup_timeout_seconds: float = Field(default=15.0, gt=0)
+    #: refusals of one (source, reason) pair after its first are summarised per interval
+    refusal_interval_seconds: float = Field(default=10.0, gt=0)
     #: record every statement (off: sessions and connections only)
     audit_enabled: bool = True
     #: what of bound parameters to record: values, types only, or nothing

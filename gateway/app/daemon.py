@@ -44,6 +44,7 @@ from gateway.identity.hashing import hash_password, new_token, token_digest
 from gateway.identity.principals import ALL_PROJECTS, PrincipalKind, Role
 from gateway.identity.service import TokenKind
 from gateway.net import peercred
+from gateway.net.listener import LISTEN_BACKLOG
 from gateway.net.tls import ensure_local_certificate, server_context
 from gateway.store import Store
 
@@ -194,7 +195,8 @@ def _bind(host: str, port: int) -> socket.socket:
             f"cannot bind the control API on {host}:{port}: {exc.strerror}",
             hint="is another `pam gateway run` already running? (see api_port in gateway.json)",
         ) from None
-    sock.listen(128)
+    # uvicorn listens again with its own backlog (below); both are the grants'.
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -261,6 +263,7 @@ async def run(home: Path, *, log_format: str = "console", log_level: str = "info
                 access_log=False,
                 lifespan="off",
                 server_header=False,
+                backlog=LISTEN_BACKLOG,
             )
         )
         api_task = asyncio.create_task(server.serve(sockets=[sock]), name="control-api")
