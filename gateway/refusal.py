@@ -60,6 +60,8 @@ class RefusalReason(StrEnum):
     TLS_FAILED = "tls_failed"
     #: a process of another OS user than the grant's owner (or of none found)
     NOT_OWNER = "not_owner"
+    #: a CancelRequest from such a process (dropped, never forwarded)
+    NOT_OWNER_CANCEL = "not_owner_cancel"
     UNKNOWN_CANCEL_KEY = "unknown_cancel_key"
     # -- the recorder itself --
     #: refusals of more (source, reason) pairs in one interval than it tracks

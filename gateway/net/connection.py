@@ -218,7 +218,7 @@ class ConnectionLife:
         message = self.refusal.message if self.refusal else ""
         self.log.debug("cancel_refused", reason=message)
         self._refused(
-            RefusalReason.NOT_OWNER,
+            RefusalReason.NOT_OWNER_CANCEL,
             f"CancelRequest dropped: {message}",
             "cancel_refused",
             who=self.refused_who,
