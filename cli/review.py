@@ -222,3 +222,19 @@ def problem_line(problem: Mapping[str, Any]) -> str:
     if problem.get("seq") is not None:
         where += f" seq {problem['seq']}"
     return f"{where}: {printable(problem['problem'])}: {printable(problem['detail'])}"
+
+
+def refusal_line(record: Mapping[str, Any]) -> str:
+    """One refusal record: when last, how many, where, from, who, why."""
+    count = int(record["count"])
+    when = local_time(record["last_at"])
+    if count > 1:
+        when = f"{local_time(record['first_at'])} .. {when}"
+    where = printable(record["place"])
+    if record.get("session_id"):
+        where += f" session {printable(record['session_id'])[:8]}"
+    who = f" {printable(record['who'])}" if record.get("who") else ""
+    return (
+        f"{when}  x{count}  {printable(record['reason'])}  {where}"
+        f"  from {printable(record['source'])}{who}: {printable(record['message'])}"
+    )

@@ -72,6 +72,8 @@ class GatewaySettings(BaseModel):
     heartbeat_timeout_seconds: float = Field(default=6.0, gt=0)
     upstream_connect_timeout_seconds: float = Field(default=10.0, gt=0)
     client_startup_timeout_seconds: float = Field(default=15.0, gt=0)
+    #: refusals of one (source, reason) pair after its first are summarised per interval
+    refusal_interval_seconds: float = Field(default=10.0, gt=0)
     #: record every statement (off: sessions and connections only)
     audit_enabled: bool = True
     #: what of bound parameters to record: values, types only, or nothing
@@ -253,18 +255,26 @@ def save_client_config(config: ClientConfig) -> Path:
 def active_profile() -> Profile:
     """The profile the CLI uses: the client config's current one, or the one for
     ``$PAM_GATEWAY``; ``$PAM_TOKEN`` (a machine token) replaces its token, and
-    with both variables set no client config is needed."""
+    with both variables set no client config is needed (``$PAM_CA_CERT``, a
+    file, then pins the gateway's CA)."""
     url, token = os.environ.get("PAM_GATEWAY"), os.environ.get("PAM_TOKEN")
+    ca_file = os.environ.get("PAM_CA_CERT")
+    try:
+        ca_pem = Path(ca_file).read_text() if ca_file else None
+    except OSError as exc:
+        raise ConfigError(f"cannot read PAM_CA_CERT {ca_file}: {exc.strerror}") from None
     try:
         config = load_client_config()
     except ConfigError:
         if url and token:
-            return Profile(api_url=url, token=token)
+            return Profile(api_url=url, token=token, ca_cert=ca_pem)
         raise
     if url and url != config.api_url:
         profile = config.profiles.get(url) or Profile(api_url=url, token="")
     else:
         profile = config.current
+    if ca_pem:
+        profile = profile.model_copy(update={"ca_cert": ca_pem})
     return profile.model_copy(update={"token": token}) if token else profile
 
 

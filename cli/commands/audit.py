@@ -1,4 +1,5 @@
-"""`pam audit`: search the statement trail and check that its hash chains are intact.
+"""`pam audit`: search the statement trail, check that its hash chains are intact,
+and list the refusals on record.
 
 Rendering is :mod:`cli.review`'s; these commands parse options, ask the typed
 client and hand over.
@@ -13,7 +14,7 @@ import click
 
 from cli.commands import api_client, json_option
 from cli.render import console, print_json
-from cli.review import API_MAX_PAGE, When, problem_line, search_table
+from cli.review import API_MAX_PAGE, When, problem_line, refusal_line, search_table
 from gateway.audit.records import AUDIT_STATUSES
 
 
@@ -94,3 +95,24 @@ def audit_verify(session_id: str | None, as_json: bool) -> None:
             err=True,
         )
         sys.exit(1)
+
+
+@audit.command("refusals")
+@click.option("--since", type=When(), default=None, help="Last seen at or after WHEN: 1h, 7d, ISO.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=1000, show_default=True)
+@json_option
+def audit_refusals(since: datetime | None, limit: int, as_json: bool) -> None:
+    """Refused API calls and connections, newest first: one line per record, with its count."""
+    with api_client() as client:
+        params: dict[str, str | int] = {"limit": limit}
+        if since is not None:
+            params["since"] = since.isoformat()
+        records = client.get("/v1/audit/refusals", **params)
+    if as_json:
+        print_json(records)
+        return
+    if not records:
+        console.print("No refusals on record.")
+        return
+    for record in records:
+        click.echo(refusal_line(record))

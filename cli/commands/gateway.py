@@ -96,7 +96,7 @@ def gateway_init(
     console.print(f"Initialised pam state in {result.home}")
     console.print(f"Client configuration (API token, mode 0600): {result.client_config}")
     if force:
-        console.print("A running daemon keeps the old token until it is restarted.")
+        console.print("The previous local token is revoked; the new one works at once.")
     console.print(f"Start the daemon with: pam gateway run --home {result.home}")
 
 

@@ -18,14 +18,18 @@ from gateway.errors import Forbidden
 from gateway.identity.policy import Policy, decide
 from gateway.identity.principals import Principal, Role
 
-__all__ = ["ADMIN_ROLE_POLICY", "authorize_access", "not_allowed"]
+__all__ = ["ADMIN_ROLE_POLICY", "NotAllowed", "authorize_access", "not_allowed"]
 
 #: What a session opened by an admin records as the policy that allowed it.
 ADMIN_ROLE_POLICY: Final = "role:admin"
 
 
+class NotAllowed(Forbidden):
+    """No policy allows the request (or not as asked): refused as ``no_policy``."""
+
+
 def not_allowed(principal: Principal, resource: str, account: str) -> Forbidden:
-    return Forbidden(
+    return NotAllowed(
         f"no policy allows {principal.name} to access account '{account}' of resource '{resource}'",
         hint="ask an administrator for a policy (pam policy add)",
     )
@@ -63,5 +67,5 @@ def authorize_access(
         reason=reason,
     )
     if decision.policy is None:
-        raise Forbidden(decision.refusal or "refused", hint=decision.hint)
+        raise NotAllowed(decision.refusal or "refused", hint=decision.hint)
     return decision.policy.name

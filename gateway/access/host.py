@@ -4,13 +4,15 @@
 exactly as declared there, by delegation: timeouts and client TLS from the
 settings, upstream targets and SCRAM caches from the credentials, the statement
 tap from the audit runtime (masking every stored password, not only the
-connection's own), refusals from admission, and the records from
+connection's own), refusals from admission (and refused connections to the refusal recorder),
+and the records from
 :class:`~gateway.access.connections.ConnectionRecords`.
 """
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -22,6 +24,7 @@ from gateway.config import GatewaySettings
 from gateway.credentials.targets import Credentials
 from gateway.net.relay import Termination
 from gateway.net.upstream import UpstreamTarget
+from gateway.refusal import Refusal
 
 
 @dataclass(eq=False)
@@ -33,6 +36,8 @@ class ListenerHost:
     records: ConnectionRecords
     #: TLS for local clients that ask for it (None: they are answered ``N``)
     client_tls_context: ssl.SSLContext | None = None
+    #: where refused connections go (the refusal recorder); None drops them
+    on_refusal: Callable[[Refusal], None] | None = None
 
     @property
     def startup_timeout(self) -> float:
@@ -59,6 +64,10 @@ class ListenerHost:
 
     def refusal(self) -> Termination | None:
         return self.admission.refusal()
+
+    def refused(self, refusal: Refusal) -> None:
+        if self.on_refusal is not None:
+            self.on_refusal(refusal)
 
     def scram_cache(self, target: UpstreamTarget) -> dict[tuple[bytes, int], bytes]:
         return self.credentials.scram_cache(target)

@@ -45,6 +45,7 @@ from gateway.identity.hashing import hash_password, new_token, token_digest
 from gateway.identity.principals import ALL_PROJECTS, PrincipalKind, Role
 from gateway.identity.service import TokenKind
 from gateway.net import peercred
+from gateway.net.listener import LISTEN_BACKLOG
 from gateway.net.tls import ensure_local_certificate, server_context
 from gateway.net.tunnel import TunnelEndpoint
 from gateway.store import Store
@@ -216,7 +217,8 @@ def _bind(host: str, port: int) -> socket.socket:
             f"cannot bind the control API on {host}:{port}: {exc.strerror}",
             hint="is another `pam gateway run` already running? (see api_port in gateway.json)",
         ) from None
-    sock.listen(128)
+    # uvicorn listens again with its own backlog (below); both are the grants'.
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -333,6 +335,7 @@ async def run(
             access_log=False,
             lifespan="off",
             server_header=False,
+            backlog=LISTEN_BACKLOG,
         )
         config.load()
         # uvicorn takes TLS keys only as files; ours stay in memory (pki._load_chain).

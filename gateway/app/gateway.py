@@ -28,6 +28,7 @@ from gateway.access.connections import ConnectionRecords
 from gateway.access.host import ListenerHost
 from gateway.access.ports import SessionRecord
 from gateway.access.service import GrantService
+from gateway.audit.refusals import RefusalRecorder
 from gateway.audit.runtime import AuditRuntime
 from gateway.audit.sink import AuditSink
 from gateway.audit.writer import AuditWriter
@@ -82,6 +83,8 @@ class Gateway:
             stored_secrets=lambda: self.credentials.stored_secrets,
         )
         self.admission = Admission(checks=(self.audit.refusal,))
+        #: every refused API call and grant connection, floods summarised
+        self.refusals = RefusalRecorder(store, self.db, interval=settings.refusal_interval_seconds)
         self.records = ConnectionRecords(store, self.db)
         self.host = ListenerHost(
             settings,
@@ -90,6 +93,7 @@ class Gateway:
             self.admission,
             self.records,
             client_tls_context=client_tls_context,
+            on_refusal=self.refusals.refused,
         )
         self.grants = GrantService(
             store, self.db, settings, self.host, self.records, self.audit, pki=pki
@@ -125,6 +129,8 @@ class Gateway:
 
     async def shutdown(self) -> None:
         await self.grants.shutdown()
+        # The interval's counts are written before the store thread stops.
+        await self.refusals.close()
         self.db.shutdown()
 
     async def refresh_secrets(self) -> None:

@@ -39,6 +39,7 @@ from gateway.protocol.client_startup import (
 )
 from gateway.protocol.sqlstate import SqlState
 from gateway.protocol.startup import CancelRequest, StartupMessage
+from gateway.refusal import RefusalReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,10 @@ class StartupFailed:
 
     sqlstate: str
     reason: str
+    #: the refusal's code in the refusal record
+    kind: RefusalReason = RefusalReason.STARTUP_GARBAGE
+    #: the event name of its log line
+    event: str = "client_startup_closed"
 
 
 async def read_client_startup(
@@ -91,15 +96,27 @@ async def read_client_startup(
         refusal = machine.timed_out()
         if streams is not None:
             await _refuse(streams[1], refusal)
-        return StartupFailed(refusal.sqlstate, refusal.message)
+        return StartupFailed(
+            refusal.sqlstate,
+            refusal.message,
+            RefusalReason.STARTUP_TIMEOUT,
+            "client_startup_timed_out",
+        )
     except (ssl.SSLError, ConnectionError) as exc:
-        log.info("client_tls_failed", error=str(exc))
         if streams is not None:
             streams[1].transport.abort()
         else:
             sock.close()
         if isinstance(exc, ssl.SSLError):
-            return StartupFailed(SqlState.PROTOCOL_VIOLATION, f"TLS handshake failed: {exc}")
+            # Logged by the refusal recorder (floods summarised); details at debug.
+            log.debug("client_tls_failed", error=str(exc))
+            return StartupFailed(
+                SqlState.PROTOCOL_VIOLATION,
+                f"TLS handshake failed: {exc}",
+                RefusalReason.TLS_FAILED,
+                "client_tls_failed",
+            )
+        log.info("client_tls_failed", error=str(exc))
         return None
 
 
@@ -201,16 +218,26 @@ async def _run(
             await close_writer(writer)
             return None
         elif isinstance(event, CloseSilently):
-            # PostgreSQL logs these (COMMERROR) and closes without a reply.
-            log.info("client_startup_closed", reason=event.reason)
+            # PostgreSQL logs these (COMMERROR) and closes without a reply. A
+            # noteworthy one is logged by the refusal recorder (floods
+            # summarised), so here at debug level only.
+            if event.noteworthy:
+                log.debug("client_startup_closed", reason=event.reason)
+            else:
+                log.info("client_startup_closed", reason=event.reason)
             await close_writer(writer)
             if not event.noteworthy:
                 return None
             return StartupFailed(SqlState.PROTOCOL_VIOLATION, event.reason)
         else:
-            log.info("client_startup_refused", sqlstate=event.sqlstate, reason=event.message)
+            log.debug("client_startup_refused", sqlstate=event.sqlstate, reason=event.message)
             await _refuse(writer, event)
-            return StartupFailed(event.sqlstate, event.message)
+            return StartupFailed(
+                event.sqlstate,
+                event.message,
+                RefusalReason.STARTUP_GARBAGE,
+                "client_startup_refused",
+            )
 
 
 async def _refuse(writer: asyncio.StreamWriter, refusal: Refuse) -> None:

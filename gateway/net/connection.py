@@ -58,6 +58,7 @@ from gateway.protocol.messages import BackendKey
 from gateway.protocol.sqlstate import SqlState
 from gateway.protocol.startup import CancelRequest, StartupMessage
 from gateway.reasons import ConnectionEndReason
+from gateway.refusal import Refusal, RefusalPlace, RefusalReason, address_host
 
 #: Startup parameters that are the gateway's to set, not the client's.
 _RESERVED_PARAMS = frozenset({"user", "database", "replication"})
@@ -84,7 +85,7 @@ class Door(Protocol):
     #: set once the grant has ended; new connections get this FATAL
     refusal: Termination | None
 
-    async def forward_cancel(self, request: CancelRequest) -> None: ...
+    async def forward_cancel(self, request: CancelRequest, source: str = "unknown") -> None: ...
 
 
 @dataclass(eq=False)
@@ -110,11 +111,14 @@ class ConnectionLife:
         *,
         log: structlog.typing.FilteringBoundLogger,
         refusal: Termination | None = None,
+        refused_who: str | None = None,
     ) -> None:
         self.door = door
         #: set when the door refuses this client whatever it sends (another OS
         #: user's process): answered at its startup, its cancels dropped
         self.refusal = refusal
+        #: who that refused client is (``uid:N``), for the refusal record
+        self.refused_who = refused_who
         self.host = door.host
         self.grant = door.grant
         self.conn = conn
@@ -163,9 +167,7 @@ class ConnectionLife:
             started = await read_tunnelled_startup(
                 *sock,
                 timeout=self.host.startup_timeout,
-                forward_cancel=self.door.forward_cancel
-                if self.refusal is None
-                else self._drop_cancel,
+                forward_cancel=self._forward_cancel if self.refusal is None else self._drop_cancel,
                 log=self.log,
             )
         else:
@@ -173,9 +175,7 @@ class ConnectionLife:
                 sock,
                 tls=self.host.client_tls,
                 timeout=self.host.startup_timeout,
-                forward_cancel=self.door.forward_cancel
-                if self.refusal is None
-                else self._drop_cancel,
+                forward_cancel=self._forward_cancel if self.refusal is None else self._drop_cancel,
                 log=self.log,
             )
         if started is None:
@@ -183,6 +183,7 @@ class ConnectionLife:
         if isinstance(started, StartupFailed):
             # Kept in the trail as well as the log: who knocked, and why they
             # were turned away (the client got PostgreSQL's answer, or none).
+            self._refused(started.kind, started.reason, started.event)
             error = GatewayError(started.reason, sqlstate=started.sqlstate)
             await self._record_failure(None, error)
             return
@@ -208,10 +209,21 @@ class ConnectionLife:
 
     async def _admit(self, client: ClientStarted) -> bool:
         """Check the startup against the gateway and the grant; refuse if it fails."""
-        refusal = self.refusal or self._check_grant(client.startup)
-        if refusal is None:
-            return True
-        self.log.info("connection_refused", sqlstate=refusal.sqlstate, reason=refusal.message)
+        if self.refusal is not None:
+            refusal, kind = self.refusal, RefusalReason.NOT_OWNER
+        else:
+            checked = self._check_grant(client.startup)
+            if checked is None:
+                return True
+            refusal, kind = checked
+        # The refusal recorder logs it (a flood summarised); the detail at debug.
+        self.log.debug("connection_refused", sqlstate=refusal.sqlstate, reason=refusal.message)
+        self._refused(
+            kind,
+            refusal.message,
+            "connection_refused",
+            who=self.refused_who if kind is RefusalReason.NOT_OWNER else None,
+        )
         await _refuse(client.writer, refusal.sqlstate, refusal.message, hint=refusal.hint)
         if refusal is self.refusal:
             # Another OS user knocking is kept in the trail, not only the log.
@@ -219,14 +231,39 @@ class ConnectionLife:
             await self._record_failure(client.startup.params.get("application_name"), error)
         return False
 
-    async def _drop_cancel(self, _request: CancelRequest) -> None:
-        self.log.info("cancel_refused", reason=self.refusal.message if self.refusal else "")
+    async def _forward_cancel(self, request: CancelRequest) -> None:
+        await self.door.forward_cancel(request, address_host(self.conn.client_addr))
 
-    def _check_grant(self, startup: StartupMessage) -> Termination | None:
+    async def _drop_cancel(self, _request: CancelRequest) -> None:
+        message = self.refusal.message if self.refusal else ""
+        self.log.debug("cancel_refused", reason=message)
+        self._refused(
+            RefusalReason.NOT_OWNER_CANCEL,
+            f"CancelRequest dropped: {message}",
+            "cancel_refused",
+            who=self.refused_who,
+        )
+
+    def _refused(
+        self, reason: RefusalReason, message: str, event: str, *, who: str | None = None
+    ) -> None:
+        self.host.refused(
+            Refusal(
+                RefusalPlace.LISTENER,
+                reason,
+                message,
+                address_host(self.conn.client_addr),
+                who=who,
+                session_id=self.grant.session_id,
+                event=event,
+            )
+        )
+
+    def _check_grant(self, startup: StartupMessage) -> tuple[Termination, RefusalReason] | None:
         grant = self.grant
         gateway_refusal = self.host.refusal()
         if gateway_refusal is not None:
-            return gateway_refusal
+            return gateway_refusal, RefusalReason.GATEWAY_REFUSING
         ended = self.door.refusal
         if ended is not None:
             return Termination(
@@ -234,20 +271,20 @@ class ConnectionLife:
                 SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
                 ended.message,
                 ended.hint,
-            )
+            ), RefusalReason.GRANT_ENDED
         if startup.is_replication:
             return Termination(
                 ConnectionEndReason.ERROR,
                 SqlState.FEATURE_NOT_SUPPORTED,
                 "replication connections are not allowed through pam",
-            )
+            ), RefusalReason.REPLICATION
         if startup.user != grant.username:
             return Termination(
                 ConnectionEndReason.ERROR,
                 SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
                 f"this access session is for user {grant.username!r}, not {startup.user!r}",
                 hint=f"connect with user={grant.username}",
-            )
+            ), RefusalReason.WRONG_USER
         if startup.database != grant.database:
             return Termination(
                 ConnectionEndReason.ERROR,
@@ -255,7 +292,7 @@ class ConnectionLife:
                 f"database {startup.database!r} is not available through this access session;"
                 f" resource {grant.resource!r} allows database {grant.database!r}",
                 hint=f"connect with dbname={grant.database}",
-            )
+            ), RefusalReason.WRONG_DATABASE
         return None
 
     async def _connect_upstream(self, client: ClientStarted) -> UpstreamConnection | None:

@@ -44,12 +44,15 @@ from gateway.net.upstream import send_cancel
 from gateway.protocol.sqlstate import SqlState
 from gateway.protocol.startup import CancelRequest
 from gateway.reasons import ConnectionEndReason
+from gateway.refusal import Refusal, RefusalPlace, RefusalReason
 
 log = structlog.get_logger(__name__)
 
 _connection_numbers = itertools.count(1)
-#: asyncio.start_server's default backlog.
-_BACKLOG = 100
+#: The listen() backlog of a grant's port. asyncio's default (100) turned a burst
+#: of 2,000 connections into SYN retransmissions (18.4 s to accept them all); the
+#: kernel caps this at net.core.somaxconn (4096 by default since Linux 5.4).
+LISTEN_BACKLOG = 4096
 #: The port a Unix socket is named after when none is asked for (libpq's default).
 DEFAULT_SOCKET_PORT = 5432
 #: sun_path's size on Linux, its terminating NUL included (unix(7)).
@@ -59,6 +62,7 @@ _ACCEPT_RETRY_DELAY = 1.0
 
 __all__ = [
     "DEFAULT_SOCKET_PORT",
+    "LISTEN_BACKLOG",
     "AccessListener",
     "ConnectionAuditTap",
     "ConnectionHost",
@@ -100,7 +104,7 @@ class AccessListener:
         else:
             family = socket.AF_INET6 if ":" in self.listen_host else socket.AF_INET
             sock = socket.create_server(
-                (self.listen_host, self.port), family=family, backlog=_BACKLOG
+                (self.listen_host, self.port), family=family, backlog=LISTEN_BACKLOG
             )
             self.port = sock.getsockname()[1]
         sock.setblocking(False)
@@ -180,8 +184,15 @@ class AccessListener:
             client_addr = f"{peer[0]}:{peer[1]}" if peer else "unknown"
         conn = LiveConnection(number, client_addr)
         bound = log.bind(session_id=self.grant.session_id, connection=number, client=client_addr)
-        refusal = await self._check_owner(sock, bound)
-        life = ConnectionLife(self, conn, sock, log=bound, refusal=refusal)
+        refusal, peer_uid = await self._check_owner(sock, bound)
+        life = ConnectionLife(
+            self,
+            conn,
+            sock,
+            log=bound,
+            refusal=refusal,
+            refused_who=f"uid:{peer_uid}" if peer_uid is not None else None,
+        )
         self.connections.add(conn)
         try:
             await life.serve()
@@ -190,11 +201,11 @@ class AccessListener:
 
     async def _check_owner(
         self, sock: socket.socket, bound: structlog.typing.FilteringBoundLogger
-    ) -> Termination | None:
+    ) -> tuple[Termination | None, int | None]:
         """None if the connecting process belongs to the owner (or nobody owns
-        the door); else the refusal it gets."""
+        the door); else the refusal it gets. With the uid found, if any."""
         if self.owner_uid is None:
-            return None
+            return None, None
         try:
             # Reading /proc/net/tcp is blocking work proportional to the host's
             # socket count: off the loop, so a burst does not stall the relays.
@@ -203,8 +214,8 @@ class AccessListener:
             bound.warning("owner_lookup_failed", error=str(exc))
             uid = None
         if uid == self.owner_uid:
-            return None
-        return owner_refusal(self.owner_uid, self._owner_name, uid)
+            return None, uid
+        return owner_refusal(self.owner_uid, self._owner_name, uid), uid
 
     def serve_tunnelled(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client_addr: str
@@ -239,7 +250,7 @@ class AccessListener:
         finally:
             self.connections.discard(conn)
 
-    async def forward_cancel(self, request: CancelRequest) -> None:
+    async def forward_cancel(self, request: CancelRequest, source: str = "unknown") -> None:
         """Forward a CancelRequest whose key this listener handed out.
 
         Each client key maps to its upstream backend's real key; anything else
@@ -267,7 +278,17 @@ class AccessListener:
             else:
                 log.info("cancel_forwarded", session_id=self.grant.session_id, backend_pid=real.pid)
             return
-        log.info("cancel_ignored_unknown_key", session_id=self.grant.session_id)
+        # Dropped without a reply; on record, a flood of them summarised.
+        self.host.refused(
+            Refusal(
+                RefusalPlace.LISTENER,
+                RefusalReason.UNKNOWN_CANCEL_KEY,
+                "CancelRequest dropped: its key was not handed out by this grant",
+                source,
+                session_id=self.grant.session_id,
+                event="cancel_ignored_unknown_key",
+            )
+        )
 
 
 #: what a Unix socket client's address is recorded as (PostgreSQL's own log term)
@@ -377,7 +398,7 @@ def _bind_unix(path: str, owner_uid: int | None) -> socket.socket:
         os.chmod(path, 0o600)
         if owner_uid is not None and os.geteuid() != owner_uid:
             os.chown(path, owner_uid, -1)
-        sock.listen(_BACKLOG)
+        sock.listen(LISTEN_BACKLOG)
     except OSError:
         sock.close()
         with contextlib.suppress(OSError):

@@ -16,6 +16,7 @@ from typing import Literal, Protocol
 
 from gateway.net.relay import StatementAudit, Termination
 from gateway.net.upstream import UpstreamTarget
+from gateway.refusal import Refusal
 
 
 class ConnectionAuditTap(StatementAudit, Protocol):
@@ -55,6 +56,10 @@ class ConnectionHost(Protocol):
 
     def refusal(self) -> Termination | None:
         """Why the gateway as a whole refuses new connections right now, if it does."""
+        ...
+
+    def refused(self, refusal: Refusal) -> None:
+        """Put a turned-away connection on record (never blocks; it also logs)."""
         ...
 
     def scram_cache(self, target: UpstreamTarget) -> MutableMapping[tuple[bytes, int], bytes]:

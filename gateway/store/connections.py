@@ -241,8 +241,7 @@ class ConnectionStore(StoreBase):
         # The end's fields under their column names (the bind names carry
         # "end_", except end_reason's, which is its own column name).
         end = {
-            name: values[name if name == "end_reason" else "end_" + name]
-            for name in CONNECTION_END
+            name: values[name if name == "end_reason" else "end_" + name] for name in CONNECTION_END
         }
         sealed = seal(self._chain, "connections", "end", connection_id, end, CONNECTION_END)
         updated = conn.execute(_END_CONNECTION, {**values, "end_end_seal": sealed})

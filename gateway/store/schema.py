@@ -58,6 +58,7 @@ __all__ = [
     "policies",
     "principal_groups",
     "principals",
+    "refusals",
     "resources",
     "role_bindings",
     "sessions",
@@ -184,7 +185,7 @@ sessions = Table(
     Column("reason", Text, nullable=True),
     Column("api_client_addr", Text, nullable=True),
     Column("reported_host", Text, nullable=True),
-    # Seals over the row's fields (revision 0006, gateway.store.sealing).
+    # Seals over the row's fields (revision 0007, gateway.store.sealing).
     Column("start_seal", Text, nullable=True),
     Column("end_seal", Text, nullable=True),
     Index(None, "started_at"),
@@ -356,6 +357,31 @@ audit_batches = Table(
     UniqueConstraint("session_id", "first_seq"),
     # Search reads newest first and stops early.
     Index(None, "max_at"),
+)
+
+#: Refused API calls and grant connections (gateway.audit.refusals): one row per
+#: refusal or per (source, reason) summary of an interval, with its count.
+#: Append-only (triggers refuse UPDATE and DELETE).
+refusals = Table(
+    "refusals",
+    metadata,
+    Column(
+        "id",
+        BigInteger().with_variant(Integer(), "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    Column("first_at", UtcTimestamp, nullable=False),
+    Column("last_at", UtcTimestamp, nullable=False),
+    Column("place", String(16), nullable=False),
+    Column("session_id", String(ID_LENGTH), nullable=True),
+    Column("source_addr", Text, nullable=False),
+    Column("who", Text, nullable=True),
+    Column("reason", String(32), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("count", Integer, nullable=False),
+    Column("recorded_at", UtcTimestamp, nullable=False),
+    Index(None, "last_at"),
 )
 
 #: Alembic's bookkeeping table. Prefixed so the store can share a PostgreSQL

@@ -3,7 +3,7 @@
 The trail's records are chained (:mod:`gateway.audit.chain`); the rows that say
 who opened a session and from where live in ``sessions`` and ``connections``,
 which the gateway updates (a session ends, a connection ends). Each row
-carries two seals (revision 0006): ``start_seal`` when it is written, over the
+carries two seals (revision 0007): ``start_seal`` when it is written, over the
 fields fixed from then on, and ``end_seal`` when it ends, over the end's
 fields. A seal is JSON ``{"fields": {...}, "mac": HEX}``: a copy of the sealed
 fields and an HMAC (the audit key) over the table, the part, the row id and
@@ -14,7 +14,7 @@ Invariants:
   that writes them: no extra read on the connection path.
 * ``pam audit verify`` (:func:`check_row`) names each field whose column no
   longer matches its sealed copy; a copy that no longer matches its MAC is
-  reported as the seal itself being edited. A row from before revision 0006
+  reported as the seal itself being edited. A row from before revision 0007
   has no seal and is not checked.
 """
 

@@ -15,6 +15,7 @@ clock and the audit chain they share):
 * :mod:`gateway.store.sessions`: access sessions, their ends and seals;
 * :mod:`gateway.store.connections`: connection starts and ends;
 * :mod:`gateway.store.identity`: principals, tokens, roles and policies;
+* :mod:`gateway.store.refusals`: refused API calls and connections, with counts;
 * :mod:`gateway.store.audit` and :mod:`gateway.store.trail`: the audit trail.
 
 Invariants (each module states its own as well):
@@ -34,13 +35,14 @@ from gateway.store.audit import AuditStore
 from gateway.store.connections import ConnectionStore
 from gateway.store.engine import SqliteSynchronous
 from gateway.store.identity import IdentityStore
+from gateway.store.refusals import RefusalStore
 from gateway.store.resources import ResourceStore
 from gateway.store.sessions import SessionStore
 
 __all__ = ["SqliteSynchronous", "Store", "StoreError"]
 
 
-class Store(ResourceStore, SessionStore, ConnectionStore, AuditStore, IdentityStore):
+class Store(ResourceStore, SessionStore, ConnectionStore, AuditStore, IdentityStore, RefusalStore):
     """Synchronous access to the gateway's persistent state. See the module docstring.
 
     Open it with :meth:`open`; every method is inherited from the class of its

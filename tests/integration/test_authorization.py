@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -64,11 +65,19 @@ class Authz:
     url: str
     tokens: dict[str, str]
     token_ids: dict[str, str]
+    #: the gateway CA the local profile pins (the API is HTTPS)
+    ca_pem: str
 
     def http(self, who: str | None) -> httpx.Client:
         token = self.tokens.get(who or "", who or "")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30, trust_env=False)
+        return httpx.Client(
+            base_url=self.url,
+            headers=headers,
+            timeout=30,
+            trust_env=False,
+            verify=ssl.create_default_context(cadata=self.ca_pem),
+        )
 
     def call(self, who: str | None, method: str, path: str, body: Any = None) -> httpx.Response:
         with self.http(who) as client:
@@ -103,8 +112,9 @@ def authz(
     gw.start()
     try:
         with gw.api() as api:
-            url, local = api.config.api_url, api.config.token
-        state = Authz(gw, url, {ADMIN: local}, {})
+            url, local, ca_pem = api.config.api_url, api.config.token, api.config.ca_cert
+        assert url.startswith("https://") and ca_pem
+        state = Authz(gw, url, {ADMIN: local}, {}, ca_pem)
         _provision(state, pg, pg_roles)
         yield state
     finally:

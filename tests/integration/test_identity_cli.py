@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import stat
 import subprocess
 import sys
@@ -37,6 +38,8 @@ class Laptop:
     gw: Gateway
     config: Path
     url: str
+    #: the gateway's CA certificate (what `pam gateway ca-cert` prints), pinned
+    ca_file: Path
 
     def cli(
         self, *args: str, input: str | None = None, env: dict[str, str] | None = None
@@ -58,6 +61,8 @@ class Laptop:
             "login",
             "--gateway",
             self.url,
+            "--ca-cert",
+            str(self.ca_file),
             "--user",
             user,
             "--password-stdin",
@@ -96,8 +101,10 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
 @pytest.fixture
 def laptop(gw: Gateway, tmp_path: Path) -> Laptop:
-    url = json.loads(gw.config_path.read_text())["api_url"]
-    return Laptop(gw, tmp_path / "laptop.json", url)
+    config = json.loads(gw.config_path.read_text())
+    ca_file = tmp_path / "gateway-ca.pem"
+    ca_file.write_text(config["ca_cert"])
+    return Laptop(gw, tmp_path / "laptop.json", config["api_url"], ca_file)
 
 
 def add_user(gw: Gateway, name: str, *extra: str) -> None:
@@ -138,7 +145,10 @@ def test_logout_revokes_the_token(gw: Gateway, laptop: Laptop) -> None:
     ok(laptop.cli("logout"))
     assert not laptop.config.exists()
     copied = httpx.get(
-        laptop.url + "/v1/whoami", headers={"Authorization": f"Bearer {token}"}, trust_env=False
+        laptop.url + "/v1/whoami",
+        headers={"Authorization": f"Bearer {token}"},
+        trust_env=False,
+        verify=ssl.create_default_context(cafile=laptop.ca_file),
     )
     assert copied.status_code == 401
     one_line_error(laptop.cli("whoami"), "no pam client configuration")
@@ -183,7 +193,7 @@ def test_token_create_prints_the_token_once_and_it_works_as_pam_token(
     assert token.startswith("pam_") and "\n" not in token
     assert token not in created.stderr
     assert "shown once" in created.stderr
-    env = {"PAM_TOKEN": token, "PAM_GATEWAY": laptop.url}
+    env = {"PAM_TOKEN": token, "PAM_GATEWAY": laptop.url, "PAM_CA_CERT": str(laptop.ca_file)}
     me = json.loads(ok(laptop.cli("whoami", "--json", env=env)).stdout)
     assert (me["name"], me["kind"], me["roles"]) == ("ci-bot", "machine", {"default": "member"})
     assert not laptop.config.exists()  # nothing was written on the way

@@ -17,7 +17,15 @@ from fastapi import Depends, FastAPI
 
 from gateway import __version__
 from gateway.app.api.deps import current_principal, install_error_handlers
-from gateway.app.api.routers import access, health, identity, policies, resources, review
+from gateway.app.api.routers import (
+    access,
+    health,
+    identity,
+    policies,
+    refusals,
+    resources,
+    review,
+)
 from gateway.app.gateway import Gateway
 
 __all__ = ["create_app"]
@@ -37,6 +45,6 @@ def create_app(service: Gateway) -> FastAPI:
     # Open: liveness, and signing in (which is how a caller gets a token).
     app.include_router(health.router)
     app.include_router(identity.login_router)
-    for module in (resources, access, review, identity, policies):
+    for module in (resources, access, review, identity, policies, refusals):
         app.include_router(module.router, dependencies=[Depends(current_principal)])
     return app

@@ -6,7 +6,8 @@ token's SHA-256; nothing a request body says about who is asking counts.
 Role checks are dependencies (:data:`GlobalAdmin`) or, where the project comes
 from the object, helpers (:func:`require_admin_of`). Errors are JSON
 ``{"error": {"type", "message", "hint"}}`` with a fitting status code (401 for
-an unknown caller, 403 for a known one that may not).
+an unknown caller, 403 for a known one that may not); every 401 and 403 is
+put on record (:mod:`gateway.app.api.refusals`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.app.api.refusals import record_api_refusal
 from gateway.app.gateway import Gateway
 from gateway.errors import (
     AlreadyExists,
@@ -123,9 +125,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return error(exc.status_code, kind, f"no such API endpoint or object ({exc.detail})")
 
     @app.exception_handler(GatewayError)
-    async def _gateway_error(_request: Request, exc: Exception) -> JSONResponse:
+    async def _gateway_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, GatewayError)
         status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 500)
+        if status in (401, 403):
+            # Every refused call is on record: who, from where, why.
+            await record_api_refusal(request, exc)
         return error(status, type(exc).__name__, exc.message, exc.hint)
 
     @app.exception_handler(RequestValidationError)

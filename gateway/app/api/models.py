@@ -297,3 +297,18 @@ class Health(BaseModel):
     server_time: datetime
     #: which gateway this is (clients keep one profile per gateway)
     gateway_id: str
+
+
+class RefusalOut(_Out):
+    """A refused API call or grant connection, or a summary of a flood of them."""
+
+    first_at: datetime
+    last_at: datetime
+    #: ``api`` or ``listener``
+    place: str
+    session_id: str | None
+    source: str
+    who: str | None
+    reason: str
+    message: str
+    count: int

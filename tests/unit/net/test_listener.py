@@ -24,6 +24,8 @@ class BrokenHost:
     client_tls = None
 
     def __init__(self) -> None:
+        #: refusals handed to the refusal recorder
+        self.refused_calls: list[Any] = []
         self.records: list[tuple[str, Any]] = []
 
     async def upstream_target(self, resource: str, account: str) -> Any:
@@ -31,6 +33,9 @@ class BrokenHost:
 
     def connection_audit(self, *args: Any) -> None:
         return None
+
+    def refused(self, refusal: Any) -> None:
+        self.refused_calls.append(refusal)
 
     def refusal(self) -> None:
         return None

@@ -37,6 +37,8 @@ class Host:
     def __init__(self, client_tls: ssl.SSLContext | None) -> None:
         self.client_tls = client_tls
         #: connection records written, as (call, arguments)
+        #: refusals handed to the refusal recorder
+        self.refused_calls: list[Any] = []
         self.records: list[tuple[str, dict[str, Any]]] = []
 
     async def record_connection_start(self, session_id: str, *args: Any, **kwargs: Any) -> str:
@@ -45,6 +47,9 @@ class Host:
 
     async def record_connection_end(self, connection_id: str, **kwargs: Any) -> None:
         self.records.append(("end", {"connection_id": connection_id, **kwargs}))
+
+    def refused(self, refusal: Any) -> None:
+        self.refused_calls.append(refusal)
 
     def refusal(self) -> Any:
         from gateway.net.relay import Termination

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from gateway.app.api.deps import Caller, GlobalAdmin, Service
@@ -40,7 +40,8 @@ def _token(issued: IssuedToken) -> TokenOut:
 
 
 @login_router.post("/login", status_code=201)
-async def login(body: LoginIn, service: Service) -> TokenOut:
+async def login(body: LoginIn, service: Service, request: Request) -> TokenOut:
+    request.state.login_name = body.user  # who tried, for the refusal record
     return _token(await service.identity.login(body.user, body.password.get_secret_value()))
 
 
