@@ -14,6 +14,7 @@ Needs root (``ip netns add``), as CI has. ``PAM_SLOW_TESTS=1`` adds the
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import signal
@@ -33,7 +34,6 @@ from harness import (
     ServerError,
     Transcript,
     _Drain,
-    run_json_check,
     wait_for,
 )
 from netns import GATEWAY_ADDRESS, LAPTOP_ADDRESS, Namespace, TwoHosts, peer_sockets
@@ -169,10 +169,14 @@ def _start_cluster(ns: Namespace) -> TempCluster:
     cluster = TempCluster()
     with ns.entered():  # pg_ctl, and so the postmaster, start inside the namespace
         cluster.start()
-    cluster.create_database(DATABASE)
-    cluster.create_role(ROLE, ROLE_PASSWORD, method="scram-sha-256")
-    cluster.admin_sql(f"GRANT CONNECT, CREATE ON DATABASE {DATABASE} TO {ROLE};")
-    cluster.admin_sql(f"GRANT ALL ON SCHEMA public TO {ROLE};", database=DATABASE)
+    try:  # admin_sql goes over the Unix socket: the file system is shared
+        cluster.create_database(DATABASE)
+        cluster.create_role(ROLE, ROLE_PASSWORD, method="scram-sha-256")
+        cluster.admin_sql(f"GRANT CONNECT, CREATE ON DATABASE {DATABASE} TO {ROLE};")
+        cluster.admin_sql(f"GRANT ALL ON SCHEMA public TO {ROLE};", database=DATABASE)
+    except BaseException:
+        cluster.stop()
+        raise
     return cluster
 
 
@@ -290,7 +294,9 @@ def test_jdbc_reads_through_the_tunnel(
     args = site.hosts.laptop.argv(
         jdbc_check.java, "-cp", jdbc_check.classpath, CHECK_CLASS, url, "fetch_size"
     )
-    out = run_json_check(site.laptop, "fetch_size", args, timeout=180)
+    result = subprocess.run(args, capture_output=True, encoding="utf-8", timeout=180)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    out = json.loads(result.stdout)
     assert (out["count"], out["in_order"], out["last"]) == (5000, True, "row 5000")
 
 
@@ -379,7 +385,7 @@ def test_expiry_cuts_a_live_query_with_a_fatal_naming_it(site: Site) -> None:
 
 
 def _connect_error(ns: Namespace, port: int) -> ServerError:
-    import asyncpg
+    import asyncpg  # type: ignore[import-untyped]
 
     async def attempt() -> ServerError:
         try:
@@ -411,7 +417,9 @@ def test_an_unreachable_gateway_is_08001_naming_it(site: Site) -> None:
 def test_no_password_reaches_the_laptop(site: Site, shared_access: AccessProcess) -> None:
     laptop_files = [p for p in (site.laptop.root).rglob("*") if p.is_file()]
     assert any(p.name == "client.json" for p in laptop_files)  # the config is in there
-    output = site.laptop.transcript.text() + shared_access.stdout.text().encode()
+    # Finished processes' output is in the transcript; running ones' is read live.
+    live = [d.text() for a in site.accesses for d in (a.stdout, a.stderr)]
+    output = site.laptop.transcript.text() + "\n".join(live).encode()
     for secret in (ROLE_PASSWORD, ALICE_PASSWORD, ADMIN_PASSWORD):
         for path in laptop_files:
             assert secret.encode() not in path.read_bytes(), path
