@@ -17,7 +17,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-TARGETS = ("direct", "gateway", "pgbouncer")
+#: remote: the CLI's forwarder and the tunnel in front of the gateway (issue 13)
+TARGETS = ("direct", "gateway", "remote", "pgbouncer")
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def rows(
             **{t: values.get(t) if t in targets else None for t in TARGETS},
         }
         direct = values.get("direct")
-        for t in ("gateway", "pgbouncer"):
+        for t in TARGETS[1:]:
             value = values.get(t)
             ratio = None
             if figure.ratios and not figure.added and direct and value is not None:

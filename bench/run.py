@@ -108,6 +108,17 @@ FIGURES: tuple[Figure, ...] = (
         ".3f",
         ratios=False,
     ),
+    *(
+        Figure(
+            CPU,
+            f"  of which: the daemon behind remote's forwarder, {name}",
+            f"select-{name}",
+            "second_cpu_s_per_10k_tx",
+            ".3f",
+            ratios=False,
+        )
+        for name in ("simple", "extended", "prepared")
+    ),
     Figure(CPU, "CPU s/10k tx, TPC-B", "tpcb", "cpu_s_per_10k_tx", ".3f", ratios=False),
     Figure(
         CPU,
@@ -311,6 +322,7 @@ def _check_alive(stack: Stack) -> None:
     for name, proc in (
         ("gateway daemon", stack.daemon),
         ("pam db access", stack.access),
+        ("pam db access --tunnel", stack.remote_access),
         ("pgbouncer", stack.pgbouncer),
     ):
         if proc is not None and proc.poll() is not None:

@@ -12,8 +12,12 @@
    systemd unit runs it) on a fresh state directory, with settings as
    ``gateway init`` writes them (audit included), the cluster registered as a
    resource (verify-full against the cluster's CA) and an account;
-4. an access session, ``python -m cli db access ... --duration 2h``, kept alive;
-5. pgbouncer in session mode, when it is installed.
+4. an access session, ``python -m cli db access ... --duration 2h``, kept alive
+   (the local path: the daemon serves its port);
+5. a second one with ``--tunnel`` (the remote path: that CLI process serves
+   127.0.0.1:PORT itself and carries each connection over the TLS 1.3 tunnel to
+   the daemon, as a laptop's CLI does; here on loopback);
+6. pgbouncer in session mode, when it is installed.
 
 Invariants: :meth:`Stack.close` is idempotent, runs every step even when one
 fails, and leaves no process or directory behind; it ignores SIGINT while it
@@ -85,6 +89,9 @@ class Target:
     sslrootcert: str | None = None
     #: the middle process whose CPU and memory are accounted; None for direct
     pid: int | None = None
+    #: a second process on the path whose CPU is accounted apart (the daemon,
+    #: behind the remote path's forwarder)
+    second_pid: int | None = None
 
     def libpq_params(self) -> dict[str, str]:
         params = {
@@ -185,6 +192,7 @@ class Stack:
         self.cluster: TempCluster | None = None
         self.daemon: subprocess.Popen[bytes] | None = None
         self.access: subprocess.Popen[bytes] | None = None
+        self.remote_access: subprocess.Popen[bytes] | None = None
         self.pgbouncer: subprocess.Popen[bytes] | None = None
         self.pgbouncer_bin = host.find_pgbouncer() if use_pgbouncer else None
         self.targets: dict[str, Target] = {}
@@ -218,6 +226,10 @@ class Stack:
         return self.root / "access.log"
 
     @property
+    def remote_access_log(self) -> Path:
+        return self.root / "remote-access.log"
+
+    @property
     def pgbouncer_dir(self) -> Path:
         return self.root / "pgbouncer"
 
@@ -249,6 +261,7 @@ class Stack:
         self._start_cluster()
         self._start_gateway()
         self._open_access()
+        self._open_remote_access()
         if self.use_pgbouncer:
             if self.pgbouncer_bin is None:
                 self.say("pgbouncer is not installed: measuring direct and gateway only")
@@ -267,6 +280,10 @@ class Stack:
                 ("pgbouncer", lambda: _stop_process(self.pgbouncer, signal.SIGTERM, 10)),
                 # SIGINT is Ctrl+C for `pam db access`: it ends the session cleanly.
                 ("access session", lambda: _stop_process(self.access, signal.SIGINT, 20)),
+                (
+                    "tunnel access session",
+                    lambda: _stop_process(self.remote_access, signal.SIGINT, 20),
+                ),
                 ("gateway", lambda: _stop_process(self.daemon, signal.SIGTERM, _STOP_TIMEOUT_S)),
                 ("cluster", lambda: self.cluster.stop() if self.cluster else None),
                 ("temp dir", lambda: shutil.rmtree(self.root, ignore_errors=True)),
@@ -514,9 +531,14 @@ class Stack:
         self.say(f"restarting {name}: a fresh process for the next idle-connection figure")
         if name == "gateway":
             _stop_process(self.access, signal.SIGINT, 20)
+            _stop_process(self.remote_access, signal.SIGINT, 20)
             _stop_process(self.daemon, signal.SIGTERM, _STOP_TIMEOUT_S)
             self._launch_daemon()
             self._open_access()
+            self._open_remote_access()
+        elif name == "remote":
+            _stop_process(self.remote_access, signal.SIGINT, 20)
+            self._open_remote_access()
         elif name == "pgbouncer":
             _stop_process(self.pgbouncer, signal.SIGTERM, 10)
             self._launch_pgbouncer()
@@ -526,17 +548,19 @@ class Stack:
         if self.pin and pid is not None:
             host.pin([pid], 1)
 
-    def _open_access(self) -> None:
-        self.say(f"opening an access session (pam db access --duration {ACCESS_DURATION})")
-        offset = self.access_log.stat().st_size if self.access_log.exists() else 0
+    def _launch_access(
+        self, log_path: Path, *extra: str
+    ) -> tuple[subprocess.Popen[bytes], re.Match[str]]:
+        """``pam db access`` kept running, its output in ``log_path``; and its URL."""
+        offset = log_path.stat().st_size if log_path.exists() else 0
 
         def url() -> re.Match[str] | None:
-            with self.access_log.open("rb") as log:
+            with log_path.open("rb") as log:
                 log.seek(offset)
                 return _URL.search(log.read().decode(errors="replace"))
 
-        with self.access_log.open("ab") as log:
-            self.access = subprocess.Popen(
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen(
                 [
                     sys.executable,
                     "-m",
@@ -549,6 +573,7 @@ class Stack:
                     ACCOUNT,
                     "--duration",
                     ACCESS_DURATION,
+                    *extra,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -556,9 +581,15 @@ class Stack:
                 cwd=self.src,
                 start_new_session=True,
             )
-        _wait_for("pam db access", lambda: url() is not None, self.access, self.access_log)
+        _wait_for("pam db access", lambda: url() is not None, proc, log_path)
         match = url()
-        assert match is not None and self.daemon is not None
+        assert match is not None
+        return proc, match
+
+    def _open_access(self) -> None:
+        self.say(f"opening an access session (pam db access --duration {ACCESS_DURATION})")
+        self.access, match = self._launch_access(self.access_log)
+        assert self.daemon is not None
         self.targets["gateway"] = Target(
             name="gateway",
             host=match["host"],
@@ -568,6 +599,24 @@ class Stack:
             password=None,
             sslmode="disable",
             pid=self.daemon.pid,
+        )
+
+    def _open_remote_access(self) -> None:
+        self.say("opening a tunnel access session (pam db access --tunnel)")
+        self.remote_access, match = self._launch_access(self.remote_access_log, "--tunnel")
+        assert self.daemon is not None
+        self.targets["remote"] = Target(
+            name="remote",
+            host=match["host"],
+            port=int(match["port"]),
+            user=match["user"],
+            database=match["db"],
+            password=None,
+            sslmode="disable",
+            # The CLI's forwarder is the middle process measured; the daemon's
+            # share of the same path is reported beside it.
+            pid=self.remote_access.pid,
+            second_pid=self.daemon.pid,
         )
 
     # -- pgbouncer ---------------------------------------------------------------
@@ -665,6 +714,7 @@ class Stack:
         parts = [
             f"--- gateway daemon ---\n{_tail(self.daemon_log)}",
             f"--- pam db access ---\n{_tail(self.access_log)}",
+            f"--- pam db access --tunnel ---\n{_tail(self.remote_access_log)}",
         ]
         if self.pgbouncer is not None:
             parts.append(f"--- pgbouncer ---\n{_tail(self.pgbouncer_dir / 'pgbouncer.log')}")

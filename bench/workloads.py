@@ -73,6 +73,7 @@ def pgbench(
         str(duration),
     ]
     cpu_before = host.cpu_times(target.pid) if target.pid else None
+    second_before = host.cpu_seconds(target.second_pid) if target.second_pid else None
     children_before = host.children_cpu_seconds(target.pid) if target.pid else 0.0
     started = time.monotonic()
     result = subprocess.run(
@@ -85,6 +86,7 @@ def pgbench(
     )
     wall = time.monotonic() - started
     cpu_after = host.cpu_times(target.pid) if target.pid else None
+    second_after = host.cpu_seconds(target.second_pid) if target.second_pid else None
     children = host.children_cpu_seconds(target.pid) - children_before if target.pid else 0.0
     tps = _TPS.search(result.stdout)
     processed = _PROCESSED.search(result.stdout)
@@ -114,6 +116,9 @@ def pgbench(
         metrics["cpu_s_per_10k_tx"] = cpu / transactions * 10_000 if transactions else None
         # Of which the gateway's audit writer process (a child): where the CPU goes.
         metrics["cpu_children_s"] = round(children, 3)
+    if second_before is not None and second_after is not None and transactions:
+        # The daemon behind the remote path's forwarder (audit writer included).
+        metrics["second_cpu_s_per_10k_tx"] = (second_after - second_before) / transactions * 10_000
     return metrics
 
 
