@@ -427,6 +427,7 @@ def test_no_password_reaches_the_laptop(site: Site, shared_access: AccessProcess
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the suite's 300 s would end the 600 s query (a bound, not a check)
 @pytest.mark.skipif(os.environ.get("PAM_SLOW_TESTS") != "1", reason="set PAM_SLOW_TESTS=1")
 def test_a_ten_minute_query_completes_through_the_idle_tunnel(
     site: Site, shared_access: AccessProcess
