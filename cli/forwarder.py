@@ -19,6 +19,10 @@ Invariants:
   the gateway; the gateway dropping the tunnel without a byte (it refused the
   certificate during the TLS handshake) -> 28000.
 * TCP keepalives on every tunnel connection keep an idle one (a long query) up.
+* The local leg's encryption requests are answered here: an SSLRequest gets TLS
+  with a throwaway self-signed certificate made in memory (for clients that
+  insist, ``sslmode=require``; the leg is loopback), a GSSENCRequest ``N``; the
+  gateway then sees the StartupMessage itself.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import contextlib
 import os
 import socket
 import ssl
+import struct
 import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -35,7 +40,12 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 from cli.client import ApiClient, ApiError, SessionJson
-from gateway.credentials.pki import csr_for, new_key, tunnel_client_context
+from gateway.credentials.pki import (
+    csr_for,
+    ephemeral_local_context,
+    new_key,
+    tunnel_client_context,
+)
 from gateway.net.relay import READ_SIZE
 from gateway.net.tunnel import enable_keepalive
 from gateway.protocol import messages
@@ -46,6 +56,7 @@ from gateway.protocol.client_startup import (
     Refuse,
     StartupReceived,
 )
+from gateway.protocol.constants import GSSENC_REQUEST_CODE, SSL_REQUEST_CODE
 from gateway.protocol.sqlstate import SqlState
 
 #: how long opening a tunnel connection (TCP and TLS) may take
@@ -68,6 +79,10 @@ class TunnelTarget:
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+
+#: The head of every startup packet: length and code (or protocol version).
+_REQUEST = struct.Struct("!II")
 
 
 @dataclass(eq=False)
@@ -153,6 +168,8 @@ class Forwarder:
     _thread: threading.Thread | None = None
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    #: TLS for local clients that ask for it, made at the first SSLRequest
+    _local_tls: ssl.SSLContext | None = None
 
     def start(self) -> int:
         """Bind the local port and serve it from a background thread; returns the port."""
@@ -199,12 +216,40 @@ class Forwarder:
         try:
             # One client's failure must never stop the forwarder.
             with contextlib.suppress(Exception):
-                await self._carry(client)
+                first = await self._negotiate_locally(client)
+                if first is not None:
+                    await self._carry(client, first)
         finally:
             # Closed already on every orderly path; this covers errors and stop().
             writer.transport.abort()
 
-    async def _carry(self, client: _Client) -> None:
+    async def _negotiate_locally(self, client: _Client) -> bytes | None:
+        """Answer the client's encryption requests on this leg: an SSLRequest
+        gets TLS with a throwaway local certificate (``S``), a GSSENCRequest
+        ``N``; the tunnel itself is TLS already. Returns the first 8 bytes of
+        what follows (a StartupMessage or CancelRequest: the tunnel's), or None
+        when the client left or stayed silent."""
+        encrypted = False
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
+                while True:
+                    head = await client.reader.readexactly(_REQUEST.size)
+                    length, code = _REQUEST.unpack(head)
+                    if length == _REQUEST.size and code == SSL_REQUEST_CODE and not encrypted:
+                        if self._local_tls is None:
+                            self._local_tls = ephemeral_local_context()
+                        client.writer.write(b"S")
+                        await client.writer.drain()
+                        await client.writer.start_tls(self._local_tls)
+                        encrypted = True
+                    elif length == _REQUEST.size and code == GSSENC_REQUEST_CODE:
+                        client.writer.write(b"N")
+                    else:
+                        return head
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            return None
+
+    async def _carry(self, client: _Client, first: bytes) -> None:
         target = self.target
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
@@ -223,8 +268,12 @@ class Forwarder:
                 f"cannot reach the pam gateway's tunnel at {target.address}: {why}",
                 hint="check that the gateway is running and reachable from this host",
             )
-            await _answer_locally(client, b"", error)
+            await _answer_locally(client, first, error)
             return
+        # What the client sent before the tunnel was up goes first.
+        t_writer.write(first)
+        assert client.unanswered is not None
+        client.unanswered += first
         sock = t_writer.get_extra_info("socket")
         if sock is not None:
             enable_keepalive(sock)

@@ -26,6 +26,8 @@ class RefusalPlace(StrEnum):
 
     API = "api"
     LISTENER = "listener"
+    #: the tunnel endpoint for CLIs on other hosts
+    TUNNEL = "tunnel"
 
 
 class RefusalReason(StrEnum):
@@ -63,6 +65,11 @@ class RefusalReason(StrEnum):
     #: a CancelRequest from such a process (dropped, never forwarded)
     NOT_OWNER_CANCEL = "not_owner_cancel"
     UNKNOWN_CANCEL_KEY = "unknown_cancel_key"
+    # -- the tunnel --
+    #: the TLS handshake failed: no certificate, one the gateway CA did not sign, silence
+    TUNNEL_HANDSHAKE = "tunnel_handshake"
+    #: a CA-signed certificate that names no live grant, or not the one issued for it
+    CERTIFICATE_REFUSED = "certificate_refused"
     # -- the recorder itself --
     #: refusals of more (source, reason) pairs in one interval than it tracks
     OVERFLOW = "overflow"

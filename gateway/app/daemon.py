@@ -269,6 +269,7 @@ async def _start_tunnel(
         host=settings.tunnel_host,
         port=settings.tunnel_port,
         startup_timeout=settings.client_startup_timeout_seconds,
+        on_refusal=service.refusals.refused,
     )
     try:
         service.tunnel_port = await tunnel.start()

@@ -365,6 +365,30 @@ def api_server_context(server: ServerIdentity) -> ssl.SSLContext:
     return ctx
 
 
+def ephemeral_local_context(*, now: dt.datetime | None = None) -> ssl.SSLContext:
+    """A TLS server context with a throwaway self-signed certificate for the
+    loopback names, made in memory: for local clients that insist on TLS to the
+    CLI's forwarder (``sslmode=require`` encrypts but verifies nothing)."""
+    now = now or dt.datetime.now(dt.UTC)
+    key = new_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pam forwarder (ephemeral)")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([_host_name(h) for h in LOOPBACK_HOSTS]), False)
+        .sign(key, hashes.SHA256())
+    )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_chain(ctx, cert.public_bytes(serialization.Encoding.PEM), key)
+    return ctx
+
+
 def tunnel_server_context(server: ServerIdentity, ca_pem: bytes) -> ssl.SSLContext:
     """TLS 1.3 only; a client certificate signed by the CA is required.
 

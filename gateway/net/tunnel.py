@@ -40,6 +40,8 @@ import structlog
 from gateway.net.client_startup import ClientStarted, read_tunnelled_startup
 from gateway.net.relay import READ_SIZE, Termination, close_writer
 from gateway.protocol.startup import CancelRequest
+from gateway.reasons import ConnectionEndReason
+from gateway.refusal import Refusal, RefusalPlace, RefusalReason, address_host
 
 log = structlog.get_logger(__name__)
 
@@ -92,6 +94,8 @@ class TunnelEndpoint:
     port: int = 0
     handshake_timeout: float = 15.0
     startup_timeout: float = 15.0
+    #: told of every refused tunnel connection (the gateway records it)
+    on_refusal: Callable[[Refusal], None] | None = None
     _listening: socket.socket | None = None
     _acceptor: asyncio.Task[None] | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -144,7 +148,14 @@ class TunnelEndpoint:
             reader, writer = await self._handshake(sock)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             # No certificate, one the CA did not sign, not TLS 1.3, or silence.
-            bound.info("tunnel_handshake_refused", error=str(exc) or type(exc).__name__)
+            why = str(exc) or type(exc).__name__
+            bound.debug("tunnel_handshake_refused", error=why)
+            self._refused(
+                RefusalReason.TUNNEL_HANDSHAKE,
+                f"tunnel TLS handshake refused: {why}",
+                client_addr,
+                event="tunnel_handshake_refused",
+            )
             sock.close()
             return
         ssl_object = writer.get_extra_info("ssl_object")
@@ -156,10 +167,29 @@ class TunnelEndpoint:
             writer.transport.abort()
             return
         if isinstance(outcome, Termination):
-            bound.info("tunnel_refused", sqlstate=outcome.sqlstate, reason=outcome.message)
+            bound.debug("tunnel_refused", sqlstate=outcome.sqlstate, reason=outcome.message)
+            ended = outcome.reason == ConnectionEndReason.SESSION_ENDED
+            self._refused(
+                RefusalReason.GRANT_ENDED if ended else RefusalReason.CERTIFICATE_REFUSED,
+                outcome.message,
+                client_addr,
+                event="tunnel_refused",
+            )
             await self._refuse(reader, writer, outcome, bound)
             return
         outcome.serve_tunnelled(reader, writer, client_addr)
+
+    def _refused(self, reason: RefusalReason, message: str, client_addr: str, event: str) -> None:
+        if self.on_refusal is not None:
+            self.on_refusal(
+                Refusal(
+                    RefusalPlace.TUNNEL,
+                    reason,
+                    message,
+                    address_host(client_addr),
+                    event=event,
+                )
+            )
 
     async def _handshake(
         self, sock: socket.socket

@@ -107,6 +107,19 @@ def test_psql_and_psycopg_reach_the_database_through_the_tunnel(gateway: Gateway
     assert access.stop() == 0
 
 
+def test_a_client_that_insists_on_tls_gets_it_from_the_forwarder(gateway: Gateway) -> None:
+    # sslmode=require encrypts and verifies nothing: the forwarder answers the
+    # SSLRequest itself with a throwaway certificate, the tunnel being TLS already.
+    access = gateway.access("--tunnel").wait_ready()
+    with psycopg.connect(access.dsn(sslmode="require")) as conn:
+        assert conn.pgconn.ssl_in_use
+        assert conn.execute("select 40 + 2").fetchone() == (42,)
+    result = psql(access.url.replace("sslmode=disable", "sslmode=require"), "select 7")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["7"]
+    assert access.stop() == 0
+
+
 def test_a_cancel_goes_through_the_tunnel(gateway: Gateway) -> None:
     access = gateway.access("--tunnel").wait_ready()
     with psycopg.connect(access.dsn()) as conn:
@@ -188,6 +201,13 @@ def test_an_ended_grants_certificate_gets_the_fatal_with_the_reason(
         SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
     )
     assert "has ended" in error.message and "client_ended" in error.message
+    # On record as a refusal of the tunnel, naming the grant's end.
+    refused = [
+        r
+        for r in gateway.cli_json("audit", "refusals")
+        if (r["place"], r["reason"]) == ("tunnel", "grant_ended")
+    ]
+    assert refused and "has ended" in refused[0]["message"]
 
 
 def test_a_certificate_of_another_ca_is_refused_with_28000(
@@ -210,6 +230,12 @@ def test_a_certificate_of_another_ca_is_refused_with_28000(
     wait_for(
         lambda: any(e.get("event") == "tunnel_handshake_refused" for e in gateway.log_events())
     )
+    refused = [
+        r
+        for r in gateway.cli_json("audit", "refusals")
+        if (r["place"], r["reason"]) == ("tunnel", "tunnel_handshake")
+    ]
+    assert refused and refused[0]["source"] == "127.0.0.1"
 
 
 def test_an_unreachable_gateway_is_08001_naming_it(

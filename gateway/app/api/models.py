@@ -304,7 +304,7 @@ class RefusalOut(_Out):
 
     first_at: datetime
     last_at: datetime
-    #: ``api`` or ``listener``
+    #: ``api``, ``listener`` or ``tunnel``
     place: str
     session_id: str | None
     source: str
