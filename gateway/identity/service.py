@@ -7,13 +7,23 @@ Invariants:
 * Disabling a principal revokes its tokens (the store does it in one
   transaction) and then ends its live grants through ``on_disabled``.
 * A wrong name and a wrong password are the same answer, after the same work.
+* Guessing is throttled: after :data:`MAX_FAILED_LOGINS` failed sign-ins for
+  one name, or :data:`MAX_FAILED_LOGINS_PER_ADDRESS` from one address (an
+  office behind one NAT is one address), within :data:`LOGIN_WINDOW_SECONDS`,
+  further attempts are refused without checking the password until the window
+  has passed (the counts live in this daemon's memory, bounded).
+* The last enabled admin of every project cannot be disabled or removed: a
+  gateway nobody can administer is recovered only from its host.
 """
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Final
 
 from gateway.errors import Forbidden, InvalidRequest, Unauthenticated
 from gateway.identity.hashing import hash_password, new_token, token_digest, verify_password
@@ -27,7 +37,24 @@ from gateway.identity.principals import (
     Role,
 )
 
-__all__ = ["IdentityService", "IssuedToken", "TokenKind"]
+__all__ = [
+    "LOGIN_WINDOW_SECONDS",
+    "MAX_FAILED_LOGINS",
+    "MAX_FAILED_LOGINS_PER_ADDRESS",
+    "IdentityService",
+    "IssuedToken",
+    "LoginThrottle",
+    "TokenKind",
+]
+
+#: Failed sign-ins for one name before a pause.
+MAX_FAILED_LOGINS: Final = 10
+#: Failed sign-ins from one address before a pause.
+MAX_FAILED_LOGINS_PER_ADDRESS: Final = 50
+#: The window those failures are counted in, and the pause's length.
+LOGIN_WINDOW_SECONDS: Final = 300.0
+#: Names and addresses remembered at most (the oldest are forgotten first).
+_THROTTLE_KEYS: Final = 10_000
 
 
 class TokenKind:
@@ -44,6 +71,53 @@ class IssuedToken:
     token_id: str
     principal: str
     expires_at: datetime | None
+
+
+class LoginThrottle:
+    """Failed sign-ins per key (``user:NAME``, ``addr:ADDRESS``) in a sliding window."""
+
+    def __init__(
+        self,
+        *,
+        limit: int = MAX_FAILED_LOGINS,
+        address_limit: int = MAX_FAILED_LOGINS_PER_ADDRESS,
+        window: float = LOGIN_WINDOW_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._limits = {"user": limit, "addr": address_limit}
+        self._window = window
+        self._clock = clock
+        self._failures: OrderedDict[str, list[float]] = OrderedDict()
+
+    def _recent(self, key: str) -> list[float]:
+        cutoff = self._clock() - self._window
+        kept = [t for t in self._failures.get(key, ()) if t > cutoff]
+        if kept:
+            self._failures[key] = kept
+        else:
+            self._failures.pop(key, None)
+        return kept
+
+    def retry_after(self, keys: tuple[str, ...]) -> float | None:
+        """Seconds until *keys* may try again, or None when they may now."""
+        waits = []
+        for key in keys:
+            limit = self._limits[key.partition(":")[0]]
+            recent = self._recent(key)
+            if len(recent) >= limit:
+                waits.append(recent[-limit] + self._window - self._clock())
+        return max(waits) if waits else None
+
+    def failed(self, keys: tuple[str, ...]) -> None:
+        now = self._clock()
+        for key in keys:
+            self._failures.setdefault(key, []).append(now)
+            self._failures.move_to_end(key)
+        while len(self._failures) > _THROTTLE_KEYS:
+            self._failures.popitem(last=False)
+
+    def succeeded(self, name_key: str) -> None:
+        self._failures.pop(name_key, None)
 
 
 def _check_password(password: str) -> str:
@@ -65,6 +139,7 @@ class IdentityService:
         self._db = db
         self._session_ttl = session_ttl
         self._on_disabled = on_disabled
+        self.throttle = LoginThrottle()
 
     # --- authentication -----------------------------------------------------------
 
@@ -84,11 +159,20 @@ class IdentityService:
             raise Unauthenticated("this host's local token is accepted only from this host")
         return principal
 
-    async def login(self, name: str, password: str) -> IssuedToken:
+    async def login(self, name: str, password: str, *, source: str = "") -> IssuedToken:
+        keys = (f"user:{name}", f"addr:{source}")
+        wait = self.throttle.retry_after(keys)
+        if wait is not None:
+            raise Unauthenticated(
+                "too many failed sign-ins for this user or from this address",
+                hint=f"try again in {max(1, round(wait))} s",
+            )
         found = await self._db(self._store.password_hash, name)
         stored = found[1] if found else None
         if found is None or not verify_password(stored, password):
+            self.throttle.failed(keys)
             raise Unauthenticated("wrong user name or password")
+        self.throttle.succeeded(keys[0])
         return await self._issue(found[0], name, TokenKind.SESSION, self._session_ttl)
 
     async def logout(self, token: str) -> None:
@@ -152,14 +236,32 @@ class IdentityService:
             self._store.set_password_hash, name, hash_password(_check_password(password))
         )
 
+    async def _keep_an_admin(self, name: str) -> PrincipalInfo:
+        """*name*'s record; refuses when it is the last enabled admin of every project."""
+        everyone = await self._db(self._store.list_principals)
+        target = next((p for p in everyone if p.name == name), None)
+        if target is None:
+            return await self._db(self._store.get_principal, name)  # raises NotFound
+
+        def global_admin(p: PrincipalInfo) -> bool:
+            return p.disabled_at is None and p.roles.get(ALL_PROJECTS) == Role.ADMIN.value
+
+        if global_admin(target) and sum(map(global_admin, everyone)) == 1:
+            raise Forbidden(
+                f"{name} is the last enabled admin of every project",
+                hint="add another admin first (pam user add NAME --role admin)",
+            )
+        return target
+
     async def disable(self, name: str) -> PrincipalInfo:
+        await self._keep_an_admin(name)
         info = await self._db(self._store.disable_principal, name)
         if self._on_disabled is not None:
             await self._on_disabled(info.id, name)
         return info
 
     async def remove(self, name: str) -> bool:
-        info = await self._db(self._store.get_principal, name)
+        info = await self._keep_an_admin(name)
         if self._on_disabled is not None and info.disabled_at is None:
             await self._db(self._store.disable_principal, name)
             await self._on_disabled(info.id, name)

@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from gateway.app.api.deps import Caller, GlobalAdmin, Service
+from gateway.app.api.deps import Caller, GlobalAdmin, Service, client_addr
 from gateway.app.api.models import (
     LoginIn,
     MachineTokenIn,
@@ -42,7 +42,10 @@ def _token(issued: IssuedToken) -> TokenOut:
 @login_router.post("/login", status_code=201)
 async def login(body: LoginIn, service: Service, request: Request) -> TokenOut:
     request.state.login_name = body.user  # who tried, for the refusal record
-    return _token(await service.identity.login(body.user, body.password.get_secret_value()))
+    issued = await service.identity.login(
+        body.user, body.password.get_secret_value(), source=client_addr(request)
+    )
+    return _token(issued)
 
 
 @router.post("/logout", status_code=204)
