@@ -175,6 +175,7 @@ class SessionVerifier:
         "_valid_id",
         "_valid_seq",
         "session_id",
+        "started_connections",
     )
 
     def __init__(self, chain: AuditChain, session_id: str) -> None:
@@ -189,6 +190,9 @@ class SessionVerifier:
         self._suspects: list[_Suspect] = []
         self._records = 0
         self._problems: list[ChainProblem] = []
+        #: connection id -> seq of its connection_start record (so the store
+        #: can tell a connection row deleted from under the trail)
+        self.started_connections: dict[str, int] = {}
         # A batch whose MAC failed with every record intact and in order: what
         # comes next may explain it (records cut off its end), or not.
         # (the seq after it, its report)
@@ -250,6 +254,8 @@ class SessionVerifier:
         # and so do the checks below; the reports are built in helpers called only
         # when one fails.
         name = _Name(seq, fields)
+        if fields.get("kind") == "connection_start" and fields.get("connection_id"):
+            self.started_connections.setdefault(fields["connection_id"], seq)
         reports: list[_Report] = []
         expected = self._last_seq + 1
         explained = seq != expected
@@ -342,6 +348,8 @@ class SessionVerifier:
                 reports.append(self._unchained(seq, name))
             if fields is not None and type(fields["occurred_at"]) is int:
                 indexed.append((fields["kind"], fields["occurred_at"]))
+            if fields is not None and fields["kind"] == "connection_start":
+                self.started_connections.setdefault(fields["connection_id"], seq)
             self._last_seq = max(self._last_seq, seq)
         if not parts:  # unreadable: its seqs are taken as the columns say
             self._last_seq = max(self._last_seq, batch.last_seq)

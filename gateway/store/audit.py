@@ -421,7 +421,9 @@ class AuditStore(TrailStore):
                 for batch in iter_session_batches(conn, end.id):
                     verifier.feed_batch(batch)
                 problems.extend(self._finish(verifier, end))
-                problems.extend(row_problems(self._chain, conn, end.id))
+                problems.extend(
+                    row_problems(self._chain, conn, end.id, verifier.started_connections)
+                )
         return problems
 
     @staticmethod

@@ -58,7 +58,9 @@ SESSION_START: Final = (
     "api_client_addr",
     "reported_host",
 )
-SESSION_END: Final = ("ended_at", "end_reason", "end_detail")
+#: ``connection_count`` is not a column: the connection rows the session had
+#: when it ended, so that a deleted one shows.
+SESSION_END: Final = ("ended_at", "end_reason", "end_detail", "connection_count")
 CONNECTION_START: Final = (
     "session_id",
     "client_addr",
@@ -121,9 +123,16 @@ def check_row(
 _PARTS: Final = (("start", "start_seal"), ("end", "end_seal"))
 
 
-def row_problems(chain: AuditChain, conn: Connection, session_id: str) -> list[ChainProblem]:
+def row_problems(
+    chain: AuditChain,
+    conn: Connection,
+    session_id: str,
+    started_connections: Mapping[str, int] | None = None,
+) -> list[ChainProblem]:
     """Every edit of *session_id*'s row and its connections' rows that their
-    seals show, each named (``changed``, no seq: these are not trail records)."""
+    seals show, each named (``changed``, no seq: these are not trail records);
+    and connection rows deleted since the session ended (``removed``, named by
+    the trail's connection_start records, id -> seq, when it has them)."""
     problems = []
     session = conn.execute(select(sessions).where(sessions.c.id == session_id)).one()
     rows = [("sessions", "session", session)]
@@ -135,13 +144,19 @@ def row_problems(chain: AuditChain, conn: Connection, session_id: str) -> list[C
             .order_by(connections.c.started_at, connections.c.id)
         )
     ]
+    present = {row.id for table, _, row in rows if table == "connections"}
     for table, noun, row in rows:
         values = dict(row._mapping)
+        if table == "sessions":
+            values["connection_count"] = len(present)
         for part, column in _PARTS:
             sealed = values[column]
             if sealed is None:
                 continue
             edited = check_row(chain, table, part, row.id, values, sealed)
+            if "connection_count" in edited:
+                edited.remove("connection_count")
+                problems.append(_deleted_connections(session_id, present, started_connections))
             if edited:
                 what = (
                     "its seal was edited"
@@ -158,3 +173,18 @@ def row_problems(chain: AuditChain, conn: Connection, session_id: str) -> list[C
                     )
                 )
     return problems
+
+
+def _deleted_connections(
+    session_id: str, present: set[str], started: Mapping[str, int] | None
+) -> ChainProblem:
+    """The session's end sealed more connection rows than there are: which ones
+    the trail knows of (by their connection_start records), if any."""
+    missing = sorted((seq, cid) for cid, seq in (started or {}).items() if cid not in present)
+    named = ", ".join(f"{cid[:8]} (started at seq {seq})" for seq, cid in missing)
+    return ChainProblem(
+        session_id=session_id,
+        seq=missing[0][0] if missing else None,
+        problem="removed",
+        detail="connection records were deleted" + (f": {named}" if named else ""),
+    )

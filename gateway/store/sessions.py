@@ -72,6 +72,16 @@ def _session(row: AnyRow) -> AccessSession:
     )
 
 
+def _connection_count(conn: Connection, session_id: str) -> int:
+    return int(
+        conn.execute(
+            select(func.count())
+            .select_from(connections)
+            .where(connections.c.session_id == session_id)
+        ).scalar_one()
+    )
+
+
 class SessionStore(TrailStore):
     """Access sessions and their ends."""
 
@@ -158,11 +168,14 @@ class SessionStore(TrailStore):
                 # "WHERE ended_at IS NULL" makes the first end win, even against a
                 # concurrent caller; the select then reports whichever end that was.
                 end = {"ended_at": ended, "end_reason": reason, "end_detail": detail}
+                end["connection_count"] = _connection_count(conn, session_id)
                 conn.execute(
                     sessions.update()
                     .where(sessions.c.id == session_id, sessions.c.ended_at.is_(None))
                     .values(
-                        **end,
+                        ended_at=end["ended_at"],
+                        end_reason=end["end_reason"],
+                        end_detail=end["end_detail"],
                         end_seal=seal(self._chain, "sessions", "end", session_id, end, SESSION_END),
                         **self._seal_values(session_id, self._chain_head(conn, session_id)),
                     )
@@ -252,12 +265,19 @@ class SessionStore(TrailStore):
             )
             self._end_open_connections(conn, true(), now, reason)
             for session_id in orphans:
-                end = {"ended_at": now, "end_reason": reason, "end_detail": None}
+                end = {
+                    "ended_at": now,
+                    "end_reason": reason,
+                    "end_detail": None,
+                    "connection_count": _connection_count(conn, session_id),
+                }
                 conn.execute(
                     sessions.update()
                     .where(sessions.c.id == session_id, sessions.c.ended_at.is_(None))
                     .values(
-                        **end,
+                        ended_at=end["ended_at"],
+                        end_reason=end["end_reason"],
+                        end_detail=end["end_detail"],
                         end_seal=seal(self._chain, "sessions", "end", session_id, end, SESSION_END),
                         **self._seal_values(session_id, self._chain_head(conn, session_id)),
                     )

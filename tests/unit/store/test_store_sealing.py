@@ -17,6 +17,7 @@ from sqlalchemy import Engine, create_engine, text
 from store_support import FakeClock, pg_admin_url
 
 from gateway.access.ports import ConnectionEnd, ConnectionStart
+from gateway.audit.records import AuditEvent
 from gateway.credentials.secretbox import SecretBox
 from gateway.store import Store
 
@@ -150,6 +151,25 @@ def test_connections_and_sessions_closed_as_orphans_are_sealed(store: Store, raw
         f"the connection record {connection_id[:8]} was edited: end_reason no longer matches"
         " what was sealed"
     ]
+
+
+def test_a_deleted_connection_row_is_named_by_its_start_in_the_trail(
+    store: Store, raw: Engine
+) -> None:
+    session_id, connection_id = _session_with_connection(store, end=False)
+    # As the relay records it: the connection's start is a record of the trail.
+    store.append_audit(
+        [AuditEvent(session_id, connection_id, "connection_start", datetime.now(UTC))]
+    )
+    store.end_session(session_id, reason="client_ended")
+    assert store.verify_audit(session_id) == []
+    _edit(raw, "DELETE FROM connections WHERE id = :id", id=connection_id)
+    (problem,) = store.verify_audit(session_id)
+    assert (problem.seq, problem.problem, problem.detail) == (
+        1,
+        "removed",
+        f"connection records were deleted: {connection_id[:8]} (started at seq 1)",
+    )
 
 
 def test_rows_from_before_the_seals_are_not_checked(store: Store, raw: Engine) -> None:
