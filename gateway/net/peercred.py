@@ -11,7 +11,9 @@ unix(7)).
 
 :func:`parse_socket_table` is pure (text in, rows out) and
 :func:`find_owner` picks the row; :func:`tcp_peer_owner` and
-:func:`socket_peer_owner` are the thin wrappers that read the live table.
+:func:`socket_peer_owner` are the thin wrappers that ask the kernel: for one
+socket through sock_diag (:mod:`gateway.net.sockdiag`: an exact lookup), or,
+where that is unavailable, by reading the table (a scan of every socket).
 
 Invariants:
 
@@ -33,6 +35,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from gateway.net.sockdiag import SockDiagUnavailable, tcp_socket_owner
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: An endpoint as the table names it: (address, port).
@@ -99,9 +103,15 @@ def is_available(proc_net: Path = PROC_NET) -> bool:
 def tcp_peer_owner(
     peer: tuple[str, int], ours: tuple[str, int], *, proc_net: Path = PROC_NET
 ) -> int | None:
-    """The uid owning the client end of the TCP connection ``peer`` -> ``ours``,
-    from the live tables; None when no local socket matches. Blocking (it
-    reads /proc): call it off the event loop."""
+    """The uid owning the client end of the TCP connection ``peer`` -> ``ours``;
+    None when no local socket matches. Asked of the kernel for that one socket
+    (:mod:`gateway.net.sockdiag`), or where that cannot be asked, read from
+    the live tables. Blocking: call it off the event loop."""
+    if proc_net == PROC_NET:
+        try:
+            return tcp_socket_owner(peer, ours)
+        except SockDiagUnavailable:
+            pass  # the table below answers the same, at the cost of a scan
     wanted_peer = (_normal(ipaddress.ip_address(peer[0].partition("%")[0])), peer[1])
     wanted_ours = (_normal(ipaddress.ip_address(ours[0].partition("%")[0])), ours[1])
     for name in TCP_TABLES:
