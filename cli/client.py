@@ -215,6 +215,10 @@ class ApiClient:
     def heartbeat(self, session_id: str) -> SessionJson:
         return cast(SessionJson, self.post(f"/v1/access/{seg(session_id)}/heartbeat"))
 
+    def revoke_session(self, session_id: str, reason: str | None) -> SessionJson:
+        body = {"reason": reason}
+        return cast(SessionJson, self.post(f"/v1/access/{seg(session_id)}/revoke", body))
+
     def end_access(self, session_id: str) -> SessionJson:
         return cast(SessionJson, self.post(f"/v1/access/{seg(session_id)}/end", {}))
 

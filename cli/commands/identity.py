@@ -51,7 +51,9 @@ def login(api_url: str, ca_cert: Path | None, user: str, password_stdin: bool) -
         )
     )
     until = local_time(issued["expires_at"]) if issued["expires_at"] else "until revoked"
-    console.print(f"Signed in to {printable(api_url)} as {printable(user)} ({until}); {path}")
+    console.print(
+        f"Signed in to {printable(api_url)} as {printable(user)} ({until}); {path}", markup=False
+    )
 
 
 @click.command("logout")
@@ -73,7 +75,7 @@ def logout(api_url: str | None) -> None:
         client_config_path().unlink(missing_ok=True)
     else:
         save_client_config(remaining)
-    console.print(f"Signed out of {printable(target)}")
+    console.print(f"Signed out of {printable(target)}", markup=False)
 
 
 @click.command("whoami")

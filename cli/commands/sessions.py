@@ -18,7 +18,7 @@ import click
 from cli.client import ApiClient, ExportStream
 from cli.commands import api_client, json_option
 from cli.export import write_export
-from cli.render import console, print_json, table
+from cli.render import console, print_json, printable, table
 from cli.review import (
     API_MAX_PAGE,
     DEFAULT_PAGE_SIZE,
@@ -117,6 +117,19 @@ def sessions_show(
             "page_size": view.page_size,
             "statements": first,
         }
+    )
+
+
+@sessions.command("revoke")
+@click.argument("session_id", metavar="ID")
+@click.option("--reason", default=None, help="Why (shown to the cut connections, recorded).")
+def sessions_revoke(session_id: str, reason: str | None) -> None:
+    """End a live session now: its connections get a FATAL naming you and the reason."""
+    with api_client() as client:
+        ended = client.revoke_session(session_id, reason)
+    console.print(
+        f"Revoked session {printable(ended['id'][:8])} ({printable(ended['end_detail'] or '')})",
+        markup=False,  # the reason is anyone's text
     )
 
 

@@ -311,6 +311,33 @@ class GrantService:
         )
         return await self._end(grant, reason=reason, detail=detail, termination=termination)
 
+    async def revoke(self, session_id: str, *, by: str, reason: str | None) -> SessionRecord:
+        """End a live grant now on an admin's (or its owner's) word: every live
+        connection gets FATAL 57P01 naming who and why, new ones are refused."""
+        grant = self._grants.get(session_id)
+        if grant is None or grant.is_ended:
+            session = await self.db(self.store.get_session, session_id)
+            raise InvalidRequest(
+                f"access session {session.id[:8]} is not live"
+                + (f" (it ended: {session.end_reason})" if session.end_reason else "")
+            )
+        why = f"revoked by {by}" + (f": {reason}" if reason else "")
+        termination = Termination(
+            ConnectionEndReason.SESSION_ENDED,
+            SqlState.ADMIN_SHUTDOWN,
+            f"terminating connection because access session {session_id[:8]} was {why}",
+            hint=f"ask {by} or an administrator; request new access with `pam db access`",
+        )
+        # As at expiry, the port stays up answering new connections with this
+        # reason (not a closed socket) until the CLI lets go of the grant.
+        return await self._end(
+            grant,
+            reason=SessionEndReason.REVOKED,
+            detail=why,
+            termination=termination,
+            keep_listener=True,
+        )
+
     def owner_of(self, session_id: str) -> str | None:
         """The principal id of a live grant's session (None: not live, or no principal)."""
         grant = self._grants.get(session_id)

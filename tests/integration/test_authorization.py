@@ -332,6 +332,8 @@ def test_who_reads_which_session(authz: Authz) -> None:
         assert f"session '{ids['bob']}' not found" in refused.text
     assert authz.call("alice", "POST", f"/v1/access/{ids['bob']}/heartbeat").status_code == 404
     assert authz.call("alice", "POST", f"/v1/access/{ids['bob']}/end").status_code == 404
+    revoked = authz.call("alice", "POST", f"/v1/access/{ids['bob']}/revoke", {"reason": "x"})
+    assert revoked.status_code == 404, revoked.text
     # An auditor reads every session of its project, none of another.
     for who in ("alice", "bob"):
         assert authz.call("dave", "GET", f"/v1/sessions/{ids[who]}").status_code == 200

@@ -97,6 +97,10 @@ class PolicyIn(BaseModel):
     require_reason: bool = False
 
 
+class RevokeIn(BaseModel):
+    reason: str | None = Field(default=None, max_length=500)
+
+
 class AccessEndIn(BaseModel):
     detail: str | None = Field(default=None, max_length=500)
 

@@ -18,7 +18,7 @@ import ipaddress
 from fastapi import APIRouter, Request
 
 from gateway.app.api.deps import Caller, Service, client_addr
-from gateway.app.api.models import AccessEndIn, AccessIn, AccessOut, SessionOut
+from gateway.app.api.models import AccessEndIn, AccessIn, AccessOut, RevokeIn, SessionOut
 from gateway.errors import InvalidRequest, NotFound
 from gateway.identity.principals import Principal
 from gateway.net import peercred
@@ -87,6 +87,17 @@ async def api_client_uid(request: Request) -> int | None:
 @router.post("/{session_id}/heartbeat")
 async def heartbeat(session_id: str, caller: Caller, service: Service) -> SessionOut:
     return SessionOut.of(await service.heartbeat(await _own(session_id, caller, service)))
+
+
+@router.post("/{session_id}/revoke")
+async def revoke_access(
+    session_id: str, body: RevokeIn, caller: Caller, service: Service
+) -> SessionOut:
+    """End a live grant now (its owner, or an admin of its project)."""
+    session = await service.grants.revoke(
+        await _own(session_id, caller, service), by=caller.name, reason=body.reason
+    )
+    return SessionOut.of(session)
 
 
 @router.post("/{session_id}/end")
