@@ -261,7 +261,7 @@ class Stack:
         self._start_cluster()
         self._start_gateway()
         self._open_access()
-        self._open_remote_access()
+        self._open_remote_access_if_supported()
         if self.use_pgbouncer:
             if self.pgbouncer_bin is None:
                 self.say("pgbouncer is not installed: measuring direct and gateway only")
@@ -535,7 +535,7 @@ class Stack:
             _stop_process(self.daemon, signal.SIGTERM, _STOP_TIMEOUT_S)
             self._launch_daemon()
             self._open_access()
-            self._open_remote_access()
+            self._open_remote_access_if_supported()
         elif name == "remote":
             _stop_process(self.remote_access, signal.SIGINT, 20)
             self._open_remote_access()
@@ -600,6 +600,14 @@ class Stack:
             sslmode="disable",
             pid=self.daemon.pid,
         )
+
+    def _open_remote_access_if_supported(self) -> None:
+        """The remote path, when the measured revision has a tunnel (revisions
+        before issue 13 do not: they are measured without that target)."""
+        if "--tunnel" not in self.cli("db", "access", "--help"):
+            self.say("this revision has no tunnel: the remote path is not measured")
+            return
+        self._open_remote_access()
 
     def _open_remote_access(self) -> None:
         self.say("opening a tunnel access session (pam db access --tunnel)")
