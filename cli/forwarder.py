@@ -141,20 +141,24 @@ async def _pump(
     source: asyncio.StreamReader, sink: asyncio.StreamWriter, client: _Client, *, upstream: bool
 ) -> None:
     """Copy one direction until end of file; ``upstream`` is client -> tunnel."""
-    while True:
-        data = await source.read(READ_SIZE)
-        if not data:
-            break
-        if upstream and client.unanswered is not None:
-            if len(client.unanswered) + len(data) <= _PENDING_LIMIT:
-                client.unanswered += data
-        elif not upstream:
-            client.unanswered = None  # the gateway has spoken; from now on, bytes only
-        sink.write(data)
-        await sink.drain()
-    if upstream:
-        # The client left: so does its tunnel connection (TLS has no half-close).
-        await _close(sink)
+    try:
+        while True:
+            data = await source.read(READ_SIZE)
+            if not data:
+                break
+            if upstream and client.unanswered is not None:
+                if len(client.unanswered) + len(data) <= _PENDING_LIMIT:
+                    client.unanswered += data
+            elif not upstream:
+                client.unanswered = None  # the gateway has spoken; from now on, bytes only
+            sink.write(data)
+            await sink.drain()
+    finally:
+        if upstream:
+            # The client left, or its side failed (a reset): so does its tunnel
+            # connection (TLS has no half-close), else the gateway's end and
+            # its backend would wait on an idle tunnel until the grant ends.
+            await _close(sink)
 
 
 @dataclass(eq=False)

@@ -14,7 +14,6 @@ caller's own, and refused otherwise (:func:`load_client_config`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -150,10 +149,6 @@ def client_config_path() -> Path:
     if env:
         return Path(env).expanduser()
     return Path(platformdirs.user_config_dir(APP_NAME)) / "config.json"
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def write_private_file(path: Path, data: bytes, *, overwrite: bool = True) -> None:

@@ -136,7 +136,7 @@ class GrantService:
         csr: str | None = None,
     ) -> SessionRecord:
         """Open a grant; *request* is what its session records of who asked
-        (``gateway.store.sessions.REQUEST_FIELDS``), decided by the caller;
+        (``gateway.store.models.REQUEST_FIELDS``), decided by the caller;
         ``owner_uid`` (the API caller's OS user, found by the kernel) alone may
         connect; ``socket_dir`` serves a Unix socket there instead of a TCP
         port, and needs an owner. With ``csr`` (from a CLI on another host) it
@@ -337,11 +337,6 @@ class GrantService:
             termination=termination,
             keep_listener=True,
         )
-
-    def owner_of(self, session_id: str) -> str | None:
-        """The principal id of a live grant's session (None: not live, or no principal)."""
-        grant = self._grants.get(session_id)
-        return None if grant is None else grant.session.principal_id
 
     async def end_grants_of(self, principal_id: str, *, detail: str) -> int:
         """End every live grant of *principal_id* (it was disabled); how many."""

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.access.admission import Admission
-from gateway.access.authorization import authorize_access, not_allowed
+from gateway.access.authorization import authorize_access
 from gateway.access.connections import ConnectionRecords
 from gateway.access.host import ListenerHost
 from gateway.access.ports import SessionRecord
@@ -169,9 +169,9 @@ class Gateway:
             if principal.is_admin():
                 raise
             project = None
+        # An unknown resource (project None) is refused by authorize_access in
+        # the same words as one no policy covers.
         policies = [] if project is None else await self.identity.policies(project)
-        if project is None and not principal.is_admin():
-            raise not_allowed(principal, resource, account)
         allowed_by = authorize_access(
             principal,
             project=project,

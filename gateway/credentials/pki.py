@@ -39,6 +39,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from gateway.config import write_private_file
 from gateway.credentials.secretbox import SecretBox
 from gateway.errors import ConfigError, InvalidRequest
+from gateway.net.tls import loopback_certificate
 
 __all__ = [
     "CA_CERT_FILE",
@@ -69,6 +70,8 @@ BACKDATE: Final = dt.timedelta(minutes=1)
 GRANT_URI_PREFIX: Final = "urn:pam:grant:"
 #: names every server certificate carries, whatever --public-host says
 LOOPBACK_HOSTS: Final = ("localhost", "127.0.0.1", "::1")
+#: The forwarder's local certificate lives as long as one `pam db access` at most.
+EPHEMERAL_VALIDITY: Final = dt.timedelta(days=2)
 #: a CSR is a few hundred bytes; anything much larger is not one of ours
 MAX_CSR_BYTES: Final = 16 * 1024
 
@@ -365,28 +368,12 @@ def api_server_context(server: ServerIdentity) -> ssl.SSLContext:
     return ctx
 
 
-def ephemeral_local_context(*, now: dt.datetime | None = None) -> ssl.SSLContext:
+def ephemeral_local_context() -> ssl.SSLContext:
     """A TLS server context with a throwaway self-signed certificate for the
     loopback names, made in memory: for local clients that insist on TLS to the
     CLI's forwarder (``sslmode=require`` encrypts but verifies nothing)."""
-    now = now or dt.datetime.now(dt.UTC)
-    key = new_key()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pam forwarder (ephemeral)")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - BACKDATE)
-        .not_valid_after(now + dt.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName([_host_name(h) for h in LOOPBACK_HOSTS]), False)
-        .sign(key, hashes.SHA256())
-    )
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    _load_chain(ctx, cert.public_bytes(serialization.Encoding.PEM), key)
-    return ctx
+    cert, key = loopback_certificate("pam forwarder (ephemeral)", EPHEMERAL_VALIDITY)
+    return api_server_context(ServerIdentity(cert.public_bytes(serialization.Encoding.PEM), key))
 
 
 def tunnel_server_context(server: ServerIdentity, ca_pem: bytes) -> ssl.SSLContext:

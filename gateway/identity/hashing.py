@@ -17,11 +17,13 @@ from typing import Final
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
+from gateway.errors import InvalidRequest
+
 __all__ = [
+    "MIN_PASSWORD_LENGTH",
     "TOKEN_PREFIX",
     "hash_password",
     "new_token",
-    "password_needs_rehash",
     "token_digest",
     "verify_password",
 ]
@@ -32,7 +34,14 @@ _hasher = PasswordHasher()
 _DUMMY_HASH: Final = _hasher.hash(secrets.token_urlsafe(16))
 
 
+#: The shortest password a user may have (a sign-in is throttled, not unguessable).
+MIN_PASSWORD_LENGTH: Final = 8
+
+
 def hash_password(password: str) -> str:
+    """The argon2id hash of a new password; refuses one shorter than the minimum."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise InvalidRequest(f"a password must be at least {MIN_PASSWORD_LENGTH} characters long")
     return _hasher.hash(password)
 
 
@@ -42,10 +51,6 @@ def verify_password(stored_hash: str | None, password: str) -> bool:
         return _hasher.verify(stored_hash or _DUMMY_HASH, password) and stored_hash is not None
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False
-
-
-def password_needs_rehash(stored_hash: str) -> bool:
-    return _hasher.check_needs_rehash(stored_hash)
 
 
 def new_token() -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
-from gateway.errors import Forbidden, InvalidRequest, Unauthenticated
+from gateway.errors import Forbidden, Unauthenticated
 from gateway.identity.hashing import hash_password, new_token, token_digest, verify_password
 from gateway.identity.policy import Policy
 from gateway.identity.ports import IdentityStore, StoreThread
@@ -120,12 +120,6 @@ class LoginThrottle:
         self._failures.pop(name_key, None)
 
 
-def _check_password(password: str) -> str:
-    if len(password) < 8:
-        raise InvalidRequest("a password must be at least 8 characters long")
-    return password
-
-
 class IdentityService:
     def __init__(
         self,
@@ -168,19 +162,20 @@ class IdentityService:
                 hint=f"try again in {max(1, round(wait))} s",
             )
         found = await self._db(self._store.password_hash, name)
-        stored = found[1] if found else None
-        if found is None or not verify_password(stored, password):
+        # Verified first, whoever asks: an unknown name costs the same argon2
+        # work as a wrong password, so the answer's timing names nobody.
+        matches = verify_password(found[1] if found else None, password)
+        if found is None or not matches:
             self.throttle.failed(keys)
             raise Unauthenticated("wrong user name or password")
         self.throttle.succeeded(keys[0])
         return await self._issue(found[0], name, TokenKind.SESSION, self._session_ttl)
 
     async def logout(self, token: str) -> None:
-        await self._db(self._store.revoke_token, token_digest(token))
-
-    async def issue_local_token(self, name: str) -> IssuedToken:
-        info = await self._db(self._store.get_principal, name)
-        return await self._issue(info.id, name, TokenKind.LOCAL, None)
+        """Revoke *token* if it is a sign-in's session token; a machine token or
+        this host's local token is not ended by signing out (an admin revokes
+        those), so a `pam logout` never locks the host's admin out."""
+        await self._db(self._store.revoke_token, token_digest(token), kind=TokenKind.SESSION)
 
     async def _issue(
         self, principal_id: str, name: str, kind: str, ttl: timedelta | None
@@ -207,7 +202,7 @@ class IdentityService:
         groups: tuple[str, ...] = (),
         password: str | None = None,
     ) -> PrincipalInfo:
-        hashed = None if password is None else hash_password(_check_password(password))
+        hashed = None if password is None else hash_password(password)
         return await self._db(
             self._store.add_principal,
             name,
@@ -232,38 +227,18 @@ class IdentityService:
         return await self._db(self._store.list_principals)
 
     async def set_password(self, name: str, password: str) -> None:
-        await self._db(
-            self._store.set_password_hash, name, hash_password(_check_password(password))
-        )
-
-    async def _keep_an_admin(self, name: str) -> PrincipalInfo:
-        """*name*'s record; refuses when it is the last enabled admin of every project."""
-        everyone = await self._db(self._store.list_principals)
-        target = next((p for p in everyone if p.name == name), None)
-        if target is None:
-            return await self._db(self._store.get_principal, name)  # raises NotFound
-
-        def global_admin(p: PrincipalInfo) -> bool:
-            return p.disabled_at is None and p.roles.get(ALL_PROJECTS) == Role.ADMIN.value
-
-        if global_admin(target) and sum(map(global_admin, everyone)) == 1:
-            raise Forbidden(
-                f"{name} is the last enabled admin of every project",
-                hint="add another admin first (pam user add NAME --role admin)",
-            )
-        return target
+        await self._db(self._store.set_password_hash, name, hash_password(password))
 
     async def disable(self, name: str) -> PrincipalInfo:
-        await self._keep_an_admin(name)
-        info = await self._db(self._store.disable_principal, name)
+        info = await self._db(self._store.disable_principal, name, keep_an_admin=True)
         if self._on_disabled is not None:
             await self._on_disabled(info.id, name)
         return info
 
     async def remove(self, name: str) -> bool:
-        info = await self._keep_an_admin(name)
-        if self._on_disabled is not None and info.disabled_at is None:
-            await self._db(self._store.disable_principal, name)
+        was = await self._db(self._store.get_principal, name)
+        info = await self._db(self._store.disable_principal, name, keep_an_admin=True)
+        if self._on_disabled is not None and was.disabled_at is None:
             await self._on_disabled(info.id, name)
         return await self._db(self._store.remove_principal, name)
 

@@ -137,7 +137,12 @@ async def read_tunnelled_startup(
     except TimeoutError:
         refusal = machine.timed_out()
         await _refuse(writer, refusal)
-        return StartupFailed(refusal.sqlstate, refusal.message)
+        return StartupFailed(
+            refusal.sqlstate,
+            refusal.message,
+            RefusalReason.STARTUP_TIMEOUT,
+            "client_startup_timed_out",
+        )
     except (ssl.SSLError, ConnectionError) as exc:
         log.info("tunnel_stream_failed", error=str(exc))
         writer.transport.abort()

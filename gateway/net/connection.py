@@ -161,23 +161,22 @@ class ConnectionLife:
                 writer.transport.abort()
 
     async def _live(self) -> None:
-        sock, self.sock = self.sock, None
+        sock = self.sock
         assert sock is not None, "a connection is served once"
-        if isinstance(sock, tuple):
+        # A client the door refuses outright never gets a cancel forwarded.
+        cancel = self._forward_cancel if self.refusal is None else self._drop_cancel
+        timeout = self.host.startup_timeout
+        if isinstance(sock, tuple):  # through the tunnel: TLS is the tunnel's
             started = await read_tunnelled_startup(
-                *sock,
-                timeout=self.host.startup_timeout,
-                forward_cancel=self._forward_cancel if self.refusal is None else self._drop_cancel,
-                log=self.log,
+                *sock, timeout=timeout, forward_cancel=cancel, log=self.log
             )
         else:
             started = await read_client_startup(
-                sock,
-                tls=self.host.client_tls,
-                timeout=self.host.startup_timeout,
-                forward_cancel=self._forward_cancel if self.refusal is None else self._drop_cancel,
-                log=self.log,
+                sock, tls=self.host.client_tls, timeout=timeout, forward_cancel=cancel, log=self.log
             )
+        # The startup's reader owns the socket from here (it closed it, or made
+        # the streams); until now, serve()'s last line of defence closes it.
+        self.sock = None
         if started is None:
             return
         if isinstance(started, StartupFailed):

@@ -184,7 +184,11 @@ class AccessListener:
             client_addr = f"{peer[0]}:{peer[1]}" if peer else "unknown"
         conn = LiveConnection(number, client_addr)
         bound = log.bind(session_id=self.grant.session_id, connection=number, client=client_addr)
-        refusal, peer_uid = await self._check_owner(sock, bound)
+        try:
+            refusal, peer_uid = await self._check_owner(sock, bound)
+        except BaseException:  # cancelled (close) while the kernel was asked
+            sock.close()
+            raise
         life = ConnectionLife(
             self,
             conn,

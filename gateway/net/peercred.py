@@ -109,9 +109,14 @@ def tcp_peer_owner(
     the live tables. Blocking: call it off the event loop."""
     if proc_net == PROC_NET:
         try:
-            return tcp_socket_owner(peer, ours)
+            uid = tcp_socket_owner(peer, ours)
         except SockDiagUnavailable:
-            pass  # the table below answers the same, at the cost of a scan
+            uid = None
+        if uid is not None:
+            return uid
+        # No answer: the socket is gone, or sock_diag has no TCP handler here
+        # (it then says ENOENT too): the table answers either way, at the cost
+        # of a scan, only for connections the kernel did not name.
     wanted_peer = (_normal(ipaddress.ip_address(peer[0].partition("%")[0])), peer[1])
     wanted_ours = (_normal(ipaddress.ip_address(ours[0].partition("%")[0])), ours[1])
     for name in TCP_TABLES:

@@ -70,8 +70,11 @@ def _ask(request: bytes) -> int | None:
         raise SockDiagUnavailable(str(exc)) from None
     with sock:
         sock.settimeout(_TIMEOUT_SECONDS)
-        sock.sendall(request)
-        answer = sock.recv(8192)
+        try:
+            sock.sendall(request)
+            answer = sock.recv(8192)
+        except OSError as exc:  # a timeout included: the caller reads the table
+            raise SockDiagUnavailable(str(exc) or type(exc).__name__) from None
     length, kind, _flags, _seq, _pid = _HEADER.unpack_from(answer)
     if kind == NLMSG_ERROR:
         (code,) = _ERROR.unpack_from(answer, _HEADER.size)

@@ -35,13 +35,13 @@ def _is_fresh(cert_path: Path) -> bool:
     return cert.not_valid_after_utc - dt.datetime.now(dt.UTC) > RENEW_BEFORE
 
 
-def ensure_local_certificate(home: Path) -> tuple[Path, Path]:
-    """Create (or renew) the local TLS certificate; returns (cert, key) paths."""
-    cert_path, key_path = home / CERT_FILE, home / KEY_FILE
-    if key_path.exists() and _is_fresh(cert_path):
-        return cert_path, key_path
+def loopback_certificate(
+    common_name: str, validity: dt.timedelta = VALIDITY
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A self-signed certificate (and its new P-256 key) for ``localhost``,
+    ``127.0.0.1`` and ``::1``, usable as its own root (``sslrootcert``)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pam gateway (local)")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -50,7 +50,7 @@ def ensure_local_certificate(home: Path) -> tuple[Path, Path]:
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + VALIDITY)
+        .not_valid_after(now + validity)
         .add_extension(
             x509.SubjectAlternativeName(
                 [
@@ -64,6 +64,15 @@ def ensure_local_certificate(home: Path) -> tuple[Path, Path]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(key, hashes.SHA256())
     )
+    return cert, key
+
+
+def ensure_local_certificate(home: Path) -> tuple[Path, Path]:
+    """Create (or renew) the local TLS certificate; returns (cert, key) paths."""
+    cert_path, key_path = home / CERT_FILE, home / KEY_FILE
+    if key_path.exists() and _is_fresh(cert_path):
+        return cert_path, key_path
+    cert, key = loopback_certificate("pam gateway (local)")
     write_private_file(
         key_path,
         key.private_bytes(

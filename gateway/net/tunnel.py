@@ -38,6 +38,7 @@ from typing import Protocol
 import structlog
 
 from gateway.net.client_startup import ClientStarted, read_tunnelled_startup
+from gateway.net.listener import LISTEN_BACKLOG
 from gateway.net.relay import READ_SIZE, Termination, close_writer
 from gateway.protocol.startup import CancelRequest
 from gateway.reasons import ConnectionEndReason
@@ -47,7 +48,6 @@ log = structlog.get_logger(__name__)
 
 #: Connections waiting to be accepted; a burst of a whole team's tools connecting
 #: at once must not be turned away by the kernel.
-_BACKLOG = 1024
 _ACCEPT_RETRY_DELAY = 1.0
 #: TCP keepalive: first probe after a minute idle, then every 15 s, 4 misses.
 KEEPALIVE_IDLE_SECONDS = 60
@@ -102,7 +102,7 @@ class TunnelEndpoint:
 
     async def start(self) -> int:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.create_server((self.host, self.port), family=family, backlog=_BACKLOG)
+        sock = socket.create_server((self.host, self.port), family=family, backlog=LISTEN_BACKLOG)
         sock.setblocking(False)
         self._listening = sock
         self.port = sock.getsockname()[1]
@@ -208,9 +208,7 @@ class TunnelEndpoint:
 
         protocol = asyncio.StreamReaderProtocol(reader, on_connected)
         async with asyncio.timeout(self.handshake_timeout):
-            await loop.connect_accepted_socket(
-                lambda: protocol, sock, ssl=self.tls, ssl_handshake_timeout=self.handshake_timeout
-            )
+            await loop.connect_accepted_socket(lambda: protocol, sock, ssl=self.tls)
             return reader, await connected
 
     async def _refuse(

@@ -17,10 +17,10 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Connection, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from gateway.errors import AlreadyExists, InvalidRequest, NotFound
+from gateway.errors import AlreadyExists, Forbidden, InvalidRequest, NotFound
 from gateway.identity.policy import Policy
 from gateway.identity.principals import (
     ALL_PROJECTS,
@@ -43,6 +43,22 @@ from gateway.store.schema import (
 from gateway.store.validation import check_name, check_time
 
 __all__ = ["IdentityStore"]
+
+
+def _enabled_global_admins(conn: Connection) -> list[str]:
+    """The ids of enabled admins of every project, their rows locked (PostgreSQL)
+    until the transaction ends."""
+    query = (
+        select(principals.c.id)
+        .join(role_bindings, role_bindings.c.principal_id == principals.c.id)
+        .where(
+            role_bindings.c.project == ALL_PROJECTS,
+            role_bindings.c.role == Role.ADMIN.value,
+            principals.c.disabled_at.is_(None),
+        )
+        .with_for_update(of=principals)
+    )
+    return list(conn.execute(query).scalars())
 
 
 def _project(value: str) -> str:
@@ -103,6 +119,11 @@ class IdentityStore(StoreBase):
             raise NotFound(f"no user named '{name}'")
         return found[0]
 
+    def has_principal(self, name: str) -> bool:
+        with self._transaction(write=False) as conn:
+            found = conn.execute(select(principals.c.id).where(principals.c.name == name)).first()
+        return found is not None
+
     def list_principals(self) -> list[PrincipalInfo]:
         with self._transaction(write=False) as conn:
             rows = conn.execute(select(principals).order_by(principals.c.name)).all()
@@ -136,13 +157,23 @@ class IdentityStore(StoreBase):
         if not done.rowcount:
             raise NotFound(f"no user named '{name}'")
 
-    def disable_principal(self, name: str) -> PrincipalInfo:
-        """Disable *name* and revoke its tokens (idempotent)."""
+    def disable_principal(self, name: str, *, keep_an_admin: bool = False) -> PrincipalInfo:
+        """Disable *name* and revoke its tokens (idempotent). With *keep_an_admin*,
+        refuse (:class:`Forbidden`) to disable the last enabled admin of every
+        project: counted and disabled in one transaction, so two admins disabling
+        each other at once cannot both pass."""
         now = self._now()
         with self._transaction(write=True) as conn:
             row = conn.execute(select(principals).where(principals.c.name == name)).first()
             if row is None:
                 raise NotFound(f"no user named '{name}'")
+            if keep_an_admin and row.disabled_at is None:
+                admins = _enabled_global_admins(conn)
+                if admins == [row.id]:
+                    raise Forbidden(
+                        f"{name} is the last enabled admin of every project",
+                        hint="add another admin first (pam user add NAME --role admin)",
+                    )
             if row.disabled_at is None:
                 conn.execute(
                     update(principals).where(principals.c.id == row.id).values(disabled_at=now)
@@ -200,13 +231,13 @@ class IdentityStore(StoreBase):
             )
         return TokenInfo(token_id, principal_id, kind, expires_at)
 
-    def revoke_token(self, digest: str) -> bool:
+    def revoke_token(self, digest: str, *, kind: str | None = None) -> bool:
+        """Revoke a live token (of *kind* only, when given); True if one was."""
+        query = update(tokens).where(tokens.c.digest == digest, tokens.c.revoked_at.is_(None))
+        if kind is not None:
+            query = query.where(tokens.c.kind == kind)
         with self._transaction(write=True) as conn:
-            done = conn.execute(
-                update(tokens)
-                .where(tokens.c.digest == digest, tokens.c.revoked_at.is_(None))
-                .values(revoked_at=self._now())
-            )
+            done = conn.execute(query.values(revoked_at=self._now()))
         return bool(done.rowcount)
 
     def revoke_tokens_of(self, principal_id: str, *, kind: str) -> int:
@@ -271,7 +302,9 @@ class IdentityStore(StoreBase):
 
     def add_policy(self, policy: Policy) -> Policy:
         check_name("policy", policy.name)
-        _project(policy.project)
+        # A policy's project is a real one: resources are looked up in theirs,
+        # so a policy of "*" would be accepted and never apply.
+        check_name("project", policy.project)
         if not policy.subjects:
             raise InvalidRequest("a policy needs at least one --subject")
         if policy.max_duration_seconds <= 0:

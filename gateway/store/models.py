@@ -44,6 +44,7 @@ from gateway.reasons import (
 __all__ = [
     "CONNECTION_END_REASONS",
     "NAME_PATTERN",
+    "REQUEST_FIELDS",
     "SESSION_END_REASONS",
     "SSL_MODES",
     "AccessSession",
@@ -108,6 +109,18 @@ class Account(_Record):
     username: str
     created_at: UtcDatetime
     password_updated_at: UtcDatetime
+
+
+#: What a session records of the request that opened it (revision 0005).
+REQUEST_FIELDS: Final = (
+    "principal_id",
+    "token_id",
+    "project",
+    "policy_name",
+    "reason",
+    "api_client_addr",
+    "reported_host",
+)
 
 
 class AccessSession(_Record):

@@ -15,7 +15,11 @@ Invariants:
 * ``pam audit verify`` (:func:`check_row`) names each field whose column no
   longer matches its sealed copy; a copy that no longer matches its MAC is
   reported as the seal itself being edited. A row from before revision 0007
-  has no seal and is not checked.
+  has no seal and is not checked; a seal missing beside sealed rows of the
+  same session (or an ended row with a start seal and no end seal) was removed,
+  and is reported. A session whose every seal was removed (its connections'
+  too) reads as one from before the seals: that much an editor with write
+  access can hide.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from sqlalchemy import Connection, select
 
 from gateway.audit.chain import AuditChain, is_same_digest
 from gateway.audit.verify import ChainProblem
+from gateway.store.models import REQUEST_FIELDS
 from gateway.store.schema import connections, sessions
 
 __all__ = [
@@ -50,13 +55,7 @@ SESSION_START: Final = (
     "username",
     "started_at",
     "expires_at",
-    "principal_id",
-    "token_id",
-    "project",
-    "policy_name",
-    "reason",
-    "api_client_addr",
-    "reported_host",
+    *REQUEST_FIELDS,
 )
 #: ``connection_count`` is not a column: the connection rows the session had
 #: when it ended, so that a deleted one shows.
@@ -145,6 +144,10 @@ def row_problems(
         )
     ]
     present = {row.id for table, _, row in rows if table == "connections"}
+    # Rows from before revision 0007 have no seals; from then on every row has
+    # its start seal and, once ended, its end seal. A seal missing where its
+    # neighbours show the rows are sealed was removed.
+    sealed_rows = any(row.start_seal is not None for _, _, row in rows)
     for table, noun, row in rows:
         values = dict(row._mapping)
         if table == "sessions":
@@ -152,6 +155,17 @@ def row_problems(
         for part, column in _PARTS:
             sealed = values[column]
             if sealed is None:
+                due = row.ended_at is not None if part == "end" else True
+                if sealed_rows and due:
+                    problems.append(
+                        ChainProblem(
+                            session_id=session_id,
+                            seq=None,
+                            problem="changed",
+                            detail=f"the {noun} record {row.id[:8]} was edited:"
+                            f" its {part} seal was removed",
+                        )
+                    )
                 continue
             edited = check_row(chain, table, part, row.id, values, sealed)
             if "connection_count" in edited:

@@ -21,7 +21,12 @@ from sqlalchemy import ColumnElement, Connection, func, or_, select, true
 from gateway.errors import InvalidRequest, NotFound
 from gateway.identity.principals import DEFAULT_PROJECT
 from gateway.reasons import CONNECTION_REASON_AT_SESSION_END, SessionEndReason
-from gateway.store.models import CONNECTION_END_REASONS, SESSION_END_REASONS, AccessSession
+from gateway.store.models import (
+    CONNECTION_END_REASONS,
+    REQUEST_FIELDS,
+    SESSION_END_REASONS,
+    AccessSession,
+)
 from gateway.store.rows import account_row, new_id, resolve_session_id, resource_row, session_row
 from gateway.store.schema import connections, sessions
 from gateway.store.sealing import CONNECTION_END, SESSION_END, SESSION_START, seal
@@ -39,18 +44,7 @@ from gateway.store.validation import (
 if TYPE_CHECKING:
     from gateway.store.rows import AnyRow
 
-__all__ = ["REQUEST_FIELDS", "SessionStore"]
-
-#: What a session records of the request that opened it (revision 0005).
-REQUEST_FIELDS = (
-    "principal_id",
-    "token_id",
-    "project",
-    "policy_name",
-    "reason",
-    "api_client_addr",
-    "reported_host",
-)
+__all__ = ["SessionStore"]
 
 
 def _session(row: AnyRow) -> AccessSession:

@@ -135,6 +135,11 @@ def test_a_wrong_password_is_one_line_and_stores_nothing(gw: Gateway, laptop: La
     add_user(gw, "mona", "--role", "member")
     one_line_error(laptop.login("mona", "not-her-password"), "wrong user name or password")
     one_line_error(laptop.login("nobody-here"), "wrong user name or password")
+    # The refusals name mona; a name no principal has (it may be a password typed
+    # into the wrong field) is not recorded.
+    refused = [r for r in gw.cli_json("audit", "refusals") if r["reason"] == "bad_password"]
+    assert "mona" in {r["who"] for r in refused}
+    assert not any("nobody-here" in json.dumps(r) for r in refused)
     assert not laptop.config.exists()
 
 

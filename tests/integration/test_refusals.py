@@ -111,10 +111,10 @@ def test_each_refusal_names_who_where_and_why(gateway: Gateway) -> None:
         client.read_all_until_close()
     with _client(gateway, "") as anonymous, pytest.raises(ApiError):
         anonymous.get("/v1/resources")
-    with _client(gateway, "") as anonymous, pytest.raises(ApiError):
-        anonymous.post("/v1/login", {"user": "alice", "password": "not-her-password"})
     name = "bob" + secrets.token_hex(3)
     with _member(gateway, name) as bob:
+        with _client(gateway, "") as anonymous, pytest.raises(ApiError):
+            anonymous.post("/v1/login", {"user": name, "password": "not-his-password"})
         with pytest.raises(ApiError) as forbidden:
             bob.post("/v1/resources", {"name": "x", "host": "h", "port": 5432, "database": "d"})
         assert forbidden.value.status == 403
@@ -130,7 +130,7 @@ def test_each_refusal_names_who_where_and_why(gateway: Gateway) -> None:
     assert records["wrong_database"]["session_id"].startswith(access.session_prefix)
     assert records["startup_garbage"]["source"] == "127.0.0.1"
     assert records["no_token"]["who"] is None
-    assert records["bad_password"]["who"] == "alice"
+    assert records["bad_password"]["who"] == name
     assert records["forbidden"]["who"] == name
     assert records["no_policy"]["who"] == name
     assert "no policy allows" in records["no_policy"]["message"]

@@ -97,12 +97,6 @@ def require_admin_of(caller: Principal, project: str) -> None:
         raise Forbidden(f"{caller.name} is not an administrator of project '{project}'")
 
 
-def require_reader(caller: Principal) -> None:
-    """An admin or auditor of some project (search, export, verify)."""
-    if not any(caller.reads_all_sessions(p) for p in caller.projects):
-        raise Forbidden(f"{caller.name} may read only their own sessions")
-
-
 def aware(moment: datetime | None) -> datetime | None:
     """Query times without a zone are UTC."""
     if moment is None or moment.tzinfo is not None:

@@ -62,7 +62,11 @@ async def record_api_refusal(request: Request, exc: GatewayError) -> None:
 
 async def _unauthenticated(request: Request, service: Gateway) -> tuple[RefusalReason, str | None]:
     if request.url.path == _LOGIN_PATH:
-        return RefusalReason.BAD_PASSWORD, getattr(request.state, "login_name", None)
+        # Only a name that is a principal's is recorded: an unknown one may be a
+        # password typed into the name field.
+        name = getattr(request.state, "login_name", None)
+        known = name is not None and await service.db(service.store.has_principal, name)
+        return RefusalReason.BAD_PASSWORD, name if known else None
     header = request.headers.get("authorization", "")
     token = header[len(_BEARER) :].strip() if header.lower().startswith(_BEARER) else ""
     if not token:

@@ -102,3 +102,59 @@ async def test_the_last_admin_of_every_project_stays(service: IdentityService) -
         await service.disable("ops")
     # A project admin is never the last global admin.
     await service.disable("analyst")
+
+
+@pytest.mark.asyncio
+async def test_an_unknown_name_costs_the_same_verification_as_a_wrong_password(
+    service: IdentityService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.identity import service as service_module
+
+    calls: list[str | None] = []
+    real = service_module.verify_password
+
+    def counted(stored: str | None, password: str) -> bool:
+        calls.append(stored)
+        return real(stored, password)
+
+    monkeypatch.setattr(service_module, "verify_password", counted)
+    await service.add_user("dora", role=Role.MEMBER, password=PASSWORD)
+    for name in ("dora", "nobody"):
+        with pytest.raises(Unauthenticated, match="wrong user name or password"):
+            await service.login(name, "guess", source="10.0.0.1")
+    # One argon2 verification each: against dora's hash, and against the dummy.
+    assert len(calls) == 2 and calls[0] is not None and calls[1] is None
+
+
+@pytest.mark.asyncio
+async def test_a_short_password_is_refused_wherever_it_is_set(service: IdentityService) -> None:
+    from gateway.errors import InvalidRequest
+    from gateway.identity.hashing import hash_password
+
+    with pytest.raises(InvalidRequest, match="at least 8 characters"):
+        await service.add_user("eve", role=Role.MEMBER, password="short")
+    # gateway init hashes through the same function.
+    with pytest.raises(InvalidRequest, match="at least 8 characters"):
+        hash_password("1234567")
+
+
+@pytest.mark.asyncio
+async def test_signing_out_ends_a_session_token_not_a_local_or_machine_one(
+    service: IdentityService,
+) -> None:
+    from gateway.identity.hashing import new_token, token_digest
+
+    root = await service.add_user("root", role=Role.ADMIN, project=ALL_PROJECTS, password=PASSWORD)
+    store = service._store
+    local = new_token()
+    store.add_token(root.id, kind="local", digest=token_digest(local), expires_at=None)
+    machine = await service.create_machine_token(
+        "ci", role=Role.MEMBER, project="default", ttl=timedelta(days=1)
+    )
+    session = await service.login("root", PASSWORD, source="10.0.0.1")
+    for token in (local, machine.token, session.token):
+        await service.logout(token)
+    assert (await service.authenticate(local, loopback=True)).name == "root"
+    assert (await service.authenticate(machine.token, loopback=False)).name == "ci"
+    with pytest.raises(Unauthenticated):
+        await service.authenticate(session.token, loopback=False)

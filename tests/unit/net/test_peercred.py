@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.net import peercred, sockdiag
 from gateway.net.peercred import (
     SocketRow,
     decode_endpoint,
@@ -185,3 +186,43 @@ def test_a_unix_socket_peer_is_found_by_peercred(tmp_path: Path) -> None:
 def test_without_a_table_the_check_is_unavailable(tmp_path: Path) -> None:
     assert not is_available(tmp_path)
     assert tcp_peer_owner(("127.0.0.1", 1), ("127.0.0.1", 2), proc_net=tmp_path) is None
+
+
+# --- sock_diag: the exact lookup the live check uses (gateway.net.sockdiag); the
+# live tests above go through it, the table is its fallback ----------------------------
+
+
+@needs_proc
+def test_the_owner_of_a_live_client_socket_is_this_uid(server4: socket.socket) -> None:
+    with socket.create_connection(server4.getsockname()) as client:
+        accepted, _ = server4.accept()
+        with accepted:
+            # The client's socket: its own address is our peer, its peer is us.
+            assert sockdiag.tcp_socket_owner(accepted.getpeername(), accepted.getsockname()) == (
+                os.geteuid()
+            )
+            # Our own accepted socket is found the same way, from its side.
+            assert sockdiag.tcp_socket_owner(client.getpeername(), client.getsockname()) == (
+                os.geteuid()
+            )
+
+
+@needs_proc
+def test_a_socket_that_does_not_exist_has_no_owner(server4: socket.socket) -> None:
+    assert sockdiag.tcp_socket_owner(("127.0.0.1", 1), server4.getsockname()) is None
+
+
+@needs_proc
+def test_without_sock_diag_the_table_answers_the_same(
+    server4: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unavailable(*_args: object) -> int | None:
+        raise sockdiag.SockDiagUnavailable("not here")
+
+    with socket.create_connection(server4.getsockname()):
+        accepted, _ = server4.accept()
+        with accepted:
+            peer, ours = accepted.getpeername(), accepted.getsockname()
+            asked = peercred.tcp_peer_owner(peer, ours)
+            monkeypatch.setattr(peercred, "tcp_socket_owner", unavailable)
+            assert peercred.tcp_peer_owner(peer, ours) == asked == os.geteuid()

@@ -172,11 +172,32 @@ def test_a_deleted_connection_row_is_named_by_its_start_in_the_trail(
     )
 
 
-def test_rows_from_before_the_seals_are_not_checked(store: Store, raw: Engine) -> None:
-    session_id, _ = _session_with_connection(store)
+def test_a_removed_seal_beside_sealed_rows_is_reported(store: Store, raw: Engine) -> None:
+    session_id, connection_id = _session_with_connection(store)
     _edit(
         raw,
         "UPDATE sessions SET start_seal = NULL, end_seal = NULL, requester = 'x' WHERE id = :id",
+        id=session_id,
+    )
+    _edit(raw, "UPDATE connections SET end_seal = NULL WHERE id = :id", id=connection_id)
+    assert _details(store, session_id) == [
+        f"the session record {session_id[:8]} was edited: its start seal was removed",
+        f"the session record {session_id[:8]} was edited: its end seal was removed",
+        f"the connection record {connection_id[:8]} was edited: its end seal was removed",
+    ]
+
+
+def test_rows_from_before_the_seals_are_not_checked(store: Store, raw: Engine) -> None:
+    session_id, _ = _session_with_connection(store)
+    # What revision 0006 left: no seal on the session or its connections.
+    _edit(
+        raw,
+        "UPDATE sessions SET start_seal = NULL, end_seal = NULL, requester = 'x' WHERE id = :id",
+        id=session_id,
+    )
+    _edit(
+        raw,
+        "UPDATE connections SET start_seal = NULL, end_seal = NULL WHERE session_id = :id",
         id=session_id,
     )
     assert store.verify_audit(session_id) == []

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request
 from gateway.app.api.deps import Caller, Service, client_addr
 from gateway.app.api.models import AccessEndIn, AccessIn, AccessOut, RevokeIn, SessionOut
 from gateway.errors import InvalidRequest, NotFound
-from gateway.identity.principals import Principal
+from gateway.identity.principals import DEFAULT_PROJECT, Principal
 from gateway.net import peercred
 
 router = APIRouter(prefix="/v1/access")
@@ -56,7 +56,9 @@ async def open_access(
 async def _own(session_id: str, caller: Principal, service: Service) -> str:
     """The session's id, when *caller* may hold or end it."""
     session = await service.db(service.store.get_session, session_id)
-    if session.principal_id != caller.id and not caller.is_admin(session.project or ""):
+    if session.principal_id != caller.id and not caller.is_admin(
+        session.project or DEFAULT_PROJECT
+    ):
         raise NotFound(f"session '{session_id}' not found")
     return session.id
 
