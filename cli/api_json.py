@@ -214,3 +214,8 @@ class PolicyJson(TypedDict):
     account_glob: str
     max_duration_seconds: int
     require_reason: bool
+    approvals_required: int
+    approvers: list[str]
+    break_glass: bool
+    require_mfa: bool
+    idle_timeout_seconds: int | None

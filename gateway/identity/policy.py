@@ -2,7 +2,11 @@
 
 A policy belongs to a project and names subjects (principal names, or
 ``@group``), a resource glob and an account glob (``fnmatch``, case-sensitive),
-a longest duration and whether a reason is required.
+a longest duration and whether a reason is required. It may also ask for
+approval (``approvals_required`` distinct approvers among ``approvers``, or the
+project's admins when none are named), allow break-glass (access now, without
+waiting, with a reason, recorded apart), ask for a second factor once per
+grant (``require_mfa``) and cut connections idle for ``idle_timeout_seconds``.
 
 Invariants:
 * Deny by default: a member's request is allowed only by a policy of the
@@ -12,6 +16,11 @@ Invariants:
 * A request is allowed by any matching policy whose maximum covers the
   duration and whose reason rule is met; beyond every matching policy's
   maximum it is refused naming the largest.
+* Policies are grants, and grants add up: of the policies that allow a
+  request, the one asking least (fewest approvals, then no second factor, then
+  by name) decides, as when a user holds two roles.
+* Break-glass is asked for, never inferred: with ``break_glass`` only policies
+  that allow it count, and a reason is required whatever the policy says.
 """
 
 from __future__ import annotations
@@ -33,6 +42,16 @@ class Policy:
     account_glob: str
     max_duration_seconds: int
     require_reason: bool = False
+    #: distinct approvers needed before the grant opens (0: none)
+    approvals_required: int = 0
+    #: who may approve (names or ``@group``); empty: the project's admins
+    approvers: tuple[str, ...] = ()
+    #: may a requester skip the approval, with a reason, recorded apart
+    break_glass: bool = False
+    #: a second factor (TOTP) once per grant
+    require_mfa: bool = False
+    #: cut a connection with no traffic either way for this long (None: never)
+    idle_timeout_seconds: int | None = None
 
     def covers(self, principal: Principal, resource: str, account: str) -> bool:
         return (
@@ -59,8 +78,10 @@ def decide(
     account: str,
     duration_seconds: int,
     reason: str | None,
+    break_glass: bool = False,
 ) -> Decision:
-    """Which of *policies* (the resource's project's) lets *principal* in."""
+    """Which of *policies* (the resource's project's) lets *principal* in;
+    with *break_glass*, only one that allows skipping approval."""
     matching = [p for p in policies if p.covers(principal, resource, account)]
     if not matching:
         return Decision(
@@ -79,7 +100,9 @@ def decide(
             f"ask for --duration {limit} or less",
         )
     has_reason = bool(reason and reason.strip())
-    for policy in sorted(long_enough, key=lambda p: p.name):
+    if break_glass:
+        return _break_glass(long_enough, has_reason)
+    for policy in sorted(long_enough, key=_asks):
         if has_reason or not policy.require_reason:
             return Decision(policy)
     return Decision(
@@ -87,6 +110,24 @@ def decide(
         f"policy '{long_enough[0].name}' requires a reason for access",
         "give one with --reason TEXT",
     )
+
+
+def _asks(policy: Policy) -> tuple[int, bool, str]:
+    """What a policy asks of a requester, least first."""
+    return (policy.approvals_required, policy.require_mfa, policy.name)
+
+
+def _break_glass(allowing: list[Policy], has_reason: bool) -> Decision:
+    glass = [p for p in sorted(allowing, key=_asks) if p.break_glass]
+    if not glass:
+        return Decision(
+            None,
+            "no policy that allows this access allows break-glass",
+            "request access without --break-glass and wait for approval",
+        )
+    if not has_reason:
+        return Decision(None, "break-glass access requires a reason", "give one with --reason TEXT")
+    return Decision(glass[0])
 
 
 def _duration(seconds: int) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from typing import Final
 
 from sqlalchemy import Connection, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -309,6 +310,7 @@ class IdentityStore(StoreBase):
             raise InvalidRequest("a policy needs at least one --subject")
         if policy.max_duration_seconds <= 0:
             raise InvalidRequest("--max-duration must be positive")
+        _check_policy_controls(policy)
         try:
             with self._transaction(write=True, conflicts=True) as conn:
                 conn.execute(
@@ -322,6 +324,11 @@ class IdentityStore(StoreBase):
                         max_duration_seconds=policy.max_duration_seconds,
                         require_reason=int(policy.require_reason),
                         created_at=self._now(),
+                        approvals_required=policy.approvals_required,
+                        approvers=json.dumps(list(policy.approvers)),
+                        break_glass=int(policy.break_glass),
+                        require_mfa=int(policy.require_mfa),
+                        idle_timeout_seconds=policy.idle_timeout_seconds,
                     )
                 )
         except IntegrityError:
@@ -343,6 +350,11 @@ class IdentityStore(StoreBase):
                 account_glob=row.account_glob,
                 max_duration_seconds=row.max_duration_seconds,
                 require_reason=bool(row.require_reason),
+                approvals_required=row.approvals_required,
+                approvers=tuple(json.loads(row.approvers)),
+                break_glass=bool(row.break_glass),
+                require_mfa=bool(row.require_mfa),
+                idle_timeout_seconds=row.idle_timeout_seconds,
             )
             for row in rows
         ]
@@ -352,3 +364,25 @@ class IdentityStore(StoreBase):
             done = conn.execute(delete(policies).where(policies.c.name == name))
         if not done.rowcount:
             raise NotFound(f"no policy named '{name}'")
+
+
+#: most approvers a policy may ask for (more is a typo, not a control)
+MAX_APPROVALS: Final = 10
+
+
+def _check_policy_controls(policy: Policy) -> None:
+    if not 0 <= policy.approvals_required <= MAX_APPROVALS:
+        raise InvalidRequest(f"--require-approval must be between 0 and {MAX_APPROVALS}")
+    if policy.approvers and not policy.approvals_required:
+        raise InvalidRequest(
+            "--approver needs --require-approval N", hint="say how many approvals are needed"
+        )
+    if policy.break_glass and not policy.approvals_required:
+        raise InvalidRequest(
+            "--break-glass skips an approval, and this policy asks for none",
+            hint="add --require-approval N, or drop --break-glass",
+        )
+    for approver in policy.approvers:
+        check_name("approver", approver.removeprefix("@"))
+    if policy.idle_timeout_seconds is not None and policy.idle_timeout_seconds <= 0:
+        raise InvalidRequest("--idle-timeout must be positive")

@@ -254,6 +254,13 @@ policies = Table(
     Column("max_duration_seconds", Integer, nullable=False),
     Column("require_reason", Integer, nullable=False),
     Column("created_at", UtcTimestamp, nullable=False),
+    # revision 0008: approval, break-glass, second factor, idle timeout
+    Column("approvals_required", Integer, nullable=False, server_default="0"),
+    #: JSON list of principal names and ``@group``s; empty: the project's admins
+    Column("approvers", Text, nullable=False, server_default="[]"),
+    Column("break_glass", Integer, nullable=False, server_default="0"),
+    Column("require_mfa", Integer, nullable=False, server_default="0"),
+    Column("idle_timeout_seconds", Integer, nullable=True),
     UniqueConstraint("name"),
     Index(None, "project"),
 )

@@ -261,6 +261,8 @@ def test_policy_add_list_remove(gw: Gateway) -> None:
     gw.cli(
         "policy", "add", "dba-prod", "--subject", "sam", "--subject", "@dba",
         "--resource", "prod-*", "--account", "*", "--max-duration", "2h", "--require-reason",
+        "--require-approval", "2", "--approver", "lee", "--approver", "@leads", "--break-glass",
+        "--require-mfa", "--idle-timeout", "15m",
     )  # fmt: skip
     gw.cli(
         "policy", "add", "stats", "--project", "analytics", "--subject", "sam",
@@ -275,13 +277,20 @@ def test_policy_add_list_remove(gw: Gateway) -> None:
         "account_glob": "*",
         "max_duration_seconds": 7200,
         "require_reason": True,
+        "approvals_required": 2,
+        "approvers": ["lee", "@leads"],
+        "break_glass": True,
+        "require_mfa": True,
+        "idle_timeout_seconds": 900,
     }
     assert (found["stats"]["project"], found["stats"]["max_duration_seconds"]) == (
         "analytics",
         1800,
     )
     table = gw.cli("policy", "list").stdout
-    assert "dba-prod" in table and "required" in table
+    assert "reason; 2 approval(s) by lee, @leads; break-glass allowed; MFA; idle 15m" in " ".join(
+        table.split()
+    )
     one_line_error(
         gw.cli("policy", "add", "dba-prod", "--subject", "x", "--resource", "*", "--account",
                "*", "--max-duration", "1h", check=False),

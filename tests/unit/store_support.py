@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+import gateway.store
 from gateway.testing.pgcluster import PostgresNotInstalled, TempCluster
 
 PG_URL = os.environ.get("PAM_TEST_PG_STORE_URL")
@@ -86,3 +87,9 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock(T0)
+
+
+def newest_revision() -> str:
+    """The id of the newest schema migration (what a store opened now is at)."""
+    versions = Path(gateway.store.__file__).parent / "migrations" / "versions"
+    return max(path.name.partition("_")[0] for path in versions.glob("0*.py"))

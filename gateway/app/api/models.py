@@ -95,6 +95,11 @@ class PolicyIn(BaseModel):
     account: str = Field(min_length=1, max_length=255)
     max_duration_seconds: int = Field(gt=0)
     require_reason: bool = False
+    approvals_required: int = Field(default=0, ge=0)
+    approvers: list[str] = Field(default_factory=list, max_length=100)
+    break_glass: bool = False
+    require_mfa: bool = False
+    idle_timeout_seconds: int | None = Field(default=None, gt=0)
 
 
 class RevokeIn(BaseModel):
@@ -293,6 +298,11 @@ class PolicyOut(_Out):
     account_glob: str
     max_duration_seconds: int
     require_reason: bool
+    approvals_required: int
+    approvers: tuple[str, ...]
+    break_glass: bool
+    require_mfa: bool
+    idle_timeout_seconds: int | None
 
 
 class Health(BaseModel):

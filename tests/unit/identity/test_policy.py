@@ -22,8 +22,22 @@ def policy(
     account: str = "ro",
     max_seconds: int = 3600,
     require_reason: bool = False,
+    approvals: int = 0,
+    break_glass: bool = False,
+    mfa: bool = False,
 ) -> Policy:
-    return Policy(name, "default", subjects, resource, account, max_seconds, require_reason)
+    return Policy(
+        name,
+        "default",
+        subjects,
+        resource,
+        account,
+        max_seconds,
+        require_reason,
+        approvals_required=approvals,
+        break_glass=break_glass,
+        require_mfa=mfa,
+    )
 
 
 def ask(
@@ -34,6 +48,7 @@ def ask(
     account: str = "ro",
     seconds: int = 600,
     reason: str | None = None,
+    break_glass: bool = False,
 ) -> tuple[str | None, str | None]:
     decision = decide(
         policies,
@@ -42,6 +57,7 @@ def ask(
         account=account,
         duration_seconds=seconds,
         reason=reason,
+        break_glass=break_glass,
     )
     return (decision.policy.name if decision.policy else None), decision.refusal
 
@@ -124,3 +140,37 @@ def test_a_shorter_policy_without_the_reason_rule_still_allows() -> None:
 
 def test_a_policy_for_someone_else_does_not_count() -> None:
     assert ask([policy("bobs", subjects=("bob",))])[0] is None
+
+
+def test_of_the_policies_that_allow_the_one_asking_least_decides() -> None:
+    rules = [
+        policy("a-two-approvals", approvals=2),
+        policy("b-mfa", mfa=True),
+        policy("c-one-approval", approvals=1),
+    ]
+    assert ask(rules) == ("b-mfa", None)
+    assert ask(rules[::2]) == ("c-one-approval", None)
+    assert ask([policy("z-plain"), policy("a-mfa", mfa=True)]) == ("z-plain", None)
+
+
+def test_break_glass_counts_only_policies_that_allow_it() -> None:
+    rules = [policy("approved", approvals=1), policy("glass", approvals=2, break_glass=True)]
+    assert ask(rules, break_glass=True, reason="outage") == ("glass", None)
+    assert ask(rules[:1], break_glass=True, reason="outage") == (
+        None,
+        "no policy that allows this access allows break-glass",
+    )
+
+
+def test_break_glass_needs_a_reason_whatever_the_policy_says() -> None:
+    rules = [policy("glass", approvals=1, break_glass=True)]
+    assert ask(rules, break_glass=True) == (None, "break-glass access requires a reason")
+    assert ask(rules, break_glass=True, reason="  ")[0] is None
+
+
+def test_break_glass_still_needs_a_covering_policy_and_duration() -> None:
+    rules = [policy("glass", approvals=1, break_glass=True, max_seconds=600)]
+    assert ask(rules, break_glass=True, reason="x", seconds=601)[1] == (
+        "the longest access policy 'glass' allows is 10m"
+    )
+    assert ask(rules, break_glass=True, reason="x", resource="other")[0] is None

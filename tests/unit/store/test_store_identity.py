@@ -203,7 +203,19 @@ def test_set_password_hash_for_users_only(store: Store) -> None:
 
 def test_policies_round_trip_by_project(store: Store) -> None:
     first = Policy("dba-prod", "default", ("alice", "@dba"), "prod-*", "*", 7200, True)
-    second = Policy("stats", "analytics", ("bob",), "*", "ro", 1800)
+    second = Policy(
+        "stats",
+        "analytics",
+        ("bob",),
+        "*",
+        "ro",
+        1800,
+        approvals_required=2,
+        approvers=("carol", "@leads"),
+        break_glass=True,
+        require_mfa=True,
+        idle_timeout_seconds=900,
+    )
     store.add_policy(first)
     store.add_policy(second)
     assert store.policies() == [first, second]
@@ -225,6 +237,14 @@ def test_policies_round_trip_by_project(store: Store) -> None:
         (Policy("p", "default", ("a",), "*", "*", 0), "must be positive"),
         (Policy("bad name", "default", ("a",), "*", "*", 60), "policy"),
         (Policy("p", "bad project", ("a",), "*", "*", 60), "project"),
+        (Policy("p", "default", ("a",), "*", "*", 60, approvals_required=11), "between 0 and 10"),
+        (Policy("p", "default", ("a",), "*", "*", 60, approvers=("x",)), "--require-approval N"),
+        (Policy("p", "default", ("a",), "*", "*", 60, break_glass=True), "asks for none"),
+        (
+            Policy("p", "default", ("a",), "*", "*", 60, approvals_required=1, approvers=("@",)),
+            "approver",
+        ),
+        (Policy("p", "default", ("a",), "*", "*", 60, idle_timeout_seconds=0), "--idle-timeout"),
     ],
 )
 def test_invalid_policies_are_refused(store: Store, policy: Policy, message: str) -> None:

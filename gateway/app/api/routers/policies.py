@@ -24,6 +24,11 @@ async def add_policy(body: PolicyIn, caller: Caller, service: Service) -> Policy
             account_glob=body.account,
             max_duration_seconds=body.max_duration_seconds,
             require_reason=body.require_reason,
+            approvals_required=body.approvals_required,
+            approvers=tuple(body.approvers),
+            break_glass=body.break_glass,
+            require_mfa=body.require_mfa,
+            idle_timeout_seconds=body.idle_timeout_seconds,
         )
     )
     return PolicyOut.of(policy)
