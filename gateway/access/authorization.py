@@ -12,16 +12,29 @@ Invariants:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Final
 
 from gateway.errors import Forbidden
 from gateway.identity.policy import Policy, decide
 from gateway.identity.principals import Principal, Role
 
-__all__ = ["ADMIN_ROLE_POLICY", "NotAllowed", "authorize_access", "not_allowed"]
+__all__ = ["ADMIN_ROLE_POLICY", "Allowance", "NotAllowed", "authorize_access", "not_allowed"]
 
 #: What a session opened by an admin records as the policy that allowed it.
 ADMIN_ROLE_POLICY: Final = "role:admin"
+
+
+@dataclass(frozen=True)
+class Allowance:
+    """What allows a request: a policy, or (``policy`` None) the admin role."""
+
+    policy: Policy | None
+
+    @property
+    def name(self) -> str:
+        """What the session records as having allowed it."""
+        return self.policy.name if self.policy else ADMIN_ROLE_POLICY
 
 
 class NotAllowed(Forbidden):
@@ -44,13 +57,14 @@ def authorize_access(
     account: str,
     duration_seconds: int,
     reason: str | None,
-) -> str:
-    """The name of what allows this request (a policy, or the admin role);
-    raises :class:`Forbidden` naming why not. *project* is the resource's,
-    None when the resource does not exist (the caller answers admins)."""
+    break_glass: bool = False,
+) -> Allowance:
+    """What allows this request (a policy, or the admin role); raises
+    :class:`Forbidden` naming why not. *project* is the resource's, None when
+    the resource does not exist (the caller answers admins)."""
     role = None if project is None else principal.role_in(project)
     if role is Role.ADMIN:
-        return ADMIN_ROLE_POLICY
+        return Allowance(None)
     if role is Role.AUDITOR:
         raise Forbidden(
             f"{principal.name} is an auditor: auditors read sessions and the trail"
@@ -65,7 +79,8 @@ def authorize_access(
         account=account,
         duration_seconds=duration_seconds,
         reason=reason,
+        break_glass=break_glass,
     )
     if decision.policy is None:
         raise NotAllowed(decision.refusal or "refused", hint=decision.hint)
-    return decision.policy.name
+    return Allowance(decision.policy)

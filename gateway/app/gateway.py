@@ -172,7 +172,7 @@ class Gateway:
         # An unknown resource (project None) is refused by authorize_access in
         # the same words as one no policy covers.
         policies = [] if project is None else await self.identity.policies(project)
-        allowed_by = authorize_access(
+        allowance = authorize_access(
             principal,
             project=project,
             policies=policies,
@@ -191,7 +191,7 @@ class Gateway:
                 "principal_id": principal.id,
                 "token_id": principal.token_id,
                 "project": project,
-                "policy_name": allowed_by,
+                "policy_name": allowance.name,
                 "reason": reason,
                 "api_client_addr": api_client_addr,
                 "reported_host": reported_host,
