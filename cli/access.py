@@ -16,12 +16,17 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import FrameType
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
 import click
 
-from cli.client import ApiClient, ApiError, SessionJson
+from cli.approval import wait_for_approval
+from cli.client import ApiClient, ApiError, PendingApproval, SessionJson
 from cli.render import console, local_time, parse_time
+
+if TYPE_CHECKING:
+    from cli.forwarder import Forwarder
 
 HEARTBEAT_SECONDS = 2.0
 #: consecutive failed heartbeats before the CLI gives up on an unreachable daemon
@@ -107,32 +112,39 @@ def is_remote(client: ApiClient) -> bool:
 def hold_access(
     client: ApiClient,
     *,
-    resource: str,
-    account: str,
-    duration_seconds: int,
+    resource: str | None,
+    account: str | None,
+    duration_seconds: int | None,
     port: int | None,
     ready: threading.Event | None = None,
     reason: str | None = None,
     socket_dir: str | None = None,
     tunnel: bool = False,
+    request_id: str | None = None,
+    break_glass: bool = False,
 ) -> int:
     """Open a grant and hold it until Ctrl+C/SIGTERM or expiry; returns an exit code.
 
     With ``tunnel`` this process serves the local port itself and carries its
-    connections to the gateway's tunnel (:mod:`cli.forwarder`)."""
-    forwarder = None
-    if tunnel:
-        from cli.forwarder import open_tunnel_access
+    connections to the gateway's tunnel (:mod:`cli.forwarder`). When a policy
+    wants the access approved, this waits for the approval first
+    (:func:`cli.approval.wait_for_approval`); *request_id* opens an approved
+    request instead of asking anew."""
 
-        session, forwarder = open_tunnel_access(
-            client,
-            resource=resource,
-            account=account,
-            duration_seconds=duration_seconds,
-            port=port,
-            reason=reason,
-        )
-    else:
+    def open_grant(request: str | None) -> tuple[SessionJson, Forwarder | None]:
+        if tunnel:
+            from cli.forwarder import open_tunnel_access
+
+            return open_tunnel_access(
+                client,
+                resource=resource,
+                account=account,
+                duration_seconds=duration_seconds,
+                port=port,
+                reason=reason,
+                request_id=request,
+                break_glass=break_glass,
+            )
         session = client.open_access(
             resource=resource,
             account=account,
@@ -141,9 +153,17 @@ def hold_access(
             reason=reason,
             client_host=socket.gethostname(),
             socket_dir=socket_dir,
+            request_id=request,
+            break_glass=break_glass,
         )
+        return session, None
+
     try:
-        return _hold(client, session, resource, account, ready)
+        session, forwarder = open_grant(request_id)
+    except PendingApproval as pending:
+        session, forwarder = open_grant(wait_for_approval(client, pending.request))
+    try:
+        return _hold(client, session, session["resource_name"], session["account_name"], ready)
     finally:
         if forwarder is not None:
             forwarder.stop()

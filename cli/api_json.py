@@ -10,7 +10,7 @@ what the API answered and the renderers parse times themselves.
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import Any, TypedDict
 
 
 class HealthJson(TypedDict):
@@ -83,6 +83,7 @@ class SessionJson(TypedDict):
     reason: str | None
     api_client_addr: str | None
     reported_host: str | None
+    request_id: str | None
 
 
 class AccessJson(SessionJson, total=False):
@@ -219,3 +220,43 @@ class PolicyJson(TypedDict):
     break_glass: bool
     require_mfa: bool
     idle_timeout_seconds: int | None
+
+
+class ApprovalJson(TypedDict):
+    by: str
+    at: str
+    comment: str | None
+
+
+class RequestJson(TypedDict):
+    id: str
+    project: str
+    requester: str
+    resource: str
+    account: str
+    duration_seconds: int
+    reason: str | None
+    policy_name: str
+    approvals_required: int
+    approvers: list[str]
+    break_glass: bool
+    state: str
+    created_at: str
+    expires_at: str
+    approvals: list[ApprovalJson]
+    approved_at: str | None
+    use_by: str | None
+    decided_by: str | None
+    decision_note: str | None
+    session_id: str | None
+    can_decide: bool
+
+
+class TrailRecordJson(TypedDict):
+    seq: int
+    request_id: str
+    kind: str
+    actor: str
+    at: str
+    state: str
+    detail: dict[str, Any]

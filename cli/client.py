@@ -36,6 +36,7 @@ from cli.api_json import AccessJson as AccessJson
 
 # The result types (cli.api_json), re-exported: callers import them from here.
 from cli.api_json import AccountJson as AccountJson
+from cli.api_json import ApprovalJson as ApprovalJson
 from cli.api_json import AuditPageJson as AuditPageJson
 from cli.api_json import AuditRecordJson as AuditRecordJson
 from cli.api_json import AuditVerifyJson as AuditVerifyJson
@@ -45,10 +46,12 @@ from cli.api_json import ParameterJson as ParameterJson
 from cli.api_json import PolicyJson as PolicyJson
 from cli.api_json import PrincipalJson as PrincipalJson
 from cli.api_json import ProblemJson as ProblemJson
+from cli.api_json import RequestJson as RequestJson
 from cli.api_json import ResourceJson as ResourceJson
 from cli.api_json import SessionDetailJson as SessionDetailJson
 from cli.api_json import SessionJson as SessionJson
 from cli.api_json import TokenJson as TokenJson
+from cli.api_json import TrailRecordJson as TrailRecordJson
 from cli.api_json import VerifyResultJson as VerifyResultJson
 from cli.api_json import WhoamiJson as WhoamiJson
 from gateway.audit.review import EXPORT_SESSIONS_HEADER
@@ -76,6 +79,15 @@ class ApiError(GatewayError):
     def __init__(self, message: str, *, hint: str | None = None, status: int | None = None):
         super().__init__(message, hint=hint)
         self.status = status
+
+
+class PendingApproval(Exception):
+    """``pam db access`` asked for access a policy wants approved first: the
+    gateway created this request, to wait on (HTTP 202)."""
+
+    def __init__(self, request: RequestJson) -> None:
+        super().__init__(request["id"])
+        self.request = request
 
 
 class ExportStream:
@@ -189,16 +201,20 @@ class ApiClient:
     def open_access(
         self,
         *,
-        resource: str,
-        account: str,
-        duration_seconds: int,
+        resource: str | None,
+        account: str | None,
+        duration_seconds: int | None,
         port: int | None,
         reason: str | None = None,
         client_host: str | None = None,
         socket_dir: str | None = None,
         csr: str | None = None,
+        request_id: str | None = None,
+        break_glass: bool = False,
     ) -> AccessJson:
-        body = {
+        """A new grant; raises :class:`PendingApproval` when a policy wants it
+        approved first. With *request_id* it opens that approved request."""
+        body: dict[str, Any] = {
             "resource": resource,
             "account": account,
             "duration_seconds": duration_seconds,
@@ -210,7 +226,39 @@ class ApiClient:
             body["socket_dir"] = socket_dir
         if csr is not None:
             body["csr"] = csr  # a tunnel grant: the gateway opens no port of its own
-        return cast(AccessJson, self.post("/v1/access", body))
+        if request_id is not None:
+            body["request_id"] = request_id
+        if break_glass:
+            body["break_glass"] = True
+        answer = self.post("/v1/access", body)
+        if isinstance(answer, dict) and "request" in answer and "id" not in answer:
+            raise PendingApproval(cast(RequestJson, answer["request"]))
+        return cast(AccessJson, answer)
+
+    # --- access requests ----------------------------------------------------------------
+
+    def list_requests(
+        self, *, mine: bool = False, pending: bool = False, limit: int | None = None
+    ) -> list[RequestJson]:
+        found = self.get("/v1/requests", mine=mine or None, pending=pending or None, limit=limit)
+        return cast(list[RequestJson], found)
+
+    def get_request(self, request_id: str) -> RequestJson:
+        return cast(RequestJson, self.get(f"/v1/requests/{seg(request_id)}"))
+
+    def request_trail(self, request_id: str) -> list[TrailRecordJson]:
+        return cast(list[TrailRecordJson], self.get(f"/v1/requests/{seg(request_id)}/trail"))
+
+    def approve_request(self, request_id: str, comment: str | None) -> RequestJson:
+        path = f"/v1/requests/{seg(request_id)}/approve"
+        return cast(RequestJson, self.post(path, {"comment": comment}))
+
+    def deny_request(self, request_id: str, reason: str) -> RequestJson:
+        path = f"/v1/requests/{seg(request_id)}/deny"
+        return cast(RequestJson, self.post(path, {"reason": reason}))
+
+    def cancel_request(self, request_id: str) -> RequestJson:
+        return cast(RequestJson, self.post(f"/v1/requests/{seg(request_id)}/cancel"))
 
     def heartbeat(self, session_id: str) -> SessionJson:
         return cast(SessionJson, self.post(f"/v1/access/{seg(session_id)}/heartbeat"))

@@ -309,11 +309,13 @@ class Forwarder:
 def open_tunnel_access(
     client: ApiClient,
     *,
-    resource: str,
-    account: str,
-    duration_seconds: int,
+    resource: str | None,
+    account: str | None,
+    duration_seconds: int | None,
     port: int | None,
     reason: str | None = None,
+    request_id: str | None = None,
+    break_glass: bool = False,
 ) -> tuple[SessionJson, Forwarder]:
     """Request a tunnel grant with a CSR for a key made here, and serve its local
     port; returns the session (its listen address the forwarder's) and the forwarder.
@@ -330,6 +332,8 @@ def open_tunnel_access(
         reason=reason,
         client_host=socket.gethostname(),
         csr=csr_for(key),
+        request_id=request_id,
+        break_glass=break_glass,
     )
     cert, ca, tunnel_port = (
         session.get("certificate"),

@@ -29,6 +29,7 @@ from cli.commands import (
     gateway,
     identity,
     policies,
+    requests,
     resources,
     sessions,
 )
@@ -98,6 +99,7 @@ for _command in (
     identity.user,
     identity.token,
     policies.policy,
+    requests.requests,
 ):
     cli.add_command(_command)
 

@@ -71,6 +71,12 @@ class GatewaySettings(BaseModel):
     heartbeat_timeout_seconds: float = Field(default=6.0, gt=0)
     upstream_connect_timeout_seconds: float = Field(default=10.0, gt=0)
     client_startup_timeout_seconds: float = Field(default=15.0, gt=0)
+    #: an access request not decided within this long expires
+    request_pending_ttl_seconds: float = Field(default=3600.0, gt=0)
+    #: an approved access request not opened within this long expires
+    request_open_within_seconds: float = Field(default=900.0, gt=0)
+    #: how often requests past their deadline are looked for
+    request_sweep_seconds: float = Field(default=5.0, gt=0)
     #: refusals of one (source, reason) pair after its first are summarised per interval
     refusal_interval_seconds: float = Field(default=10.0, gt=0)
     #: record every statement (off: sessions and connections only)

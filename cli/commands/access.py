@@ -21,13 +21,12 @@ def db() -> None:
 
 
 @db.command("access")
-@click.option("--resource", "resource_name", required=True)
-@click.option("--account", "account_name", required=True)
+@click.option("--resource", "resource_name", default=None, help="Required unless --request.")
+@click.option("--account", "account_name", default=None, help="Required unless --request.")
 @click.option(
     "--duration",
-    default="1h",
-    show_default=True,
-    help="How long the grant lasts: 1h, 30m, 1h30m, 90s.",
+    default=None,
+    help="How long the grant lasts: 1h, 30m, 1h30m, 90s.  [default: 1h]",
 )
 @click.option(
     "--port", type=click.IntRange(1, 65535), default=None, help="Local port (default: a free one)."
@@ -49,20 +48,40 @@ def db() -> None:
     help="Serve a Unix socket in this directory (mode 0700, yours) instead of a TCP port;"
     " --port names the socket (default 5432).",
 )
+@click.option(
+    "--request",
+    "request_id",
+    default=None,
+    help="Open this approved access request (its resource, account and duration).",
+)
+@click.option(
+    "--break-glass",
+    is_flag=True,
+    help="Skip the approval a policy asks for, where it allows break-glass (needs --reason;"
+    " recorded apart and notified).",
+)
 def db_access(
-    resource_name: str,
-    account_name: str,
-    duration: str,
+    resource_name: str | None,
+    account_name: str | None,
+    duration: str | None,
     port: int | None,
     reason: str | None,
     socket_dir: str | None,
     tunnel: bool | None,
+    request_id: str | None,
+    break_glass: bool,
 ) -> None:
     """Open a time-boxed local port to a resource, as an account, with no password.
 
     The port accepts connections only from your own OS user's processes (Linux).
     """
-    seconds = parse_duration(duration)
+    if request_id is None and (resource_name is None or account_name is None):
+        raise click.UsageError("give --resource and --account (or --request ID)")
+    if request_id is not None and break_glass:
+        raise click.UsageError("--break-glass asks anew: it does not go with --request")
+    if request_id is None and duration is None:
+        duration = "1h"
+    seconds = parse_duration(duration) if duration is not None else None
     with api_client() as client:
         code = hold_access(
             client,
@@ -74,5 +93,7 @@ def db_access(
             # The daemon's working directory is not ours: send an absolute path.
             socket_dir=os.path.abspath(socket_dir) if socket_dir is not None else None,
             tunnel=is_remote(client) if tunnel is None else tunnel,
+            request_id=request_id,
+            break_glass=break_glass,
         )
     sys.exit(code)

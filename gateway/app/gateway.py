@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.access.admission import Admission
-from gateway.access.authorization import authorize_access
+from gateway.access.approvals import RequestService
+from gateway.access.authorization import Allowance, authorize_access
 from gateway.access.connections import ConnectionRecords
 from gateway.access.host import ListenerHost
 from gateway.access.ports import SessionRecord
+from gateway.access.requests import AccessRequest, StateChange
 from gateway.access.service import GrantService
 from gateway.audit.refusals import RefusalRecorder
 from gateway.audit.runtime import AuditRuntime
@@ -36,7 +38,7 @@ from gateway.config import GatewaySettings
 from gateway.credentials.pki import GatewayPki
 from gateway.credentials.targets import Credentials
 from gateway.credentials.verify import VerifyResult, verify
-from gateway.errors import NotFound
+from gateway.errors import InvalidRequest, NotFound
 from gateway.identity.principals import Principal
 from gateway.identity.service import IdentityService
 from gateway.store import Store
@@ -101,6 +103,14 @@ class Gateway:
         #: the tunnel endpoint's bound port, once the daemon serves it
         self.tunnel_port: int | None = None
         self.audit.cut_live = self.grants.terminate_live
+        self.requests = RequestService(
+            store,
+            self.db,
+            pending_ttl=timedelta(seconds=settings.request_pending_ttl_seconds),
+            open_within=timedelta(seconds=settings.request_open_within_seconds),
+            sweep_interval=settings.request_sweep_seconds,
+            on_change=self._request_changed,
+        )
         self.identity = IdentityService(
             store,
             self.db,
@@ -122,12 +132,14 @@ class Gateway:
         """Close what a crash left open, start the watchdog and the audit writer;
         returns how many sessions a crash had left open."""
         closed = await self.grants.start()
+        self.requests.start()
         if self.settings.audit_enabled:
             await self.credentials.refresh()
             await self.audit.start()
         return closed
 
     async def shutdown(self) -> None:
+        await self.requests.close()
         await self.grants.shutdown()
         # The interval's counts are written before the store thread stops.
         await self.refusals.close()
@@ -151,9 +163,9 @@ class Gateway:
         self,
         principal: Principal,
         *,
-        resource: str,
-        account: str,
-        duration_seconds: int,
+        resource: str | None,
+        account: str | None,
+        duration_seconds: int | None,
         port: int | None = None,
         reason: str | None = None,
         api_client_addr: str | None = None,
@@ -161,8 +173,90 @@ class Gateway:
         owner_uid: int | None = None,
         socket_dir: str | None = None,
         csr: str | None = None,
-    ) -> SessionRecord:
-        """Open a grant for *principal* if its role or a policy allows it."""
+        request_id: str | None = None,
+        break_glass: bool = False,
+    ) -> SessionRecord | AccessRequest:
+        """Open a grant for *principal* if its role or a policy allows it.
+
+        A policy asking for approval gets a pending :class:`AccessRequest` back
+        instead (unless *break_glass*, which a policy must allow); its requester
+        opens it once approved, with *request_id* (what was asked is the
+        request's: resource, account, duration and reason given again must match).
+        """
+        request = None
+        if request_id is not None:
+            request = await self.requests.openable(principal, request_id)
+            _check_same_ask(request, resource, account, duration_seconds, reason)
+            resource, account = request.resource, request.account
+            duration_seconds, reason = request.duration_seconds, request.reason
+        if resource is None or account is None or duration_seconds is None:
+            raise InvalidRequest(
+                "say which --resource and --account, for how long",
+                hint="or open an approved request with --request ID",
+            )
+        project, allowance = await self._authorize(
+            principal, resource, account, duration_seconds, reason, break_glass=break_glass
+        )
+        policy = allowance.policy
+        if request is None and policy is not None and policy.approvals_required:
+            assert project is not None  # a policy allowed it: the resource exists
+            request = await self.requests.create(
+                principal,
+                project=project,
+                resource=resource,
+                account=account,
+                duration_seconds=duration_seconds,
+                reason=reason,
+                policy=policy,
+                break_glass=break_glass,
+            )
+            if not break_glass:
+                return request  # its requester waits for approval
+        elif break_glass:
+            raise InvalidRequest(
+                "break-glass is for access that needs approval, and this one needs none",
+                hint="request it without --break-glass",
+            )
+        session = await self.grants.open_access(
+            requester=principal.name,
+            resource=resource,
+            account=account,
+            duration_seconds=duration_seconds,
+            port=port,
+            request={
+                "principal_id": principal.id,
+                "token_id": principal.token_id,
+                "project": project,
+                "policy_name": request.policy_name if request else allowance.name,
+                "reason": reason,
+                "api_client_addr": api_client_addr,
+                "reported_host": reported_host,
+                "request_id": request.id if request else None,
+            },
+            owner_uid=owner_uid,
+            socket_dir=socket_dir,
+            csr=csr,
+        )
+        if request is not None:
+            try:
+                await self.requests.opened(principal, request, session.id)
+            except Exception:
+                # Decided otherwise meanwhile (cancelled, opened elsewhere): no grant.
+                await self.grants.close_access(session.id, detail="its request changed")
+                raise
+        return session
+
+    async def _authorize(
+        self,
+        principal: Principal,
+        resource: str,
+        account: str,
+        duration_seconds: int,
+        reason: str | None,
+        *,
+        break_glass: bool,
+    ) -> tuple[str | None, Allowance]:
+        """The resource's project and what allows *principal* this access."""
         try:
             project: str | None = (await self.db(self.store.get_resource, resource)).project
         except NotFound:
@@ -180,26 +274,19 @@ class Gateway:
             account=account,
             duration_seconds=duration_seconds,
             reason=reason,
+            break_glass=break_glass,
         )
-        return await self.grants.open_access(
-            requester=principal.name,
-            resource=resource,
-            account=account,
-            duration_seconds=duration_seconds,
-            port=port,
-            request={
-                "principal_id": principal.id,
-                "token_id": principal.token_id,
-                "project": project,
-                "policy_name": allowance.name,
-                "reason": reason,
-                "api_client_addr": api_client_addr,
-                "reported_host": reported_host,
-            },
-            owner_uid=owner_uid,
-            socket_dir=socket_dir,
-            csr=csr,
-        )
+        return project, allowance
+
+    async def revoke(self, session_id: str, *, by: Principal, reason: str | None) -> SessionRecord:
+        """End a live grant now; the request it was opened from records it."""
+        session = await self.grants.revoke(session_id, by=by.name, reason=reason)
+        if session.request_id:
+            await self.requests.revoked(session.request_id, by=by, reason=reason)
+        return session
+
+    def _request_changed(self, request: AccessRequest, change: StateChange) -> None:
+        """Tell the outside world (webhooks) of a request's change."""
 
     def tunnel_offer(self, session_id: str) -> tuple[bytes, bytes, int] | None:
         """For a grant opened with a CSR: its certificate, the CA and the tunnel port."""
@@ -214,3 +301,28 @@ class Gateway:
 
     async def close_access(self, session_id: str, *, detail: str | None = None) -> SessionRecord:
         return await self.grants.close_access(session_id, detail=detail)
+
+
+def _check_same_ask(
+    request: AccessRequest,
+    resource: str | None,
+    account: str | None,
+    duration_seconds: int | None,
+    reason: str | None,
+) -> None:
+    """What was asked is fixed once requested: given again, it must match."""
+    asked = {
+        "resource": (resource, request.resource),
+        "account": (account, request.account),
+        "duration": (duration_seconds, request.duration_seconds),
+        "reason": (reason, request.reason),
+    }
+    changed = [
+        name for name, (given, fixed) in asked.items() if given is not None and given != fixed
+    ]
+    if changed:
+        raise InvalidRequest(
+            f"request {request.id[:8]} was for something else: its {', '.join(changed)}"
+            " cannot change once requested",
+            hint="open it as requested (`pam db access --request ID`), or request again",
+        )

@@ -74,6 +74,7 @@ from gateway.audit.records import AuditEvent, Parameter
 from gateway.errors import ConfigError
 
 __all__ = [
+    "ACCESS_TRAIL",
     "AUDIT_KEY_BYTES",
     "AUDIT_KEY_INFO",
     "CHAIN_VERSION",
@@ -105,6 +106,11 @@ _SEAL_PREFIX: Final = b"pam audit seal v1\x00"
 _BATCH_PREFIX: Final = b"pam audit batch v3\x00"
 #: Domain separation for the seals of session and connection rows (revision 0006).
 _ROW_PREFIX: Final = b"pam audit row v1\x00"
+#: Domain separation of the access trail's records (revision 0010).
+_ACCESS_PREFIX: Final = b"pam access event v1\x00"
+#: The access trail's seal is a seal (``seal``) under this name, which no
+#: session id (32 hex digits) can be.
+ACCESS_TRAIL: Final = "access-trail"
 #: BLAKE2b personalisation of version 3 record digests (16 bytes exactly).
 _RECORD_PERSON: Final = b"pam audit rec v3"
 #: Bytes of a version 3 record digest (BLAKE2b-128, keyed).
@@ -333,6 +339,13 @@ class AuditChain:
         """Hex HMAC over one sealed part of a session or connection row (see
         :mod:`gateway.store.sealing`): its table, part, row id and fields."""
         return self._mac(_ROW_PREFIX + f"{table}|{part}|{row_id}|{fields_json}".encode())
+
+    def access_event_hash(self, seq: int, prev_hash: str, values: Sequence[Any]) -> str:
+        """Hex HMAC of a record of the access trail: the JSON array of *seq*,
+        *prev_hash* and *values* (request id, kind, actor, time as ISO text,
+        state, detail as canonical JSON text), under its own prefix."""
+        body = _CANONICAL_JSON([seq, prev_hash, *values]).encode("utf-8")
+        return self._mac(_ACCESS_PREFIX + body)
 
     def seal(self, session_id: str, count: int, head: str) -> str:
         """Hex HMAC over ``session_id|count|head``: the trail's length and last hash."""

@@ -120,6 +120,7 @@ REQUEST_FIELDS: Final = (
     "reason",
     "api_client_addr",
     "reported_host",
+    "request_id",
 )
 
 
@@ -154,6 +155,8 @@ class AccessSession(_Record):
     reason: str | None = None
     api_client_addr: str | None = None
     reported_host: str | None = None
+    #: the access request it was opened from (approval, break-glass), if any
+    request_id: str | None = None
     end_detail: str | None = None
 
     # mypy does not understand a decorated property; pydantic documents this ignore.

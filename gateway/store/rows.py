@@ -108,27 +108,29 @@ def session_row(conn: Connection, session_id: str, *, lock: str | None = None) -
 
 
 def resolve_session_id(conn: Connection, session_id: str) -> str:
-    key = session_id.strip().lower()
+    return resolve_id(conn, sessions.c.id, "session", session_id)
+
+
+def resolve_id(conn: Connection, column: Any, noun: str, given: str) -> str:
+    """The full id in *column* that *given* (a full id, or a unique prefix of at
+    least 6 characters) names; *noun* names the kind in errors."""
+    key = given.strip().lower()
     if not _ID_CHARS.fullmatch(key):
-        raise NotFound(f"session '{session_id}' not found")
+        raise NotFound(f"{noun} '{given}' not found")
     if len(key) == 32:
         return key
     if len(key) < _SESSION_ID_MIN_PREFIX:
         raise InvalidRequest(
-            f"session id prefix '{session_id}' is too short: give at least "
+            f"{noun} id prefix '{given}' is too short: give at least "
             f"{_SESSION_ID_MIN_PREFIX} characters"
         )
     # Ids are lower-case hex (checked above), so the prefix has no LIKE wildcards.
-    matches = (
-        conn.execute(select(sessions.c.id).where(sessions.c.id.startswith(key)).limit(2))
-        .scalars()
-        .all()
-    )
+    matches = conn.execute(select(column).where(column.startswith(key)).limit(2)).scalars().all()
     if not matches:
-        raise NotFound(f"session '{session_id}' not found")
+        raise NotFound(f"{noun} '{given}' not found")
     if len(matches) > 1:
         raise InvalidRequest(
-            f"session id prefix '{session_id}' matches more than one session; give more characters"
+            f"{noun} id prefix '{given}' matches more than one {noun}; give more characters"
         )
     return str(matches[0])
 

@@ -50,6 +50,9 @@ __all__ = [
     "NAME_LENGTH",
     "VERSION_TABLE",
     "UtcTimestamp",
+    "access_event_head",
+    "access_events",
+    "access_requests",
     "accounts",
     "audit_batches",
     "audit_events",
@@ -188,6 +191,8 @@ sessions = Table(
     # Seals over the row's fields (revision 0007, gateway.store.sealing).
     Column("start_seal", Text, nullable=True),
     Column("end_seal", Text, nullable=True),
+    # The access request it was opened from (revision 0010), if any.
+    Column("request_id", String(ID_LENGTH), nullable=True),
     Index(None, "started_at"),
     Index(None, "ended_at"),
     Index(None, "resource_name", "account_name"),
@@ -394,3 +399,70 @@ refusals = Table(
 #: Alembic's bookkeeping table. Prefixed so the store can share a PostgreSQL
 #: database with another application that also uses alembic.
 VERSION_TABLE: Final = "pam_alembic_version"
+
+#: Access requests (revision 0010, gateway.access.requests): what was asked,
+#: under which policy, and where it stands. ``version`` is bumped by every
+#: transition; a writer updates only over the version it read.
+access_requests = Table(
+    "access_requests",
+    metadata,
+    Column("id", String(ID_LENGTH), primary_key=True),
+    Column("project", String(NAME_LENGTH), nullable=False),
+    Column("requester_id", String(ID_LENGTH), nullable=False),
+    Column("requester", Text, nullable=False),
+    Column("resource_name", String(NAME_LENGTH), nullable=False),
+    Column("account_name", String(NAME_LENGTH), nullable=False),
+    Column("duration_seconds", Integer, nullable=False),
+    Column("reason", Text, nullable=True),
+    Column("policy_name", String(NAME_LENGTH), nullable=False),
+    Column("approvals_required", Integer, nullable=False),
+    #: JSON list of names and @groups
+    Column("approvers", Text, nullable=False),
+    Column("break_glass", Integer, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("created_at", UtcTimestamp, nullable=False),
+    Column("expires_at", UtcTimestamp, nullable=False),
+    Column("open_within_seconds", Integer, nullable=False),
+    #: JSON list of {by_id, by, at, comment}
+    Column("approvals", Text, nullable=False),
+    Column("approved_at", UtcTimestamp, nullable=True),
+    Column("use_by", UtcTimestamp, nullable=True),
+    Column("decided_by", Text, nullable=True),
+    Column("decision_note", Text, nullable=True),
+    Column("session_id", String(ID_LENGTH), nullable=True),
+    Column("version", Integer, nullable=False),
+    Index(None, "state"),
+    Index(None, "requester_id"),
+    Index(None, "project"),
+)
+
+#: The trail of what happened to access requests (revision 0010): one chain
+#: for the whole gateway, each record an HMAC over its fields, its seq and the
+#: hash before it (gateway.audit.chain.AuditChain.access_event_hash).
+access_events = Table(
+    "access_events",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("request_id", String(ID_LENGTH), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("occurred_at", UtcTimestamp, nullable=False),
+    Column("state", String(16), nullable=False),
+    #: canonical JSON of the record's detail
+    Column("detail", Text, nullable=False),
+    Column("prev_hash", String(HASH_LENGTH), nullable=False),
+    Column("hash", String(HASH_LENGTH), nullable=False),
+    Index(None, "request_id"),
+)
+
+#: The access trail's length and last hash, sealed (one row, id 1): a record
+#: cut off the end shows. Appends lock this row, so gateways sharing a
+#: PostgreSQL store chain one after another.
+access_event_head = Table(
+    "access_event_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("count", Integer, nullable=False),
+    Column("head", String(HASH_LENGTH), nullable=False),
+    Column("seal", String(HASH_LENGTH), nullable=True),
+)

@@ -36,13 +36,22 @@ from gateway.store.connections import ConnectionStore
 from gateway.store.engine import SqliteSynchronous
 from gateway.store.identity import IdentityStore
 from gateway.store.refusals import RefusalStore
+from gateway.store.requests import RequestStore
 from gateway.store.resources import ResourceStore
 from gateway.store.sessions import SessionStore
 
 __all__ = ["SqliteSynchronous", "Store", "StoreError"]
 
 
-class Store(ResourceStore, SessionStore, ConnectionStore, AuditStore, IdentityStore, RefusalStore):
+class Store(
+    ResourceStore,
+    SessionStore,
+    ConnectionStore,
+    AuditStore,
+    IdentityStore,
+    RefusalStore,
+    RequestStore,
+):
     """Synchronous access to the gateway's persistent state. See the module docstring.
 
     Open it with :meth:`open`; every method is inherited from the class of its

@@ -50,9 +50,10 @@ class RotateIn(BaseModel):
 
 
 class AccessIn(BaseModel):
-    resource: str
-    account: str
-    duration_seconds: int = Field(gt=0)
+    #: all three may be left out when opening an approved request (``request_id``)
+    resource: str | None = Field(default=None, min_length=1, max_length=255)
+    account: str | None = Field(default=None, min_length=1, max_length=255)
+    duration_seconds: int | None = Field(default=None, gt=0)
     port: int | None = None
     reason: str | None = Field(default=None, max_length=2000)
     #: the host name the CLI reports (recorded as reported, not verified)
@@ -61,6 +62,18 @@ class AccessIn(BaseModel):
     socket_dir: str | None = Field(default=None, min_length=1, max_length=4096)
     #: from a CLI on another host: a PEM CSR for its in-memory key (tunnel grant)
     csr: str | None = Field(default=None, max_length=16 * 1024)
+    #: open this approved access request (what was asked is the request's)
+    request_id: str | None = Field(default=None, min_length=6, max_length=32)
+    #: skip the approval a policy asks for, where it allows break-glass
+    break_glass: bool = False
+
+
+class ApproveIn(BaseModel):
+    comment: str | None = Field(default=None, max_length=2000)
+
+
+class DenyIn(BaseModel):
+    reason: str = Field(min_length=1, max_length=2000)
 
 
 class LoginIn(BaseModel):
@@ -157,6 +170,7 @@ class SessionOut(_Out):
     reason: str | None = None
     api_client_addr: str | None = None
     reported_host: str | None = None
+    request_id: str | None = None
 
 
 class AccessOut(SessionOut):
@@ -167,6 +181,60 @@ class AccessOut(SessionOut):
     #: the gateway CA (PEM) the tunnel's server certificate chains to
     ca_cert_pem: str | None = None
     tunnel_port: int | None = None
+
+
+class ApprovalOut(_Out):
+    by: str
+    at: datetime
+    comment: str | None
+
+
+class RequestOut(_Out):
+    """An access request (gateway.access.requests) as the API shows it."""
+
+    id: str
+    project: str
+    requester: str
+    resource: str
+    account: str
+    duration_seconds: int
+    reason: str | None
+    policy_name: str
+    approvals_required: int
+    #: names and @groups; empty: the project's admins
+    approvers: tuple[str, ...]
+    break_glass: bool
+    state: str
+    created_at: datetime
+    #: a pending request not decided by then expires
+    expires_at: datetime
+    approvals: tuple[ApprovalOut, ...]
+    approved_at: datetime | None
+    #: an approved request not opened by then expires
+    use_by: datetime | None
+    decided_by: str | None
+    decision_note: str | None
+    session_id: str | None
+    #: whether the caller may approve or deny it now
+    can_decide: bool = False
+
+
+class AccessPendingOut(BaseModel):
+    """``POST /v1/access`` when a policy asks for approval: the request to wait on."""
+
+    request: RequestOut
+
+
+class TrailRecordOut(_Out):
+    """A record of the access trail (what happened to a request)."""
+
+    seq: int
+    request_id: str
+    kind: str
+    actor: str
+    at: datetime
+    state: str
+    detail: dict[str, Any]
 
 
 class ConnectionOut(_Out):

@@ -88,6 +88,9 @@ def body_of(request: httpx.Request) -> Any:
         (api.PrincipalJson, models.PrincipalOut),
         (api.WhoamiJson, models.WhoamiOut),
         (api.PolicyJson, models.PolicyOut),
+        (api.ApprovalJson, models.ApprovalOut),
+        (api.RequestJson, models.RequestOut),
+        (api.TrailRecordJson, models.TrailRecordOut),
     ],
     ids=lambda t: t.__name__,
 )

@@ -16,9 +16,19 @@ import asyncio
 import ipaddress
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
+from gateway.access.requests import AccessRequest
 from gateway.app.api.deps import Caller, Service, client_addr
-from gateway.app.api.models import AccessEndIn, AccessIn, AccessOut, RevokeIn, SessionOut
+from gateway.app.api.models import (
+    AccessEndIn,
+    AccessIn,
+    AccessOut,
+    AccessPendingOut,
+    RevokeIn,
+    SessionOut,
+)
+from gateway.app.api.routers.requests import request_out
 from gateway.errors import InvalidRequest, NotFound
 from gateway.identity.principals import DEFAULT_PROJECT, Principal
 from gateway.net import peercred
@@ -26,10 +36,12 @@ from gateway.net import peercred
 router = APIRouter(prefix="/v1/access")
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, response_model=AccessOut)
 async def open_access(
     body: AccessIn, caller: Caller, service: Service, request: Request
-) -> AccessOut:
+) -> AccessOut | JSONResponse:
+    """A grant (201), or, when a policy asks for approval, the request to wait
+    on (202, :class:`AccessPendingOut`)."""
     session = await service.open_access(
         caller,
         resource=body.resource,
@@ -42,7 +54,12 @@ async def open_access(
         owner_uid=await api_client_uid(request),
         socket_dir=body.socket_dir,
         csr=body.csr,
+        request_id=body.request_id,
+        break_glass=body.break_glass,
     )
+    if isinstance(session, AccessRequest):
+        pending = AccessPendingOut(request=request_out(session, caller))
+        return JSONResponse(pending.model_dump(mode="json"), status_code=202)
     out = AccessOut.of(session)
     offer = service.tunnel_offer(session.id)
     if offer is not None:
@@ -96,8 +113,8 @@ async def revoke_access(
     session_id: str, body: RevokeIn, caller: Caller, service: Service
 ) -> SessionOut:
     """End a live grant now (its owner, or an admin of its project)."""
-    session = await service.grants.revoke(
-        await _own(session_id, caller, service), by=caller.name, reason=body.reason
+    session = await service.revoke(
+        await _own(session_id, caller, service), by=caller, reason=body.reason
     )
     return SessionOut.of(session)
 

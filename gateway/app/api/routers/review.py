@@ -310,6 +310,8 @@ async def verify_audit(
     await _drain(service)
     checked = 1 if session else await service.db(review.count_sessions, _sessions(service))
     problems = await service.db(service.store.verify_audit, session)
+    if session is None:  # the whole trail: the access requests' records too
+        problems += await service.db(service.store.verify_access_trail)
     return AuditVerifyOut(
         ok=not problems,
         session=session,

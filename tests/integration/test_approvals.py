@@ -1,0 +1,351 @@
+"""Access requests and approvals, break-glass (issue 14, points 1-2): several
+signed-in users, each with a client config of its own, running the real CLI
+against a real daemon and PostgreSQL.
+
+alice asks; bob and carol are in ``@leads``, the approvers; mallory is a member
+nobody named. Policy ``gated`` (prod/scram) needs one approval and a reason;
+``two-key`` (prod/md5) needs two and allows break-glass.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import APP_DATABASE
+from harness import AccessProcess, Gateway, _Drain, wait_for
+
+from gateway.testing.pgcluster import PgRole, TempCluster
+
+pytestmark = pytest.mark.integration
+
+PASSWORD = "pw-approvals-Secret-3"
+REQUEST_LINE = re.compile(r"request ([0-9a-f]{8}) needs")
+
+
+@dataclass
+class Person:
+    """A user signed in from a client config of its own."""
+
+    gw: Gateway
+    name: str
+    config: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**self.gw.env, "PAM_CONFIG": str(self.config)}
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "cli", *args],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=120,
+        )
+        self.gw.transcript.add(result.stdout + result.stderr)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{self.name}: pam {' '.join(args)}: {result.stderr}")
+        return result
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def access(self, *args: str) -> AccessProcess:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli", "db", "access", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.env,
+        )
+        started = AccessProcess(
+            proc, _Drain(proc.stdout, self.gw.transcript), _Drain(proc.stderr, self.gw.transcript)
+        )
+        self.gw.accesses.append(started)
+        return started
+
+
+def refused(result: subprocess.CompletedProcess[str], fragment: str) -> str:
+    assert result.returncode == 1, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert fragment in lines[0], result.stderr
+    return lines[0]
+
+
+def request_id_of(access: AccessProcess) -> str:
+    match = wait_for(lambda: REQUEST_LINE.search(access.stdout.text()))
+    return str(match.group(1))
+
+
+@dataclass
+class Team:
+    gw: Gateway
+    people: dict[str, Person]
+
+    def __getitem__(self, name: str) -> Person:
+        return self.people[name]
+
+
+def _team(root: Path, pg: TempCluster, pg_roles: Mapping[str, PgRole], **settings: Any) -> Team:
+    gw = Gateway(root)
+    gw.init()
+    path = gw.home / "gateway.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **settings}))
+    gw.start()
+    gw.cli(
+        "resource", "add", "prod", "--host", pg.host, "--port", str(pg.port),
+        "--database", APP_DATABASE, "--ssl-mode", "verify-full", "--ca-cert", str(pg.ca_cert_path),
+    )  # fmt: skip
+    for key in ("scram", "md5"):
+        role = pg_roles[key]
+        gw.cli(
+            "account", "add", "prod", key, "--username", role.name, "--password-stdin",
+            input=role.password + "\n",
+        )  # fmt: skip
+    gw.cli(
+        "policy", "add", "gated", "--subject", "alice", "--resource", "prod", "--account",
+        "scram", "--max-duration", "1h", "--require-reason", "--require-approval", "1",
+        "--approver", "@leads",
+    )  # fmt: skip
+    gw.cli(
+        "policy", "add", "two-key", "--subject", "alice", "--resource", "prod", "--account",
+        "md5", "--max-duration", "1h", "--require-approval", "2", "--approver", "@leads",
+        "--break-glass",
+    )  # fmt: skip
+    config = json.loads(gw.config_path.read_text())
+    ca_file = root / "ca.pem"
+    ca_file.write_text(config["ca_cert"])
+    people = {}
+    for name, groups in (("alice", []), ("bob", ["leads"]), ("carol", ["leads"]), ("mallory", [])):
+        gw.cli(
+            "user", "add", name, "--role", "member", "--project", "default",
+            *(f"--group={g}" for g in groups), "--password-stdin", input=PASSWORD + "\n",
+        )  # fmt: skip
+        person = Person(gw, name, root / f"{name}.json")
+        subprocess.run(
+            [sys.executable, "-m", "cli", "login", "--gateway", config["api_url"], "--ca-cert",
+             str(ca_file), "--user", name, "--password-stdin"],
+            input=PASSWORD + "\n", env=person.env, check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        people[name] = person
+    return Team(gw, people)
+
+
+@pytest.fixture(scope="module")
+def team(
+    pg: TempCluster, pg_roles: Mapping[str, PgRole], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Team]:
+    made = _team(tmp_path_factory.mktemp("approvals"), pg, pg_roles)
+    try:
+        yield made
+    finally:
+        made.gw.close()
+
+
+@pytest.fixture
+def quick_team(
+    pg: TempCluster, pg_roles: Mapping[str, PgRole], tmp_path: Path
+) -> Iterator[Callable[..., Team]]:
+    """A daemon of its own with short request deadlines."""
+    made: list[Team] = []
+
+    def start(**settings: Any) -> Team:
+        made.append(_team(tmp_path / f"gw{len(made)}", pg, pg_roles, **settings))
+        return made[-1]
+
+    yield start
+    for one in made:
+        one.gw.close()
+
+
+def trail_kinds(person: Person, request_id: str) -> list[tuple[str, str]]:
+    shown = person.json("requests", "show", request_id)
+    return [(t["kind"], t["actor"]) for t in shown["trail"]]
+
+
+def test_an_approved_request_opens_and_its_clock_starts_then(team: Team) -> None:
+    alice, bob, mallory = team["alice"], team["bob"], team["mallory"]
+    access = alice.access("--resource", "prod", "--account", "scram", "--duration", "30m",
+                          "--reason", "INC-1 check")  # fmt: skip
+    rid = request_id_of(access)
+    assert "from @leads" in access.stdout.text()
+    # Neither someone nobody named (to whom it does not exist) nor the requester may approve.
+    refused(mallory.cli("requests", "approve", rid, check=False), f"request '{rid}' not found")
+    refused(
+        alice.cli("requests", "approve", rid, check=False),
+        f"alice asked for request {rid} and cannot approve it",
+    )
+    # mallory may not even see it; bob sees it among those he may decide.
+    assert mallory.json("requests", "list") == []
+    pending = bob.json("requests", "list", "--pending")
+    assert [(r["id"][:8], r["can_decide"], r["state"]) for r in pending] == [(rid, True, "pending")]
+    time.sleep(1.5)  # the grant's clock must not start at the request
+    bob.cli("requests", "approve", rid, "--comment", "ok for INC-1")
+    access.wait_ready()
+    with psycopg.connect(access.dsn(), autocommit=True) as conn:
+        assert conn.execute("select current_user").fetchone() == ("app_scram",)
+    request = alice.json("requests", "show", rid)["request"]
+    assert request["state"] == "opened"
+    assert [(a["by"], a["comment"]) for a in request["approvals"]] == [("bob", "ok for INC-1")]
+    session = team.gw.cli_json("sessions", "show", request["session_id"])["session"]
+    assert (session["request_id"], session["policy_name"], session["reason"]) == (
+        request["id"],
+        "gated",
+        "INC-1 check",
+    )
+    started = _time(session["started_at"])
+    assert _time(session["expires_at"]) - started == 1800
+    assert started >= _time(request["approved_at"])
+    assert trail_kinds(alice, rid) == [
+        ("requested", "alice"),
+        ("approved", "bob"),
+        ("opened", "alice"),
+    ]
+    assert access.stop() == 0
+    verify = team.gw.cli("audit", "verify")
+    assert "intact" in verify.stdout
+
+
+def test_a_denied_request_ends_the_wait_with_the_reason(team: Team) -> None:
+    alice, carol = team["alice"], team["carol"]
+    access = alice.access("--resource", "prod", "--account", "scram", "--reason", "INC-2")
+    rid = request_id_of(access)
+    refused(carol.cli("requests", "deny", rid, "--reason", " ", check=False), "needs a reason")
+    carol.cli("requests", "deny", rid, "--reason", "not in the change window")
+    assert access.wait() == 1
+    assert access.stderr.text().strip() == (
+        f"error: request {rid} was denied by carol: not in the change window"
+    )
+    assert trail_kinds(alice, rid)[-1] == ("denied", "carol")
+
+
+def test_two_distinct_approvers_are_needed_and_what_was_asked_is_fixed(team: Team) -> None:
+    alice, bob, carol = team["alice"], team["bob"], team["carol"]
+    access = alice.access("--resource", "prod", "--account", "md5", "--duration", "10m")
+    rid = request_id_of(access)
+    bob.cli("requests", "approve", rid)
+    refused(bob.cli("requests", "approve", rid, check=False), "bob has already approved")
+    assert alice.json("requests", "show", rid)["request"]["state"] == "pending"
+    # Ctrl+C while waiting cancels the request.
+    access.proc.send_signal(signal.SIGINT)
+    assert access.wait() == 1
+    assert f"cancelled request {rid}" in access.stderr.text()
+    refused(
+        carol.cli("requests", "approve", rid, check=False),
+        f"cannot approve request {rid}: it is cancelled",
+    )
+    # Asked again through the API (no waiting CLI), approved by two, then opened.
+    again = _ask(alice, "md5", 600)
+    bob.cli("requests", "approve", again)
+    carol.cli("requests", "approve", again)
+    refused(
+        alice.cli("db", "access", "--request", again, "--account", "scram", check=False),
+        "its account cannot change once requested",
+    )
+    refused(
+        alice.cli("db", "access", "--request", again, "--duration", "20m", check=False),
+        "its duration cannot change",
+    )
+    opened = alice.access("--request", again).wait_ready()
+    assert "for prod/md5" in opened.stdout.text()
+    assert opened.stop() == 0
+    # An opened request cannot be opened twice.
+    refused(
+        alice.cli("db", "access", "--request", again, check=False),
+        f"cannot open request {again[:8]}: it is opened",
+    )
+
+
+def test_break_glass_opens_at_once_recorded_apart(team: Team) -> None:
+    alice = team["alice"]
+    refused(
+        alice.cli("db", "access", "--resource", "prod", "--account", "md5", "--break-glass",
+                  check=False),
+        "break-glass access requires a reason",
+    )  # fmt: skip
+    refused(
+        alice.cli("db", "access", "--resource", "prod", "--account", "scram", "--break-glass",
+                  "--reason", "x", check=False),
+        "no policy that allows this access allows break-glass",
+    )  # fmt: skip
+    access = alice.access("--resource", "prod", "--account", "md5", "--break-glass",
+                          "--reason", "outage INC-9").wait_ready()  # fmt: skip
+    with psycopg.connect(access.dsn(), autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    mine = alice.json("requests", "list", "--mine")
+    glass = next(r for r in mine if r["break_glass"])
+    assert (glass["state"], glass["reason"], glass["approvals"]) == ("opened", "outage INC-9", [])
+    assert trail_kinds(alice, glass["id"]) == [
+        ("requested", "alice"),
+        ("break_glass", "alice"),
+        ("opened", "alice"),
+    ]
+    assert access.stop() == 0
+
+
+def test_revoking_a_grant_records_it_on_its_request(team: Team) -> None:
+    alice, bob = team["alice"], team["bob"]
+    rid = _ask(alice, "scram", 600, reason="INC-4")
+    bob.cli("requests", "approve", rid)
+    access = alice.access("--request", rid).wait_ready()
+    session_id = alice.json("requests", "show", rid)["request"]["session_id"]
+    team.gw.cli("sessions", "revoke", session_id, "--reason", "done early")
+    assert access.wait() == 0
+    assert alice.json("requests", "show", rid)["request"]["state"] == "revoked"
+    assert trail_kinds(alice, rid)[-1] == ("revoked", team.gw.cli_json("whoami")["name"])
+
+
+def test_unanswered_and_unused_requests_expire(quick_team: Callable[..., Team]) -> None:
+    team = quick_team(
+        request_pending_ttl_seconds=3, request_open_within_seconds=3, request_sweep_seconds=0.2
+    )
+    alice, bob = team["alice"], team["bob"]
+    waiting = alice.access("--resource", "prod", "--account", "scram", "--reason", "INC-5")
+    rid = request_id_of(waiting)
+    assert waiting.wait() == 1
+    assert waiting.stderr.text().strip() == f"error: request {rid} expired: not decided in time"
+    assert trail_kinds(alice, rid)[-1] == ("expired", "pam")
+    # Approved, then not opened in time.
+    unused = _ask(alice, "scram", 600, reason="INC-6")
+    bob.cli("requests", "approve", unused)
+    wait_for(lambda: alice.json("requests", "show", unused)["request"]["state"] == "expired")
+    refused(
+        alice.cli("db", "access", "--request", unused, check=False),
+        f"cannot open request {unused[:8]}: it is expired",
+    )
+    assert [k for k, _ in trail_kinds(alice, unused)] == ["requested", "approved", "expired"]
+    assert "intact" in team.gw.cli("audit", "verify").stdout
+
+
+def _ask(person: Person, account: str, seconds: int, reason: str | None = None) -> str:
+    """A request made over the API (no CLI waiting on it); its id."""
+    from cli.client import ApiClient, PendingApproval
+    from gateway.config import ClientConfig
+
+    profile = ClientConfig.model_validate_json(person.config.read_text()).current
+    with ApiClient(profile) as client:
+        try:
+            client.open_access(
+                resource="prod", account=account, duration_seconds=seconds, port=None,
+                reason=reason,
+            )  # fmt: skip
+        except PendingApproval as pending:
+            return pending.request["id"]
+    raise AssertionError("the access was granted without approval")
+
+
+def _time(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text).timestamp()
