@@ -249,6 +249,7 @@ class RequestJson(TypedDict):
     decided_by: str | None
     decision_note: str | None
     session_id: str | None
+    extends: bool
     can_decide: bool
 
 

@@ -144,8 +144,11 @@ class AccessRequest:
     #: who denied, cancelled, revoked; and why
     decided_by: str | None = None
     decision_note: str | None = None
-    #: the grant it opened
+    #: the grant it opened (for an extension: the grant it extends)
     session_id: str | None = None
+    #: an extension of the live grant ``session_id`` by ``duration_seconds``,
+    #: not a new grant: once approved the gateway applies it ("opened")
+    extends: bool = False
     #: bumped by every transition; the store writes only over the version it read
     version: int = 0
 
@@ -238,9 +241,14 @@ def new_request(
     pending_ttl: timedelta = DEFAULT_PENDING_TTL,
     open_within: timedelta = DEFAULT_OPEN_WITHIN,
     break_glass: bool = False,
+    extends_session: str | None = None,
 ) -> tuple[AccessRequest, list[StateChange]]:
     """A new request and what the trail records of it: ``requested``, and for
-    break-glass ``break_glass`` too (the request is then approved at once)."""
+    break-glass ``break_glass`` too (the request is then approved at once).
+    With *extends_session* it asks to extend that live grant by
+    *duration_seconds*."""
+    if break_glass and extends_session is not None:
+        raise TransitionRefused("break-glass opens access; it does not extend it")
     if break_glass and not (reason and reason.strip()):
         raise TransitionRefused("break-glass access requires a reason")
     request = AccessRequest(
@@ -259,6 +267,8 @@ def new_request(
         expires_at=now + pending_ttl,
         open_within_seconds=int(open_within.total_seconds()),
         break_glass=break_glass,
+        session_id=extends_session,
+        extends=extends_session is not None,
     )
     changes = [
         StateChange(
@@ -275,6 +285,7 @@ def new_request(
                 "policy": policy_name,
                 "approvals_required": approvals_required,
                 "break_glass": break_glass,
+                "extends_session": extends_session,
             },
         )
     ]
@@ -410,6 +421,8 @@ def _open(request: AccessRequest, action: Open, now: datetime) -> tuple[AccessRe
             f"request {request.id[:8]} was approved but not opened in time",
             hint="request access again",
         )
+    if request.extends and action.session_id != request.session_id:
+        raise TransitionRefused(f"request {request.id[:8]} extends another grant")
     after = replace(
         request,
         state=RequestState.OPENED,

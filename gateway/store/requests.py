@@ -276,6 +276,7 @@ def _values(request: AccessRequest) -> dict[str, Any]:
         "decided_by": request.decided_by,
         "decision_note": request.decision_note,
         "session_id": request.session_id,
+        "extends": int(request.extends),
         "version": request.version,
     }
 
@@ -307,5 +308,6 @@ def _request(row: Any) -> AccessRequest:
         decided_by=row.decided_by,
         decision_note=row.decision_note,
         session_id=row.session_id,
+        extends=bool(row.extends),
         version=row.version,
     )

@@ -430,6 +430,8 @@ access_requests = Table(
     Column("decided_by", Text, nullable=True),
     Column("decision_note", Text, nullable=True),
     Column("session_id", String(ID_LENGTH), nullable=True),
+    #: an extension of the grant ``session_id``, not a new grant
+    Column("extends", Integer, nullable=False),
     Column("version", Integer, nullable=False),
     Index(None, "state"),
     Index(None, "requester_id"),

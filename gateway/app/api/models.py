@@ -214,7 +214,10 @@ class RequestOut(_Out):
     use_by: datetime | None
     decided_by: str | None
     decision_note: str | None
+    #: the grant it opened; for an extension, the grant it extends
     session_id: str | None
+    #: an extension of a live grant by ``duration_seconds``, applied once approved
+    extends: bool
     #: whether the caller may approve or deny it now
     can_decide: bool = False
 

@@ -260,3 +260,37 @@ def test_a_refusal_of_an_approved_request_hints_how_to_open_it() -> None:
     with pytest.raises(TransitionRefused) as refused:
         apply(approved, Approve(CAROL), T0)
     assert refused.value.hint is not None and "pam db access --request" in refused.value.hint
+
+
+def _extension(**kwargs: object) -> AccessRequest:
+    request, changes = new_request(
+        id="e" * 32,
+        project="default",
+        requester=ALICE,
+        resource="prod",
+        account="ro",
+        duration_seconds=1800,
+        reason="INC-1",
+        policy_name="needs-approval",
+        approvals_required=1,
+        approvers=("@leads",),
+        now=T0,
+        extends_session="s" * 32,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    assert changes[0].detail["extends_session"] == "s" * 32
+    return request
+
+
+def test_an_extension_is_applied_to_the_grant_it_extends_only() -> None:
+    approved = apply(_extension(), Approve(BOB), T0)[0]
+    assert approved.extends and approved.session_id == "s" * 32
+    with pytest.raises(TransitionRefused, match="extends another grant"):
+        apply(approved, Open(ALICE, "t" * 32), T0)
+    opened = apply(approved, Open(ALICE, "s" * 32), T0)[0]
+    assert opened.state is RequestState.OPENED
+
+
+def test_break_glass_does_not_extend() -> None:
+    with pytest.raises(TransitionRefused, match="does not extend"):
+        _extension(break_glass=True)

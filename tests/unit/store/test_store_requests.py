@@ -181,3 +181,10 @@ def test_verify_sees_an_edited_or_removed_head(store: Store, raw: Engine) -> Non
     assert [p.detail for p in store.verify_access_trail()] == [
         "the access trail's sealed head was removed"
     ]
+
+
+def test_an_extension_request_round_trips(store: Store) -> None:
+    rid = ask(store, "9" * 32, extends_session="e" * 32)
+    got = store.get_request(rid)
+    assert (got.extends, got.session_id) == (True, "e" * 32)
+    assert store.access_trail(request_id=rid)[0].detail["extends_session"] == "e" * 32

@@ -55,6 +55,7 @@ def upgrade() -> None:
         sa.Column("decided_by", sa.Text(), nullable=True),
         sa.Column("decision_note", sa.Text(), nullable=True),
         sa.Column("session_id", sa.String(32), nullable=True),
+        sa.Column("extends", sa.Integer(), nullable=False),
         sa.Column("version", sa.Integer(), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_access_requests"),
     )
