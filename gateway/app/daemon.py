@@ -45,7 +45,7 @@ from gateway.identity.hashing import hash_password, new_token, token_digest
 from gateway.identity.principals import ALL_PROJECTS, PrincipalKind, Role
 from gateway.identity.service import TokenKind
 from gateway.net import peercred
-from gateway.net.listener import LISTEN_BACKLOG
+from gateway.net.acceptor import LISTEN_BACKLOG
 from gateway.net.tls import ensure_local_certificate, server_context
 from gateway.net.tunnel import TunnelEndpoint
 from gateway.store import Store

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import errno
 import hmac
-import itertools
 import os
 import pwd
 import socket
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from gateway.errors import GatewayError, InvalidRequest
+from gateway.net.acceptor import LISTEN_BACKLOG, Acceptor, listening_socket
 from gateway.net.connection import ConnectionLife, LiveConnection
 from gateway.net.peercred import socket_peer_owner
 from gateway.net.ports import ConnectionAuditTap, ConnectionHost, GrantInfo
@@ -48,21 +48,13 @@ from gateway.refusal import Refusal, RefusalPlace, RefusalReason
 
 log = structlog.get_logger(__name__)
 
-_connection_numbers = itertools.count(1)
-#: The listen() backlog of a grant's port. asyncio's default (100) turned a burst
-#: of 2,000 connections into SYN retransmissions (18.4 s to accept them all); the
-#: kernel caps this at net.core.somaxconn (4096 by default since Linux 5.4).
-LISTEN_BACKLOG = 4096
 #: The port a Unix socket is named after when none is asked for (libpq's default).
 DEFAULT_SOCKET_PORT = 5432
 #: sun_path's size on Linux, its terminating NUL included (unix(7)).
 _SUN_PATH_MAX = 108
-#: Seconds before accepting again after an accept error (asyncio's own value).
-_ACCEPT_RETRY_DELAY = 1.0
 
 __all__ = [
     "DEFAULT_SOCKET_PORT",
-    "LISTEN_BACKLOG",
     "AccessListener",
     "ConnectionAuditTap",
     "ConnectionHost",
@@ -86,11 +78,12 @@ class AccessListener:
     owner_uid: int | None = None
     #: serve on this Unix socket path instead of a TCP port (``port`` names it)
     unix_path: str | None = None
-    _listening: socket.socket | None = None
     _unix_inode: int | None = None
     _owner_name: str = ""
-    _acceptor: asyncio.Task[None] | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _doors: Acceptor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._doors = Acceptor(f"grant-{self.grant.session_id[:8]}")
 
     async def start(self) -> int:
         # A socket of our own rather than asyncio.start_server: a connection's
@@ -102,35 +95,10 @@ class AccessListener:
             sock = _bind_unix(self.unix_path, self.owner_uid)
             self._unix_inode = os.stat(self.unix_path).st_ino
         else:
-            family = socket.AF_INET6 if ":" in self.listen_host else socket.AF_INET
-            sock = socket.create_server(
-                (self.listen_host, self.port), family=family, backlog=LISTEN_BACKLOG
-            )
+            sock = listening_socket(self.listen_host, self.port)
             self.port = sock.getsockname()[1]
-        sock.setblocking(False)
-        self._listening = sock
-        self._acceptor = asyncio.create_task(
-            self._accept_loop(sock), name=f"grant-{self.grant.session_id[:8]}-accept"
-        )
+        self._doors.start(sock, lambda client, _address, number: self._serve(client, number))
         return self.port
-
-    async def _accept_loop(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                client, _address = await loop.sock_accept(sock)
-            except OSError as exc:
-                # Out of descriptors or the like: keep the door, retry later,
-                # as asyncio's own server does (ACCEPT_RETRY_DELAY).
-                log.warning("accept_failed", session_id=self.grant.session_id, error=str(exc))
-                await asyncio.sleep(_ACCEPT_RETRY_DELAY)
-                continue
-            number = next(_connection_numbers)
-            task = asyncio.create_task(
-                self._serve(client, number), name=f"grant-{self.grant.session_id[:8]}-c{number}"
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
 
     def end(self, termination: Termination) -> None:
         """Refuse new connections and end every live one with ``termination``."""
@@ -147,29 +115,18 @@ class AccessListener:
 
     async def wait_idle(self, timeout: float) -> None:
         """Wait (bounded) until no connection handler is running."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout)
+        await self._doors.wait(timeout)
 
     async def close(self, *, wait: float = 3.0) -> None:
         """Stop listening and wait (bounded) for connection handlers to finish."""
-        if self._acceptor is not None:
-            self._acceptor.cancel()
-            await asyncio.gather(self._acceptor, return_exceptions=True)
-            self._acceptor = None
-        if self._listening is not None:
-            self._listening.close()
-            self._listening = None
+        await self._doors.stop_accepting()
         if self.unix_path is not None and self._unix_inode is not None:
             # Only the socket this listener made: a file put there since stays.
             with contextlib.suppress(OSError):
                 if os.lstat(self.unix_path).st_ino == self._unix_inode:
                     os.unlink(self.unix_path)
             self._unix_inode = None
-        if self._tasks:
-            _done, pending = await asyncio.wait(set(self._tasks), timeout=wait)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await self._doors.cancel_after(wait)
 
     async def _serve(self, sock: socket.socket, number: int) -> None:
         sock.setblocking(False)
@@ -227,14 +184,10 @@ class AccessListener:
         """Serve a connection that came through the tunnel, as one of this door's own
         (same life, same live set, cut and cancelled the same way); ``client_addr``
         is the tunnel's peer, the laptop, not a loopback forwarder."""
-        number = next(_connection_numbers)
-        task = asyncio.create_task(
-            self._serve_streams(reader, writer, client_addr, number),
-            name=f"grant-{self.grant.session_id[:8]}-t{number}",
+        number = Acceptor.next_number()
+        return self._doors.track(
+            self._serve_streams(reader, writer, client_addr, number), number, kind="t"
         )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     async def _serve_streams(
         self,

@@ -28,7 +28,6 @@ the laptop and the gateway keep an idle one (a long ``pg_sleep``) open.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -37,8 +36,8 @@ from typing import Protocol
 
 import structlog
 
+from gateway.net.acceptor import Acceptor, listening_socket
 from gateway.net.client_startup import ClientStarted, read_tunnelled_startup
-from gateway.net.listener import LISTEN_BACKLOG
 from gateway.net.relay import READ_SIZE, Termination, close_writer
 from gateway.protocol.startup import CancelRequest
 from gateway.reasons import ConnectionEndReason
@@ -46,14 +45,10 @@ from gateway.refusal import Refusal, RefusalPlace, RefusalReason, address_host
 
 log = structlog.get_logger(__name__)
 
-#: Connections waiting to be accepted; a burst of a whole team's tools connecting
-#: at once must not be turned away by the kernel.
-_ACCEPT_RETRY_DELAY = 1.0
 #: TCP keepalive: first probe after a minute idle, then every 15 s, 4 misses.
 KEEPALIVE_IDLE_SECONDS = 60
 KEEPALIVE_INTERVAL_SECONDS = 15
 KEEPALIVE_PROBES = 4
-_numbers = itertools.count(1)
 
 
 class TunnelDoor(Protocol):
@@ -96,48 +91,21 @@ class TunnelEndpoint:
     startup_timeout: float = 15.0
     #: told of every refused tunnel connection (the gateway records it)
     on_refusal: Callable[[Refusal], None] | None = None
-    _listening: socket.socket | None = None
-    _acceptor: asyncio.Task[None] | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _doors: Acceptor = field(default_factory=lambda: Acceptor("tunnel"))
 
     async def start(self) -> int:
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.create_server((self.host, self.port), family=family, backlog=LISTEN_BACKLOG)
-        sock.setblocking(False)
-        self._listening = sock
+        sock = listening_socket(self.host, self.port)
         self.port = sock.getsockname()[1]
-        self._acceptor = asyncio.create_task(self._accept_loop(sock), name="tunnel-accept")
+        self._doors.start(
+            sock, lambda client, address, _number: self._serve(client, _address(address))
+        )
         log.info("tunnel_listening", host=self.host, port=self.port)
         return self.port
 
     async def close(self) -> None:
         """Stop accepting; connections already handed to a grant are the grant's."""
-        if self._acceptor is not None:
-            self._acceptor.cancel()
-            await asyncio.gather(self._acceptor, return_exceptions=True)
-            self._acceptor = None
-        if self._listening is not None:
-            self._listening.close()
-            self._listening = None
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _accept_loop(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                client, address = await loop.sock_accept(sock)
-            except OSError as exc:
-                log.warning("tunnel_accept_failed", error=str(exc))
-                await asyncio.sleep(_ACCEPT_RETRY_DELAY)
-                continue
-            number = next(_numbers)
-            task = asyncio.create_task(
-                self._serve(client, _address(address)), name=f"tunnel-{number}"
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        await self._doors.stop_accepting()
+        await self._doors.cancel_after(0)
 
     async def _serve(self, sock: socket.socket, client_addr: str) -> None:
         sock.setblocking(False)
