@@ -15,6 +15,7 @@ clock and the audit chain they share):
 * :mod:`gateway.store.sessions`: access sessions, their ends and seals;
 * :mod:`gateway.store.connections`: connection starts and ends;
 * :mod:`gateway.store.identity`: principals, tokens, roles and policies;
+* :mod:`gateway.store.sso`: single sign-on's provider, group mapping and sign-ins;
 * :mod:`gateway.store.refusals`: refused API calls and connections, with counts;
 * :mod:`gateway.store.audit` and :mod:`gateway.store.trail`: the audit trail.
 
@@ -38,11 +39,20 @@ from gateway.store.identity import IdentityStore
 from gateway.store.refusals import RefusalStore
 from gateway.store.resources import ResourceStore
 from gateway.store.sessions import SessionStore
+from gateway.store.sso import SsoStore
 
 __all__ = ["SqliteSynchronous", "Store", "StoreError"]
 
 
-class Store(ResourceStore, SessionStore, ConnectionStore, AuditStore, IdentityStore, RefusalStore):
+class Store(
+    ResourceStore,
+    SessionStore,
+    ConnectionStore,
+    AuditStore,
+    IdentityStore,
+    RefusalStore,
+    SsoStore,
+):
     """Synchronous access to the gateway's persistent state. See the module docstring.
 
     Open it with :meth:`open`; every method is inherited from the class of its
