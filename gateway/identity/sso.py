@@ -282,6 +282,9 @@ class SsoService:
                 "too many wrong codes from this address",
                 hint=f"try again in {max(1, round(wait))} s",
             )
+        # The provider first: the code is used up only once nothing else can fail.
+        provider = await self._configured()
+        metadata = await self._provider_metadata(provider.issuer)
         self._forget_expired()
         attempt = self._by_code.pop(normalise_user_code(user_code), None)
         if attempt is None or attempt.status != _AWAITING_CODE:
@@ -290,8 +293,6 @@ class SsoService:
                 "that code is unknown, expired or already used",
                 hint="check the code your terminal shows, or run `pam login --sso --device` again",
             )
-        provider = await self._configured()
-        metadata = await self._provider_metadata(provider.issuer)
         attempt.status = _AWAITING_CALLBACK
         return self._authorize(attempt, provider, metadata)
 
