@@ -20,7 +20,8 @@ Two ways to start, one way to finish:
 Invariants:
 * A sign-in attempt lives in this daemon's memory for :data:`ATTEMPT_SECONDS`
   at most (a restart forgets them: the person runs ``pam login`` again), at
-  most :data:`MAX_ATTEMPTS` at once (the oldest are dropped). Its poll handle
+  most :data:`MAX_ATTEMPTS` at once (the oldest are dropped) and
+  :data:`MAX_ATTEMPTS_PER_ADDRESS` from one address. Its poll handle
   and its state are kept as SHA-256 digests only; the handle is a 256-bit
   secret only the CLI holds, and the result (the session token) is given once,
   to the first poll after it, then forgotten.
@@ -82,6 +83,9 @@ __all__ = [
 ATTEMPT_SECONDS: Final = 600.0
 #: Sign-ins in progress at once (the oldest are dropped beyond this).
 MAX_ATTEMPTS: Final = 1000
+#: Sign-ins in progress from one address at once (so that one address cannot
+#: push everyone else's out).
+MAX_ATTEMPTS_PER_ADDRESS: Final = 50
 #: How often the CLI is told to poll (seconds).
 POLL_INTERVAL_SECONDS: Final = 1.0
 #: Wrong device codes from one address before a pause (LoginThrottle's window).
@@ -243,6 +247,11 @@ class SsoService:
         metadata = await self._provider_metadata(provider.issuer)
         base = (provider.redirect_base or base_url).rstrip("/")
         self._forget_expired()
+        if sum(a.source == source for a in self._attempts.values()) >= MAX_ATTEMPTS_PER_ADDRESS:
+            raise InvalidRequest(
+                "too many sign-ins in progress from this address",
+                hint="finish one, or wait: an unfinished sign-in lasts 10 minutes",
+            )
         handle = secrets.token_urlsafe(32)
         now = self._clock()
         attempt = _Attempt(

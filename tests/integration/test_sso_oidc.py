@@ -566,3 +566,25 @@ def test_configuring_a_provider_that_is_not_there_says_so(sso: Gateway, idp: Idp
     assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1
     # The working configuration is still in place.
     assert sso.cli_json("sso", "show")["issuer"] == idp.url
+
+
+def test_one_address_cannot_hold_more_than_fifty_sign_ins(
+    idp: Idp, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """On a gateway of its own: the module's shares its loopback address."""
+    gateway = Gateway(tmp_path_factory.mktemp("sso-cap"))
+    gateway.init()
+    gateway.start()
+    try:
+        gateway.cli("sso", "configure", "--issuer", idp.url, "--client-id", idp.client_id,
+                    "--client-secret-stdin", input=idp.client_secret + "\n")  # fmt: skip
+        config = json.loads(gateway.config_path.read_text())
+        verify = ssl.create_default_context(cadata=config["ca_cert"])
+        with httpx.Client(base_url=config["api_url"], verify=verify, trust_env=False) as client:
+            for _ in range(50):
+                assert client.post("/v1/sso/start", json={}).status_code == 201
+            refused = client.post("/v1/sso/start", json={"device": True})
+            assert refused.status_code == 400
+            assert "too many sign-ins in progress" in refused.json()["error"]["message"]
+    finally:
+        gateway.close()
