@@ -261,3 +261,40 @@ class TrailRecordJson(TypedDict):
     at: str
     state: str
     detail: dict[str, Any]
+
+
+class SsoConfigJson(TypedDict):
+    issuer: str
+    client_id: str
+    groups_claim: str
+    scopes: str
+    redirect_base: str | None
+    redirect_uri: str | None
+    updated_at: str
+
+
+class SsoGroupJson(TypedDict):
+    claim_value: str
+    group: str
+    project: str | None
+
+
+class SsoStartJson(TypedDict):
+    handle: str
+    expires_at: str
+    interval: float
+    authorization_url: str | None
+    user_code: str | None
+    verification_uri: str | None
+    verification_uri_complete: str | None
+
+
+class SsoPollJson(TypedDict):
+    status: str
+    token: str | None
+    token_id: str | None
+    user: str | None
+    expires_at: str | None
+    groups: list[str]
+    message: str | None
+    hint: str | None

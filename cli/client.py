@@ -50,6 +50,10 @@ from cli.api_json import RequestJson as RequestJson
 from cli.api_json import ResourceJson as ResourceJson
 from cli.api_json import SessionDetailJson as SessionDetailJson
 from cli.api_json import SessionJson as SessionJson
+from cli.api_json import SsoConfigJson as SsoConfigJson
+from cli.api_json import SsoGroupJson as SsoGroupJson
+from cli.api_json import SsoPollJson as SsoPollJson
+from cli.api_json import SsoStartJson as SsoStartJson
 from cli.api_json import TokenJson as TokenJson
 from cli.api_json import TrailRecordJson as TrailRecordJson
 from cli.api_json import VerifyResultJson as VerifyResultJson
@@ -316,6 +320,51 @@ class ApiClient:
 
     def remove_policy(self, name: str) -> None:
         self.delete(f"/v1/policies/{seg(name)}")
+
+    # --- single sign-on -----------------------------------------------------------------
+
+    def sso_start(self, *, device: bool = False) -> SsoStartJson:
+        return cast(SsoStartJson, self.post("/v1/sso/start", {"device": device}))
+
+    def sso_poll(self, handle: str) -> SsoPollJson:
+        return cast(SsoPollJson, self.post("/v1/sso/poll", {"handle": handle}))
+
+    def sso_config(self) -> SsoConfigJson:
+        return cast(SsoConfigJson, self.get("/v1/sso/config"))
+
+    def sso_configure(
+        self,
+        *,
+        issuer: str,
+        client_id: str,
+        client_secret: str | None,
+        groups_claim: str,
+        scopes: str,
+        redirect_base: str | None,
+    ) -> SsoConfigJson:
+        body = {
+            "issuer": issuer,
+            "client_id": client_id,
+            "groups_claim": groups_claim,
+            "scopes": scopes,
+            "redirect_base": redirect_base,
+        }
+        if client_secret is not None:
+            body["client_secret"] = client_secret
+        return cast(SsoConfigJson, self.request("PUT", "/v1/sso/config", json=body))
+
+    def sso_remove(self) -> None:
+        self.delete("/v1/sso/config")
+
+    def sso_groups(self) -> list[SsoGroupJson]:
+        return cast(list[SsoGroupJson], self.get("/v1/sso/groups"))
+
+    def sso_map_group(self, claim_value: str, group: str, project: str | None) -> SsoGroupJson:
+        body = {"claim_value": claim_value, "group": group, "project": project}
+        return cast(SsoGroupJson, self.post("/v1/sso/groups", body))
+
+    def sso_unmap_group(self, claim_value: str) -> None:
+        self.request("DELETE", "/v1/sso/groups", params={"claim_value": claim_value})
 
     # --- review ------------------------------------------------------------------------
 

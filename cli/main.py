@@ -32,6 +32,7 @@ from cli.commands import (
     requests,
     resources,
     sessions,
+    sso,
 )
 from cli.render import printable
 from gateway.errors import GatewayError
@@ -100,6 +101,7 @@ for _command in (
     identity.token,
     policies.policy,
     requests.requests,
+    sso.sso,
 ):
     cli.add_command(_command)
 

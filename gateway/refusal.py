@@ -45,6 +45,9 @@ class RefusalReason(StrEnum):
     LOCAL_TOKEN_REMOTE = "local_token_remote"
     #: `pam login` with a wrong name or password
     BAD_PASSWORD = "bad_password"
+    #: a single sign-on refused: an unknown or replayed state, a bad ID token, a
+    #: provider's refusal, a taken name, a disabled user, a wrong device code
+    SSO_REFUSED = "sso_refused"
     #: 403: a known caller whose role does not allow the call
     FORBIDDEN = "forbidden"
     #: 403: an access request that no policy allows (or one beyond its limits)

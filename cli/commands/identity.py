@@ -16,6 +16,7 @@ from cli.access import parse_duration
 from cli.client import ApiClient
 from cli.commands import api_client, json_option, read_password
 from cli.render import console, local_time, print_json, printable, table
+from cli.sso_login import sso_sign_in
 from gateway.config import (
     Profile,
     client_config_path,
@@ -35,24 +36,56 @@ ROLES = click.Choice(["admin", "auditor", "member"])
     default=None,
     help="The gateway's CA certificate (`pam gateway ca-cert`), pinned from now on.",
 )
-@click.option("--user", "user", required=True)
+@click.option("--user", "user", default=None, help="Your user name (password sign-in).")
 @click.option("--password-stdin", is_flag=True, help="Read the password from stdin's first line.")
-def login(api_url: str, ca_cert: Path | None, user: str, password_stdin: bool) -> None:
-    """Sign in to a gateway; its session token is kept in the client config."""
+@click.option("--sso", is_flag=True, help="Sign in with the gateway's identity provider.")
+@click.option(
+    "--device",
+    is_flag=True,
+    help="With --sso: show a code to enter in a browser anywhere (no browser here).",
+)
+def login(
+    api_url: str,
+    ca_cert: Path | None,
+    user: str | None,
+    password_stdin: bool,
+    sso: bool,
+    device: bool,
+) -> None:
+    """Sign in to a gateway; its session token is kept in the client config.
+
+    With a password (--user), or with single sign-on (--sso): the URL to open is
+    printed (and opened in a browser where there is one; PAM_NO_BROWSER=1 never
+    does), and `--sso --device` shows a code to enter on any device instead.
+    """
     api_url = api_url.rstrip("/")
-    password = read_password(password_stdin, f"Password for {user}", confirm=False)
+    if sso == (user is not None):
+        raise click.UsageError("give either --user (a password) or --sso")
+    if device and not sso:
+        raise click.UsageError("--device is for --sso")
+    if sso and password_stdin:
+        raise click.UsageError("--password-stdin is for --user")
+    password = None if sso else read_password(password_stdin, f"Password for {user}", confirm=False)
     pem = ca_cert.read_text() if ca_cert else None
+    groups: list[str] = []
     with ApiClient(Profile(api_url=api_url, token="", ca_cert=pem)) as client:
-        issued = client.login(user, password)
+        if password is not None and user is not None:
+            issued = client.login(user, password)
+            token, name, expires_at = issued["token"], issued["user"], issued["expires_at"]
+        else:
+            done = sso_sign_in(client, device=device)
+            token, name, expires_at = done["token"] or "", done["user"] or "", done["expires_at"]
+            groups = done["groups"]
         gateway_id = client.health()["gateway_id"]
     path = save_profile(
-        Profile(
-            api_url=api_url, token=issued["token"], user=user, gateway_id=gateway_id, ca_cert=pem
-        )
+        Profile(api_url=api_url, token=token, user=name, gateway_id=gateway_id, ca_cert=pem)
     )
-    until = local_time(issued["expires_at"]) if issued["expires_at"] else "until revoked"
+    until = local_time(expires_at) if expires_at else "until revoked"
+    member = f"; groups {', '.join(groups)}" if groups else ""
     console.print(
-        f"Signed in to {printable(api_url)} as {printable(user)} ({until}); {path}", markup=False
+        f"Signed in to {printable(api_url)} as {printable(name)} ({until}{printable(member)});"
+        f" {path}",
+        markup=False,
     )
 
 

@@ -41,6 +41,7 @@ from gateway.credentials.verify import VerifyResult, verify
 from gateway.errors import InvalidRequest, NotFound
 from gateway.identity.principals import Principal
 from gateway.identity.service import IdentityService
+from gateway.identity.sso import SsoService
 from gateway.store import Store
 
 T = TypeVar("T")
@@ -117,6 +118,8 @@ class Gateway:
             session_ttl=timedelta(seconds=settings.login_ttl_seconds),
             on_disabled=self._principal_disabled,
         )
+        #: single sign-on with OpenID Connect (``/v1/sso``)
+        self.sso = SsoService(store, self.db, self.identity)
 
     async def _principal_disabled(self, principal_id: str, name: str) -> None:
         await self.grants.end_grants_of(principal_id, detail=f"user {name} was disabled")
@@ -143,6 +146,7 @@ class Gateway:
         await self.grants.shutdown()
         # The interval's counts are written before the store thread stops.
         await self.refusals.close()
+        await self.sso.close()
         self.db.shutdown()
 
     async def refresh_secrets(self) -> None:

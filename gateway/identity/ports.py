@@ -8,7 +8,16 @@ from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 from gateway.identity.policy import Policy
-from gateway.identity.principals import Principal, PrincipalInfo, PrincipalKind, Role, TokenInfo
+from gateway.identity.principals import (
+    GroupMapping,
+    Principal,
+    PrincipalInfo,
+    PrincipalKind,
+    Role,
+    SsoProvider,
+    SsoSignIn,
+    TokenInfo,
+)
 
 T = TypeVar("T")
 
@@ -53,6 +62,35 @@ class IdentityStore(Protocol):
     def policies(self, project: str | None = None) -> list[Policy]: ...
 
     def remove_policy(self, name: str) -> None: ...
+
+
+class SsoStore(Protocol):
+    """Single sign-on's part of the store (``gateway.store.sso``)."""
+
+    def sso_provider(self) -> SsoProvider | None: ...
+
+    def sso_client_secret(self) -> str:
+        """The client secret, unsealed (for the token endpoint only)."""
+        ...
+
+    def set_sso_provider(self, provider: SsoProvider, *, client_secret: str | None) -> None:
+        """Create or replace the provider; *client_secret* None keeps the stored one."""
+        ...
+
+    def remove_sso_provider(self) -> bool: ...
+
+    def sso_mappings(self) -> list[GroupMapping]: ...
+
+    def map_sso_group(self, mapping: GroupMapping) -> GroupMapping: ...
+
+    def unmap_sso_group(self, claim_value: str) -> None: ...
+
+    def sso_sign_in(
+        self, *, issuer: str, subject: str, name: str, claim_values: tuple[str, ...]
+    ) -> SsoSignIn:
+        """Find the principal bound to (*issuer*, *subject*) or create it as *name*,
+        and set its sign-in groups and memberships from the mapping: one transaction."""
+        ...
 
 
 class StoreThread(Protocol):

@@ -23,10 +23,13 @@ from typing import Final
 __all__ = [
     "ALL_PROJECTS",
     "DEFAULT_PROJECT",
+    "GroupMapping",
     "Principal",
     "PrincipalInfo",
     "PrincipalKind",
     "Role",
+    "SsoProvider",
+    "SsoSignIn",
     "TokenInfo",
 ]
 
@@ -105,3 +108,41 @@ class TokenInfo:
     principal_id: str
     kind: str
     expires_at: datetime | None
+
+
+@dataclass(frozen=True)
+class SsoProvider:
+    """The gateway's OpenID Connect client registration, without its secret."""
+
+    issuer: str
+    client_id: str
+    groups_claim: str
+    #: space-separated, as sent to the provider
+    scopes: str
+    #: the public base of the callback URL (``<base>/v1/sso/callback``); None: the
+    #: address the CLI reached the gateway at
+    redirect_base: str | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class GroupMapping:
+    """A value of the groups claim, the pam group its holders join, and the
+    project (if any) whose ``member`` role they get."""
+
+    claim_value: str
+    group: str
+    project: str | None
+
+
+@dataclass(frozen=True)
+class SsoSignIn:
+    """A principal as a sign-in left it."""
+
+    principal_id: str
+    name: str
+    #: every group it has now (an admin's and the sign-in's)
+    groups: tuple[str, ...]
+    #: the projects the mapping made it a member of at this sign-in
+    member_of: tuple[str, ...]
+    created: bool

@@ -171,6 +171,11 @@ class IdentityService:
         self.throttle.succeeded(keys[0])
         return await self._issue(found[0], name, TokenKind.SESSION, self._session_ttl)
 
+    async def issue_session(self, principal_id: str, name: str) -> IssuedToken:
+        """A session token for a principal another way of signing in vouched for
+        (single sign-on: :mod:`gateway.identity.sso`), as a password sign-in makes."""
+        return await self._issue(principal_id, name, TokenKind.SESSION, self._session_ttl)
+
     async def logout(self, token: str) -> None:
         """Revoke *token* if it is a sign-in's session token; a machine token or
         this host's local token is not ended by signing out (an admin revokes

@@ -36,6 +36,7 @@ from gateway.store.rows import new_id
 from gateway.store.schema import (
     policies,
     principal_groups,
+    principal_identities,
     principals,
     role_bindings,
     sessions,
@@ -195,7 +196,7 @@ class IdentityStore(StoreBase):
             ).scalar_one()
             if used:
                 return False
-            for table in (tokens, role_bindings, principal_groups):
+            for table in (tokens, role_bindings, principal_groups, principal_identities):
                 conn.execute(delete(table).where(table.c.principal_id == info.id))
             conn.execute(delete(principals).where(principals.c.id == info.id))
         return True

@@ -60,11 +60,14 @@ __all__ = [
     "metadata",
     "policies",
     "principal_groups",
+    "principal_identities",
     "principals",
     "refusals",
     "resources",
     "role_bindings",
     "sessions",
+    "sso_group_mappings",
+    "sso_providers",
     "tokens",
 ]
 
@@ -218,6 +221,8 @@ principal_groups = Table(
     metadata,
     Column("principal_id", String(ID_LENGTH), ForeignKey("principals.id"), primary_key=True),
     Column("group_name", String(NAME_LENGTH), primary_key=True),
+    #: ``manual`` (an admin's) or ``sso`` (the last sign-in's; revision 0011)
+    Column("source", String(8), nullable=False, server_default="manual"),
 )
 
 #: One role per principal and project; project ``*`` is every project.
@@ -227,6 +232,8 @@ role_bindings = Table(
     Column("principal_id", String(ID_LENGTH), ForeignKey("principals.id"), primary_key=True),
     Column("project", String(NAME_LENGTH), primary_key=True),
     Column("role", String(16), nullable=False),
+    #: ``manual`` (an admin's) or ``sso`` (the last sign-in's; revision 0011)
+    Column("source", String(8), nullable=False, server_default="manual"),
 )
 
 #: API tokens, kept as SHA-256 only. ``kind``: ``session`` (pam login, short
@@ -394,6 +401,47 @@ refusals = Table(
     Column("count", Integer, nullable=False),
     Column("recorded_at", UtcTimestamp, nullable=False),
     Index(None, "last_at"),
+)
+
+#: The OpenID Connect provider of single sign-on (revision 0011): one row, id
+#: ``oidc``. The client secret is sealed with the master key, the row id as
+#: associated data.
+sso_providers = Table(
+    "sso_providers",
+    metadata,
+    Column("id", String(16), primary_key=True),
+    Column("issuer", Text, nullable=False),
+    Column("client_id", Text, nullable=False),
+    Column("client_secret_ciphertext", LargeBinary, nullable=False),
+    Column("groups_claim", String(255), nullable=False),
+    #: space-separated, as OAuth sends them
+    Column("scopes", Text, nullable=False),
+    Column("redirect_base", Text, nullable=True),
+    Column("updated_at", UtcTimestamp, nullable=False),
+)
+
+#: A value of the groups claim -> a pam group, and the project (if any) whose
+#: ``member`` role its holders get at sign-in.
+sso_group_mappings = Table(
+    "sso_group_mappings",
+    metadata,
+    Column("claim_value", String(255), primary_key=True),
+    Column("group_name", String(NAME_LENGTH), nullable=False),
+    Column("project", String(NAME_LENGTH), nullable=True),
+    Column("created_at", UtcTimestamp, nullable=False),
+)
+
+#: Which identity provider subject a principal is: (issuer, subject) is unique,
+#: and a sign-in finds its principal by it, never by name.
+principal_identities = Table(
+    "principal_identities",
+    metadata,
+    Column("principal_id", String(ID_LENGTH), ForeignKey("principals.id"), primary_key=True),
+    Column("issuer", Text, nullable=False),
+    Column("subject", String(255), nullable=False),
+    Column("created_at", UtcTimestamp, nullable=False),
+    Column("last_sign_in_at", UtcTimestamp, nullable=False),
+    UniqueConstraint("issuer", "subject"),
 )
 
 #: Alembic's bookkeeping table. Prefixed so the store can share a PostgreSQL

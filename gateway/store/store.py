@@ -15,6 +15,7 @@ clock and the audit chain they share):
 * :mod:`gateway.store.sessions`: access sessions, their ends and seals;
 * :mod:`gateway.store.connections`: connection starts and ends;
 * :mod:`gateway.store.identity`: principals, tokens, roles and policies;
+* :mod:`gateway.store.sso`: single sign-on's provider, group mapping and sign-ins;
 * :mod:`gateway.store.refusals`: refused API calls and connections, with counts;
 * :mod:`gateway.store.audit` and :mod:`gateway.store.trail`: the audit trail.
 
@@ -39,6 +40,7 @@ from gateway.store.refusals import RefusalStore
 from gateway.store.requests import RequestStore
 from gateway.store.resources import ResourceStore
 from gateway.store.sessions import SessionStore
+from gateway.store.sso import SsoStore
 
 __all__ = ["SqliteSynchronous", "Store", "StoreError"]
 
@@ -51,6 +53,7 @@ class Store(
     IdentityStore,
     RefusalStore,
     RequestStore,
+    SsoStore,
 ):
     """Synchronous access to the gateway's persistent state. See the module docstring.
 

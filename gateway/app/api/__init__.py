@@ -2,7 +2,8 @@
 
 One router per area (``routers/``), API models of its own (``models.py``), and the
 caller check and error format every route shares (``deps.py``). Every route but
-``/v1/health`` and ``/v1/login`` needs ``Authorization: Bearer <token>``; the
+``/v1/health``, ``/v1/login`` and single sign-on's (``/v1/sso``: start, poll,
+callback, device) needs ``Authorization: Bearer <token>``; the
 OpenAPI document and docs pages are not served. Errors are JSON
 ``{"error": {"type", "message", "hint"}}`` with a fitting status code. Passwords
 travel only inward (add, rotate) and are never part of a response.
@@ -26,6 +27,7 @@ from gateway.app.api.routers import (
     requests,
     resources,
     review,
+    sso,
 )
 from gateway.app.gateway import Gateway
 
@@ -46,6 +48,7 @@ def create_app(service: Gateway) -> FastAPI:
     # Open: liveness, and signing in (which is how a caller gets a token).
     app.include_router(health.router)
     app.include_router(identity.login_router)
-    for module in (resources, access, requests, review, identity, policies, refusals):
+    app.include_router(sso.public_router)
+    for module in (resources, access, requests, review, identity, policies, refusals, sso):
         app.include_router(module.router, dependencies=[Depends(current_principal)])
     return app

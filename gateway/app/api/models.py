@@ -397,3 +397,75 @@ class RefusalOut(_Out):
     reason: str
     message: str
     count: int
+
+
+# --- single sign-on (OpenID Connect) ------------------------------------------------
+
+
+class SsoConfigIn(BaseModel):
+    issuer: str = Field(min_length=1, max_length=2000)
+    client_id: str = Field(min_length=1, max_length=255)
+    #: None keeps the stored secret (a change of the other settings only)
+    client_secret: SecretStr | None = Field(default=None, max_length=4096)
+    groups_claim: str = Field(default="groups", min_length=1, max_length=255)
+    scopes: str = Field(default="openid profile email", min_length=1, max_length=1000)
+    redirect_base: str | None = Field(default=None, max_length=2000)
+
+
+class SsoConfigOut(BaseModel):
+    """The provider's registration; the client secret is never part of it."""
+
+    issuer: str
+    client_id: str
+    groups_claim: str
+    scopes: str
+    redirect_base: str | None
+    #: the callback to register at the provider (None: every address CLIs use)
+    redirect_uri: str | None
+    updated_at: datetime
+
+
+class SsoGroupIn(BaseModel):
+    claim_value: str = Field(min_length=1, max_length=255)
+    group: str = Field(min_length=1, max_length=64)
+    project: str | None = None
+
+
+class SsoGroupOut(BaseModel):
+    claim_value: str
+    group: str
+    project: str | None
+
+
+class SsoStartIn(BaseModel):
+    device: bool = False
+
+
+class SsoStartOut(BaseModel):
+    """A sign-in begun: the handle to poll with (shown once), and the URL to open
+    or the code to enter at ``verification_uri``."""
+
+    handle: str
+    expires_at: datetime
+    interval: float
+    authorization_url: str | None
+    user_code: str | None
+    verification_uri: str | None
+    verification_uri_complete: str | None
+
+
+class SsoPollIn(BaseModel):
+    handle: SecretStr = Field(min_length=1, max_length=200)
+
+
+class SsoPollOut(BaseModel):
+    """``pending``, ``done`` (the token, once), ``failed`` or ``expired`` (why)."""
+
+    status: str
+    token: str | None = None
+    token_id: str | None = None
+    user: str | None = None
+    expires_at: datetime | None = None
+    groups: list[str] = Field(default_factory=list)
+    message: str | None = None
+    hint: str | None = None
