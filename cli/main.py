@@ -31,6 +31,7 @@ from cli.commands import (
     policies,
     resources,
     sessions,
+    webhooks,
 )
 from cli.render import printable
 from gateway.errors import GatewayError
@@ -98,6 +99,7 @@ for _command in (
     identity.user,
     identity.token,
     policies.policy,
+    webhooks.webhook,
 ):
     cli.add_command(_command)
 

@@ -4,11 +4,13 @@ A composition root: it alone (with the daemon and the audit writer process)
 knows the concrete :class:`~gateway.store.Store`, and hands it to the grant
 service, the credentials and the audit runtime as their ports. It wires the
 fail-closed cut (audit runtime -> every grant's live connections) and the
-gateway-wide refusal (admission <- audit runtime).
+gateway-wide refusal (admission <- audit runtime), and publishes the access
+events to the webhook notifier (``notifier.publish``: a grant opened, a
+session ended or revoked).
 
 :class:`Gateway` is what the control API's routers receive: ``db``, ``store``,
 ``audit_writer`` and ``live_connection_count`` (review), grants (access),
-``verify`` and ``refresh_secrets`` (resources).
+``verify`` and ``refresh_secrets`` (resources), ``webhooks`` (webhooks).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ from gateway.credentials.verify import VerifyResult, verify
 from gateway.errors import NotFound
 from gateway.identity.principals import Principal
 from gateway.identity.service import IdentityService
+from gateway.notify import Event, Notifier, RetryPolicy, Webhooks
+from gateway.notify.events import session_data
+from gateway.reasons import SessionEndReason
 from gateway.store import Store
 
 T = TypeVar("T")
@@ -101,12 +106,33 @@ class Gateway:
         #: the tunnel endpoint's bound port, once the daemon serves it
         self.tunnel_port: int | None = None
         self.audit.cut_live = self.grants.terminate_live
+        #: webhooks: ``publish(project, event, data)`` from anywhere on the loop
+        self.notifier = Notifier(
+            store,
+            self.db,
+            gateway_id=settings.gateway_id,
+            retry=RetryPolicy(
+                first_delay=settings.webhook_retry_first_delay_seconds,
+                factor=settings.webhook_retry_factor,
+                max_attempts=settings.webhook_max_attempts,
+                timeout=settings.webhook_timeout_seconds,
+            ),
+        )
+        self.webhooks = Webhooks(store, self.db, self.notifier)
+        self.grants.on_ended = self._session_ended
         self.identity = IdentityService(
             store,
             self.db,
             session_ttl=timedelta(seconds=settings.login_ttl_seconds),
             on_disabled=self._principal_disabled,
         )
+
+    def _session_ended(self, session: SessionRecord) -> None:
+        if session.project is None:
+            return  # a session from before projects: no project's webhooks to tell
+        revoked = session.end_reason == SessionEndReason.REVOKED
+        event = Event.ACCESS_REVOKED if revoked else Event.ACCESS_ENDED
+        self.notifier.publish(session.project, event, session_data(session))
 
     async def _principal_disabled(self, principal_id: str, name: str) -> None:
         await self.grants.end_grants_of(principal_id, detail=f"user {name} was disabled")
@@ -122,6 +148,7 @@ class Gateway:
         """Close what a crash left open, start the watchdog and the audit writer;
         returns how many sessions a crash had left open."""
         closed = await self.grants.start()
+        await self.notifier.start()
         if self.settings.audit_enabled:
             await self.credentials.refresh()
             await self.audit.start()
@@ -129,6 +156,8 @@ class Gateway:
 
     async def shutdown(self) -> None:
         await self.grants.shutdown()
+        # The sessions' end events go into the outbox before the store thread stops.
+        await self.notifier.close()
         # The interval's counts are written before the store thread stops.
         await self.refusals.close()
         self.db.shutdown()
@@ -181,7 +210,7 @@ class Gateway:
             duration_seconds=duration_seconds,
             reason=reason,
         )
-        return await self.grants.open_access(
+        session = await self.grants.open_access(
             requester=principal.name,
             resource=resource,
             account=account,
@@ -200,6 +229,9 @@ class Gateway:
             socket_dir=socket_dir,
             csr=csr,
         )
+        if project is not None:
+            self.notifier.publish(project, Event.ACCESS_OPENED, session_data(session))
+        return session
 
     def tunnel_offer(self, session_id: str) -> tuple[bytes, bytes, int] | None:
         """For a grant opened with a CSR: its certificate, the CA and the tunnel port."""

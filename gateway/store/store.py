@@ -16,6 +16,7 @@ clock and the audit chain they share):
 * :mod:`gateway.store.connections`: connection starts and ends;
 * :mod:`gateway.store.identity`: principals, tokens, roles and policies;
 * :mod:`gateway.store.refusals`: refused API calls and connections, with counts;
+* :mod:`gateway.store.webhooks`: webhooks (sealed secrets) and their outbox;
 * :mod:`gateway.store.audit` and :mod:`gateway.store.trail`: the audit trail.
 
 Invariants (each module states its own as well):
@@ -38,11 +39,20 @@ from gateway.store.identity import IdentityStore
 from gateway.store.refusals import RefusalStore
 from gateway.store.resources import ResourceStore
 from gateway.store.sessions import SessionStore
+from gateway.store.webhooks import WebhookStore
 
 __all__ = ["SqliteSynchronous", "Store", "StoreError"]
 
 
-class Store(ResourceStore, SessionStore, ConnectionStore, AuditStore, IdentityStore, RefusalStore):
+class Store(
+    ResourceStore,
+    SessionStore,
+    ConnectionStore,
+    AuditStore,
+    IdentityStore,
+    RefusalStore,
+    WebhookStore,
+):
     """Synchronous access to the gateway's persistent state. See the module docstring.
 
     Open it with :meth:`open`; every method is inherited from the class of its

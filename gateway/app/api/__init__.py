@@ -25,6 +25,7 @@ from gateway.app.api.routers import (
     refusals,
     resources,
     review,
+    webhooks,
 )
 from gateway.app.gateway import Gateway
 
@@ -45,6 +46,6 @@ def create_app(service: Gateway) -> FastAPI:
     # Open: liveness, and signing in (which is how a caller gets a token).
     app.include_router(health.router)
     app.include_router(identity.login_router)
-    for module in (resources, access, review, identity, policies, refusals):
+    for module in (resources, access, review, identity, policies, refusals, webhooks):
         app.include_router(module.router, dependencies=[Depends(current_principal)])
     return app

@@ -820,13 +820,13 @@ def test_reopening_an_existing_store_is_idempotent(
             assert again.get_session(session.id) == session
     with raw.connect() as conn:
         revisions = conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).all()
-    assert [r[0] for r in revisions] == ["0007"]
+    assert [r[0] for r in revisions] == ["0009"]
 
 
 def test_the_migrated_schema_matches_the_table_definitions(store: Store, raw: Engine) -> None:
     with raw.connect() as conn:
         context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
-        assert context.get_current_revision() == "0007"
+        assert context.get_current_revision() == "0009"
         assert compare_metadata(context, metadata) == []
 
 

@@ -913,7 +913,7 @@ def test_a_database_at_revision_0001_upgrades_with_its_sessions(
         _fill(store, session.id, 2)
         assert store.verify_audit() == []
     with raw.connect() as conn:
-        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0007"
+        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0009"
 
 
 # -- volume ----------------------------------------------------------------------------
