@@ -76,6 +76,11 @@ def _json_value(value: object) -> str:
     raise TypeError(f"{type(value).__name__} is not JSON")
 
 
+def _encode(data: Mapping[str, Any]) -> str:
+    # NaN and infinities are not JSON: refused here, not sent to a receiver's parser.
+    return json.dumps(dict(data), default=_json_value, ensure_ascii=False, allow_nan=False)
+
+
 def delivery_body(delivery: Delivery, data_json: str, gateway_id: str) -> bytes:
     """The request body: the same bytes for every attempt of a delivery."""
     body = {
@@ -138,7 +143,7 @@ class Notifier:
                 project=project,
                 event=event,
                 occurred_at=self._clock(),
-                data_json=json.dumps(dict(data), default=_json_value, ensure_ascii=False),
+                data_json=_encode(data),
             )
             loop = asyncio.get_running_loop()
             if len(self._queue) >= self._max_queued:
@@ -175,7 +180,7 @@ class Notifier:
             project=(await self._db(self._store.get_webhook, webhook_id)).project,
             event=event,
             occurred_at=self._clock(),
-            data_json=json.dumps(dict(data), default=_json_value, ensure_ascii=False),
+            data_json=_encode(data),
             webhook_id=webhook_id,
         )
         (delivery,) = await self._db(self._store.add_deliveries, [item])
@@ -254,10 +259,12 @@ class Notifier:
         task = asyncio.create_task(self._attempt(due), name=f"webhook-{delivery_id[:8]}")
         self._inflight[delivery_id] = task
 
-        def _done(_task: asyncio.Task[None]) -> None:
+        def _done(task: asyncio.Task[None]) -> None:
             # Only now, with the attempt on record, may the delivery be picked again.
             self._inflight.pop(delivery_id, None)
             self._wake.set()
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                log.error("webhook_attempt_crashed", delivery_id=delivery_id, error=repr(exc))
 
         task.add_done_callback(_done)
 

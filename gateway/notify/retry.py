@@ -1,8 +1,9 @@
 """The retry schedule of a delivery: exponential backoff, a fixed number of attempts.
 
 After the n-th failed attempt (n = 1, 2, ...) the next one is due
-``first_delay * factor ** (n - 1)`` seconds later; after ``max_attempts``
-failed attempts the delivery has failed for good. With the defaults
+``first_delay * factor ** (n - 1)`` seconds later, but never more than
+:data:`MAX_DELAY_SECONDS` (a day); after ``max_attempts`` failed attempts the
+delivery has failed for good. With the defaults
 (``gateway.config.GatewaySettings``: 10 s, factor 3, 8 attempts) the last
 attempt comes about three hours after the first.
 
@@ -12,8 +13,12 @@ Invariant: pure arithmetic; no clock, no I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
-__all__ = ["RetryPolicy"]
+__all__ = ["MAX_DELAY_SECONDS", "RetryPolicy"]
+
+#: the longest wait between two attempts, whatever the factor
+MAX_DELAY_SECONDS: Final = 86_400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,8 +40,14 @@ class RetryPolicy:
         """Seconds to wait after *attempts* failed attempts; None: give up."""
         if attempts >= self.max_attempts:
             return None
-        return self.first_delay * self.factor ** max(attempts - 1, 0)
+        return self._wait(max(attempts - 1, 0))
 
     def schedule(self) -> list[float]:
         """Every wait between attempts, in order (``max_attempts - 1`` of them)."""
-        return [self.first_delay * self.factor**n for n in range(self.max_attempts - 1)]
+        return [self._wait(n) for n in range(self.max_attempts - 1)]
+
+    def _wait(self, n: int) -> float:
+        try:
+            return min(self.first_delay * float(self.factor) ** n, MAX_DELAY_SECONDS)
+        except OverflowError:  # a large factor to a large power: past any cap
+            return MAX_DELAY_SECONDS

@@ -76,8 +76,9 @@ async def test_publish_never_raises_whatever_it_is_given(notifier: Notifier) -> 
     with capture_logs() as logs:
         notifier.publish("default", "access.nonsense", {})
         notifier.publish("default", "access.opened", {"when": object()})
+        notifier.publish("default", "access.opened", {"ratio": float("nan")})
         await asyncio.to_thread(notifier.publish, "default", "access.opened", {})  # no loop
-    assert [e["event"] for e in logs] == ["webhook_publish_failed"] * 3
+    assert [e["event"] for e in logs] == ["webhook_publish_failed"] * 4
     assert "unknown event 'access.nonsense'" in logs[0]["error"]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.notify.retry import RetryPolicy
+from gateway.notify.retry import MAX_DELAY_SECONDS, RetryPolicy
 
 
 def test_each_wait_is_the_factor_times_the_one_before_until_the_attempts_run_out() -> None:
@@ -42,3 +42,11 @@ def test_factor_one_is_a_constant_wait_and_one_attempt_never_retries() -> None:
 def test_a_policy_that_cannot_work_is_refused(fields: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="not a usable retry policy"):
         RetryPolicy(**fields)  # type: ignore[arg-type]
+
+
+def test_no_wait_is_longer_than_a_day_however_large_the_factor() -> None:
+    policy = RetryPolicy(first_delay=10, factor=1e6, max_attempts=100, timeout=1)
+    assert policy.delay_after(1) == 10
+    assert policy.delay_after(2) == MAX_DELAY_SECONDS
+    assert policy.delay_after(99) == MAX_DELAY_SECONDS
+    assert max(policy.schedule()) == MAX_DELAY_SECONDS
