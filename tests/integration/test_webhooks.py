@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import APP_DATABASE
-from harness import Gateway, assert_one_error_line, psql, wait_for
+from harness import AccessProcess, Gateway, _Drain, assert_one_error_line, psql, wait_for
 
 from gateway.testing.pgcluster import PgRole, TempCluster
 from gateway.testing.webhook_receiver import ReceivedRequest, WebhookReceiver
@@ -314,6 +314,57 @@ def as_principal(gw: Gateway, token: str, *args: str) -> subprocess.CompletedPro
     env = gw.env | {"PAM_TOKEN": token}
     return subprocess.run(
         [sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env, timeout=60
+    )
+
+
+def test_disabling_a_user_revokes_its_grants_and_the_webhook_says_why(
+    gw: Gateway, receiver: WebhookReceiver
+) -> None:
+    hook = add_hook(gw, receiver.url, "access.revoked")
+    bot = gw.cli_json("token", "create", "hookrun", "--role", "member", "--project", "default")
+    gw.cli(
+        "policy",
+        "add",
+        "hookrun-prod",
+        "--subject",
+        "hookrun",
+        "--resource",
+        "prod",
+        "--account",
+        "scram",
+        "--max-duration",
+        "1h",
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "db",
+            "access",
+            "--resource",
+            "prod",
+            "--account",
+            "scram",
+            "--duration",
+            "10m",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=gw.env | {"PAM_TOKEN": bot["token"]},
+    )
+    access = AccessProcess(
+        proc, _Drain(proc.stdout, gw.transcript), _Drain(proc.stderr, gw.transcript)
+    )
+    gw.accesses.append(access)
+    access.wait_ready()
+    gw.cli("user", "disable", "hookrun")
+    (revoked,) = receiver.wait_for("access.revoked")
+    data = check_signed(revoked, hook["secret"])["data"]
+    assert (data["requester"], data["end_reason"], data["end_detail"]) == (
+        "hookrun",
+        "revoked",
+        "user hookrun was disabled",
     )
 
 
