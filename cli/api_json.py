@@ -298,3 +298,33 @@ class SsoPollJson(TypedDict):
     groups: list[str]
     message: str | None
     hint: str | None
+
+
+class WebhookJson(TypedDict):
+    id: str
+    project: str
+    url: str
+    events: list[str]
+    created_at: str
+    created_by: str | None
+
+
+class WebhookCreatedJson(WebhookJson):
+    """A new webhook, with its secret: the one time it is shown."""
+
+    secret: str
+
+
+class DeliveryJson(TypedDict):
+    id: str
+    webhook_id: str
+    event: str
+    project: str
+    occurred_at: str
+    state: str
+    attempts: int
+    last_attempt_at: str | None
+    last_status_code: int | None
+    last_error: str | None
+    next_attempt_at: str | None
+    delivered_at: str | None

@@ -41,6 +41,7 @@ from cli.api_json import AuditPageJson as AuditPageJson
 from cli.api_json import AuditRecordJson as AuditRecordJson
 from cli.api_json import AuditVerifyJson as AuditVerifyJson
 from cli.api_json import ConnectionJson as ConnectionJson
+from cli.api_json import DeliveryJson as DeliveryJson
 from cli.api_json import HealthJson as HealthJson
 from cli.api_json import ParameterJson as ParameterJson
 from cli.api_json import PolicyJson as PolicyJson
@@ -57,6 +58,8 @@ from cli.api_json import SsoStartJson as SsoStartJson
 from cli.api_json import TokenJson as TokenJson
 from cli.api_json import TrailRecordJson as TrailRecordJson
 from cli.api_json import VerifyResultJson as VerifyResultJson
+from cli.api_json import WebhookCreatedJson as WebhookCreatedJson
+from cli.api_json import WebhookJson as WebhookJson
 from cli.api_json import WhoamiJson as WhoamiJson
 from gateway.audit.review import EXPORT_SESSIONS_HEADER
 from gateway.config import Profile, active_profile
@@ -365,6 +368,27 @@ class ApiClient:
 
     def sso_unmap_group(self, claim_value: str) -> None:
         self.request("DELETE", "/v1/sso/groups", params={"claim_value": claim_value})
+
+    # --- webhooks ----------------------------------------------------------------------
+
+    def add_webhook(self, url: str, *, events: list[str], project: str) -> WebhookCreatedJson:
+        body = {"url": url, "events": events, "project": project}
+        return cast(WebhookCreatedJson, self.post("/v1/webhooks", body))
+
+    def list_webhooks(self) -> list[WebhookJson]:
+        return cast(list[WebhookJson], self.get("/v1/webhooks"))
+
+    def remove_webhook(self, webhook_id: str) -> None:
+        self.delete(f"/v1/webhooks/{seg(webhook_id)}")
+
+    def test_webhook(self, webhook_id: str) -> DeliveryJson:
+        return cast(DeliveryJson, self.post(f"/v1/webhooks/{seg(webhook_id)}/test"))
+
+    def webhook_deliveries(
+        self, webhook_id: str, *, limit: int | None = None
+    ) -> list[DeliveryJson]:
+        path = f"/v1/webhooks/{seg(webhook_id)}/deliveries"
+        return cast(list[DeliveryJson], self.get(path, limit=limit))
 
     # --- review ------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from cli.commands import (
     resources,
     sessions,
     sso,
+    webhooks,
 )
 from cli.render import printable
 from gateway.errors import GatewayError
@@ -102,6 +103,7 @@ for _command in (
     policies.policy,
     requests.requests,
     sso.sso,
+    webhooks.webhook,
 ):
     cli.add_command(_command)
 

@@ -91,6 +91,13 @@ class GatewaySettings(BaseModel):
     audit_fail_closed: bool = False
     #: write the trail from a child process (off: from the daemon's store thread)
     audit_writer_process: bool = True
+    #: webhooks (gateway.notify.retry): the wait after a failed first attempt, each
+    #: further wait this many times the one before, attempts in all, and the
+    #: longest one attempt may take
+    webhook_retry_first_delay_seconds: float = Field(default=10.0, gt=0)
+    webhook_retry_factor: float = Field(default=3.0, ge=1)
+    webhook_max_attempts: int = Field(default=8, ge=1, le=100)
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
 
 
 class Profile(BaseModel):

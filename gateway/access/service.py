@@ -15,12 +15,15 @@ Invariants:
   the audit trail has been flushed, so its seal covers them.
 * Shutdown is ordered: refuse new work, tell live clients why, record the
   connections' ends, flush the trail, then end the sessions.
+* Every session this service ends is handed to ``on_ended`` (the composition
+  root publishes it as a notification), once, after its row is ended.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -71,6 +74,8 @@ class GrantService:
     audit: AuditRuntime
     #: signs the client certificates of grants opened from another host
     pki: GatewayPki | None = None
+    #: told of every session this service ends (after its row is ended); must not block
+    on_ended: Callable[[SessionRecord], None] | None = None
     _grants: dict[str, Grant] = field(default_factory=dict)
     _watchdog: asyncio.Task[None] | None = None
     _closing: bool = False
@@ -115,12 +120,17 @@ class GrantService:
             if grant.expiry_task is not None:
                 grant.expiry_task.cancel()
             if not grant.is_ended:
-                await self.db(
+                ended = await self.db(
                     self.store.end_session,
                     grant.session.id,
                     reason=SessionEndReason.GATEWAY_SHUTDOWN,
                 )
+                self._ended(ended)
         self._grants.clear()
+
+    def _ended(self, session: SessionRecord) -> None:
+        if self.on_ended is not None:
+            self.on_ended(session)
 
     async def open_access(
         self,
@@ -381,6 +391,7 @@ class GrantService:
                 self.store.end_session, session_id, reason=reason, detail=detail
             )
             log.info("access_ended", session_id=session_id, reason=reason, detail=detail)
+            self._ended(grant.session)
         if not keep_listener:
             self._grants.pop(session_id, None)
             await grant.listener.close()

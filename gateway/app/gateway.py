@@ -4,11 +4,13 @@ A composition root: it alone (with the daemon and the audit writer process)
 knows the concrete :class:`~gateway.store.Store`, and hands it to the grant
 service, the credentials and the audit runtime as their ports. It wires the
 fail-closed cut (audit runtime -> every grant's live connections) and the
-gateway-wide refusal (admission <- audit runtime).
+gateway-wide refusal (admission <- audit runtime), and publishes the access
+events to the webhook notifier (``notifier.publish``: a grant opened, a
+session ended or revoked).
 
 :class:`Gateway` is what the control API's routers receive: ``db``, ``store``,
 ``audit_writer`` and ``live_connection_count`` (review), grants (access),
-``verify`` and ``refresh_secrets`` (resources).
+``verify`` and ``refresh_secrets`` (resources), ``webhooks`` (webhooks).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from gateway.access.admission import Admission
 from gateway.access.approvals import RequestService
@@ -28,7 +30,7 @@ from gateway.access.authorization import Allowance, authorize_access
 from gateway.access.connections import ConnectionRecords
 from gateway.access.host import ListenerHost
 from gateway.access.ports import SessionRecord
-from gateway.access.requests import AccessRequest, StateChange
+from gateway.access.requests import AccessRequest, ChangeKind, RequestState, StateChange
 from gateway.access.service import GrantService
 from gateway.audit.refusals import RefusalRecorder
 from gateway.audit.runtime import AuditRuntime
@@ -42,6 +44,9 @@ from gateway.errors import InvalidRequest, NotFound
 from gateway.identity.principals import Principal
 from gateway.identity.service import IdentityService
 from gateway.identity.sso import SsoService
+from gateway.notify import Event, Notifier, RetryPolicy, Webhooks
+from gateway.notify.events import request_data, session_data
+from gateway.reasons import SessionEndReason
 from gateway.store import Store
 
 T = TypeVar("T")
@@ -112,6 +117,20 @@ class Gateway:
             sweep_interval=settings.request_sweep_seconds,
             on_change=self._request_changed,
         )
+        #: webhooks: ``publish(project, event, data)`` from anywhere on the loop
+        self.notifier = Notifier(
+            store,
+            self.db,
+            gateway_id=settings.gateway_id,
+            retry=RetryPolicy(
+                first_delay=settings.webhook_retry_first_delay_seconds,
+                factor=settings.webhook_retry_factor,
+                max_attempts=settings.webhook_max_attempts,
+                timeout=settings.webhook_timeout_seconds,
+            ),
+        )
+        self.webhooks = Webhooks(store, self.db, self.notifier)
+        self.grants.on_ended = self._session_ended
         self.identity = IdentityService(
             store,
             self.db,
@@ -120,6 +139,13 @@ class Gateway:
         )
         #: single sign-on with OpenID Connect (``/v1/sso``)
         self.sso = SsoService(store, self.db, self.identity)
+
+    def _session_ended(self, session: SessionRecord) -> None:
+        if session.project is None:
+            return  # a session from before projects: no project's webhooks to tell
+        revoked = session.end_reason == SessionEndReason.REVOKED
+        event = Event.ACCESS_REVOKED if revoked else Event.ACCESS_ENDED
+        self.notifier.publish(session.project, event, session_data(session))
 
     async def _principal_disabled(self, principal_id: str, name: str) -> None:
         await self.grants.end_grants_of(principal_id, detail=f"user {name} was disabled")
@@ -135,6 +161,7 @@ class Gateway:
         """Close what a crash left open, start the watchdog and the audit writer;
         returns how many sessions a crash had left open."""
         closed = await self.grants.start()
+        await self.notifier.start()
         self.requests.start()
         if self.settings.audit_enabled:
             await self.credentials.refresh()
@@ -144,6 +171,8 @@ class Gateway:
     async def shutdown(self) -> None:
         await self.requests.close()
         await self.grants.shutdown()
+        # The sessions' end events go into the outbox before the store thread stops.
+        await self.notifier.close()
         # The interval's counts are written before the store thread stops.
         await self.refusals.close()
         await self.sso.close()
@@ -248,6 +277,8 @@ class Gateway:
                 # Decided otherwise meanwhile (cancelled, opened elsewhere): no grant.
                 await self.grants.close_access(session.id, detail="its request changed")
                 raise
+        if project is not None:
+            self.notifier.publish(project, Event.ACCESS_OPENED, session_data(session))
         return session
 
     async def _authorize(
@@ -290,7 +321,15 @@ class Gateway:
         return session
 
     def _request_changed(self, request: AccessRequest, change: StateChange) -> None:
-        """Tell the outside world (webhooks) of a request's change."""
+        """Tell the webhooks of a request's change (after it was written)."""
+        event = _REQUEST_EVENTS.get(change.kind)
+        if change.kind is ChangeKind.APPROVED and request.state is not RequestState.APPROVED:
+            event = None  # an approval short of the number needed: still pending
+        if change.kind is ChangeKind.REQUESTED and request.break_glass:
+            event = None  # told as access.break_glass, next
+        if event is not None:
+            data = request_data(request, state=change.state.value, actor=change.actor)
+            self.notifier.publish(request.project, event, data)
 
     def tunnel_offer(self, session_id: str) -> tuple[bytes, bytes, int] | None:
         """For a grant opened with a CSR: its certificate, the CA and the tunnel port."""
@@ -330,3 +369,15 @@ def _check_same_ask(
             " cannot change once requested",
             hint="open it as requested (`pam db access --request ID`), or request again",
         )
+
+
+#: The webhook event of each request change (``opened`` and ``revoked`` are
+#: told by the grant, as access.opened and access.revoked).
+_REQUEST_EVENTS: Final = {
+    ChangeKind.REQUESTED: Event.REQUEST_CREATED,
+    ChangeKind.APPROVED: Event.REQUEST_APPROVED,
+    ChangeKind.DENIED: Event.REQUEST_DENIED,
+    ChangeKind.EXPIRED: Event.REQUEST_EXPIRED,
+    ChangeKind.CANCELLED: Event.REQUEST_CANCELLED,
+    ChangeKind.BREAK_GLASS: Event.ACCESS_BREAK_GLASS,
+}

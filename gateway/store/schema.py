@@ -69,6 +69,8 @@ __all__ = [
     "sso_group_mappings",
     "sso_providers",
     "tokens",
+    "webhook_deliveries",
+    "webhooks",
 ]
 
 #: uuid4().hex
@@ -442,6 +444,46 @@ principal_identities = Table(
     Column("created_at", UtcTimestamp, nullable=False),
     Column("last_sign_in_at", UtcTimestamp, nullable=False),
     UniqueConstraint("issuer", "subject"),
+)
+
+#: Webhooks per project (revision 0012, gateway.notify). ``events`` is a JSON list
+#: of event names (or ``["*"]``); the signing secret exists only sealed, with
+#: ``b"pam/webhook/" + id`` as associated data.
+webhooks = Table(
+    "webhooks",
+    metadata,
+    Column("id", String(ID_LENGTH), primary_key=True),
+    Column("project", String(NAME_LENGTH), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("events", Text, nullable=False),
+    Column("secret_ciphertext", LargeBinary, nullable=False),
+    Column("created_at", UtcTimestamp, nullable=False),
+    Column("created_by", Text, nullable=True),
+    Index(None, "project"),
+)
+
+#: The webhook outbox: one row per event and webhook, ``pending`` until an
+#: attempt is answered 2xx (``delivered``) or the attempts run out (``failed``).
+#: The event's ``data`` is kept as JSON text; the body is built from the row.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", String(ID_LENGTH), primary_key=True),
+    # Deleted with its webhook, explicitly, in the same transaction.
+    Column("webhook_id", String(ID_LENGTH), ForeignKey("webhooks.id"), nullable=False),
+    Column("event", String(32), nullable=False),
+    Column("project", String(NAME_LENGTH), nullable=False),
+    Column("occurred_at", UtcTimestamp, nullable=False),
+    Column("data", Text, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("last_attempt_at", UtcTimestamp, nullable=True),
+    Column("last_status_code", Integer, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("next_attempt_at", UtcTimestamp, nullable=True),
+    Column("delivered_at", UtcTimestamp, nullable=True),
+    Index(None, "state", "next_attempt_at"),
+    Index(None, "webhook_id", "occurred_at"),
 )
 
 #: Alembic's bookkeeping table. Prefixed so the store can share a PostgreSQL

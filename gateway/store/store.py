@@ -17,6 +17,7 @@ clock and the audit chain they share):
 * :mod:`gateway.store.identity`: principals, tokens, roles and policies;
 * :mod:`gateway.store.sso`: single sign-on's provider, group mapping and sign-ins;
 * :mod:`gateway.store.refusals`: refused API calls and connections, with counts;
+* :mod:`gateway.store.webhooks`: webhooks (sealed secrets) and their outbox;
 * :mod:`gateway.store.audit` and :mod:`gateway.store.trail`: the audit trail.
 
 Invariants (each module states its own as well):
@@ -41,6 +42,7 @@ from gateway.store.requests import RequestStore
 from gateway.store.resources import ResourceStore
 from gateway.store.sessions import SessionStore
 from gateway.store.sso import SsoStore
+from gateway.store.webhooks import WebhookStore
 
 __all__ = ["SqliteSynchronous", "Store", "StoreError"]
 
@@ -54,6 +56,7 @@ class Store(
     RefusalStore,
     RequestStore,
     SsoStore,
+    WebhookStore,
 ):
     """Synchronous access to the gateway's persistent state. See the module docstring.
 

@@ -26,6 +26,7 @@ from conftest import APP_DATABASE
 from harness import AccessProcess, Gateway, _Drain, wait_for
 
 from gateway.testing.pgcluster import PgRole, TempCluster
+from gateway.testing.webhook_receiver import WebhookReceiver
 
 pytestmark = pytest.mark.integration
 
@@ -92,6 +93,25 @@ def request_id_of(access: AccessProcess) -> str:
 class Team:
     gw: Gateway
     people: dict[str, Person]
+    #: a webhook of project default, subscribed to every event, delivers here
+    hooks: WebhookReceiver
+
+    def told(self, event: str, request_id: str) -> dict[str, Any]:
+        """The ``data`` of the webhook delivery of *event* for the request."""
+
+        def find() -> dict[str, Any] | None:
+            for got in self.hooks.events(event):
+                data: dict[str, Any] = got.json()["data"]
+                if data.get("request_id", "").startswith(request_id):
+                    return data
+            return None
+
+        found: dict[str, Any] = wait_for(find)
+        return found
+
+    def close(self) -> None:
+        self.gw.close()
+        self.hooks.stop()
 
     def __getitem__(self, name: str) -> Person:
         return self.people[name]
@@ -103,6 +123,8 @@ def _team(root: Path, pg: TempCluster, pg_roles: Mapping[str, PgRole], **setting
     path = gw.home / "gateway.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **settings}))
     gw.start()
+    hooks = WebhookReceiver().start()
+    gw.cli("webhook", "add", hooks.url, "--event", "*")
     gw.cli(
         "resource", "add", "prod", "--host", pg.host, "--port", str(pg.port),
         "--database", APP_DATABASE, "--ssl-mode", "verify-full", "--ca-cert", str(pg.ca_cert_path),
@@ -139,7 +161,7 @@ def _team(root: Path, pg: TempCluster, pg_roles: Mapping[str, PgRole], **setting
             input=PASSWORD + "\n", env=person.env, check=True, capture_output=True, text=True,
         )  # fmt: skip
         people[name] = person
-    return Team(gw, people)
+    return Team(gw, people, hooks)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +172,7 @@ def team(
     try:
         yield made
     finally:
-        made.gw.close()
+        made.close()
 
 
 @pytest.fixture
@@ -166,7 +188,7 @@ def quick_team(
 
     yield start
     for one in made:
-        one.gw.close()
+        one.close()
 
 
 def trail_kinds(person: Person, request_id: str) -> list[tuple[str, str]]:
@@ -212,6 +234,15 @@ def test_an_approved_request_opens_and_its_clock_starts_then(team: Team) -> None
         ("approved", "bob"),
         ("opened", "alice"),
     ]
+    created = team.told("request.created", rid)
+    assert (created["state"], created["requester"], created["approvers"]) == (
+        "pending",
+        "alice",
+        ["@leads"],
+    )
+    approved = team.told("request.approved", rid)
+    assert (approved["actor"], approved["state"]) == ("bob", "approved")
+    assert [a["by"] for a in approved["approvals"]] == ["bob"]
     assert access.stop() == 0
     verify = team.gw.cli("audit", "verify")
     assert "intact" in verify.stdout
@@ -228,6 +259,8 @@ def test_a_denied_request_ends_the_wait_with_the_reason(team: Team) -> None:
         f"error: request {rid} was denied by carol: not in the change window"
     )
     assert trail_kinds(alice, rid)[-1] == ("denied", "carol")
+    denied = team.told("request.denied", rid)
+    assert (denied["decided_by"], denied["decision_note"]) == ("carol", "not in the change window")
 
 
 def test_two_distinct_approvers_are_needed_and_what_was_asked_is_fixed(team: Team) -> None:
@@ -241,6 +274,9 @@ def test_two_distinct_approvers_are_needed_and_what_was_asked_is_fixed(team: Tea
     access.proc.send_signal(signal.SIGINT)
     assert access.wait() == 1
     assert f"cancelled request {rid}" in access.stderr.text()
+    assert team.told("request.cancelled", rid)["actor"] == "alice"
+    # One approval of two is not told as approved.
+    assert not [e for e in team.hooks.events("request.approved") if rid in e.body.decode()]
     refused(
         carol.cli("requests", "approve", rid, check=False),
         f"cannot approve request {rid}: it is cancelled",
@@ -291,6 +327,13 @@ def test_break_glass_opens_at_once_recorded_apart(team: Team) -> None:
         ("break_glass", "alice"),
         ("opened", "alice"),
     ]
+    told = team.told("access.break_glass", glass["id"])
+    assert (told["reason"], told["break_glass"], told["policy"]) == (
+        "outage INC-9",
+        True,
+        "two-key",
+    )
+    assert not [e for e in team.hooks.events("request.created") if glass["id"] in e.body.decode()]
     assert access.stop() == 0
 
 
@@ -316,6 +359,7 @@ def test_unanswered_and_unused_requests_expire(quick_team: Callable[..., Team]) 
     assert waiting.wait() == 1
     assert waiting.stderr.text().strip() == f"error: request {rid} expired: not decided in time"
     assert trail_kinds(alice, rid)[-1] == ("expired", "pam")
+    assert team.told("request.expired", rid)["decision_note"] == "not decided in time"
     # Approved, then not opened in time.
     unused = _ask(alice, "scram", 600, reason="INC-6")
     bob.cli("requests", "approve", unused)

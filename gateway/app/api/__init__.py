@@ -28,6 +28,7 @@ from gateway.app.api.routers import (
     resources,
     review,
     sso,
+    webhooks,
 )
 from gateway.app.gateway import Gateway
 
@@ -49,6 +50,16 @@ def create_app(service: Gateway) -> FastAPI:
     app.include_router(health.router)
     app.include_router(identity.login_router)
     app.include_router(sso.public_router)
-    for module in (resources, access, requests, review, identity, policies, refusals, sso):
+    for module in (
+        resources,
+        access,
+        requests,
+        review,
+        identity,
+        policies,
+        refusals,
+        sso,
+        webhooks,
+    ):
         app.include_router(module.router, dependencies=[Depends(current_principal)])
     return app

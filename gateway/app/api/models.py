@@ -123,6 +123,13 @@ class AccessEndIn(BaseModel):
     detail: str | None = Field(default=None, max_length=500)
 
 
+class WebhookIn(BaseModel):
+    url: str = Field(min_length=1, max_length=2048)
+    #: event names from the catalogue (gateway.notify.events), or ["*"]
+    events: list[str] = Field(min_length=1, max_length=64)
+    project: str = "default"
+
+
 # --- responses --------------------------------------------------------------------
 
 
@@ -469,3 +476,37 @@ class SsoPollOut(BaseModel):
     groups: list[str] = Field(default_factory=list)
     message: str | None = None
     hint: str | None = None
+
+
+class WebhookOut(_Out):
+    """A webhook as listed: never its secret."""
+
+    id: str
+    project: str
+    url: str
+    events: tuple[str, ...]
+    created_at: datetime
+    created_by: str | None
+
+
+class WebhookCreatedOut(WebhookOut):
+    """A new webhook, with its signing secret: the one time it is shown."""
+
+    secret: str
+
+
+class DeliveryOut(_Out):
+    """One event for one webhook: ``pending``, ``delivered`` or ``failed``."""
+
+    id: str
+    webhook_id: str
+    event: str
+    project: str
+    occurred_at: datetime
+    state: str
+    attempts: int
+    last_attempt_at: datetime | None
+    last_status_code: int | None
+    last_error: str | None
+    next_attempt_at: datetime | None
+    delivered_at: datetime | None
