@@ -39,6 +39,7 @@ from cli.api_json import AccountJson as AccountJson
 from cli.api_json import AuditPageJson as AuditPageJson
 from cli.api_json import AuditRecordJson as AuditRecordJson
 from cli.api_json import AuditVerifyJson as AuditVerifyJson
+from cli.api_json import CertificateJson as CertificateJson
 from cli.api_json import ConnectionJson as ConnectionJson
 from cli.api_json import HealthJson as HealthJson
 from cli.api_json import ParameterJson as ParameterJson
@@ -218,6 +219,13 @@ class ApiClient:
     def revoke_session(self, session_id: str, reason: str | None) -> SessionJson:
         body = {"reason": reason}
         return cast(SessionJson, self.post(f"/v1/access/{seg(session_id)}/revoke", body))
+
+    def extend_access(self, session_id: str, by_seconds: int) -> SessionJson:
+        body = {"by_seconds": by_seconds}
+        return cast(SessionJson, self.post(f"/v1/access/{seg(session_id)}/extend", body))
+
+    def access_certificate(self, session_id: str) -> CertificateJson:
+        return cast(CertificateJson, self.get(f"/v1/access/{seg(session_id)}/certificate"))
 
     def end_access(self, session_id: str) -> SessionJson:
         return cast(SessionJson, self.post(f"/v1/access/{seg(session_id)}/end", {}))

@@ -49,6 +49,19 @@ def db() -> None:
     help="Serve a Unix socket in this directory (mode 0700, yours) instead of a TCP port;"
     " --port names the socket (default 5432).",
 )
+@click.option(
+    "--extend-by",
+    default="30m",
+    show_default=True,
+    help="What the e key extends the grant by (on a terminal).",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the connection details as one JSON line, then one JSON line per event"
+    " (extended, expiring, ended).",
+)
 def db_access(
     resource_name: str,
     account_name: str,
@@ -57,12 +70,16 @@ def db_access(
     reason: str | None,
     socket_dir: str | None,
     tunnel: bool | None,
+    extend_by: str,
+    as_json: bool,
 ) -> None:
     """Open a time-boxed local port to a resource, as an account, with no password.
 
     The port accepts connections only from your own OS user's processes (Linux).
+    On a terminal a status line shows the time left; press e to extend the grant.
     """
     seconds = parse_duration(duration)
+    extend_seconds = parse_duration(extend_by)
     with api_client() as client:
         code = hold_access(
             client,
@@ -74,5 +91,7 @@ def db_access(
             # The daemon's working directory is not ours: send an absolute path.
             socket_dir=os.path.abspath(socket_dir) if socket_dir is not None else None,
             tunnel=is_remote(client) if tunnel is None else tunnel,
+            json_events=as_json,
+            extend_by=extend_seconds,
         )
     sys.exit(code)

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from gateway.access.admission import Admission
 from gateway.access.authorization import authorize_access
 from gateway.access.connections import ConnectionRecords
+from gateway.access.extension import authorize_extension
 from gateway.access.host import ListenerHost
 from gateway.access.ports import SessionRecord
 from gateway.access.service import GrantService
@@ -199,6 +200,38 @@ class Gateway:
             owner_uid=owner_uid,
             socket_dir=socket_dir,
             csr=csr,
+            idle_timeout_seconds=allowance.policy.idle_timeout_seconds
+            if allowance.policy
+            else None,
+            idle_policy=allowance.name,
+        )
+
+    async def extend_access(
+        self, principal: Principal, session_id: str, *, by_seconds: int
+    ) -> SessionRecord:
+        """Move a live grant's expiry later if *principal*'s role or policies
+        allow its whole new duration (see :mod:`gateway.access.extension`)."""
+
+        async def authorize(session: SessionRecord, total_seconds: int) -> None:
+            try:
+                project: str | None = (
+                    await self.db(self.store.get_resource, session.resource_name)
+                ).project
+            except NotFound:
+                if principal.is_admin():
+                    raise
+                project = None
+            policies = [] if project is None else await self.identity.policies(project)
+            authorize_extension(
+                principal,
+                project=project,
+                policies=policies,
+                session=session,
+                total_seconds=total_seconds,
+            )
+
+        return await self.grants.extend(
+            session_id, by_seconds=by_seconds, by=principal.name, authorize=authorize
         )
 
     def tunnel_offer(self, session_id: str) -> tuple[bytes, bytes, int] | None:

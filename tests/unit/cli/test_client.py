@@ -88,6 +88,7 @@ def body_of(request: httpx.Request) -> Any:
         (api.PrincipalJson, models.PrincipalOut),
         (api.WhoamiJson, models.WhoamiOut),
         (api.PolicyJson, models.PolicyOut),
+        (api.CertificateJson, models.CertificateOut),
     ],
     ids=lambda t: t.__name__,
 )
@@ -208,6 +209,22 @@ CALLS: list[tuple[str, Callable[[ApiClient], Any], str, str, dict[str, str], Any
     ),
     ("heartbeat", lambda c: c.heartbeat("s1"), "POST", "/v1/access/s1/heartbeat", {}, None),
     ("end_access", lambda c: c.end_access("s1"), "POST", "/v1/access/s1/end", {}, {}),
+    (
+        "extend_access",
+        lambda c: c.extend_access("s1", 1800),
+        "POST",
+        "/v1/access/s1/extend",
+        {},
+        {"by_seconds": 1800},
+    ),
+    (
+        "access_certificate",
+        lambda c: c.access_certificate("s1"),
+        "GET",
+        "/v1/access/s1/certificate",
+        {},
+        None,
+    ),
     (
         "list_sessions",
         lambda c: c.list_sessions(active=True, limit=5, requester="ann", since=SINCE),

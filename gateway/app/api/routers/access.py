@@ -2,7 +2,7 @@
 
 The grant is the caller's: who asked is the authenticated principal, never a
 field of the request. Only its owner (or an admin of its project) may keep a
-grant alive or end it.
+grant alive, extend it or end it.
 
 A grant's port is open only to the OS user of the process that asked for it,
 when that process runs on this host: its uid comes from the kernel's socket
@@ -18,7 +18,15 @@ import ipaddress
 from fastapi import APIRouter, Request
 
 from gateway.app.api.deps import Caller, Service, client_addr
-from gateway.app.api.models import AccessEndIn, AccessIn, AccessOut, RevokeIn, SessionOut
+from gateway.app.api.models import (
+    AccessEndIn,
+    AccessIn,
+    AccessOut,
+    CertificateOut,
+    ExtendIn,
+    RevokeIn,
+    SessionOut,
+)
 from gateway.errors import InvalidRequest, NotFound
 from gateway.identity.principals import DEFAULT_PROJECT, Principal
 from gateway.net import peercred
@@ -43,7 +51,9 @@ async def open_access(
         socket_dir=body.socket_dir,
         csr=body.csr,
     )
-    out = AccessOut.of(session)
+    out = AccessOut.of(session).model_copy(
+        update={"expiry_notice_seconds": service.grants.expiry_notice_seconds}
+    )
     offer = service.tunnel_offer(session.id)
     if offer is not None:
         cert, ca, port = offer
@@ -100,6 +110,28 @@ async def revoke_access(
         await _own(session_id, caller, service), by=caller.name, reason=body.reason
     )
     return SessionOut.of(session)
+
+
+@router.post("/{session_id}/extend")
+async def extend_access(
+    session_id: str, body: ExtendIn, caller: Caller, service: Service
+) -> SessionOut:
+    """Move a live grant's expiry later (its owner, or an admin of its project);
+    the caller's role or policies must allow the whole new duration."""
+    session = await service.extend_access(
+        caller, await _own(session_id, caller, service), by_seconds=body.by_seconds
+    )
+    return SessionOut.of(session)
+
+
+@router.get("/{session_id}/certificate")
+async def access_certificate(session_id: str, caller: Caller, service: Service) -> CertificateOut:
+    """A tunnel grant's client certificate as it stands (an extension re-issues it)."""
+    full_id = await _own(session_id, caller, service)
+    cert = service.grants.certificate_of(full_id)
+    if cert is None:
+        raise NotFound(f"session '{session_id}' has no live tunnel certificate")
+    return CertificateOut(certificate=cert.decode())
 
 
 @router.post("/{session_id}/end")
