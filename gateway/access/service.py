@@ -388,6 +388,8 @@ class GrantService:
         (:meth:`certificate_of`)."""
         if by_seconds <= 0:
             raise InvalidRequest("an extension must be at least 1 second")
+        if self._closing:
+            raise InvalidRequest("the gateway is shutting down")
         grant = await self._live_grant(session_id)
         async with grant.extending:
             await self._live_grant(session_id)  # may have ended while we waited
