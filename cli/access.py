@@ -2,12 +2,16 @@
 
 The daemon does the relaying; this process holds the grant by calling in every
 ``HEARTBEAT_SECONDS`` (a ``kill -9`` of this process lets the daemon end the
-grant within its heartbeat timeout) and shows the grant's state. Ctrl+C or
-SIGTERM ends the session: live connections get a FATAL from the daemon.
+grant within its heartbeat timeout) and shows the grant's state through a
+:class:`cli.live.View`: the time left, an extension (``e`` on a terminal, or
+`pam grant extend` from anywhere, seen in the next heartbeat), the expiry
+warnings, the end. Ctrl+C or SIGTERM ends the session: live connections get a
+FATAL from the daemon.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import socket
@@ -22,13 +26,19 @@ from urllib.parse import quote, urlsplit
 import click
 
 from cli.approval import wait_for_approval
-from cli.client import ApiClient, ApiError, PendingApproval, SessionJson
-from cli.render import console, local_time, parse_time
+from cli.client import AccessJson, ApiClient, ApiError, PendingApproval, SessionJson
+from cli.live import ExpiryWatch, JsonEvents, KeyReader, TextView, View, expires_at
+from cli.render import parse_time
 
 if TYPE_CHECKING:
     from cli.forwarder import Forwarder
 
 HEARTBEAT_SECONDS = 2.0
+#: how often the status line (and the expiry events) are brought up to date
+TICK_SECONDS = 1.0
+#: what the ``e`` key (and ``--extend-by``) extends a grant by, by default
+DEFAULT_EXTEND_SECONDS = 30 * 60
+EXTEND_KEYS = frozenset({"e", "E"})
 #: consecutive failed heartbeats before the CLI gives up on an unreachable daemon
 MAX_MISSED_HEARTBEATS = 3
 _DURATION = re.compile(
@@ -122,16 +132,20 @@ def hold_access(
     tunnel: bool = False,
     request_id: str | None = None,
     break_glass: bool = False,
+    json_events: bool = False,
+    extend_by: int = DEFAULT_EXTEND_SECONDS,
 ) -> int:
-    """Open a grant and hold it until Ctrl+C/SIGTERM or expiry; returns an exit code.
+    """Open a grant and hold it until Ctrl+C/SIGTERM or its end; returns an exit code.
 
     With ``tunnel`` this process serves the local port itself and carries its
     connections to the gateway's tunnel (:mod:`cli.forwarder`). When a policy
     wants the access approved, this waits for the approval first
     (:func:`cli.approval.wait_for_approval`); *request_id* opens an approved
-    request instead of asking anew."""
+    request instead of asking anew. With ``json_events`` stdout is JSON lines
+    (:class:`cli.live.JsonEvents`). Otherwise, on a terminal, the ``e`` key
+    extends the grant by ``extend_by`` seconds."""
 
-    def open_grant(request: str | None) -> tuple[SessionJson, Forwarder | None]:
+    def open_grant(request: str | None) -> tuple[AccessJson, Forwarder | None]:
         if tunnel:
             from cli.forwarder import open_tunnel_access
 
@@ -161,9 +175,13 @@ def hold_access(
     try:
         session, forwarder = open_grant(request_id)
     except PendingApproval as pending:
-        session, forwarder = open_grant(wait_for_approval(client, pending.request))
+        approved = wait_for_approval(client, pending.request, json_lines=json_events)
+        session, forwarder = open_grant(approved)
+    # Scripts get JSON lines and no keys: the terminal is left as it is.
+    keys = None if json_events else KeyReader.for_stdin()
+    view: View = JsonEvents() if json_events else TextView(extend_by=extend_by if keys else None)
     try:
-        return _hold(client, session, session["resource_name"], session["account_name"], ready)
+        return _hold(client, session, view, keys, ready, extend_by, forwarder)
     finally:
         if forwarder is not None:
             forwarder.stop()
@@ -171,88 +189,128 @@ def hold_access(
 
 def _hold(
     client: ApiClient,
-    session: SessionJson,
-    resource: str,
-    account: str,
+    session: AccessJson,
+    view: View,
+    keys: KeyReader | None,
     ready: threading.Event | None,
+    extend_by: int,
+    forwarder: Forwarder | None,
 ) -> int:
     # The handlers are in place before the URL is shown: a Ctrl+C the moment it
     # appears still ends the session in order (exit 0), not with exit 130.
     previous = signal.signal(signal.SIGTERM, _raise_stop)
+    holding = _Holding(client, session, view, keys, extend_by, forwarder)
     try:
-        _print_grant(session, resource, account)
+        view.granted(session, connection_info(session))
         if ready is not None:
             ready.set()
-        ended_by_gateway = _heartbeat_until_ended(client, session["id"])
+        with keys or contextlib.nullcontext():
+            ended_by_gateway = holding.until_ended()
     except (KeyboardInterrupt, _Stop):
         ended_by_gateway = None
     finally:
+        view.stop()
         signal.signal(signal.SIGTERM, previous)
     if ended_by_gateway is not None:
-        return _report_end(client, ended_by_gateway)
+        view.ended_by_gateway(ended_by_gateway)
+        # Release the listener that still answers late connections with a refusal.
+        client.end_access(ended_by_gateway["id"])
+        return 0
     ended = client.end_access(session["id"])
-    console.print(
-        f"Session {ended['id'][:8]} ended"
-        f" ({ended.get('end_reason') or 'client_ended'}) after"
-        f" {_elapsed(ended)}."
-    )
+    view.ended_by_client(ended, _elapsed(ended))
     return 0
 
 
-def _print_grant(session: SessionJson, resource: str, account: str) -> None:
-    info = connection_info(session)
-    console.print(
-        f"[bold green]Access granted[/]: session {session['id'][:8]} for"
-        f" {resource}/{account}, expires {local_time(session['expires_at'])}"
-    )
-    console.print(f"  URL   {info.url}")
-    console.print(f"  psql  {info.psql}")
-    console.print(f"  JDBC  {info.jdbc}")
-    if session["listen_host"].startswith("/"):
-        console.print("  (JDBC over a Unix socket needs junixsocket on the classpath)")
-    console.print(
-        "No password is needed: the gateway signs in to the database for you."
-        " Press Ctrl+C to end the session."
-    )
-    console.file.flush()  # the URL must reach a pipe or file at once, not at exit
+class _Holding:
+    """The watch over a held grant: heartbeats, keys, expiry events."""
 
-
-def _heartbeat_until_ended(client: ApiClient, session_id: str) -> SessionJson:
-    """Call in every HEARTBEAT_SECONDS until the gateway says the session ended
-    (expiry, an administrator); Ctrl+C or SIGTERM interrupt it."""
-    missed = 0
-    while True:
-        time.sleep(HEARTBEAT_SECONDS)
-        try:
-            state = client.heartbeat(session_id)
-            missed = 0
-        except ApiError as exc:
-            if exc.status is not None:
-                raise
-            missed += 1
-            if missed >= MAX_MISSED_HEARTBEATS:
-                raise ApiError(
-                    f"lost contact with the pam gateway: {exc.message}",
-                    hint="the gateway ends the session when it stops hearing from this command",
-                ) from None
-            continue
-        if state.get("ended_at"):
-            return state
-
-
-def _report_end(client: ApiClient, state: SessionJson) -> int:
-    reason = state.get("end_reason")
-    if reason == "expired":
-        console.print(
-            f"[bold yellow]Access expired[/] at {local_time(state['expires_at'])};"
-            " live connections were closed."
+    def __init__(
+        self,
+        client: ApiClient,
+        session: AccessJson,
+        view: View,
+        keys: KeyReader | None,
+        extend_by: int,
+        forwarder: Forwarder | None,
+    ) -> None:
+        self.client = client
+        self.state: SessionJson = session
+        self.view = view
+        self.keys = keys
+        self.extend_by = extend_by
+        self.forwarder = forwarder
+        self.expiry = ExpiryWatch(
+            session.get("expiry_notice_seconds") or (), expires_at(session), datetime.now(UTC)
         )
-    else:
-        detail = f": {state['end_detail']}" if state.get("end_detail") else ""
-        console.print(f"[bold yellow]Session ended by the gateway[/] ({reason}{detail}).")
-    # Release the listener that still answers late connections with a refusal.
-    client.end_access(state["id"])
-    return 0
+
+    def until_ended(self) -> SessionJson:
+        """Call in every HEARTBEAT_SECONDS until the gateway says the session
+        ended (expiry, an administrator); Ctrl+C or SIGTERM interrupt it."""
+        missed = 0
+        next_beat = time.monotonic() + HEARTBEAT_SECONDS
+        while True:
+            wait = min(next_beat - time.monotonic(), TICK_SECONDS)
+            if self.keys is not None:
+                if self.keys.next_key(wait) in EXTEND_KEYS:
+                    self._extend()
+            elif wait > 0:
+                time.sleep(wait)
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + HEARTBEAT_SECONDS
+                try:
+                    state = self.client.heartbeat(self.state["id"])
+                    missed = 0
+                except ApiError as exc:
+                    if exc.status is not None:
+                        raise
+                    missed += 1
+                    if missed >= MAX_MISSED_HEARTBEATS:
+                        raise ApiError(
+                            f"lost contact with the pam gateway: {exc.message}",
+                            hint="the gateway ends the session when it stops hearing from"
+                            " this command",
+                        ) from None
+                    continue
+                if state.get("ended_at"):
+                    return state
+                self._update(state)
+            for lead in self.expiry.due(datetime.now(UTC)):
+                self.view.expiring(self.state, lead)
+            self.view.tick(self.state)
+
+    def _extend(self) -> None:
+        try:
+            state = self.client.extend_access(self.state["id"], self.extend_by)
+        except PendingApproval as pending:
+            # Applied by the gateway once approved: the heartbeat shows it then.
+            request = pending.request
+            self.view.warn(
+                f"the extension needs approval: request {request['id'][:8]}",
+                f"an approver runs `pam requests approve {request['id'][:8]}`",
+            )
+            return
+        except ApiError as exc:
+            self.view.warn(f"not extended: {exc.message}", exc.hint)
+            return
+        self._update(state)
+
+    def _update(self, state: SessionJson) -> None:
+        """A newer state of the session: an extension shows, and a tunnel's
+        forwarder takes the certificate re-issued for the new expiry."""
+        previous = self.state["expires_at"]
+        self.state = state
+        if expires_at(state) == parse_time(previous):
+            return
+        self.expiry.reset(expires_at(state), datetime.now(UTC))
+        if self.forwarder is not None:
+            try:
+                self.forwarder.renew(self.client.access_certificate(state["id"])["certificate"])
+            except ApiError as exc:
+                self.view.warn(
+                    f"the tunnel's certificate was not renewed: {exc.message}",
+                    "connections opened after the old expiry may be refused",
+                )
+        self.view.extended(state, previous)
 
 
 def _elapsed(session: SessionJson) -> str:

@@ -92,6 +92,11 @@ class AccessJson(SessionJson, total=False):
     certificate: str | None
     ca_cert_pem: str | None
     tunnel_port: int | None
+    expiry_notice_seconds: list[int]
+
+
+class CertificateJson(TypedDict):
+    certificate: str
 
 
 class ConnectionJson(TypedDict):

@@ -9,8 +9,11 @@ approver's attention.
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 from rich.status import Status
 
@@ -25,18 +28,26 @@ class RequestEnded(ApiError):
     """The request was denied, expired or cancelled while the CLI waited."""
 
 
-def wait_for_approval(client: ApiClient, request: RequestJson) -> str:
-    """Wait until *request* is approved; its id. Ctrl+C cancels it."""
-    console.print(
-        f"[bold]Access needs approval[/]: request {request['id'][:8]} needs"
-        f" {request['approvals_required']} approval(s) from {printable(approvers_of(request))}."
+def wait_for_approval(client: ApiClient, request: RequestJson, *, json_lines: bool = False) -> str:
+    """Wait until *request* is approved; its id. Ctrl+C cancels it. With
+    *json_lines* stdout gets one JSON line per change (``approval_pending``,
+    then ``approved`` or the error on stderr) instead of text."""
+    if json_lines:
+        _emit("approval_pending", request)
+    else:
+        console.print(
+            f"[bold]Access needs approval[/]: request {request['id'][:8]} needs"
+            f" {request['approvals_required']} approval(s) from"
+            f" {printable(approvers_of(request))}."
+        )
+        console.print(
+            f"  An approver runs: pam requests approve {request['id'][:8]}"
+            "   (Ctrl+C cancels the request)"
+        )
+        console.file.flush()
+    status = (
+        Status(_line(request), console=console) if is_interactive() and not json_lines else None
     )
-    console.print(
-        f"  An approver runs: pam requests approve {request['id'][:8]}"
-        "   (Ctrl+C cancels the request)"
-    )
-    console.file.flush()
-    status = Status(_line(request), console=console) if is_interactive() else None
     shown = _line(request)
     try:
         if status is not None:
@@ -52,7 +63,7 @@ def wait_for_approval(client: ApiClient, request: RequestJson) -> str:
             line = _line(request)
             if status is not None:
                 status.update(line)
-            elif line != shown:
+            elif line != shown and not json_lines:
                 console.print(line)
                 console.file.flush()
             shown = line
@@ -64,10 +75,29 @@ def wait_for_approval(client: ApiClient, request: RequestJson) -> str:
     finally:
         if status is not None:
             status.stop()
-    if request["state"] != "approved":
+    # An extension request is applied by the gateway as it is approved.
+    done = ("approved", "opened") if request["extends"] else ("approved",)
+    if request["state"] not in done:
         raise RequestEnded(_ended(request))
-    console.print(f"Request {request['id'][:8]} approved by {_approvers(request)}.")
+    if json_lines:
+        _emit("approved", request)
+    else:
+        console.print(f"Request {request['id'][:8]} approved by {_approvers(request)}.")
     return request["id"]
+
+
+def _emit(event: str, request: RequestJson) -> None:
+    line: dict[str, Any] = {
+        "event": event,
+        "at": datetime.now(UTC).isoformat(),
+        "request_id": request["id"],
+        "approvals_required": request["approvals_required"],
+        "approvers": request["approvers"],
+        "approvals": [a["by"] for a in request["approvals"]],
+        "expires_at": request["expires_at"],
+    }
+    sys.stdout.write(json.dumps(line) + "\n")
+    sys.stdout.flush()
 
 
 def _line(request: RequestJson) -> str:

@@ -40,6 +40,7 @@ from cli.api_json import ApprovalJson as ApprovalJson
 from cli.api_json import AuditPageJson as AuditPageJson
 from cli.api_json import AuditRecordJson as AuditRecordJson
 from cli.api_json import AuditVerifyJson as AuditVerifyJson
+from cli.api_json import CertificateJson as CertificateJson
 from cli.api_json import ConnectionJson as ConnectionJson
 from cli.api_json import DeliveryJson as DeliveryJson
 from cli.api_json import HealthJson as HealthJson
@@ -273,6 +274,18 @@ class ApiClient:
     def revoke_session(self, session_id: str, reason: str | None) -> SessionJson:
         body = {"reason": reason}
         return cast(SessionJson, self.post(f"/v1/access/{seg(session_id)}/revoke", body))
+
+    def extend_access(self, session_id: str, by_seconds: int) -> SessionJson:
+        """The grant with its new expiry; raises :class:`PendingApproval` when a
+        policy wants the extension approved first (it is applied once approved)."""
+        body = {"by_seconds": by_seconds}
+        answer = self.post(f"/v1/access/{seg(session_id)}/extend", body)
+        if isinstance(answer, dict) and "request" in answer and "id" not in answer:
+            raise PendingApproval(cast(RequestJson, answer["request"]))
+        return cast(SessionJson, answer)
+
+    def access_certificate(self, session_id: str) -> CertificateJson:
+        return cast(CertificateJson, self.get(f"/v1/access/{seg(session_id)}/certificate"))
 
     def end_access(self, session_id: str) -> SessionJson:
         return cast(SessionJson, self.post(f"/v1/access/{seg(session_id)}/end", {}))

@@ -19,6 +19,9 @@ Invariants:
   the gateway; the gateway dropping the tunnel without a byte (it refused the
   certificate during the TLS handshake) -> 28000.
 * TCP keepalives on every tunnel connection keep an idle one (a long query) up.
+* An extension of the grant re-issues its certificate (same key, later
+  expiry): :meth:`Forwarder.renew` makes the TLS context new connections use
+  from then on; connections already carried keep theirs.
 * The local leg's encryption requests are answered here: an SSLRequest gets TLS
   with a throwaway self-signed certificate made in memory (for clients that
   insist, ``sslmode=require``; the leg is loopback), a GSSENCRequest ``N``; the
@@ -39,7 +42,9 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-from cli.client import ApiClient, ApiError, SessionJson
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from cli.client import AccessJson, ApiClient, ApiError
 from gateway.credentials.pki import (
     csr_for,
     ephemeral_local_context,
@@ -168,6 +173,9 @@ class Forwarder:
     target: TunnelTarget
     listen_host: str = "127.0.0.1"
     port: int = 0
+    #: the grant's key and the gateway CA, to renew the certificate (renew())
+    key: ec.EllipticCurvePrivateKey | None = field(default=None, repr=False)
+    ca_pem: bytes | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _server: asyncio.Server | None = None
@@ -186,6 +194,20 @@ class Forwarder:
         self._thread = threading.Thread(target=loop.run_forever, name="pam-forwarder", daemon=True)
         self._thread.start()
         return self.port
+
+    def renew(self, cert_pem: str) -> None:
+        """Use *cert_pem* (re-issued for the same key, after an extension) for
+        every tunnel connection opened from now on."""
+        if self.key is None or self.ca_pem is None:
+            raise ApiError("this forwarder keeps no key to renew its certificate with")
+        old = self.target
+        # One reference swapped: _carry reads self.target once per connection.
+        self.target = TunnelTarget(
+            old.host,
+            old.port,
+            tunnel_client_context(cert_pem.encode(), self.key, self.ca_pem),
+            old.server_hostname,
+        )
 
     def stop(self) -> None:
         """Stop listening and close every carried connection."""
@@ -316,7 +338,7 @@ def open_tunnel_access(
     reason: str | None = None,
     request_id: str | None = None,
     break_glass: bool = False,
-) -> tuple[SessionJson, Forwarder]:
+) -> tuple[AccessJson, Forwarder]:
     """Request a tunnel grant with a CSR for a key made here, and serve its local
     port; returns the session (its listen address the forwarder's) and the forwarder.
 
@@ -353,7 +375,7 @@ def open_tunnel_access(
         tls=tunnel_client_context(cert.encode(), key, ca.encode()),
         server_hostname=api_host,
     )
-    forwarder = Forwarder(target, port=port or 0)
+    forwarder = Forwarder(target, port=port or 0, key=key, ca_pem=ca.encode())
     try:
         local_port = forwarder.start()
     except OSError as exc:
@@ -362,6 +384,6 @@ def open_tunnel_access(
             f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}",
             hint="pick another --port, or omit it for a free one",
         ) from None
-    local = cast(SessionJson, dict(session))
+    local = cast(AccessJson, dict(session))
     local["listen_host"], local["listen_port"] = "127.0.0.1", local_port
     return local, forwarder

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PositiveInt
 
 from gateway.errors import ConfigError
 
@@ -69,6 +69,9 @@ class GatewaySettings(BaseModel):
     max_grant_seconds: int = Field(default=int(timedelta(hours=12).total_seconds()), gt=0)
     #: the daemon ends a grant whose CLI has not called in for this long
     heartbeat_timeout_seconds: float = Field(default=6.0, gt=0)
+    #: before a grant expires, each live connection gets a NoticeResponse this
+    #: many seconds ahead (5 minutes and 1 minute)
+    expiry_notice_seconds: list[PositiveInt] = Field(default_factory=lambda: [300, 60])
     upstream_connect_timeout_seconds: float = Field(default=10.0, gt=0)
     client_startup_timeout_seconds: float = Field(default=15.0, gt=0)
     #: an access request not decided within this long expires

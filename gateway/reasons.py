@@ -47,6 +47,8 @@ class ConnectionEndReason(StrEnum):
     AUDIT_UNAVAILABLE = "audit_unavailable"
     ERROR = "error"
     GATEWAY_CRASH = "gateway_crash"
+    #: no traffic either way, and no query running, for the policy's idle limit
+    IDLE_TIMEOUT = "idle_timeout"
 
 
 SESSION_END_REASONS: Final[frozenset[str]] = frozenset(SessionEndReason)

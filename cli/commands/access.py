@@ -60,6 +60,19 @@ def db() -> None:
     help="Skip the approval a policy asks for, where it allows break-glass (needs --reason;"
     " recorded apart and notified).",
 )
+@click.option(
+    "--extend-by",
+    default="30m",
+    show_default=True,
+    help="What the e key extends the grant by (on a terminal).",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the connection details as one JSON line, then one JSON line per event"
+    " (extended, expiring, ended).",
+)
 def db_access(
     resource_name: str | None,
     account_name: str | None,
@@ -70,10 +83,13 @@ def db_access(
     tunnel: bool | None,
     request_id: str | None,
     break_glass: bool,
+    extend_by: str,
+    as_json: bool,
 ) -> None:
     """Open a time-boxed local port to a resource, as an account, with no password.
 
     The port accepts connections only from your own OS user's processes (Linux).
+    On a terminal a status line shows the time left; press e to extend the grant.
     """
     if request_id is None and (resource_name is None or account_name is None):
         raise click.UsageError("give --resource and --account (or --request ID)")
@@ -82,6 +98,7 @@ def db_access(
     if request_id is None and duration is None:
         duration = "1h"
     seconds = parse_duration(duration) if duration is not None else None
+    extend_seconds = parse_duration(extend_by)
     with api_client() as client:
         code = hold_access(
             client,
@@ -95,5 +112,7 @@ def db_access(
             tunnel=is_remote(client) if tunnel is None else tunnel,
             request_id=request_id,
             break_glass=break_glass,
+            json_events=as_json,
+            extend_by=extend_seconds,
         )
     sys.exit(code)

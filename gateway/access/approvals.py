@@ -41,6 +41,7 @@ from gateway.access.requests import (
     RequestState,
     Revoke,
     StateChange,
+    TransitionRefused,
     apply,
     new_request,
 )
@@ -130,8 +131,11 @@ class RequestService:
         reason: str | None,
         policy: Policy,
         break_glass: bool = False,
+        extends_session: str | None = None,
     ) -> AccessRequest:
-        """A new request under *policy*; with *break_glass* it is approved at once."""
+        """A new request under *policy*; with *break_glass* it is approved at
+        once; with *extends_session* it asks to extend that live grant by
+        *duration_seconds*."""
         request, changes = new_request(
             id=uuid.uuid4().hex,
             project=project,
@@ -147,6 +151,7 @@ class RequestService:
             pending_ttl=self.pending_ttl,
             open_within=self.open_within,
             break_glass=break_glass,
+            extends_session=extends_session,
         )
         await self.db(self.store.create_request, request, changes)
         for change in changes:
@@ -182,6 +187,11 @@ class RequestService:
     async def openable(self, principal: Principal, request_id: str) -> AccessRequest:
         """The request, when *principal* may open it now (checked, not applied)."""
         request = await self.visible(principal, request_id)
+        if request.extends:
+            raise TransitionRefused(
+                f"request {request.id[:8]} extends a live grant: it opens nothing",
+                hint="once approved, the gateway applies it to its grant",
+            )
         apply(request, Open(actor_for(principal, request), "-"), self.clock())
         return request
 
@@ -190,6 +200,47 @@ class RequestService:
     ) -> AccessRequest:
         """Record that *request* was opened as *session_id* (over the version read)."""
         return await self._apply(request, Open(actor_for(principal, request), session_id))
+
+    async def record_extension(
+        self,
+        principal: Principal,
+        *,
+        project: str,
+        session_id: str,
+        resource: str,
+        account: str,
+        by_seconds: int,
+        reason: str | None,
+        policy_name: str,
+    ) -> AccessRequest:
+        """Record an extension applied without approval (its policy, or the
+        admin role, allowed it): a request made and applied at once, so the
+        access trail holds every extension, who made it and by how much."""
+        actor = Actor(principal.id, principal.name)
+        request, changes = new_request(
+            id=uuid.uuid4().hex,
+            project=project,
+            requester=actor,
+            resource=resource,
+            account=account,
+            duration_seconds=by_seconds,
+            reason=reason,
+            policy_name=policy_name,
+            approvals_required=0,
+            approvers=(),
+            now=self.clock(),
+            open_within=self.open_within,
+            extends_session=session_id,
+        )
+        request, applied = apply(request, Open(actor, session_id), self.clock())
+        await self.db(self.store.create_request, request, [*changes, applied])
+        return request
+
+    async def applied(self, request: AccessRequest) -> AccessRequest:
+        """Record that the gateway applied an approved extension request."""
+        actor = Actor(request.requester_id, request.requester)
+        assert request.session_id is not None
+        return await self._apply(request, Open(actor, request.session_id))
 
     async def revoked(self, request_id: str, *, by: Principal, reason: str | None) -> None:
         """The grant opened from *request_id* was revoked."""

@@ -1,7 +1,8 @@
 """An access grant and its states.
 
 Today a grant is created active (its session row and listener exist) and ends
-once (owner, expiry, watchdog, shutdown, a failed listen). After an end by
+once (owner, expiry, watchdog, shutdown, a failed listen); while active, its
+expiry may move later (an extension). After an end by
 expiry its listener may stay up, answering every new connection with the end's
 reason, until the CLI lets go. Next a grant will be requested and approved
 before it is active: those states land in :class:`GrantState`.
@@ -10,7 +11,7 @@ before it is active: those states land in :class:`GrantState`.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 
@@ -37,6 +38,8 @@ class Grant:
     #: that certificate's public key (DER), the only key the tunnel admits for it
     certificate: bytes | None = None
     public_key: bytes | None = None
+    #: held while an extension moves the expiry (one at a time)
+    extending: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def is_ended(self) -> bool:

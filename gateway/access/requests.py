@@ -246,7 +246,8 @@ def new_request(
     """A new request and what the trail records of it: ``requested``, and for
     break-glass ``break_glass`` too (the request is then approved at once).
     With *extends_session* it asks to extend that live grant by
-    *duration_seconds*."""
+    *duration_seconds*. One that needs no approval (an extension a policy
+    allows outright, recorded for the trail) is approved at once."""
     if break_glass and extends_session is not None:
         raise TransitionRefused("break-glass opens access; it does not extend it")
     if break_glass and not (reason and reason.strip()):
@@ -276,7 +277,7 @@ def new_request(
             ChangeKind.REQUESTED,
             requester.name,
             now,
-            RequestState.PENDING,
+            RequestState.PENDING if approvals_required or break_glass else RequestState.APPROVED,
             {
                 "resource": resource,
                 "account": account,
@@ -289,7 +290,7 @@ def new_request(
             },
         )
     ]
-    if break_glass:
+    if break_glass or not approvals_required:
         request = replace(
             request,
             state=RequestState.APPROVED,
@@ -297,6 +298,7 @@ def new_request(
             use_by=now + open_within,
             version=1,
         )
+    if break_glass:
         changes.append(
             StateChange(
                 id,

@@ -7,6 +7,13 @@ event loop never blocks on disk.
 Invariants:
 * Expiry is enforced here, by a timer per grant, not trusted to the CLI: at
   ``expires_at`` every live connection gets a FATAL and new ones are refused.
+  The same timer first warns: ``expiry_notice_seconds`` before it (5 and 1
+  minutes), each live connection gets a NoticeResponse saying when it will be
+  cut. A notice whose time had passed when the expiry was set is not owed.
+* An extension moves a live grant's expiry later and reschedules that timer;
+  it never touches a live connection (a ``pg_sleep`` across the old expiry
+  completes). It is checked (gateway maximum, then the caller's policy check)
+  and written under the grant's lock, one at a time.
 * A grant whose CLI stops calling in (heartbeat) for ``heartbeat_timeout``
   seconds is ended, so a ``kill -9``-ed CLI leaves no open door.
 * A session row is written before its listener accepts anything; at start-up
@@ -22,12 +29,14 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import structlog
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.access.admission import check_grant_request
@@ -38,6 +47,7 @@ from gateway.audit.runtime import AuditRuntime
 from gateway.config import GatewaySettings
 from gateway.credentials.pki import GatewayPki, grant_id_of, is_within_validity, public_key_of
 from gateway.errors import InvalidRequest, NotFound
+from gateway.net.idle import format_duration
 from gateway.net.listener import (
     DEFAULT_SOCKET_PORT,
     AccessListener,
@@ -46,15 +56,20 @@ from gateway.net.listener import (
     unix_socket_path,
 )
 from gateway.net.relay import Termination
+from gateway.protocol import messages
 from gateway.protocol.sqlstate import SqlState
 from gateway.reasons import ConnectionEndReason, SessionEndReason
 
-__all__ = ["GrantService"]
+__all__ = ["ExtensionCheck", "GrantService"]
 
 log = structlog.get_logger(__name__)
 
 WATCHDOG_INTERVAL_SECONDS = 0.5
 SHUTDOWN_GRACE_SECONDS = 3.0
+#: What an extension's caller checks before the expiry moves: the session and the
+#: grant's whole duration with the extension, in seconds; raises to refuse.
+ExtensionCheck = Callable[[SessionRecord, int], Awaitable[None]]
+
 _SHUTDOWN = Termination(
     ConnectionEndReason.GATEWAY_SHUTDOWN,
     SqlState.ADMIN_SHUTDOWN,
@@ -144,6 +159,8 @@ class GrantService:
         owner_uid: int | None = None,
         socket_dir: str | None = None,
         csr: str | None = None,
+        idle_timeout_seconds: int | None = None,
+        idle_policy: str | None = None,
     ) -> SessionRecord:
         """Open a grant; *request* is what its session records of who asked
         (``gateway.store.models.REQUEST_FIELDS``), decided by the caller;
@@ -151,7 +168,9 @@ class GrantService:
         connect; ``socket_dir`` serves a Unix socket there instead of a TCP
         port, and needs an owner. With ``csr`` (from a CLI on another host) it
         is reached through the tunnel with the certificate issued for it
-        (:meth:`certificate_of`) and opens no local port."""
+        (:meth:`certificate_of`) and opens no local port. With
+        ``idle_timeout_seconds`` (the allowing policy's, named ``idle_policy``)
+        a connection idle that long is cut."""
         public_key = self._check_csr(csr)
         check_grant_request(
             duration_seconds=duration_seconds,
@@ -181,7 +200,12 @@ class GrantService:
             request=request,
         )
         bound_port, listener = await self._listen(
-            session, port, owner_uid, unix_path, bind=public_key is None
+            session,
+            port,
+            owner_uid,
+            unix_path,
+            bind=public_key is None,
+            idle=(idle_timeout_seconds, idle_policy),
         )
         if bound_port:
             await self.db(self.store.set_session_port, session.id, bound_port)
@@ -191,9 +215,7 @@ class GrantService:
             assert self.pki is not None  # _check_csr refuses a CSR without a CA
             grant.certificate = self.pki.issue_grant(public_key, session.id, session.expires_at)
             grant.public_key = public_key_of(grant.certificate)
-        grant.expiry_task = asyncio.create_task(
-            self._expire_at(grant), name=f"grant-{session.id[:8]}-expiry"
-        )
+        self._schedule_expiry(grant)
         self._grants[session.id] = grant
         log.info(
             "access_granted",
@@ -203,8 +225,14 @@ class GrantService:
             account=account,
             port=bound_port,
             expires_at=session.expires_at.isoformat(),
+            idle_timeout_seconds=idle_timeout_seconds,
         )
         return session
+
+    @property
+    def expiry_notice_seconds(self) -> list[int]:
+        """How long before expiry live connections are warned, longest first."""
+        return sorted(set(self.settings.expiry_notice_seconds), reverse=True)
 
     def _check_csr(self, csr: str | None) -> ec.EllipticCurvePublicKey | None:
         if csr is None:
@@ -259,6 +287,7 @@ class GrantService:
         unix_path: str | None,
         *,
         bind: bool = True,
+        idle: tuple[int | None, str | None] = (None, None),
     ) -> tuple[int, AccessListener]:
         listener = AccessListener(
             GrantInfo(
@@ -268,6 +297,8 @@ class GrantService:
                 username=session.username,
                 database=session.database,
                 expires_at=session.expires_at,
+                idle_timeout_seconds=idle[0],
+                idle_policy=idle[1],
             ),
             self.host,
             listen_host=self.settings.listen_host,
@@ -348,6 +379,94 @@ class GrantService:
             keep_listener=True,
         )
 
+    async def extend(
+        self,
+        session_id: str,
+        *,
+        by_seconds: int,
+        by: str,
+        authorize: ExtensionCheck | None = None,
+    ) -> SessionRecord:
+        """Move a live grant's expiry *by_seconds* later, on *by*'s word.
+
+        Refused beyond the gateway's ``max_grant_seconds`` (counted from the
+        start), or by *authorize* (the caller's policy check, given the whole
+        new duration). Live connections are not touched; the expiry timer and
+        its notices are rescheduled; a tunnel grant's client certificate is
+        re-issued for the same key, valid until the new expiry
+        (:meth:`certificate_of`)."""
+        if by_seconds <= 0:
+            raise InvalidRequest("an extension must be at least 1 second")
+        if self._closing:
+            raise InvalidRequest("the gateway is shutting down")
+        grant = await self._live_grant(session_id)
+        async with grant.extending:
+            await self._live_grant(session_id)  # may have ended while we waited
+            previous = grant.session.expires_at
+            expires_at = previous + timedelta(seconds=by_seconds)
+            total = math.ceil((expires_at - grant.session.started_at).total_seconds())
+            if total > self.settings.max_grant_seconds:
+                limit = format_duration(self.settings.max_grant_seconds)
+                raise InvalidRequest(
+                    f"a grant may last at most {limit} on this gateway; extended by"
+                    f" {format_duration(by_seconds)} it would last {format_duration(total)}",
+                    hint="extend by less, or request new access with `pam db access`",
+                )
+            if authorize is not None:
+                await authorize(grant.session, total)
+            await self._live_grant(session_id)  # may have expired during the check
+            # Nothing fires while the row moves: the timer is not in _end (the
+            # grant is live, checked with no await since), so cancelling is safe.
+            if grant.expiry_task is not None:
+                grant.expiry_task.cancel()
+            try:
+                session = await self.db(
+                    self.store.extend_session, session_id, expires_at=expires_at
+                )
+            except BaseException:
+                self._schedule_expiry(grant)  # the old expiry stands
+                raise
+            if grant.is_ended:  # ended while the row moved: its end stands
+                return grant.session
+            grant.session = session
+            grant.listener.grant.expires_at = session.expires_at
+            if grant.public_key is not None and self.pki is not None:
+                key = serialization.load_der_public_key(grant.public_key)
+                assert isinstance(key, ec.EllipticCurvePublicKey)
+                grant.certificate = self.pki.issue_grant(key, session.id, session.expires_at)
+            self._schedule_expiry(grant)
+        log.info(
+            "access_extended",
+            session_id=session.id,
+            by=by,
+            by_seconds=by_seconds,
+            previous_expires_at=previous.isoformat(),
+            expires_at=session.expires_at.isoformat(),
+        )
+        return session
+
+    async def live_session(self, session_id: str) -> SessionRecord:
+        """The session of a live grant, else InvalidRequest naming its end."""
+        return (await self._live_grant(session_id)).session
+
+    async def _live_grant(self, session_id: str) -> Grant:
+        """The grant of *session_id* if it is live, else InvalidRequest naming its end."""
+        grant = self._grants.get(session_id)
+        if grant is not None and _is_live(grant):
+            return grant
+        session = await self.db(self.store.get_session, session_id)
+        raise InvalidRequest(
+            f"access session {session.id[:8]} is not live"
+            + (f" (it ended: {session.end_reason})" if session.end_reason else "")
+        )
+
+    def _schedule_expiry(self, grant: Grant) -> None:
+        """(Re)start the grant's timer: its notices, then its expiry."""
+        if _is_live(grant):
+            grant.expiry_task = asyncio.create_task(
+                self._expire_at(grant), name=f"grant-{grant.session.id[:8]}-expiry"
+            )
+
     async def end_grants_of(self, principal_id: str, *, detail: str) -> int:
         """End every live grant of *principal_id* (it was disabled); how many."""
         ended = 0
@@ -398,9 +517,16 @@ class GrantService:
         return grant.session
 
     async def _expire_at(self, grant: Grant) -> None:
-        delay = (grant.session.expires_at - datetime.now(UTC)).total_seconds()
-        await asyncio.sleep(max(delay, 0.0))
         session = grant.session
+        scheduled = datetime.now(UTC)
+        for lead in self.expiry_notice_seconds:
+            notice_at = session.expires_at - timedelta(seconds=lead)
+            if notice_at <= scheduled:
+                continue  # already past when this expiry was set: not owed
+            await asyncio.sleep(max((notice_at - datetime.now(UTC)).total_seconds(), 0.0))
+            self._warn_of_expiry(grant, lead)
+        delay = (session.expires_at - datetime.now(UTC)).total_seconds()
+        await asyncio.sleep(max(delay, 0.0))
         message = (
             f"access grant for {session.resource_name}/{session.account_name} expired at"
             f" {format_time(session.expires_at)}"
@@ -422,6 +548,20 @@ class GrantService:
             keep_listener=True,
         )
 
+    def _warn_of_expiry(self, grant: Grant, lead: int) -> None:
+        session = grant.session
+        notice = messages.notice_response(
+            "WARNING",
+            SqlState.WARNING,
+            f"access grant for {session.resource_name}/{session.account_name} expires at"
+            f" {session.expires_at.astimezone(UTC):%H:%M:%S} UTC (in {_in_words(lead)});"
+            " connections will be closed then",
+            hint=f"extend it with `pam grant extend {session.id[:8]} --by 30m`"
+            " (or press e in the running `pam db access`)",
+        )
+        sent = grant.listener.notify_live(notice)
+        log.info("expiry_notice", session_id=session.id, lead_seconds=lead, connections=sent)
+
     async def _watch_heartbeats(self) -> None:
         timeout = self.settings.heartbeat_timeout_seconds
         while True:
@@ -441,6 +581,17 @@ class GrantService:
                     )
                 except Exception as exc:  # keep watching the other grants
                     log.error("watchdog_end_failed", session_id=grant.session.id, error=repr(exc))
+
+
+def _is_live(grant: Grant) -> bool:
+    """Not ended, and not ending: an end sets the listener's refusal first."""
+    return not grant.is_ended and grant.listener.refusal is None
+
+
+def _in_words(seconds: int) -> str:
+    """``5 minutes``, ``1 minute``, ``90 seconds``."""
+    count, unit = (seconds // 60, "minute") if seconds % 60 == 0 else (seconds, "second")
+    return f"{count} {unit}{'s' if count != 1 else ''}"
 
 
 def _cert_refused(message: str) -> Termination:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import ssl
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,10 +25,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+import structlog
+
 from gateway.access.admission import Admission
 from gateway.access.approvals import RequestService
 from gateway.access.authorization import Allowance, authorize_access
 from gateway.access.connections import ConnectionRecords
+from gateway.access.extension import authorize_extension, check_extension
 from gateway.access.host import ListenerHost
 from gateway.access.ports import SessionRecord
 from gateway.access.requests import AccessRequest, ChangeKind, RequestState, StateChange
@@ -41,13 +45,16 @@ from gateway.credentials.pki import GatewayPki
 from gateway.credentials.targets import Credentials
 from gateway.credentials.verify import VerifyResult, verify
 from gateway.errors import InvalidRequest, NotFound
-from gateway.identity.principals import Principal
+from gateway.identity.policy import Policy
+from gateway.identity.principals import DEFAULT_PROJECT, Principal
 from gateway.identity.service import IdentityService
 from gateway.identity.sso import SsoService
 from gateway.notify import Event, Notifier, RetryPolicy, Webhooks
 from gateway.notify.events import request_data, session_data
 from gateway.reasons import SessionEndReason
 from gateway.store import Store
+
+log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
@@ -269,6 +276,8 @@ class Gateway:
             owner_uid=owner_uid,
             socket_dir=socket_dir,
             csr=csr,
+            idle_timeout_seconds=policy.idle_timeout_seconds if policy else None,
+            idle_policy=policy.name if policy else allowance.name,
         )
         if request is not None:
             try:
@@ -292,15 +301,9 @@ class Gateway:
         break_glass: bool,
     ) -> tuple[str | None, Allowance]:
         """The resource's project and what allows *principal* this access."""
-        try:
-            project: str | None = (await self.db(self.store.get_resource, resource)).project
-        except NotFound:
-            if principal.is_admin():
-                raise
-            project = None
         # An unknown resource (project None) is refused by authorize_access in
         # the same words as one no policy covers.
-        policies = [] if project is None else await self.identity.policies(project)
+        project, policies = await self._policies_for(principal, resource)
         allowance = authorize_access(
             principal,
             project=project,
@@ -319,6 +322,105 @@ class Gateway:
         if session.request_id:
             await self.requests.revoked(session.request_id, by=by, reason=reason)
         return session
+
+    async def extend_access(
+        self, principal: Principal, session_id: str, *, by_seconds: int
+    ) -> SessionRecord | AccessRequest:
+        """Move a live grant's expiry later if *principal*'s role or policies
+        allow its whole new duration (:mod:`gateway.access.extension`). Where
+        the deciding policy asks for approval, an extension request is made
+        instead (returned, to wait on); once approved the gateway applies it
+        (:meth:`approve`). Every extension is recorded in the access trail, as
+        a request of its own."""
+        session = await self.grants.live_session(session_id)
+        total = _total_seconds(session, by_seconds)
+        project, policies = await self._policies_for(principal, session.resource_name)
+        allowance = authorize_extension(
+            principal, project=project, policies=policies, session=session, total_seconds=total
+        )
+        policy = allowance.policy
+        project = project or session.project or DEFAULT_PROJECT
+        if policy is not None and policy.approvals_required:
+            return await self.requests.create(
+                principal,
+                project=project,
+                resource=session.resource_name,
+                account=session.account_name,
+                duration_seconds=by_seconds,
+                reason=session.reason,
+                policy=policy,
+                extends_session=session.id,
+            )
+
+        async def authorize(live: SessionRecord, total_seconds: int) -> None:
+            # Again under the grant's lock: another extension may have landed.
+            found_project, found = await self._policies_for(principal, live.resource_name)
+            check_extension(
+                authorize_extension(
+                    principal,
+                    project=found_project,
+                    policies=found,
+                    session=live,
+                    total_seconds=total_seconds,
+                )
+            )
+
+        extended = await self.grants.extend(
+            session.id, by_seconds=by_seconds, by=principal.name, authorize=authorize
+        )
+        await self.requests.record_extension(
+            principal,
+            project=project,
+            session_id=session.id,
+            resource=session.resource_name,
+            account=session.account_name,
+            by_seconds=by_seconds,
+            reason=session.reason,
+            policy_name=allowance.name,
+        )
+        self._extended(extended, by_seconds=by_seconds, by=principal.name)
+        return extended
+
+    async def approve(
+        self, principal: Principal, request_id: str, comment: str | None
+    ) -> AccessRequest:
+        """An approval; the one that completes an extension request applies it."""
+        request = await self.requests.approve(principal, request_id, comment)
+        if not (request.extends and request.state is RequestState.APPROVED):
+            return request
+        assert request.session_id is not None  # an extension names its grant
+        try:
+            extended = await self.grants.extend(
+                request.session_id,
+                by_seconds=request.duration_seconds,
+                by=f"{request.requester} (approved by {principal.name})",
+            )
+        except InvalidRequest as exc:
+            # The grant ended meanwhile, or the gateway's maximum: the approved
+            # request stays approved and expires unused.
+            log.info("approved_extension_not_applied", request_id=request.id, why=exc.message)
+            return request
+        self._extended(extended, by_seconds=request.duration_seconds, by=request.requester)
+        return await self.requests.applied(request)
+
+    def _extended(self, session: SessionRecord, *, by_seconds: int, by: str) -> None:
+        if session.project is not None:
+            data = session_data(session) | {"by": by, "by_seconds": by_seconds}
+            self.notifier.publish(session.project, Event.ACCESS_EXTENDED, data)
+
+    async def _policies_for(
+        self, principal: Principal, resource: str
+    ) -> tuple[str | None, list[Policy]]:
+        """The resource's project (None when it does not exist, for a non-admin)
+        and its policies."""
+        try:
+            project: str | None = (await self.db(self.store.get_resource, resource)).project
+        except NotFound:
+            if principal.is_admin():
+                raise
+            project = None
+        policies = [] if project is None else await self.identity.policies(project)
+        return project, policies
 
     def _request_changed(self, request: AccessRequest, change: StateChange) -> None:
         """Tell the webhooks of a request's change (after it was written)."""
@@ -381,3 +483,8 @@ _REQUEST_EVENTS: Final = {
     ChangeKind.CANCELLED: Event.REQUEST_CANCELLED,
     ChangeKind.BREAK_GLASS: Event.ACCESS_BREAK_GLASS,
 }
+
+
+def _total_seconds(session: SessionRecord, by_seconds: int) -> int:
+    """How long *session* would last from its start, extended by *by_seconds*."""
+    return math.ceil((session.expires_at - session.started_at).total_seconds()) + by_seconds

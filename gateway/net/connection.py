@@ -43,8 +43,9 @@ from gateway.net.client_startup import (
     read_client_startup,
     read_tunnelled_startup,
 )
+from gateway.net.idle import format_duration
 from gateway.net.ports import ConnectionAuditTap, ConnectionHost, GrantInfo
-from gateway.net.relay import Relay, Termination, close_writer
+from gateway.net.relay import IdleLimit, Relay, Termination, close_writer
 from gateway.net.upstream import UpstreamConnection, connect_upstream, send_cancel
 from gateway.protocol import messages
 from gateway.protocol.client_startup import (
@@ -69,6 +70,9 @@ _CUT_BY_GATEWAY = frozenset(
         ConnectionEndReason.EXPIRED,
         ConnectionEndReason.GATEWAY_SHUTDOWN,
         ConnectionEndReason.AUDIT_UNAVAILABLE,
+        # Idle means no query in flight; should the count be wrong, the cancel
+        # is harmless and the query does not outlive its connection.
+        ConnectionEndReason.IDLE_TIMEOUT,
     }
 )
 
@@ -394,6 +398,7 @@ class ConnectionLife:
             upstream.writer,
             name=f"c{conn.number}",
             audit=self._audit,
+            idle=idle_limit(self.grant),
         )
         conn.relay = relay
         startup = started.startup
@@ -469,6 +474,24 @@ class ConnectionLife:
             self.log.warning("cancel_failed", error=str(exc))
 
 
+def idle_limit(grant: GrantInfo) -> IdleLimit | None:
+    """The grant's idle limit, with the FATAL naming it (57P05, the code of
+    PostgreSQL's own ``idle_session_timeout``); None when it has none."""
+    seconds = grant.idle_timeout_seconds
+    if not seconds:
+        return None
+    whose = f"the limit of policy '{grant.idle_policy}'" if grant.idle_policy else "its limit"
+    return IdleLimit(
+        seconds,
+        Termination(
+            ConnectionEndReason.IDLE_TIMEOUT,
+            SqlState.IDLE_SESSION_TIMEOUT,
+            f"terminating connection: idle for {format_duration(seconds)} ({whose})",
+            hint="reconnect: the access grant is still open",
+        ),
+    )
+
+
 async def _refuse(
     writer: asyncio.StreamWriter, code: str, message: str, *, hint: str | None = None
 ) -> None:
@@ -477,4 +500,4 @@ async def _refuse(
     await close_writer(writer)
 
 
-__all__ = ["ClientStreams", "ConnectionLife", "Door", "LiveConnection"]
+__all__ = ["ClientStreams", "ConnectionLife", "Door", "LiveConnection", "idle_limit"]

@@ -113,6 +113,17 @@ class AccessListener:
             else:
                 conn.pending_termination = termination
 
+    def notify_live(self, notice: bytes) -> int:
+        """Send every relaying connection *notice* (a NoticeResponse) at its next
+        server message boundary; returns how many got it. A connection still
+        starting up is skipped: it had not been greeted yet."""
+        sent = 0
+        for conn in list(self.connections):
+            if conn.relay is not None:
+                conn.relay.notify(notice)
+                sent += 1
+        return sent
+
     async def wait_idle(self, timeout: float) -> None:
         """Wait (bounded) until no connection handler is running."""
         await self._doors.wait(timeout)

@@ -97,3 +97,7 @@ class GrantInfo:
     username: str
     database: str
     expires_at: datetime
+    #: cut a connection idle (no traffic either way, no query running) this long
+    idle_timeout_seconds: float | None = None
+    #: the policy that set the idle limit, named in the FATAL
+    idle_policy: str | None = None

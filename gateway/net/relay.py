@@ -13,17 +13,25 @@ server-to-client stream, never in the middle of a server message.
 With an audit tap, a client chunk's tapped messages are recorded BEFORE the
 chunk is forwarded: a chunk that cannot be recorded is not forwarded at all,
 and the connection ends (nothing the server runs goes unrecorded).
+
+The gateway's own NoticeResponses (:meth:`Relay.notify`: the grant expires
+soon) go to the client at a server message boundary too: at once when the
+server stream stands at one, else after the first forwarded chunk that ends at
+one. With an :class:`IdleLimit`, one timer per connection ends it once it has
+been idle that long (:mod:`gateway.net.idle` says what idle is).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
 import structlog
 
+from gateway.net.idle import AWAITS_READY, READY, IdleWatch
 from gateway.protocol import messages
 from gateway.protocol.constants import FrontendType
 from gateway.protocol.errors import ProtocolError
@@ -58,6 +66,14 @@ class Termination:
 
     def error_response(self) -> bytes:
         return messages.error_response("FATAL", self.sqlstate, self.message, hint=self.hint)
+
+
+@dataclass(frozen=True, slots=True)
+class IdleLimit:
+    """How long a connection may stay idle, and the FATAL it gets after that."""
+
+    seconds: float
+    termination: Termination
 
 
 class StatementAudit(Protocol):
@@ -112,6 +128,7 @@ class Relay:
         name: str,
         max_message_length: int = DEFAULT_MAX_MESSAGE_LENGTH,
         audit: StatementAudit | None = None,
+        idle: IdleLimit | None = None,
     ) -> None:
         self._client_reader = client_reader
         self._upstream_reader = upstream_reader
@@ -119,20 +136,32 @@ class Relay:
         self._upstream = cast(asyncio.Transport, upstream_writer.transport)
         self._name = name
         self._audit = audit
-        # Only the message types audit needs are copied; the rest is skipped
-        # by arithmetic on the headers.
+        # Only the message types audit (and the idle rule) needs are copied;
+        # the rest is skipped by arithmetic on the headers.
         self._from_client = BoundaryTracker(
             max_length=max_message_length,
-            tap=_TERMINATE | (audit.client_tap if audit else frozenset()),
+            tap=_TERMINATE
+            | (audit.client_tap if audit else frozenset())
+            | (AWAITS_READY if idle else frozenset()),
             measure=audit.client_measure if audit else frozenset(),
             tap_limit=TAP_LIMIT,
         )
         self._from_server = BoundaryTracker(
             max_length=max_message_length,
-            tap=audit.server_tap if audit else frozenset(),
+            tap=(audit.server_tap if audit else frozenset())
+            | (frozenset({READY}) if idle else frozenset()),
             measure=audit.server_measure if audit else frozenset(),
             tap_limit=TAP_LIMIT,
         )
+        self._idle_limit = idle
+        self._idle: IdleWatch | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._clock: Callable[[], float] = time.monotonic
+        if idle is not None:
+            self._clock = asyncio.get_running_loop().time
+            self._idle = IdleWatch(idle.seconds, self._clock())
+        #: the gateway's own NoticeResponses waiting for a server message boundary
+        self._notices: list[bytes] = []
         self._termination: Termination | None = None
         self._fatal_sent = False
         self._done: asyncio.Future[None] | None = None
@@ -158,7 +187,22 @@ class Relay:
         if to_server:
             self._on_client_data(to_server)
         if to_client:
+            idle = self._idle
+            awaiting = idle.awaiting if idle is not None else 0
             self._on_server_data(to_client)
+            if idle is not None:
+                # The greeting's ReadyForQuery answers no client message.
+                idle.awaiting = awaiting
+
+    def notify(self, notice: bytes) -> None:
+        """Send the client *notice* (a NoticeResponse of the gateway's own) at the
+        next server message boundary; dropped once the relay is ending."""
+        if self._termination is not None or self._is_done():
+            return
+        if self._from_server.at_boundary and not self._client.is_closing():
+            self._client.write(notice)
+        else:
+            self._notices.append(notice)
 
     def terminate(self, termination: Termination) -> None:
         """End the relay with a FATAL to the client at the next server message
@@ -179,6 +223,8 @@ class Relay:
             # Ended before it ran (terminate() at a boundary wrote the FATAL):
             # nothing the handshake left over may follow it.
             self._done.set_result(None)
+        if self._idle is not None:
+            self._schedule_idle_check(self._idle.limit)
         client_side = _Side(self, from_client=True)
         server_side = _Side(self, from_client=False)
         pending_client, client_eof = _take_over(self._client_reader, self._client, client_side)
@@ -202,6 +248,8 @@ class Relay:
         finally:
             if self._grace is not None:
                 self._grace.cancel()
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
             if self._room_task is not None:
                 self._room_task.cancel()
                 await asyncio.gather(self._room_task, return_exceptions=True)
@@ -221,6 +269,8 @@ class Relay:
             self._forward_valid_prefix(data, from_client=True)
             self._fail_protocol(exc)
             return
+        if self._idle is not None:
+            self._idle.client_sent(tapped, self._clock())
         if tapped:
             # On record before the server can see it (see the module docstring).
             if self._audit is not None and not self._record_client(tapped):
@@ -259,6 +309,11 @@ class Relay:
             return
         self.bytes_from_server += len(data)
         self._client.write(data)
+        if self._idle is not None:
+            self._idle.server_sent(tapped, self._clock())
+        if self._notices and tracker.at_boundary:
+            self._client.write(b"".join(self._notices))
+            self._notices.clear()
         audit = self._audit
         if tapped and audit is not None:
             refusal = audit.on_server(tapped, time.time_ns())
@@ -325,6 +380,23 @@ class Relay:
         source = self._upstream if client_is_full else self._client
         if not source.is_closing() and not (client_is_full and self._room_task is not None):
             source.resume_reading()
+
+    # --- idle -----------------------------------------------------------------------
+
+    def _schedule_idle_check(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._idle_timer = loop.call_later(delay, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._idle_timer = None
+        idle, limit = self._idle, self._idle_limit
+        if idle is None or limit is None or self._is_done() or self._termination is not None:
+            return
+        delay = idle.due(self._clock())
+        if delay is None:
+            self.terminate(limit.termination)
+        else:
+            self._schedule_idle_check(delay)
 
     # --- ending ---------------------------------------------------------------------
 

@@ -143,9 +143,17 @@ def error_response(
 
 
 def notice_response(
-    severity: str, sqlstate: str, message: str, *, detail: str | None = None
+    severity: str,
+    sqlstate: str,
+    message: str,
+    *,
+    detail: str | None = None,
+    hint: str | None = None,
 ) -> bytes:
-    body = _error_fields(severity, sqlstate, message, detail, None)
+    """A NoticeResponse: the fields of an ErrorResponse, but nothing fails. A
+    frontend must accept one at any time, even while nominally idle or between
+    CopyData messages (55.2, "Asynchronous Operations", "COPY Operations")."""
+    body = _error_fields(severity, sqlstate, message, detail, hint)
     return encode_message(BackendType.NOTICE_RESPONSE, body)
 
 

@@ -14,6 +14,7 @@ __all__ = ["SqlState"]
 class SqlState(StrEnum):
     """The codes pam reports; the names are PostgreSQL's (errcodes.txt)."""
 
+    WARNING = "01000"
     CONNECTION_EXCEPTION = "08000"
     SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION = "08001"
     SQLSERVER_REJECTED_ESTABLISHMENT_OF_SQLCONNECTION = "08004"
@@ -27,5 +28,7 @@ class SqlState(StrEnum):
     QUERY_CANCELED = "57014"
     ADMIN_SHUTDOWN = "57P01"
     CANNOT_CONNECT_NOW = "57P03"
+    #: what PostgreSQL's own idle_session_timeout ends a session with
+    IDLE_SESSION_TIMEOUT = "57P05"
     SYSTEM_ERROR = "58000"
     INTERNAL_ERROR = "XX000"

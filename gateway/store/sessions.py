@@ -4,6 +4,8 @@ Invariants:
 
 * A session copies its resource's database and its account's username when it
   is created, so the trail stays true after either changes.
+* A live session's expiry may move later (an extension); its start seal is
+  recomputed in the statement that moves it.
 * Ending a session is idempotent: the first end wins and later calls return the
   record unchanged. Ending it ends its open connections in the same transaction
   and seals its audit trail (count, head hash, HMAC) so that truncation shows.
@@ -133,6 +135,28 @@ class SessionStore(TrailStore):
             )
             if result.rowcount == 0:
                 raise NotFound(f"session '{session_id}' not found")
+
+    def extend_session(self, session_id: str, *, expires_at: datetime) -> AccessSession:
+        """Move a live session's expiry to *expires_at* (later than the current
+        one), re-sealing its start seal in the same statement, so the seal
+        covers the new expiry and a hand edit of ``expires_at`` still shows."""
+        expires = check_time("expires_at", expires_at)
+        with self._transaction(write=True) as conn:
+            current = session_row(conn, session_id, lock="update")
+            if current.ended_at is not None:
+                raise InvalidRequest(
+                    f"access session {session_id[:8]} is not live (it ended: {current.end_reason})"
+                )
+            if expires <= current.expires_at:
+                raise InvalidRequest("an extension must move expires_at later")
+            row = {**current._mapping, "expires_at": expires}
+            sealed = seal(self._chain, "sessions", "start", session_id, row, SESSION_START)
+            conn.execute(
+                sessions.update()
+                .where(sessions.c.id == session_id, sessions.c.ended_at.is_(None))
+                .values(expires_at=expires, start_seal=sealed)
+            )
+            return _session(session_row(conn, session_id))
 
     def end_session(
         self,

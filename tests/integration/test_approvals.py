@@ -109,6 +109,10 @@ class Team:
         found: dict[str, Any] = wait_for(find)
         return found
 
+    def gw_person(self, name: str) -> Person:
+        """The gateway host's own signed-in admin, as a person."""
+        return Person(self.gw, name, self.gw.config_path)
+
     def close(self) -> None:
         self.gw.close()
         self.hooks.stop()
@@ -393,3 +397,80 @@ def _time(text: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(text).timestamp()
+
+
+def test_an_extension_under_an_approval_policy_waits_and_is_applied_once_approved(
+    team: Team,
+) -> None:
+    alice, bob = team["alice"], team["bob"]
+    rid = _ask(alice, "scram", 600, reason="INC-8")
+    bob.cli("requests", "approve", rid)
+    access = alice.access("--request", rid).wait_ready()
+    session_id = alice.json("requests", "show", rid)["request"]["session_id"]
+    before = team.gw.cli_json("sessions", "show", session_id)["session"]["expires_at"]
+    # The policy asks for approval: the extension is a request, the grant unchanged.
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "cli", "grant", "extend", session_id[:8], "--by", "10m"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=alice.env,
+    )  # fmt: skip
+    ext = wait_for(
+        lambda: next((r for r in alice.json("requests", "list", "--mine") if r["extends"]), None)
+    )
+    assert (ext["state"], ext["session_id"], ext["duration_seconds"]) == (
+        "pending",
+        session_id,
+        600,
+    )
+    assert team.gw.cli_json("sessions", "show", session_id)["session"]["expires_at"] == before
+    refused(
+        alice.cli("db", "access", "--request", ext["id"], check=False),
+        "extends a live grant: it opens nothing",
+    )
+    with psycopg.connect(access.dsn(), autocommit=True) as conn:
+        bob.cli("requests", "approve", ext["id"])
+        out, err = waiting.communicate(timeout=60)
+        assert waiting.returncode == 0, err
+        assert "now expires" in out
+        after = team.gw.cli_json("sessions", "show", session_id)["session"]["expires_at"]
+        assert _time(after) - _time(before) == 600
+        # The live connection was not touched.
+        assert conn.execute("select 1").fetchone() == (1,)
+    assert trail_kinds(alice, ext["id"]) == [
+        ("requested", "alice"),
+        ("approved", "bob"),
+        ("opened", "alice"),
+    ]
+    told = team.told("request.approved", ext["id"])
+    assert told["extends_session"] is True
+    extended = wait_for(
+        lambda: next(
+            (
+                e.json()["data"]
+                for e in team.hooks.events("access.extended")
+                if e.json()["data"]["session_id"] == session_id
+            ),
+            None,
+        )
+    )
+    assert (extended["by_seconds"], extended["expires_at"][:19]) == (600, after[:19])
+    assert access.stop() == 0
+    assert "intact" in team.gw.cli("audit", "verify").stdout
+
+
+def test_an_admin_extension_is_applied_at_once_and_recorded(team: Team) -> None:
+    access = team.gw.access("--duration", "10m").wait_ready()
+    sessions = team.gw.cli_json("sessions", "list", "--active")
+    session_id = next(s["id"] for s in sessions if s["id"].startswith(access.session_prefix))
+    out = team.gw.cli("grant", "extend", session_id, "--by", "5m").stdout
+    assert "now expires" in out
+    admin = team.gw.cli_json("whoami")["name"]
+    mine = team.gw.cli_json("requests", "list", "--mine")
+    (ext,) = [r for r in mine if r["session_id"] == session_id]
+    assert (ext["state"], ext["extends"], ext["policy_name"], ext["duration_seconds"]) == (
+        "opened",
+        True,
+        "role:admin",
+        300,
+    )
+    assert [k for k, _ in trail_kinds(team.gw_person(admin), ext["id"])] == ["requested", "opened"]
+    assert access.stop() == 0

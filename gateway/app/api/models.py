@@ -119,6 +119,12 @@ class RevokeIn(BaseModel):
     reason: str | None = Field(default=None, max_length=500)
 
 
+class ExtendIn(BaseModel):
+    #: how much later the grant expires (its whole length stays within the
+    #: policy's and the gateway's maximum)
+    by_seconds: int = Field(gt=0, le=366 * 86400)
+
+
 class AccessEndIn(BaseModel):
     detail: str | None = Field(default=None, max_length=500)
 
@@ -188,6 +194,14 @@ class AccessOut(SessionOut):
     #: the gateway CA (PEM) the tunnel's server certificate chains to
     ca_cert_pem: str | None = None
     tunnel_port: int | None = None
+    #: how long before expiry live connections are warned (seconds, longest first)
+    expiry_notice_seconds: list[int] = Field(default_factory=list)
+
+
+class CertificateOut(BaseModel):
+    """A tunnel grant's current client certificate (re-issued by an extension)."""
+
+    certificate: str
 
 
 class ApprovalOut(_Out):

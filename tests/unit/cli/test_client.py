@@ -98,6 +98,7 @@ def body_of(request: httpx.Request) -> Any:
         (api.WebhookJson, models.WebhookOut),
         (api.WebhookCreatedJson, models.WebhookCreatedOut),
         (api.DeliveryJson, models.DeliveryOut),
+        (api.CertificateJson, models.CertificateOut),
     ],
     ids=lambda t: t.__name__,
 )
@@ -251,6 +252,22 @@ CALLS: list[tuple[str, Callable[[ApiClient], Any], str, str, dict[str, str], Any
         None,
     ),
     ("end_access", lambda c: c.end_access("s1"), "POST", "/v1/access/s1/end", {}, {}),
+    (
+        "extend_access",
+        lambda c: c.extend_access("s1", 1800),
+        "POST",
+        "/v1/access/s1/extend",
+        {},
+        {"by_seconds": 1800},
+    ),
+    (
+        "access_certificate",
+        lambda c: c.access_certificate("s1"),
+        "GET",
+        "/v1/access/s1/certificate",
+        {},
+        None,
+    ),
     (
         "list_sessions",
         lambda c: c.list_sessions(active=True, limit=5, requester="ann", since=SINCE),

@@ -33,7 +33,7 @@ import selectors
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
-from gateway.net.relay import Relay, Termination
+from gateway.net.relay import IdleLimit, Relay, Termination
 from gateway.protocol.framing import BoundaryTracker, TappedMessage
 from gateway.protocol.messages import encode_message
 
@@ -350,6 +350,7 @@ class Playbook:
         peers_read: bool = True,
         client_pending: bytes = b"",
         server_pending: bytes = b"",
+        idle: IdleLimit | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
         self.audit = audit
@@ -370,6 +371,7 @@ class Playbook:
             server_writer,
             name="playbook",
             audit=audit,
+            idle=idle,
         )
         self.task: asyncio.Task[Any] | None = None
 

@@ -19,7 +19,9 @@ from store_support import FakeClock, pg_admin_url
 from gateway.access.ports import ConnectionEnd, ConnectionStart
 from gateway.audit.records import AuditEvent
 from gateway.credentials.secretbox import SecretBox
+from gateway.errors import InvalidRequest
 from gateway.store import Store
+from gateway.store.schema import sessions
 
 
 @pytest.fixture
@@ -201,3 +203,42 @@ def test_rows_from_before_the_seals_are_not_checked(store: Store, raw: Engine) -
         id=session_id,
     )
     assert store.verify_audit(session_id) == []
+
+
+# --- an extension re-seals the expiry --------------------------------------------------
+
+
+def test_an_extension_reseals_the_expiry_and_a_hand_edit_of_it_still_shows(
+    store: Store, raw: Engine
+) -> None:
+    session_id, _ = _session_with_connection(store, end=False)
+    later = datetime(2100, 1, 1, 0, 30, tzinfo=UTC)
+
+    extended = store.extend_session(session_id, expires_at=later)
+
+    assert extended.expires_at == later
+    assert store.get_session(session_id).expires_at == later
+    assert store.verify_audit(session_id) == []
+    store.end_session(session_id, reason="client_ended")
+    assert store.verify_audit(session_id) == []
+    # Back to the expiry first granted, by hand: the extension's seal shows it.
+    with raw.begin() as conn:
+        conn.execute(
+            sessions.update()
+            .where(sessions.c.id == session_id)
+            .values(expires_at=datetime(2100, 1, 1, tzinfo=UTC))
+        )
+    assert _details(store, session_id) == [
+        f"the session record {session_id[:8]} was edited: expires_at no longer matches what"
+        " was sealed"
+    ]
+
+
+def test_only_a_live_session_moves_and_only_later(store: Store) -> None:
+    session_id, _ = _session_with_connection(store, end=False)
+    with pytest.raises(InvalidRequest, match="must move expires_at later"):
+        store.extend_session(session_id, expires_at=datetime(2099, 12, 31, tzinfo=UTC))
+    store.end_session(session_id, reason="expired")
+    with pytest.raises(InvalidRequest, match=r"is not live \(it ended: expired\)"):
+        store.extend_session(session_id, expires_at=datetime(2100, 1, 2, tzinfo=UTC))
+    assert store.get_session(session_id).expires_at == datetime(2100, 1, 1, tzinfo=UTC)

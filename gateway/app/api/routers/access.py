@@ -2,7 +2,7 @@
 
 The grant is the caller's: who asked is the authenticated principal, never a
 field of the request. Only its owner (or an admin of its project) may keep a
-grant alive or end it.
+grant alive, extend it or end it.
 
 A grant's port is open only to the OS user of the process that asked for it,
 when that process runs on this host: its uid comes from the kernel's socket
@@ -25,6 +25,8 @@ from gateway.app.api.models import (
     AccessIn,
     AccessOut,
     AccessPendingOut,
+    CertificateOut,
+    ExtendIn,
     RevokeIn,
     SessionOut,
 )
@@ -60,7 +62,9 @@ async def open_access(
     if isinstance(session, AccessRequest):
         pending = AccessPendingOut(request=request_out(session, caller))
         return JSONResponse(pending.model_dump(mode="json"), status_code=202)
-    out = AccessOut.of(session)
+    out = AccessOut.of(session).model_copy(
+        update={"expiry_notice_seconds": service.grants.expiry_notice_seconds}
+    )
     offer = service.tunnel_offer(session.id)
     if offer is not None:
         cert, ca, port = offer
@@ -117,6 +121,32 @@ async def revoke_access(
         await _own(session_id, caller, service), by=caller, reason=body.reason
     )
     return SessionOut.of(session)
+
+
+@router.post("/{session_id}/extend", response_model=SessionOut)
+async def extend_access(
+    session_id: str, body: ExtendIn, caller: Caller, service: Service
+) -> SessionOut | JSONResponse:
+    """Move a live grant's expiry later (its owner, or an admin of its project);
+    the caller's role or policies must allow the whole new duration. Where a
+    policy asks for approval: 202 with the extension request to wait on."""
+    session = await service.extend_access(
+        caller, await _own(session_id, caller, service), by_seconds=body.by_seconds
+    )
+    if isinstance(session, AccessRequest):
+        pending = AccessPendingOut(request=request_out(session, caller))
+        return JSONResponse(pending.model_dump(mode="json"), status_code=202)
+    return SessionOut.of(session)
+
+
+@router.get("/{session_id}/certificate")
+async def access_certificate(session_id: str, caller: Caller, service: Service) -> CertificateOut:
+    """A tunnel grant's client certificate as it stands (an extension re-issues it)."""
+    full_id = await _own(session_id, caller, service)
+    cert = service.grants.certificate_of(full_id)
+    if cert is None:
+        raise NotFound(f"session '{session_id}' has no live tunnel certificate")
+    return CertificateOut(certificate=cert.decode())
 
 
 @router.post("/{session_id}/end")

@@ -57,7 +57,7 @@ async def request_trail(request_id: str, caller: Caller, service: Service) -> li
 
 @router.post("/{request_id}/approve")
 async def approve(request_id: str, body: ApproveIn, caller: Caller, service: Service) -> RequestOut:
-    return request_out(await service.requests.approve(caller, request_id, body.comment), caller)
+    return request_out(await service.approve(caller, request_id, body.comment), caller)
 
 
 @router.post("/{request_id}/deny")
