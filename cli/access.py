@@ -16,12 +16,17 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import FrameType
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
 import click
 
 from cli.client import ApiClient, ApiError, SessionJson
+from cli.mfa import with_second_factor
 from cli.render import console, local_time, parse_time
+
+if TYPE_CHECKING:
+    from cli.forwarder import Forwarder
 
 HEARTBEAT_SECONDS = 2.0
 #: consecutive failed heartbeats before the CLI gives up on an unreachable daemon
@@ -115,24 +120,28 @@ def hold_access(
     reason: str | None = None,
     socket_dir: str | None = None,
     tunnel: bool = False,
+    otp: str | None = None,
 ) -> int:
     """Open a grant and hold it until Ctrl+C/SIGTERM or expiry; returns an exit code.
 
     With ``tunnel`` this process serves the local port itself and carries its
-    connections to the gateway's tunnel (:mod:`cli.forwarder`)."""
-    forwarder = None
-    if tunnel:
-        from cli.forwarder import open_tunnel_access
+    connections to the gateway's tunnel (:mod:`cli.forwarder`). A second-factor
+    code (*otp*, else asked for once if the gateway wants one) goes with the
+    request (:func:`cli.mfa.with_second_factor`)."""
 
-        session, forwarder = open_tunnel_access(
-            client,
-            resource=resource,
-            account=account,
-            duration_seconds=duration_seconds,
-            port=port,
-            reason=reason,
-        )
-    else:
+    def request(code: str | None) -> tuple[SessionJson, Forwarder | None]:
+        if tunnel:
+            from cli.forwarder import open_tunnel_access
+
+            return open_tunnel_access(
+                client,
+                resource=resource,
+                account=account,
+                duration_seconds=duration_seconds,
+                port=port,
+                reason=reason,
+                otp=code,
+            )
         session = client.open_access(
             resource=resource,
             account=account,
@@ -141,7 +150,11 @@ def hold_access(
             reason=reason,
             client_host=socket.gethostname(),
             socket_dir=socket_dir,
+            otp=code,
         )
+        return session, None
+
+    session, forwarder = with_second_factor(request, otp)
     try:
         return _hold(client, session, resource, account, ready)
     finally:

@@ -41,10 +41,13 @@ from cli.api_json import AuditRecordJson as AuditRecordJson
 from cli.api_json import AuditVerifyJson as AuditVerifyJson
 from cli.api_json import ConnectionJson as ConnectionJson
 from cli.api_json import HealthJson as HealthJson
+from cli.api_json import MfaEnrolmentJson as MfaEnrolmentJson
+from cli.api_json import MfaStatusJson as MfaStatusJson
 from cli.api_json import ParameterJson as ParameterJson
 from cli.api_json import PolicyJson as PolicyJson
 from cli.api_json import PrincipalJson as PrincipalJson
 from cli.api_json import ProblemJson as ProblemJson
+from cli.api_json import ProjectJson as ProjectJson
 from cli.api_json import ResourceJson as ResourceJson
 from cli.api_json import SessionDetailJson as SessionDetailJson
 from cli.api_json import SessionJson as SessionJson
@@ -71,11 +74,20 @@ def _iso(moment: datetime | None) -> str | None:
 
 
 class ApiError(GatewayError):
-    """The control API could not be reached or refused the request."""
+    """The control API could not be reached or refused the request; ``code`` is
+    the error's ``code`` when the daemon sent one (``mfa_required``)."""
 
-    def __init__(self, message: str, *, hint: str | None = None, status: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        hint: str | None = None,
+        status: int | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message, hint=hint)
         self.status = status
+        self.code = code
 
 
 class ExportStream:
@@ -197,6 +209,7 @@ class ApiClient:
         client_host: str | None = None,
         socket_dir: str | None = None,
         csr: str | None = None,
+        otp: str | None = None,
     ) -> AccessJson:
         body = {
             "resource": resource,
@@ -210,6 +223,8 @@ class ApiClient:
             body["socket_dir"] = socket_dir
         if csr is not None:
             body["csr"] = csr  # a tunnel grant: the gateway opens no port of its own
+        if otp is not None:
+            body["otp"] = otp  # a second-factor code, where the policy asks for one
         return cast(AccessJson, self.post("/v1/access", body))
 
     def heartbeat(self, session_id: str) -> SessionJson:
@@ -224,8 +239,11 @@ class ApiClient:
 
     # --- who: signing in, users, tokens, policies ----------------------------------------
 
-    def login(self, user: str, password: str) -> TokenJson:
-        return cast(TokenJson, self.post("/v1/login", {"user": user, "password": password}))
+    def login(self, user: str, password: str, *, otp: str | None = None) -> TokenJson:
+        body = {"user": user, "password": password}
+        if otp is not None:
+            body["otp"] = otp
+        return cast(TokenJson, self.post("/v1/login", body))
 
     def logout(self) -> None:
         self.post("/v1/logout")
@@ -268,6 +286,33 @@ class ApiClient:
 
     def remove_policy(self, name: str) -> None:
         self.delete(f"/v1/policies/{seg(name)}")
+
+    # --- second factors and project settings ------------------------------------------
+
+    def mfa_status(self, user: str | None = None) -> MfaStatusJson:
+        return cast(MfaStatusJson, self.get("/v1/mfa", user=user))
+
+    def mfa_enroll(self, code: str | None = None) -> MfaEnrolmentJson:
+        """A pending second factor; *code* is a current one of the active factor."""
+        body = {} if code is None else {"code": code}
+        return cast(MfaEnrolmentJson, self.post("/v1/mfa/enroll", body))
+
+    def mfa_confirm(self, code: str) -> MfaStatusJson:
+        return cast(MfaStatusJson, self.post("/v1/mfa/confirm", {"code": code}))
+
+    def mfa_disable(self, code: str | None) -> MfaStatusJson:
+        body = {} if code is None else {"code": code}
+        return cast(MfaStatusJson, self.post("/v1/mfa/disable", body))
+
+    def mfa_reset(self, user: str) -> MfaStatusJson:
+        return cast(MfaStatusJson, self.post(f"/v1/mfa/reset/{seg(user)}"))
+
+    def project(self, name: str) -> ProjectJson:
+        return cast(ProjectJson, self.get(f"/v1/projects/{seg(name)}"))
+
+    def set_project(self, name: str, *, approval_mfa: bool) -> ProjectJson:
+        body = {"approval_mfa": approval_mfa}
+        return cast(ProjectJson, self.request("PUT", f"/v1/projects/{seg(name)}", json=body))
 
     # --- review ------------------------------------------------------------------------
 
@@ -464,5 +509,6 @@ def _answer(response: httpx.Response) -> Any:
             error.get("message") or f"HTTP {response.status_code}",
             hint=error.get("hint"),
             status=response.status_code,
+            code=error.get("code"),
         )
     return body

@@ -314,6 +314,7 @@ def open_tunnel_access(
     duration_seconds: int,
     port: int | None,
     reason: str | None = None,
+    otp: str | None = None,
 ) -> tuple[SessionJson, Forwarder]:
     """Request a tunnel grant with a CSR for a key made here, and serve its local
     port; returns the session (its listen address the forwarder's) and the forwarder.
@@ -330,6 +331,7 @@ def open_tunnel_access(
         reason=reason,
         client_host=socket.gethostname(),
         csr=csr_for(key),
+        otp=otp,
     )
     cert, ca, tunnel_port = (
         session.get("certificate"),

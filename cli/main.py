@@ -28,7 +28,9 @@ from cli.commands import (
     demo,
     gateway,
     identity,
+    mfa,
     policies,
+    projects,
     resources,
     sessions,
 )
@@ -98,6 +100,8 @@ for _command in (
     identity.user,
     identity.token,
     policies.policy,
+    mfa.mfa,
+    projects.project,
 ):
     cli.add_command(_command)
 

@@ -49,7 +49,13 @@ def db() -> None:
     help="Serve a Unix socket in this directory (mode 0700, yours) instead of a TCP port;"
     " --port names the socket (default 5432).",
 )
+@click.option(
+    "--otp",
+    default=None,
+    help="A second-factor code, where the policy asks for one (asked for if needed).",
+)
 def db_access(
+    otp: str | None,
     resource_name: str,
     account_name: str,
     duration: str,
@@ -61,6 +67,8 @@ def db_access(
     """Open a time-boxed local port to a resource, as an account, with no password.
 
     The port accepts connections only from your own OS user's processes (Linux).
+    Where the policy asks for a second factor, its code is asked for once, here:
+    the grant's connections never ask.
     """
     seconds = parse_duration(duration)
     with api_client() as client:
@@ -74,5 +82,6 @@ def db_access(
             # The daemon's working directory is not ours: send an absolute path.
             socket_dir=os.path.abspath(socket_dir) if socket_dir is not None else None,
             tunnel=is_remote(client) if tunnel is None else tunnel,
+            otp=otp,
         )
     sys.exit(code)

@@ -15,6 +15,7 @@ import click
 from cli.access import parse_duration
 from cli.client import ApiClient
 from cli.commands import api_client, json_option, read_password
+from cli.mfa import with_second_factor
 from cli.render import console, local_time, print_json, printable, table
 from gateway.config import (
     Profile,
@@ -37,13 +38,21 @@ ROLES = click.Choice(["admin", "auditor", "member"])
 )
 @click.option("--user", "user", required=True)
 @click.option("--password-stdin", is_flag=True, help="Read the password from stdin's first line.")
-def login(api_url: str, ca_cert: Path | None, user: str, password_stdin: bool) -> None:
+@click.option(
+    "--otp",
+    default=None,
+    help="The second-factor code, for a user who enrolled one (asked for if needed;"
+    " with --password-stdin, stdin's second line).",
+)
+def login(
+    api_url: str, ca_cert: Path | None, user: str, password_stdin: bool, otp: str | None
+) -> None:
     """Sign in to a gateway; its session token is kept in the client config."""
     api_url = api_url.rstrip("/")
     password = read_password(password_stdin, f"Password for {user}", confirm=False)
     pem = ca_cert.read_text() if ca_cert else None
     with ApiClient(Profile(api_url=api_url, token="", ca_cert=pem)) as client:
-        issued = client.login(user, password)
+        issued = with_second_factor(lambda code: client.login(user, password, otp=code), otp)
         gateway_id = client.health()["gateway_id"]
     path = save_profile(
         Profile(
@@ -91,7 +100,8 @@ def whoami(as_json: bool) -> None:
         f"{role} of {'every project' if p == '*' else p}" for p, role in me["roles"].items()
     )
     groups = f"; groups {', '.join(me['groups'])}" if me["groups"] else ""
-    console.print(f"{printable(me['name'])} ({me['kind']}): {roles}{groups}")
+    second = "; second factor on" if me.get("mfa_enabled") else ""
+    console.print(f"{printable(me['name'])} ({me['kind']}): {roles}{groups}{second}")
 
 
 @click.group("user")
@@ -138,7 +148,7 @@ def user_list(as_json: bool) -> None:
         return
     table(
         None,
-        ["name", "kind", "roles", "groups", "password", "disabled"],
+        ["name", "kind", "roles", "groups", "password", "mfa", "disabled"],
         [
             [
                 u["name"],
@@ -146,6 +156,7 @@ def user_list(as_json: bool) -> None:
                 ", ".join(f"{r}@{p}" for p, r in u["roles"].items()),
                 ", ".join(u["groups"]),
                 "yes" if u["has_password"] else "no",
+                "on" if u.get("mfa_enabled") else "off",
                 local_time(u["disabled_at"]) if u["disabled_at"] else "",
             ]
             for u in users

@@ -38,6 +38,7 @@ from gateway.credentials.targets import Credentials
 from gateway.credentials.verify import VerifyResult, verify
 from gateway.errors import NotFound
 from gateway.identity.principals import Principal
+from gateway.identity.second_factor import MfaService
 from gateway.identity.service import IdentityService
 from gateway.store import Store
 
@@ -101,11 +102,15 @@ class Gateway:
         #: the tunnel endpoint's bound port, once the daemon serves it
         self.tunnel_port: int | None = None
         self.audit.cut_live = self.grants.terminate_live
+        #: second factors: enrolment, the code checks (sign-in, grants,
+        #: approvals) and project settings
+        self.mfa = MfaService(store, self.db, gateway_id=settings.gateway_id)
         self.identity = IdentityService(
             store,
             self.db,
             session_ttl=timedelta(seconds=settings.login_ttl_seconds),
             on_disabled=self._principal_disabled,
+            mfa=self.mfa,
         )
 
     async def _principal_disabled(self, principal_id: str, name: str) -> None:
@@ -161,8 +166,12 @@ class Gateway:
         owner_uid: int | None = None,
         socket_dir: str | None = None,
         csr: str | None = None,
+        otp: str | None = None,
     ) -> SessionRecord:
-        """Open a grant for *principal* if its role or a policy allows it."""
+        """Open a grant for *principal* if its role or a policy allows it, and
+        with a current second-factor code (*otp*) where one is asked: the
+        deciding policy has ``require_mfa``, or an admin (no policy) has
+        enrolled one. Asked once, here: the grant's connections never are."""
         try:
             project: str | None = (await self.db(self.store.get_resource, resource)).project
         except NotFound:
@@ -181,6 +190,11 @@ class Gateway:
             duration_seconds=duration_seconds,
             reason=reason,
         )
+        if allowance.policy is not None and allowance.policy.require_mfa:
+            await self.mfa.check_second_factor(principal, otp, purpose="grant")
+        elif allowance.policy is None and await self.mfa.is_enabled(principal.id):
+            # An admin passes no policy, but not the second factor they set up.
+            await self.mfa.check_second_factor(principal, otp, purpose="grant")
         return await self.grants.open_access(
             requester=principal.name,
             resource=resource,

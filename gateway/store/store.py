@@ -16,6 +16,8 @@ clock and the audit chain they share):
 * :mod:`gateway.store.connections`: connection starts and ends;
 * :mod:`gateway.store.identity`: principals, tokens, roles and policies;
 * :mod:`gateway.store.refusals`: refused API calls and connections, with counts;
+* :mod:`gateway.store.mfa`: second factors (sealed secrets, used steps, failures);
+* :mod:`gateway.store.projects`: per-project settings;
 * :mod:`gateway.store.audit` and :mod:`gateway.store.trail`: the audit trail.
 
 Invariants (each module states its own as well):
@@ -35,6 +37,8 @@ from gateway.store.audit import AuditStore
 from gateway.store.connections import ConnectionStore
 from gateway.store.engine import SqliteSynchronous
 from gateway.store.identity import IdentityStore
+from gateway.store.mfa import MfaStore
+from gateway.store.projects import ProjectStore
 from gateway.store.refusals import RefusalStore
 from gateway.store.resources import ResourceStore
 from gateway.store.sessions import SessionStore
@@ -42,7 +46,16 @@ from gateway.store.sessions import SessionStore
 __all__ = ["SqliteSynchronous", "Store", "StoreError"]
 
 
-class Store(ResourceStore, SessionStore, ConnectionStore, AuditStore, IdentityStore, RefusalStore):
+class Store(
+    ResourceStore,
+    SessionStore,
+    ConnectionStore,
+    AuditStore,
+    IdentityStore,
+    RefusalStore,
+    MfaStore,
+    ProjectStore,
+):
     """Synchronous access to the gateway's persistent state. See the module docstring.
 
     Open it with :meth:`open`; every method is inherited from the class of its

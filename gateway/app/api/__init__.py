@@ -21,7 +21,9 @@ from gateway.app.api.routers import (
     access,
     health,
     identity,
+    mfa,
     policies,
+    projects,
     refusals,
     resources,
     review,
@@ -45,6 +47,6 @@ def create_app(service: Gateway) -> FastAPI:
     # Open: liveness, and signing in (which is how a caller gets a token).
     app.include_router(health.router)
     app.include_router(identity.login_router)
-    for module in (resources, access, review, identity, policies, refusals):
+    for module in (resources, access, review, identity, policies, refusals, mfa, projects):
         app.include_router(module.router, dependencies=[Depends(current_principal)])
     return app
