@@ -59,5 +59,5 @@ def qr_text(uri: str) -> str:
     import segno  # only `pam mfa enroll` draws one
 
     out = io.StringIO()
-    segno.make(uri, error="m").terminal(out=out, compact=True)
+    segno.make(uri, micro=False).terminal(out=out, compact=True)
     return out.getvalue()

@@ -343,3 +343,14 @@ async def test_project_settings_default_to_no_mfa_and_round_trip(mfa: MfaService
     assert await mfa.approval_needs_mfa("payments") is False
     with pytest.raises(InvalidRequest, match="invalid project name"):
         await mfa.set_project_settings("*", approval_mfa=True, by="root")
+
+
+@pytest.mark.asyncio
+async def test_removing_a_user_removes_their_second_factor(
+    mfa: MfaService, store: Store, clock: Clock
+) -> None:
+    kim = user(store, "kim")
+    await enrolled(mfa, kim, clock)
+    assert store.remove_principal("kim") is True
+    with store._transaction(write=False) as conn:
+        assert conn.execute(select(mfa_factors)).all() == []
