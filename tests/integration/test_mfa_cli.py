@@ -203,23 +203,30 @@ def test_enrol_shows_a_qr_code_and_the_secret_once_and_the_first_code_turns_it_o
 
     def enroll_typing(first_code: Any) -> tuple[int, str, str, str]:
         """`pam mfa enroll`, typing the first code once the secret is shown."""
-        proc = subprocess.Popen(
+        with subprocess.Popen(
             [sys.executable, "-m", "cli", "mfa", "enroll"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=mia.env,
-        )
-        assert proc.stdin is not None and proc.stdout is not None
-        shown = ""
-        while (match := SECRET_LINE.search(shown)) is None:
-            line = proc.stdout.readline()
-            assert line, f"no secret shown: {shown!r} {proc.stderr.read() if proc.stderr else ''}"
-            shown += line
-        secret = match.group(1)
-        SECRETS.append(secret)
-        rest, stderr = proc.communicate(first_code(App(secret)) + "\n", timeout=60)
+        ) as proc:
+            assert proc.stdin is not None and proc.stdout is not None
+            assert proc.stderr is not None
+            shown = ""
+            while (match := SECRET_LINE.search(shown)) is None:
+                line = proc.stdout.readline()
+                assert line, f"no secret shown: {shown!r} {proc.stderr.read()}"
+                shown += line
+            secret = match.group(1)
+            SECRETS.append(secret)
+            proc.stdin.write(first_code(App(secret)) + "\n")
+            proc.stdin.close()
+            # Read through the same buffered files (communicate() would read
+            # the pipes beneath them and miss what readline() already buffered).
+            rest = proc.stdout.read()
+            stderr = proc.stderr.read()
+            proc.wait(60)
         gw.transcript.add(shown + rest + stderr)
         return proc.returncode, shown + rest, stderr, secret
 

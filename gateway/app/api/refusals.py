@@ -42,16 +42,11 @@ async def record_api_refusal(request: Request, exc: GatewayError) -> None:
     """Put a 401/403 answer on record (other errors are not refusals)."""
     service: Gateway = request.app.state.service
     if isinstance(exc, (SecondFactorError, MfaNotEnrolled)):
-        # A known caller (or, signing in, a name with the right password).
-        reason = (
-            RefusalReason.BAD_MFA_CODE
-            if isinstance(exc, MfaRefused)
-            else (RefusalReason.MFA_REQUIRED)
-        )
+        # A known caller, or a name signing in whose password was right.
+        refused_code = isinstance(exc, MfaRefused)
+        reason = RefusalReason.BAD_MFA_CODE if refused_code else RefusalReason.MFA_REQUIRED
         principal = getattr(request.state, "principal", None)
-        who = (
-            principal.name if principal is not None else getattr(request.state, "login_name", None)
-        )
+        who = principal.name if principal else getattr(request.state, "login_name", None)
     elif isinstance(exc, Unauthenticated):
         reason, who = await _unauthenticated(request, service)
     elif isinstance(exc, Forbidden):
