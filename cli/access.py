@@ -28,7 +28,11 @@ import click
 from cli.approval import wait_for_approval
 from cli.client import AccessJson, ApiClient, ApiError, PendingApproval, SessionJson
 from cli.live import ExpiryWatch, JsonEvents, KeyReader, TextView, View, expires_at
+from cli.mfa import with_second_factor
 from cli.render import parse_time
+
+if TYPE_CHECKING:
+    from cli.forwarder import Forwarder
 
 if TYPE_CHECKING:
     from cli.forwarder import Forwarder
@@ -134,6 +138,7 @@ def hold_access(
     break_glass: bool = False,
     json_events: bool = False,
     extend_by: int = DEFAULT_EXTEND_SECONDS,
+    otp: str | None = None,
 ) -> int:
     """Open a grant and hold it until Ctrl+C/SIGTERM or its end; returns an exit code.
 
@@ -143,9 +148,11 @@ def hold_access(
     (:func:`cli.approval.wait_for_approval`); *request_id* opens an approved
     request instead of asking anew. With ``json_events`` stdout is JSON lines
     (:class:`cli.live.JsonEvents`). Otherwise, on a terminal, the ``e`` key
-    extends the grant by ``extend_by`` seconds."""
+    extends the grant by ``extend_by`` seconds. A second-factor code (*otp*,
+    else asked for once if the gateway wants one) goes with the request
+    (:func:`cli.mfa.with_second_factor`)."""
 
-    def open_grant(request: str | None) -> tuple[AccessJson, Forwarder | None]:
+    def open_grant(request: str | None, code: str | None) -> tuple[AccessJson, Forwarder | None]:
         if tunnel:
             from cli.forwarder import open_tunnel_access
 
@@ -158,6 +165,7 @@ def hold_access(
                 reason=reason,
                 request_id=request,
                 break_glass=break_glass,
+                otp=code,
             )
         session = client.open_access(
             resource=resource,
@@ -169,14 +177,16 @@ def hold_access(
             socket_dir=socket_dir,
             request_id=request,
             break_glass=break_glass,
+            otp=code,
         )
         return session, None
 
     try:
-        session, forwarder = open_grant(request_id)
+        session, forwarder = with_second_factor(lambda code: open_grant(request_id, code), otp)
     except PendingApproval as pending:
+        # The second factor, if asked, was proven with the request.
         approved = wait_for_approval(client, pending.request, json_lines=json_events)
-        session, forwarder = open_grant(approved)
+        session, forwarder = open_grant(approved, None)
     # Scripts get JSON lines and no keys: the terminal is left as it is.
     keys = None if json_events else KeyReader.for_stdin()
     view: View = JsonEvents() if json_events else TextView(extend_by=extend_by if keys else None)

@@ -201,6 +201,7 @@ class PrincipalJson(TypedDict):
     has_password: bool
     created_at: str
     disabled_at: str | None
+    mfa_enabled: bool
 
 
 class WhoamiJson(TypedDict):
@@ -210,6 +211,32 @@ class WhoamiJson(TypedDict):
     roles: dict[str, str]
     groups: list[str]
     token_id: str | None
+    mfa_enabled: bool
+
+
+class MfaEnrolmentJson(TypedDict):
+    """A pending second factor: its secret, shown once."""
+
+    secret: str
+    uri: str
+    issuer: str
+    account: str
+
+
+class MfaStatusJson(TypedDict):
+    user: str
+    enabled: bool
+    enabled_at: str | None
+    pending: bool
+    reset_by: str | None
+    reset_at: str | None
+
+
+class ProjectJson(TypedDict):
+    project: str
+    approval_mfa: bool
+    updated_at: str | None
+    updated_by: str | None
 
 
 class PolicyJson(TypedDict):

@@ -44,10 +44,13 @@ from cli.api_json import CertificateJson as CertificateJson
 from cli.api_json import ConnectionJson as ConnectionJson
 from cli.api_json import DeliveryJson as DeliveryJson
 from cli.api_json import HealthJson as HealthJson
+from cli.api_json import MfaEnrolmentJson as MfaEnrolmentJson
+from cli.api_json import MfaStatusJson as MfaStatusJson
 from cli.api_json import ParameterJson as ParameterJson
 from cli.api_json import PolicyJson as PolicyJson
 from cli.api_json import PrincipalJson as PrincipalJson
 from cli.api_json import ProblemJson as ProblemJson
+from cli.api_json import ProjectJson as ProjectJson
 from cli.api_json import RequestJson as RequestJson
 from cli.api_json import ResourceJson as ResourceJson
 from cli.api_json import SessionDetailJson as SessionDetailJson
@@ -82,11 +85,20 @@ def _iso(moment: datetime | None) -> str | None:
 
 
 class ApiError(GatewayError):
-    """The control API could not be reached or refused the request."""
+    """The control API could not be reached or refused the request; ``code`` is
+    the error's ``code`` when the daemon sent one (``mfa_required``)."""
 
-    def __init__(self, message: str, *, hint: str | None = None, status: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        hint: str | None = None,
+        status: int | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message, hint=hint)
         self.status = status
+        self.code = code
 
 
 class PendingApproval(Exception):
@@ -219,6 +231,7 @@ class ApiClient:
         csr: str | None = None,
         request_id: str | None = None,
         break_glass: bool = False,
+        otp: str | None = None,
     ) -> AccessJson:
         """A new grant; raises :class:`PendingApproval` when a policy wants it
         approved first. With *request_id* it opens that approved request."""
@@ -238,6 +251,8 @@ class ApiClient:
             body["request_id"] = request_id
         if break_glass:
             body["break_glass"] = True
+        if otp is not None:
+            body["otp"] = otp  # a second-factor code, where the policy asks for one
         answer = self.post("/v1/access", body)
         if isinstance(answer, dict) and "request" in answer and "id" not in answer:
             raise PendingApproval(cast(RequestJson, answer["request"]))
@@ -257,9 +272,13 @@ class ApiClient:
     def request_trail(self, request_id: str) -> list[TrailRecordJson]:
         return cast(list[TrailRecordJson], self.get(f"/v1/requests/{seg(request_id)}/trail"))
 
-    def approve_request(self, request_id: str, comment: str | None) -> RequestJson:
+    def approve_request(
+        self, request_id: str, comment: str | None, otp: str | None = None
+    ) -> RequestJson:
+        """An approval; *otp*: a second-factor code, where the project asks for one."""
         path = f"/v1/requests/{seg(request_id)}/approve"
-        return cast(RequestJson, self.post(path, {"comment": comment}))
+        body = {"comment": comment} | ({"otp": otp} if otp is not None else {})
+        return cast(RequestJson, self.post(path, body))
 
     def deny_request(self, request_id: str, reason: str) -> RequestJson:
         path = f"/v1/requests/{seg(request_id)}/deny"
@@ -292,8 +311,11 @@ class ApiClient:
 
     # --- who: signing in, users, tokens, policies ----------------------------------------
 
-    def login(self, user: str, password: str) -> TokenJson:
-        return cast(TokenJson, self.post("/v1/login", {"user": user, "password": password}))
+    def login(self, user: str, password: str, *, otp: str | None = None) -> TokenJson:
+        body = {"user": user, "password": password}
+        if otp is not None:
+            body["otp"] = otp
+        return cast(TokenJson, self.post("/v1/login", body))
 
     def logout(self) -> None:
         self.post("/v1/logout")
@@ -402,6 +424,33 @@ class ApiClient:
     ) -> list[DeliveryJson]:
         path = f"/v1/webhooks/{seg(webhook_id)}/deliveries"
         return cast(list[DeliveryJson], self.get(path, limit=limit))
+
+    # --- second factors and project settings ------------------------------------------
+
+    def mfa_status(self, user: str | None = None) -> MfaStatusJson:
+        return cast(MfaStatusJson, self.get("/v1/mfa", user=user))
+
+    def mfa_enroll(self, code: str | None = None) -> MfaEnrolmentJson:
+        """A pending second factor; *code* is a current one of the active factor."""
+        body = {} if code is None else {"code": code}
+        return cast(MfaEnrolmentJson, self.post("/v1/mfa/enroll", body))
+
+    def mfa_confirm(self, code: str) -> MfaStatusJson:
+        return cast(MfaStatusJson, self.post("/v1/mfa/confirm", {"code": code}))
+
+    def mfa_disable(self, code: str | None) -> MfaStatusJson:
+        body = {} if code is None else {"code": code}
+        return cast(MfaStatusJson, self.post("/v1/mfa/disable", body))
+
+    def mfa_reset(self, user: str) -> MfaStatusJson:
+        return cast(MfaStatusJson, self.post(f"/v1/mfa/reset/{seg(user)}"))
+
+    def project(self, name: str) -> ProjectJson:
+        return cast(ProjectJson, self.get(f"/v1/projects/{seg(name)}"))
+
+    def set_project(self, name: str, *, approval_mfa: bool) -> ProjectJson:
+        body = {"approval_mfa": approval_mfa}
+        return cast(ProjectJson, self.request("PUT", f"/v1/projects/{seg(name)}", json=body))
 
     # --- review ------------------------------------------------------------------------
 
@@ -598,5 +647,6 @@ def _answer(response: httpx.Response) -> Any:
             error.get("message") or f"HTTP {response.status_code}",
             hint=error.get("hint"),
             status=response.status_code,
+            code=error.get("code"),
         )
     return body

@@ -338,6 +338,7 @@ def open_tunnel_access(
     reason: str | None = None,
     request_id: str | None = None,
     break_glass: bool = False,
+    otp: str | None = None,
 ) -> tuple[AccessJson, Forwarder]:
     """Request a tunnel grant with a CSR for a key made here, and serve its local
     port; returns the session (its listen address the forwarder's) and the forwarder.
@@ -356,6 +357,7 @@ def open_tunnel_access(
         csr=csr_for(key),
         request_id=request_id,
         break_glass=break_glass,
+        otp=otp,
     )
     cert, ca, tunnel_port = (
         session.get("certificate"),

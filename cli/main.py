@@ -29,7 +29,9 @@ from cli.commands import (
     gateway,
     grants,
     identity,
+    mfa,
     policies,
+    projects,
     requests,
     resources,
     sessions,
@@ -106,6 +108,8 @@ for _command in (
     requests.requests,
     sso.sso,
     webhooks.webhook,
+    mfa.mfa,
+    projects.project,
 ):
     cli.add_command(_command)
 

@@ -15,6 +15,10 @@ class GatewayError(Exception):
     """Root of every error the gateway raises on purpose."""
 
     sqlstate: str = SqlState.INTERNAL_ERROR
+    #: a machine-readable refinement of the error's type that clients act on
+    #: (``mfa_required``: ask for a second-factor code and retry); the API sends
+    #: it as the error's ``code`` when set
+    code: str | None = None
 
     def __init__(self, message: str, *, hint: str | None = None, sqlstate: str | None = None):
         super().__init__(message)

@@ -52,6 +52,10 @@ class RefusalReason(StrEnum):
     FORBIDDEN = "forbidden"
     #: 403: an access request that no policy allows (or one beyond its limits)
     NO_POLICY = "no_policy"
+    #: a second factor needed and not given (or none enrolled where one is needed)
+    MFA_REQUIRED = "mfa_required"
+    #: a second-factor code refused: wrong, already used, or too many wrong ones
+    BAD_MFA_CODE = "bad_mfa_code"
     # -- a grant's port --
     WRONG_USER = "wrong_user"
     WRONG_DATABASE = "wrong_database"

@@ -73,7 +73,13 @@ def db() -> None:
     help="Print the connection details as one JSON line, then one JSON line per event"
     " (extended, expiring, ended).",
 )
+@click.option(
+    "--otp",
+    default=None,
+    help="A second-factor code, where the policy asks for one (asked for if needed).",
+)
 def db_access(
+    otp: str | None,
     resource_name: str | None,
     account_name: str | None,
     duration: str | None,
@@ -90,6 +96,8 @@ def db_access(
 
     The port accepts connections only from your own OS user's processes (Linux).
     On a terminal a status line shows the time left; press e to extend the grant.
+    Where the policy asks for a second factor, its code is asked for once, here:
+    the grant's connections never ask.
     """
     if request_id is None and (resource_name is None or account_name is None):
         raise click.UsageError("give --resource and --account (or --request ID)")
@@ -114,5 +122,6 @@ def db_access(
             break_glass=break_glass,
             json_events=as_json,
             extend_by=extend_seconds,
+            otp=otp,
         )
     sys.exit(code)

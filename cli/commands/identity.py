@@ -15,6 +15,7 @@ import click
 from cli.access import parse_duration
 from cli.client import ApiClient
 from cli.commands import api_client, json_option, read_password
+from cli.mfa import with_second_factor
 from cli.render import console, local_time, print_json, printable, table
 from cli.sso_login import sso_sign_in
 from gateway.config import (
@@ -44,6 +45,12 @@ ROLES = click.Choice(["admin", "auditor", "member"])
     is_flag=True,
     help="With --sso: show a code to enter in a browser anywhere (no browser here).",
 )
+@click.option(
+    "--otp",
+    default=None,
+    help="The second-factor code, for a user who enrolled one (asked for if needed;"
+    " with --password-stdin, stdin's second line).",
+)
 def login(
     api_url: str,
     ca_cert: Path | None,
@@ -51,6 +58,7 @@ def login(
     password_stdin: bool,
     sso: bool,
     device: bool,
+    otp: str | None,
 ) -> None:
     """Sign in to a gateway; its session token is kept in the client config.
 
@@ -65,12 +73,14 @@ def login(
         raise click.UsageError("--device is for --sso")
     if sso and password_stdin:
         raise click.UsageError("--password-stdin is for --user")
+    if sso and otp:
+        raise click.UsageError("--otp is for --user: the identity provider asks for its own")
     password = None if sso else read_password(password_stdin, f"Password for {user}", confirm=False)
     pem = ca_cert.read_text() if ca_cert else None
     groups: list[str] = []
     with ApiClient(Profile(api_url=api_url, token="", ca_cert=pem)) as client:
         if password is not None and user is not None:
-            issued = client.login(user, password)
+            issued = with_second_factor(lambda code: client.login(user, password, otp=code), otp)
             token, name, expires_at = issued["token"], issued["user"], issued["expires_at"]
         else:
             done = sso_sign_in(client, device=device)
@@ -124,7 +134,8 @@ def whoami(as_json: bool) -> None:
         f"{role} of {'every project' if p == '*' else p}" for p, role in me["roles"].items()
     )
     groups = f"; groups {', '.join(me['groups'])}" if me["groups"] else ""
-    console.print(f"{printable(me['name'])} ({me['kind']}): {roles}{groups}")
+    second = "; second factor on" if me.get("mfa_enabled") else ""
+    console.print(f"{printable(me['name'])} ({me['kind']}): {roles}{groups}{second}")
 
 
 @click.group("user")
@@ -171,7 +182,7 @@ def user_list(as_json: bool) -> None:
         return
     table(
         None,
-        ["name", "kind", "roles", "groups", "password", "disabled"],
+        ["name", "kind", "roles", "groups", "password", "mfa", "disabled"],
         [
             [
                 u["name"],
@@ -179,6 +190,7 @@ def user_list(as_json: bool) -> None:
                 ", ".join(f"{r}@{p}" for p, r in u["roles"].items()),
                 ", ".join(u["groups"]),
                 "yes" if u["has_password"] else "no",
+                "on" if u.get("mfa_enabled") else "off",
                 local_time(u["disabled_at"]) if u["disabled_at"] else "",
             ]
             for u in users

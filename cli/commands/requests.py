@@ -10,6 +10,7 @@ import click
 
 from cli.client import RequestJson
 from cli.commands import api_client, json_option
+from cli.mfa import with_second_factor
 from cli.render import console, human_duration, key_values, local_time, print_json, printable, table
 
 
@@ -88,10 +89,19 @@ def requests_show(request_id: str, as_json: bool) -> None:
 @requests.command("approve")
 @click.argument("request_id")
 @click.option("--comment", default=None, help="Recorded with the approval.")
+@click.option(
+    "--otp",
+    default=None,
+    help="Your second-factor code, where the project asks for one (asked for if needed).",
+)
 @json_option
-def requests_approve(request_id: str, comment: str | None, as_json: bool) -> None:
+def requests_approve(request_id: str, comment: str | None, otp: str | None, as_json: bool) -> None:
+    """Approve a request (its requester never can); where its project says so
+    (`pam project set P --approval-mfa`), with your second-factor code."""
     with api_client() as client:
-        request = client.approve_request(request_id, comment)
+        request = with_second_factor(
+            lambda code: client.approve_request(request_id, comment, code), otp
+        )
     if as_json:
         print_json(request)
     elif request["state"] == "approved":

@@ -168,6 +168,13 @@ class RequestService:
 
     # -- deciding -------------------------------------------------------------------
 
+    async def approvable(self, principal: Principal, request_id: str) -> AccessRequest:
+        """The request, when *principal* may approve it now (checked, not applied):
+        so that a refusal is said before a second factor is asked for."""
+        request = await self.visible(principal, request_id)
+        apply(request, Approve(actor_for(principal, request)), self.clock())
+        return request
+
     async def approve(
         self, principal: Principal, request_id: str, comment: str | None
     ) -> AccessRequest:

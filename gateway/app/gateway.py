@@ -47,6 +47,7 @@ from gateway.credentials.verify import VerifyResult, verify
 from gateway.errors import InvalidRequest, NotFound
 from gateway.identity.policy import Policy
 from gateway.identity.principals import DEFAULT_PROJECT, Principal
+from gateway.identity.second_factor import MfaService
 from gateway.identity.service import IdentityService
 from gateway.identity.sso import SsoService
 from gateway.notify import Event, Notifier, RetryPolicy, Webhooks
@@ -138,11 +139,15 @@ class Gateway:
         )
         self.webhooks = Webhooks(store, self.db, self.notifier)
         self.grants.on_ended = self._session_ended
+        #: second factors: enrolment, the code checks (sign-in, grants,
+        #: approvals) and project settings
+        self.mfa = MfaService(store, self.db, gateway_id=settings.gateway_id)
         self.identity = IdentityService(
             store,
             self.db,
             session_ttl=timedelta(seconds=settings.login_ttl_seconds),
             on_disabled=self._principal_disabled,
+            mfa=self.mfa,
         )
         #: single sign-on with OpenID Connect (``/v1/sso``)
         self.sso = SsoService(store, self.db, self.identity)
@@ -215,6 +220,7 @@ class Gateway:
         csr: str | None = None,
         request_id: str | None = None,
         break_glass: bool = False,
+        otp: str | None = None,
     ) -> SessionRecord | AccessRequest:
         """Open a grant for *principal* if its role or a policy allows it.
 
@@ -222,6 +228,11 @@ class Gateway:
         instead (unless *break_glass*, which a policy must allow); its requester
         opens it once approved, with *request_id* (what was asked is the
         request's: resource, account, duration and reason given again must match).
+
+        A current second-factor code (*otp*) is needed where the deciding policy
+        has ``require_mfa``, or an admin (no policy) has enrolled one: once per
+        grant, when it is asked for (with the request when it needs approval),
+        never by its connections.
         """
         request = None
         if request_id is not None:
@@ -238,6 +249,8 @@ class Gateway:
             principal, resource, account, duration_seconds, reason, break_glass=break_glass
         )
         policy = allowance.policy
+        if request is None:  # an approved request proved it when it was made
+            await self._second_factor(principal, allowance, otp)
         if request is None and policy is not None and policy.approvals_required:
             assert project is not None  # a policy allowed it: the resource exists
             request = await self.requests.create(
@@ -382,10 +395,15 @@ class Gateway:
         return extended
 
     async def approve(
-        self, principal: Principal, request_id: str, comment: str | None
+        self, principal: Principal, request_id: str, comment: str | None, otp: str | None = None
     ) -> AccessRequest:
-        """An approval; the one that completes an extension request applies it."""
-        request = await self.requests.approve(principal, request_id, comment)
+        """An approval (with a current second-factor code where the request's
+        project asks for one); the one that completes an extension request
+        applies it."""
+        seen = await self.requests.approvable(principal, request_id)
+        if await self.mfa.approval_needs_mfa(seen.project):
+            await self.mfa.check_second_factor(principal, otp, purpose="approval")
+        request = await self.requests.approve(principal, seen.id, comment)
         if not (request.extends and request.state is RequestState.APPROVED):
             return request
         assert request.session_id is not None  # an extension names its grant
@@ -407,6 +425,15 @@ class Gateway:
         if session.project is not None:
             data = session_data(session) | {"by": by, "by_seconds": by_seconds}
             self.notifier.publish(session.project, Event.ACCESS_EXTENDED, data)
+
+    async def _second_factor(
+        self, principal: Principal, allowance: Allowance, otp: str | None
+    ) -> None:
+        if allowance.policy is not None and allowance.policy.require_mfa:
+            await self.mfa.check_second_factor(principal, otp, purpose="grant")
+        elif allowance.policy is None and await self.mfa.is_enabled(principal.id):
+            # An admin passes no policy, but not the second factor they set up.
+            await self.mfa.check_second_factor(principal, otp, purpose="grant")
 
     async def _policies_for(
         self, principal: Principal, resource: str

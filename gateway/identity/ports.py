@@ -7,6 +7,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
+from gateway.identity.mfa import CodeState, MfaAction, MfaStatus, Verdict
 from gateway.identity.policy import Policy
 from gateway.identity.principals import (
     GroupMapping,
@@ -18,6 +19,7 @@ from gateway.identity.principals import (
     SsoSignIn,
     TokenInfo,
 )
+from gateway.identity.projects import ProjectSettings
 
 T = TypeVar("T")
 
@@ -91,6 +93,38 @@ class SsoStore(Protocol):
         """Find the principal bound to (*issuer*, *subject*) or create it as *name*,
         and set its sign-in groups and memberships from the mapping: one transaction."""
         ...
+
+
+class MfaStore(Protocol):
+    """Second factors (sealed secrets, last used step, recent failures) and
+    project settings."""
+
+    def get_principal(self, name: str) -> PrincipalInfo: ...
+
+    def mfa_status(self, principal_id: str) -> MfaStatus: ...
+
+    def begin_mfa_enrolment(self, principal_id: str, secret: bytes) -> None:
+        """Keep *secret* (sealed) as the principal's pending one, replacing any
+        earlier pending one; an active secret stays until it is confirmed."""
+        ...
+
+    def use_mfa_code(
+        self,
+        principal_id: str,
+        decide: Callable[[bytes, CodeState], Verdict],
+        *,
+        action: MfaAction,
+    ) -> Verdict | None:
+        """In one transaction: the secret (pending for ``CONFIRM``, else the
+        active one) and its state, *decide*'s verdict stored, and *action*
+        applied if it accepted. None when there is no such secret."""
+        ...
+
+    def reset_mfa(self, principal_id: str, *, by: str) -> MfaStatus: ...
+
+    def project_settings(self, project: str) -> ProjectSettings: ...
+
+    def set_project_settings(self, settings: ProjectSettings) -> ProjectSettings: ...
 
 
 class StoreThread(Protocol):

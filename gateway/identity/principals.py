@@ -100,6 +100,8 @@ class PrincipalInfo:
     has_password: bool
     created_at: datetime
     disabled_at: datetime | None
+    #: a second factor is on (gateway.identity.mfa)
+    mfa_enabled: bool = False
 
 
 @dataclass(frozen=True)

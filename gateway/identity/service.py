@@ -14,6 +14,12 @@ Invariants:
   has passed (the counts live in this daemon's memory, bounded).
 * The last enabled admin of every project cannot be disabled or removed: a
   gateway nobody can administer is recovered only from its host.
+* A user with a second factor signs in with the password and a current code
+  (:mod:`gateway.identity.second_factor`): the right password without a code
+  is answered :class:`~gateway.identity.mfa.MfaRequired` (the client asks for
+  one and retries; not a failure), and a refused code counts as a failed
+  sign-in like a wrong password. The code is checked only after the password
+  was right, so a wrong password never uses one up.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Final
 
 from gateway.errors import Forbidden, Unauthenticated
 from gateway.identity.hashing import hash_password, new_token, token_digest, verify_password
+from gateway.identity.mfa import MfaRefused
 from gateway.identity.policy import Policy
 from gateway.identity.ports import IdentityStore, StoreThread
 from gateway.identity.principals import (
@@ -36,6 +43,7 @@ from gateway.identity.principals import (
     PrincipalKind,
     Role,
 )
+from gateway.identity.second_factor import MfaService
 
 __all__ = [
     "LOGIN_WINDOW_SECONDS",
@@ -128,12 +136,15 @@ class IdentityService:
         *,
         session_ttl: timedelta,
         on_disabled: Callable[[str, str], Awaitable[None]] | None = None,
+        mfa: MfaService | None = None,
     ) -> None:
         self._store = store
         self._db = db
         self._session_ttl = session_ttl
         self._on_disabled = on_disabled
         self.throttle = LoginThrottle()
+        #: second factors; None: sign-in asks for none
+        self.mfa = mfa
 
     # --- authentication -----------------------------------------------------------
 
@@ -153,7 +164,9 @@ class IdentityService:
             raise Unauthenticated("this host's local token is accepted only from this host")
         return principal
 
-    async def login(self, name: str, password: str, *, source: str = "") -> IssuedToken:
+    async def login(
+        self, name: str, password: str, *, source: str = "", otp: str | None = None
+    ) -> IssuedToken:
         keys = (f"user:{name}", f"addr:{source}")
         wait = self.throttle.retry_after(keys)
         if wait is not None:
@@ -168,6 +181,13 @@ class IdentityService:
         if found is None or not matches:
             self.throttle.failed(keys)
             raise Unauthenticated("wrong user name or password")
+        if self.mfa is not None and await self.mfa.is_enabled(found[0]):
+            user = Principal(id=found[0], name=name, kind=PrincipalKind.USER)
+            try:
+                await self.mfa.check_second_factor(user, otp, purpose="login")
+            except MfaRefused:
+                self.throttle.failed(keys)
+                raise
         self.throttle.succeeded(keys[0])
         return await self._issue(found[0], name, TokenKind.SESSION, self._session_ttl)
 

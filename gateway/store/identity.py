@@ -34,6 +34,7 @@ from gateway.identity.principals import (
 from gateway.store.engine import StoreBase
 from gateway.store.rows import new_id
 from gateway.store.schema import (
+    mfa_factors,
     policies,
     principal_groups,
     principal_identities,
@@ -135,6 +136,13 @@ class IdentityStore(StoreBase):
             groups: dict[str, list[str]] = {}
             for member in conn.execute(select(principal_groups)):
                 groups.setdefault(member.principal_id, []).append(member.group_name)
+            with_mfa = set(
+                conn.execute(
+                    select(mfa_factors.c.principal_id).where(
+                        mfa_factors.c.secret_ciphertext.is_not(None)
+                    )
+                ).scalars()
+            )
         return [
             PrincipalInfo(
                 id=row.id,
@@ -145,6 +153,7 @@ class IdentityStore(StoreBase):
                 has_password=row.password_hash is not None,
                 created_at=row.created_at,
                 disabled_at=row.disabled_at,
+                mfa_enabled=row.id in with_mfa,
             )
             for row in rows
         ]
@@ -196,7 +205,13 @@ class IdentityStore(StoreBase):
             ).scalar_one()
             if used:
                 return False
-            for table in (tokens, role_bindings, principal_groups, principal_identities):
+            for table in (
+                tokens,
+                role_bindings,
+                principal_groups,
+                principal_identities,
+                mfa_factors,
+            ):
                 conn.execute(delete(table).where(table.c.principal_id == info.id))
             conn.execute(delete(principals).where(principals.c.id == info.id))
         return True

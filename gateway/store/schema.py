@@ -13,7 +13,8 @@ Invariants:
   fixed-width ISO-8601 UTC string elsewhere (SQLite has no date type). Both keep
   microseconds, round-trip exactly and sort chronologically.
 * Passwords exist only as ``accounts.password_ciphertext``, sealed by
-  :class:`gateway.credentials.secretbox.SecretBox` with the account id as associated data.
+  :class:`gateway.credentials.secretbox.SecretBox` with the account id as associated data;
+  second-factor secrets only as ``mfa_factors.*_ciphertext``, sealed the same way.
 * Sessions copy names (resource, account) and connection facts (database,
   username) instead of referencing rows, so the audit trail outlives the
   resources and accounts it mentions.
@@ -58,10 +59,12 @@ __all__ = [
     "audit_events",
     "connections",
     "metadata",
+    "mfa_factors",
     "policies",
     "principal_groups",
     "principal_identities",
     "principals",
+    "project_settings",
     "refusals",
     "resources",
     "role_bindings",
@@ -277,6 +280,37 @@ policies = Table(
     Column("idle_timeout_seconds", Integer, nullable=True),
     UniqueConstraint("name"),
     Index(None, "project"),
+)
+
+#: A user's second factor (revision 0013, gateway.identity.mfa): the TOTP
+#: secret sealed like account passwords (associated data ``pam/mfa/`` + the
+#: principal's id), active or waiting for its first code; the time step of the
+#: last accepted code (replays are refused) and the times of recent wrong codes
+#: (JSON list of epoch seconds; the rate limit), shared by every gateway on the
+#: store; who last reset it.
+mfa_factors = Table(
+    "mfa_factors",
+    metadata,
+    Column("principal_id", String(ID_LENGTH), ForeignKey("principals.id"), primary_key=True),
+    Column("secret_ciphertext", LargeBinary, nullable=True),
+    Column("pending_ciphertext", LargeBinary, nullable=True),
+    Column("enabled_at", UtcTimestamp, nullable=True),
+    Column("last_step", BigInteger, nullable=True),
+    Column("failures", Text, nullable=False, server_default="[]"),
+    Column("updated_at", UtcTimestamp, nullable=False),
+    Column("reset_by", String(NAME_LENGTH), nullable=True),
+    Column("reset_at", UtcTimestamp, nullable=True),
+)
+
+#: What a project asks beyond its policies (revision 0013); a project with no
+#: row has the defaults.
+project_settings = Table(
+    "project_settings",
+    metadata,
+    Column("project", String(NAME_LENGTH), primary_key=True),
+    Column("approval_mfa", Integer, nullable=False, server_default="0"),
+    Column("updated_at", UtcTimestamp, nullable=False),
+    Column("updated_by", String(NAME_LENGTH), nullable=True),
 )
 
 connections = Table(

@@ -18,6 +18,8 @@ clock and the audit chain they share):
 * :mod:`gateway.store.sso`: single sign-on's provider, group mapping and sign-ins;
 * :mod:`gateway.store.refusals`: refused API calls and connections, with counts;
 * :mod:`gateway.store.webhooks`: webhooks (sealed secrets) and their outbox;
+* :mod:`gateway.store.mfa`: second factors (sealed secrets, used steps, failures);
+* :mod:`gateway.store.projects`: per-project settings;
 * :mod:`gateway.store.audit` and :mod:`gateway.store.trail`: the audit trail.
 
 Invariants (each module states its own as well):
@@ -37,6 +39,8 @@ from gateway.store.audit import AuditStore
 from gateway.store.connections import ConnectionStore
 from gateway.store.engine import SqliteSynchronous
 from gateway.store.identity import IdentityStore
+from gateway.store.mfa import MfaStore
+from gateway.store.projects import ProjectStore
 from gateway.store.refusals import RefusalStore
 from gateway.store.requests import RequestStore
 from gateway.store.resources import ResourceStore
@@ -57,6 +61,8 @@ class Store(
     RequestStore,
     SsoStore,
     WebhookStore,
+    MfaStore,
+    ProjectStore,
 ):
     """Synchronous access to the gateway's persistent state. See the module docstring.
 

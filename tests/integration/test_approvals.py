@@ -49,6 +49,8 @@ class Person:
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [sys.executable, "-m", "cli", *args],
+            # Never the test's own terminal: a prompt must not wait for a person.
+            stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
             env=self.env,
@@ -474,3 +476,35 @@ def test_an_admin_extension_is_applied_at_once_and_recorded(team: Team) -> None:
     )
     assert [k for k, _ in trail_kinds(team.gw_person(admin), ext["id"])] == ["requested", "opened"]
     assert access.stop() == 0
+
+
+def test_approving_in_a_project_that_says_so_needs_the_approvers_second_factor(
+    team: Team,
+) -> None:
+    import base64
+
+    from cryptography.hazmat.primitives.hashes import SHA1
+    from cryptography.hazmat.primitives.twofactor.totp import TOTP
+
+    alice, bob, carol, mallory = team["alice"], team["bob"], team["carol"], team["mallory"]
+    secret = bob.json("mfa", "enroll")["secret"]
+    totp = TOTP(base64.b32decode(secret + "=" * (-len(secret) % 8)), 6, SHA1(), 30)  # noqa: S303
+    now = time.time()
+    bob.cli("mfa", "confirm", totp.generate(now).decode())
+    team.gw.cli("project", "set", "default", "--approval-mfa")
+    try:
+        rid = _ask(alice, "scram", 600, reason="INC-10")
+        # Refusals that do not depend on the code come first.
+        refused(mallory.cli("requests", "approve", rid, check=False), "not found")
+        refused(
+            alice.cli("requests", "approve", rid, check=False),
+            f"alice asked for request {rid[:8]} and cannot approve it",
+        )
+        refused(carol.cli("requests", "approve", rid, check=False), "pam mfa enroll")
+        refused(bob.cli("requests", "approve", rid, check=False), "second-factor")
+        assert alice.json("requests", "show", rid)["request"]["state"] == "pending"
+        bob.cli("requests", "approve", rid, "--otp", totp.generate(now + 30).decode())
+        assert alice.json("requests", "show", rid)["request"]["state"] == "approved"
+    finally:
+        team.gw.cli("project", "set", "default", "--no-approval-mfa")
+        team.gw.cli("mfa", "reset", "bob")

@@ -22,7 +22,9 @@ from gateway.app.api.routers import (
     access,
     health,
     identity,
+    mfa,
     policies,
+    projects,
     refusals,
     requests,
     resources,
@@ -60,6 +62,8 @@ def create_app(service: Gateway) -> FastAPI:
         refusals,
         sso,
         webhooks,
+        mfa,
+        projects,
     ):
         app.include_router(module.router, dependencies=[Depends(current_principal)])
     return app

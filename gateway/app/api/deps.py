@@ -5,7 +5,8 @@ caller is the principal the token belongs to (:data:`Caller`), looked up by the
 token's SHA-256; nothing a request body says about who is asking counts.
 Role checks are dependencies (:data:`GlobalAdmin`) or, where the project comes
 from the object, helpers (:func:`require_admin_of`). Errors are JSON
-``{"error": {"type", "message", "hint"}}`` with a fitting status code (401 for
+``{"error": {"type", "message", "hint"}}`` (and ``code`` where a client acts on
+it: ``mfa_required``) with a fitting status code (401 for
 an unknown caller, 403 for a known one that may not); every 401 and 403 is
 put on record (:mod:`gateway.app.api.refusals`).
 """
@@ -104,10 +105,13 @@ def aware(moment: datetime | None) -> datetime | None:
     return moment.replace(tzinfo=UTC)
 
 
-def error(status: int, kind: str, message: str, hint: str | None = None) -> JSONResponse:
-    return JSONResponse(
-        status_code=status, content={"error": {"type": kind, "message": message, "hint": hint}}
-    )
+def error(
+    status: int, kind: str, message: str, hint: str | None = None, code: str | None = None
+) -> JSONResponse:
+    body: dict[str, str | None] = {"type": kind, "message": message, "hint": hint}
+    if code is not None:
+        body["code"] = code  # what a client acts on (``mfa_required``: ask, retry)
+    return JSONResponse(status_code=status, content={"error": body})
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -125,7 +129,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if status in (401, 403):
             # Every refused call is on record: who, from where, why.
             await record_api_refusal(request, exc)
-        return error(status, type(exc).__name__, exc.message, exc.hint)
+        return error(status, type(exc).__name__, exc.message, exc.hint, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: Exception) -> JSONResponse:

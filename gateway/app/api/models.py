@@ -66,10 +66,14 @@ class AccessIn(BaseModel):
     request_id: str | None = Field(default=None, min_length=6, max_length=32)
     #: skip the approval a policy asks for, where it allows break-glass
     break_glass: bool = False
+    #: a second-factor code, where the policy asks for one (once per grant)
+    otp: SecretStr | None = Field(default=None, max_length=16)
 
 
 class ApproveIn(BaseModel):
     comment: str | None = Field(default=None, max_length=2000)
+    #: a second-factor code, where the project asks for one to approve
+    otp: SecretStr | None = Field(default=None, max_length=16)
 
 
 class DenyIn(BaseModel):
@@ -79,6 +83,8 @@ class DenyIn(BaseModel):
 class LoginIn(BaseModel):
     user: str = Field(min_length=1, max_length=63)
     password: SecretStr
+    #: the second-factor code of a user who enrolled one
+    otp: SecretStr | None = Field(default=None, max_length=16)
 
 
 class UserIn(BaseModel):
@@ -113,6 +119,19 @@ class PolicyIn(BaseModel):
     break_glass: bool = False
     require_mfa: bool = False
     idle_timeout_seconds: int | None = Field(default=None, gt=0)
+
+
+class MfaEnrollIn(BaseModel):
+    #: a current code of the active second factor, when replacing it
+    code: SecretStr | None = Field(default=None, max_length=16)
+
+
+class MfaCodeIn(BaseModel):
+    code: SecretStr = Field(max_length=16)
+
+
+class ProjectSettingsIn(BaseModel):
+    approval_mfa: bool
 
 
 class RevokeIn(BaseModel):
@@ -371,6 +390,7 @@ class PrincipalOut(_Out):
     has_password: bool
     created_at: datetime
     disabled_at: datetime | None
+    mfa_enabled: bool = False
 
 
 class WhoamiOut(BaseModel):
@@ -380,6 +400,32 @@ class WhoamiOut(BaseModel):
     roles: dict[str, str]
     groups: list[str]
     token_id: str | None
+    mfa_enabled: bool = False
+
+
+class MfaEnrolmentOut(BaseModel):
+    """A pending second factor: the one time its secret is shown."""
+
+    secret: str
+    uri: str
+    issuer: str
+    account: str
+
+
+class MfaStatusOut(BaseModel):
+    user: str
+    enabled: bool
+    enabled_at: datetime | None
+    pending: bool
+    reset_by: str | None
+    reset_at: datetime | None
+
+
+class ProjectOut(_Out):
+    project: str
+    approval_mfa: bool
+    updated_at: datetime | None
+    updated_by: str | None
 
 
 class PolicyOut(_Out):

@@ -21,6 +21,7 @@ from gateway.access.authorization import NotAllowed
 from gateway.app.gateway import Gateway
 from gateway.errors import Forbidden, GatewayError, Unauthenticated
 from gateway.identity.hashing import token_digest
+from gateway.identity.mfa import MfaNotEnrolled, MfaRefused, SecondFactorError
 from gateway.refusal import Refusal, RefusalPlace, RefusalReason
 
 __all__ = ["record_api_refusal"]
@@ -40,7 +41,13 @@ _STANDING = {
 async def record_api_refusal(request: Request, exc: GatewayError) -> None:
     """Put a 401/403 answer on record (other errors are not refusals)."""
     service: Gateway = request.app.state.service
-    if isinstance(exc, Unauthenticated):
+    if isinstance(exc, (SecondFactorError, MfaNotEnrolled)):
+        # A known caller, or a name signing in whose password was right.
+        refused_code = isinstance(exc, MfaRefused)
+        reason = RefusalReason.BAD_MFA_CODE if refused_code else RefusalReason.MFA_REQUIRED
+        principal = getattr(request.state, "principal", None)
+        who = principal.name if principal else getattr(request.state, "login_name", None)
+    elif isinstance(exc, Unauthenticated):
         reason, who = await _unauthenticated(request, service)
     elif isinstance(exc, Forbidden):
         reason = RefusalReason.NO_POLICY if isinstance(exc, NotAllowed) else RefusalReason.FORBIDDEN

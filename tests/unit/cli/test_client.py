@@ -99,6 +99,9 @@ def body_of(request: httpx.Request) -> Any:
         (api.WebhookCreatedJson, models.WebhookCreatedOut),
         (api.DeliveryJson, models.DeliveryOut),
         (api.CertificateJson, models.CertificateOut),
+        (api.MfaEnrolmentJson, models.MfaEnrolmentOut),
+        (api.MfaStatusJson, models.MfaStatusOut),
+        (api.ProjectJson, models.ProjectOut),
     ],
     ids=lambda t: t.__name__,
 )
@@ -375,6 +378,44 @@ CALLS: list[tuple[str, Callable[[ApiClient], Any], str, str, dict[str, str], Any
         {"claim_value": "a/b"},
         None,
     ),
+    ("mfa_status", lambda c: c.mfa_status(), "GET", "/v1/mfa", {}, None),
+    (
+        "mfa_status of a user",
+        lambda c: c.mfa_status("a/b"),
+        "GET",
+        "/v1/mfa",
+        {"user": "a/b"},
+        None,
+    ),
+    ("mfa_enroll", lambda c: c.mfa_enroll(), "POST", "/v1/mfa/enroll", {}, {}),
+    (
+        "mfa_enroll again",
+        lambda c: c.mfa_enroll("123456"),
+        "POST",
+        "/v1/mfa/enroll",
+        {},
+        {"code": "123456"},
+    ),
+    ("mfa_confirm", lambda c: c.mfa_confirm("1"), "POST", "/v1/mfa/confirm", {}, {"code": "1"}),
+    ("mfa_disable", lambda c: c.mfa_disable("2"), "POST", "/v1/mfa/disable", {}, {"code": "2"}),
+    ("mfa_reset", lambda c: c.mfa_reset("a/b"), "POST", "/v1/mfa/reset/a%2Fb", {}, None),
+    ("project", lambda c: c.project("ops"), "GET", "/v1/projects/ops", {}, None),
+    (
+        "set_project",
+        lambda c: c.set_project("ops", approval_mfa=True),
+        "PUT",
+        "/v1/projects/ops",
+        {},
+        {"approval_mfa": True},
+    ),
+    (
+        "login with a code",
+        lambda c: c.login("ann", "pw", otp="123456"),
+        "POST",
+        "/v1/login",
+        {},
+        {"user": "ann", "password": "pw", "otp": "123456"},
+    ),
 ]
 
 
@@ -434,6 +475,20 @@ def test_an_api_error_becomes_its_message_hint_and_status() -> None:
         "add it",
         404,
     )
+
+
+def test_an_api_errors_code_is_kept_for_the_cli_to_act_on() -> None:
+    body = {
+        "error": {
+            "type": "MfaRequired",
+            "message": "this access needs a second-factor code",
+            "hint": None,
+            "code": "mfa_required",
+        }
+    }
+    with client_for(Recorder(401, body)) as c, pytest.raises(ApiError) as raised:
+        c.open_access(resource="prod", account="app", duration_seconds=60, port=None)
+    assert (raised.value.status, raised.value.code) == (401, "mfa_required")
 
 
 def test_an_answer_without_json_is_one_error_naming_the_status() -> None:

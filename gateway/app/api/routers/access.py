@@ -1,8 +1,10 @@
 """Access grants: open, keep alive (heartbeat) and end, for `pam db access`.
 
 The grant is the caller's: who asked is the authenticated principal, never a
-field of the request. Only its owner (or an admin of its project) may keep a
-grant alive, extend it or end it.
+field of the request. Where the policy asks for a second factor, the request
+carries a current code (``otp``); without one the answer is 401 with the error
+``code`` ``mfa_required``, and the CLI asks once and retries. Only its owner
+(or an admin of its project) may keep a grant alive, extend it or end it.
 
 A grant's port is open only to the OS user of the process that asked for it,
 when that process runs on this host: its uid comes from the kernel's socket
@@ -58,6 +60,7 @@ async def open_access(
         csr=body.csr,
         request_id=body.request_id,
         break_glass=body.break_glass,
+        otp=body.otp.get_secret_value() if body.otp else None,
     )
     if isinstance(session, AccessRequest):
         pending = AccessPendingOut(request=request_out(session, caller))

@@ -1,7 +1,9 @@
 """Signing in and out, who am I, users and machine tokens.
 
 ``POST /v1/login`` is the one route that answers without a token: it takes a
-user's name and password and returns a session token (shown once). Users and
+user's name and password (and a second-factor code, ``otp``, from a user who
+enrolled one: without it the right password is answered 401 with the error
+``code`` ``mfa_required``) and returns a session token (shown once). Users and
 machine tokens are managed by admins of every project.
 """
 
@@ -43,7 +45,10 @@ def _token(issued: IssuedToken) -> TokenOut:
 async def login(body: LoginIn, service: Service, request: Request) -> TokenOut:
     request.state.login_name = body.user  # who tried, for the refusal record
     issued = await service.identity.login(
-        body.user, body.password.get_secret_value(), source=client_addr(request)
+        body.user,
+        body.password.get_secret_value(),
+        source=client_addr(request),
+        otp=body.otp.get_secret_value() if body.otp else None,
     )
     return _token(issued)
 
@@ -59,7 +64,7 @@ async def logout(
 
 
 @router.get("/whoami")
-async def whoami(caller: Caller) -> WhoamiOut:
+async def whoami(caller: Caller, service: Service) -> WhoamiOut:
     return WhoamiOut(
         id=caller.id,
         name=caller.name,
@@ -67,6 +72,7 @@ async def whoami(caller: Caller) -> WhoamiOut:
         roles={project: role.value for project, role in caller.roles.items()},
         groups=sorted(caller.groups),
         token_id=caller.token_id,
+        mfa_enabled=await service.mfa.is_enabled(caller.id),
     )
 
 

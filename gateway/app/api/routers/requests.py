@@ -57,7 +57,8 @@ async def request_trail(request_id: str, caller: Caller, service: Service) -> li
 
 @router.post("/{request_id}/approve")
 async def approve(request_id: str, body: ApproveIn, caller: Caller, service: Service) -> RequestOut:
-    return request_out(await service.approve(caller, request_id, body.comment), caller)
+    otp = body.otp.get_secret_value() if body.otp else None
+    return request_out(await service.approve(caller, request_id, body.comment, otp), caller)
 
 
 @router.post("/{request_id}/deny")
