@@ -12,6 +12,7 @@ clock and the audit chain they share):
 * :mod:`gateway.store.validation`: input checks, audit event rows;
 * :mod:`gateway.store.rows`: look-ups shared by the aggregates;
 * :mod:`gateway.store.resources`: resources and accounts (sealed passwords);
+* :mod:`gateway.store.rotations`: rotation roles, rotations in flight, their record;
 * :mod:`gateway.store.sessions`: access sessions, their ends and seals;
 * :mod:`gateway.store.connections`: connection starts and ends;
 * :mod:`gateway.store.identity`: principals, tokens, roles and policies;
@@ -38,6 +39,7 @@ from gateway.store.identity import IdentityStore
 from gateway.store.refusals import RefusalStore
 from gateway.store.requests import RequestStore
 from gateway.store.resources import ResourceStore
+from gateway.store.rotations import RotationStore
 from gateway.store.sessions import SessionStore
 
 __all__ = ["SqliteSynchronous", "Store", "StoreError"]
@@ -51,6 +53,7 @@ class Store(
     IdentityStore,
     RefusalStore,
     RequestStore,
+    RotationStore,
 ):
     """Synchronous access to the gateway's persistent state. See the module docstring.
 
