@@ -30,6 +30,7 @@ class ResourceJson(TypedDict):
     ca_cert: str | None
     created_at: str
     project: str
+    rotation_username: str | None
 
 
 class AccountJson(TypedDict):
@@ -40,6 +41,31 @@ class AccountJson(TypedDict):
     username: str
     created_at: str
     password_updated_at: str
+    managed: bool
+    rotation_pending: bool
+    last_rotation_at: str | None
+    last_rotation_outcome: str | None
+
+
+class RotationJson(TypedDict):
+    """One rotation or stored password (``RotationOut``); never the password."""
+
+    ok: bool
+    resource: str
+    account: str
+    rotation_id: str
+    outcome: str
+    via: str | None
+    method: str
+    started_by: str
+    started_at: str
+    ended_at: str
+    detail: str | None
+    hint: str | None
+
+
+class AccountAddJson(AccountJson):
+    rotation: RotationJson | None
 
 
 class VerifyResultJson(TypedDict):

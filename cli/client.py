@@ -33,6 +33,7 @@ from urllib.parse import quote
 import httpx
 
 from cli.api_json import AccessJson as AccessJson
+from cli.api_json import AccountAddJson as AccountAddJson
 
 # The result types (cli.api_json), re-exported: callers import them from here.
 from cli.api_json import AccountJson as AccountJson
@@ -53,6 +54,7 @@ from cli.api_json import ProblemJson as ProblemJson
 from cli.api_json import ProjectJson as ProjectJson
 from cli.api_json import RequestJson as RequestJson
 from cli.api_json import ResourceJson as ResourceJson
+from cli.api_json import RotationJson as RotationJson
 from cli.api_json import SessionDetailJson as SessionDetailJson
 from cli.api_json import SessionJson as SessionJson
 from cli.api_json import SsoConfigJson as SsoConfigJson
@@ -71,6 +73,8 @@ from gateway.errors import GatewayError
 
 #: ``resource verify`` connects to every account upstream, each with its own timeout.
 VERIFY_TIMEOUT: Final = 120.0
+#: a rotation signs in upstream up to four times, each with its own timeout
+ROTATION_TIMEOUT: Final = 120.0
 #: ``audit verify`` recomputes every chain in the store.
 AUDIT_VERIFY_TIMEOUT: Final = 600.0
 
@@ -202,13 +206,50 @@ class ApiClient:
         )
         return cast(list[VerifyResultJson], results)
 
-    def add_account(self, resource: str, name: str, *, username: str, password: str) -> AccountJson:
-        body = {"name": name, "username": username, "password": password}
-        return cast(AccountJson, self.post(f"/v1/resources/{seg(resource)}/accounts", body))
+    def set_rotation_role(
+        self, resource: str, *, username: str, password: str, verify: bool = True
+    ) -> ResourceJson:
+        body = {"username": username, "password": password, "verify": verify}
+        path = f"/v1/resources/{seg(resource)}/rotation"
+        return cast(ResourceJson, self.request("PUT", path, json=body, timeout=VERIFY_TIMEOUT))
 
-    def rotate_password(self, resource: str, name: str, password: str) -> AccountJson:
+    def clear_rotation_role(self, resource: str) -> ResourceJson:
+        return cast(ResourceJson, self.delete(f"/v1/resources/{seg(resource)}/rotation"))
+
+    def add_account(
+        self,
+        resource: str,
+        name: str,
+        *,
+        username: str,
+        password: str,
+        verify: bool = True,
+        managed: bool = False,
+    ) -> AccountAddJson:
+        body = {
+            "name": name,
+            "username": username,
+            "password": password,
+            "verify": verify,
+            "managed": managed,
+        }
+        path = f"/v1/resources/{seg(resource)}/accounts"
+        return cast(AccountAddJson, self.request("POST", path, json=body, timeout=ROTATION_TIMEOUT))
+
+    def rotate_password(
+        self, resource: str, name: str, password: str, *, verify: bool = True
+    ) -> AccountJson:
         path = f"/v1/resources/{seg(resource)}/accounts/{seg(name)}/rotate"
-        return cast(AccountJson, self.post(path, {"password": password}))
+        body = {"password": password, "verify": verify}
+        return cast(AccountJson, self.request("POST", path, json=body, timeout=VERIFY_TIMEOUT))
+
+    def rotate_now(self, resource: str, name: str) -> RotationJson:
+        path = f"/v1/resources/{seg(resource)}/accounts/{seg(name)}/rotations"
+        return cast(RotationJson, self.request("POST", path, timeout=ROTATION_TIMEOUT))
+
+    def rotation_history(self, resource: str, name: str, *, limit: int = 20) -> list[RotationJson]:
+        path = f"/v1/resources/{seg(resource)}/accounts/{seg(name)}/rotations"
+        return cast(list[RotationJson], self.get(path, limit=limit))
 
     def list_accounts(self, resource: str | None = None) -> list[AccountJson]:
         return cast(list[AccountJson], self.get("/v1/accounts", resource=resource))

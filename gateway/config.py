@@ -15,9 +15,11 @@ caller's own, and refused otherwise (:func:`load_client_config`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import stat
+import string
 import sys
 from collections.abc import Callable
 from datetime import timedelta
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import BaseModel, Field, PositiveInt
+from pydantic import BaseModel, Field, PositiveInt, field_validator, model_validator
 
 from gateway.errors import ConfigError
 
@@ -37,6 +39,11 @@ DEFAULT_API_PORT = 7745
 SECRET_FILE_MODE = 0o600
 #: group and world permission bits: none may be set on a file holding a secret
 _OTHERS_MAY_ACCESS = 0o077
+#: What a generated password may be made of: RFC 3986's unreserved characters,
+#: which need no quoting in a URL, a libpq connection string, a shell or SQL.
+PASSWORD_SAFE_CHARACTERS = string.ascii_letters + string.digits + "-._~"
+#: the fewest bits of entropy a generated password may carry
+MIN_GENERATED_PASSWORD_BITS = 128
 
 
 class GatewaySettings(BaseModel):
@@ -101,6 +108,40 @@ class GatewaySettings(BaseModel):
     webhook_retry_factor: float = Field(default=3.0, ge=1)
     webhook_max_attempts: int = Field(default=8, ge=1, le=100)
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    #: generated passwords (credential rotation): this many characters, each
+    #: drawn uniformly from ``rotation_password_alphabet``
+    rotation_password_length: int = Field(default=32, ge=16, le=128)
+    #: distinct characters out of letters, digits and ``-._~``
+    rotation_password_alphabet: str = string.ascii_letters + string.digits
+    #: an unfinished rotation found at start that could not be settled (upstream
+    #: unreachable) is tried again this often
+    rotation_recovery_retry_seconds: float = Field(default=30.0, gt=0)
+
+    @field_validator("rotation_password_alphabet")
+    @classmethod
+    def _safe_alphabet(cls, value: str) -> str:
+        unsafe = sorted(set(value) - set(PASSWORD_SAFE_CHARACTERS))
+        if unsafe:
+            raise ValueError(
+                f"may hold only letters, digits and -._~ (not {''.join(unsafe)!r}):"
+                " a generated password never needs quoting"
+            )
+        if len(set(value)) != len(value):
+            raise ValueError("lists a character twice (each must be equally likely)")
+        return value
+
+    @model_validator(mode="after")
+    def _enough_entropy(self) -> GatewaySettings:
+        bits = self.rotation_password_length * math.log2(
+            max(len(self.rotation_password_alphabet), 1)
+        )
+        if bits < MIN_GENERATED_PASSWORD_BITS:
+            raise ValueError(
+                f"rotation_password_length {self.rotation_password_length} of"
+                f" {len(self.rotation_password_alphabet)} characters gives {bits:.0f} bits;"
+                f" generated passwords need at least {MIN_GENERATED_PASSWORD_BITS}"
+            )
+        return self
 
 
 class Profile(BaseModel):

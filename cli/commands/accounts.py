@@ -1,15 +1,21 @@
 """`pam account`: database accounts (credentials) stored, sealed, for a resource.
 
 A password is read from a no-echo prompt or the first line of stdin, never from
-argv, and is never printed.
+argv, and is never printed. A typed password is checked by signing in upstream
+before it is stored (``--no-verify`` stores it anyway); ``pam account rotate
+--now`` and ``--managed`` have the gateway generate one that nobody sees.
 """
 
 from __future__ import annotations
 
 import click
 
+from cli.client import RotationJson
 from cli.commands import api_client, json_option, read_password
-from cli.render import console, local_time, print_json, table
+from cli.render import console, local_time, print_json, printable, table
+from gateway.errors import GatewayError
+
+_NO_VERIFY_HELP = "Store it without signing in upstream with it first."
 
 
 @click.group()
@@ -24,59 +30,171 @@ def account() -> None:
 @click.option(
     "--password-stdin", is_flag=True, help="Read the password from the first line of stdin."
 )
+@click.option("--no-verify", is_flag=True, help=_NO_VERIFY_HELP)
+@click.option(
+    "--managed",
+    is_flag=True,
+    help="Rotate the password right away: the one typed stops working and nobody"
+    " knows the new one.",
+)
 @json_option
 def account_add(
-    resource_name: str, name: str, username: str, password_stdin: bool, as_json: bool
+    resource_name: str,
+    name: str,
+    username: str,
+    password_stdin: bool,
+    no_verify: bool,
+    managed: bool,
+    as_json: bool,
 ) -> None:
-    """Add an account; the password is prompted for (or read from stdin) and stored encrypted."""
+    """Add an account; the password is prompted for (or read from stdin), checked
+    upstream and stored encrypted."""
     password = read_password(password_stdin, f"Password for {username}")
     with api_client() as client:
-        created = client.add_account(resource_name, name, username=username, password=password)
+        created = client.add_account(
+            resource_name,
+            name,
+            username=username,
+            password=password,
+            verify=not no_verify,
+            managed=managed,
+        )
+    rotation = created["rotation"]
     if as_json:
         print_json(created)
-    else:
+    elif rotation is None:
+        checked = "" if no_verify else " checked upstream and"
         console.print(
-            f"Account {resource_name}/{name} (user {username}) added;"
-            " the password is stored encrypted."
+            f"Account {resource_name}/{name} (user {username}) added; the password was"
+            f"{checked} stored encrypted."
+        )
+    elif rotation["ok"]:
+        console.print(
+            f"Account {resource_name}/{name} (user {username}) added and rotated: the"
+            " password you typed no longer works, and nobody knows the current one."
+        )
+    if rotation is not None and not rotation["ok"]:
+        raise GatewayError(
+            f"account {resource_name}/{name} was added, but its first rotation failed"
+            f" ({rotation['outcome']}): {rotation['detail']}; the password you typed"
+            " is still the one in use",
+            hint=rotation["hint"],
         )
 
 
 @account.command("rotate")
 @click.argument("resource_name", metavar="RESOURCE")
 @click.argument("name")
-@click.option("--password-stdin", is_flag=True)
-def account_rotate(resource_name: str, name: str, password_stdin: bool) -> None:
-    """Replace an account's stored password."""
+@click.option(
+    "--now",
+    is_flag=True,
+    help="Generate a new password and set it upstream now (nobody sees it).",
+)
+@click.option("--password-stdin", is_flag=True, help="Read the new password from stdin.")
+@click.option("--no-verify", is_flag=True, help=_NO_VERIFY_HELP)
+@json_option
+def account_rotate(
+    resource_name: str, name: str, now: bool, password_stdin: bool, no_verify: bool, as_json: bool
+) -> None:
+    """Store the password the server now has (checked upstream first), or with
+    --now have the gateway change it to a generated one."""
+    if now:
+        if password_stdin or no_verify:
+            raise click.UsageError("--now generates the password: no --password-stdin/--no-verify")
+        with api_client() as client:
+            result = client.rotate_now(resource_name, name)
+        if as_json:
+            print_json(result)
+        if not result["ok"]:
+            raise GatewayError(_rotation_failure(result), hint=result["hint"])
+        if not as_json:
+            console.print(
+                f"Password of {resource_name}/{name} rotated (by {result['via']}):"
+                " verified upstream and stored; nobody has seen it."
+            )
+        return
     password = read_password(password_stdin, "New password")
     with api_client() as client:
-        client.rotate_password(resource_name, name, password)
-    console.print(f"Password of {resource_name}/{name} replaced.")
+        stored = client.rotate_password(resource_name, name, password, verify=not no_verify)
+    if as_json:
+        print_json(stored)
+    else:
+        checked = "" if no_verify else " (it signs in upstream)"
+        console.print(f"Password of {resource_name}/{name} replaced{checked}.")
+
+
+def _rotation_failure(result: RotationJson) -> str:
+    return (
+        f"rotation of {result['resource']}/{result['account']} {result['outcome']}:"
+        f" {result['detail']}"
+    )
 
 
 @account.command("list")
 @click.option("--resource", "resource_name", default=None)
 @json_option
 def account_list(resource_name: str | None, as_json: bool) -> None:
-    """List accounts (never their passwords)."""
+    """List accounts (never their passwords), with their last rotation."""
     with api_client() as client:
         accounts = client.list_accounts(resource_name)
     if as_json:
         print_json(accounts)
-    else:
-        table(
-            None,
-            ["RESOURCE", "ACCOUNT", "USERNAME", "CREATED", "PASSWORD SET"],
+        return
+    table(
+        None,
+        [
+            "RESOURCE",
+            "ACCOUNT",
+            "USERNAME",
+            "MANAGED",
+            "CREATED",
+            "PASSWORD SET",
+            "LAST ROTATION",
+            "RESULT",
+        ],
+        [
             [
-                [
-                    a["resource_name"],
-                    a["name"],
-                    a["username"],
-                    local_time(a["created_at"]),
-                    local_time(a["password_updated_at"]),
-                ]
-                for a in accounts
-            ],
-        )
+                a["resource_name"],
+                a["name"],
+                a["username"],
+                "yes" if a["managed"] else "no",
+                local_time(a["created_at"]),
+                local_time(a["password_updated_at"]),
+                local_time(a["last_rotation_at"]),
+                "in progress" if a["rotation_pending"] else (a["last_rotation_outcome"] or "-"),
+            ]
+            for a in accounts
+        ],
+    )
+
+
+@account.command("rotations")
+@click.argument("resource_name", metavar="RESOURCE")
+@click.argument("name")
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
+@json_option
+def account_rotations(resource_name: str, name: str, limit: int, as_json: bool) -> None:
+    """The account's rotation record, newest first (who, when, how it ended)."""
+    with api_client() as client:
+        history = client.rotation_history(resource_name, name, limit=limit)
+    if as_json:
+        print_json(history)
+        return
+    table(
+        None,
+        ["ENDED", "OUTCOME", "METHOD", "VIA", "STARTED BY", "DETAIL"],
+        [
+            [
+                local_time(r["ended_at"]),
+                r["outcome"],
+                r["method"],
+                r["via"] or "-",
+                printable(r["started_by"]),
+                printable(r["detail"]),
+            ]
+            for r in history
+        ],
+    )
 
 
 @account.command("remove")

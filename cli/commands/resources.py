@@ -10,7 +10,7 @@ import click
 from rich.text import Text
 
 from cli.client import ResourceJson, VerifyResultJson
-from cli.commands import api_client, json_option
+from cli.commands import api_client, json_option, read_password
 from cli.render import console, key_values, local_time, print_json, printable, table
 
 #: gateway.net.upstream's SslMode, in libpq's order. Spelled out rather than
@@ -114,6 +114,10 @@ def resource_show(name: str, as_json: bool) -> None:
             ("CA", "custom (PEM stored)" if res["ca_cert"] else "system trust store"),
             ("created", local_time(res["created_at"])),
             (
+                "rotation role",
+                res["rotation_username"] or "none (each account changes its own password)",
+            ),
+            (
                 "accounts",
                 ", ".join(f"{a['name']} (user {a['username']})" for a in accounts) or "none",
             ),
@@ -128,6 +132,38 @@ def resource_remove(name: str) -> None:
     with api_client() as client:
         client.remove_resource(name)
     console.print(f"Resource {name} removed.")
+
+
+@resource.command("set-rotation")
+@click.argument("name")
+@click.option(
+    "--username",
+    required=True,
+    help="The role that changes the accounts' passwords (CREATEROLE; see docs/credentials.md).",
+)
+@click.option(
+    "--password-stdin", is_flag=True, help="Read its password from the first line of stdin."
+)
+@click.option("--no-verify", is_flag=True, help="Store it without signing in with it first.")
+def resource_set_rotation(name: str, username: str, password_stdin: bool, no_verify: bool) -> None:
+    """Set the role that rotates this resource's accounts' passwords.
+
+    Without one, an account rotates its own password (ALTER ROLE CURRENT_USER).
+    """
+    password = read_password(password_stdin, f"Password for {username}")
+    with api_client() as client:
+        client.set_rotation_role(name, username=username, password=password, verify=not no_verify)
+    checked = "" if no_verify else " (it signs in upstream)"
+    console.print(f"Rotation role of {name} set to {username}{checked}; stored encrypted.")
+
+
+@resource.command("clear-rotation")
+@click.argument("name")
+def resource_clear_rotation(name: str) -> None:
+    """Forget the rotation role: each account rotates its own password."""
+    with api_client() as client:
+        client.clear_rotation_role(name)
+    console.print(f"Rotation role of {name} removed; its accounts rotate themselves.")
 
 
 @resource.command("verify")

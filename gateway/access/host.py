@@ -54,6 +54,9 @@ class ListenerHost:
     async def upstream_target(self, resource: str, account: str) -> UpstreamTarget:
         return await self.credentials.upstream_target(resource, account)
 
+    async def retry_target(self, failed: UpstreamTarget) -> UpstreamTarget | None:
+        return await self.credentials.retry_target(failed)
+
     def connection_audit(
         self, session_id: str, connection_id: str, secrets: tuple[str, ...]
     ) -> ConnectionAudit | None:

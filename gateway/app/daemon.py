@@ -16,7 +16,7 @@ import getpass
 import os
 import signal
 import socket
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from gateway.config import (
     store_url,
 )
 from gateway.credentials import pki
+from gateway.credentials.rotation import ROTATION_STEPS
 from gateway.credentials.secretbox import SecretBox, generate_master_key, load_master_key
 from gateway.errors import AlreadyExists, ConfigError, NotFound
 from gateway.identity.hashing import hash_password, new_token, token_digest
@@ -197,6 +198,48 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
+#: Tests of rotation only. ``..._EXIT_AT=STEP``: the daemon exits at once (as
+#: if killed) when a rotation reaches STEP (gateway.credentials.rotation's
+#: RotationStep). ``..._PAUSE_AT=STEP``: the rotation waits there until the file
+#: ROTATION_RESUME_FILE appears in the state directory (it is then removed).
+ROTATION_EXIT_ENV = "PAM_TEST_ROTATION_EXIT_AT"
+ROTATION_PAUSE_ENV = "PAM_TEST_ROTATION_PAUSE_AT"
+ROTATION_RESUME_FILE = "rotation-resume"
+#: the exit status of ROTATION_EXIT_ENV, so a test can tell it from a crash
+ROTATION_EXIT_STATUS = 75
+_PAUSE_LIMIT_SECONDS = 300.0
+
+
+def _test_step(env: str) -> str | None:
+    wanted = os.environ.get(env)
+    if not wanted:
+        return None
+    if wanted not in ROTATION_STEPS:
+        raise ConfigError(f"{env} must be one of {', '.join(sorted(ROTATION_STEPS))}")
+    log.warning("rotation_test_hook_armed", env=env, step=wanted)
+    return wanted
+
+
+def rotation_step_hook(home: Path) -> Callable[[str], Awaitable[None]] | None:
+    """The hook the test variables ask for, or None (always, in real use)."""
+    exit_at, pause_at = _test_step(ROTATION_EXIT_ENV), _test_step(ROTATION_PAUSE_ENV)
+    if exit_at is None and pause_at is None:
+        return None
+    resume = home / ROTATION_RESUME_FILE
+
+    async def at_step(step: str) -> None:
+        if step == exit_at:
+            os._exit(ROTATION_EXIT_STATUS)
+        if step == pause_at:
+            log.warning("rotation_paused", step=step)
+            async with asyncio.timeout(_PAUSE_LIMIT_SECONDS):
+                while not resume.exists():
+                    await asyncio.sleep(0.05)
+            resume.unlink()
+
+    return at_step
+
+
 class _EmbeddedServer(uvicorn.Server):
     """uvicorn without its own signal handling: the daemon owns the signals."""
 
@@ -319,6 +362,7 @@ async def run(
         audit_sink=sink,
         journal_dir=home / JOURNAL_DIR,
         pki=ca,
+        rotation_step_hook=rotation_step_hook(home),
     )
     tunnel: TunnelEndpoint | None = None
     sock = _bind(settings.api_host, settings.api_port)

@@ -9,8 +9,9 @@ events to the webhook notifier (``notifier.publish``: a grant opened, a
 session ended or revoked).
 
 :class:`Gateway` is what the control API's routers receive: ``db``, ``store``,
-``audit_writer`` and ``live_connection_count`` (review), grants (access),
-``verify`` and ``refresh_secrets`` (resources), ``webhooks`` (webhooks).
+``audit_writer`` and ``live_connection_count`` (review), grants and requests
+(access), ``verify``, ``refresh_secrets``, ``rotations`` and ``rotate``
+(resources), ``webhooks``, ``mfa`` and ``sso``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import asyncio
 import functools
 import math
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -42,6 +43,7 @@ from gateway.audit.sink import AuditSink
 from gateway.audit.writer import AuditWriter
 from gateway.config import GatewaySettings
 from gateway.credentials.pki import GatewayPki
+from gateway.credentials.rotation import RotationResult, Rotations
 from gateway.credentials.targets import Credentials
 from gateway.credentials.verify import VerifyResult, verify
 from gateway.errors import InvalidRequest, NotFound
@@ -85,6 +87,7 @@ class Gateway:
         audit_sink: AuditSink | None = None,
         journal_dir: Path | None = None,
         pki: GatewayPki | None = None,
+        rotation_step_hook: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -142,6 +145,17 @@ class Gateway:
         #: second factors: enrolment, the code checks (sign-in, grants,
         #: approvals) and project settings
         self.mfa = MfaService(store, self.db, gateway_id=settings.gateway_id)
+        #: credential rotation (and storing checked passwords); see :meth:`rotate`
+        self.rotations = Rotations(
+            store,
+            self.db,
+            connect_timeout=settings.upstream_connect_timeout_seconds,
+            password_length=settings.rotation_password_length,
+            password_alphabet=settings.rotation_password_alphabet,
+            on_change=self.refresh_secrets,
+            recovery_retry_seconds=settings.rotation_recovery_retry_seconds,
+            step_hook=rotation_step_hook,
+        )
         self.identity = IdentityService(
             store,
             self.db,
@@ -178,10 +192,14 @@ class Gateway:
         if self.settings.audit_enabled:
             await self.credentials.refresh()
             await self.audit.start()
+        # Rotations a crash left in flight are settled in the background; until
+        # then a connection refused with 28P01 tries the other password.
+        self.rotations.start()
         return closed
 
     async def shutdown(self) -> None:
         await self.requests.close()
+        await self.rotations.close()
         await self.grants.shutdown()
         # The sessions' end events go into the outbox before the store thread stops.
         await self.notifier.close()
@@ -193,6 +211,12 @@ class Gateway:
     async def refresh_secrets(self) -> None:
         await self.credentials.refresh()
         self.audit.secrets_changed()
+
+    async def rotate(self, resource: str, account: str, *, started_by: str) -> RotationResult:
+        """Rotate *account*'s password now to a generated one nobody sees, and
+        record it (who or what: *started_by*). The call a scheduler makes; an
+        upstream failure is a result with ``ok`` false, never an exception."""
+        return await self.rotations.rotate(resource, account, started_by=started_by)
 
     async def verify(self, resource: str, account: str | None) -> list[VerifyResult]:
         return await verify(

@@ -1,16 +1,25 @@
 """What the credentials package needs from the outside, as ports.
 
 :class:`AccountStore` is the store operations the target cache, the masking list
-and verify use; ``gateway.store.Store`` implements it structurally (nothing here
-imports the store: the composition root in ``gateway.app`` hands it over).
+and verify use, :class:`RotationStore` those of rotation; ``gateway.store.Store``
+implements both structurally (nothing here imports the store: the composition
+root in ``gateway.app`` hands it over).
 :class:`StoreThread` runs a blocking store call off the event loop.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
+from gateway.credentials.records import (
+    PendingRotation,
+    RotationEntry,
+    RotationMethod,
+    RotationOutcome,
+    RotationVia,
+)
 from gateway.net.upstream import SslMode
 
 T = TypeVar("T")
@@ -43,6 +52,9 @@ class AccountRecord(Protocol):
     @property
     def username(self) -> str: ...
 
+    @property
+    def managed(self) -> bool: ...
+
 
 class AccountStore(Protocol):
     def get_resource(self, name: str) -> ResourceRecord: ...
@@ -52,8 +64,67 @@ class AccountStore(Protocol):
     def list_accounts(self, resource: str | None = None) -> Sequence[AccountRecord]: ...
 
     def reveal_password(self, resource: str, name: str) -> str:
-        """The decrypted password (the only call that returns one)."""
+        """The decrypted password."""
         ...
+
+    def reveal_pending_password(self, resource: str, account: str) -> str | None:
+        """The new password of a rotation in flight (stored, not yet promoted), if any."""
+        ...
+
+
+class RotationStore(AccountStore, Protocol):
+    """The store operations of rotation and of storing a checked password
+    (``gateway.store.rotations`` documents each)."""
+
+    def add_account(
+        self, resource: str, name: str, username: str, password: str, *, managed: bool = False
+    ) -> AccountRecord: ...
+
+    def reveal_rotation_credential(self, resource: str) -> tuple[str, str] | None: ...
+
+    def set_rotation_credential(self, resource: str, username: str, password: str) -> Any: ...
+
+    def begin_rotation(
+        self,
+        resource: str,
+        account: str,
+        password: str,
+        *,
+        rotation_id: str,
+        via: RotationVia,
+        started_by: str,
+    ) -> PendingRotation: ...
+
+    def pending_rotations(self) -> list[PendingRotation]: ...
+
+    def finish_rotation(
+        self,
+        resource: str,
+        account: str,
+        rotation_id: str,
+        *,
+        promote: bool,
+        outcome: RotationOutcome,
+        detail: str | None = None,
+    ) -> RotationEntry: ...
+
+    def record_rotation(
+        self,
+        resource: str,
+        account: str,
+        *,
+        rotation_id: str,
+        method: RotationMethod,
+        via: RotationVia | None,
+        started_by: str,
+        started_at: datetime,
+        outcome: RotationOutcome,
+        detail: str | None = None,
+    ) -> RotationEntry: ...
+
+    def store_typed_password(
+        self, resource: str, account: str, password: str, *, rotation_id: str, started_by: str
+    ) -> AccountRecord: ...
 
 
 class StoreThread(Protocol):

@@ -8,13 +8,18 @@ Invariants:
 * SCRAM salted passwords are cached per credential (RFC 5802 lets a client cache
   them per salt and iteration count), keyed by a digest of the whole
   credential, so a rotated password starts a fresh cache.
-* :attr:`Credentials.stored_secrets` holds every account's stored password, so
-  the audit can mask any of them. Nothing here logs or returns a password other
+* :attr:`Credentials.stored_secrets` holds every account's stored password (and
+  the new one of a rotation in flight), so the audit can mask any of them.
+* A sign-in refused with 28P01 gets one more try (:meth:`Credentials.retry_target`)
+  with the credential read again: the stored password if it changed meanwhile,
+  else the new one of a rotation in flight. A rotation never leaves a window in
+  which a new connection has no password that works. Nothing here logs or returns a password other
   than inside an :class:`~gateway.net.upstream.UpstreamTarget`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -64,6 +69,27 @@ class Credentials:
             self._targets[key] = (now, target)
         return target
 
+    async def retry_target(self, failed: UpstreamTarget) -> UpstreamTarget | None:
+        """Another password to try after *failed* was refused (28P01), or None.
+
+        The stored password when it is not the one that failed (rotated or
+        stored since the target was looked up), else the pending one of a
+        rotation in flight (set upstream, not yet promoted). The cached target
+        is dropped either way.
+        """
+        key = (failed.resource, failed.account)
+        self._targets.pop(key, None)
+        generation = self._generation
+        current = await self.db(self._load_target, failed.resource, failed.account)
+        if current.password != failed.password:
+            if generation == self._generation:
+                self._targets[key] = (time.monotonic(), current)
+            return current
+        pending = await self.db(self.store.reveal_pending_password, failed.resource, failed.account)
+        if pending is None or pending == failed.password:
+            return None
+        return dataclasses.replace(current, password=pending)
+
     def scram_cache(self, target: UpstreamTarget) -> dict[tuple[bytes, int], bytes]:
         """Salted passwords of this target's credentials, by (salt, iterations)."""
         # Keyed by a digest of the whole credential, so a rotated password (or
@@ -105,6 +131,9 @@ class Credentials:
         for account in self.store.list_accounts():
             try:
                 found.append(self.store.reveal_password(account.resource_name, account.name))
+                pending = self.store.reveal_pending_password(account.resource_name, account.name)
             except GatewayError:
                 continue  # an undecryptable row is reported when it is used
+            if pending is not None:
+                found.append(pending)
         return tuple(found)

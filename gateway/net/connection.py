@@ -7,7 +7,9 @@ The steps, in order (each a method of :class:`ConnectionLife`):
 2. **check it against the grant**: the user must be the account's user name
    (else FATAL 28000) and the database the resource's (else FATAL 3D000 naming
    the allowed one) -- never a silent rewrite;
-3. **connect upstream** and authenticate with the stored credentials;
+3. **connect upstream** and authenticate with the stored credentials (a 28P01
+   gets one more try with the credential read again: a rotation may have just
+   changed it);
 4. **record** the connection *before* anything is relayed: no record, no
    connection;
 5. **greet** the client: NegotiateProtocolVersion when due, AuthenticationOk,
@@ -46,7 +48,7 @@ from gateway.net.client_startup import (
 from gateway.net.idle import format_duration
 from gateway.net.ports import ConnectionAuditTap, ConnectionHost, GrantInfo
 from gateway.net.relay import IdleLimit, Relay, Termination, close_writer
-from gateway.net.upstream import UpstreamConnection, connect_upstream, send_cancel
+from gateway.net.upstream import UpstreamConnection, UpstreamTarget, connect_upstream, send_cancel
 from gateway.protocol import messages
 from gateway.protocol.client_startup import (
     PROTOCOL_OPTION_PREFIX,
@@ -309,12 +311,17 @@ class ConnectionLife:
                 for name, value in startup.params.items()
                 if name not in _RESERVED_PARAMS and not name.startswith(PROTOCOL_OPTION_PREFIX)
             }
-            upstream = await connect_upstream(
-                target,
-                params=params,
-                timeout=self.host.connect_timeout,
-                salted_password_cache=self.host.scram_cache(target),
-            )
+            try:
+                upstream = await self._sign_in(target, params)
+            except UpstreamError as exc:
+                # 28P01: the password may have just been rotated; read it once more.
+                retry = None
+                if exc.sqlstate == SqlState.INVALID_PASSWORD:
+                    retry = await self.host.retry_target(target)
+                if retry is None:
+                    raise
+                target = retry
+                upstream = await self._sign_in(target, params)
         except UpstreamError as exc:
             self.log.warning(
                 "upstream_failed", kind=exc.kind, sqlstate=exc.sqlstate, error=exc.message
@@ -337,6 +344,14 @@ class ConnectionLife:
         # The password leaves with the target: the audit masks it (_record_start).
         self._secrets = (target.password,)
         return upstream
+
+    async def _sign_in(self, target: UpstreamTarget, params: dict[str, str]) -> UpstreamConnection:
+        return await connect_upstream(
+            target,
+            params=params,
+            timeout=self.host.connect_timeout,
+            salted_password_cache=self.host.scram_cache(target),
+        )
 
     async def _record_start(
         self, client: ClientStarted, upstream: UpstreamConnection

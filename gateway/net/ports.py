@@ -48,6 +48,11 @@ class ConnectionHost(Protocol):
 
     async def upstream_target(self, resource: str, account: str) -> UpstreamTarget: ...
 
+    async def retry_target(self, failed: UpstreamTarget) -> UpstreamTarget | None:
+        """Another password to try once after *failed* got 28P01 (rotated meanwhile,
+        or a rotation in flight), or None."""
+        ...
+
     def connection_audit(
         self, session_id: str, connection_id: str, secrets: tuple[str, ...]
     ) -> ConnectionAuditTap | None:

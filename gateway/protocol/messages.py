@@ -23,6 +23,7 @@ from gateway.protocol.constants import (
 from gateway.protocol.errors import ProtocolError
 
 _HEADER = struct.Struct("!cI")
+_INT16 = struct.Struct("!h")
 _INT32 = struct.Struct("!i")
 _UINT32 = struct.Struct("!I")
 _TWO_INT32 = struct.Struct("!II")
@@ -87,6 +88,11 @@ def sasl_response(data: bytes) -> bytes:
 
 def terminate() -> bytes:
     return encode_message(FrontendType.TERMINATE, b"")
+
+
+def query(sql: str) -> bytes:
+    """A simple-protocol Query (55.7 "Query"): the SQL text, NUL-terminated."""
+    return encode_message(FrontendType.QUERY, _cstring(sql))
 
 
 # --- backend messages the gateway sends to local clients ------------------------
@@ -246,6 +252,29 @@ def parse_backend_key_data(body: bytes) -> BackendKey:
         raise ProtocolError("BackendKeyData has an invalid length")
     (pid,) = _UINT32.unpack_from(body)
     return BackendKey(pid, bytes(body[4:]))
+
+
+def parse_data_row(body: bytes) -> list[bytes | None]:
+    """A DataRow's column values (None for SQL NULL), as the server sent them."""
+    values: list[bytes | None] = []
+    pos = _INT16.size
+    try:
+        (count,) = _INT16.unpack_from(body, 0)
+        for _ in range(count):
+            (length,) = _INT32.unpack_from(body, pos)
+            pos += _INT32.size
+            if length < 0:
+                values.append(None)
+                continue
+            if pos + length > len(body):
+                raise ProtocolError("DataRow column runs past the message")
+            values.append(body[pos : pos + length])
+            pos += length
+    except struct.error as exc:
+        raise ProtocolError("DataRow is truncated") from exc
+    if pos != len(body):
+        raise ProtocolError("DataRow has bytes after its last column")
+    return values
 
 
 def parse_ready_for_query(body: bytes) -> TransactionStatus:

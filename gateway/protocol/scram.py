@@ -16,6 +16,10 @@ support binding detect a mechanism list stripped by a man in the middle.
 
 The password is normalised with SASLprep (RFC 4013); as in libpq, a password
 that SASLprep rejects is used as raw UTF-8 bytes.
+
+:func:`scram_secret` is the other side's half: the secret (salt, iterations,
+StoredKey, ServerKey) a server keeps for a password, so that credential rotation
+can set a password upstream without the server ever seeing it.
 """
 
 from __future__ import annotations
@@ -240,3 +244,38 @@ class ScramClient:
                 " (possible impostor server)"
             )
         self._stage = _Stage.DONE
+
+
+#: PostgreSQL's salt length for the SCRAM secrets it makes (scram-common.h,
+#: SCRAM_DEFAULT_SALT_LEN).
+SCRAM_SALT_BYTES = 16
+#: PostgreSQL's iteration count for the SCRAM secrets it makes; fixed before
+#: version 16, the default of the ``scram_iterations`` setting since.
+SCRAM_DEFAULT_ITERATIONS = 4096
+SCRAM_SECRET_PREFIX = "SCRAM-SHA-256$"
+
+
+def scram_secret(password: str, *, iterations: int, salt: bytes | None = None) -> str:
+    """The SCRAM-SHA-256 secret of *password* as PostgreSQL stores it.
+
+    ``SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`` (base64 each;
+    PostgreSQL 15 docs, 53.9 "pg_authid", after RFC 5803). StoredKey and
+    ServerKey are RFC 5802's (section 3): the server keeps only these and
+    verifies a client's proof with them, so a secret is what ``ALTER ROLE ...
+    PASSWORD`` can be given instead of the password itself. The password is
+    SASLprep-normalised as a client normalises it. A fresh random salt of
+    :data:`SCRAM_SALT_BYTES` unless *salt* is given (tests).
+    """
+    if not 1 <= iterations <= MAX_ITERATIONS:
+        raise ProtocolUsageError(f"SCRAM iteration count {iterations} is out of range")
+    salt = secrets.token_bytes(SCRAM_SALT_BYTES) if salt is None else salt
+    if not salt:
+        raise ProtocolUsageError("a SCRAM salt cannot be empty")
+    salted = hashlib.pbkdf2_hmac("sha256", normalize_password(password), salt, iterations)
+    stored_key = hashlib.sha256(_hmac(salted, b"Client Key")).digest()
+    server_key = _hmac(salted, b"Server Key")
+    return f"{SCRAM_SECRET_PREFIX}{iterations}:{_b64(salt)}${_b64(stored_key)}:{_b64(server_key)}"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")

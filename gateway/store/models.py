@@ -97,6 +97,9 @@ class Resource(_Record):
     created_at: UtcDatetime
     #: the project its accounts and policies belong to
     project: str = "default"
+    #: the role that changes its accounts' passwords upstream (its password is
+    #: stored sealed and never in a record); None: each account rotates itself
+    rotation_username: str | None = None
 
 
 class Account(_Record):
@@ -109,6 +112,13 @@ class Account(_Record):
     username: str
     created_at: UtcDatetime
     password_updated_at: UtcDatetime
+    #: pam generates its password and nobody knows it (``--managed``)
+    managed: bool = False
+    #: a rotation's new password is stored and not yet promoted or dropped
+    rotation_pending: bool = False
+    #: when the last rotation (or stored password) ended, and how
+    last_rotation_at: UtcDatetime | None = None
+    last_rotation_outcome: str | None = None
 
 
 #: What a session records of the request that opened it (revision 0005).

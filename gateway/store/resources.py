@@ -15,6 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
@@ -29,6 +30,7 @@ from gateway.store.rows import (
     ACCOUNTS_JOIN,
     account_row,
     count_active_sessions,
+    last_rotations,
     new_id,
     resource_row,
 )
@@ -45,17 +47,17 @@ from gateway.store.validation import (
 if TYPE_CHECKING:
     from gateway.store.rows import AnyRow
 
-__all__ = ["ResourceStore"]
+__all__ = ["ResourceStore", "account_aad", "account_record", "resource_record"]
 
 
-def _account_aad(account_id: str) -> bytes:
+def account_aad(account_id: str) -> bytes:
     # Binding the ciphertext to its row means a blob copied onto another account
     # (by a bug, or by someone with write access to the database) fails to open
     # instead of silently handing out the wrong password.
     return b"pam/account/" + account_id.encode()
 
 
-def _resource(row: AnyRow) -> Resource:
+def resource_record(row: AnyRow) -> Resource:
     return Resource(
         id=row.id,
         name=row.name,
@@ -66,10 +68,12 @@ def _resource(row: AnyRow) -> Resource:
         ca_cert=row.ca_cert,
         created_at=row.created_at,
         project=row.project,
+        rotation_username=row.rotation_username,
     )
 
 
-def _account(row: AnyRow) -> Account:
+def account_record(row: AnyRow, last: tuple[datetime, str] | None = None) -> Account:
+    """The record of an account row (``ACCOUNT_COLUMNS``) and its last rotation."""
     return Account(
         id=row.id,
         resource_id=row.resource_id,
@@ -78,6 +82,10 @@ def _account(row: AnyRow) -> Account:
         username=row.username,
         created_at=row.created_at,
         password_updated_at=row.password_updated_at,
+        managed=bool(row.managed),
+        rotation_pending=row.pending_rotation_id is not None,
+        last_rotation_at=last[0] if last else None,
+        last_rotation_outcome=last[1] if last else None,
     )
 
 
@@ -115,7 +123,7 @@ class ResourceStore(StoreBase):
 
     def get_resource(self, name: str) -> Resource:
         with self._transaction(write=False) as conn:
-            return _resource(resource_row(conn, name))
+            return resource_record(resource_row(conn, name))
 
     def list_resources(self) -> list[Resource]:
         """Every resource, ordered by name."""
@@ -123,7 +131,7 @@ class ResourceStore(StoreBase):
             rows = conn.execute(select(resources)).all()
         # Sorted here rather than in SQL: PostgreSQL orders text by the database's
         # collation (which may ignore '-' and '.'), SQLite by bytes.
-        return sorted((_resource(r) for r in rows), key=lambda r: r.name)
+        return sorted((resource_record(r) for r in rows), key=lambda r: r.name)
 
     def remove_resource(self, name: str) -> None:
         """Delete a resource and its accounts; refused while a session on it is active."""
@@ -137,14 +145,20 @@ class ResourceStore(StoreBase):
             conn.execute(accounts.delete().where(accounts.c.resource_id == resource.id))
             conn.execute(resources.delete().where(resources.c.id == resource.id))
 
-    def add_account(self, resource: str, name: str, username: str, password: str) -> Account:
-        """Add an upstream login to *resource*; the password is stored sealed."""
+    def add_account(
+        self, resource: str, name: str, username: str, password: str, *, managed: bool = False
+    ) -> Account:
+        """Add an upstream login to *resource*; the password is stored sealed.
+
+        *managed*: pam generates its password from now on (the caller rotates it
+        right after adding it) and a typed one is refused.
+        """
         check_name("account", name)
         required_text("username", username)
         check_password(password)
         account_id = new_id()
         now = self._now()
-        sealed = self._box.encrypt(password.encode(), aad=_account_aad(account_id))
+        sealed = self._box.encrypt(password.encode(), aad=account_aad(account_id))
         try:
             with self._transaction(write=True, conflicts=True) as conn:
                 parent = resource_row(conn, resource, lock="share")
@@ -157,6 +171,7 @@ class ResourceStore(StoreBase):
                         password_ciphertext=sealed,
                         created_at=now,
                         password_updated_at=now,
+                        managed=int(managed),
                     )
                 )
         except IntegrityError:
@@ -171,11 +186,13 @@ class ResourceStore(StoreBase):
             username=username,
             created_at=now,
             password_updated_at=now,
+            managed=managed,
         )
 
     def get_account(self, resource: str, name: str) -> Account:
         with self._transaction(write=False) as conn:
-            return _account(account_row(conn, resource, name))
+            row = account_row(conn, resource, name)
+            return account_record(row, last_rotations(conn, [row.id]).get(row.id))
 
     def list_accounts(self, resource: str | None = None) -> list[Account]:
         """Accounts of *resource* (which must exist), or of every resource.
@@ -188,7 +205,11 @@ class ResourceStore(StoreBase):
                 parent = resource_row(conn, resource)
                 query = query.where(accounts.c.resource_id == parent.id)
             rows = conn.execute(query).all()
-        return sorted((_account(r) for r in rows), key=lambda a: (a.resource_name, a.name))
+            last = last_rotations(conn, None if resource is None else [r.id for r in rows])
+        return sorted(
+            (account_record(r, last.get(r.id)) for r in rows),
+            key=lambda a: (a.resource_name, a.name),
+        )
 
     def reveal_password(self, resource: str, name: str) -> str:
         """Decrypt and return an account's password.
@@ -202,7 +223,7 @@ class ResourceStore(StoreBase):
                 select(accounts.c.password_ciphertext).where(accounts.c.id == row.id)
             ).scalar_one()
         try:
-            return self._box.decrypt(bytes(sealed), aad=_account_aad(row.id)).decode()
+            return self._box.decrypt(bytes(sealed), aad=account_aad(row.id)).decode()
         except SecretDecryptError as exc:
             raise SecretDecryptError(
                 f"cannot decrypt the password of account '{name}' on resource "
@@ -218,13 +239,13 @@ class ResourceStore(StoreBase):
         with self._transaction(write=True) as conn:
             row = account_row(conn, resource, name, lock="update")
             # A fresh nonce, so the new ciphertext shares nothing with the old one.
-            sealed = self._box.encrypt(password.encode(), aad=_account_aad(row.id))
+            sealed = self._box.encrypt(password.encode(), aad=account_aad(row.id))
             conn.execute(
                 accounts.update()
                 .where(accounts.c.id == row.id)
                 .values(password_ciphertext=sealed, password_updated_at=now)
             )
-        return _account(row).model_copy(update={"password_updated_at": now})
+        return account_record(row).model_copy(update={"password_updated_at": now})
 
     def remove_account(self, resource: str, name: str) -> None:
         """Delete an account; refused while a session using it is active."""

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import re
 import uuid
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import Connection, func, select
 from sqlalchemy.engine import Row
 
 from gateway.errors import InvalidRequest, NotFound
-from gateway.store.schema import accounts, resources, sessions
+from gateway.store.schema import accounts, resources, rotations, sessions
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -39,6 +40,7 @@ __all__ = [
     "account_row",
     "count_active_sessions",
     "existing_session_id",
+    "last_rotations",
     "new_id",
     "resolve_session_id",
     "resource_row",
@@ -63,9 +65,27 @@ ACCOUNT_COLUMNS: Final = (
     accounts.c.username,
     accounts.c.created_at,
     accounts.c.password_updated_at,
+    accounts.c.managed,
+    accounts.c.pending_rotation_id,
 )
 
 ACCOUNTS_JOIN: Final = accounts.join(resources, accounts.c.resource_id == resources.c.id)
+
+
+def last_rotations(
+    conn: Connection, account_ids: list[str] | None = None
+) -> dict[str, tuple[datetime, str]]:
+    """When each account's last rotation ended and how, by account id (of
+    *account_ids*, or of every account)."""
+    newest = select(func.max(rotations.c.id)).group_by(rotations.c.account_id)
+    if account_ids is not None:
+        newest = newest.where(rotations.c.account_id.in_(account_ids))
+    rows = conn.execute(
+        select(rotations.c.account_id, rotations.c.ended_at, rotations.c.outcome).where(
+            rotations.c.id.in_(newest.scalar_subquery())
+        )
+    ).all()
+    return {row.account_id: (row.ended_at, row.outcome) for row in rows}
 
 
 def resource_row(conn: Connection, name: str, *, lock: str | None = None) -> AnyRow:

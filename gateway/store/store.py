@@ -12,6 +12,7 @@ clock and the audit chain they share):
 * :mod:`gateway.store.validation`: input checks, audit event rows;
 * :mod:`gateway.store.rows`: look-ups shared by the aggregates;
 * :mod:`gateway.store.resources`: resources and accounts (sealed passwords);
+* :mod:`gateway.store.rotations`: rotation roles, rotations in flight, their record;
 * :mod:`gateway.store.sessions`: access sessions, their ends and seals;
 * :mod:`gateway.store.connections`: connection starts and ends;
 * :mod:`gateway.store.identity`: principals, tokens, roles and policies;
@@ -44,6 +45,7 @@ from gateway.store.projects import ProjectStore
 from gateway.store.refusals import RefusalStore
 from gateway.store.requests import RequestStore
 from gateway.store.resources import ResourceStore
+from gateway.store.rotations import RotationStore
 from gateway.store.sessions import SessionStore
 from gateway.store.sso import SsoStore
 from gateway.store.webhooks import WebhookStore
@@ -63,6 +65,7 @@ class Store(
     WebhookStore,
     MfaStore,
     ProjectStore,
+    RotationStore,
 ):
     """Synchronous access to the gateway's persistent state. See the module docstring.
 

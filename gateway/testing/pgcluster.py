@@ -32,12 +32,15 @@ Invariants:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import re
 import secrets
 import shutil
 import tempfile
+import time
 import urllib.parse
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -53,6 +56,7 @@ from gateway.testing.pgconf import (
     hba_group_for,
     include_directive,
     render_settings,
+    sql_literal,
 )
 
 # Bound to a name of this module, not read from pgconf at each use, so that a
@@ -106,6 +110,8 @@ _UNIX_SOCKET_PATH_MAX = 107
 _LONGEST_SOCKET_NAME = ".s.PGSQL.65535.lock"
 
 _SUPERUSER_PASSWORD_BYTES = 24
+
+_SETTING_NAME = re.compile(r"[a-z_][a-z0-9_.]*")
 
 
 def _redact(text: str, secrets_: Iterable[str]) -> str:
@@ -268,6 +274,41 @@ class TempCluster:
         """Make the server re-read its configuration files (``pg_ctl reload``)."""
         self._require_running()
         self._server.pg_ctl("reload", timeout=PG_CTL_SLACK_S)
+
+    @contextlib.contextmanager
+    def server_settings(self, **values: str) -> Iterator[None]:
+        """Server settings for the length of a ``with`` block (``ALTER SYSTEM``
+        and a reload), in force for every connection opened inside it, reset
+        after: ``with cluster.server_settings(log_statement="all"): ...``.
+        The server log (:meth:`read_log`) shows what they make it log."""
+        for name in values:
+            if not _SETTING_NAME.fullmatch(name):
+                raise ClusterError(f"not a server setting name: {name!r}")
+        before = {name: self.admin_sql(f"SELECT current_setting('{name}')") for name in values}
+        self.admin_sql(
+            "".join(f"ALTER SYSTEM SET {n} = {sql_literal(v)};\n" for n, v in values.items())
+            + "SELECT pg_reload_conf();"
+        )
+        self._await_settings(values)
+        try:
+            yield
+        finally:
+            self.admin_sql(
+                "".join(f"ALTER SYSTEM RESET {name};\n" for name in values)
+                + "SELECT pg_reload_conf();"
+            )
+            self._await_settings(before)
+
+    def _await_settings(self, values: dict[str, str]) -> None:
+        """Wait until a new session sees *values* (a reload reaches the postmaster,
+        which forks new sessions, asynchronously)."""
+        query = "SELECT " + ", ".join(f"current_setting('{name}')" for name in values)
+        wanted = "|".join(values.values())
+        deadline = time.monotonic() + _PSQL_TIMEOUT_S
+        while (seen := self.admin_sql(query)) != wanted:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"the server did not take the settings: {seen!r}")
+            time.sleep(0.05)
 
     # -- SQL and connections ---------------------------------------------------
 

@@ -182,14 +182,17 @@ class Gateway:
     def init(self) -> None:
         self.cli("gateway", "init", "--api-port", str(free_port()))
 
-    def start(self, *, own_process_group: bool = False) -> None:
+    def start(
+        self, *, own_process_group: bool = False, extra_env: dict[str, str] | None = None
+    ) -> None:
         """Start the daemon; *own_process_group* puts it (and its children) in a
-        process group of its own, as a terminal or a service manager would."""
+        process group of its own, as a terminal or a service manager would;
+        *extra_env* is added to its environment (test hooks)."""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cli", "gateway", "run", "--log-format", "json"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=self.env,
+            env={**self.env, **(extra_env or {})},
             start_new_session=own_process_group,
         )
         self._drains = [

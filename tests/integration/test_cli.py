@@ -140,6 +140,7 @@ def test_accounts_are_listed_without_their_passwords(
         "--username",
         "app_scram",
         "--password-stdin",
+        "--no-verify",
         "--json",
         input=password + "\n",
     )

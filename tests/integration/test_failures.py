@@ -60,6 +60,7 @@ def add_resource(
 
 
 def add_account(gateway: Gateway, resource: str, name: str, username: str, password: str) -> None:
+    # Unchecked: these accounts are broken on purpose, to see the failure at connect.
     gateway.cli(
         "account",
         "add",
@@ -68,6 +69,7 @@ def add_account(gateway: Gateway, resource: str, name: str, username: str, passw
         "--username",
         username,
         "--password-stdin",
+        "--no-verify",
         input=password + "\n",
     )
 

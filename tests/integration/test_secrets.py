@@ -134,6 +134,7 @@ def test_no_password_appears_in_any_state_file_or_any_output(
             "--username",
             roles["scram"].username,
             "--password-stdin",
+            "--no-verify",
             input=wrong_password + "\n",
         )
         pg.admin_sql(

@@ -43,10 +43,24 @@ class AccountIn(BaseModel):
     name: str
     username: str
     password: SecretStr
+    #: sign in upstream with it first and refuse one that does not work
+    verify: bool = True
+    #: rotate it right away: pam generates its password and nobody knows it
+    managed: bool = False
 
 
 class RotateIn(BaseModel):
     password: SecretStr
+    #: sign in upstream with it first and refuse one that does not work
+    verify: bool = True
+
+
+class RotationRoleIn(BaseModel):
+    """The role that changes a resource's accounts' passwords."""
+
+    username: str = Field(min_length=1, max_length=255)
+    password: SecretStr
+    verify: bool = True
 
 
 class AccessIn(BaseModel):
@@ -168,6 +182,7 @@ class ResourceOut(_Out):
     ca_cert: str | None
     created_at: datetime
     project: str
+    rotation_username: str | None
 
 
 class AccountOut(_Out):
@@ -178,6 +193,34 @@ class AccountOut(_Out):
     username: str
     created_at: datetime
     password_updated_at: datetime
+    managed: bool
+    rotation_pending: bool
+    last_rotation_at: datetime | None
+    last_rotation_outcome: str | None
+
+
+class RotationOut(_Out):
+    """One rotation (or stored password): who started it, when, how it ended."""
+
+    ok: bool
+    resource: str
+    account: str
+    rotation_id: str
+    #: rotated, stored, failed, rolled_back; unsettled (not recorded yet)
+    outcome: str
+    #: self, rotator; None for a typed password
+    via: str | None
+    method: str
+    started_by: str
+    started_at: datetime
+    ended_at: datetime
+    detail: str | None
+    hint: str | None
+
+
+class AccountAddOut(AccountOut):
+    #: the rotation right after adding a managed account
+    rotation: RotationOut | None = None
 
 
 class SessionOut(_Out):

@@ -35,6 +35,7 @@ class Account:
 class Store:
     def __init__(self) -> None:
         self.passwords = {("db1", "ro"): "pw-ro", ("db1", "rw"): "pw-rw"}
+        self.pending: dict[tuple[str, str], str] = {}
         self.reads = 0
 
     def get_resource(self, name: str) -> Resource:
@@ -53,6 +54,9 @@ class Store:
         if (resource, name) not in self.passwords:
             raise ConfigError("the stored password does not decrypt")
         return self.passwords[(resource, name)]
+
+    def reveal_pending_password(self, resource: str, name: str) -> str | None:
+        return self.pending.get((resource, name))
 
 
 async def inline(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
@@ -95,3 +99,39 @@ async def test_scram_caches_are_per_credential() -> None:
     await credentials.refresh()
     rotated = await credentials.upstream_target("db1", "ro")
     assert credentials.scram_cache(rotated) == {}
+
+
+async def test_refresh_masks_the_new_password_of_a_rotation_in_flight() -> None:
+    store = Store()
+    store.pending[("db1", "ro")] = "pw-ro-next"
+    credentials = Credentials(store, inline)
+    await credentials.refresh()
+    assert sorted(credentials.stored_secrets) == ["pw-ro", "pw-ro-next", "pw-rw"]
+
+
+async def test_a_refused_password_is_retried_with_the_stored_one_when_it_changed() -> None:
+    store = Store()
+    credentials = Credentials(store, inline)
+    stale = await credentials.upstream_target("db1", "ro")
+    store.passwords[("db1", "ro")] = "rotated"
+    retry = await credentials.retry_target(stale)
+    assert retry is not None and retry.password == "rotated"
+    # The fresh one is what new connections get from now on.
+    assert await credentials.upstream_target("db1", "ro") is retry
+
+
+async def test_a_refused_password_is_retried_with_a_rotation_in_flight() -> None:
+    store = Store()
+    credentials = Credentials(store, inline)
+    target = await credentials.upstream_target("db1", "ro")
+    assert await credentials.retry_target(target) is None
+    store.pending[("db1", "ro")] = "pw-ro-next"
+    retry = await credentials.retry_target(target)
+    assert retry is not None
+    assert (retry.password, retry.username, retry.address) == (
+        "pw-ro-next",
+        target.username,
+        target.address,
+    )
+    # A pending password is tried, never cached as the stored one.
+    assert (await credentials.upstream_target("db1", "ro")).password == "pw-ro"

@@ -353,3 +353,36 @@ def test_read_cstring_returns_the_string_and_the_next_offset() -> None:
 
 def test_read_cstring_of_an_empty_string() -> None:
     assert messages.read_cstring(b"\x00", 0) == ("", 1)
+
+
+# --- a statement of the gateway's own (credential rotation) ----------------------
+
+
+def test_query_is_the_sql_nul_terminated() -> None:
+    assert messages.query("SHOW scram_iterations") == (
+        b"Q\x00\x00\x00\x1aSHOW scram_iterations\x00"
+    )
+
+
+def test_a_query_cannot_carry_a_nul() -> None:
+    with pytest.raises(ValueError, match="NUL"):
+        messages.query("select 1\x00; drop table x")
+
+
+def test_a_data_row_gives_its_values_and_nulls() -> None:
+    body = b"\x00\x03" + b"\x00\x00\x00\x044096" + b"\xff\xff\xff\xff" + b"\x00\x00\x00\x00"
+    assert messages.parse_data_row(body) == [b"4096", None, b""]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x00",  # no column count
+        b"\x00\x01\x00\x00",  # a column length cut short
+        b"\x00\x01\x00\x00\x00\x05abc",  # a value shorter than its length
+        b"\x00\x01\x00\x00\x00\x01ab",  # bytes after the last column
+    ],
+)
+def test_a_malformed_data_row_is_a_protocol_error(body: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        messages.parse_data_row(body)

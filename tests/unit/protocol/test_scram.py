@@ -21,6 +21,7 @@ from gateway.protocol.scram import (
     ScramClient,
     normalize_password,
     saslprep,
+    scram_secret,
 )
 
 # RFC 7677, section 3.
@@ -447,3 +448,62 @@ def test_a_saslprepped_password_authenticates_with_its_normalised_form() -> None
     client = ScramClient("I\u00adX")
     run_exchange(client, ScramServer(b"IX"))
     assert client.is_done
+
+
+# --- the secret a server keeps ----------------------------------------------------------
+
+
+def _secret_parts(secret: str) -> tuple[int, bytes, bytes, bytes]:
+    mechanism, rest = secret.split("$", 1)
+    assert mechanism == "SCRAM-SHA-256"
+    iterations_salt, keys = rest.split("$")
+    iterations, salt = iterations_salt.split(":")
+    stored, server = keys.split(":")
+    return (
+        int(iterations),
+        base64.b64decode(salt, validate=True),
+        base64.b64decode(stored, validate=True),
+        base64.b64decode(server, validate=True),
+    )
+
+
+def test_the_secret_of_the_rfc_7677_password_verifies_its_published_proof_and_signature() -> None:
+    salt = base64.b64decode("W22ZaJ0SNY7soEsUEjb6gQ==")
+    secret = scram_secret("pencil", iterations=4096, salt=salt)
+    iterations, got_salt, stored_key, server_key = _secret_parts(secret)
+    assert (iterations, got_salt) == (4096, salt)
+    # A server holding only the secret checks the RFC's client proof (RFC 5802, 3)...
+    final_without_proof, proof = RFC_CLIENT_FINAL.rsplit(b",p=", 1)
+    auth_message = b",".join(
+        (b"n=user,r=" + RFC_NONCE.encode(), RFC_SERVER_FIRST, final_without_proof)
+    )
+    client_signature = hmac.new(stored_key, auth_message, hashlib.sha256).digest()
+    client_key = bytes(
+        a ^ b for a, b in zip(base64.b64decode(proof), client_signature, strict=True)
+    )
+    assert hashlib.sha256(client_key).digest() == stored_key
+    # ...and signs as the RFC's server did.
+    signature = hmac.new(server_key, auth_message, hashlib.sha256).digest()
+    assert b"v=" + base64.b64encode(signature) == RFC_SERVER_FINAL
+
+
+def test_a_secret_has_a_fresh_16_byte_salt_and_the_iterations_asked_for() -> None:
+    first, second = scram_secret("pw", iterations=4096), scram_secret("pw", iterations=10000)
+    assert first != second
+    (i1, salt1, *_), (i2, salt2, *_) = _secret_parts(first), _secret_parts(second)
+    assert (i1, i2) == (4096, 10000)
+    assert len(salt1) == len(salt2) == 16 and salt1 != salt2
+    assert "pw" not in first.split("$", 1)[1]
+
+
+def test_a_client_signs_in_against_a_secret_it_was_made_from() -> None:
+    secret = scram_secret("Ünïcode pässword", iterations=ITERATIONS, salt=SALT)
+    _, _, stored_key, server_key = _secret_parts(secret)
+    server = ScramServer(normalize_password("Ünïcode pässword"))
+    assert (server.stored_key, server.server_key) == (stored_key, server_key)
+
+
+@pytest.mark.parametrize("iterations", [0, -1, 1_000_001])
+def test_a_secret_with_an_iteration_count_out_of_range_is_refused(iterations: int) -> None:
+    with pytest.raises(ProtocolUsageError):
+        scram_secret("pw", iterations=iterations)

@@ -10,7 +10,17 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from gateway.app.api.deps import Caller, Service, require_admin_of
-from gateway.app.api.models import AccountIn, AccountOut, ResourceIn, ResourceOut, RotateIn
+from gateway.app.api.models import (
+    AccountAddOut,
+    AccountIn,
+    AccountOut,
+    ResourceIn,
+    ResourceOut,
+    RotateIn,
+    RotationOut,
+    RotationRoleIn,
+)
+from gateway.credentials.rotation import RotationResult
 from gateway.credentials.verify import VerifyResult
 from gateway.errors import NotFound
 from gateway.identity.principals import Principal
@@ -79,20 +89,48 @@ async def verify(
     return await service.verify(name, account)
 
 
+@router.put("/resources/{name}/rotation")
+async def set_rotation_role(
+    name: str, body: RotationRoleIn, caller: Caller, service: Service
+) -> ResourceOut:
+    """The role that changes this resource's accounts' passwords (checked by
+    signing in with it unless ``verify`` is false)."""
+    await _administered(service, caller, name)
+    resource = await service.rotations.set_rotation_role(
+        name, body.username, body.password.get_secret_value(), verify=body.verify
+    )
+    return ResourceOut.of(resource)
+
+
+@router.delete("/resources/{name}/rotation")
+async def clear_rotation_role(name: str, caller: Caller, service: Service) -> ResourceOut:
+    """Forget the rotation role: each account changes its own password."""
+    await _administered(service, caller, name)
+    return ResourceOut.of(await service.db(service.store.clear_rotation_credential, name))
+
+
 @router.post("/resources/{resource}/accounts", status_code=201)
 async def add_account(
     resource: str, body: AccountIn, caller: Caller, service: Service
-) -> AccountOut:
+) -> AccountAddOut:
+    """Add an account once its password signs in upstream (unless ``verify`` is
+    false); a ``managed`` one is rotated right away."""
     await _administered(service, caller, resource)
-    account = await service.db(
-        service.store.add_account,
+    account, rotation = await service.rotations.add_account(
         resource,
         body.name,
         body.username,
         body.password.get_secret_value(),
+        verify=body.verify,
+        managed=body.managed,
+        started_by=f"{caller.name} (account add --managed)",
     )
-    await service.refresh_secrets()
-    return AccountOut.of(account)
+    return AccountAddOut.model_validate(
+        {
+            **AccountOut.of(account).model_dump(),
+            "rotation": None if rotation is None else RotationOut.of(rotation),
+        }
+    )
 
 
 @router.get("/accounts")
@@ -113,12 +151,36 @@ async def list_accounts(
 async def rotate(
     resource: str, name: str, body: RotateIn, caller: Caller, service: Service
 ) -> AccountOut:
+    """Store a typed password (one the upstream already has) once it signs in."""
     await _administered(service, caller, resource)
-    account = await service.db(
-        service.store.rotate_password, resource, name, body.password.get_secret_value()
+    account = await service.rotations.store_password(
+        resource,
+        name,
+        body.password.get_secret_value(),
+        verify=body.verify,
+        started_by=caller.name,
     )
-    await service.refresh_secrets()
     return AccountOut.of(account)
+
+
+@router.post("/resources/{resource}/accounts/{name}/rotations")
+async def rotate_now(resource: str, name: str, caller: Caller, service: Service) -> RotationOut:
+    """Rotate now to a generated password nobody sees; a failure is a result
+    (``ok`` false), and every outcome is on the rotation record."""
+    await _administered(service, caller, resource)
+    result: RotationResult = await service.rotate(resource, name, started_by=caller.name)
+    return RotationOut.of(result)
+
+
+@router.get("/resources/{resource}/accounts/{name}/rotations")
+async def rotation_history(
+    resource: str, name: str, caller: Caller, service: Service, limit: int = 20
+) -> list[RotationOut]:
+    """The account's rotation record, newest first (never a password)."""
+    await _visible(service, caller, resource)
+    await service.db(service.store.get_account, resource, name)
+    entries = await service.db(service.store.rotations, resource, name, limit=limit)
+    return [RotationOut.of(RotationResult.of(e)) for e in entries]
 
 
 @router.delete("/resources/{resource}/accounts/{name}", status_code=204)
