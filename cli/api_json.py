@@ -45,6 +45,9 @@ class AccountJson(TypedDict):
     rotation_pending: bool
     last_rotation_at: str | None
     last_rotation_outcome: str | None
+    rotation_interval_seconds: int | None
+    next_rotation_at: str | None
+    rotation_failures: int
 
 
 class RotationJson(TypedDict):
@@ -62,6 +65,8 @@ class RotationJson(TypedDict):
     ended_at: str
     detail: str | None
     hint: str | None
+    gateway_id: str | None
+    record: int | None
 
 
 class AccountAddJson(AccountJson):

@@ -247,6 +247,12 @@ class ApiClient:
         path = f"/v1/resources/{seg(resource)}/accounts/{seg(name)}/rotations"
         return cast(RotationJson, self.request("POST", path, timeout=ROTATION_TIMEOUT))
 
+    def set_rotation_schedule(
+        self, resource: str, name: str, every_seconds: int | None
+    ) -> AccountJson:
+        path = f"/v1/resources/{seg(resource)}/accounts/{seg(name)}/schedule"
+        return cast(AccountJson, self.request("PUT", path, json={"every_seconds": every_seconds}))
+
     def rotation_history(self, resource: str, name: str, *, limit: int = 20) -> list[RotationJson]:
         path = f"/v1/resources/{seg(resource)}/accounts/{seg(name)}/rotations"
         return cast(list[RotationJson], self.get(path, limit=limit))

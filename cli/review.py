@@ -42,7 +42,7 @@ from cli.client import ApiClient, AuditRecordJson
 from cli.render import grid, human_duration, local_time, plain, printable
 
 # Re-exported: the commands take paging from here.
-from gateway.audit.chain import ACCESS_TRAIL
+from gateway.audit.chain import ACCESS_TRAIL, ROTATION_RECORD
 from gateway.audit.review import API_MAX_PAGE as API_MAX_PAGE
 from gateway.audit.review import DEFAULT_PAGE_SIZE as DEFAULT_PAGE_SIZE
 from gateway.audit.review import EXPORT_PAGE
@@ -219,11 +219,8 @@ def search_table(records: Sequence[Mapping[str, Any]]) -> RenderableType:
 
 
 def problem_line(problem: Mapping[str, Any]) -> str:
-    where = (
-        "access trail"
-        if problem["session_id"] == ACCESS_TRAIL
-        else f"session {printable(problem['session_id'])}"
-    )
+    trails = {ACCESS_TRAIL: "access trail", ROTATION_RECORD: "rotation record"}
+    where = trails.get(problem["session_id"]) or f"session {printable(problem['session_id'])}"
     if problem.get("seq") is not None:
         where += f" seq {problem['seq']}"
     return f"{where}: {printable(problem['problem'])}: {printable(problem['detail'])}"

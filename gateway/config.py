@@ -116,6 +116,19 @@ class GatewaySettings(BaseModel):
     #: an unfinished rotation found at start that could not be settled (upstream
     #: unreachable) is tried again this often
     rotation_recovery_retry_seconds: float = Field(default=30.0, gt=0)
+    #: rotation schedules (gateway.credentials.schedule): the shortest interval
+    #: ``pam account rotate --every`` accepts (tests set less)
+    rotation_min_interval_seconds: int = Field(default=60, ge=1)
+    #: how often the scheduler looks for due rotations and renews its leases
+    rotation_schedule_tick_seconds: float = Field(default=5.0, gt=0)
+    #: how long a lease (the scheduler's, each gateway's presence) lasts unrenewed
+    rotation_lease_seconds: float = Field(default=30.0, gt=0)
+    #: a scheduled rotation that failed is tried again after this long, then each
+    #: wait this many times the one before, never longer than its interval
+    rotation_retry_first_delay_seconds: float = Field(default=60.0, gt=0)
+    rotation_retry_factor: float = Field(default=2.0, ge=1)
+    #: each next time is put off by a random share of the wait, up to this fraction
+    rotation_jitter_fraction: float = Field(default=0.05, ge=0, le=0.5)
 
     @field_validator("rotation_password_alphabet")
     @classmethod
@@ -129,6 +142,16 @@ class GatewaySettings(BaseModel):
         if len(set(value)) != len(value):
             raise ValueError("lists a character twice (each must be equally likely)")
         return value
+
+    @model_validator(mode="after")
+    def _lease_outlives_ticks(self) -> GatewaySettings:
+        # A holder renews every tick; a lease shorter than three ticks would lapse
+        # between renewals under a little load and move for no reason.
+        if self.rotation_lease_seconds < 3 * self.rotation_schedule_tick_seconds:
+            raise ValueError(
+                "rotation_lease_seconds must be at least three rotation_schedule_tick_seconds"
+            )
+        return self
 
     @model_validator(mode="after")
     def _enough_entropy(self) -> GatewaySettings:

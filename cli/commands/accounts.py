@@ -3,14 +3,16 @@
 A password is read from a no-echo prompt or the first line of stdin, never from
 argv, and is never printed. A typed password is checked by signing in upstream
 before it is stored (``--no-verify`` stores it anyway); ``pam account rotate
---now`` and ``--managed`` have the gateway generate one that nobody sees.
+--now`` and ``--managed`` have the gateway generate one that nobody sees, and
+``--every 7d`` (``off``) has it do so on a schedule.
 """
 
 from __future__ import annotations
 
 import click
 
-from cli.client import RotationJson
+from cli.access import parse_duration
+from cli.client import AccountJson, RotationJson
 from cli.commands import api_client, json_option, read_password
 from cli.render import console, local_time, print_json, printable, table
 from gateway.errors import GatewayError
@@ -90,17 +92,35 @@ def account_add(
     is_flag=True,
     help="Generate a new password and set it upstream now (nobody sees it).",
 )
+@click.option(
+    "--every",
+    metavar="DURATION|off",
+    default=None,
+    help="Rotate on a schedule: every 1h, 12h, 1d, 7d, 30d... (off: stop). With"
+    " --now, also rotate now.",
+)
 @click.option("--password-stdin", is_flag=True, help="Read the new password from stdin.")
 @click.option("--no-verify", is_flag=True, help=_NO_VERIFY_HELP)
 @json_option
 def account_rotate(
-    resource_name: str, name: str, now: bool, password_stdin: bool, no_verify: bool, as_json: bool
+    resource_name: str,
+    name: str,
+    now: bool,
+    every: str | None,
+    password_stdin: bool,
+    no_verify: bool,
+    as_json: bool,
 ) -> None:
     """Store the password the server now has (checked upstream first), or with
-    --now have the gateway change it to a generated one."""
+    --now have the gateway change it to a generated one, or with --every on a
+    schedule."""
+    if (now or every is not None) and (password_stdin or no_verify):
+        raise click.UsageError(
+            "--now and --every generate the password: no --password-stdin/--no-verify"
+        )
+    if every is not None:
+        _schedule(resource_name, name, every, quiet=as_json and now, as_json=as_json)
     if now:
-        if password_stdin or no_verify:
-            raise click.UsageError("--now generates the password: no --password-stdin/--no-verify")
         with api_client() as client:
             result = client.rotate_now(resource_name, name)
         if as_json:
@@ -113,6 +133,8 @@ def account_rotate(
                 " verified upstream and stored; nobody has seen it."
             )
         return
+    if every is not None:
+        return
     password = read_password(password_stdin, "New password")
     with api_client() as client:
         stored = client.rotate_password(resource_name, name, password, verify=not no_verify)
@@ -121,6 +143,45 @@ def account_rotate(
     else:
         checked = "" if no_verify else " (it signs in upstream)"
         console.print(f"Password of {resource_name}/{name} replaced{checked}.")
+
+
+def _schedule(resource_name: str, name: str, every: str, *, quiet: bool, as_json: bool) -> None:
+    off = every.strip().lower() == "off"
+    seconds = None if off else parse_duration(every)
+    with api_client() as client:
+        account = client.set_rotation_schedule(resource_name, name, seconds)
+    if quiet:
+        return  # --now --json prints the rotation
+    if as_json:
+        print_json(account)
+    elif off:
+        console.print(f"Scheduled rotation of {resource_name}/{name} stopped.")
+    else:
+        console.print(
+            f"Password of {resource_name}/{name} rotated every {_every(seconds)}; next at"
+            f" {local_time(account['next_rotation_at'])}."
+        )
+
+
+def _every(seconds: int | None) -> str:
+    """``90s``, ``30m``, ``12h``, ``7d``: the largest unit that divides it; ``-`` for none."""
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _result(account: AccountJson) -> str:
+    """How the last rotation went, and whether the schedule is retrying."""
+    if account["rotation_pending"]:
+        return "in progress"
+    outcome = account["last_rotation_outcome"] or "-"
+    failures = account["rotation_failures"]
+    if failures:
+        return f"{outcome} (retrying, {failures} failed)"
+    return outcome
 
 
 def _rotation_failure(result: RotationJson) -> str:
@@ -151,6 +212,8 @@ def account_list(resource_name: str | None, as_json: bool) -> None:
             "PASSWORD SET",
             "LAST ROTATION",
             "RESULT",
+            "EVERY",
+            "NEXT ROTATION",
         ],
         [
             [
@@ -161,7 +224,9 @@ def account_list(resource_name: str | None, as_json: bool) -> None:
                 local_time(a["created_at"]),
                 local_time(a["password_updated_at"]),
                 local_time(a["last_rotation_at"]),
-                "in progress" if a["rotation_pending"] else (a["last_rotation_outcome"] or "-"),
+                _result(a),
+                _every(a["rotation_interval_seconds"]),
+                local_time(a["next_rotation_at"]),
             ]
             for a in accounts
         ],
@@ -182,9 +247,10 @@ def account_rotations(resource_name: str, name: str, limit: int, as_json: bool) 
         return
     table(
         None,
-        ["ENDED", "OUTCOME", "METHOD", "VIA", "STARTED BY", "DETAIL"],
+        ["#", "ENDED", "OUTCOME", "METHOD", "VIA", "STARTED BY", "DETAIL"],
         [
             [
+                "-" if r["record"] is None else str(r["record"]),
                 local_time(r["ended_at"]),
                 r["outcome"],
                 r["method"],

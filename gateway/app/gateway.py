@@ -10,8 +10,9 @@ session ended or revoked).
 
 :class:`Gateway` is what the control API's routers receive: ``db``, ``store``,
 ``audit_writer`` and ``live_connection_count`` (review), grants and requests
-(access), ``verify``, ``refresh_secrets``, ``rotations`` and ``rotate``
-(resources), ``webhooks``, ``mfa`` and ``sso``.
+(access), ``verify``, ``refresh_secrets``, ``rotations``, ``rotate`` and
+``schedules`` (resources), ``webhooks``, ``mfa`` and ``sso``. It publishes
+``rotation.succeeded``/``rotation.failed`` for every generated rotation.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from gateway.audit.writer import AuditWriter
 from gateway.config import GatewaySettings
 from gateway.credentials.pki import GatewayPki
 from gateway.credentials.rotation import RotationResult, Rotations
+from gateway.credentials.schedule import RotationScheduler, SchedulePlan
 from gateway.credentials.targets import Credentials
 from gateway.credentials.verify import VerifyResult, verify
 from gateway.errors import InvalidRequest, NotFound
@@ -53,7 +55,7 @@ from gateway.identity.second_factor import MfaService
 from gateway.identity.service import IdentityService
 from gateway.identity.sso import SsoService
 from gateway.notify import Event, Notifier, RetryPolicy, Webhooks
-from gateway.notify.events import request_data, session_data
+from gateway.notify.events import request_data, rotation_data, session_data
 from gateway.reasons import SessionEndReason
 from gateway.store import Store
 
@@ -155,6 +157,24 @@ class Gateway:
             on_change=self.refresh_secrets,
             recovery_retry_seconds=settings.rotation_recovery_retry_seconds,
             step_hook=rotation_step_hook,
+            gateway_id=settings.gateway_id,
+            on_result=self._rotation_ended,
+        )
+        #: rotation schedules, run by the gateway holding the scheduler's lease
+        self.schedules = RotationScheduler(
+            store,
+            self.db,
+            gateway_id=settings.gateway_id,
+            rotate=self.rotate,
+            recover=self.rotations.recover,
+            plan=SchedulePlan(
+                jitter_fraction=settings.rotation_jitter_fraction,
+                retry_first_delay=settings.rotation_retry_first_delay_seconds,
+                retry_factor=settings.rotation_retry_factor,
+            ),
+            tick_seconds=settings.rotation_schedule_tick_seconds,
+            lease_seconds=settings.rotation_lease_seconds,
+            min_interval_seconds=settings.rotation_min_interval_seconds,
         )
         self.identity = IdentityService(
             store,
@@ -192,13 +212,17 @@ class Gateway:
         if self.settings.audit_enabled:
             await self.credentials.refresh()
             await self.audit.start()
-        # Rotations a crash left in flight are settled in the background; until
-        # then a connection refused with 28P01 tries the other password.
+        # This gateway's presence first, so that no other gateway takes its
+        # rotations in flight for a gone gateway's; then those a crash of it left
+        # are settled in the background (until then a connection refused with
+        # 28P01 tries the other password), and the schedules run.
+        await self.schedules.start()
         self.rotations.start()
         return closed
 
     async def shutdown(self) -> None:
         await self.requests.close()
+        await self.schedules.close()
         await self.rotations.close()
         await self.grants.shutdown()
         # The sessions' end events go into the outbox before the store thread stops.
@@ -217,6 +241,15 @@ class Gateway:
         record it (who or what: *started_by*). The call a scheduler makes; an
         upstream failure is a result with ``ok`` false, never an exception."""
         return await self.rotations.rotate(resource, account, started_by=started_by)
+
+    async def _rotation_ended(self, result: RotationResult) -> None:
+        """Tell the webhooks of the resource's project how a rotation ended."""
+        try:
+            project = (await self.db(self.store.get_resource, result.resource)).project
+        except NotFound:
+            return  # removed meanwhile: no project's webhooks to tell
+        event = Event.ROTATION_SUCCEEDED if result.ok else Event.ROTATION_FAILED
+        self.notifier.publish(project, event, rotation_data(result))
 
     async def verify(self, resource: str, account: str | None) -> list[VerifyResult]:
         return await verify(

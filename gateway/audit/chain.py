@@ -81,6 +81,7 @@ __all__ = [
     "EVENT_FIELDS",
     "GENESIS_HASH",
     "RECORD_DIGEST_BYTES",
+    "ROTATION_RECORD",
     "AuditChain",
     "canonical_encoding",
     "canonical_json",
@@ -111,6 +112,10 @@ _ACCESS_PREFIX: Final = b"pam access event v1\x00"
 #: The access trail's seal is a seal (``seal``) under this name, which no
 #: session id (32 hex digits) can be.
 ACCESS_TRAIL: Final = "access-trail"
+#: Domain separation of the rotation record's entries (revision 0015).
+_ROTATION_PREFIX: Final = b"pam rotation record v1\x00"
+#: The rotation record's seal is a seal under this name (no session id either).
+ROTATION_RECORD: Final = "rotation-record"
 #: BLAKE2b personalisation of version 3 record digests (16 bytes exactly).
 _RECORD_PERSON: Final = b"pam audit rec v3"
 #: Bytes of a version 3 record digest (BLAKE2b-128, keyed).
@@ -346,6 +351,13 @@ class AuditChain:
         state, detail as canonical JSON text), under its own prefix."""
         body = _CANONICAL_JSON([seq, prev_hash, *values]).encode("utf-8")
         return self._mac(_ACCESS_PREFIX + body)
+
+    def rotation_hash(self, seq: int, prev_hash: str, values: Sequence[Any]) -> str:
+        """Hex HMAC of an entry of the rotation record: the JSON array of *seq*,
+        *prev_hash* and *values* (its fields, times as ISO text; see
+        :mod:`gateway.store.rotations`), under its own prefix."""
+        body = _CANONICAL_JSON([seq, prev_hash, *values]).encode("utf-8")
+        return self._mac(_ROTATION_PREFIX + body)
 
     def seal(self, session_id: str, count: int, head: str) -> str:
         """Hex HMAC over ``session_id|count|head``: the trail's length and last hash."""

@@ -67,8 +67,11 @@ class AccountStore(Protocol):
         """The decrypted password."""
         ...
 
-    def reveal_pending_password(self, resource: str, account: str) -> str | None:
-        """The new password of a rotation in flight (stored, not yet promoted), if any."""
+    def reveal_pending_password(
+        self, resource: str, account: str, rotation_id: str | None = None
+    ) -> str | None:
+        """The new password of a rotation in flight (stored, not yet promoted), if
+        any (of rotation *rotation_id*, when given)."""
         ...
 
 
@@ -93,6 +96,7 @@ class RotationStore(AccountStore, Protocol):
         rotation_id: str,
         via: RotationVia,
         started_by: str,
+        gateway_id: str | None = None,
     ) -> PendingRotation: ...
 
     def pending_rotations(self) -> list[PendingRotation]: ...
@@ -120,10 +124,18 @@ class RotationStore(AccountStore, Protocol):
         started_at: datetime,
         outcome: RotationOutcome,
         detail: str | None = None,
+        gateway_id: str | None = None,
     ) -> RotationEntry: ...
 
     def store_typed_password(
-        self, resource: str, account: str, password: str, *, rotation_id: str, started_by: str
+        self,
+        resource: str,
+        account: str,
+        password: str,
+        *,
+        rotation_id: str,
+        started_by: str,
+        gateway_id: str | None = None,
     ) -> AccountRecord: ...
 
 

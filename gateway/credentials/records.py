@@ -43,6 +43,11 @@ class RotationEntry:
     ended_at: datetime
     outcome: RotationOutcome
     detail: str | None = None
+    #: the gateway that started it (None in records from before revision 0015)
+    gateway_id: str | None = None
+    #: its place in the rotation record's chain (``pam audit verify`` names it);
+    #: None until stored, and in records from before revision 0015
+    seq: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -60,3 +65,5 @@ class PendingRotation:
     via: RotationVia
     started_by: str
     started_at: datetime
+    #: the gateway running it (None: started before revision 0015)
+    gateway_id: str | None = None

@@ -30,6 +30,12 @@ Invariants:
 * One rotation (or stored password, or recovery) per account at a time: a lock
   per account in this process, and the store refuses a second rotation in flight.
   A rotation once started runs to its end even if its caller goes away.
+* With gateways sharing a store, a rotation in flight is settled only by the
+  gateway that started it (its ``gateway_id``: at its next start) or, once that
+  gateway's presence lease has expired, by the scheduler's lease holder
+  (:meth:`Rotations.recover` with ``gone``); never while its gateway runs it.
+* ``on_result`` hears every generated rotation's end (and every settlement),
+  after it is recorded: the webhooks.
 * Live sessions are never cut: PostgreSQL keeps a signed-in session whatever
   happens to the role's password later, and nothing here ends one.
 * The password appears in no statement, log line, error, record or result. A
@@ -112,6 +118,9 @@ class RotationResult:
     detail: str | None = None
     #: what to do about a failure
     hint: str | None = None
+    #: the gateway that ran it, and its place in the rotation record's chain
+    gateway_id: str | None = None
+    record: int | None = None
 
     @classmethod
     def of(cls, entry: RotationEntry, hint: str | None = None) -> RotationResult:
@@ -128,6 +137,8 @@ class RotationResult:
             ended_at=entry.ended_at,
             detail=entry.detail,
             hint=None if entry.ok else hint,
+            gateway_id=entry.gateway_id,
+            record=entry.seq,
         )
 
 
@@ -154,6 +165,10 @@ class Rotations:
     recovery_retry_seconds: float = 30.0
     #: awaited at each :data:`RotationStep` (tests stop or pause the daemon there)
     step_hook: Callable[[str], Awaitable[None]] | None = None
+    #: this gateway's id, recorded with each rotation it starts
+    gateway_id: str | None = None
+    #: told of each generated rotation's result once recorded (never raises here)
+    on_result: Callable[[RotationResult], Awaitable[None]] | None = None
     _locks: dict[tuple[str, str], asyncio.Lock] = dataclasses.field(default_factory=dict)
     _running: set[asyncio.Task[RotationResult]] = dataclasses.field(default_factory=set)
     _recovery: asyncio.Task[None] | None = None
@@ -236,6 +251,7 @@ class Rotations:
                 password,
                 rotation_id=uuid.uuid4().hex,
                 started_by=started_by,
+                gateway_id=self.gateway_id,
             )
         await self.on_change()
         return stored
@@ -269,18 +285,32 @@ class Rotations:
             )
         raise InvalidRequest(message, hint="check it, or store it unchecked with --no-verify")
 
-    async def recover(self) -> bool:
-        """Settle every rotation in flight; True when none is left."""
+    async def recover(self, *, gone: Callable[[str], bool] | None = None) -> bool:
+        """Settle the rotations in flight that are this gateway's to settle: its
+        own (a run of it that died left them; its live ones wait for the lock and
+        are gone by then), those that name no gateway (from before revision 0015),
+        and those of the gateways *gone* says are gone. True when none is left."""
         left = False
         for pending in await self.db(self.store.pending_rotations):
+            starter = pending.gateway_id
+            if starter not in (None, self.gateway_id) and not (gone and gone(starter)):
+                # A present gateway's: it finishes it.
+                log.info("rotation_left_to_its_gateway", gateway_id=starter, **_fields_of(pending))
+                continue
             async with self._lock(pending.resource, pending.account):
                 try:
                     new = await self.db(
-                        self.store.reveal_pending_password, pending.resource, pending.account
+                        self.store.reveal_pending_password,
+                        pending.resource,
+                        pending.account,
+                        pending.rotation_id,
                     )
                     if new is None:
-                        continue  # settled meanwhile (a typed password replaced it)
-                    settled = await self._settle(pending, new) is not None
+                        continue  # settled meanwhile (a typed password, another gateway)
+                    result = await self._settle(pending, new)
+                    settled = result is not None
+                    if result is not None:
+                        await self._tell(result)
                 except GatewayError as exc:
                     log.error(
                         "rotation_recovery_failed",
@@ -300,7 +330,17 @@ class Rotations:
 
     async def _locked_rotate(self, resource: str, account: str, started_by: str) -> RotationResult:
         async with self._lock(resource, account):
-            return await self._rotate(resource, account, started_by)
+            result = await self._rotate(resource, account, started_by)
+        await self._tell(result)
+        return result
+
+    async def _tell(self, result: RotationResult) -> None:
+        if self.on_result is None:
+            return
+        try:
+            await self.on_result(result)
+        except Exception as exc:  # telling never fails a rotation
+            log.error("rotation_result_not_told", rotation_id=result.rotation_id, error=repr(exc))
 
     async def _rotate(self, resource: str, account: str, started_by: str) -> RotationResult:
         rotation_id = uuid.uuid4().hex
@@ -336,6 +376,7 @@ class Rotations:
                 started_at=started_at,
                 outcome="failed",
                 detail=failed.detail,
+                gateway_id=self.gateway_id,
             )
             log.warning(
                 "rotation_failed",
@@ -355,6 +396,7 @@ class Rotations:
                 rotation_id=rotation_id,
                 via=via,
                 started_by=started_by,
+                gateway_id=self.gateway_id,
             )
             await self.on_change()  # the pending password is masked from here on
             await self._step("pending_stored", pending)

@@ -34,6 +34,7 @@ __all__ = [
     "is_subscribed",
     "iso_time",
     "request_data",
+    "rotation_data",
     "session_data",
 ]
 
@@ -59,6 +60,11 @@ class Event(StrEnum):
     ACCESS_REVOKED = "access.revoked"
     #: a grant ended for any other reason (its owner let go, expiry, shutdown, error)
     ACCESS_ENDED = "access.ended"
+    #: a generated password rotation ended in anything but success (failed,
+    #: rolled back, or left unsettled), whoever or whatever started it
+    ROTATION_FAILED = "rotation.failed"
+    #: a generated password rotation worked: the new password is in use
+    ROTATION_SUCCEEDED = "rotation.succeeded"
     #: ``pam webhook test``: sent to one webhook, whatever it subscribes to
     WEBHOOK_TEST = "webhook.test"
 
@@ -223,4 +229,45 @@ def request_data(request: RequestFacts, *, state: str, actor: str) -> dict[str, 
         "session_id": request.session_id,
         "break_glass": request.break_glass,
         "extends_session": request.extends,
+    }
+
+
+class RotationFacts(Protocol):
+    """What the ``rotation.*`` events tell of a rotation (never its password)."""
+
+    @property
+    def resource(self) -> str: ...
+    @property
+    def account(self) -> str: ...
+    @property
+    def rotation_id(self) -> str: ...
+    @property
+    def outcome(self) -> str: ...
+    @property
+    def via(self) -> str | None: ...
+    @property
+    def started_by(self) -> str: ...
+    @property
+    def started_at(self) -> datetime: ...
+    @property
+    def ended_at(self) -> datetime: ...
+    @property
+    def detail(self) -> str | None: ...
+    @property
+    def hint(self) -> str | None: ...
+
+
+def rotation_data(rotation: RotationFacts) -> dict[str, Any]:
+    """The ``data`` of a ``rotation.*`` event."""
+    return {
+        "resource": rotation.resource,
+        "account": rotation.account,
+        "rotation_id": rotation.rotation_id,
+        "outcome": rotation.outcome,
+        "via": rotation.via,
+        "started_by": rotation.started_by,
+        "started_at": iso_time(rotation.started_at),
+        "ended_at": iso_time(rotation.ended_at),
+        "detail": rotation.detail,
+        "hint": rotation.hint,
     }

@@ -119,6 +119,11 @@ class Account(_Record):
     #: when the last rotation (or stored password) ended, and how
     last_rotation_at: UtcDatetime | None = None
     last_rotation_outcome: str | None = None
+    #: the rotation schedule (``pam account rotate --every``), None when off;
+    #: when it is next due, and its attempts failed in a row
+    rotation_interval_seconds: int | None = None
+    next_rotation_at: UtcDatetime | None = None
+    rotation_failures: int = 0
 
 
 #: What a session records of the request that opened it (revision 0005).

@@ -86,6 +86,9 @@ def account_record(row: AnyRow, last: tuple[datetime, str] | None = None) -> Acc
         rotation_pending=row.pending_rotation_id is not None,
         last_rotation_at=last[0] if last else None,
         last_rotation_outcome=last[1] if last else None,
+        rotation_interval_seconds=row.rotation_interval_seconds,
+        next_rotation_at=row.next_rotation_at,
+        rotation_failures=row.rotation_failures,
     )
 
 

@@ -15,9 +15,13 @@ Invariants:
   transaction promotes the pending password (or drops it) and appends the
   record, or is replaced by a typed password (recorded too): a rotation's end
   and its record are never apart.
-* The ``rotations`` record is append-only (triggers refuse UPDATE and DELETE)
-  and never holds a password: its detail is an upstream error message or a
-  sentence of ours.
+* The ``rotations`` record is append-only (triggers refuse UPDATE and DELETE),
+  chained and sealed (:mod:`gateway.store.rotation_chain`: an edited or removed
+  entry shows in ``pam audit verify``), and never holds a password: its detail
+  is an upstream error message or a sentence of ours.
+* A rotation in flight names the gateway that started it
+  (``pending_gateway_id``), so that recovery leaves a live gateway's rotation
+  alone (:mod:`gateway.credentials.rotation`).
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING, Final
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, select, update
 
+from gateway.audit.verify import ChainProblem
 from gateway.credentials.records import (
     ROTATION_OUTCOMES,
     PendingRotation,
@@ -35,11 +40,14 @@ from gateway.credentials.records import (
     RotationOutcome,
     RotationVia,
 )
+from gateway.credentials.schedule import presence_lease
 from gateway.credentials.secretbox import SecretDecryptError
 from gateway.errors import InvalidRequest
 from gateway.store.engine import StoreBase
+from gateway.store.leases import is_lease_held
 from gateway.store.models import Account, Resource
 from gateway.store.resources import account_aad, account_record, resource_record
+from gateway.store.rotation_chain import append_rotation, rotation_problems
 from gateway.store.rows import ACCOUNT_COLUMNS, ACCOUNTS_JOIN, account_row, resource_row
 from gateway.store.schema import accounts, resources, rotations
 from gateway.store.validation import check_password, required_text
@@ -53,6 +61,17 @@ __all__ = ["RotationStore"]
 _MAX_DETAIL: Final = 2000
 #: most records one read returns
 MAX_ROTATIONS_PAGE: Final = 1000
+
+
+#: an account's columns of a rotation in flight, emptied
+_NO_PENDING: Final[dict[str, object]] = {
+    "pending_ciphertext": None,
+    "pending_rotation_id": None,
+    "pending_started_at": None,
+    "pending_started_by": None,
+    "pending_via": None,
+    "pending_gateway_id": None,
+}
 
 
 def _pending_aad(account_id: str) -> bytes:
@@ -82,6 +101,8 @@ def _entry(row: AnyRow) -> RotationEntry:
         ended_at=row.ended_at,
         outcome=row.outcome,
         detail=row.detail,
+        gateway_id=row.gateway_id,
+        seq=row.seq,
     )
 
 
@@ -94,6 +115,7 @@ def _pending_of(row: AnyRow) -> PendingRotation:
         via=row.pending_via,
         started_by=row.pending_started_by,
         started_at=row.pending_started_at,
+        gateway_id=row.pending_gateway_id,
     )
 
 
@@ -154,8 +176,10 @@ class RotationStore(StoreBase):
         rotation_id: str,
         via: RotationVia,
         started_by: str,
+        gateway_id: str | None = None,
     ) -> PendingRotation:
-        """Store *password* as *account*'s pending one, before it is set upstream.
+        """Store *password* as *account*'s pending one, before it is set upstream
+        (by gateway *gateway_id*).
 
         Refused while another rotation of the account is in flight.
         """
@@ -180,6 +204,7 @@ class RotationStore(StoreBase):
                     pending_started_at=started_at,
                     pending_started_by=started_by,
                     pending_via=via,
+                    pending_gateway_id=gateway_id,
                 )
             )
         return PendingRotation(
@@ -190,15 +215,21 @@ class RotationStore(StoreBase):
             via=via,
             started_by=started_by,
             started_at=started_at,
+            gateway_id=gateway_id,
         )
 
-    def reveal_pending_password(self, resource: str, account: str) -> str | None:
-        """The pending password of *account*'s rotation in flight, or None."""
+    def reveal_pending_password(
+        self, resource: str, account: str, rotation_id: str | None = None
+    ) -> str | None:
+        """The pending password of *account*'s rotation in flight (of rotation
+        *rotation_id*, when given), or None."""
         with self._transaction(write=False) as conn:
             row = account_row(conn, resource, account)
             sealed = conn.execute(
                 select(accounts.c.pending_ciphertext).where(accounts.c.id == row.id)
             ).scalar_one()
+        if rotation_id is not None and row.pending_rotation_id != rotation_id:
+            return None
         if sealed is None:
             return None
         try:
@@ -218,6 +249,7 @@ class RotationStore(StoreBase):
                     accounts.c.pending_started_at,
                     accounts.c.pending_started_by,
                     accounts.c.pending_via,
+                    accounts.c.pending_gateway_id,
                 )
                 .select_from(ACCOUNTS_JOIN)
                 .where(accounts.c.pending_rotation_id.is_not(None))
@@ -249,16 +281,11 @@ class RotationStore(StoreBase):
                     accounts.c.pending_started_at,
                     accounts.c.pending_started_by,
                     accounts.c.pending_via,
+                    accounts.c.pending_gateway_id,
                 ).where(accounts.c.id == row.id)
             ).one()
             now = self._now()
-            values: dict[str, object] = {
-                "pending_ciphertext": None,
-                "pending_rotation_id": None,
-                "pending_started_at": None,
-                "pending_started_by": None,
-                "pending_via": None,
-            }
+            values: dict[str, object] = _NO_PENDING.copy()
             if promote:
                 password = self._box.decrypt(
                     bytes(pending.pending_ciphertext), aad=_pending_aad(row.id)
@@ -278,9 +305,9 @@ class RotationStore(StoreBase):
                 ended_at=now,
                 outcome=outcome,
                 detail=_detail(detail),
+                gateway_id=pending.pending_gateway_id,
             )
-            self._append_rotation(conn, row.id, entry)
-        return entry
+            return append_rotation(self._chain, conn, row.id, entry)
 
     def record_rotation(
         self,
@@ -294,6 +321,7 @@ class RotationStore(StoreBase):
         started_at: datetime,
         outcome: RotationOutcome,
         detail: str | None = None,
+        gateway_id: str | None = None,
     ) -> RotationEntry:
         """Append the record of a rotation that changed nothing stored (it failed
         before its new password was stored)."""
@@ -312,19 +340,27 @@ class RotationStore(StoreBase):
                 ended_at=self._now(),
                 outcome=outcome,
                 detail=_detail(detail),
+                gateway_id=gateway_id,
             )
-            self._append_rotation(conn, row.id, entry)
-        return entry
+            return append_rotation(self._chain, conn, row.id, entry)
 
     def store_typed_password(
-        self, resource: str, account: str, password: str, *, rotation_id: str, started_by: str
+        self,
+        resource: str,
+        account: str,
+        password: str,
+        *,
+        rotation_id: str,
+        started_by: str,
+        gateway_id: str | None = None,
     ) -> Account:
         """Replace *account*'s stored password with one an admin typed, and record it.
 
         Refused for a managed account (nobody may know its password). A rotation
         left in flight is ended (recorded ``failed``, its new password dropped):
         the caller holds the account's turn, so none of its own is running, and
-        the typed password is the upstream's now.
+        the typed password is the upstream's now; refused while the rotation in
+        flight is another present gateway's (it is still running it).
         """
         check_password(password)
         with self._transaction(write=True) as conn:
@@ -336,8 +372,19 @@ class RotationStore(StoreBase):
                     hint=f"rotate it with `pam account rotate {resource} {account} --now`",
                 )
             now = self._now()
+            starter = row.pending_gateway_id
+            if (
+                starter not in (None, gateway_id)
+                and row.pending_rotation_id is not None
+                and is_lease_held(conn, presence_lease(starter), starter, now)
+            ):
+                raise InvalidRequest(
+                    f"a rotation of {resource}/{account} is under way on gateway {starter}",
+                    hint="try again once it has ended (`pam account list`)",
+                )
             if row.pending_rotation_id is not None:
-                self._append_rotation(
+                append_rotation(
+                    self._chain,
                     conn,
                     row.id,
                     RotationEntry(
@@ -353,21 +400,14 @@ class RotationStore(StoreBase):
                         outcome="failed",
                         detail=f"a password typed by {started_by} replaced it before it was"
                         " settled",
+                        gateway_id=row.pending_gateway_id,
                     ),
                 )
             sealed = self._box.encrypt(password.encode(), aad=account_aad(row.id))
             conn.execute(
                 update(accounts)
                 .where(accounts.c.id == row.id)
-                .values(
-                    password_ciphertext=sealed,
-                    password_updated_at=now,
-                    pending_ciphertext=None,
-                    pending_rotation_id=None,
-                    pending_started_at=None,
-                    pending_started_by=None,
-                    pending_via=None,
-                )
+                .values(password_ciphertext=sealed, password_updated_at=now, **_NO_PENDING)
             )
             entry = RotationEntry(
                 rotation_id=rotation_id,
@@ -380,8 +420,9 @@ class RotationStore(StoreBase):
                 started_at=now,
                 ended_at=now,
                 outcome="stored",
+                gateway_id=gateway_id,
             )
-            self._append_rotation(conn, row.id, entry)
+            append_rotation(self._chain, conn, row.id, entry)
             return account_record(row, (now, "stored")).model_copy(
                 update={"password_updated_at": now}
             )
@@ -400,6 +441,12 @@ class RotationStore(StoreBase):
             rows = conn.execute(query.limit(max(1, min(limit, MAX_ROTATIONS_PAGE)))).all()
         return [_entry(r) for r in rows]
 
+    def verify_rotation_record(self) -> list[ChainProblem]:
+        """Every edited, removed or cut-off entry of the rotation record
+        (:func:`gateway.store.rotation_chain.rotation_problems`)."""
+        with self._transaction(write=False, snapshot=True) as conn:
+            return rotation_problems(self._chain, conn)
+
     # --- helpers ---------------------------------------------------------------------
 
     @staticmethod
@@ -416,6 +463,7 @@ class RotationStore(StoreBase):
                 accounts.c.pending_started_at,
                 accounts.c.pending_started_by,
                 accounts.c.pending_via,
+                accounts.c.pending_gateway_id,
             )
             .select_from(ACCOUNTS_JOIN)
             .where(resources.c.name == resource, accounts.c.name == account)
@@ -425,22 +473,3 @@ class RotationStore(StoreBase):
             account_row(conn, resource, account)  # raises NotFound naming what is missing
             raise AssertionError("unreachable")
         return row
-
-    @staticmethod
-    def _append_rotation(conn: Connection, account_id: str, entry: RotationEntry) -> None:
-        conn.execute(
-            insert(rotations).values(
-                rotation_id=entry.rotation_id,
-                account_id=account_id,
-                resource_name=entry.resource,
-                account_name=entry.account,
-                username=entry.username,
-                method=entry.method,
-                via=entry.via,
-                started_by=entry.started_by,
-                started_at=entry.started_at,
-                ended_at=entry.ended_at,
-                outcome=entry.outcome,
-                detail=entry.detail,
-            )
-        )

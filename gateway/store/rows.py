@@ -67,6 +67,9 @@ ACCOUNT_COLUMNS: Final = (
     accounts.c.password_updated_at,
     accounts.c.managed,
     accounts.c.pending_rotation_id,
+    accounts.c.rotation_interval_seconds,
+    accounts.c.next_rotation_at,
+    accounts.c.rotation_failures,
 )
 
 ACCOUNTS_JOIN: Final = accounts.join(resources, accounts.c.resource_id == resources.c.id)

@@ -60,6 +60,7 @@ __all__ = [
     "audit_batches",
     "audit_events",
     "connections",
+    "leases",
     "metadata",
     "mfa_factors",
     "policies",
@@ -70,6 +71,7 @@ __all__ = [
     "refusals",
     "resources",
     "role_bindings",
+    "rotation_head",
     "rotations",
     "sessions",
     "sso_group_mappings",
@@ -178,7 +180,15 @@ accounts = Table(
     Column("pending_started_at", UtcTimestamp, nullable=True),
     Column("pending_started_by", Text, nullable=True),
     Column("pending_via", String(16), nullable=True),
+    # Revision 0015: a rotation schedule (None: none) with its next due time and
+    # the scheduled attempts failed in a row (the backoff's count), and the
+    # gateway that started the rotation in flight (who may recover it).
+    Column("rotation_interval_seconds", Integer, nullable=True),
+    Column("next_rotation_at", UtcTimestamp, nullable=True),
+    Column("rotation_failures", Integer, nullable=False, server_default="0"),
+    Column("pending_gateway_id", Text, nullable=True),
     UniqueConstraint("resource_id", "name"),
+    Index(None, "next_rotation_at"),
 )
 
 sessions = Table(
@@ -562,7 +572,38 @@ rotations = Table(
     Column("ended_at", UtcTimestamp, nullable=False),
     Column("outcome", String(16), nullable=False),
     Column("detail", Text, nullable=True),
+    # Revision 0015: the gateway that started it, and the record's place in one
+    # keyed hash chain over every rotation (gateway.store.rotations); None in
+    # records written before that revision.
+    Column("gateway_id", Text, nullable=True),
+    Column("seq", Integer, nullable=True),
+    Column("prev_hash", String(HASH_LENGTH), nullable=True),
+    Column("hash", String(HASH_LENGTH), nullable=True),
     Index(None, "account_id", "id"),
+    Index(None, "seq", unique=True),
+)
+
+#: The rotation record's length and last hash, sealed (one row, id 1; revision
+#: 0015): a record cut off the end shows. Appends lock this row.
+rotation_head = Table(
+    "rotation_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("count", Integer, nullable=False),
+    Column("head", String(HASH_LENGTH), nullable=False),
+    Column("seal", String(HASH_LENGTH), nullable=True),
+)
+
+#: Leases (revision 0015, gateway.store.leases): a name held by one gateway
+#: (``holder``: its gateway id) until ``expires_at`` unless renewed. The rotation
+#: scheduler's lease, and each gateway's presence.
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("holder", Text, nullable=False),
+    Column("acquired_at", UtcTimestamp, nullable=False),
+    Column("expires_at", UtcTimestamp, nullable=False),
 )
 
 #: Alembic's bookkeeping table. Prefixed so the store can share a PostgreSQL

@@ -12,7 +12,10 @@ clock and the audit chain they share):
 * :mod:`gateway.store.validation`: input checks, audit event rows;
 * :mod:`gateway.store.rows`: look-ups shared by the aggregates;
 * :mod:`gateway.store.resources`: resources and accounts (sealed passwords);
-* :mod:`gateway.store.rotations`: rotation roles, rotations in flight, their record;
+* :mod:`gateway.store.rotations`: rotation roles, rotations in flight, their record
+  (chained and sealed by :mod:`gateway.store.rotation_chain`);
+* :mod:`gateway.store.schedules`: rotation schedules; :mod:`gateway.store.leases`:
+  leases, for gateways sharing a store to take turns;
 * :mod:`gateway.store.sessions`: access sessions, their ends and seals;
 * :mod:`gateway.store.connections`: connection starts and ends;
 * :mod:`gateway.store.identity`: principals, tokens, roles and policies;
@@ -40,12 +43,14 @@ from gateway.store.audit import AuditStore
 from gateway.store.connections import ConnectionStore
 from gateway.store.engine import SqliteSynchronous
 from gateway.store.identity import IdentityStore
+from gateway.store.leases import LeaseStore
 from gateway.store.mfa import MfaStore
 from gateway.store.projects import ProjectStore
 from gateway.store.refusals import RefusalStore
 from gateway.store.requests import RequestStore
 from gateway.store.resources import ResourceStore
 from gateway.store.rotations import RotationStore
+from gateway.store.schedules import ScheduleStore
 from gateway.store.sessions import SessionStore
 from gateway.store.sso import SsoStore
 from gateway.store.webhooks import WebhookStore
@@ -66,6 +71,8 @@ class Store(
     MfaStore,
     ProjectStore,
     RotationStore,
+    ScheduleStore,
+    LeaseStore,
 ):
     """Synchronous access to the gateway's persistent state. See the module docstring.
 

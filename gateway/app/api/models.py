@@ -55,6 +55,12 @@ class RotateIn(BaseModel):
     verify: bool = True
 
 
+class ScheduleIn(BaseModel):
+    """An account's rotation schedule: every this many seconds, or null for none."""
+
+    every_seconds: int | None = Field(default=None, gt=0)
+
+
 class RotationRoleIn(BaseModel):
     """The role that changes a resource's accounts' passwords."""
 
@@ -197,6 +203,11 @@ class AccountOut(_Out):
     rotation_pending: bool
     last_rotation_at: datetime | None
     last_rotation_outcome: str | None
+    #: the schedule (``pam account rotate --every``): None when off
+    rotation_interval_seconds: int | None = None
+    next_rotation_at: datetime | None = None
+    #: scheduled attempts failed in a row (retried with backoff)
+    rotation_failures: int = 0
 
 
 class RotationOut(_Out):
@@ -216,6 +227,10 @@ class RotationOut(_Out):
     ended_at: datetime
     detail: str | None
     hint: str | None
+    #: the gateway that ran it; its number in the rotation record (what
+    #: ``pam audit verify`` names)
+    gateway_id: str | None = None
+    record: int | None = None
 
 
 class AccountAddOut(AccountOut):

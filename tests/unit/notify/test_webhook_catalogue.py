@@ -34,6 +34,8 @@ def test_the_catalogue_is_the_documented_list() -> None:
         "request.created",
         "request.denied",
         "request.expired",
+        "rotation.failed",
+        "rotation.succeeded",
         "webhook.test",
     ]
 

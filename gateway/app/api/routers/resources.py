@@ -19,6 +19,7 @@ from gateway.app.api.models import (
     RotateIn,
     RotationOut,
     RotationRoleIn,
+    ScheduleIn,
 )
 from gateway.credentials.rotation import RotationResult
 from gateway.credentials.verify import VerifyResult
@@ -170,6 +171,17 @@ async def rotate_now(resource: str, name: str, caller: Caller, service: Service)
     await _administered(service, caller, resource)
     result: RotationResult = await service.rotate(resource, name, started_by=caller.name)
     return RotationOut.of(result)
+
+
+@router.put("/resources/{resource}/accounts/{name}/schedule")
+async def set_schedule(
+    resource: str, name: str, body: ScheduleIn, caller: Caller, service: Service
+) -> AccountOut:
+    """Rotate the account every ``every_seconds`` (first one interval from now),
+    or stop (null); a managed account's too."""
+    await _administered(service, caller, resource)
+    account = await service.schedules.set_schedule(resource, name, body.every_seconds)
+    return AccountOut.of(account)
 
 
 @router.get("/resources/{resource}/accounts/{name}/rotations")

@@ -310,8 +310,9 @@ async def verify_audit(
     await _drain(service)
     checked = 1 if session else await service.db(review.count_sessions, _sessions(service))
     problems = await service.db(service.store.verify_audit, session)
-    if session is None:  # the whole trail: the access requests' records too
+    if session is None:  # the whole trail: the access requests' and rotations' records too
         problems += await service.db(service.store.verify_access_trail)
+        problems += await service.db(service.store.verify_rotation_record)
     return AuditVerifyOut(
         ok=not problems,
         session=session,
