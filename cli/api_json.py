@@ -31,6 +31,7 @@ class ResourceJson(TypedDict):
     created_at: str
     project: str
     rotation_username: str | None
+    reassign_to: str | None
 
 
 class AccountJson(TypedDict):
@@ -45,6 +46,8 @@ class AccountJson(TypedDict):
     rotation_pending: bool
     last_rotation_at: str | None
     last_rotation_outcome: str | None
+    template_role: str | None
+    cleanup_after_seconds: int | None
 
 
 class RotationJson(TypedDict):
@@ -62,6 +65,22 @@ class RotationJson(TypedDict):
     ended_at: str
     detail: str | None
     hint: str | None
+
+
+class GrantRoleJson(TypedDict):
+    """A database role pam made for a grant and has not dropped yet (``GrantRoleOut``)."""
+
+    role: str
+    resource: str
+    account: str
+    session_id: str
+    created_at: str
+    session_ended_at: str | None
+    disabled_at: str | None
+    drop_after: str | None
+    attempts: int
+    next_attempt_at: str | None
+    last_error: str | None
 
 
 class AccountAddJson(AccountJson):

@@ -10,8 +10,10 @@ session ended or revoked).
 
 :class:`Gateway` is what the control API's routers receive: ``db``, ``store``,
 ``audit_writer`` and ``live_connection_count`` (review), grants and requests
-(access), ``verify``, ``refresh_secrets``, ``rotations`` and ``rotate``
-(resources), ``webhooks``, ``mfa`` and ``sso``.
+(access), ``verify``, ``refresh_secrets``, ``rotations``, ``rotate`` and
+``ephemeral`` (resources), ``webhooks``, ``mfa`` and ``sso``. A grant of an
+ephemeral account gets its own database role before its door opens
+(``grants.prepare``), dropped after it ends (``ephemeral.ended``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from gateway.audit.runtime import AuditRuntime
 from gateway.audit.sink import AuditSink
 from gateway.audit.writer import AuditWriter
 from gateway.config import GatewaySettings
+from gateway.credentials.ephemeral import EphemeralRoles, EphemeralSettings
 from gateway.credentials.pki import GatewayPki
 from gateway.credentials.rotation import RotationResult, Rotations
 from gateway.credentials.targets import Credentials
@@ -156,6 +159,12 @@ class Gateway:
             recovery_retry_seconds=settings.rotation_recovery_retry_seconds,
             step_hook=rotation_step_hook,
         )
+        #: a database role per grant (ephemeral accounts): made as a grant opens,
+        #: dropped by its janitor after the grant
+        self.ephemeral = EphemeralRoles(
+            store, self.db, self.credentials, _ephemeral_settings(settings)
+        )
+        self.grants.prepare = self.ephemeral.prepare
         self.identity = IdentityService(
             store,
             self.db,
@@ -167,6 +176,7 @@ class Gateway:
         self.sso = SsoService(store, self.db, self.identity)
 
     def _session_ended(self, session: SessionRecord) -> None:
+        self.ephemeral.ended(session)
         if session.project is None:
             return  # a session from before projects: no project's webhooks to tell
         revoked = session.end_reason == SessionEndReason.REVOKED
@@ -195,12 +205,16 @@ class Gateway:
         # Rotations a crash left in flight are settled in the background; until
         # then a connection refused with 28P01 tries the other password.
         self.rotations.start()
+        # Grant roles a crash left (their sessions were just ended) go first.
+        self.ephemeral.start()
         return closed
 
     async def shutdown(self) -> None:
         await self.requests.close()
         await self.rotations.close()
         await self.grants.shutdown()
+        # The roles of the grants the shutdown ended are dropped, within a bound.
+        await self.ephemeral.close()
         # The sessions' end events go into the outbox before the store thread stops.
         await self.notifier.close()
         # The interval's counts are written before the store thread stops.
@@ -226,6 +240,7 @@ class Gateway:
             resource,
             account,
             connect_timeout=self.settings.upstream_connect_timeout_seconds,
+            ephemeral=self.ephemeral.verify_account,
         )
 
     async def open_access(
@@ -446,6 +461,7 @@ class Gateway:
         return await self.requests.applied(request)
 
     def _extended(self, session: SessionRecord, *, by_seconds: int, by: str) -> None:
+        self.ephemeral.expiry_moved(session)
         if session.project is not None:
             data = session_data(session) | {"by": by, "by_seconds": by_seconds}
             self.notifier.publish(session.project, Event.ACCESS_EXTENDED, data)
@@ -497,6 +513,20 @@ class Gateway:
 
     async def close_access(self, session_id: str, *, detail: str | None = None) -> SessionRecord:
         return await self.grants.close_access(session_id, detail=detail)
+
+
+def _ephemeral_settings(settings: GatewaySettings) -> EphemeralSettings:
+    return EphemeralSettings(
+        connect_timeout=settings.upstream_connect_timeout_seconds,
+        password_length=settings.rotation_password_length,
+        password_alphabet=settings.rotation_password_alphabet,
+        marker_role=settings.ephemeral_marker_role,
+        valid_until_margin_seconds=settings.ephemeral_valid_until_margin_seconds,
+        janitor_interval_seconds=settings.ephemeral_janitor_interval_seconds,
+        retry_first_delay_seconds=settings.ephemeral_retry_first_delay_seconds,
+        retry_max_delay_seconds=settings.ephemeral_retry_max_delay_seconds,
+        gateway_id=settings.gateway_id,
+    )
 
 
 def _check_same_ask(

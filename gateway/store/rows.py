@@ -67,6 +67,8 @@ ACCOUNT_COLUMNS: Final = (
     accounts.c.password_updated_at,
     accounts.c.managed,
     accounts.c.pending_rotation_id,
+    accounts.c.template_role,
+    accounts.c.cleanup_after_seconds,
 )
 
 ACCOUNTS_JOIN: Final = accounts.join(resources, accounts.c.resource_id == resources.c.id)

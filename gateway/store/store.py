@@ -13,6 +13,7 @@ clock and the audit chain they share):
 * :mod:`gateway.store.rows`: look-ups shared by the aggregates;
 * :mod:`gateway.store.resources`: resources and accounts (sealed passwords);
 * :mod:`gateway.store.rotations`: rotation roles, rotations in flight, their record;
+* :mod:`gateway.store.ephemeral`: ephemeral accounts and the roles made for their grants;
 * :mod:`gateway.store.sessions`: access sessions, their ends and seals;
 * :mod:`gateway.store.connections`: connection starts and ends;
 * :mod:`gateway.store.identity`: principals, tokens, roles and policies;
@@ -39,6 +40,7 @@ from gateway.errors import StoreError
 from gateway.store.audit import AuditStore
 from gateway.store.connections import ConnectionStore
 from gateway.store.engine import SqliteSynchronous
+from gateway.store.ephemeral import EphemeralRoleStore
 from gateway.store.identity import IdentityStore
 from gateway.store.mfa import MfaStore
 from gateway.store.projects import ProjectStore
@@ -66,6 +68,7 @@ class Store(
     MfaStore,
     ProjectStore,
     RotationStore,
+    EphemeralRoleStore,
 ):
     """Synchronous access to the gateway's persistent state. See the module docstring.
 
