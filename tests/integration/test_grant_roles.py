@@ -238,6 +238,24 @@ def test_adding_an_ephemeral_account_checks_what_its_grants_will_need(
     assert f"role '{nobody}' does not exist on prod" in line
 
 
+def test_expiry_and_a_shutdown_end_a_grant_s_role_too(gateway: Gateway, pg: TempCluster) -> None:
+    prepared(gateway, pg)
+    expiring = gateway.access(account="eph", duration="3s").wait_ready()
+    with gateway.api() as api:
+        live = api.open_access(resource=RESOURCE, account="eph", duration_seconds=600, port=None)
+        assert role_exists(pg, expiring.user) and role_exists(pg, live["username"])
+        wait_for(lambda: not role_exists(pg, expiring.user))
+        ended = [s for s in api.list_sessions() if s["username"] == expiring.user]
+        assert [s["end_reason"] for s in ended] == ["expired"]
+        assert role_exists(pg, live["username"])
+    expiring.stop()
+    # A shutdown ends the live grant and drops its role before the daemon exits.
+    assert gateway.stop() == 0
+    assert not role_exists(pg, live["username"])
+    gateway.start()
+    assert gateway.cli_json("resource", "roles", RESOURCE) == []
+
+
 def test_a_role_a_killed_daemon_left_is_removed_by_the_janitor_after_restart(
     gateway: Gateway, pg: TempCluster
 ) -> None:
