@@ -143,7 +143,7 @@ async def world(
 
 
 async def test_a_grant_role_signs_in_with_a_password_the_server_never_sees(
-    world: World, pg: TempCluster
+    world: World, pg: TempCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     log_from = pg.log_size()
     with pg.server_settings(log_statement="all", log_min_error_statement="info"):
@@ -187,6 +187,12 @@ async def test_a_grant_role_signs_in_with_a_password_the_server_never_sees(
     assert await world.roles.janitor.sweep() == 1
     assert world.role(session.username) == ""
     assert world.store.unfinished_ephemeral_roles() == []
+    # Nor does the store (its file and write-ahead log) or anything this process printed.
+    stored = b"".join(f.read_bytes() for f in tmp_path.glob("state.db*"))
+    assert password.encode() not in stored
+    printed = capsys.readouterr()
+    assert "grant_role_created" in printed.out + printed.err  # the log is in there
+    assert password not in printed.out + printed.err
 
 
 async def test_a_same_named_role_that_is_not_pam_s_is_refused_and_left_alone(
