@@ -31,6 +31,7 @@ class ResourceJson(TypedDict):
     created_at: str
     project: str
     rotation_username: str | None
+    reassign_to: str | None
 
 
 class AccountJson(TypedDict):
@@ -48,6 +49,8 @@ class AccountJson(TypedDict):
     rotation_interval_seconds: int | None
     next_rotation_at: str | None
     rotation_failures: int
+    template_role: str | None
+    cleanup_after_seconds: int | None
 
 
 class RotationJson(TypedDict):
@@ -67,6 +70,22 @@ class RotationJson(TypedDict):
     hint: str | None
     gateway_id: str | None
     record: int | None
+
+
+class GrantRoleJson(TypedDict):
+    """A database role pam made for a grant and has not dropped yet (``GrantRoleOut``)."""
+
+    role: str
+    resource: str
+    account: str
+    session_id: str
+    created_at: str
+    session_ended_at: str | None
+    disabled_at: str | None
+    drop_after: str | None
+    attempts: int
+    next_attempt_at: str | None
+    last_error: str | None
 
 
 class AccountAddJson(AccountJson):

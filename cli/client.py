@@ -44,6 +44,7 @@ from cli.api_json import AuditVerifyJson as AuditVerifyJson
 from cli.api_json import CertificateJson as CertificateJson
 from cli.api_json import ConnectionJson as ConnectionJson
 from cli.api_json import DeliveryJson as DeliveryJson
+from cli.api_json import GrantRoleJson as GrantRoleJson
 from cli.api_json import HealthJson as HealthJson
 from cli.api_json import MfaEnrolmentJson as MfaEnrolmentJson
 from cli.api_json import MfaStatusJson as MfaStatusJson
@@ -207,9 +208,20 @@ class ApiClient:
         return cast(list[VerifyResultJson], results)
 
     def set_rotation_role(
-        self, resource: str, *, username: str, password: str, verify: bool = True
+        self,
+        resource: str,
+        *,
+        username: str,
+        password: str,
+        verify: bool = True,
+        reassign_to: str | None = None,
     ) -> ResourceJson:
-        body = {"username": username, "password": password, "verify": verify}
+        body = {
+            "username": username,
+            "password": password,
+            "verify": verify,
+            "reassign_to": reassign_to,
+        }
         path = f"/v1/resources/{seg(resource)}/rotation"
         return cast(ResourceJson, self.request("PUT", path, json=body, timeout=VERIFY_TIMEOUT))
 
@@ -235,6 +247,27 @@ class ApiClient:
         }
         path = f"/v1/resources/{seg(resource)}/accounts"
         return cast(AccountAddJson, self.request("POST", path, json=body, timeout=ROTATION_TIMEOUT))
+
+    def add_ephemeral_account(
+        self,
+        resource: str,
+        name: str,
+        *,
+        template_role: str,
+        cleanup_after_seconds: int | None = None,
+        verify: bool = True,
+    ) -> AccountJson:
+        body = {
+            "name": name,
+            "template_role": template_role,
+            "cleanup_after_seconds": cleanup_after_seconds,
+            "verify": verify,
+        }
+        path = f"/v1/resources/{seg(resource)}/ephemeral-accounts"
+        return cast(AccountJson, self.request("POST", path, json=body, timeout=VERIFY_TIMEOUT))
+
+    def grant_roles(self, resource: str) -> list[GrantRoleJson]:
+        return cast(list[GrantRoleJson], self.get(f"/v1/resources/{seg(resource)}/roles"))
 
     def rotate_password(
         self, resource: str, name: str, password: str, *, verify: bool = True

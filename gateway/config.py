@@ -129,6 +129,16 @@ class GatewaySettings(BaseModel):
     rotation_retry_factor: float = Field(default=2.0, ge=1)
     #: each next time is put off by a random share of the wait, up to this fraction
     rotation_jitter_fraction: float = Field(default=0.05, ge=0, le=0.5)
+    #: a database role per grant (ephemeral accounts, docs/credentials.md): every
+    #: grant role is a member of this role, and pam drops no role that is not
+    ephemeral_marker_role: str = Field(default="pam_managed", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    #: a grant role's VALID UNTIL is the grant's end plus this
+    ephemeral_valid_until_margin_seconds: float = Field(default=60.0, ge=0)
+    #: the janitor also looks for grant roles to drop this often
+    ephemeral_janitor_interval_seconds: float = Field(default=30.0, gt=0)
+    #: a failed drop is tried again after this, doubling up to the maximum
+    ephemeral_retry_first_delay_seconds: float = Field(default=5.0, gt=0)
+    ephemeral_retry_max_delay_seconds: float = Field(default=600.0, gt=0)
 
     @field_validator("rotation_password_alphabet")
     @classmethod

@@ -28,7 +28,7 @@ def account() -> None:
 @account.command("add")
 @click.argument("resource_name", metavar="RESOURCE")
 @click.argument("name")
-@click.option("--username", required=True, help="The PostgreSQL role to log in as.")
+@click.option("--username", default=None, help="The PostgreSQL role to log in as.")
 @click.option(
     "--password-stdin", is_flag=True, help="Read the password from the first line of stdin."
 )
@@ -39,18 +39,58 @@ def account() -> None:
     help="Rotate the password right away: the one typed stops working and nobody"
     " knows the new one.",
 )
+@click.option(
+    "--ephemeral",
+    is_flag=True,
+    help="No password: each grant signs in as a database role of its own, made for it"
+    " (needs the resource's rotation role and --template).",
+)
+@click.option(
+    "--template",
+    "template_role",
+    default=None,
+    help="With --ephemeral: the role each grant's role is a member of (what the person may do).",
+)
+@click.option(
+    "--cleanup-after",
+    default=None,
+    metavar="DURATION",
+    help="With --ephemeral: drop a grant's role this long after the grant (1d, 12h;"
+    " default: at its end). It cannot sign in from the grant's end on.",
+)
 @json_option
 def account_add(
     resource_name: str,
     name: str,
-    username: str,
+    username: str | None,
     password_stdin: bool,
     no_verify: bool,
     managed: bool,
+    ephemeral: bool,
+    template_role: str | None,
+    cleanup_after: str | None,
     as_json: bool,
 ) -> None:
     """Add an account; the password is prompted for (or read from stdin), checked
-    upstream and stored encrypted."""
+    upstream and stored encrypted. With --ephemeral there is no password: each
+    grant gets a database role of its own, made in --template."""
+    if ephemeral:
+        _add_ephemeral(
+            resource_name,
+            name,
+            username=username,
+            template_role=template_role,
+            cleanup_after=cleanup_after,
+            password_stdin=password_stdin,
+            managed=managed,
+            verify=not no_verify,
+            as_json=as_json,
+        )
+        return
+    if template_role is not None or cleanup_after is not None:
+        raise click.UsageError("--template and --cleanup-after go with --ephemeral")
+    if username is None:
+        raise click.UsageError("--username is required (or --ephemeral --template ROLE)")
     password = read_password(password_stdin, f"Password for {username}")
     with api_client() as client:
         created = client.add_account(
@@ -82,6 +122,44 @@ def account_add(
             " is still the one in use",
             hint=rotation["hint"],
         )
+
+
+def _add_ephemeral(
+    resource_name: str,
+    name: str,
+    *,
+    username: str | None,
+    template_role: str | None,
+    cleanup_after: str | None,
+    password_stdin: bool,
+    managed: bool,
+    verify: bool,
+    as_json: bool,
+) -> None:
+    if username is not None or password_stdin or managed:
+        raise click.UsageError(
+            "--ephemeral takes no --username, --password-stdin or --managed: each grant"
+            " gets a role and a password of its own"
+        )
+    if template_role is None:
+        raise click.UsageError("--ephemeral needs --template ROLE")
+    seconds = None if cleanup_after is None else parse_duration(cleanup_after)
+    with api_client() as client:
+        created = client.add_ephemeral_account(
+            resource_name,
+            name,
+            template_role=template_role,
+            cleanup_after_seconds=seconds,
+            verify=verify,
+        )
+    if as_json:
+        print_json(created)
+        return
+    when = "at the grant's end" if seconds is None else f"{cleanup_after} after the grant"
+    console.print(
+        f"Account {resource_name}/{name} added: each grant signs in as a role of its own,"
+        f" a member of {printable(template_role)}, dropped {when}."
+    )
 
 
 @account.command("rotate")
@@ -219,8 +297,10 @@ def account_list(resource_name: str | None, as_json: bool) -> None:
             [
                 a["resource_name"],
                 a["name"],
-                a["username"],
-                "yes" if a["managed"] else "no",
+                a["username"]
+                if a["template_role"] is None
+                else f"per grant, in {a['template_role']}",
+                "ephemeral" if a["template_role"] else "yes" if a["managed"] else "no",
                 local_time(a["created_at"]),
                 local_time(a["password_updated_at"]),
                 local_time(a["last_rotation_at"]),

@@ -117,9 +117,16 @@ def resource_show(name: str, as_json: bool) -> None:
                 "rotation role",
                 res["rotation_username"] or "none (each account changes its own password)",
             ),
+            ("reassign to", res["reassign_to"] or "the rotation role"),
             (
                 "accounts",
-                ", ".join(f"{a['name']} (user {a['username']})" for a in accounts) or "none",
+                ", ".join(
+                    f"{a['name']} (user {a['username']})"
+                    if a["template_role"] is None
+                    else f"{a['name']} (a role per grant, in {a['template_role']})"
+                    for a in accounts
+                )
+                or "none",
             ),
         ]
     )
@@ -145,16 +152,63 @@ def resource_remove(name: str) -> None:
     "--password-stdin", is_flag=True, help="Read its password from the first line of stdin."
 )
 @click.option("--no-verify", is_flag=True, help="Store it without signing in with it first.")
-def resource_set_rotation(name: str, username: str, password_stdin: bool, no_verify: bool) -> None:
-    """Set the role that rotates this resource's accounts' passwords.
+@click.option(
+    "--reassign-to",
+    default=None,
+    metavar="ROLE",
+    help="Who gets what a grant's own role owned when it is dropped (REASSIGN OWNED;"
+    " default: the rotation role).",
+)
+def resource_set_rotation(
+    name: str, username: str, password_stdin: bool, no_verify: bool, reassign_to: str | None
+) -> None:
+    """Set the role that rotates this resource's accounts' passwords, and makes
+    and drops the roles of its ephemeral accounts' grants.
 
     Without one, an account rotates its own password (ALTER ROLE CURRENT_USER).
     """
     password = read_password(password_stdin, f"Password for {username}")
     with api_client() as client:
-        client.set_rotation_role(name, username=username, password=password, verify=not no_verify)
+        client.set_rotation_role(
+            name,
+            username=username,
+            password=password,
+            verify=not no_verify,
+            reassign_to=reassign_to,
+        )
     checked = "" if no_verify else " (it signs in upstream)"
-    console.print(f"Rotation role of {name} set to {username}{checked}; stored encrypted.")
+    console.print(
+        f"Rotation role of {name} set to {username}{checked}; stored encrypted. What grant"
+        f" roles own goes to {reassign_to or username} when they are dropped."
+    )
+
+
+@resource.command("roles")
+@click.argument("name")
+@json_option
+def resource_roles(name: str, as_json: bool) -> None:
+    """The database roles pam made for grants and has not dropped yet."""
+    with api_client() as client:
+        roles = client.grant_roles(name)
+    if as_json:
+        print_json(roles)
+        return
+    table(
+        None,
+        ["ROLE", "ACCOUNT", "SESSION", "GRANT ENDED", "DROP AFTER", "TRIES", "LAST ERROR"],
+        [
+            [
+                r["role"],
+                r["account"],
+                r["session_id"][:8],
+                local_time(r["session_ended_at"]) if r["session_ended_at"] else "live",
+                local_time(r["drop_after"]),
+                str(r["attempts"]),
+                printable(r["last_error"]),
+            ]
+            for r in roles
+        ],
+    )
 
 
 @resource.command("clear-rotation")

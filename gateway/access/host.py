@@ -51,8 +51,10 @@ class ListenerHost:
     def client_tls(self) -> ssl.SSLContext | None:
         return self.client_tls_context
 
-    async def upstream_target(self, resource: str, account: str) -> UpstreamTarget:
-        return await self.credentials.upstream_target(resource, account)
+    async def upstream_target(
+        self, resource: str, account: str, *, session_id: str | None = None
+    ) -> UpstreamTarget:
+        return await self.credentials.upstream_target(resource, account, session_id=session_id)
 
     async def retry_target(self, failed: UpstreamTarget) -> UpstreamTarget | None:
         return await self.credentials.retry_target(failed)

@@ -17,7 +17,9 @@ Invariants:
 * A grant whose CLI stops calling in (heartbeat) for ``heartbeat_timeout``
   seconds is ended, so a ``kill -9``-ed CLI leaves no open door.
 * A session row is written before its listener accepts anything; at start-up
-  every row left open by a crash is closed with ``gateway_crash``.
+  every row left open by a crash is closed with ``gateway_crash``. ``prepare``
+  (a grant's own database role) runs between the two: a grant it refuses has its
+  session ended as ``error`` and never opens a door.
 * A session ends only after its cut connections have recorded their ends and
   the audit trail has been flushed, so its seal covers them.
 * Shutdown is ordered: refuse new work, tell live clients why, record the
@@ -46,7 +48,7 @@ from gateway.access.ports import SessionRecord, SessionStore, StoreThread
 from gateway.audit.runtime import AuditRuntime
 from gateway.config import GatewaySettings
 from gateway.credentials.pki import GatewayPki, grant_id_of, is_within_validity, public_key_of
-from gateway.errors import InvalidRequest, NotFound
+from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.net.idle import format_duration
 from gateway.net.listener import (
     DEFAULT_SOCKET_PORT,
@@ -91,6 +93,10 @@ class GrantService:
     pki: GatewayPki | None = None
     #: told of every session this service ends (after its row is ended); must not block
     on_ended: Callable[[SessionRecord], None] | None = None
+    #: awaited for each new grant after its session row is written and before its
+    #: door opens (a grant's own database role is made here); raising refuses the
+    #: grant, its session ended as ``error`` with the reason
+    prepare: Callable[[SessionRecord], Awaitable[None]] | None = None
     _grants: dict[str, Grant] = field(default_factory=dict)
     _watchdog: asyncio.Task[None] | None = None
     _closing: bool = False
@@ -199,6 +205,8 @@ class GrantService:
             started_at=now,
             request=request,
         )
+        if self.prepare is not None:
+            await self._prepare(session)
         bound_port, listener = await self._listen(
             session,
             port,
@@ -228,6 +236,21 @@ class GrantService:
             idle_timeout_seconds=idle_timeout_seconds,
         )
         return session
+
+    async def _prepare(self, session: SessionRecord) -> None:
+        assert self.prepare is not None
+        try:
+            await self.prepare(session)
+        except Exception as exc:
+            detail = exc.message if isinstance(exc, GatewayError) else repr(exc)
+            await self.db(
+                self.store.end_session,
+                session.id,
+                reason=SessionEndReason.ERROR,
+                detail=f"the grant could not be prepared: {detail}",
+            )
+            log.warning("access_not_prepared", session_id=session.id, error=detail)
+            raise
 
     @property
     def expiry_notice_seconds(self) -> list[int]:

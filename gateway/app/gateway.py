@@ -11,8 +11,10 @@ session ended or revoked).
 :class:`Gateway` is what the control API's routers receive: ``db``, ``store``,
 ``audit_writer`` and ``live_connection_count`` (review), grants and requests
 (access), ``verify``, ``refresh_secrets``, ``rotations``, ``rotate`` and
-``schedules`` (resources), ``webhooks``, ``mfa`` and ``sso``. It publishes
-``rotation.succeeded``/``rotation.failed`` for every generated rotation.
+``schedules`` and ``ephemeral`` (resources), ``webhooks``, ``mfa`` and ``sso``.
+It publishes ``rotation.succeeded``/``rotation.failed`` for every generated
+rotation. A grant of an ephemeral account gets its own database role before its
+door opens (``grants.prepare``), dropped after it ends (``ephemeral.ended``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from gateway.audit.runtime import AuditRuntime
 from gateway.audit.sink import AuditSink
 from gateway.audit.writer import AuditWriter
 from gateway.config import GatewaySettings
+from gateway.credentials.ephemeral import EphemeralRoles, EphemeralSettings
 from gateway.credentials.pki import GatewayPki
 from gateway.credentials.rotation import RotationResult, Rotations
 from gateway.credentials.schedule import RotationScheduler, SchedulePlan
@@ -176,6 +179,12 @@ class Gateway:
             lease_seconds=settings.rotation_lease_seconds,
             min_interval_seconds=settings.rotation_min_interval_seconds,
         )
+        #: a database role per grant (ephemeral accounts): made as a grant opens,
+        #: dropped by its janitor after the grant
+        self.ephemeral = EphemeralRoles(
+            store, self.db, self.credentials, _ephemeral_settings(settings)
+        )
+        self.grants.prepare = self.ephemeral.prepare
         self.identity = IdentityService(
             store,
             self.db,
@@ -187,6 +196,7 @@ class Gateway:
         self.sso = SsoService(store, self.db, self.identity)
 
     def _session_ended(self, session: SessionRecord) -> None:
+        self.ephemeral.ended(session)
         if session.project is None:
             return  # a session from before projects: no project's webhooks to tell
         revoked = session.end_reason == SessionEndReason.REVOKED
@@ -218,6 +228,8 @@ class Gateway:
         # 28P01 tries the other password), and the schedules run.
         await self.schedules.start()
         self.rotations.start()
+        # Grant roles a crash left (their sessions were just ended) go first.
+        self.ephemeral.start()
         return closed
 
     async def shutdown(self) -> None:
@@ -225,6 +237,8 @@ class Gateway:
         await self.schedules.close()
         await self.rotations.close()
         await self.grants.shutdown()
+        # The roles of the grants the shutdown ended are dropped, within a bound.
+        await self.ephemeral.close()
         # The sessions' end events go into the outbox before the store thread stops.
         await self.notifier.close()
         # The interval's counts are written before the store thread stops.
@@ -259,6 +273,7 @@ class Gateway:
             resource,
             account,
             connect_timeout=self.settings.upstream_connect_timeout_seconds,
+            ephemeral=self.ephemeral.verify_account,
         )
 
     async def open_access(
@@ -479,6 +494,7 @@ class Gateway:
         return await self.requests.applied(request)
 
     def _extended(self, session: SessionRecord, *, by_seconds: int, by: str) -> None:
+        self.ephemeral.expiry_moved(session)
         if session.project is not None:
             data = session_data(session) | {"by": by, "by_seconds": by_seconds}
             self.notifier.publish(session.project, Event.ACCESS_EXTENDED, data)
@@ -530,6 +546,20 @@ class Gateway:
 
     async def close_access(self, session_id: str, *, detail: str | None = None) -> SessionRecord:
         return await self.grants.close_access(session_id, detail=detail)
+
+
+def _ephemeral_settings(settings: GatewaySettings) -> EphemeralSettings:
+    return EphemeralSettings(
+        connect_timeout=settings.upstream_connect_timeout_seconds,
+        password_length=settings.rotation_password_length,
+        password_alphabet=settings.rotation_password_alphabet,
+        marker_role=settings.ephemeral_marker_role,
+        valid_until_margin_seconds=settings.ephemeral_valid_until_margin_seconds,
+        janitor_interval_seconds=settings.ephemeral_janitor_interval_seconds,
+        retry_first_delay_seconds=settings.ephemeral_retry_first_delay_seconds,
+        retry_max_delay_seconds=settings.ephemeral_retry_max_delay_seconds,
+        gateway_id=settings.gateway_id,
+    )
 
 
 def _check_same_ask(

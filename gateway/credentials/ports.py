@@ -55,6 +55,11 @@ class AccountRecord(Protocol):
     @property
     def managed(self) -> bool: ...
 
+    @property
+    def template_role(self) -> str | None:
+        """Set for an ephemeral account (no password; a role per grant)."""
+        ...
+
 
 class AccountStore(Protocol):
     def get_resource(self, name: str) -> ResourceRecord: ...

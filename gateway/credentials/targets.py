@@ -15,6 +15,10 @@ Invariants:
   else the new one of a rotation in flight. A rotation never leaves a window in
   which a new connection has no password that works. Nothing here logs or returns a password other
   than inside an :class:`~gateway.net.upstream.UpstreamTarget`.
+* A grant of an ephemeral account has a target of its own (its role, its
+  generated password), held here in memory only, from before its door opens
+  until it ends (:meth:`Credentials.set_grant_target`); its connections get it
+  and never a retry.
 """
 
 from __future__ import annotations
@@ -49,15 +53,33 @@ class Credentials:
         default_factory=dict, repr=False
     )
     _generation: int = 0
+    #: session id -> the target of a grant with a role of its own
+    _grant_targets: dict[str, UpstreamTarget] = field(default_factory=dict, repr=False)
 
-    async def upstream_target(self, resource: str, account: str) -> UpstreamTarget:
-        """Where and as whom to connect for *resource*/*account*.
+    def set_grant_target(self, session_id: str, target: UpstreamTarget) -> None:
+        """Connections of grant *session_id* sign in with *target* (its own role)."""
+        self._grant_targets[session_id] = target
+
+    def grant_target(self, session_id: str) -> UpstreamTarget | None:
+        return self._grant_targets.get(session_id)
+
+    def drop_grant_target(self, session_id: str) -> bool:
+        """Forget grant *session_id*'s own target; whether it had one."""
+        return self._grant_targets.pop(session_id, None) is not None
+
+    async def upstream_target(
+        self, resource: str, account: str, *, session_id: str | None = None
+    ) -> UpstreamTarget:
+        """Where and as whom to connect for *resource*/*account* (for grant
+        *session_id*: its own target, when it has one).
 
         Looked up once per :data:`TARGET_CACHE_SECONDS` rather than per connection:
         three store reads and a decryption are most of a new connection's store
         work. The decrypted password is no more exposed by this than by the
         audit's masking list, which holds every stored password anyway.
         """
+        if session_id is not None and (own := self._grant_targets.get(session_id)) is not None:
+            return own
         key = (resource, account)
         cached = self._targets.get(key)
         now = time.monotonic()
@@ -77,6 +99,8 @@ class Credentials:
         rotation in flight (set upstream, not yet promoted). The cached target
         is dropped either way.
         """
+        if failed in self._grant_targets.values():
+            return None  # a grant's own role has one password, and it was this one
         key = (failed.resource, failed.account)
         self._targets.pop(key, None)
         generation = self._generation

@@ -8,6 +8,7 @@ message and hint), never a raised error; the password never appears in one.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from gateway.credentials.ports import AccountStore, StoreThread
@@ -44,16 +45,28 @@ async def verify(
     account: str | None,
     *,
     connect_timeout: float,
+    ephemeral: Callable[[str, str], Awaitable[VerifyResult]] | None = None,
 ) -> list[VerifyResult]:
-    """Sign in with *account* (or each of the resource's accounts), one at a time."""
-    accounts = [account] if account else [a.name for a in await db(store.list_accounts, resource)]
+    """Sign in with *account* (or each of the resource's accounts), one at a time;
+    an ephemeral account (no password) is verified by *ephemeral* instead."""
+    records = (
+        [await db(store.get_account, resource, account)]
+        if account
+        else list(await db(store.list_accounts, resource))
+    )
     res = await db(store.get_resource, resource)
-    if not accounts:
+    if not records:
         raise InvalidRequest(
             f"resource {resource!r} has no accounts to verify with",
             hint=f"add one with `pam account add {resource} NAME --username USER`",
         )
-    return [await _verify_one(credentials, res.name, name, connect_timeout) for name in accounts]
+    results = []
+    for record in records:
+        if ephemeral is not None and record.template_role is not None:
+            results.append(await ephemeral(res.name, record.name))
+        else:
+            results.append(await _verify_one(credentials, res.name, record.name, connect_timeout))
+    return results
 
 
 async def _verify_one(

@@ -305,7 +305,9 @@ class ConnectionLife:
         startup, writer = client.startup, client.writer
         application_name = startup.params.get("application_name")
         try:
-            target = await self.host.upstream_target(self.grant.resource, self.grant.account)
+            target = await self.host.upstream_target(
+                self.grant.resource, self.grant.account, session_id=self.grant.session_id
+            )
             params = {
                 name: value
                 for name, value in startup.params.items()
@@ -483,7 +485,9 @@ class ConnectionLife:
 
     async def _cancel_upstream(self, key: BackendKey) -> None:
         try:
-            target = await self.host.upstream_target(self.grant.resource, self.grant.account)
+            target = await self.host.upstream_target(
+                self.grant.resource, self.grant.account, session_id=self.grant.session_id
+            )
             await send_cancel(target, key.pid, key.secret)
         except (GatewayError, OSError, TimeoutError) as exc:
             self.log.warning("cancel_failed", error=str(exc))

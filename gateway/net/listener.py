@@ -236,7 +236,9 @@ class AccessListener:
             ):
                 continue
             real = upstream.handshake.backend_key
-            target = await self.host.upstream_target(self.grant.resource, self.grant.account)
+            target = await self.host.upstream_target(
+                self.grant.resource, self.grant.account, session_id=self.grant.session_id
+            )
             try:
                 await send_cancel(target, real.pid, real.secret)
             except (GatewayError, OSError, TimeoutError) as exc:

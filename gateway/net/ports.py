@@ -46,7 +46,12 @@ class ConnectionHost(Protocol):
         """Server-side TLS for local clients that ask for it; None answers ``N``."""
         ...
 
-    async def upstream_target(self, resource: str, account: str) -> UpstreamTarget: ...
+    async def upstream_target(
+        self, resource: str, account: str, *, session_id: str | None = None
+    ) -> UpstreamTarget:
+        """Where and as whom to sign in for a connection of grant *session_id*
+        (a grant of an ephemeral account signs in as a role of its own)."""
+        ...
 
     async def retry_target(self, failed: UpstreamTarget) -> UpstreamTarget | None:
         """Another password to try once after *failed* got 28P01 (rotated meanwhile,

@@ -100,6 +100,8 @@ class Resource(_Record):
     #: the role that changes its accounts' passwords upstream (its password is
     #: stored sealed and never in a record); None: each account rotates itself
     rotation_username: str | None = None
+    #: who gets what a grant's own role owned (REASSIGN OWNED); None: the rotation role
+    reassign_to: str | None = None
 
 
 class Account(_Record):
@@ -124,6 +126,11 @@ class Account(_Record):
     rotation_interval_seconds: int | None = None
     next_rotation_at: UtcDatetime | None = None
     rotation_failures: int = 0
+    #: an ephemeral account (no password): each grant signs in as a role of its
+    #: own, made in this template role (``username`` names it too)
+    template_role: str | None = None
+    #: an ephemeral account's role is dropped this long after its grant (None: at its end)
+    cleanup_after_seconds: int | None = None
 
 
 #: What a session records of the request that opened it (revision 0005).

@@ -69,6 +69,7 @@ def resource_record(row: AnyRow) -> Resource:
         created_at=row.created_at,
         project=row.project,
         rotation_username=row.rotation_username,
+        reassign_to=row.reassign_to,
     )
 
 
@@ -89,6 +90,8 @@ def account_record(row: AnyRow, last: tuple[datetime, str] | None = None) -> Acc
         rotation_interval_seconds=row.rotation_interval_seconds,
         next_rotation_at=row.next_rotation_at,
         rotation_failures=row.rotation_failures,
+        template_role=row.template_role,
+        cleanup_after_seconds=row.cleanup_after_seconds,
     )
 
 
@@ -225,6 +228,11 @@ class ResourceStore(StoreBase):
             sealed = conn.execute(
                 select(accounts.c.password_ciphertext).where(accounts.c.id == row.id)
             ).scalar_one()
+        if sealed is None:
+            raise InvalidRequest(
+                f"account '{name}' on resource '{resource}' is ephemeral: it has no password"
+                " (each grant signs in as a role of its own)"
+            )
         try:
             return self._box.decrypt(bytes(sealed), aad=account_aad(row.id)).decode()
         except SecretDecryptError as exc:

@@ -70,6 +70,8 @@ ACCOUNT_COLUMNS: Final = (
     accounts.c.rotation_interval_seconds,
     accounts.c.next_rotation_at,
     accounts.c.rotation_failures,
+    accounts.c.template_role,
+    accounts.c.cleanup_after_seconds,
 )
 
 ACCOUNTS_JOIN: Final = accounts.join(resources, accounts.c.resource_id == resources.c.id)

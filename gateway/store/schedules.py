@@ -50,6 +50,11 @@ class ScheduleStore(StoreBase):
             next_at = None
         with self._transaction(write=True) as conn:
             row = account_row(conn, resource, account, lock="update")
+            if interval_seconds is not None and row.template_role is not None:
+                raise InvalidRequest(
+                    f"account '{account}' of resource '{resource}' is ephemeral: it has no"
+                    " password to rotate (each grant gets a role of its own)"
+                )
             conn.execute(
                 update(accounts)
                 .where(accounts.c.id == row.id)

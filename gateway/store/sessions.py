@@ -3,7 +3,9 @@
 Invariants:
 
 * A session copies its resource's database and its account's username when it
-  is created, so the trail stays true after either changes.
+  is created, so the trail stays true after either changes. A session of an
+  ephemeral account gets the name of its own role instead
+  (``pam_<requester>_<first 8 of its id>``), sealed with the other start fields.
 * A live session's expiry may move later (an extension); its start seal is
   recomputed in the statement that moves it.
 * Ending a session is idempotent: the first end wins and later calls return the
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import ColumnElement, Connection, func, or_, select, true
 
+from gateway.credentials.ephemeral.sql import ephemeral_role_name
 from gateway.errors import InvalidRequest, NotFound
 from gateway.identity.principals import DEFAULT_PROJECT
 from gateway.reasons import CONNECTION_REASON_AT_SESSION_END, SessionEndReason
@@ -109,13 +112,16 @@ class SessionStore(TrailStore):
         with self._transaction(write=True) as conn:
             parent = resource_row(conn, resource, lock="share")
             login = account_row(conn, resource, account, lock="share")
+            session_id = new_id()
             row = {
-                "id": new_id(),
+                "id": session_id,
                 "requester": requester,
                 "resource_name": resource,
                 "account_name": account,
                 "database": parent.database,
-                "username": login.username,
+                "username": login.username
+                if login.template_role is None
+                else ephemeral_role_name(requester, session_id),
                 "listen_host": listen_host,
                 "listen_port": None,
                 "started_at": started,

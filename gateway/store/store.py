@@ -16,6 +16,7 @@ clock and the audit chain they share):
   (chained and sealed by :mod:`gateway.store.rotation_chain`);
 * :mod:`gateway.store.schedules`: rotation schedules; :mod:`gateway.store.leases`:
   leases, for gateways sharing a store to take turns;
+* :mod:`gateway.store.ephemeral`: ephemeral accounts and the roles made for their grants;
 * :mod:`gateway.store.sessions`: access sessions, their ends and seals;
 * :mod:`gateway.store.connections`: connection starts and ends;
 * :mod:`gateway.store.identity`: principals, tokens, roles and policies;
@@ -42,6 +43,7 @@ from gateway.errors import StoreError
 from gateway.store.audit import AuditStore
 from gateway.store.connections import ConnectionStore
 from gateway.store.engine import SqliteSynchronous
+from gateway.store.ephemeral import EphemeralRoleStore
 from gateway.store.identity import IdentityStore
 from gateway.store.leases import LeaseStore
 from gateway.store.mfa import MfaStore
@@ -73,6 +75,7 @@ class Store(
     RotationStore,
     ScheduleStore,
     LeaseStore,
+    EphemeralRoleStore,
 ):
     """Synchronous access to the gateway's persistent state. See the module docstring.
 

@@ -67,6 +67,20 @@ class RotationRoleIn(BaseModel):
     username: str = Field(min_length=1, max_length=255)
     password: SecretStr
     verify: bool = True
+    #: who gets what a grant's own role owned (REASSIGN OWNED); None: the rotation role
+    reassign_to: str | None = Field(default=None, min_length=1, max_length=63)
+
+
+class EphemeralAccountIn(BaseModel):
+    """An account with no password: each grant signs in as a role of its own."""
+
+    name: str
+    #: the role each grant's role is made a member of (what the person may do)
+    template_role: str = Field(min_length=1, max_length=63)
+    #: drop the grant's role this long after the grant (None: at its end)
+    cleanup_after_seconds: int | None = Field(default=None, gt=0)
+    #: sign in as the rotation role first and check that it could make one
+    verify: bool = True
 
 
 class AccessIn(BaseModel):
@@ -189,6 +203,7 @@ class ResourceOut(_Out):
     created_at: datetime
     project: str
     rotation_username: str | None
+    reassign_to: str | None = None
 
 
 class AccountOut(_Out):
@@ -208,6 +223,10 @@ class AccountOut(_Out):
     next_rotation_at: datetime | None = None
     #: scheduled attempts failed in a row (retried with backoff)
     rotation_failures: int = 0
+    #: an ephemeral account's template role, and how long after a grant its
+    #: role is dropped (None: at the grant's end)
+    template_role: str | None = None
+    cleanup_after_seconds: int | None = None
 
 
 class RotationOut(_Out):
@@ -231,6 +250,23 @@ class RotationOut(_Out):
     #: ``pam audit verify`` names)
     gateway_id: str | None = None
     record: int | None = None
+
+
+class GrantRoleOut(_Out):
+    """A database role pam made for a grant and has not dropped yet."""
+
+    role: str
+    resource: str
+    account: str
+    session_id: str
+    created_at: datetime
+    #: when its grant ended (None: live)
+    session_ended_at: datetime | None
+    disabled_at: datetime | None
+    drop_after: datetime | None
+    attempts: int
+    next_attempt_at: datetime | None
+    last_error: str | None
 
 
 class AccountAddOut(AccountOut):

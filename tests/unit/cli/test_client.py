@@ -77,6 +77,7 @@ def body_of(request: httpx.Request) -> Any:
         (api.ResourceJson, models.ResourceOut),
         (api.AccountJson, models.AccountOut),
         (api.AccountAddJson, models.AccountAddOut),
+        (api.GrantRoleJson, models.GrantRoleOut),
         (api.RotationJson, models.RotationOut),
         (api.SessionJson, models.SessionOut),
         (api.ConnectionJson, models.ConnectionOut),
@@ -223,8 +224,24 @@ CALLS: list[tuple[str, Callable[[ApiClient], Any], str, str, dict[str, str], Any
         "PUT",
         "/v1/resources/prod/rotation",
         {},
-        {"username": "rotator", "password": "pw", "verify": True},
+        {"username": "rotator", "password": "pw", "verify": True, "reassign_to": None},
     ),
+    (
+        "add_ephemeral_account",
+        lambda c: c.add_ephemeral_account(
+            "prod", "eph", template_role="app_reader", cleanup_after_seconds=86400
+        ),
+        "POST",
+        "/v1/resources/prod/ephemeral-accounts",
+        {},
+        {
+            "name": "eph",
+            "template_role": "app_reader",
+            "cleanup_after_seconds": 86400,
+            "verify": True,
+        },
+    ),
+    ("grant_roles", lambda c: c.grant_roles("prod"), "GET", "/v1/resources/prod/roles", {}, None),
     (
         "clear_rotation_role",
         lambda c: c.clear_rotation_role("prod"),

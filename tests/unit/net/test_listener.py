@@ -28,7 +28,7 @@ class BrokenHost:
         self.refused_calls: list[Any] = []
         self.records: list[tuple[str, Any]] = []
 
-    async def upstream_target(self, resource: str, account: str) -> Any:
+    async def upstream_target(self, resource: str, account: str, **_: Any) -> Any:
         raise RuntimeError("a bug in the lookup")
 
     def connection_audit(self, *args: Any) -> None:

@@ -90,3 +90,10 @@ def test_a_schedule_set_during_a_run_wins_over_the_run(store: Store) -> None:
     store.set_rotation_schedule("prod", "ro", None)  # turned off meanwhile: stays off
     assert not store.claim_rotation("prod", "ro", expected_next_at=at(2 * HOUR), next_at=at(1))
     assert store.get_account("prod", "ro").next_rotation_at is None
+
+
+def test_an_ephemeral_account_has_no_schedule(store: Store) -> None:
+    store.add_ephemeral_account("prod", "per-grant", "app_template", None)
+    with pytest.raises(InvalidRequest, match="is ephemeral: it has no password to rotate"):
+        store.set_rotation_schedule("prod", "per-grant", 3600, at(60))  # type: ignore[arg-type]
+    store.set_rotation_schedule("prod", "per-grant", None)

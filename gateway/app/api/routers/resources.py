@@ -14,6 +14,8 @@ from gateway.app.api.models import (
     AccountAddOut,
     AccountIn,
     AccountOut,
+    EphemeralAccountIn,
+    GrantRoleOut,
     ResourceIn,
     ResourceOut,
     RotateIn,
@@ -23,7 +25,7 @@ from gateway.app.api.models import (
 )
 from gateway.credentials.rotation import RotationResult
 from gateway.credentials.verify import VerifyResult
-from gateway.errors import NotFound
+from gateway.errors import InvalidRequest, NotFound
 from gateway.identity.principals import Principal
 
 router = APIRouter(prefix="/v1")
@@ -78,6 +80,7 @@ async def get_resource(name: str, caller: Caller, service: Service) -> ResourceO
 @router.delete("/resources/{name}", status_code=204)
 async def remove_resource(name: str, caller: Caller, service: Service) -> None:
     await _administered(service, caller, name)
+    await service.ephemeral.refuse_if_unfinished(name, f"remove resource {name}")
     await service.db(service.store.remove_resource, name)
     await service.refresh_secrets()
 
@@ -95,11 +98,15 @@ async def set_rotation_role(
     name: str, body: RotationRoleIn, caller: Caller, service: Service
 ) -> ResourceOut:
     """The role that changes this resource's accounts' passwords (checked by
-    signing in with it unless ``verify`` is false)."""
+    signing in with it unless ``verify`` is false), and who gets what a grant's
+    own role owned (``reassign_to``: checked to exist and be the rotation
+    role's to give to; None: the rotation role itself)."""
     await _administered(service, caller, name)
-    resource = await service.rotations.set_rotation_role(
-        name, body.username, body.password.get_secret_value(), verify=body.verify
-    )
+    password = body.password.get_secret_value()
+    if body.reassign_to is not None and body.verify:
+        await service.ephemeral.check_owner(name, (body.username, password), body.reassign_to)
+    await service.rotations.set_rotation_role(name, body.username, password, verify=body.verify)
+    resource = await service.db(service.store.set_reassign_owner, name, body.reassign_to)
     return ResourceOut.of(resource)
 
 
@@ -107,6 +114,7 @@ async def set_rotation_role(
 async def clear_rotation_role(name: str, caller: Caller, service: Service) -> ResourceOut:
     """Forget the rotation role: each account changes its own password."""
     await _administered(service, caller, name)
+    await service.ephemeral.refuse_if_unfinished(name, f"clear the rotation role of {name}")
     return ResourceOut.of(await service.db(service.store.clear_rotation_credential, name))
 
 
@@ -134,6 +142,32 @@ async def add_account(
     )
 
 
+@router.post("/resources/{resource}/ephemeral-accounts", status_code=201)
+async def add_ephemeral_account(
+    resource: str, body: EphemeralAccountIn, caller: Caller, service: Service
+) -> AccountOut:
+    """Add an account with no password: each grant signs in as a role of its
+    own, made in ``template_role`` by the resource's rotation role (checked by
+    signing in and trying it, undone, unless ``verify`` is false)."""
+    await _administered(service, caller, resource)
+    account = await service.ephemeral.add_account(
+        resource,
+        body.name,
+        body.template_role,
+        body.cleanup_after_seconds,
+        verify=body.verify,
+    )
+    return AccountOut.of(account)
+
+
+@router.get("/resources/{name}/roles")
+async def grant_roles(name: str, caller: Caller, service: Service) -> list[GrantRoleOut]:
+    """The database roles pam made for grants on this resource and has not
+    dropped yet (live grants' too), oldest first. Never a password."""
+    await _visible(service, caller, name)
+    return [GrantRoleOut.of(r) for r in await service.ephemeral.unfinished(name)]
+
+
 @router.get("/accounts")
 async def list_accounts(
     caller: Caller, service: Service, resource: str | None = None
@@ -154,6 +188,11 @@ async def rotate(
 ) -> AccountOut:
     """Store a typed password (one the upstream already has) once it signs in."""
     await _administered(service, caller, resource)
+    if (await service.db(service.store.get_account, resource, name)).template_role:
+        raise InvalidRequest(
+            f"{resource}/{name} is ephemeral: it has no password; each grant signs in as a"
+            " role of its own"
+        )
     account = await service.rotations.store_password(
         resource,
         name,
