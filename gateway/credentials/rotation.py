@@ -60,6 +60,7 @@ import structlog
 from gateway.credentials.ports import AccountRecord, RotationStore, StoreThread
 from gateway.credentials.records import PendingRotation, RotationEntry, RotationVia
 from gateway.credentials.statements import quote_identifier, quote_literal, run_statement
+from gateway.credentials.targets import target_of
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.net.relay import close_writer
 from gateway.net.upstream import UpstreamConnection, UpstreamTarget, connect_upstream
@@ -632,17 +633,7 @@ class Rotations:
         self, resource: str, account: str, username: str, password: str
     ) -> UpstreamTarget:
         res = await self.db(self.store.get_resource, resource)
-        return UpstreamTarget(
-            resource=res.name,
-            account=account,
-            host=res.host,
-            port=res.port,
-            database=res.database,
-            username=username,
-            password=password,
-            ssl_mode=res.ssl_mode,
-            ca_cert=res.ca_cert,
-        )
+        return target_of(res, account, username, password)
 
     async def _sign_in_failure(self, target: UpstreamTarget) -> UpstreamError | None:
         """Sign in with *target* (a fresh SCRAM exchange: no salted-password

@@ -28,7 +28,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 
-from gateway.credentials.ports import AccountStore, StoreThread
+from gateway.credentials.ports import AccountStore, ResourceRecord, StoreThread
 from gateway.errors import GatewayError
 from gateway.net.upstream import UpstreamTarget
 
@@ -138,16 +138,8 @@ class Credentials:
     def _load_target(self, resource: str, account: str) -> UpstreamTarget:
         res = self.store.get_resource(resource)
         acct = self.store.get_account(resource, account)
-        return UpstreamTarget(
-            resource=res.name,
-            account=acct.name,
-            host=res.host,
-            port=res.port,
-            database=res.database,
-            username=acct.username,
-            password=self.store.reveal_password(resource, account),
-            ssl_mode=res.ssl_mode,
-            ca_cert=res.ca_cert,
+        return target_of(
+            res, acct.name, acct.username, self.store.reveal_password(resource, account)
         )
 
     def _load_secrets(self) -> tuple[str, ...]:
@@ -161,3 +153,19 @@ class Credentials:
             if pending is not None:
                 found.append(pending)
         return tuple(found)
+
+
+def target_of(res: ResourceRecord, account: str, username: str, password: str) -> UpstreamTarget:
+    """Where and as whom to sign in upstream: *res*'s address and TLS, with
+    *username* and *password* (the account's, a rotation role's, a grant role's)."""
+    return UpstreamTarget(
+        resource=res.name,
+        account=account,
+        host=res.host,
+        port=res.port,
+        database=res.database,
+        username=username,
+        password=password,
+        ssl_mode=res.ssl_mode,
+        ca_cert=res.ca_cert,
+    )

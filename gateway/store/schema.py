@@ -594,15 +594,22 @@ rotations = Table(
 )
 
 #: The rotation record's length and last hash, sealed (one row, id 1; revision
+
+
+def _sealed_head(name: str) -> Table:
+    """The one-row table (id 1) of a keyed chain's length, last hash and seal."""
+    return Table(
+        name,
+        metadata,
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("count", Integer, nullable=False),
+        Column("head", String(HASH_LENGTH), nullable=False),
+        Column("seal", String(HASH_LENGTH), nullable=True),
+    )
+
+
 #: 0015): a record cut off the end shows. Appends lock this row.
-rotation_head = Table(
-    "rotation_head",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=False),
-    Column("count", Integer, nullable=False),
-    Column("head", String(HASH_LENGTH), nullable=False),
-    Column("seal", String(HASH_LENGTH), nullable=True),
-)
+rotation_head = _sealed_head("rotation_head")
 
 #: Leases (revision 0015, gateway.store.leases): a name held by one gateway
 #: (``holder``: its gateway id) until ``expires_at`` unless renewed. The rotation
@@ -680,14 +687,7 @@ access_events = Table(
 #: The access trail's length and last hash, sealed (one row, id 1): a record
 #: cut off the end shows. Appends lock this row, so gateways sharing a
 #: PostgreSQL store chain one after another.
-access_event_head = Table(
-    "access_event_head",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=False),
-    Column("count", Integer, nullable=False),
-    Column("head", String(HASH_LENGTH), nullable=False),
-    Column("seal", String(HASH_LENGTH), nullable=True),
-)
+access_event_head = _sealed_head("access_event_head")
 
 # Revision 0016: the roles pam made for grants of ephemeral accounts, written
 # before each CREATE ROLE and finished when the role is dropped (or found gone,

@@ -22,15 +22,16 @@ from typing import Final
 
 from gateway.credentials.ephemeral import sql
 from gateway.credentials.ephemeral.ports import EphemeralRoleStore, EphemeralSettings
-from gateway.credentials.ports import ResourceRecord, StoreThread
+from gateway.credentials.ports import StoreThread
 from gateway.credentials.statements import StatementResult, run_statement
+from gateway.credentials.targets import target_of
 from gateway.errors import InvalidRequest, UpstreamError
 from gateway.net.relay import close_writer
-from gateway.net.upstream import UpstreamConnection, UpstreamTarget, connect_upstream
+from gateway.net.upstream import UpstreamConnection, connect_upstream
 from gateway.protocol import messages
 from gateway.protocol.scram import SCRAM_DEFAULT_ITERATIONS
 
-__all__ = ["DOCS_HINT", "RoleAdmin", "StatementFailed", "target_of"]
+__all__ = ["DOCS_HINT", "RoleAdmin", "StatementFailed"]
 
 _APPLICATION_NAME: Final = "pam grant roles"
 #: PostgreSQL 16 made the SCRAM iteration count a setting (``scram_iterations``).
@@ -44,20 +45,6 @@ class StatementFailed(Exception):
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
-
-
-def target_of(res: ResourceRecord, account: str, username: str, password: str) -> UpstreamTarget:
-    return UpstreamTarget(
-        resource=res.name,
-        account=account,
-        host=res.host,
-        port=res.port,
-        database=res.database,
-        username=username,
-        password=password,
-        ssl_mode=res.ssl_mode,
-        ca_cert=res.ca_cert,
-    )
 
 
 @dataclass(eq=False)

@@ -38,7 +38,7 @@ from typing import Any, TypedDict
 import structlog
 
 from gateway.credentials.ephemeral import sql
-from gateway.credentials.ephemeral.admin import DOCS_HINT, RoleAdmin, StatementFailed, target_of
+from gateway.credentials.ephemeral.admin import DOCS_HINT, RoleAdmin, StatementFailed
 from gateway.credentials.ephemeral.janitor import Janitor
 from gateway.credentials.ephemeral.ports import (
     EphemeralAccount,
@@ -50,7 +50,7 @@ from gateway.credentials.ephemeral.ports import (
 from gateway.credentials.ports import StoreThread
 from gateway.credentials.rotation import generate_password
 from gateway.credentials.statements import quote_literal
-from gateway.credentials.targets import Credentials
+from gateway.credentials.targets import Credentials, target_of
 from gateway.credentials.verify import VerifyResult
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.net.upstream import UpstreamConnection

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -21,6 +22,7 @@ from gateway.access.requests import (
     Open,
     RequestState,
     Revoke,
+    StateChange,
     TransitionRefused,
     apply,
     new_request,
@@ -36,20 +38,26 @@ ADMIN = Actor("p-root", "root", may_approve=True, is_admin=True)
 ALICE_APPROVER = replace(ALICE, may_approve=True)
 
 
+def ask(**given: Any) -> tuple[AccessRequest, list[StateChange]]:
+    """new_request for alice on prod/ro, with *given* in place of the defaults."""
+    asked: dict[str, Any] = {
+        "id": "r" * 32,
+        "project": "default",
+        "requester": ALICE,
+        "resource": "prod",
+        "account": "ro",
+        "duration_seconds": 3600,
+        "reason": "INC-1",
+        "policy_name": "needs-approval",
+        "approvals_required": 1,
+        "approvers": ("@leads",),
+        "now": T0,
+    }
+    return new_request(**(asked | given))
+
+
 def pending(approvals: int = 1, **changes: object) -> AccessRequest:
-    request, records = new_request(
-        id="r" * 32,
-        project="default",
-        requester=ALICE,
-        resource="prod",
-        account="ro",
-        duration_seconds=3600,
-        reason="INC-1",
-        policy_name="needs-approval",
-        approvals_required=approvals,
-        approvers=("@leads",),
-        now=T0,
-    )
+    request, records = ask(approvals_required=approvals)
     assert [r.kind for r in records] == [ChangeKind.REQUESTED]
     return replace(request, **changes)  # type: ignore[arg-type]
 
@@ -216,19 +224,8 @@ def test_only_the_requester_opens_and_the_clock_is_not_fixed_by_the_request() ->
 
 
 def test_break_glass_is_approved_at_once_and_recorded_apart() -> None:
-    request, changes = new_request(
-        id="g" * 32,
-        project="default",
-        requester=ALICE,
-        resource="prod",
-        account="rw",
-        duration_seconds=900,
-        reason="outage INC-9",
-        policy_name="glass",
-        approvals_required=2,
-        approvers=(),
-        now=T0,
-        break_glass=True,
+    request, changes = ask(
+        reason="outage INC-9", policy_name="glass", approvals_required=2, break_glass=True
     )
     assert request.state is RequestState.APPROVED
     assert request.break_glass
@@ -239,20 +236,7 @@ def test_break_glass_is_approved_at_once_and_recorded_apart() -> None:
 
 def test_break_glass_without_a_reason_is_refused() -> None:
     with pytest.raises(TransitionRefused, match="break-glass access requires a reason"):
-        new_request(
-            id="g" * 32,
-            project="default",
-            requester=ALICE,
-            resource="prod",
-            account="rw",
-            duration_seconds=900,
-            reason=" ",
-            policy_name="glass",
-            approvals_required=1,
-            approvers=(),
-            now=T0,
-            break_glass=True,
-        )
+        ask(reason=" ", policy_name="glass", break_glass=True)
 
 
 def test_a_refusal_of_an_approved_request_hints_how_to_open_it() -> None:
@@ -263,21 +247,7 @@ def test_a_refusal_of_an_approved_request_hints_how_to_open_it() -> None:
 
 
 def _extension(**kwargs: object) -> AccessRequest:
-    request, changes = new_request(
-        id="e" * 32,
-        project="default",
-        requester=ALICE,
-        resource="prod",
-        account="ro",
-        duration_seconds=1800,
-        reason="INC-1",
-        policy_name="needs-approval",
-        approvals_required=1,
-        approvers=("@leads",),
-        now=T0,
-        extends_session="s" * 32,
-        **kwargs,  # type: ignore[arg-type]
-    )
+    request, changes = ask(duration_seconds=1800, extends_session="s" * 32, **kwargs)
     assert changes[0].detail["extends_session"] == "s" * 32
     return request
 
