@@ -38,6 +38,7 @@ from rich.text import Text
 
 from cli.client import SessionJson
 from cli.render import console, human_duration, local_time, parse_time, printable
+from gateway.durations import format_duration
 
 __all__ = [
     "ExpiryWatch",
@@ -45,7 +46,6 @@ __all__ = [
     "KeyReader",
     "TextView",
     "View",
-    "compact",
     "expires_at",
     "in_words",
 ]
@@ -58,14 +58,6 @@ def in_words(seconds: int) -> str:
     """``5 minutes``, ``1 minute``, ``90 seconds`` (as the gateway's notices say)."""
     count, unit = (seconds // 60, "minute") if seconds % 60 == 0 else (seconds, "second")
     return f"{count} {unit}{'s' if count != 1 else ''}"
-
-
-def compact(seconds: int) -> str:
-    """``30m``, ``1h30m``, ``90s`` -> ``1m30s``: the form ``--duration`` takes."""
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    parts = (f"{hours}h" * bool(hours), f"{minutes}m" * bool(minutes), f"{secs}s" * bool(secs))
-    return "".join(parts) or "0s"
 
 
 def expires_at(session: SessionJson) -> datetime:
@@ -185,7 +177,7 @@ class TextView:
         status.append(f"{human_duration(max(left, 0.0))} left", style="bold")
         status.append(f" (until {local_time(session['expires_at'])})", style="dim")
         if self.extend_by:
-            status.append(f"  e: extend by {compact(self.extend_by)}", style="dim")
+            status.append(f"  e: extend by {format_duration(self.extend_by)}", style="dim")
         status.append("  Ctrl+C: end", style="dim")
         self._live.update(status, refresh=True)
 

@@ -15,10 +15,10 @@ import math
 
 from gateway.access.authorization import Allowance, NotAllowed, authorize_access
 from gateway.access.ports import SessionRecord
+from gateway.durations import format_duration
 from gateway.errors import InvalidRequest
 from gateway.identity.policy import Policy
 from gateway.identity.principals import Principal
-from gateway.net.idle import format_duration
 
 __all__ = ["authorize_extension", "check_extension"]
 

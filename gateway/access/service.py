@@ -48,8 +48,8 @@ from gateway.access.ports import SessionRecord, SessionStore, StoreThread
 from gateway.audit.runtime import AuditRuntime
 from gateway.config import GatewaySettings
 from gateway.credentials.pki import GatewayPki, grant_id_of, is_within_validity, public_key_of
+from gateway.durations import format_duration
 from gateway.errors import GatewayError, InvalidRequest, NotFound
-from gateway.net.idle import format_duration
 from gateway.net.listener import (
     DEFAULT_SOCKET_PORT,
     AccessListener,

@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
+from gateway.durations import format_duration
 from gateway.identity.principals import Principal
 
 __all__ = ["Decision", "Policy", "decide"]
@@ -93,7 +94,7 @@ def decide(
     long_enough = [p for p in matching if p.max_duration_seconds >= duration_seconds]
     if not long_enough:
         longest = max(matching, key=lambda p: p.max_duration_seconds)
-        limit = _duration(longest.max_duration_seconds)
+        limit = format_duration(longest.max_duration_seconds)
         return Decision(
             None,
             f"the longest access policy '{longest.name}' allows is {limit}",
@@ -128,10 +129,3 @@ def _break_glass(allowing: list[Policy], has_reason: bool) -> Decision:
     if not has_reason:
         return Decision(None, "break-glass access requires a reason", "give one with --reason TEXT")
     return Decision(glass[0])
-
-
-def _duration(seconds: int) -> str:
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    parts = (f"{hours}h" * bool(hours), f"{minutes}m" * bool(minutes), f"{secs}s" * bool(secs))
-    return "".join(parts) or "0s"

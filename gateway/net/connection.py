@@ -38,6 +38,7 @@ from typing import Protocol
 
 import structlog
 
+from gateway.durations import format_duration
 from gateway.errors import GatewayError, UpstreamError
 from gateway.net.client_startup import (
     ClientStarted,
@@ -45,7 +46,6 @@ from gateway.net.client_startup import (
     read_client_startup,
     read_tunnelled_startup,
 )
-from gateway.net.idle import format_duration
 from gateway.net.ports import ConnectionAuditTap, ConnectionHost, GrantInfo
 from gateway.net.relay import IdleLimit, Relay, Termination, close_writer
 from gateway.net.upstream import UpstreamConnection, UpstreamTarget, connect_upstream, send_cancel

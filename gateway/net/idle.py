@@ -24,21 +24,13 @@ from typing import Final
 from gateway.protocol.constants import BackendType, FrontendType
 from gateway.protocol.framing import TappedMessage
 
-__all__ = ["AWAITS_READY", "READY", "IdleWatch", "format_duration"]
+__all__ = ["AWAITS_READY", "READY", "IdleWatch"]
 
 #: client messages each answered by exactly one ReadyForQuery
 AWAITS_READY: Final = frozenset(
     {int(FrontendType.QUERY), int(FrontendType.SYNC), int(FrontendType.FUNCTION_CALL)}
 )
 READY: Final = int(BackendType.READY_FOR_QUERY)
-
-
-def format_duration(seconds: float) -> str:
-    """``15m``, ``1h30m``, ``45s``: the form ``pam policy add`` takes."""
-    hours, rest = divmod(int(seconds), 3600)
-    minutes, secs = divmod(rest, 60)
-    parts = (f"{hours}h" * bool(hours), f"{minutes}m" * bool(minutes), f"{secs}s" * bool(secs))
-    return "".join(parts) or "0s"
 
 
 class IdleWatch:

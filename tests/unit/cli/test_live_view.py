@@ -17,9 +17,10 @@ from click.testing import CliRunner
 
 from cli.access import ConnectionInfo
 from cli.client import ApiClient, SessionJson
-from cli.live import ExpiryWatch, JsonEvents, compact, in_words
+from cli.live import ExpiryWatch, JsonEvents, in_words
 from cli.main import cli
 from gateway.config import ClientConfig
+from gateway.durations import format_duration
 
 T0 = datetime(2024, 6, 1, 10, 0, tzinfo=UTC)
 
@@ -63,7 +64,7 @@ def test_durations_read_as_the_gateway_and_the_options_say_them() -> None:
         "1 second",
         "8 seconds",
     ]
-    assert [compact(s) for s in (1800, 5400, 90, 45)] == ["30m", "1h30m", "1m30s", "45s"]
+    assert [format_duration(s) for s in (1800, 5400, 90, 45)] == ["30m", "1h30m", "1m30s", "45s"]
 
 
 SESSION = cast(

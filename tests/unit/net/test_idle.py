@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from gateway.net.idle import IdleWatch, format_duration
+from gateway.durations import format_duration
+from gateway.net.idle import IdleWatch
 from gateway.protocol.framing import TappedMessage
 
 
