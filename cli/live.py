@@ -38,7 +38,7 @@ from rich.text import Text
 
 from cli.client import SessionJson
 from cli.render import console, human_duration, local_time, parse_time, printable
-from gateway.durations import format_duration
+from gateway.durations import format_duration, in_words
 
 __all__ = [
     "ExpiryWatch",
@@ -47,17 +47,10 @@ __all__ = [
     "TextView",
     "View",
     "expires_at",
-    "in_words",
 ]
 
 #: how long the key thread waits for a key before checking whether to stop
 _KEY_POLL_SECONDS = 0.2
-
-
-def in_words(seconds: int) -> str:
-    """``5 minutes``, ``1 minute``, ``90 seconds`` (as the gateway's notices say)."""
-    count, unit = (seconds // 60, "minute") if seconds % 60 == 0 else (seconds, "second")
-    return f"{count} {unit}{'s' if count != 1 else ''}"
 
 
 def expires_at(session: SessionJson) -> datetime:

@@ -48,7 +48,7 @@ from gateway.access.ports import SessionRecord, SessionStore, StoreThread
 from gateway.audit.runtime import AuditRuntime
 from gateway.config import GatewaySettings
 from gateway.credentials.pki import GatewayPki, grant_id_of, is_within_validity, public_key_of
-from gateway.durations import format_duration
+from gateway.durations import format_duration, in_words
 from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.net.listener import (
     DEFAULT_SOCKET_PORT,
@@ -577,7 +577,7 @@ class GrantService:
             "WARNING",
             SqlState.WARNING,
             f"access grant for {session.resource_name}/{session.account_name} expires at"
-            f" {session.expires_at.astimezone(UTC):%H:%M:%S} UTC (in {_in_words(lead)});"
+            f" {session.expires_at.astimezone(UTC):%H:%M:%S} UTC (in {in_words(lead)});"
             " connections will be closed then",
             hint=f"extend it with `pam grant extend {session.id[:8]} --by 30m`"
             " (or press e in the running `pam db access`)",
@@ -609,12 +609,6 @@ class GrantService:
 def _is_live(grant: Grant) -> bool:
     """Not ended, and not ending: an end sets the listener's refusal first."""
     return not grant.is_ended and grant.listener.refusal is None
-
-
-def _in_words(seconds: int) -> str:
-    """``5 minutes``, ``1 minute``, ``90 seconds``."""
-    count, unit = (seconds // 60, "minute") if seconds % 60 == 0 else (seconds, "second")
-    return f"{count} {unit}{'s' if count != 1 else ''}"
 
 
 def _cert_refused(message: str) -> Termination:
