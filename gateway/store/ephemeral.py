@@ -21,16 +21,15 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Final, get_args
 
 from sqlalchemy import and_, or_, select, update
-from sqlalchemy.exc import IntegrityError
 
 from gateway.credentials.ephemeral.ports import EphemeralRole, RoleOutcome
 from gateway.credentials.ephemeral.sql import check_role_name
-from gateway.errors import AlreadyExists, InvalidRequest, NotFound
+from gateway.errors import InvalidRequest, NotFound
 from gateway.store.engine import StoreBase
 from gateway.store.models import Account, Resource
-from gateway.store.resources import resource_record
+from gateway.store.resources import insert_account, resource_record
 from gateway.store.rows import new_id, resource_row
-from gateway.store.schema import accounts, ephemeral_roles, resources, sessions
+from gateway.store.schema import ephemeral_roles, resources, sessions
 from gateway.store.validation import check_name, required_text
 
 if TYPE_CHECKING:
@@ -89,36 +88,13 @@ class EphemeralRoleStore(StoreBase):
             0 < cleanup_after_seconds <= MAX_CLEANUP_AFTER_SECONDS
         ):
             raise InvalidRequest("cleanup_after_seconds must be between 1 second and a year")
-        account_id, now = new_id(), self._now()
-        try:
-            with self._transaction(write=True, conflicts=True) as conn:
-                parent = resource_row(conn, resource, lock="share")
-                conn.execute(
-                    accounts.insert().values(
-                        id=account_id,
-                        resource_id=parent.id,
-                        name=name,
-                        username=template_role,
-                        password_ciphertext=None,
-                        created_at=now,
-                        password_updated_at=now,
-                        managed=0,
-                        template_role=template_role,
-                        cleanup_after_seconds=cleanup_after_seconds,
-                    )
-                )
-        except IntegrityError:
-            raise AlreadyExists(
-                f"account '{name}' already exists on resource '{resource}'"
-            ) from None
-        return Account(
-            id=account_id,
-            resource_id=parent.id,
-            resource_name=resource,
+        return insert_account(
+            self,
+            resource,
+            account_id=new_id(),
             name=name,
             username=template_role,
-            created_at=now,
-            password_updated_at=now,
+            password_ciphertext=None,
             template_role=template_role,
             cleanup_after_seconds=cleanup_after_seconds,
         )

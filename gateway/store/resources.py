@@ -163,35 +163,14 @@ class ResourceStore(StoreBase):
         required_text("username", username)
         check_password(password)
         account_id = new_id()
-        now = self._now()
         sealed = self._box.encrypt(password.encode(), aad=account_aad(account_id))
-        try:
-            with self._transaction(write=True, conflicts=True) as conn:
-                parent = resource_row(conn, resource, lock="share")
-                conn.execute(
-                    accounts.insert().values(
-                        id=account_id,
-                        resource_id=parent.id,
-                        name=name,
-                        username=username,
-                        password_ciphertext=sealed,
-                        created_at=now,
-                        password_updated_at=now,
-                        managed=int(managed),
-                    )
-                )
-        except IntegrityError:
-            raise AlreadyExists(
-                f"account '{name}' already exists on resource '{resource}'"
-            ) from None
-        return Account(
-            id=account_id,
-            resource_id=parent.id,
-            resource_name=resource,
+        return insert_account(
+            self,
+            resource,
+            account_id=account_id,
             name=name,
             username=username,
-            created_at=now,
-            password_updated_at=now,
+            password_ciphertext=sealed,
             managed=managed,
         )
 
@@ -272,3 +251,52 @@ class ResourceStore(StoreBase):
                     "session(s); end them first"
                 )
             conn.execute(accounts.delete().where(accounts.c.id == row.id))
+
+
+def insert_account(
+    store: StoreBase,
+    resource: str,
+    *,
+    account_id: str,
+    name: str,
+    username: str,
+    password_ciphertext: bytes | None,
+    managed: bool = False,
+    template_role: str | None = None,
+    cleanup_after_seconds: int | None = None,
+) -> Account:
+    """Insert one account row of *resource* in a transaction of its own (an
+    ordinary or managed one with its sealed password, or an ephemeral one with
+    none); :class:`AlreadyExists` for a taken name."""
+    now = store._now()
+    try:
+        with store._transaction(write=True, conflicts=True) as conn:
+            parent = resource_row(conn, resource, lock="share")
+            conn.execute(
+                accounts.insert().values(
+                    id=account_id,
+                    resource_id=parent.id,
+                    name=name,
+                    username=username,
+                    password_ciphertext=password_ciphertext,
+                    created_at=now,
+                    password_updated_at=now,
+                    managed=int(managed),
+                    template_role=template_role,
+                    cleanup_after_seconds=cleanup_after_seconds,
+                )
+            )
+    except IntegrityError:
+        raise AlreadyExists(f"account '{name}' already exists on resource '{resource}'") from None
+    return Account(
+        id=account_id,
+        resource_id=parent.id,
+        resource_name=resource,
+        name=name,
+        username=username,
+        created_at=now,
+        password_updated_at=now,
+        managed=managed,
+        template_role=template_role,
+        cleanup_after_seconds=cleanup_after_seconds,
+    )
