@@ -15,10 +15,12 @@ reset, stall on command) in front of any host:port, stopped when the test ends.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import pytest
 from faultproxy import FaultProxy
@@ -105,9 +107,19 @@ def pytest_runtest_makereport(
     return report
 
 
-def _provision_gateway(root: Path, pg: TempCluster, pg_roles: Mapping[str, PgRole]) -> Gateway:
+def provision_gateway(
+    root: Path,
+    pg: TempCluster,
+    pg_roles: Mapping[str, PgRole],
+    settings: Mapping[str, Any] | None = None,
+) -> Gateway:
+    """A running daemon (with *settings* in its gateway.json), resource ``prod``
+    and one account per role of ``pg_roles``."""
     gw = Gateway(root)
     gw.init()
+    if settings:
+        path = gw.home / "gateway.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **settings}))
     gw.start()
     try:
         # Through the API in-process: the CLI's own commands are tested in test_cli.
@@ -139,7 +151,7 @@ def gateway(pg: TempCluster, pg_roles: Mapping[str, PgRole], tmp_path: Path) -> 
     """A running daemon of its own with resource ``prod`` (verify-full against
     ``pg``) and one account per role of ``pg_roles``, all registered through the
     CLI. For tests that stop, restart or reconfigure the daemon."""
-    gw = _provision_gateway(tmp_path, pg, pg_roles)
+    gw = provision_gateway(tmp_path, pg, pg_roles)
     try:
         yield gw
     finally:
@@ -151,7 +163,7 @@ def module_gateway(
     pg: TempCluster, pg_roles: Mapping[str, PgRole], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
     """One daemon for a whole test module (set up like ``gateway``)."""
-    gw = _provision_gateway(tmp_path_factory.mktemp("gateway"), pg, pg_roles)
+    gw = provision_gateway(tmp_path_factory.mktemp("gateway"), pg, pg_roles)
     try:
         yield gw
     finally:

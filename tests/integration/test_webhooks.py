@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import APP_DATABASE
+from conftest import provision_gateway
 from harness import AccessProcess, Gateway, _Drain, assert_one_error_line, psql, wait_for
 
 from gateway.testing.pgcluster import PgRole, TempCluster
@@ -45,44 +45,11 @@ def documented_verifier() -> Callable[[str, str, bytes], dict[str, Any]]:
     return verifier
 
 
-def start_gateway(
-    root: Path, pg: TempCluster, pg_roles: Mapping[str, PgRole], settings: dict[str, Any]
-) -> Gateway:
-    """A daemon with *settings* in its gateway.json, resource ``prod`` and its accounts."""
-    gw = Gateway(root)
-    gw.init()
-    path = gw.home / "gateway.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **settings}))
-    gw.start()
-    try:
-        with gw.api() as api:
-            api.post(
-                "/v1/resources",
-                {
-                    "name": "prod",
-                    "host": pg.host,
-                    "port": pg.port,
-                    "database": APP_DATABASE,
-                    "ssl_mode": "verify-full",
-                    "ca_cert": pg.ca_cert_path.read_text(),
-                },
-            )
-            for key, role in pg_roles.items():
-                api.post(
-                    "/v1/resources/prod/accounts",
-                    {"name": key, "username": role.name, "password": role.password},
-                )
-    except BaseException:
-        gw.close()
-        raise
-    return gw
-
-
 @pytest.fixture(scope="module")
 def module_hooked(
     pg: TempCluster, pg_roles: Mapping[str, PgRole], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
-    gw = start_gateway(tmp_path_factory.mktemp("hooks"), pg, pg_roles, FAST)
+    gw = provision_gateway(tmp_path_factory.mktemp("hooks"), pg, pg_roles, FAST)
     try:
         yield gw
     finally:
@@ -283,7 +250,7 @@ def test_a_pending_delivery_is_sent_after_a_restart(
         "webhook_retry_factor": 1.0,
         "webhook_max_attempts": 100,
     }
-    gw = start_gateway(tmp_path, pg, pg_roles, slow)
+    gw = provision_gateway(tmp_path, pg, pg_roles, slow)
     receiver = WebhookReceiver().start()
     receiver.stop()  # down, on a port it will come back to
     try:
