@@ -333,10 +333,7 @@ class ApiClient:
             body["break_glass"] = True
         if otp is not None:
             body["otp"] = otp  # a second-factor code, where the policy asks for one
-        answer = self.post("/v1/access", body)
-        if isinstance(answer, dict) and "request" in answer and "id" not in answer:
-            raise PendingApproval(cast(RequestJson, answer["request"]))
-        return cast(AccessJson, answer)
+        return cast(AccessJson, self._post_unless_pending("/v1/access", body))
 
     # --- access requests ----------------------------------------------------------------
 
@@ -378,10 +375,8 @@ class ApiClient:
         """The grant with its new expiry; raises :class:`PendingApproval` when a
         policy wants the extension approved first (it is applied once approved)."""
         body = {"by_seconds": by_seconds}
-        answer = self.post(f"/v1/access/{seg(session_id)}/extend", body)
-        if isinstance(answer, dict) and "request" in answer and "id" not in answer:
-            raise PendingApproval(cast(RequestJson, answer["request"]))
-        return cast(SessionJson, answer)
+        path = f"/v1/access/{seg(session_id)}/extend"
+        return cast(SessionJson, self._post_unless_pending(path, body))
 
     def access_certificate(self, session_id: str) -> CertificateJson:
         return cast(CertificateJson, self.get(f"/v1/access/{seg(session_id)}/certificate"))
@@ -703,6 +698,15 @@ class ApiClient:
 
     def post(self, path: str, json: Any = None, **params: Any) -> Any:
         return self.request("POST", path, json=json, params=params)
+
+    def _post_unless_pending(self, path: str, json: Any) -> Any:
+        """A POST that a policy may answer with a request to wait on (202,
+        ``{"request": ...}``, the API's AccessPendingOut): raised as
+        :class:`PendingApproval`."""
+        answer = self.post(path, json)
+        if isinstance(answer, dict) and set(answer) == {"request"}:
+            raise PendingApproval(cast(RequestJson, answer["request"]))
+        return answer
 
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path)
