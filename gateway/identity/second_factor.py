@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -55,10 +55,10 @@ log = structlog.get_logger(__name__)
 class Enrolment:
     """A pending second factor, the one time its secret leaves the gateway."""
 
-    #: base32, as an authenticator app takes it typed in
-    secret: str
-    #: ``otpauth://totp/...``, what the QR code carries
-    uri: str
+    #: base32, as an authenticator app takes it typed in (not in the repr)
+    secret: str = field(repr=False)
+    #: ``otpauth://totp/...``, what the QR code carries: the secret too
+    uri: str = field(repr=False)
     issuer: str
     account: str
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
@@ -75,7 +75,7 @@ class TokenKind:
 class IssuedToken:
     """A token as made: the only time the token itself exists outside the caller."""
 
-    token: str
+    token: str = field(repr=False)
     token_id: str
     principal: str
     expires_at: datetime | None

@@ -114,7 +114,7 @@ class StartedSignIn:
     """What the CLI gets from a start: the handle to poll with (shown once) and
     either the authorization URL or a user code and where to enter it."""
 
-    handle: str
+    handle: str = field(repr=False)
     expires_at: datetime
     interval: float
     authorization_url: str | None = None
