@@ -107,13 +107,15 @@ def account_add(
     elif rotation is None:
         checked = "" if no_verify else " checked upstream and"
         console.print(
-            f"Account {resource_name}/{name} (user {username}) added; the password was"
-            f"{checked} stored encrypted."
+            f"Account {resource_name}/{name} (user {printable(username)}) added; the password"
+            f" was{checked} stored encrypted.",
+            markup=False,
         )
     elif rotation["ok"]:
         console.print(
-            f"Account {resource_name}/{name} (user {username}) added and rotated: the"
-            " password you typed no longer works, and nobody knows the current one."
+            f"Account {resource_name}/{name} (user {printable(username)}) added and rotated:"
+            " the password you typed no longer works, and nobody knows the current one.",
+            markup=False,
         )
     if rotation is not None and not rotation["ok"]:
         raise GatewayError(
@@ -158,7 +160,8 @@ def _add_ephemeral(
     when = "at the grant's end" if seconds is None else f"{cleanup_after} after the grant"
     console.print(
         f"Account {resource_name}/{name} added: each grant signs in as a role of its own,"
-        f" a member of {printable(template_role)}, dropped {when}."
+        f" a member of {printable(template_role)}, dropped {when}.",
+        markup=False,
     )
 
 
