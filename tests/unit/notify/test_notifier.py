@@ -88,10 +88,12 @@ async def test_a_subscribed_webhook_gets_a_signed_body_and_others_get_nothing(
     hook, secret = await webhooks.add(
         project="default", url=receiver.url, events=["access.opened"], created_by="ann"
     )
-    await webhooks.add(
+    unsubscribed, _ = await webhooks.add(
         project="default", url=receiver.url, events=["access.ended"], created_by=None
     )
-    await webhooks.add(project="other", url=receiver.url, events=["*"], created_by=None)
+    elsewhere, _ = await webhooks.add(
+        project="other", url=receiver.url, events=["*"], created_by=None
+    )
 
     notifier.publish("default", "access.opened", {"session_id": "s1", "n": 1})
 
@@ -116,6 +118,10 @@ async def test_a_subscribed_webhook_gets_a_signed_body_and_others_get_nothing(
     assert verify_signature(secret, got.headers["x-pam-signature"], got.body, now=time.time())
     assert (delivery.attempts, delivery.last_status_code, delivery.last_error) == (1, 200, None)
     await notifier.flush()
+    # Every outbox row is written now: the other two webhooks have none (a
+    # request to them might merely be late; a row would not be).
+    assert store.deliveries(unsubscribed.id, limit=10) == []
+    assert store.deliveries(elsewhere.id, limit=10) == []
     assert len(receiver.requests) == 1
 
 
