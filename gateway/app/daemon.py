@@ -23,6 +23,7 @@ from pathlib import Path
 import structlog
 import uvicorn
 
+from gateway.app import web
 from gateway.app.api import create_app
 from gateway.app.gateway import Gateway
 from gateway.audit.journal import JOURNAL_DIR
@@ -374,8 +375,10 @@ async def run(
         await service.start()
         if ca is not None:
             tunnel = await _start_tunnel(home, box, settings, service, ca)
+        app = create_app(service)
+        web.mount(app, service)  # the web console, under /ui/ (docs/web.md)
         config = uvicorn.Config(
-            create_app(service),
+            app,
             log_level="warning",
             access_log=False,
             lifespan="off",

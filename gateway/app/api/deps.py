@@ -114,6 +114,11 @@ def error(
     return JSONResponse(status_code=status, content={"error": body})
 
 
+def status_of(exc: GatewayError) -> int:
+    """The HTTP status an error is answered with."""
+    return next((code for kind, code in _STATUS if isinstance(exc, kind)), 500)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -125,7 +130,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, GatewayError)
-        status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 500)
+        status = status_of(exc)
         if status in (401, 403):
             # Every refused call is on record: who, from where, why.
             await record_api_refusal(request, exc)

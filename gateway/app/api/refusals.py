@@ -26,8 +26,11 @@ from gateway.refusal import Refusal, RefusalPlace, RefusalReason
 
 __all__ = ["record_api_refusal"]
 
-_LOGIN_PATH = "/v1/login"
+#: the API's and the web console's sign-in forms
+_LOGIN_PATHS = ("/v1/login", "/ui/login")
 _BEARER = "bearer "
+#: the web console's session cookie (gateway.app.web.security.SESSION_COOKIE)
+_WEB_SESSION_COOKIE = "__Host-pam_session"
 #: a token's standing (gateway.store.refusals) -> the refusal's reason
 _STANDING = {
     "disabled": RefusalReason.DISABLED_USER,
@@ -68,7 +71,7 @@ async def record_api_refusal(request: Request, exc: GatewayError) -> None:
 
 
 async def _unauthenticated(request: Request, service: Gateway) -> tuple[RefusalReason, str | None]:
-    if request.url.path == _LOGIN_PATH:
+    if request.url.path in _LOGIN_PATHS:
         # Only a name that is a principal's is recorded: an unknown one may be a
         # password typed into the name field.
         name = getattr(request.state, "login_name", None)
@@ -76,6 +79,7 @@ async def _unauthenticated(request: Request, service: Gateway) -> tuple[RefusalR
         return RefusalReason.BAD_PASSWORD, name if known else None
     header = request.headers.get("authorization", "")
     token = header[len(_BEARER) :].strip() if header.lower().startswith(_BEARER) else ""
+    token = token or request.cookies.get(_WEB_SESSION_COOKIE, "")
     if not token:
         return RefusalReason.NO_TOKEN, None
     standing = await service.db(

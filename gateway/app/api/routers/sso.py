@@ -52,6 +52,9 @@ public_router = APIRouter(prefix="/v1/sso")
 router = APIRouter(prefix="/v1/sso")
 _log = structlog.get_logger("gateway.sso")
 
+#: The web console's cookie holding a browser sign-in's poll handle
+#: (gateway.app.web.security.SSO_COOKIE).
+_WEB_SSO_COOKIE: Final = "__Host-pam_sso"
 #: The device page's form is a few bytes; anything larger is not it.
 _MAX_FORM_BYTES: Final = 2048
 _PAGE_HEADERS: Final = {
@@ -153,7 +156,7 @@ async def callback(
     code: str | None = None,
     error: str | None = None,
     error_description: str | None = None,
-) -> HTMLResponse:
+) -> Response:
     try:
         signed_in = await service.sso.callback(
             state=state, code=code, error=error, error_description=error_description
@@ -169,6 +172,10 @@ async def callback(
         member_of=list(signed_in.member_of),
         client_addr=client_addr(request),
     )
+    if request.cookies.get(_WEB_SSO_COOKIE):
+        # Started from the web console's login page: it finishes the sign-in
+        # with the poll handle that cookie holds.
+        return RedirectResponse("/ui/sso/finish", status_code=303)
     groups = ", ".join(signed_in.groups) or "none"
     return _page(
         "Signed in to pam",

@@ -1,0 +1,100 @@
+"""The console's ASGI app: its routers, static files, error pages and headers."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import RedirectResponse, Response
+
+from gateway import __version__
+from gateway.app.api.deps import status_of
+from gateway.app.api.refusals import record_api_refusal
+from gateway.app.gateway import Gateway
+from gateway.app.web.deps import STATIC_DIR, LoginRequired, render, ui
+from gateway.app.web.routes import ROUTERS
+from gateway.app.web.security import SecurityHeaders
+from gateway.errors import GatewayError
+
+__all__ = ["create_web_app"]
+
+
+def create_web_app(service: Gateway) -> FastAPI:
+    web = FastAPI(
+        title="pam web console",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        redirect_slashes=False,
+    )
+    web.state.service = service
+    web.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    for router in ROUTERS:
+        web.include_router(router)
+    _install_error_pages(web)
+    web.add_middleware(SecurityHeaders, cacheable_prefixes=(ui("/static/"),))
+    return web
+
+
+def _is_htmx(request: Request) -> bool:
+    return request.headers.get("hx-request") == "true"
+
+
+def _install_error_pages(web: FastAPI) -> None:
+    @web.exception_handler(LoginRequired)
+    async def _login(request: Request, _exc: Exception) -> Response:
+        target = ui("/login")
+        here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        if request.method == "GET" and here != target:
+            target += "?next=" + quote(here, safe="")
+        if _is_htmx(request):
+            return Response(status_code=401, headers={"HX-Redirect": target})
+        return RedirectResponse(target, status_code=303)
+
+    @web.exception_handler(GatewayError)
+    async def _gateway_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, GatewayError)
+        status = status_of(exc)
+        if status in (401, 403):
+            await record_api_refusal(request, exc)
+        return render(
+            request,
+            "error_fragment.html" if _is_htmx(request) else "error.html",
+            status_code=status,
+            kind=type(exc).__name__,
+            message=exc.message,
+            hint=exc.hint,
+            status=status,
+        )
+
+    @web.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        return render(
+            request,
+            "error_fragment.html" if _is_htmx(request) else "error.html",
+            status_code=exc.status_code,
+            kind="NotFound" if exc.status_code == 404 else "HTTPError",
+            message="no such page" if exc.status_code == 404 else str(exc.detail),
+            hint=None,
+            status=exc.status_code,
+        )
+
+    @web.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query"))
+        return render(
+            request,
+            "error_fragment.html" if _is_htmx(request) else "error.html",
+            status_code=400,
+            kind="InvalidRequest",
+            message=f"{where}: {first.get('msg', 'invalid input')}",
+            hint=None,
+            status=400,
+        )
