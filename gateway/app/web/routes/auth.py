@@ -204,7 +204,11 @@ async def sso_finish(request: Request, service: Service) -> Response:
             problem=(
                 result.message if result and result.message else "single sign-on did not finish"
             ),
-            hint=result.hint if result else "start again with the single sign-on button",
+            hint=(
+                result.hint
+                if result and result.message
+                else "start again with the single sign-on button"
+            ),
             status_code=401,
         )
         clear_cookie(response, SSO_COOKIE, same_site="lax")
