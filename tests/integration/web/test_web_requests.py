@@ -5,17 +5,13 @@ project asks for it, who sees and who may decide what, the history, CSRF."""
 
 from __future__ import annotations
 
-import base64
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from conftest import Console, Pages
-from cryptography.hazmat.primitives.hashes import SHA1
-from cryptography.hazmat.primitives.twofactor.totp import TOTP
 from playwright.sync_api import expect
-from webclient import browser_of, form
+from webclient import Authenticator, browser_of, form
 
 pytestmark = pytest.mark.integration
 
@@ -143,25 +139,6 @@ def test_the_requester_cannot_approve_their_own_but_may_cancel_it(
     assert shown(approvals, "ada", rid)["state"] == "cancelled"
 
 
-class Authenticator:
-    """otto's authenticator app: a fresh code for each use, never one reused."""
-
-    def __init__(self, secret: str) -> None:
-        key = base64.b32decode(secret + "=" * (-len(secret) % 8))
-        self._totp = TOTP(key, 6, SHA1(), 30)  # noqa: S303 (RFC 6238's HMAC, as the apps)
-        self._step = int(time.time() // 30)
-
-    def code(self) -> str:
-        code = self._totp.generate(self._step * 30).decode()
-        self._step += 1  # the gateway accepts one step ahead; this one is then spent
-        return code
-
-    def wrong(self) -> str:
-        now = time.time()
-        near = {self._totp.generate(now + k * 30).decode() for k in range(-3, 4)}
-        return next(c for c in ("000000", "111111", "222222", "333333") if c not in near)
-
-
 @pytest.fixture
 def approval_mfa(approvals: Console) -> Iterator[None]:
     approvals.gw.cli("project", "set", "default", "--approval-mfa")
@@ -176,10 +153,7 @@ def test_approval_asks_the_approvers_code_where_the_project_says_so(
 ) -> None:
     otto = web.as_user("otto")  # signed in before enrolling: the session stays
     with approvals.api_as("otto") as api:
-        enrolled = api.post("/v1/mfa/enroll")
-        assert enrolled.status_code == 201, enrolled.text
-        app = Authenticator(enrolled.json()["secret"])
-        assert api.post("/v1/mfa/confirm", json={"code": app.code()}).status_code == 200
+        app = Authenticator.enrol(api)
     rid = ask(approvals, "max", "INC-104 needs a code")["id"]
 
     otto.goto(approvals.url(f"/requests/{rid}"))

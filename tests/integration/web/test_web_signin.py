@@ -1,8 +1,9 @@
-"""Signing in to the console with single sign-on (issue 16 point 1), in Debian's
-chromium against a real OpenID Connect provider (oidc-provider-mock, run as in
-tests/integration/test_sso_oidc.py) and the real daemon: the login page's
-button, the provider's form, its return to ``/v1/sso/callback``, the hand-off
-to ``/ui/sso/finish`` and the session cookie it sets."""
+"""Signing in to the console (issue 16 point 1), in Debian's chromium against
+the real daemon: single sign-on with a real OpenID Connect provider
+(oidc-provider-mock, run as in tests/integration/test_sso_oidc.py): the login
+page's button, the provider's form, its return to ``/v1/sso/callback``, the
+hand-off to ``/ui/sso/finish`` and the session cookie it sets, and a refusal;
+and the login form asking an enrolled user's one-time code."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 import pytest
-from conftest import Console, Pages
+from conftest import PASSWORD, Console, Pages
 from harness import wait_for
 from playwright.sync_api import Page, Route, expect
+from webclient import Authenticator
 
 from gateway.testing.net import free_port
 
@@ -155,3 +157,31 @@ def test_a_sign_in_refused_at_the_provider_ends_on_the_login_form_saying_why(
     assert any(r["reason"] == "sso_refused" and "access_denied" in r["message"] for r in refusals)
     page.goto(console.url("/"))
     page.wait_for_url(console.url("/login?next=%2Fui%2F"))
+
+
+def test_the_login_form_asks_an_enrolled_users_code(web: Pages, console: Console) -> None:
+    console.add_user("kim", "member")
+    with console.api_as("kim") as api:
+        app = Authenticator.enrol(api)
+    page = web.new_page()
+    page.goto(console.url("/login"))
+    page.fill("input[name=user]", "kim")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("form[action='/ui/login'] button[type=submit]")
+    expect(page.locator(".login .problem")).to_be_visible()
+    expect(page.locator("input[name=code]")).to_have_attribute("required", "")
+    assert PASSWORD not in page.content()
+
+    page.fill("input[name=password]", PASSWORD)
+    page.fill("input[name=code]", app.wrong())
+    page.click("form[action='/ui/login'] button[type=submit]")
+    expect(page.locator(".login .problem")).to_be_visible()
+    assert "__Host-pam_session" not in {c["name"] for c in page.context.cookies(console.base)}
+
+    page.fill("input[name=password]", PASSWORD)
+    page.fill("input[name=code]", app.code())
+    page.click("form[action='/ui/login'] button[type=submit]")
+    page.wait_for_url(console.url("/"))
+    expect(page.locator("h1")).to_have_text("Welcome, kim")
+    reasons = {r["reason"] for r in console.gw.cli_json("audit", "refusals") if r["who"] == "kim"}
+    assert "mfa_required" in reasons
