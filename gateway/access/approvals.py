@@ -274,13 +274,21 @@ class RequestService:
         )
 
     async def listing(
-        self, principal: Principal, *, mine: bool, pending: bool, limit: int
+        self,
+        principal: Principal,
+        *,
+        mine: bool,
+        pending: bool,
+        limit: int,
+        states: Sequence[RequestState] | None = None,
     ) -> list[AccessRequest]:
-        """What *principal* may see: with *mine* only its own; with *pending*
-        only pending ones it may approve."""
+        """What *principal* may see, newest first: with *mine* only its own;
+        with *pending* only pending ones it may approve; with *states* only
+        those in one of them. *limit* bounds the requests read, before the
+        ones *principal* may not see are left out."""
         found = await self.db(
             self.store.list_requests,
-            states=[RequestState.PENDING] if pending else None,
+            states=[RequestState.PENDING] if pending else states,
             requester_id=principal.id if mine else None,
             limit=limit,
         )

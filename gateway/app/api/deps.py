@@ -83,14 +83,15 @@ async def current_principal(
 Caller = Annotated[Principal, Depends(current_principal)]
 
 
-def _global_admin(caller: Caller) -> Principal:
+def require_global_admin(caller: Caller) -> Principal:
+    """*caller*, when an admin of every project (what :data:`GlobalAdmin` checks)."""
     if not caller.is_admin():
         raise Forbidden(f"{caller.name} is not an administrator of every project")
     return caller
 
 
 #: The caller, who must be an admin of every project (users, tokens).
-GlobalAdmin = Annotated[Principal, Depends(_global_admin)]
+GlobalAdmin = Annotated[Principal, Depends(require_global_admin)]
 
 
 def require_admin_of(caller: Principal, project: str) -> None:

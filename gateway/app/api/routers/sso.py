@@ -163,6 +163,9 @@ async def callback(
         )
     except SignInRefused as refusal:
         _record(request, service, refusal)
+        if request.cookies.get(_WEB_SSO_COOKIE):
+            # The console's login form says why (the attempt's poll holds it).
+            return RedirectResponse("/ui/sso/finish", status_code=303)
         return _refused_page(refusal)
     _log.info(
         "sso_signed_in",

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from gateway.app.web.routes import auth, home
+from gateway.app.web.routes import admin, auth, home, requests
 
 ROUTERS: list[APIRouter] = [
     auth.router,
     home.router,
+    requests.router,
+    admin.router,
 ]

@@ -184,7 +184,9 @@ async def sso_start(
         source=client_addr(request),
     )
     assert started.authorization_url is not None  # a browser sign-in, not a device one
-    response = RedirectResponse(started.authorization_url, status_code=303)
+    # A page that moves on, not a redirect: the CSP's ``form-action 'self'``
+    # also covers where a form's redirect leads, and the provider is elsewhere.
+    response = render(request, "sso_go.html", provider_url=started.authorization_url)
     # Lax, not Strict: it must come back with the provider's (cross-site) redirect.
     set_cookie(response, SSO_COOKIE, started.handle, max_age=_LOGIN_FORM_SECONDS, same_site="lax")
     return response
@@ -202,7 +204,11 @@ async def sso_finish(request: Request, service: Service) -> Response:
             problem=(
                 result.message if result and result.message else "single sign-on did not finish"
             ),
-            hint=result.hint if result else "start again with the single sign-on button",
+            hint=(
+                result.hint
+                if result and result.message
+                else "start again with the single sign-on button"
+            ),
             status_code=401,
         )
         clear_cookie(response, SSO_COOKIE, same_site="lax")
