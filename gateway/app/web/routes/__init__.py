@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from gateway.app.web.routes import auth, home
+from gateway.app.web.routes import auth, home, sessions
 
 ROUTERS: list[APIRouter] = [
     auth.router,
     home.router,
+    sessions.router,
 ]
