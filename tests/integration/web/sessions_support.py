@@ -4,6 +4,9 @@ API, and psycopg connections to them."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -34,6 +37,35 @@ def open_grant(console: Console, user: str, *, account: str = "scram") -> dict[s
     assert answer.status_code == 201, answer.text
     grant: dict[str, Any] = answer.json()
     return grant
+
+
+#: How often a held grant tells the daemon its holder is still there (the
+#: daemon ends an API grant whose holder falls silent for a few seconds).
+HEARTBEAT_SECONDS = 1.0
+
+
+@contextlib.contextmanager
+def held_grant(console: Console, user: str, *, account: str = "scram") -> Iterator[dict[str, Any]]:
+    """A grant opened by *user* and kept alive by heartbeats, as `pam db access`
+    keeps its own, until the block ends (then it is ended, if still live)."""
+    grant = open_grant(console, user, account=account)
+    done = threading.Event()
+
+    def beat() -> None:
+        with console.api_as(user) as api:
+            while not done.wait(HEARTBEAT_SECONDS):
+                with contextlib.suppress(httpx.HTTPError):
+                    api.post(f"/v1/access/{grant['id']}/heartbeat")
+
+    beating = threading.Thread(target=beat, daemon=True)
+    beating.start()
+    try:
+        yield grant
+    finally:
+        done.set()
+        beating.join(30)
+        with contextlib.suppress(httpx.HTTPError), console.admin_api() as api:
+            api.post(f"/v1/access/{grant['id']}/end")
 
 
 def connect(grant: dict[str, Any], application: str = "web-test") -> psycopg.Connection[Any]:

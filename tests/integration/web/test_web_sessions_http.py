@@ -19,6 +19,7 @@ from harness import store_path, wait_for
 from sessions_support import (
     connect,
     end_grant,
+    held_grant,
     open_grant,
     session_of,
     wait_recorded,
@@ -55,22 +56,25 @@ def test_members_list_their_own_sessions_and_reviewers_every_one(console: Consol
 
 
 def test_another_members_session_is_not_found_on_every_route(console: Console) -> None:
-    grant = open_grant(console, "mia")
-    base = f"/ui/sessions/{grant['id']}"
-    with web_client(console, "max") as max_:
-        for path in ("", "/export", "/export?format=csv", "/verified", "/stream"):
-            assert max_.get(base + path).status_code == 404, path
-        assert max_.post(base + "/verify").status_code == 404
-        refused = max_.post(base + "/terminate", data={"reason": "no"})
-        assert refused.status_code == 404
-    with web_client(console, "mia") as mia:
-        assert mia.get(base).status_code == 200
-    assert session_of(console, grant["id"])["ended_at"] is None
-    end_grant(console, grant["id"])
+    with held_grant(console, "mia") as grant:
+        base = f"/ui/sessions/{grant['id']}"
+        with web_client(console, "max") as max_:
+            for path in ("", "/export", "/export?format=csv", "/verified", "/stream"):
+                assert max_.get(base + path).status_code == 404, path
+            assert max_.post(base + "/verify").status_code == 404
+            refused = max_.post(base + "/terminate", data={"reason": "no"})
+            assert refused.status_code == 404
+        with web_client(console, "mia") as mia:
+            assert mia.get(base).status_code == 200
+        assert session_of(console, grant["id"])["ended_at"] is None
 
 
 def test_the_list_filters_by_user_status_errors_and_end_reason(console: Console) -> None:
-    failing = open_grant(console, "mia")
+    with held_grant(console, "mia") as failing:
+        _check_filters(console, failing)
+
+
+def _check_filters(console: Console, failing: dict[str, Any]) -> None:
     _statement_ran(console, failing, "select 'fine'", "select * from no_such_table_here")
     clean = open_grant(console, "mia", account="md5")
     _statement_ran(console, clean, "select 'clean'")
@@ -105,7 +109,6 @@ def test_the_list_filters_by_user_status_errors_and_end_reason(console: Console)
         page = aude.get("/ui/sessions", params={"user": "mia", "errors": "yes"}).text
     row = page[page.index(f'id="session-{failing["id"]}"') :].split("</tr>")[0]
     assert re.findall(r'<td class="num">(\d+)</td>', row) == ["1", "2", "1"]
-    end_grant(console, failing["id"])
 
 
 def test_the_list_pages_by_cursor_without_repeating_a_session(console: Console) -> None:
@@ -210,9 +213,8 @@ def test_verify_says_verified_then_names_the_edited_statement(console: Console) 
 
 
 def test_only_an_admin_terminates_and_the_client_gets_the_reason(console: Console) -> None:
-    grant = open_grant(console, "mia")
-    path = f"/ui/sessions/{grant['id']}"
-    with connect(grant) as conn:
+    with held_grant(console, "mia") as grant, connect(grant) as conn:
+        path = f"/ui/sessions/{grant['id']}"
         conn.execute("select 1")
         with web_client(console, "aude") as aude:
             assert "Terminate" not in aude.get(path).text
@@ -246,33 +248,34 @@ def test_only_an_admin_terminates_and_the_client_gets_the_reason(console: Consol
 
 
 def test_the_stream_sends_new_statements_then_the_end(console: Console) -> None:
-    grant = open_grant(console, "mia")
-    conn = connect(grant)
-    conn.execute("select 'before the stream'")
-    before = wait_recorded(console, grant["id"], "select 'before the stream'")
     received: list[str] = []
     finished = threading.Event()
+    with held_grant(console, "mia") as grant:
+        conn = connect(grant)
+        conn.execute("select 'before the stream'")
+        before = wait_recorded(console, grant["id"], "select 'before the stream'")
 
-    def listen() -> None:
-        with (
-            web_client(console, "mia") as mia,
-            mia.stream(
-                "GET",
-                f"/ui/sessions/{grant['id']}/stream",
-                params={"after_seq": str(before["seq"])},
-            ) as stream,
-        ):
-            assert stream.headers["content-type"].startswith("text/event-stream")
-            for line in stream.iter_lines():
-                received.append(line)
-        finished.set()
+        def listen() -> None:
+            with (
+                web_client(console, "mia") as mia,
+                mia.stream(
+                    "GET",
+                    f"/ui/sessions/{grant['id']}/stream",
+                    params={"after_seq": str(before["seq"])},
+                ) as stream,
+            ):
+                assert stream.headers["content-type"].startswith("text/event-stream")
+                for line in stream.iter_lines():
+                    received.append(line)
+            finished.set()
 
-    listener = threading.Thread(target=listen, daemon=True)
-    listener.start()
-    conn.execute("select '<i>streamed</i>'")
-    wait_for(lambda: any("streamed" in line for line in received))
-    conn.close()
-    end_grant(console, grant["id"])
+        listener = threading.Thread(target=listen, daemon=True)
+        listener.start()
+        conn.execute("select '<i>streamed</i>'")
+        wait_for(lambda: any("streamed" in line for line in received))
+        assert not finished.is_set()  # a live session's stream stays open
+        conn.close()
+    # Leaving the block ended the grant: the stream says so, then ends.
     assert finished.wait(30), "the stream did not end with the session"
     text = "\n".join(received)
     assert "event: statement" in text
@@ -280,4 +283,5 @@ def test_the_stream_sends_new_statements_then_the_end(console: Console) -> None:
     assert "before the stream" not in text  # only what came after the page's last row
     assert "event: ended" in text
     assert text.index("streamed") < text.index("event: ended")
-    assert "client_ended" in text
+    reason = session_of(console, grant["id"])["end_reason"]
+    assert f'<strong class="end-reason">{reason}</strong>' in text

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from typing import Any
 
 import httpx
 from conftest import Console
 from harness import wait_for
-from sessions_support import connect, open_grant, web_client
+from sessions_support import connect, held_grant, web_client
 
 
 def test_the_daemon_stops_with_a_live_stream_open(console: Console) -> None:
-    grant = open_grant(console, "mia")
+    with held_grant(console, "mia") as grant:
+        _stop_while_streaming(console, grant)
+
+
+def _stop_while_streaming(console: Console, grant: dict[str, Any]) -> None:
     conn = connect(grant)
     conn.execute("select 'open'")
     opened = threading.Event()
@@ -39,3 +44,6 @@ def test_the_daemon_stops_with_a_live_stream_open(console: Console) -> None:
     conn.close()
     listener.join(30)
     assert not listener.is_alive()
+    # The stream was ended by the daemon stopping, not by the session ending
+    # (which a stopping daemon does only after its HTTP server is done).
+    assert "event: ended" not in lines
