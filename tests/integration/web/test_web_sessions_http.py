@@ -28,6 +28,8 @@ from sessions_support import (
 from sqlalchemy import create_engine
 from trail_support import edit_record
 
+from gateway.app.web.routes.sessions import TIMELINE_PAGE
+
 
 def _ids_on(page: str) -> list[str]:
     return re.findall(r'<tr id="session-([0-9a-f]{32})"', page)
@@ -154,6 +156,29 @@ def test_the_timeline_shows_statements_parameters_and_errors(console: Console) -
     end_grant(console, grant["id"])
 
 
+def test_a_long_timeline_pages_and_only_its_newest_page_is_live(console: Console) -> None:
+    with held_grant(console, "mia") as grant:
+        with connect(grant) as conn:
+            for n in range(1, TIMELINE_PAGE + 6):
+                conn.execute(f"select {n} as numbered")
+        wait_recorded(console, grant["id"], f"select {TIMELINE_PAGE + 5} as numbered")
+        path = f"/ui/sessions/{grant['id']}"
+        with web_client(console, "mia") as mia:
+            newest = mia.get(path).text
+            first = mia.get(path, params={"page": "1"}).text
+            beyond = mia.get(path, params={"page": "99"}).text
+
+    def numbers(page: str) -> list[int]:
+        return [int(n) for n in re.findall(r"select (\d+) as numbered", page)]
+
+    assert "Page 2 of 2" in newest and "Page 1 of 2" in first
+    assert numbers(first) == list(range(1, TIMELINE_PAGE + 1))
+    assert numbers(newest) == list(range(TIMELINE_PAGE + 1, TIMELINE_PAGE + 6))
+    assert numbers(beyond) == numbers(newest)  # past the end: the newest page
+    assert 'rel="next"' in first and 'rel="prev"' in newest
+    assert "sse-connect" in newest and "sse-connect" not in first
+
+
 def test_exports_stream_jsonl_and_csv_with_the_statements(console: Console) -> None:
     grant = open_grant(console, "mia")
     _statement_ran(console, grant, "select 'exported'")
@@ -198,6 +223,8 @@ def test_verify_says_verified_then_names_the_edited_statement(console: Console) 
     with web_client(console, "mia") as mia:
         assert 'data-verified="yes"' in mia.post(path + "/verify").text
         assert 'data-verified="yes"' in mia.get(path + "/verified").text
+    with web_client(console, "mia", csrf=False) as forged:
+        assert forged.post(path + "/verify").status_code == 403
     seq = wait_recorded(console, grant["id"], "select 'two'")["seq"]
     store = create_engine(f"sqlite:///{store_path(console.gw)}")
     try:
