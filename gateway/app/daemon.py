@@ -409,6 +409,7 @@ async def run(
         stop_task = asyncio.create_task(stop.wait(), name="stop-signal")
         done, _ = await asyncio.wait({api_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
         log.info("gateway_stopping")
+        web.close_streams(app)  # a live page's event stream would hold the server open
         server.should_exit = True
         stop_task.cancel()
         await asyncio.gather(api_task, stop_task, return_exceptions=True)

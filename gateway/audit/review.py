@@ -25,9 +25,13 @@ Invariants:
   encodes it and hands its bytes on before reading the next, so memory is
   bounded by a page, never by the trail. The reads go through the caller's
   ``read`` (the API runs them on the store's thread); nothing here waits on I/O.
-* The session list has no cursor of its own (it is ordered newest first by
-  start time); :func:`iter_sessions` walks it by ``until`` here, server-side,
-  so a client asks once (an export of a window, the count ``verify`` reports).
+* The session list is ordered newest first by (start time, id); a page of it
+  is read after a :class:`SessionCursor` (the last row of the page before).
+  :func:`iter_sessions` walks it by ``until`` here, server-side, so a client
+  asks once (an export of a window, the count ``verify`` reports).
+* :func:`is_catalogue_query` is the one classification of the statements
+  database tools send on their own (catalogue reads, session settings), which
+  a timeline may hide; it only hides, never drops a record.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import csv
 import io
 import json
 import math
+import re
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -48,7 +53,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import IO, Any, Final, Generic, Protocol, TypeVar
 
 from gateway.audit.records import AUDIT_KINDS
@@ -126,6 +131,37 @@ TYPE_NAMES: Final = {
 }
 
 _CURSOR_PREFIX: Final = "c1."
+_SESSION_CURSOR_PREFIX: Final = "s1."
+
+#: What a database tool reads on its own: the system catalogues...
+_CATALOGUE_RELATION: Final = re.compile(
+    r"\b(?:pg_catalog\s*\.|information_schema\s*\.|pg_(?:class|namespace|type|attribute|attrdef"
+    r"|proc|database|roles|user|authid|auth_members|settings|index|indexes|constraint"
+    r"|description|shdescription|extension|tables|views|matviews|am|amop|collation|trigger"
+    r"|inherits|depend|tablespace|range|enum|event_trigger|policy|publication|rewrite"
+    r"|sequence|sequences|language|opclass|operator|cast|stat_\w+|foreign_\w+)\b)",
+    re.IGNORECASE,
+)
+#: ...and the session set-up and probes it sends around them.
+_SESSION_CHATTER: Final = re.compile(
+    r"\s*(?:(?:SET|SHOW|RESET|DISCARD|DEALLOCATE)\b|SELECT\s+(?:pg_catalog\s*\.\s*)?"
+    r"(?:version|current_schema|current_schemas|current_database|current_user|session_user"
+    r"|pg_backend_pid)\s*\([^;]*\)\s*(?:AS\s+\w+\s*)?;?\s*$)",
+    re.IGNORECASE,
+)
+_READS: Final = re.compile(r"\s*(?:SELECT|WITH)\b", re.IGNORECASE)
+
+
+def is_catalogue_query(sql: str | None) -> bool:
+    """Whether *sql* is what a database tool (a GUI, psql's backslash commands,
+    a driver) sends on its own: a read of the system catalogues, or session
+    set-up and probes (``SET``, ``SHOW``, ``SELECT version()``). A read that
+    names a catalogue counts, whatever else it reads; a change never does."""
+    if not sql:
+        return False
+    if _SESSION_CHATTER.match(sql):
+        return True
+    return _READS.match(sql) is not None and _CATALOGUE_RELATION.search(sql) is not None
 
 
 def type_name(type_oid: int | None) -> str:
@@ -226,6 +262,38 @@ class Cursor:
         if named != session_id:
             raise InvalidRequest("cursor: it belongs to another session")
         return cls(named, int(after))
+
+
+@dataclass(frozen=True, slots=True)
+class SessionCursor:
+    """Where the next page of the session list starts: after the session that
+    started at *started_at* with id *session_id* (newest first)."""
+
+    started_at: datetime
+    session_id: str
+
+    def encode(self) -> str:
+        raw = f"{self.started_at.astimezone(UTC).isoformat()}|{self.session_id}".encode()
+        return _SESSION_CURSOR_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, token: str) -> SessionCursor:
+        bad = InvalidRequest(
+            "cursor: not a session list cursor this gateway issued",
+            hint="follow the page's own 'next' link",
+        )
+        if not token.startswith(_SESSION_CURSOR_PREFIX):
+            raise bad
+        body = token[len(_SESSION_CURSOR_PREFIX) :]
+        try:
+            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
+            when, _, session_id = raw.partition("|")
+            started_at = datetime.fromisoformat(when)
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise bad from None
+        if not session_id or started_at.tzinfo is None:
+            raise bad
+        return cls(started_at, session_id)
 
 
 @dataclass(frozen=True, slots=True)

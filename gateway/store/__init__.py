@@ -25,6 +25,7 @@ from gateway.store.models import (
     ConnectionEndReason,
     ConnectionRecord,
     Resource,
+    SessionCounts,
     SessionEndReason,
     SslMode,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "ConnectionRecord",
     "ConnectionStart",
     "Resource",
+    "SessionCounts",
     "SessionEndReason",
     "SslMode",
     "Store",

@@ -34,15 +34,17 @@ from gateway.audit.records import AUDIT_KINDS, AUDIT_STATUSES, AuditEvent, Event
 from gateway.audit.verify import ChainProblem, SessionVerifier
 from gateway.errors import InvalidRequest, NotFound, StoreError
 from gateway.store.batches import (
+    count_batch_errors,
     count_batch_records,
     insert_batches,
     iter_session_batches,
     search_batches,
     session_batch_records,
+    statement_counts,
 )
-from gateway.store.models import AuditRecord
+from gateway.store.models import AuditRecord, SessionCounts
 from gateway.store.rows import existing_session_id
-from gateway.store.schema import audit_events, sessions
+from gateway.store.schema import audit_events, connections, sessions
 from gateway.store.sealing import row_problems
 from gateway.store.trail import TrailStore
 from gateway.store.validation import (
@@ -335,6 +337,45 @@ class AuditStore(TrailStore):
                 query = query.where(audit_events.c.kind == kind)
             rows = int(conn.execute(query).scalar_one())
             return rows + count_batch_records(conn, full_id, kind)
+
+    def session_counts(self, session_ids: Sequence[str]) -> dict[str, SessionCounts]:
+        """Connections, statements and failed statements (status ``error``) of
+        each session (full ids), in a few queries for the lot: a page of the
+        session list."""
+        ids = list(dict.fromkeys(session_ids))
+        if not ids:
+            return {}
+        with self._transaction(write=False) as conn:
+            opened = self._grouped(conn, connections.c.session_id, ids)
+            statements = statement_counts(conn, ids)
+            errors = count_batch_errors(conn, ids)
+            # A trail begun before chain version 3 has its first records as rows.
+            row_statements = self._grouped(
+                conn, audit_events.c.session_id, ids, audit_events.c.kind == "statement"
+            )
+            row_errors = self._grouped(
+                conn,
+                audit_events.c.session_id,
+                ids,
+                audit_events.c.kind == "statement",
+                audit_events.c.status == "error",
+            )
+        return {
+            i: SessionCounts(
+                connections=opened[i],
+                statements=statements[i] + row_statements[i],
+                errors=errors[i] + row_errors[i],
+            )
+            for i in ids
+        }
+
+    @staticmethod
+    def _grouped(conn: Connection, column: Any, ids: list[str], *where: Any) -> dict[str, int]:
+        """Rows per session id of *column*'s table (that match *where*)."""
+        query = select(column, func.count()).where(column.in_(ids), *where).group_by(column)
+        found = dict.fromkeys(ids, 0)
+        found.update({row[0]: int(row[1]) for row in conn.execute(query)})
+        return found
 
     def search_audit(
         self,

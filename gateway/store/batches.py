@@ -27,7 +27,17 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from pydantic import ValidationError
-from sqlalchemy import Connection, Select, func, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    LargeBinary,
+    Select,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+)
 
 from gateway.audit.batch import (
     BATCH_CHAIN_VERSION,
@@ -49,12 +59,16 @@ if TYPE_CHECKING:
     from gateway.store.rows import AnyRow
 
 __all__ = [
+    "FAILED_STATUS_BYTES",
     "batch_head",
+    "count_batch_errors",
     "count_batch_records",
+    "holds_failed_statement",
     "insert_batches",
     "iter_session_batches",
     "search_batches",
     "session_batch_records",
+    "statement_counts",
 ]
 
 #: Batches fetched per round trip when reading in order.
@@ -213,6 +227,59 @@ def count_batch_records(conn: Connection, session_id: str, kind: str | None) -> 
         sum(1 for record in _records(row) if record[1] == kind)
         for row in conn.execute(query.execution_options(yield_per=_STREAM_BATCHES))
     )
+
+
+#: How a failed statement's ``status`` sits in a batch's bytes: the MessagePack
+#: string ``"error"`` followed by its ``sqlstate`` field, a 5-character string
+#: (``0xa5``) or nil (``0xc0``). UTF-8 text cannot hold ``"error"`` followed by
+#: either byte, and a parameter's value is followed by its ``truncated`` flag, so
+#: outside a status field these bytes appear only where a text field ends in
+#: ``"¥error"`` and the next field starts with one of them: a batch that matches
+#: is decoded to count (:func:`count_batch_errors`); a session filter
+#: (:func:`holds_failed_statement`) takes the match as it is.
+FAILED_STATUS_BYTES: Final = (b"\xa5error\xa5", b"\xa5error\xc0")
+
+
+def _holds_bytes(conn: Connection, pattern: bytes) -> ColumnElement[bool]:
+    """``audit_batches.records`` contains *pattern* (byte-wise, on both backends)."""
+    if conn.dialect.name == "postgresql":
+        return func.position(literal(pattern, LargeBinary).op("IN")(audit_batches.c.records)) > 0
+    return func.instr(audit_batches.c.records, literal(pattern, LargeBinary)) > 0
+
+
+def _may_hold_failures(conn: Connection) -> ColumnElement[bool]:
+    return or_(*(_holds_bytes(conn, pattern) for pattern in FAILED_STATUS_BYTES))
+
+
+def holds_failed_statement(conn: Connection, session_id: Any) -> ColumnElement[bool]:
+    """The session *session_id* (a column or value) has a batch holding a failed statement."""
+    return exists().where(audit_batches.c.session_id == session_id, _may_hold_failures(conn))
+
+
+def count_batch_errors(conn: Connection, session_ids: Sequence[str]) -> dict[str, int]:
+    """How many failed statements (status ``error``) the sessions' batches hold;
+    only the batches whose bytes may hold one are decoded."""
+    counts = dict.fromkeys(session_ids, 0)
+    query = select(audit_batches).where(
+        audit_batches.c.session_id.in_(session_ids), _may_hold_failures(conn)
+    )
+    for row in conn.execute(query.execution_options(yield_per=_STREAM_BATCHES)):
+        counts[row.session_id] += sum(
+            1 for r in _records(row) if r[1] == "statement" and r[_STATUS] == "error"
+        )
+    return counts
+
+
+def statement_counts(conn: Connection, session_ids: Sequence[str]) -> dict[str, int]:
+    """How many statements the sessions' batches hold (from the index column)."""
+    query = (
+        select(audit_batches.c.session_id, func.sum(audit_batches.c.statement_count))
+        .where(audit_batches.c.session_id.in_(session_ids))
+        .group_by(audit_batches.c.session_id)
+    )
+    found = dict.fromkeys(session_ids, 0)
+    found.update({row[0]: int(row[1] or 0) for row in conn.execute(query)})
+    return found
 
 
 def _ascii_folded(text: str) -> bytes:

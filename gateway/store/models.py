@@ -54,6 +54,7 @@ __all__ = [
     "ConnectionEndReason",
     "ConnectionRecord",
     "Resource",
+    "SessionCounts",
     "SessionEndReason",
     "SslMode",
     "UtcDatetime",
@@ -80,6 +81,15 @@ def _duration(started_at: datetime, ended_at: datetime | None) -> float | None:
 
 class _Record(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class SessionCounts(_Record):
+    """What a session's row in a list shows of its trail."""
+
+    connections: int
+    statements: int
+    #: statements whose status is ``error``
+    errors: int
 
 
 class Resource(_Record):

@@ -20,12 +20,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import ColumnElement, Connection, func, or_, select, true
+from sqlalchemy import ColumnElement, Connection, and_, exists, func, or_, select, true
 
 from gateway.credentials.ephemeral.sql import ephemeral_role_name
 from gateway.errors import InvalidRequest, NotFound
 from gateway.identity.principals import DEFAULT_PROJECT
 from gateway.reasons import CONNECTION_REASON_AT_SESSION_END, SessionEndReason
+from gateway.store.batches import holds_failed_statement
 from gateway.store.models import (
     CONNECTION_END_REASONS,
     REQUEST_FIELDS,
@@ -33,7 +34,7 @@ from gateway.store.models import (
     AccessSession,
 )
 from gateway.store.rows import account_row, new_id, resolve_session_id, resource_row, session_row
-from gateway.store.schema import connections, sessions
+from gateway.store.schema import audit_events, connections, sessions
 from gateway.store.sealing import CONNECTION_END, SESSION_END, SESSION_START, seal
 from gateway.store.trail import TrailStore
 from gateway.store.validation import (
@@ -228,19 +229,41 @@ class SessionStore(TrailStore):
         since: datetime | None = None,
         until: datetime | None = None,
         visible_to: tuple[str, frozenset[str]] | None = None,
+        project: str | None = None,
+        end_reason: str | None = None,
+        has_errors: bool | None = None,
+        before: tuple[datetime, str] | None = None,
     ) -> list[AccessSession]:
-        """Sessions, newest first.
+        """Sessions, newest first (by start, then id).
 
         *active* selects only active (True) or ended (False) sessions; *resource*,
-        *account* and *requester* match exactly; *since* (inclusive) and *until*
-        (exclusive) bound ``started_at``. *visible_to* (principal id, projects)
-        keeps the principal's own sessions and those of the projects (a
-        session from before projects counts as ``default``'s).
+        *account*, *requester*, *project* and *end_reason* match exactly; *since*
+        (inclusive) and *until* (exclusive) bound ``started_at``. *visible_to*
+        (principal id, projects) keeps the principal's own sessions and those of
+        the projects (a session from before projects counts as ``default``'s).
+        *has_errors* keeps the sessions with (True) or without (False) a failed
+        statement (:data:`~gateway.store.batches.FAILED_STATUS_BYTES`). *before*
+        (started_at, id), the last row of the previous page, is a keyed cursor:
+        only the sessions after it in this order.
         """
         check_limit(limit)
         since = check_optional_time("since", since)
         until = check_optional_time("until", until)
+        if end_reason is not None:
+            check_reason("session", end_reason, SESSION_END_REASONS)
         query = select(sessions).order_by(sessions.c.started_at.desc(), sessions.c.id.desc())
+        if project is not None:
+            query = query.where(func.coalesce(sessions.c.project, DEFAULT_PROJECT) == project)
+        if end_reason is not None:
+            query = query.where(sessions.c.end_reason == end_reason)
+        if before is not None:
+            at, last_id = check_time("before", before[0]), before[1]
+            query = query.where(
+                or_(
+                    sessions.c.started_at < at,
+                    and_(sessions.c.started_at == at, sessions.c.id < last_id),
+                )
+            )
         if active is True:
             query = query.where(sessions.c.ended_at.is_(None))
         elif active is False:
@@ -264,6 +287,16 @@ class SessionStore(TrailStore):
                 )
             )
         with self._transaction(write=False) as conn:
+            if has_errors is not None:
+                failed = or_(
+                    holds_failed_statement(conn, sessions.c.id),
+                    exists().where(
+                        audit_events.c.session_id == sessions.c.id,
+                        audit_events.c.kind == "statement",
+                        audit_events.c.status == "error",
+                    ),
+                )
+                query = query.where(failed if has_errors else ~failed)
             return [_session(r) for r in conn.execute(query.limit(limit))]
 
     def close_orphans(self, reason: str = "gateway_crash") -> int:

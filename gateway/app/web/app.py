@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
@@ -32,6 +33,8 @@ def create_web_app(service: Gateway) -> FastAPI:
         redirect_slashes=False,
     )
     web.state.service = service
+    #: Set when the daemon stops: open event streams end (gateway.app.web.close_streams).
+    web.state.closing = asyncio.Event()
     web.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     for router in ROUTERS:
         web.include_router(router)

@@ -29,6 +29,7 @@ from gateway.app.web.security import (
     csrf_token,
     same_origin,
 )
+from gateway.audit.review import type_name
 from gateway.durations import format_duration
 from gateway.errors import Forbidden, Unauthenticated
 from gateway.identity.principals import ALL_PROJECTS, Principal, Role
@@ -85,6 +86,7 @@ def _environment() -> Environment:
     )
     env.globals["ui"] = ui
     env.filters["duration"] = lambda seconds: format_duration(int(seconds or 0))
+    env.filters["type_name"] = type_name
     env.filters["when"] = lambda moment: moment.strftime("%Y-%m-%d %H:%M:%S") if moment else ""
     return env
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+import gateway.audit.review as review_module
 from gateway.audit.review import (
     EXPORT_COLUMNS,
     Cursor,
@@ -293,3 +294,43 @@ def test_the_session_walk_keeps_a_page_or_more_of_sessions_started_in_one_micros
         [Session(f"s{n}", t0 + timedelta(microseconds=at)) for n, at in enumerate(starts)]
     )
     assert [s.id for s in iter_sessions(table, page_size=3)] == [s.id for s in table.sessions]
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT n.nspname FROM pg_catalog.pg_namespace n ORDER BY 1",
+        "select c.oid, c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace",
+        "SELECT table_name FROM information_schema.tables",
+        "WITH t AS (SELECT * FROM pg_type) SELECT * FROM t",
+        "SET extra_float_digits = 3",
+        "SHOW search_path",
+        "select version()",
+        "SELECT pg_catalog.current_schema() AS schema;",
+    ],
+)
+def test_what_tools_send_on_their_own_is_a_catalogue_query(sql: str) -> None:
+    assert review_module.is_catalogue_query(sql)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        None,
+        "",
+        "SELECT 1",
+        "INSERT INTO copy SELECT * FROM pg_class",
+        "DELETE FROM pg_catalog_backup",
+        "select version(), * from accounts",
+    ],
+)
+def test_a_statement_of_ones_own_is_not_a_catalogue_query(sql: str | None) -> None:
+    assert not review_module.is_catalogue_query(sql)
+
+
+def test_a_session_cursor_round_trips_and_refuses_what_it_did_not_issue() -> None:
+    cursor = review_module.SessionCursor(datetime(2024, 5, 1, 12, 0, 0, 5, tzinfo=UTC), "ab" * 16)
+    assert review_module.SessionCursor.decode(cursor.encode()) == cursor
+    for bad in ("", "s1.!!", "c1.YWJj", "s1." + "bm90IGEgdGltZXxhYmM"):
+        with pytest.raises(InvalidRequest, match="cursor"):
+            review_module.SessionCursor.decode(bad)

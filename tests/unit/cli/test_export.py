@@ -27,8 +27,7 @@ from fastapi import FastAPI
 from cli.client import ApiClient
 from cli.export import ExportCounter
 from cli.main import cli
-from gateway.app.api import create_app
-from gateway.app.api.routers import review as review_router
+from gateway.app.api import create_app, review_access
 from gateway.app.gateway import StoreThread
 from gateway.audit.records import AuditEvent, Parameter
 from gateway.audit.review import ExportWriter
@@ -143,7 +142,7 @@ def _forward(app: FastAPI) -> httpx.MockTransport:
 @pytest.fixture
 def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
     # Small export pages, so a session takes several keyed reads.
-    monkeypatch.setattr(review_router, "EXPORT_PAGE", 4)
+    monkeypatch.setattr(review_access, "EXPORT_PAGE", 4)
     with Store.open(
         f"sqlite:///{tmp_path / 'state.db'}", SecretBox(secrets.token_bytes(32))
     ) as store:

@@ -38,7 +38,8 @@ from gateway.audit.records import AuditEvent, Parameter, event_rows
 from gateway.audit.verify import SessionVerifier
 from gateway.credentials.secretbox import SecretBox
 from gateway.errors import InvalidRequest, NotFound
-from gateway.store import AccessSession, AuditRecord, Store, StoreError
+from gateway.store import AccessSession, AuditRecord, SessionCounts, Store, StoreError
+from gateway.store.connections import ConnectionStart
 from gateway.store.schema import VERSION_TABLE
 
 CONN_A = "a" * 32
@@ -883,6 +884,57 @@ def test_list_sessions_filters_by_grant_and_start(store: Store, clock: FakeClock
     assert ids(until=T0 + timedelta(hours=1)) == [first.id]
     assert ids(requester="bob", resource="db1", active=True) == [third.id]
     assert ids(requester="bob", limit=1) == [third.id]
+
+
+def test_list_sessions_filters_by_project_end_errors_and_pages_by_keyed_cursor(
+    store: Store, clock: FakeClock
+) -> None:
+    _add_db(store, "db1")
+    quiet = _session(store)
+    failed = _session(store)
+    clock.now = T0 + timedelta(hours=1)
+    nil_state = _session(store)
+    ended = _session(store)
+    store.append_audit(
+        [
+            _stmt(
+                quiet.id,
+                "SELECT 'error'",
+                parameters=[Parameter(index=1, type_oid=25, format="text", value="error")],
+            ),
+            _stmt(failed.id, "SELECT 1"),
+            _stmt(failed.id, "SELEC 2", status="error", sqlstate="42601", error_message="x"),
+            _stmt(nil_state.id, "SELECT 3", status="error", error_message="no sqlstate"),
+        ]
+    )
+    store.end_session(ended.id, reason="revoked")
+
+    def ids(**filters: Any) -> set[str]:
+        return {s.id for s in store.list_sessions(**filters)}
+
+    assert ids(has_errors=True) == {failed.id, nil_state.id}
+    assert ids(has_errors=False) == {quiet.id, ended.id}
+    assert ids(end_reason="revoked") == {ended.id}
+    assert ids(project="default") == {quiet.id, failed.id, nil_state.id, ended.id}
+    assert ids(project="other") == set()
+    with pytest.raises(InvalidRequest, match="end reason"):
+        store.list_sessions(end_reason="bored")
+    # Two pages of two by the keyed cursor: every session once, in order.
+    first = store.list_sessions(limit=2)
+    rest = store.list_sessions(limit=2, before=(first[-1].started_at, first[-1].id))
+    walked = [s.id for s in first + rest]
+    assert walked == [s.id for s in store.list_sessions()]
+    assert len(set(walked)) == 4
+    assert store.list_sessions(before=(rest[-1].started_at, rest[-1].id)) == []
+
+    (started,) = store.record_connections([ConnectionStart(failed.id, "127.0.0.1:1", "psql")])
+    assert not isinstance(started, Exception)
+    counts = store.session_counts([quiet.id, failed.id, nil_state.id, ended.id])
+    assert counts[failed.id] == SessionCounts(connections=1, statements=2, errors=1)
+    assert counts[quiet.id] == SessionCounts(connections=0, statements=1, errors=0)
+    assert counts[nil_state.id].errors == 1
+    assert counts[ended.id] == SessionCounts(connections=0, statements=0, errors=0)
+    assert store.session_counts([]) == {}
 
 
 # -- migration -------------------------------------------------------------------------

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from gateway.app.web.routes import admin, auth, home, requests
+from gateway.app.web.routes import admin, auth, home, requests, sessions
 
 ROUTERS: list[APIRouter] = [
     auth.router,
     home.router,
     requests.router,
     admin.router,
+    sessions.router,
 ]
