@@ -144,7 +144,7 @@ def test_a_rewritten_seal_is_reported_as_such(store: Store, raw: Engine) -> None
 
 def test_connections_and_sessions_closed_as_orphans_are_sealed(store: Store, raw: Engine) -> None:
     session_id, connection_id = _session_with_connection(store, end=False)
-    assert store.close_orphans() == 1
+    assert store.close_orphans("gw-restarting") == 1
     assert store.verify_audit(session_id) == []
     _edit(
         raw, "UPDATE connections SET end_reason = 'client_closed' WHERE id = :id", id=connection_id
