@@ -38,6 +38,7 @@ from gateway.access.connections import ConnectionRecords
 from gateway.access.extension import authorize_extension, check_extension
 from gateway.access.host import ListenerHost
 from gateway.access.ports import SessionRecord
+from gateway.access.presence import Presence
 from gateway.access.requests import AccessRequest, ChangeKind, RequestState, StateChange
 from gateway.access.service import GrantService
 from gateway.audit.refusals import RefusalRecorder
@@ -121,6 +122,14 @@ class Gateway:
         )
         self.grants = GrantService(
             store, self.db, settings, self.host, self.records, self.audit, pki=pki
+        )
+        #: this gateway's presence lease, and the recovery of gone gateways' sessions
+        self.presence = Presence(
+            store,
+            self.db,
+            settings.gateway_id,
+            renew_seconds=settings.presence_renew_seconds,
+            lease_seconds=settings.presence_lease_seconds,
         )
         #: the tunnel endpoint's bound port, once the daemon serves it
         self.tunnel_port: int | None = None
@@ -216,15 +225,18 @@ class Gateway:
     async def start(self) -> int:
         """Close what a crash left open, start the watchdog and the audit writer;
         returns how many sessions a crash had left open."""
+        # This gateway's own sessions a crash left end at its previous run's last
+        # renewal: recovered before the presence lease is renewed.
         closed = await self.grants.start()
+        await self.presence.start()
         await self.notifier.start()
         self.requests.start()
         if self.settings.audit_enabled:
             await self.credentials.refresh()
             await self.audit.start()
-        # This gateway's presence first, so that no other gateway takes its
-        # rotations in flight for a gone gateway's; then those a crash of it left
-        # are settled in the background (until then a connection refused with
+        # This gateway's presence is announced (above), so that no other gateway
+        # takes its rotations in flight for a gone gateway's; those a crash of it
+        # left are settled in the background (until then a connection refused with
         # 28P01 tries the other password), and the schedules run.
         await self.schedules.start()
         self.rotations.start()
@@ -239,6 +251,8 @@ class Gateway:
         await self.grants.shutdown()
         # The roles of the grants the shutdown ended are dropped, within a bound.
         await self.ephemeral.close()
+        # Last: once it is released, another gateway may end what is still open.
+        await self.presence.close()
         # The sessions' end events go into the outbox before the store thread stops.
         await self.notifier.close()
         # The interval's counts are written before the store thread stops.
