@@ -12,9 +12,11 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 import pytest
+from pydantic import ValidationError
 from store_support import T0, FakeClock
 
 from gateway.access.presence import Presence
+from gateway.config import GatewaySettings
 from gateway.credentials.schedule import PRESENCE_LEASE_PREFIX, presence_lease
 from gateway.credentials.secretbox import SecretBox
 from gateway.store import Store
@@ -92,3 +94,9 @@ async def test_start_takes_the_lease_and_a_clean_stop_gives_it_up(store: Store) 
     finally:
         await a.close()
     assert store.lease_holders(PRESENCE_LEASE_PREFIX) == {}
+
+
+def test_a_presence_lease_must_outlast_three_renewals() -> None:
+    assert GatewaySettings(presence_renew_seconds=1, presence_lease_seconds=3)
+    with pytest.raises(ValidationError, match="at least three presence_renew_seconds"):
+        GatewaySettings(presence_renew_seconds=5, presence_lease_seconds=14)
