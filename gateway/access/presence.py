@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -55,6 +56,9 @@ class Presence:
     gateway_id: str
     renew_seconds: float = 5.0
     lease_seconds: float = 15.0
+    #: told how many sessions a tick ended (the composition root wakes the grant
+    #: roles' janitor); must not block
+    on_closed: Callable[[int], None] | None = None
     #: monotonic time of the last renewal that worked (None before the first)
     last_renewed: float | None = field(default=None, init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
@@ -85,6 +89,8 @@ class Presence:
         closed = await self.db(self.store.close_orphans, self.gateway_id)
         if closed:
             log.warning("closed_sessions_of_gone_gateways", count=closed, reason="gateway_crash")
+            if self.on_closed is not None:
+                self.on_closed(closed)
         return closed
 
     async def _renew(self) -> None:

@@ -130,6 +130,9 @@ class Gateway:
             settings.gateway_id,
             renew_seconds=settings.presence_renew_seconds,
             lease_seconds=settings.presence_lease_seconds,
+            # The roles of a gone gateway's grants are disabled now, not at the
+            # janitor's next interval.
+            on_closed=lambda _count: self.ephemeral.janitor.wake(),
         )
         #: the tunnel endpoint's bound port, once the daemon serves it
         self.tunnel_port: int | None = None

@@ -57,6 +57,8 @@ async def test_a_tick_ends_only_the_sessions_of_a_gateway_whose_lease_lapsed(
     store: Store, clock: FakeClock
 ) -> None:
     a, b = presence(store, "gw-a"), presence(store, "gw-b")
+    told: list[int] = []
+    b.on_closed = told.append
     await a.tick()
     await b.tick()
     of_a, of_b = grant(store, "gw-a"), grant(store, "gw-b")
@@ -73,6 +75,7 @@ async def test_a_tick_ends_only_the_sessions_of_a_gateway_whose_lease_lapsed(
     assert (ended.end_reason, ended.ended_at) == ("gateway_crash", last_renewal)
     assert store.get_session(of_b.id).ended_at is None
     assert await b.tick() == 0
+    assert told == [1]
 
 
 async def test_a_gateway_never_ends_its_own_live_sessions(store: Store, clock: FakeClock) -> None:
