@@ -124,6 +124,11 @@ class GatewaySettings(BaseModel):
     #: the others end its sessions (``gateway_crash``, at its last renewal)
     presence_renew_seconds: float = Field(default=5.0, gt=0)
     presence_lease_seconds: float = Field(default=15.0, gt=0)
+    #: a gateway that has not renewed its presence lease (the store unreachable)
+    #: for this long refuses new connections (57P03) until it renews again; in
+    #: strict mode it also ends its live ones
+    store_unreachable_grace_seconds: float = Field(default=15.0, gt=0)
+    store_unreachable_strict: bool = False
     #: how often the scheduler looks for due rotations and renews its lease
     rotation_schedule_tick_seconds: float = Field(default=5.0, gt=0)
     #: how long the scheduler's lease lasts unrenewed

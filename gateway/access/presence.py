@@ -19,6 +19,12 @@ Invariants:
   is gone at once (its sessions were ended by its shutdown). Release it last:
   a gateway whose lease is gone while it still relays can have its sessions
   ended by another.
+* A gateway that has not renewed for ``grace_seconds`` (the store unreachable,
+  or too slow) refuses new connections (:meth:`Presence.refusal`, one of
+  admission's gateway-wide checks) until a renewal works again; with ``strict``
+  it also ends its live ones, once per outage. The time is this process's
+  monotonic clock since the last renewal that worked, so a renewal stuck in the
+  store thread counts as not done.
 """
 
 from __future__ import annotations
@@ -33,10 +39,32 @@ import structlog
 
 from gateway.access.ports import StoreThread
 from gateway.credentials.schedule import presence_lease
+from gateway.net.relay import Termination
+from gateway.protocol.sqlstate import SqlState
+from gateway.reasons import ConnectionEndReason
 
 __all__ = ["Presence", "PresenceStore"]
 
 log = structlog.get_logger(__name__)
+
+#: New connections while the store has been out of reach for longer than the grace.
+REFUSAL = Termination(
+    ConnectionEndReason.STORE_UNAVAILABLE,
+    SqlState.CANNOT_CONNECT_NOW,
+    "pam refuses new connections: this gateway cannot reach its store",
+    hint="try again shortly, or through another gateway; check the gateway log",
+)
+#: Live connections, in strict mode, once the grace has passed.
+CUT = Termination(
+    ConnectionEndReason.STORE_UNAVAILABLE,
+    SqlState.ADMIN_SHUTDOWN,
+    "terminating connection because this pam gateway cannot reach its store",
+    hint="reconnect through another gateway, or once this one is back",
+)
+
+
+def _cut_nothing(_termination: Termination) -> None:
+    return None
 
 
 class PresenceStore(Protocol):
@@ -59,22 +87,32 @@ class Presence:
     #: told how many sessions a tick ended (the composition root wakes the grant
     #: roles' janitor); must not block
     on_closed: Callable[[int], None] | None = None
+    #: without a renewal for this long, new connections are refused
+    grace_seconds: float = 15.0
+    #: and live ones ended (``cut_live``: every grant's)
+    strict: bool = False
+    cut_live: Callable[[Termination], None] = _cut_nothing
+    monotonic: Callable[[], float] = time.monotonic
     #: monotonic time of the last renewal that worked (None before the first)
     last_renewed: float | None = field(default=None, init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    _watch: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    _reported: bool = field(default=False, init=False, repr=False)
 
     async def start(self) -> None:
         """Take the lease (raises if the store cannot be reached), then renew it
         and recover in the background."""
         await self._renew()
         self._task = asyncio.create_task(self._loop(), name="gateway-presence")
+        self._watch = asyncio.create_task(self._watch_grace(), name="gateway-presence-grace")
 
     async def close(self) -> None:
         """Stop renewing and give the lease up."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        for task in (self._task, self._watch):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._task = self._watch = None
         try:
             await self.db(
                 self.store.release_lease, presence_lease(self.gateway_id), self.gateway_id
@@ -93,6 +131,33 @@ class Presence:
                 self.on_closed(closed)
         return closed
 
+    def is_out_of_reach(self) -> bool:
+        """Whether the last renewal that worked is older than the grace."""
+        if self.last_renewed is None:
+            return False  # before start: start itself fails if the store is out of reach
+        return self.monotonic() - self.last_renewed > self.grace_seconds
+
+    def refusal(self) -> Termination | None:
+        """Why new connections are refused for the store's sake now, if they are."""
+        return REFUSAL if self.is_out_of_reach() else None
+
+    def check_grace(self) -> None:
+        """In strict mode, end every live connection once the grace has passed
+        (once per outage: a renewal that works starts the count again)."""
+        if not self.is_out_of_reach():
+            return
+        if not self._reported:
+            assert self.last_renewed is not None
+            log.error(
+                "store_out_of_reach",
+                gateway_id=self.gateway_id,
+                seconds=round(self.monotonic() - self.last_renewed, 1),
+                strict=self.strict,
+            )
+            if self.strict:
+                self.cut_live(CUT)
+        self._reported = True
+
     async def _renew(self) -> None:
         # The lease is named after its one holder: taking it always succeeds.
         await self.db(
@@ -101,7 +166,7 @@ class Presence:
             self.gateway_id,
             self.lease_seconds,
         )
-        now = time.monotonic()
+        now = self.monotonic()
         if self.last_renewed is not None and now - self.last_renewed >= self.lease_seconds:
             # Other gateways may have ended this one's sessions meanwhile.
             log.error(
@@ -109,7 +174,10 @@ class Presence:
                 gateway_id=self.gateway_id,
                 seconds=round(now - self.last_renewed, 1),
             )
+        if self._reported:
+            log.info("store_in_reach_again", gateway_id=self.gateway_id)
         self.last_renewed = now
+        self._reported = False
 
     async def _loop(self) -> None:
         while True:
@@ -120,3 +188,9 @@ class Presence:
                 raise
             except Exception as exc:  # a store failure: try again next tick, never die
                 log.error("presence_renewal_failed", error=repr(exc))
+
+    async def _watch_grace(self) -> None:
+        # Apart from the renewals: one stuck in the store thread must not hold it up.
+        while True:
+            await asyncio.sleep(min(self.renew_seconds, 1.0))
+            self.check_grace()

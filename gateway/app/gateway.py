@@ -4,9 +4,10 @@ A composition root: it alone (with the daemon and the audit writer process)
 knows the concrete :class:`~gateway.store.Store`, and hands it to the grant
 service, the credentials and the audit runtime as their ports. It wires the
 fail-closed cut (audit runtime -> every grant's live connections) and the
-gateway-wide refusal (admission <- audit runtime), and publishes the access
-events to the webhook notifier (``notifier.publish``: a grant opened, a
-session ended or revoked).
+gateway-wide refusal (admission <- audit runtime), the same for a store out of
+reach (admission <- presence; presence -> live connections in strict mode), and
+publishes the access events to the webhook notifier (``notifier.publish``: a
+grant opened, a session ended or revoked).
 
 :class:`Gateway` is what the control API's routers receive: ``db``, ``store``,
 ``audit_writer`` and ``live_connection_count`` (review), grants and requests
@@ -107,7 +108,20 @@ class Gateway:
             journal_dir=journal_dir,
             stored_secrets=lambda: self.credentials.stored_secrets,
         )
-        self.admission = Admission(checks=(self.audit.refusal,))
+        #: this gateway's presence lease, and the recovery of gone gateways' sessions
+        self.presence = Presence(
+            store,
+            self.db,
+            settings.gateway_id,
+            renew_seconds=settings.presence_renew_seconds,
+            lease_seconds=settings.presence_lease_seconds,
+            # The roles of a gone gateway's grants are disabled now, not at the
+            # janitor's next interval.
+            on_closed=lambda _count: self.ephemeral.janitor.wake(),
+            grace_seconds=settings.store_unreachable_grace_seconds,
+            strict=settings.store_unreachable_strict,
+        )
+        self.admission = Admission(checks=(self.audit.refusal, self.presence.refusal))
         #: every refused API call and grant connection, floods summarised
         self.refusals = RefusalRecorder(store, self.db, interval=settings.refusal_interval_seconds)
         self.records = ConnectionRecords(store, self.db)
@@ -123,20 +137,10 @@ class Gateway:
         self.grants = GrantService(
             store, self.db, settings, self.host, self.records, self.audit, pki=pki
         )
-        #: this gateway's presence lease, and the recovery of gone gateways' sessions
-        self.presence = Presence(
-            store,
-            self.db,
-            settings.gateway_id,
-            renew_seconds=settings.presence_renew_seconds,
-            lease_seconds=settings.presence_lease_seconds,
-            # The roles of a gone gateway's grants are disabled now, not at the
-            # janitor's next interval.
-            on_closed=lambda _count: self.ephemeral.janitor.wake(),
-        )
         #: the tunnel endpoint's bound port, once the daemon serves it
         self.tunnel_port: int | None = None
         self.audit.cut_live = self.grants.terminate_live
+        self.presence.cut_live = self.grants.terminate_live
         self.requests = RequestService(
             store,
             self.db,

@@ -2,7 +2,8 @@
 file and a real PostgreSQL) with its clock injected: each tick renews the
 lease and ends the sessions of gateways whose lease lapsed, at their last
 renewal; a live gateway's sessions, its own included, are left alone; a clean
-stop gives the lease up."""
+stop gives the lease up. A gateway that cannot renew for longer than its grace
+refuses new connections and, in strict mode, ends its live ones."""
 
 from __future__ import annotations
 
@@ -15,10 +16,14 @@ import pytest
 from pydantic import ValidationError
 from store_support import T0, FakeClock
 
-from gateway.access.presence import Presence
+from gateway.access.admission import Admission
+from gateway.access.presence import REFUSAL, Presence
 from gateway.config import GatewaySettings
 from gateway.credentials.schedule import PRESENCE_LEASE_PREFIX, presence_lease
 from gateway.credentials.secretbox import SecretBox
+from gateway.errors import StoreError
+from gateway.net.relay import Termination
+from gateway.protocol.sqlstate import SqlState
 from gateway.store import Store
 from gateway.store.models import AccessSession
 
@@ -103,3 +108,74 @@ def test_a_presence_lease_must_outlast_three_renewals() -> None:
     assert GatewaySettings(presence_renew_seconds=1, presence_lease_seconds=3)
     with pytest.raises(ValidationError, match="at least three presence_renew_seconds"):
         GatewaySettings(presence_renew_seconds=5, presence_lease_seconds=14)
+
+
+class Unreachable:
+    """A store that can be cut off: every call raises while ``down``."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.down = False
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        if self.down:
+            raise StoreError("state store error: connection refused")
+        return getattr(self.store, name)(*args, **kwargs)
+
+    def acquire_lease(self, name: str, holder: str, seconds: float) -> bool:
+        return bool(self._call("acquire_lease", name, holder, seconds))
+
+    def release_lease(self, name: str, holder: str) -> bool:
+        return bool(self._call("release_lease", name, holder))
+
+    def close_orphans(self, gateway_id: str, *, starting: bool = False) -> int:
+        return int(self._call("close_orphans", gateway_id, starting=starting))
+
+
+@pytest.mark.parametrize("strict", [False, True])
+async def test_out_of_reach_past_the_grace_new_connections_are_refused_and_strictly_live_ones_cut(
+    store: Store, strict: bool
+) -> None:
+    flaky = Unreachable(store)
+    now = [100.0]
+    cuts: list[Termination] = []
+    a = Presence(
+        flaky,
+        inline,
+        "gw-a",
+        grace_seconds=15,
+        strict=strict,
+        cut_live=cuts.append,
+        monotonic=lambda: now[0],
+    )
+    assert a.refusal() is None  # before its start
+    await a.tick()
+    flaky.down = True
+    now[0] += 15
+    with pytest.raises(StoreError):
+        await a.tick()
+    a.check_grace()
+    assert a.refusal() is None and cuts == []  # within the grace
+    now[0] += 0.5
+    refusal = a.refusal()
+    assert refusal is not None
+    assert (refusal.reason, refusal.sqlstate) == ("store_unavailable", SqlState.CANNOT_CONNECT_NOW)
+    a.check_grace()
+    a.check_grace()  # once per outage
+    assert [(c.reason, c.sqlstate) for c in cuts] == (
+        [("store_unavailable", SqlState.ADMIN_SHUTDOWN)] if strict else []
+    )
+    flaky.down = False
+    await a.tick()
+    assert a.refusal() is None
+    flaky.down = True
+    now[0] += 16
+    a.check_grace()  # a new outage: cut again
+    assert len(cuts) == (2 if strict else 0)
+
+
+async def test_the_gateway_wide_check_refuses_with_the_stores_reason() -> None:
+    a = Presence(Unreachable(None), inline, "gw-a", monotonic=lambda: 0.0)  # type: ignore[arg-type]
+    assert Admission(checks=(a.refusal,)).refusal() is None
+    a.last_renewed = -20.0
+    assert Admission(checks=(a.refusal,)).refusal() is REFUSAL
