@@ -6,7 +6,8 @@ Gateway A relays a live grant; gateway B starting on the same store leaves A's
 session open and its client working. A is killed with -9: once A's presence
 lease lapses, B's periodic recovery ends A's session and its connection as
 ``gateway_crash``, recorded at A's last lease renewal (read from the lease row,
-not guessed from the wall clock).
+not guessed from the wall clock). A gateway whose store is black-holed refuses
+new connections after its grace and, in strict mode, ends its live ones.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import os
 import shutil
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import APP_DATABASE
-from harness import Gateway, unique, wait_for
+from faultproxy import FaultProxy
+from harness import Gateway, connect_error, unique, wait_for
 
 from gateway.config import MASTER_KEY_FILE, load_settings, store_url
 from gateway.credentials.schedule import presence_lease
@@ -163,3 +165,56 @@ def test_a_gateway_starting_leaves_a_live_ones_sessions_and_ends_a_dead_ones_at_
         )
     finally:
         client.close()
+
+
+def test_a_gateway_that_cannot_reach_its_store_refuses_new_connections_and_strictly_ends_live_ones(
+    pg: TempCluster, tmp_path: Path, fault_proxy: Callable[[str, int], FaultProxy]
+) -> None:
+    database = unique("pam_store")
+    pg.create_database(database)
+    # The store through a proxy that can black-hole it; the target stays direct.
+    proxy = fault_proxy(pg.host, pg.port)
+    url = pg.superuser_dsn(database).replace(f":{pg.port}/", f":{proxy.port}/", 1)
+    gw = Gateway(tmp_path)
+    gw.home.mkdir(parents=True, mode=0o700)
+    write_settings(
+        gw,
+        {
+            **FAST,
+            "store_url": url,
+            "store_unreachable_grace_seconds": 2.0,
+            "store_unreachable_strict": True,
+        },
+    )
+    gw.cli("gateway", "init", "--force", "--api-port", str(free_port()))
+    try:
+        gw.start()
+        add_target(gw, pg)
+        access = gw.access().wait_ready()
+        with psycopg.connect(access.dsn(), autocommit=True) as live:
+            assert live.execute("select 1").fetchone() == (1,)
+            proxy.stall()  # every store call now waits, as on a black-holed route
+            wait_for(lambda: any(e.get("event") == "store_out_of_reach" for e in gw.log_events()))
+            with pytest.raises(psycopg.OperationalError, match="cannot reach its store"):
+                live.execute("select 2")
+        refused = connect_error(access.port, access.user, access.database)
+        assert (refused.sqlstate, refused.severity) == ("57P03", "FATAL")
+        assert "cannot reach its store" in refused.message
+        proxy.resume()
+        wait_for(lambda: any(e.get("event") == "store_in_reach_again" for e in gw.log_events()))
+        with psycopg.connect(access.dsn(), autocommit=True) as again:
+            assert again.execute("select 3").fetchone() == (3,)
+        with open_store(gw) as store:
+            session = store.get_session(access.session_prefix)
+            ended = wait_for(
+                lambda: (
+                    len(c := [x for x in store.list_connections(session.id) if x.ended_at]) == 2
+                    and c
+                )
+            )
+        # The one cut while the store was out of reach; the one after, closed by its client.
+        by_start = sorted(ended, key=lambda c: c.started_at)
+        assert [c.end_reason for c in by_start] == ["store_unavailable", "client_closed"]
+    finally:
+        proxy.resume()
+        gw.close()
