@@ -131,11 +131,14 @@ class Presence:
                 self.on_closed(closed)
         return closed
 
+    def _since_renewal(self) -> float:
+        """Seconds since the last renewal that worked (0 before the first: start
+        itself fails if the store is out of reach)."""
+        return 0.0 if self.last_renewed is None else self.monotonic() - self.last_renewed
+
     def is_out_of_reach(self) -> bool:
         """Whether the last renewal that worked is older than the grace."""
-        if self.last_renewed is None:
-            return False  # before start: start itself fails if the store is out of reach
-        return self.monotonic() - self.last_renewed > self.grace_seconds
+        return self._since_renewal() > self.grace_seconds
 
     def refusal(self) -> Termination | None:
         """Why new connections are refused for the store's sake now, if they are."""
@@ -147,11 +150,10 @@ class Presence:
         if not self.is_out_of_reach():
             return
         if not self._reported:
-            assert self.last_renewed is not None
             log.error(
                 "store_out_of_reach",
                 gateway_id=self.gateway_id,
-                seconds=round(self.monotonic() - self.last_renewed, 1),
+                seconds=round(self._since_renewal(), 1),
                 strict=self.strict,
             )
             if self.strict:
@@ -159,6 +161,9 @@ class Presence:
         self._reported = True
 
     async def _renew(self) -> None:
+        # Counted from before the call: the store renews it at some point during
+        # it, and a grace counted from later would run out later than the lease.
+        now = self.monotonic()
         # The lease is named after its one holder: taking it always succeeds.
         await self.db(
             self.store.acquire_lease,
@@ -166,7 +171,6 @@ class Presence:
             self.gateway_id,
             self.lease_seconds,
         )
-        now = self.monotonic()
         if self.last_renewed is not None and now - self.last_renewed >= self.lease_seconds:
             # Other gateways may have ended this one's sessions meanwhile.
             log.error(
