@@ -119,9 +119,19 @@ class GatewaySettings(BaseModel):
     #: rotation schedules (gateway.credentials.schedule): the shortest interval
     #: ``pam account rotate --every`` accepts (tests set less)
     rotation_min_interval_seconds: int = Field(default=60, ge=1)
-    #: how often the scheduler looks for due rotations and renews its leases
+    #: gateways sharing a store (docs/operations.md): each renews its presence
+    #: lease this often, for this long; a gateway whose lease lapses is gone, and
+    #: the others end its sessions (``gateway_crash``, at its last renewal)
+    presence_renew_seconds: float = Field(default=5.0, gt=0)
+    presence_lease_seconds: float = Field(default=15.0, gt=0)
+    #: a gateway that has not renewed its presence lease (the store unreachable)
+    #: for this long refuses new connections (57P03) until it renews again; in
+    #: strict mode it also ends its live ones
+    store_unreachable_grace_seconds: float = Field(default=15.0, gt=0)
+    store_unreachable_strict: bool = False
+    #: how often the scheduler looks for due rotations and renews its lease
     rotation_schedule_tick_seconds: float = Field(default=5.0, gt=0)
-    #: how long a lease (the scheduler's, each gateway's presence) lasts unrenewed
+    #: how long the scheduler's lease lasts unrenewed
     rotation_lease_seconds: float = Field(default=30.0, gt=0)
     #: a scheduled rotation that failed is tried again after this long, then each
     #: wait this many times the one before, never longer than its interval
@@ -161,6 +171,8 @@ class GatewaySettings(BaseModel):
             raise ValueError(
                 "rotation_lease_seconds must be at least three rotation_schedule_tick_seconds"
             )
+        if self.presence_lease_seconds < 3 * self.presence_renew_seconds:
+            raise ValueError("presence_lease_seconds must be at least three presence_renew_seconds")
         return self
 
     @model_validator(mode="after")

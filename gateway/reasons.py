@@ -49,6 +49,9 @@ class ConnectionEndReason(StrEnum):
     GATEWAY_CRASH = "gateway_crash"
     #: no traffic either way, and no query running, for the policy's idle limit
     IDLE_TIMEOUT = "idle_timeout"
+    #: cut because the gateway could not reach its store for longer than its grace
+    #: (``store_unreachable_strict``): other gateways may have ended its session
+    STORE_UNAVAILABLE = "store_unavailable"
 
 
 SESSION_END_REASONS: Final[frozenset[str]] = frozenset(SessionEndReason)

@@ -103,6 +103,7 @@ class SessionStore(Protocol):
         expires_at: datetime,
         started_at: datetime | None = None,
         request: dict[str, str | None] | None = None,
+        gateway_id: str | None = None,
     ) -> SessionRecord: ...
 
     def set_session_port(self, session_id: str, port: int) -> None: ...
@@ -120,7 +121,7 @@ class SessionStore(Protocol):
 
     def get_session(self, session_id: str) -> SessionRecord: ...
 
-    def close_orphans(self, reason: str = ...) -> int: ...
+    def close_orphans(self, gateway_id: str, *, starting: bool = ...) -> int: ...
 
     def record_connections(
         self, changes: Sequence[ConnectionStart | ConnectionEnd]

@@ -16,8 +16,9 @@ Invariants:
   and written under the grant's lock, one at a time.
 * A grant whose CLI stops calling in (heartbeat) for ``heartbeat_timeout``
   seconds is ended, so a ``kill -9``-ed CLI leaves no open door.
-* A session row is written before its listener accepts anything; at start-up
-  every row left open by a crash is closed with ``gateway_crash``. ``prepare``
+* A session row is written before its listener accepts anything, naming this
+  gateway; at start-up the rows a crash of this gateway (or of another whose
+  presence lease has lapsed) left open are closed with ``gateway_crash``. ``prepare``
   (a grant's own database role) runs between the two: a grant it refuses has its
   session ended as ``error`` and never opens a door.
 * A session ends only after its cut connections have recorded their ends and
@@ -102,8 +103,16 @@ class GrantService:
     _closing: bool = False
 
     async def start(self) -> int:
-        """Close what a crash left open and start the heartbeat watchdog."""
-        closed = await self.db(self.store.close_orphans, SessionEndReason.GATEWAY_CRASH)
+        """Close what a crash left open and start the heartbeat watchdog.
+
+        Before this gateway renews its presence lease: its own sessions left by
+        its previous run end at that run's last renewal. So do those of other
+        gateways whose lease has lapsed; a live gateway's are left alone."""
+        closed = await self.db(
+            self.store.close_orphans,
+            self.settings.gateway_id,
+            starting=True,
+        )
         if closed:
             log.warning(
                 "closed_orphaned_sessions", count=closed, reason=SessionEndReason.GATEWAY_CRASH
@@ -204,6 +213,7 @@ class GrantService:
             expires_at=now + timedelta(seconds=duration_seconds),
             started_at=now,
             request=request,
+            gateway_id=self.settings.gateway_id,
         )
         if self.prepare is not None:
             await self._prepare(session)

@@ -4,9 +4,10 @@ A composition root: it alone (with the daemon and the audit writer process)
 knows the concrete :class:`~gateway.store.Store`, and hands it to the grant
 service, the credentials and the audit runtime as their ports. It wires the
 fail-closed cut (audit runtime -> every grant's live connections) and the
-gateway-wide refusal (admission <- audit runtime), and publishes the access
-events to the webhook notifier (``notifier.publish``: a grant opened, a
-session ended or revoked).
+gateway-wide refusal (admission <- audit runtime), the same for a store out of
+reach (admission <- presence; presence -> live connections in strict mode), and
+publishes the access events to the webhook notifier (``notifier.publish``: a
+grant opened, a session ended or revoked).
 
 :class:`Gateway` is what the control API's routers receive: ``db``, ``store``,
 ``audit_writer`` and ``live_connection_count`` (review), grants and requests
@@ -38,6 +39,7 @@ from gateway.access.connections import ConnectionRecords
 from gateway.access.extension import authorize_extension, check_extension
 from gateway.access.host import ListenerHost
 from gateway.access.ports import SessionRecord
+from gateway.access.presence import Presence
 from gateway.access.requests import AccessRequest, ChangeKind, RequestState, StateChange
 from gateway.access.service import GrantService
 from gateway.audit.refusals import RefusalRecorder
@@ -106,7 +108,20 @@ class Gateway:
             journal_dir=journal_dir,
             stored_secrets=lambda: self.credentials.stored_secrets,
         )
-        self.admission = Admission(checks=(self.audit.refusal,))
+        #: this gateway's presence lease, and the recovery of gone gateways' sessions
+        self.presence = Presence(
+            store,
+            self.db,
+            settings.gateway_id,
+            renew_seconds=settings.presence_renew_seconds,
+            lease_seconds=settings.presence_lease_seconds,
+            # The roles of a gone gateway's grants are disabled now, not at the
+            # janitor's next interval.
+            on_closed=lambda _count: self.ephemeral.janitor.wake(),
+            grace_seconds=settings.store_unreachable_grace_seconds,
+            strict=settings.store_unreachable_strict,
+        )
+        self.admission = Admission(checks=(self.audit.refusal, self.presence.refusal))
         #: every refused API call and grant connection, floods summarised
         self.refusals = RefusalRecorder(store, self.db, interval=settings.refusal_interval_seconds)
         self.records = ConnectionRecords(store, self.db)
@@ -125,6 +140,7 @@ class Gateway:
         #: the tunnel endpoint's bound port, once the daemon serves it
         self.tunnel_port: int | None = None
         self.audit.cut_live = self.grants.terminate_live
+        self.presence.cut_live = self.grants.terminate_live
         self.requests = RequestService(
             store,
             self.db,
@@ -216,15 +232,18 @@ class Gateway:
     async def start(self) -> int:
         """Close what a crash left open, start the watchdog and the audit writer;
         returns how many sessions a crash had left open."""
+        # This gateway's own sessions a crash left end at its previous run's last
+        # renewal: recovered before the presence lease is renewed.
         closed = await self.grants.start()
+        await self.presence.start()
         await self.notifier.start()
         self.requests.start()
         if self.settings.audit_enabled:
             await self.credentials.refresh()
             await self.audit.start()
-        # This gateway's presence first, so that no other gateway takes its
-        # rotations in flight for a gone gateway's; then those a crash of it left
-        # are settled in the background (until then a connection refused with
+        # This gateway's presence is announced (above), so that no other gateway
+        # takes its rotations in flight for a gone gateway's; those a crash of it
+        # left are settled in the background (until then a connection refused with
         # 28P01 tries the other password), and the schedules run.
         await self.schedules.start()
         self.rotations.start()
@@ -239,6 +258,8 @@ class Gateway:
         await self.grants.shutdown()
         # The roles of the grants the shutdown ended are dropped, within a bound.
         await self.ephemeral.close()
+        # Last: once it is released, another gateway may end what is still open.
+        await self.presence.close()
         # The sessions' end events go into the outbox before the store thread stops.
         await self.notifier.close()
         # The interval's counts are written before the store thread stops.

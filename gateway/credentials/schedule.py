@@ -10,14 +10,14 @@ drift apart); after ``n`` failures in a row it is tried again after
 ``retry_first_delay * retry_factor ** (n - 1)``, with the same share of jitter,
 and never later than one interval.
 
-:class:`RotationScheduler` is the gateway's task. Each tick it renews this
-gateway's presence lease (``gateway/<gateway id>``) and tries to take or renew
-the scheduler's lease (:data:`SCHEDULER_LEASE`); only the holder runs due
-rotations, so gateways sharing a store take turns. For each due account it
-first *claims* the run, moving the due time to when a failed attempt would be
-retried, over the due time it read (compare and set); then it calls the
-gateway's rotation (``started_by`` ``schedule``) and sets the next time from how
-it ended, again over the claimed time.
+:class:`RotationScheduler` is the gateway's task. Each tick it tries to take or
+renew the scheduler's lease (:data:`SCHEDULER_LEASE`); only the holder runs due
+rotations, so gateways sharing a store take turns. (Each gateway's presence
+lease, ``gateway/<gateway id>``, is renewed by ``gateway.access.presence``.)
+For each due account it first *claims* the run, moving the due time to when a
+failed attempt would be retried, over the due time it read (compare and set);
+then it calls the gateway's rotation (``started_by`` ``schedule``) and sets the
+next time from how it ended, again over the claimed time.
 
 Invariants:
 
@@ -29,8 +29,8 @@ Invariants:
 * The holder also settles rotations in flight that a gone gateway left (its
   presence lease expired; :meth:`~gateway.credentials.rotation.Rotations.recover`
   with ``gone``); a rotation of a present gateway is its own to finish.
-* Closing waits for the runs in flight, then releases both leases, so another
-  gateway takes over at its next tick instead of after the lease runs out.
+* Closing waits for the runs in flight, then releases the scheduler's lease, so
+  another gateway takes over at its next tick instead of after it runs out.
 """
 
 from __future__ import annotations
@@ -213,12 +213,11 @@ class RotationScheduler:
     # --- life --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Announce this gateway (its presence lease), then tick in the background."""
-        await self._renew_presence()
+        """Tick in the background (after this gateway's presence is announced)."""
         self._task = asyncio.create_task(self._loop(), name="rotation-scheduler")
 
     async def close(self) -> None:
-        """Stop ticking, let the runs in flight end, give both leases up."""
+        """Stop ticking, let the runs in flight end, give the lease up."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -227,11 +226,10 @@ class RotationScheduler:
         if self._recovery is not None:
             self._recovery.cancel()
             await asyncio.gather(self._recovery, return_exceptions=True)
-        for name in (SCHEDULER_LEASE, presence_lease(self.gateway_id)):
-            try:
-                await self.db(self.store.release_lease, name, self.gateway_id)
-            except Exception as exc:  # the store is going away: the lease expires anyway
-                log.warning("lease_not_released", lease=name, error=repr(exc))
+        try:
+            await self.db(self.store.release_lease, SCHEDULER_LEASE, self.gateway_id)
+        except Exception as exc:  # the store is going away: the lease expires anyway
+            log.warning("lease_not_released", lease=SCHEDULER_LEASE, error=repr(exc))
         if self._holding:
             log.info("rotation_scheduler_lease_released", gateway_id=self.gateway_id)
         self._holding = False
@@ -278,9 +276,8 @@ class RotationScheduler:
             await asyncio.sleep(self.tick_seconds)
 
     async def tick(self) -> None:
-        """Renew the leases; as the holder, settle what gone gateways left and
+        """Renew the lease; as the holder, settle what gone gateways left and
         start the due rotations."""
-        await self._renew_presence()
         holding = await self.db(
             self.store.acquire_lease, SCHEDULER_LEASE, self.gateway_id, self.lease_seconds
         )
@@ -311,14 +308,6 @@ class RotationScheduler:
         """Until the runs started so far have ended (tests)."""
         if self._runs:
             await asyncio.gather(*self._runs.values(), return_exceptions=True)
-
-    async def _renew_presence(self) -> None:
-        await self.db(
-            self.store.acquire_lease,
-            presence_lease(self.gateway_id),
-            self.gateway_id,
-            self.lease_seconds,
-        )
 
     async def _recover_abandoned(self) -> None:
         """Settle, in the background, the rotations in flight whose gateway is gone."""

@@ -72,6 +72,7 @@ _CUT_BY_GATEWAY = frozenset(
         ConnectionEndReason.EXPIRED,
         ConnectionEndReason.GATEWAY_SHUTDOWN,
         ConnectionEndReason.AUDIT_UNAVAILABLE,
+        ConnectionEndReason.STORE_UNAVAILABLE,
         # Idle means no query in flight; should the count be wrong, the cancel
         # is harmless and the query does not outlive its connection.
         ConnectionEndReason.IDLE_TIMEOUT,

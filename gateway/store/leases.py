@@ -13,6 +13,9 @@ Invariants:
   Two gateways asking at once cannot both get it; the one whose statement
   returned no row did not.
 * Releasing deletes the row only if the caller holds it.
+* ``renewed_at`` is the holder's last take or renewal (revision 0017; NULL on
+  a row from before it): a lapsed presence lease says when its gateway was last
+  known alive, which is when crash recovery ends that gateway's sessions.
 * Expiry is judged by the store's clock (the gateway's): gateways sharing a
   store need clocks that agree to well within a lease's length (NTP).
 """
@@ -56,6 +59,7 @@ class LeaseStore(StoreBase):
             "holder": holder,
             "acquired_at": now,
             "expires_at": now + timedelta(seconds=seconds),
+            "renewed_at": now,
         }
         with self._transaction(write=True) as conn:
             dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
@@ -66,6 +70,7 @@ class LeaseStore(StoreBase):
                 set_={
                     "holder": statement.excluded.holder,
                     "expires_at": statement.excluded.expires_at,
+                    "renewed_at": statement.excluded.renewed_at,
                     # A renewal keeps when the holder took it.
                     "acquired_at": _acquired_at(leases.c.holder == holder, now),
                 },

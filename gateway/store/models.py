@@ -190,6 +190,8 @@ class AccessSession(_Record):
     #: the access request it was opened from (approval, break-glass), if any
     request_id: str | None = None
     end_detail: str | None = None
+    #: the gateway that opened it and relays its connections (None before 0017)
+    gateway_id: str | None = None
 
     # mypy does not understand a decorated property; pydantic documents this ignore.
     @computed_field  # type: ignore[prop-decorator]

@@ -237,9 +237,13 @@ sessions = Table(
     Column("end_seal", Text, nullable=True),
     # The access request it was opened from (revision 0010), if any.
     Column("request_id", String(ID_LENGTH), nullable=True),
+    # The gateway that opened it and relays its connections (revision 0017);
+    # NULL for sessions from before several gateways could share a store.
+    Column("gateway_id", Text, nullable=True),
     Index(None, "started_at"),
     Index(None, "ended_at"),
     Index(None, "resource_name", "account_name"),
+    Index(None, "gateway_id"),
 )
 
 #: People and automation (revision 0005). A user may have an argon2id password
@@ -621,6 +625,9 @@ leases = Table(
     Column("holder", Text, nullable=False),
     Column("acquired_at", UtcTimestamp, nullable=False),
     Column("expires_at", UtcTimestamp, nullable=False),
+    # The holder's last renewal (revision 0017): where crash recovery ends the
+    # sessions of a gateway whose presence lease lapsed.
+    Column("renewed_at", UtcTimestamp, nullable=True),
 )
 
 #: Alembic's bookkeeping table. Prefixed so the store can share a PostgreSQL

@@ -56,6 +56,10 @@ SESSION_START: Final = (
     "started_at",
     "expires_at",
     *REQUEST_FIELDS,
+    # Revision 0017: which gateway relays it, and so whose crash ends it. A seal
+    # written before has no copy of it, and a field not in a seal is not checked
+    # (as with ``request_id`` before revision 0010): older rows still verify.
+    "gateway_id",
 )
 #: ``connection_count`` is not a column: the connection rows the session had
 #: when it ended, so that a deleted one shows.

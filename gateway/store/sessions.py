@@ -11,8 +11,11 @@ Invariants:
 * Ending a session is idempotent: the first end wins and later calls return the
   record unchanged. Ending it ends its open connections in the same transaction
   and seals its audit trail (count, head hash, HMAC) so that truncation shows.
-* :meth:`SessionStore.close_orphans` ends whatever a stopped gateway left open,
-  sealing each trail as it stands.
+* A session records the gateway that opened it (``gateway_id``, sealed), which
+  relays all its connections. :meth:`SessionStore.close_orphans` ends the open
+  sessions of gateways whose presence lease has lapsed (and the caller's own,
+  left by its previous run, at its start), at that gateway's last renewal,
+  sealing each trail as it stands. It never ends a live gateway's session.
 """
 
 from __future__ import annotations
@@ -20,21 +23,21 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import ColumnElement, Connection, and_, exists, func, or_, select, true
+from sqlalchemy import ColumnElement, Connection, and_, exists, func, or_, select
 
 from gateway.credentials.ephemeral.sql import ephemeral_role_name
+from gateway.credentials.schedule import presence_lease
 from gateway.errors import InvalidRequest, NotFound
 from gateway.identity.principals import DEFAULT_PROJECT
 from gateway.reasons import CONNECTION_REASON_AT_SESSION_END, SessionEndReason
 from gateway.store.batches import holds_failed_statement
 from gateway.store.models import (
-    CONNECTION_END_REASONS,
     REQUEST_FIELDS,
     SESSION_END_REASONS,
     AccessSession,
 )
 from gateway.store.rows import account_row, new_id, resolve_session_id, resource_row, session_row
-from gateway.store.schema import audit_events, connections, sessions
+from gateway.store.schema import audit_events, connections, leases, sessions
 from gateway.store.sealing import CONNECTION_END, SESSION_END, SESSION_START, seal
 from gateway.store.trail import TrailStore
 from gateway.store.validation import (
@@ -68,6 +71,7 @@ def _session(row: AnyRow) -> AccessSession:
         ended_at=row.ended_at,
         end_reason=row.end_reason,
         end_detail=row.end_detail,
+        gateway_id=row.gateway_id,
         **{name: getattr(row, name) for name in REQUEST_FIELDS},
     )
 
@@ -95,9 +99,11 @@ class SessionStore(TrailStore):
         expires_at: datetime,
         started_at: datetime | None = None,
         request: dict[str, str | None] | None = None,
+        gateway_id: str | None = None,
     ) -> AccessSession:
         """Start an access session, copying the database and username into it.
-        *request*: what it records of who asked (keys of :data:`REQUEST_FIELDS`)."""
+        *request*: what it records of who asked (keys of :data:`REQUEST_FIELDS`);
+        *gateway_id*: the gateway opening it (it relays its connections)."""
         required_text("requester", requester)
         asked = dict.fromkeys(REQUEST_FIELDS) | (request or {})
         if asked.keys() != set(REQUEST_FIELDS):
@@ -106,6 +112,7 @@ class SessionStore(TrailStore):
         for name, value in asked.items():
             check_text(name, value, required=False)
         required_text("listen_host", listen_host)
+        check_text("gateway_id", gateway_id, required=False)
         expires = check_time("expires_at", expires_at)
         started = self._now() if started_at is None else check_time("started_at", started_at)
         if expires <= started:
@@ -128,6 +135,7 @@ class SessionStore(TrailStore):
                 "started_at": started,
                 "expires_at": expires,
                 **asked,
+                "gateway_id": gateway_id,
             }
             sealed = seal(self._chain, "sessions", "start", row["id"], row, SESSION_START)
             conn.execute(sessions.insert().values({**row, "start_seal": sealed}))
@@ -190,27 +198,7 @@ class SessionStore(TrailStore):
             # The row lock keeps appends out while the seal is computed.
             current = session_row(conn, session_id, lock="update")
             if current.ended_at is None:
-                # "WHERE ended_at IS NULL" makes the first end win, even against a
-                # concurrent caller; the select then reports whichever end that was.
-                end = {"ended_at": ended, "end_reason": reason, "end_detail": detail}
-                end["connection_count"] = _connection_count(conn, session_id)
-                conn.execute(
-                    sessions.update()
-                    .where(sessions.c.id == session_id, sessions.c.ended_at.is_(None))
-                    .values(
-                        ended_at=end["ended_at"],
-                        end_reason=end["end_reason"],
-                        end_detail=end["end_detail"],
-                        end_seal=seal(self._chain, "sessions", "end", session_id, end, SESSION_END),
-                        **self._seal_values(session_id, self._chain_head(conn, session_id)),
-                    )
-                )
-                self._end_open_connections(
-                    conn,
-                    connections.c.session_id == session_id,
-                    ended,
-                    CONNECTION_REASON_AT_SESSION_END[SessionEndReason(reason)],
-                )
+                self._end_row(conn, session_id, ended, reason, detail)
             return _session(session_row(conn, session_id))
 
     def get_session(self, session_id: str) -> AccessSession:
@@ -299,47 +287,135 @@ class SessionStore(TrailStore):
                 query = query.where(failed if has_errors else ~failed)
             return [_session(r) for r in conn.execute(query.limit(limit))]
 
-    def close_orphans(self, reason: str = "gateway_crash") -> int:
-        """End every session and connection still open; returns the sessions closed.
+    def close_orphans(self, gateway_id: str, *, starting: bool = False) -> int:
+        """End the open sessions of gone gateways as ``gateway_crash``, with their
+        open connections; returns the sessions this call ended.
 
-        Called when the gateway starts: anything still open was left behind by a
-        gateway that stopped without recording it (crash, kill -9, power loss).
-        Each session's audit trail is sealed as it stands.
+        A gateway is gone when its presence lease (``gateway/<id>``) has lapsed
+        or is not there (a session from before revision 0017 has no gateway and
+        counts as a gone one's). *gateway_id* is the caller's: with *starting*
+        (the caller's own start-up) its own sessions count as gone too, left by
+        its previous run; otherwise they are left alone like any live gateway's.
+        Each session ends at its gateway's last lease renewal (the last time it
+        was known alive), not now; at its start if it started after that, and now
+        when the gateway has no lease. Each audit trail is sealed as it stands.
+
+        One transaction. The gone gateways' lease rows are locked (in name order)
+        before their sessions, so a gateway coming back cannot renew in between,
+        and every end is conditional (``WHERE ended_at IS NULL``): two gateways
+        recovering at once end each session once. A live gateway's rows are
+        neither read for update nor written.
         """
-        check_reason("session", reason, SESSION_END_REASONS)
-        check_reason("connection", reason, CONNECTION_END_REASONS)
+        required_text("gateway_id", gateway_id)
         now = self._now()
         with self._transaction(write=True) as conn:
-            orphans = (
+            owners = set(
                 conn.execute(
-                    select(sessions.c.id)
-                    .where(sessions.c.ended_at.is_(None))
-                    .order_by(sessions.c.id)
-                    .with_for_update()
-                )
-                .scalars()
-                .all()
+                    select(sessions.c.gateway_id).where(sessions.c.ended_at.is_(None)).distinct()
+                ).scalars()
             )
-            self._end_open_connections(conn, true(), now, reason)
-            for session_id in orphans:
-                end = {
-                    "ended_at": now,
-                    "end_reason": reason,
-                    "end_detail": None,
-                    "connection_count": _connection_count(conn, session_id),
-                }
-                conn.execute(
-                    sessions.update()
-                    .where(sessions.c.id == session_id, sessions.c.ended_at.is_(None))
-                    .values(
-                        ended_at=end["ended_at"],
-                        end_reason=end["end_reason"],
-                        end_detail=end["end_detail"],
-                        end_seal=seal(self._chain, "sessions", "end", session_id, end, SESSION_END),
-                        **self._seal_values(session_id, self._chain_head(conn, session_id)),
-                    )
-                )
-            return len(orphans)
+            restarting = gateway_id if starting else None
+            gone = self._gone_gateways(conn, owners, restarting, now, lock=False)
+            if not gone:
+                return 0
+            # Again over the candidates' lease rows, locked: one renewed since is live.
+            gone = self._gone_gateways(conn, set(gone), restarting, now, lock=True)
+            if not gone:
+                return 0
+            known = [g for g in gone if g is not None]
+            whose: ColumnElement[bool] = sessions.c.gateway_id.in_(known)
+            if None in gone:
+                whose = or_(whose, sessions.c.gateway_id.is_(None))
+            orphans = conn.execute(
+                select(sessions.c.id, sessions.c.gateway_id, sessions.c.started_at)
+                .where(sessions.c.ended_at.is_(None), whose)
+                .order_by(sessions.c.id)
+                .with_for_update()
+            ).all()
+            closed = 0
+            for orphan in orphans:
+                last_seen = gone[orphan.gateway_id] or now
+                if self._end_row(
+                    conn,
+                    orphan.id,
+                    max(last_seen, orphan.started_at),
+                    SessionEndReason.GATEWAY_CRASH,
+                    None,
+                ):
+                    closed += 1
+            return closed
+
+    @staticmethod
+    def _gone_gateways(
+        conn: Connection,
+        owners: set[str | None],
+        restarting: str | None,
+        now: datetime,
+        *,
+        lock: bool,
+    ) -> dict[str | None, datetime | None]:
+        """Which of *owners* (gateway ids of open sessions) are gone, each with its
+        last lease renewal (None when unknown); with *lock*, their lease rows
+        are locked, in name order (two recoveries at once cannot deadlock)."""
+        gone: dict[str | None, datetime | None] = {}
+        if None in owners:
+            gone[None] = None
+        names = {presence_lease(g): g for g in owners if g is not None}
+        if not names:
+            return gone
+        query = (
+            select(leases.c.name, leases.c.holder, leases.c.expires_at, leases.c.renewed_at)
+            .where(leases.c.name.in_(sorted(names)))
+            .order_by(leases.c.name)
+        )
+        rows = {row.name: row for row in conn.execute(query.with_for_update() if lock else query)}
+        for name, owner in names.items():
+            row = rows.get(name)
+            if row is None or row.holder != owner:
+                gone[owner] = None
+            elif row.expires_at <= now or owner == restarting:
+                gone[owner] = row.renewed_at
+        return gone
+
+    def _end_row(
+        self, conn: Connection, session_id: str, ended: datetime, reason: str, detail: str | None
+    ) -> bool:
+        """End one session row and its open connections, sealing its end and its
+        trail; False (and nothing written) when it had ended already.
+
+        "WHERE ended_at IS NULL" makes the first end win, even against a
+        concurrent caller. Its open connections end at the session's end (or
+        their start, if later), with the reason
+        :data:`~gateway.reasons.CONNECTION_REASON_AT_SESSION_END` maps *reason*
+        to.
+        """
+        end = {
+            "ended_at": ended,
+            "end_reason": reason,
+            "end_detail": detail,
+            "connection_count": _connection_count(conn, session_id),
+        }
+        done = conn.execute(
+            sessions.update()
+            .where(sessions.c.id == session_id, sessions.c.ended_at.is_(None))
+            .values(
+                ended_at=end["ended_at"],
+                end_reason=end["end_reason"],
+                end_detail=end["end_detail"],
+                end_seal=seal(self._chain, "sessions", "end", session_id, end, SESSION_END),
+                **self._seal_values(session_id, self._chain_head(conn, session_id)),
+            )
+            .returning(sessions.c.id)
+        ).first()
+        if done is None:
+            return False
+        self._end_open_connections(
+            conn,
+            connections.c.session_id == session_id,
+            ended,
+            CONNECTION_REASON_AT_SESSION_END[SessionEndReason(reason)],
+        )
+        return True
 
     def _end_open_connections(
         self, conn: Connection, where: ColumnElement[bool], ended: datetime, reason: str
@@ -353,12 +429,14 @@ class SessionStore(TrailStore):
         )
         for connection_id in open_ids:
             row = conn.execute(select(connections).where(connections.c.id == connection_id)).one()
-            end = {**row._mapping, "ended_at": ended, "end_reason": reason}
+            # Never before it started (a crash's end is the gateway's last renewal).
+            at = max(ended, row.started_at)
+            end = {**row._mapping, "ended_at": at, "end_reason": reason}
             conn.execute(
                 connections.update()
                 .where(connections.c.id == connection_id, connections.c.ended_at.is_(None))
                 .values(
-                    ended_at=ended,
+                    ended_at=at,
                     end_reason=reason,
                     end_seal=seal(
                         self._chain, "connections", "end", connection_id, end, CONNECTION_END

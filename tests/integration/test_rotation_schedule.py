@@ -43,11 +43,13 @@ pytestmark = pytest.mark.integration
 
 RESOURCE = "prod"
 #: schedules down to a second, ticks of a fifth of one, retries from half a
-#: second doubling, quick webhook retries
+#: second doubling, presence leases of five seconds, quick webhook retries
 FAST: dict[str, Any] = {
     "rotation_min_interval_seconds": 1,
     "rotation_schedule_tick_seconds": 0.2,
     "rotation_lease_seconds": 5.0,
+    "presence_renew_seconds": 1.0,
+    "presence_lease_seconds": 5.0,
     "rotation_retry_first_delay_seconds": 0.5,
     "rotation_retry_factor": 2.0,
     "rotation_jitter_fraction": 0.05,

@@ -596,7 +596,9 @@ def test_get_session_accepts_a_unique_prefix(store: Store, monkeypatch: pytest.M
         store.get_session("")
 
 
-def test_close_orphans_ends_open_sessions_and_connections(store: Store, clock: FakeClock) -> None:
+def test_close_orphans_ends_sessions_of_no_gateway_now_with_their_connections(
+    store: Store, clock: FakeClock
+) -> None:
     _add_db(store)
     open_a = _session(store)
     open_b = _session(store)
@@ -608,7 +610,7 @@ def test_close_orphans_ends_open_sessions_and_connections(store: Store, clock: F
     )
     done_ended = store.end_session(done.id, reason="client_ended")
     clock.advance(30)
-    assert store.close_orphans() == 2
+    assert store.close_orphans("gw-restarting") == 2
     for session_id in (open_a.id, open_b.id):
         session = store.get_session(session_id)
         assert session.end_reason == "gateway_crash"
@@ -619,9 +621,9 @@ def test_close_orphans_ends_open_sessions_and_connections(store: Store, clock: F
     assert by_id[conn_a.id].ended_at == T0 + timedelta(seconds=30)
     assert by_id[conn_done.id].end_reason == "client_closed"
     assert by_id[conn_done.id].bytes_from_server == 20
-    assert store.close_orphans() == 0
+    assert store.close_orphans("gw-restarting") == 0
     with pytest.raises(InvalidRequest):
-        store.close_orphans("client_ended")
+        store.close_orphans("")
 
 
 # -- connections --------------------------------------------------------------------------

@@ -795,7 +795,7 @@ def test_close_orphans_seals_every_trail(store: Store) -> None:
     first = _session(store)
     _session(store)
     _fill(store, first.id, 4)
-    assert store.close_orphans() == 2
+    assert store.close_orphans("gw-restarting") == 2
     assert store.get_session(first.id).end_reason == "gateway_crash"
     assert store.verify_audit() == []
 

@@ -22,6 +22,7 @@ from gateway.credentials.secretbox import SecretBox
 from gateway.errors import InvalidRequest
 from gateway.store import Store
 from gateway.store.schema import sessions
+from gateway.store.sealing import SESSION_START, seal
 
 
 @pytest.fixture
@@ -144,7 +145,7 @@ def test_a_rewritten_seal_is_reported_as_such(store: Store, raw: Engine) -> None
 
 def test_connections_and_sessions_closed_as_orphans_are_sealed(store: Store, raw: Engine) -> None:
     session_id, connection_id = _session_with_connection(store, end=False)
-    assert store.close_orphans() == 1
+    assert store.close_orphans("gw-restarting") == 1
     assert store.verify_audit(session_id) == []
     _edit(
         raw, "UPDATE connections SET end_reason = 'client_closed' WHERE id = :id", id=connection_id
@@ -202,6 +203,50 @@ def test_rows_from_before_the_seals_are_not_checked(store: Store, raw: Engine) -
         "UPDATE connections SET start_seal = NULL, end_seal = NULL WHERE session_id = :id",
         id=session_id,
     )
+    assert store.verify_audit(session_id) == []
+
+
+def _gateway_session(store: Store, gateway_id: str) -> str:
+    store.add_resource("db2", "db.example.com", 5432, "app")
+    store.add_account("db2", "ro", "app_reader", "pw-" + secrets.token_hex(8))
+    return store.create_session(
+        requester="alice",
+        resource="db2",
+        account="ro",
+        listen_host="127.0.0.1",
+        expires_at=datetime(2100, 1, 1, tzinfo=UTC),
+        gateway_id=gateway_id,
+    ).id
+
+
+def test_an_edit_of_the_gateway_relaying_a_session_is_named(store: Store, raw: Engine) -> None:
+    # Moving a session to a live gateway by hand would hide it from crash recovery.
+    session_id = _gateway_session(store, "gw-a")
+    _edit(raw, "UPDATE sessions SET gateway_id = 'gw-b' WHERE id = :id", id=session_id)
+    assert _details(store, session_id) == [
+        f"the session record {session_id[:8]} was edited: gateway_id no longer matches what"
+        " was sealed"
+    ]
+
+
+def test_a_start_seal_from_before_the_gateway_was_recorded_still_verifies(
+    store: Store, raw: Engine
+) -> None:
+    session_id = _gateway_session(store, "gw-a")
+    # What revision 0016 sealed: the same fields but the gateway.
+    with raw.connect() as conn:
+        row = dict(
+            conn.execute(sessions.select().where(sessions.c.id == session_id)).one()._mapping
+        )
+    names = tuple(name for name in SESSION_START if name != "gateway_id")
+    old = seal(store._chain, "sessions", "start", session_id, row, names)
+    _edit(
+        raw,
+        "UPDATE sessions SET start_seal = :s, gateway_id = NULL WHERE id = :id",
+        s=old,
+        id=session_id,
+    )
+    store.end_session(session_id, reason="client_ended")
     assert store.verify_audit(session_id) == []
 
 
