@@ -410,6 +410,9 @@ async def run(
         done, _ = await asyncio.wait({api_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
         log.info("gateway_stopping")
         server.should_exit = True
+        # The console's runs in flight end now, so its requests do not hold up
+        # the control API's graceful stop.
+        await service.stopping()
         stop_task.cancel()
         await asyncio.gather(api_task, stop_task, return_exceptions=True)
         if api_task in done and (exc := api_task.exception()) is not None:

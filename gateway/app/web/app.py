@@ -15,6 +15,7 @@ from gateway.app.api.deps import status_of
 from gateway.app.api.refusals import record_api_refusal
 from gateway.app.gateway import Gateway
 from gateway.app.web.deps import STATIC_DIR, LoginRequired, render, ui
+from gateway.app.web.grants import BrowserGrants
 from gateway.app.web.routes import ROUTERS
 from gateway.app.web.security import SecurityHeaders
 from gateway.errors import GatewayError
@@ -32,6 +33,8 @@ def create_web_app(service: Gateway) -> FastAPI:
         redirect_slashes=False,
     )
     web.state.service = service
+    web.state.grants = BrowserGrants(service)
+    service.stop_hooks.append(web.state.grants.shutdown)
     web.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     for router in ROUTERS:
         web.include_router(router)

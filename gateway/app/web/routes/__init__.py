@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from gateway.app.web.routes import auth, home
+from gateway.app.web.routes import auth, home, terminal
 
 ROUTERS: list[APIRouter] = [
     auth.router,
     home.router,
+    terminal.router,
 ]
