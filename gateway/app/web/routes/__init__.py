@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from gateway.app.web.routes import auth, home, terminal
+from gateway.app.web.routes import auth, explorer, home, terminal
 
 ROUTERS: list[APIRouter] = [
     auth.router,
     home.router,
     terminal.router,
+    explorer.router,
 ]
