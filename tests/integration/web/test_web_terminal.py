@@ -5,6 +5,7 @@ chromium and at the HTTP level, against a real daemon and PostgreSQL 15."""
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,10 +13,11 @@ import httpx
 import psycopg
 import pytest
 from conftest import Console, Pages
-from harness import wait_for
+from harness import Gateway, wait_for
 from playwright.sync_api import Page, expect
 
 from gateway.app.web.security import CSRF_HEADER, SESSION_COOKIE, csrf_token
+from gateway.config import ClientConfig
 from gateway.testing.pgcluster import TempCluster
 
 CONSOLE_APP = "pam web console ({})"
@@ -276,3 +278,75 @@ def test_a_revoked_grant_answers_the_next_statement_with_the_gateways_fatal(
     assert shown and shown.group(1) in ("57P01", "28000")
     assert "revoked by root: enough" in answer.text
     wait_for(lambda: "ended" in mia.get(f"/ui/terminal/{grant}/status").text)
+
+
+def test_a_grant_needing_approval_waits_and_opens_once_approved(
+    web: Pages, console: Console
+) -> None:
+    console.add_user("paula", "member")
+    console.gw.cli(
+        "policy", "add", "web-gated", "--subject", "paula", "--resource", "prod",
+        "--account", "scram", "--max-duration", "1h", "--require-approval", "1",
+    )  # fmt: skip
+    page = web.as_user("paula")
+    page.goto(console.url("/terminal"))
+    page.fill("form.open-grant input[name=resource]", "prod")
+    page.fill("form.open-grant input[name=account]", "scram")
+    page.fill("form.open-grant input[name=reason]", "INC-16")
+    page.click("form.open-grant button[type=submit]")
+    expect(page.locator("#pending")).to_contain_text("needs approval")
+    with console.api_as("ada") as ada:
+        pending = wait_for(
+            lambda: [
+                r
+                for r in ada.get("/v1/requests", params={"pending": True}).json()
+                if r["requester"] == "paula"
+            ]
+        )
+        # Still waiting: polling does not open anything before the approval.
+        expect(page.locator("#pending")).to_contain_text("pending")
+        approved = ada.post(f"/v1/requests/{pending[0]['id']}/approve", json={"comment": "ok"})
+        assert approved.status_code == 200, approved.text
+    page.wait_for_url(re.compile(r".*/ui/terminal/[0-9a-f]+$"))
+    run_in_page(page, "select current_user")
+    expect(page.locator("#result table.web-rows td")).to_have_text(["app_scram"])
+    session_id = page.url.rsplit("/", 1)[1]
+    session = console.gw.cli_json("sessions", "show", session_id)["session"]
+    assert (session["requester"], session["request_id"]) == ("paula", pending[0]["id"])
+
+
+def test_the_daemon_stops_promptly_with_a_console_statement_running(
+    gateway: Gateway, pg: TempCluster
+) -> None:
+    """A statement of the console's in flight does not hold up the daemon's stop:
+    the console ends its grants first (the harness's stop is bounded, and the
+    statement would sleep far longer)."""
+    config = ClientConfig.model_validate_json(gateway.config_path.read_text())
+    assert config.ca_cert is not None and config.token is not None
+    own = Console(gateway, config.api_url.rstrip("/"), config.ca_cert)
+    client = own.http(cookies={SESSION_COOKIE: config.token})
+    client.headers[CSRF_HEADER] = csrf_token(config.token)
+    session_id = open_grant(client)
+    answers: list[httpx.Response | Exception] = []
+
+    def sleep() -> None:
+        try:
+            answers.append(run(client, session_id, "select pg_sleep(600)"))
+        except httpx.HTTPError as exc:
+            answers.append(exc)
+
+    sleeper = threading.Thread(target=sleep)
+    sleeper.start()
+    with psycopg.connect(pg.superuser_dsn(), autocommit=True) as admin:
+        wait_for(lambda: admin.execute(_SLEEPING).fetchone())
+        assert gateway.stop() == 0
+        sleeper.join(30)
+        assert not sleeper.is_alive() and answers
+        wait_for(lambda: admin.execute(_SLEEPING).fetchone() is None)
+    client.close()
+
+
+_SLEEPING = (
+    "select 1 from pg_stat_activity where application_name like 'pam web console (%'"
+    " and state = 'active' and query = 'select pg_sleep(600)'"
+)
