@@ -238,11 +238,10 @@ class BrowserGrants:
                     task.uncancel()
                 raise WorkFailed(CANCELLED) from None
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                if grant.connection is not None and grant.connection.is_closed():
-                    grant.connection = None
                 raise WorkFailed(Problem.of(exc)) from None
             finally:
                 grant.running = None
+                _drop_if_unusable(grant)
 
     def cancel(self, grant: BrowserGrant) -> bool:
         """Cancel what runs on the grant's connection now; whether anything ran."""
@@ -284,9 +283,13 @@ class BrowserGrants:
         self._grants.pop(grant.id, None)
         if grant.keeper is not None and grant.keeper is not asyncio.current_task():
             grant.keeper.cancel()
-        if grant.running is not None and not grant.running.done():
+        running = grant.running
+        if running is not None and not running.done():
             grant.cancel_asked = True
-            grant.running.cancel()
+            running.cancel()
+            # Let the cancel and the rollback finish on a live connection: asyncpg
+            # waits for the cancelled query's end, which a closed one never sends.
+            await asyncio.wait({running}, timeout=CLOSE_TIMEOUT_SECONDS)
         await _close_connection(grant)
         try:
             await self.service.close_access(grant.id, detail=detail)
@@ -323,6 +326,19 @@ class BrowserGrants:
             *(self.close(g, detail="the gateway is shutting down") for g in grants),
             return_exceptions=True,
         )
+
+
+def _drop_if_unusable(grant: BrowserGrant) -> None:
+    """Forget a connection that is closed, or was left inside a transaction (a
+    rollback that did not finish): the next run makes a new one."""
+    connection = grant.connection
+    if connection is None:
+        return
+    if connection.is_closed():
+        grant.connection = None
+    elif connection.is_in_transaction():
+        grant.connection = None
+        connection.terminate()
 
 
 async def _close_connection(grant: BrowserGrant) -> None:
