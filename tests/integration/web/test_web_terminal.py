@@ -4,9 +4,11 @@ chromium and at the HTTP level, against a real daemon and PostgreSQL 15."""
 
 from __future__ import annotations
 
+import base64
 import re
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +16,8 @@ import httpx
 import psycopg
 import pytest
 from conftest import Console, Pages
+from cryptography.hazmat.primitives.hashes import SHA1
+from cryptography.hazmat.primitives.twofactor.totp import TOTP
 from harness import Gateway, wait_for
 from playwright.sync_api import Page, expect
 
@@ -355,3 +359,31 @@ _SLEEPING = (
     "select 1 from pg_stat_activity where application_name like 'pam web console (%'"
     " and state = 'active' and query = 'select pg_sleep(600)'"
 )
+
+
+def test_a_policy_asking_for_a_second_factor_needs_the_forms_one_time_code(
+    console: Console,
+) -> None:
+    console.add_user("otto", "member")
+    console.gw.cli(
+        "policy", "add", "web-mfa", "--subject", "otto", "--resource", "prod",
+        "--account", "scram", "--max-duration", "1h", "--require-mfa",
+    )  # fmt: skip
+    with web_client(console, "otto") as otto, console.api_as("otto") as api:
+        enrolment = api.post("/v1/mfa/enroll", json={})
+        assert enrolment.status_code == 201, enrolment.text
+        secret = enrolment.json()["secret"]
+        totp = TOTP(base64.b32decode(secret + "=" * (-len(secret) % 8)), 6, SHA1(), 30)  # noqa: S303
+        step = int(time.time() // 30)
+        confirmed = api.post("/v1/mfa/confirm", json={"code": totp.generate(step * 30).decode()})
+        assert confirmed.status_code == 200, confirmed.text
+        fields = {"resource": "prod", "account": "scram", "duration_minutes": "10"}
+        refused = otto.post("/ui/terminal/open", data=fields)
+        assert refused.status_code == 401
+        assert "code" in refused.text
+        # The next step's code: inside the gateway's window, and not the one used.
+        code = totp.generate((step + 1) * 30).decode()
+        opened = otto.post("/ui/terminal/open", data={**fields, "code": code})
+        assert opened.status_code == 303, opened.text
+        assert code not in opened.text
+        otto.post(opened.headers["location"] + "/close")
