@@ -318,6 +318,12 @@ def test_a_grant_needing_approval_waits_and_opens_once_approved(
     session_id = page.url.rsplit("/", 1)[1]
     session = console.gw.cli_json("sessions", "show", session_id)["session"]
     assert (session["requester"], session["request_id"]) == ("paula", pending[0]["id"])
+    poll = f"/ui/terminal/requests/{pending[0]['id']}/open"
+    with web_client(console, "paula") as paula, web_client(console, "max") as other:
+        spent = paula.post(poll)  # opened already: it opens nothing more
+        assert spent.status_code == 400 and "opened" in spent.text
+        assert other.post(poll).status_code == 404  # another member's request
+        assert paula.post("/ui/terminal/requests/nope/open").status_code == 404
 
 
 def test_the_daemon_stops_promptly_with_a_console_statement_running(
