@@ -409,8 +409,10 @@ async def run(
         stop_task = asyncio.create_task(stop.wait(), name="stop-signal")
         done, _ = await asyncio.wait({api_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
         log.info("gateway_stopping")
-        web.close_streams(app)  # a live page's event stream would hold the server open
         server.should_exit = True
+        # The console's event streams and runs in flight end now, so its
+        # requests do not hold up the control API's graceful stop.
+        await service.stopping()
         stop_task.cancel()
         await asyncio.gather(api_task, stop_task, return_exceptions=True)
         if api_task in done and (exc := api_task.exception()) is not None:

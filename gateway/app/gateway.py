@@ -210,6 +210,9 @@ class Gateway:
         )
         #: single sign-on with OpenID Connect (``/v1/sso``)
         self.sso = SsoService(store, self.db, self.identity)
+        #: awaited once when the daemon starts stopping, before anything else
+        #: stops (the web console ends the grants it holds)
+        self.stop_hooks: list[Callable[[], Awaitable[None]]] = []
 
     def _session_ended(self, session: SessionRecord) -> None:
         self.ephemeral.ended(session)
@@ -251,7 +254,17 @@ class Gateway:
         self.ephemeral.start()
         return closed
 
+    async def stopping(self) -> None:
+        """Run (once) what must stop before the control API and the grants do."""
+        hooks, self.stop_hooks = self.stop_hooks, []
+        for hook in hooks:
+            try:
+                await hook()
+            except Exception as exc:  # the rest of the shutdown still runs
+                log.error("stop_hook_failed", error=repr(exc))
+
     async def shutdown(self) -> None:
+        await self.stopping()
         await self.requests.close()
         await self.schedules.close()
         await self.rotations.close()

@@ -22,19 +22,9 @@ from gateway.app.gateway import Gateway
 from gateway.app.web.app import create_web_app
 from gateway.app.web.deps import PREFIX
 
-__all__ = ["PREFIX", "close_streams", "create_web_app", "mount"]
+__all__ = ["PREFIX", "create_web_app", "mount"]
 
 
 def mount(app: FastAPI, service: Gateway) -> None:
     """Serve the console under :data:`PREFIX` of *app*."""
-    console = create_web_app(service)
-    app.state.web_console = console
-    app.mount(PREFIX, console)
-
-
-def close_streams(app: FastAPI) -> None:
-    """End the console's open event streams (live timelines): call it when the
-    daemon stops, before the HTTP server waits for its requests to finish."""
-    console: FastAPI | None = getattr(app.state, "web_console", None)
-    if console is not None:
-        console.state.closing.set()
+    app.mount(PREFIX, create_web_app(service))

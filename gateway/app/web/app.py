@@ -16,6 +16,7 @@ from gateway.app.api.deps import status_of
 from gateway.app.api.refusals import record_api_refusal
 from gateway.app.gateway import Gateway
 from gateway.app.web.deps import STATIC_DIR, LoginRequired, render, ui
+from gateway.app.web.grants import BrowserGrants
 from gateway.app.web.routes import ROUTERS
 from gateway.app.web.security import SecurityHeaders
 from gateway.errors import GatewayError
@@ -33,8 +34,17 @@ def create_web_app(service: Gateway) -> FastAPI:
         redirect_slashes=False,
     )
     web.state.service = service
-    #: Set when the daemon stops: open event streams end (gateway.app.web.close_streams).
-    web.state.closing = asyncio.Event()
+    # When the daemon starts stopping: open event streams (live timelines) end,
+    # and the grants the console holds are closed, so that neither holds the
+    # HTTP server's graceful stop open.
+    closing = asyncio.Event()
+    web.state.closing = closing
+    web.state.grants = BrowserGrants(service)
+
+    async def close_streams() -> None:
+        closing.set()
+
+    service.stop_hooks.extend((close_streams, web.state.grants.shutdown))
     web.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     for router in ROUTERS:
         web.include_router(router)

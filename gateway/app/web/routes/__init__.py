@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from gateway.app.web.routes import admin, auth, home, requests, sessions
+from gateway.app.web.routes import admin, auth, explorer, home, requests, sessions, terminal
 
 ROUTERS: list[APIRouter] = [
     auth.router,
@@ -13,4 +13,6 @@ ROUTERS: list[APIRouter] = [
     requests.router,
     admin.router,
     sessions.router,
+    terminal.router,
+    explorer.router,
 ]

@@ -19,7 +19,8 @@ Invariants:
   the templates' escaping, the live stream's fragments included.
 * The live stream ends when the session ends (after a last event naming how),
   when the client goes away, and when the console closes
-  (:func:`gateway.app.web.close_streams`), so the daemon never waits on it.
+  (a stop hook of the daemon, :mod:`gateway.app.web.app`), so the daemon never
+  waits on it.
 """
 
 from __future__ import annotations
