@@ -106,6 +106,10 @@ def render(request: Request, template: str, status_code: int = 200, **context: A
             "me": principal,
             "is_global_admin": bool(principal and principal.is_admin()),
             "global_role": _role_name(principal),
+            # admins and auditors of some project have admin pages to read
+            "reads_admin_pages": bool(
+                principal and any(r in (Role.ADMIN, Role.AUDITOR) for r in principal.roles.values())
+            ),
             "csrf": csrf_token(token) if token else "",
             "csrf_field": CSRF_FIELD,
             "section": "",  # the nav item to mark current

@@ -29,6 +29,7 @@ CHANGES = (
 
 def test_a_member_gets_403_on_every_admin_page(console: Console, web: Pages) -> None:
     page = web.as_user("mia")
+    expect(page.locator("header nav")).not_to_contain_text("Admin")  # no link to a 403
     answer = page.goto(console.url("/admin/resources"))
     assert answer is not None and answer.status == 403
     expect(page.locator(".problem")).to_contain_text("neither an admin nor an auditor")
