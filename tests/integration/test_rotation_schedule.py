@@ -13,9 +13,7 @@ has in flight is left alone by the other until the first is gone.
 from __future__ import annotations
 
 import itertools
-import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -28,13 +26,10 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import APP_DATABASE
-from harness import Gateway, unique, wait_for
+from harness import Gateway, open_store, shared_store_pair, unique, wait_for, write_settings
 
 from gateway.app.daemon import ROTATION_PAUSE_ENV, ROTATION_RESUME_FILE
-from gateway.config import MASTER_KEY_FILE, STORE_FILE, load_settings, store_url
-from gateway.credentials.secretbox import SecretBox, load_master_key
-from gateway.store import Store
-from gateway.testing.net import free_port
+from gateway.config import STORE_FILE, load_settings
 from gateway.testing.pgcluster import TempCluster
 from gateway.testing.pgconf import sql_ident, sql_literal
 from gateway.testing.webhook_receiver import WebhookReceiver
@@ -60,12 +55,6 @@ FAST: dict[str, Any] = {
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def write_settings(gw: Gateway, settings: dict[str, Any]) -> None:
-    path = gw.home / "gateway.json"
-    current = json.loads(path.read_text()) if path.exists() else {}
-    path.write_text(json.dumps({**current, **settings}))
 
 
 def add_resource(gw: Gateway, pg: TempCluster) -> None:
@@ -121,12 +110,6 @@ def add_account(gw: Gateway, account: str, role: str, password: str) -> None:
         "account", "add", RESOURCE, account, "--username", role, "--password-stdin",
         input=password + "\n",
     )  # fmt: skip
-
-
-def open_store(gw: Gateway) -> Store:
-    """The store as someone holding the gateway host's master key could open it."""
-    box = SecretBox(load_master_key(gw.home / MASTER_KEY_FILE))
-    return Store.open(store_url(gw.home, load_settings(gw.home)), box)
 
 
 def stored_password(gw: Gateway, account: str) -> str:
@@ -335,27 +318,9 @@ def test_pam_audit_verify_names_a_rotation_record_edited_or_removed_by_hand(
 # --- two gateways, one store ----------------------------------------------------------------
 
 
-def shared_pair(pg: TempCluster, tmp_path: Path) -> tuple[Gateway, Gateway]:
-    """Two daemons on one PostgreSQL store: the second has the first's master key
-    (the store's secrets are sealed with it) and an admin of its own."""
-    database = unique("pam_store")
-    pg.create_database(database)
-    url = pg.superuser_dsn(database)
-    first, second = Gateway(tmp_path / "one"), Gateway(tmp_path / "two")
-    for gw in (first, second):
-        gw.home.mkdir(parents=True, mode=0o700)
-        write_settings(gw, {**FAST, "store_url": url})
-    first.cli("gateway", "init", "--force", "--api-port", str(free_port()))
-    shutil.copy2(first.home / MASTER_KEY_FILE, second.home / MASTER_KEY_FILE)
-    second.cli(
-        "gateway", "init", "--force", "--api-port", str(free_port()), "--admin", "second-admin"
-    )
-    return first, second
-
-
 @pytest.fixture
 def pair(pg: TempCluster, tmp_path: Path) -> Iterator[tuple[Gateway, Gateway]]:
-    first, second = shared_pair(pg, tmp_path)
+    first, second = shared_store_pair(pg, tmp_path, FAST)
     try:
         first.start()
         second.start()
@@ -406,7 +371,7 @@ def test_two_gateways_on_one_store_take_turns_and_the_lease_moves_when_one_stops
 def test_a_rotation_in_flight_is_left_to_its_gateway_until_that_gateway_is_gone(
     pg: TempCluster, tmp_path: Path
 ) -> None:
-    first, second = shared_pair(pg, tmp_path)
+    first, second = shared_store_pair(pg, tmp_path, FAST)
     role, typed = make_role(pg, "sched_flight")
     rotating: subprocess.Popen[str] | None = None
     try:
