@@ -31,6 +31,7 @@ from gateway.credentials.secretbox import SecretBox, load_master_key
 from gateway.store import Store
 from gateway.testing.net import child_pids, free_port
 from gateway.testing.pgcluster import TempCluster
+from gateway.testing.pgconf import sql_ident, sql_literal
 
 STARTUP_TIMEOUT = 30.0
 URL_PATTERN = re.compile(
@@ -510,6 +511,33 @@ def shared_store_pair(
         "gateway", "init", "--force", "--api-port", str(free_port()), "--admin", "second-admin"
     )
     return first, second
+
+
+def make_login_role(pg: TempCluster, prefix: str, database: str) -> tuple[str, str]:
+    """A new login role of *pg* that may connect to *database*: its name and password."""
+    name, password = unique(prefix), "typed-" + os.urandom(9).hex()
+    pg.admin_sql(
+        f"CREATE ROLE {sql_ident(name)} LOGIN PASSWORD {sql_literal(password)};\n"
+        f"GRANT CONNECT ON DATABASE {database} TO {sql_ident(name)};",
+        redact=[password],
+    )
+    return name, password
+
+
+def add_verified_resource(gw: Gateway, pg: TempCluster, name: str, database: str) -> None:
+    """Resource *name*: *database* of *pg*, over TLS with its certificate verified."""
+    with gw.api() as api:
+        api.post(
+            "/v1/resources",
+            {
+                "name": name,
+                "host": pg.host,
+                "port": pg.port,
+                "database": database,
+                "ssl_mode": "verify-full",
+                "ca_cert": pg.ca_cert_path.read_text(),
+            },
+        )
 
 
 def unique(prefix: str) -> str:

@@ -25,7 +25,9 @@ from conftest import APP_DATABASE
 from faultproxy import FaultProxy
 from harness import (
     Gateway,
+    add_verified_resource,
     connect_error,
+    make_login_role,
     open_store,
     shared_store_pair,
     unique,
@@ -37,7 +39,6 @@ from gateway.config import load_settings
 from gateway.credentials.schedule import presence_lease
 from gateway.testing.net import free_port
 from gateway.testing.pgcluster import TempCluster
-from gateway.testing.pgconf import sql_ident, sql_literal
 
 pytestmark = pytest.mark.integration
 
@@ -72,24 +73,8 @@ def pair(pg: TempCluster, tmp_path: Path) -> Iterator[tuple[Gateway, Gateway]]:
 
 def add_target(gw: Gateway, pg: TempCluster) -> None:
     """Resource ``prod`` (the cluster's appdb) with account ``scram``."""
-    role, password = unique("shared"), "typed-" + os.urandom(9).hex()
-    pg.admin_sql(
-        f"CREATE ROLE {sql_ident(role)} LOGIN PASSWORD {sql_literal(password)};\n"
-        f"GRANT CONNECT ON DATABASE {APP_DATABASE} TO {sql_ident(role)};",
-        redact=[password],
-    )
-    with gw.api() as api:
-        api.post(
-            "/v1/resources",
-            {
-                "name": RESOURCE,
-                "host": pg.host,
-                "port": pg.port,
-                "database": APP_DATABASE,
-                "ssl_mode": "verify-full",
-                "ca_cert": pg.ca_cert_path.read_text(),
-            },
-        )
+    role, password = make_login_role(pg, "shared", APP_DATABASE)
+    add_verified_resource(gw, pg, RESOURCE, APP_DATABASE)
     gw.cli(
         "account", "add", RESOURCE, "scram", "--username", role, "--password-stdin",
         input=password + "\n",

@@ -13,7 +13,6 @@ has in flight is left alone by the other until the first is gone.
 from __future__ import annotations
 
 import itertools
-import os
 import signal
 import sqlite3
 import subprocess
@@ -26,12 +25,20 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import APP_DATABASE
-from harness import Gateway, open_store, shared_store_pair, unique, wait_for, write_settings
+from harness import (
+    Gateway,
+    add_verified_resource,
+    make_login_role,
+    open_store,
+    shared_store_pair,
+    wait_for,
+    write_settings,
+)
 
 from gateway.app.daemon import ROTATION_PAUSE_ENV, ROTATION_RESUME_FILE
 from gateway.config import STORE_FILE, load_settings
 from gateway.testing.pgcluster import TempCluster
-from gateway.testing.pgconf import sql_ident, sql_literal
+from gateway.testing.pgconf import sql_ident
 from gateway.testing.webhook_receiver import WebhookReceiver
 
 pytestmark = pytest.mark.integration
@@ -57,21 +64,6 @@ FAST: dict[str, Any] = {
 # --- helpers ------------------------------------------------------------------------------
 
 
-def add_resource(gw: Gateway, pg: TempCluster) -> None:
-    with gw.api() as api:
-        api.post(
-            "/v1/resources",
-            {
-                "name": RESOURCE,
-                "host": pg.host,
-                "port": pg.port,
-                "database": APP_DATABASE,
-                "ssl_mode": "verify-full",
-                "ca_cert": pg.ca_cert_path.read_text(),
-            },
-        )
-
-
 @pytest.fixture
 def gateway(pg: TempCluster, tmp_path: Path) -> Iterator[Gateway]:
     """A daemon of its own with FAST settings and resource ``prod``."""
@@ -80,20 +72,10 @@ def gateway(pg: TempCluster, tmp_path: Path) -> Iterator[Gateway]:
     write_settings(gw, FAST)
     gw.start()
     try:
-        add_resource(gw, pg)
+        add_verified_resource(gw, pg, RESOURCE, APP_DATABASE)
         yield gw
     finally:
         gw.close()
-
-
-def make_role(pg: TempCluster, prefix: str) -> tuple[str, str]:
-    name, password = unique(prefix), "typed-" + os.urandom(9).hex()
-    pg.admin_sql(
-        f"CREATE ROLE {sql_ident(name)} LOGIN PASSWORD {sql_literal(password)};\n"
-        f"GRANT CONNECT ON DATABASE {APP_DATABASE} TO {sql_ident(name)};",
-        redact=[password],
-    )
-    return name, password
 
 
 def signs_in(pg: TempCluster, role: str, password: str) -> bool:
@@ -161,8 +143,8 @@ def logged(gw: Gateway, event: str, **fields: Any) -> bool:
 def test_a_schedule_rotates_the_password_on_its_own_until_turned_off(
     gateway: Gateway, pg: TempCluster
 ) -> None:
-    role, typed = make_role(pg, "sched_self")
-    other_role, other_typed = make_role(pg, "sched_other")
+    role, typed = make_login_role(pg, "sched_self", APP_DATABASE)
+    other_role, other_typed = make_login_role(pg, "sched_other", APP_DATABASE)
     add_account(gateway, "sched", role, typed)
     add_account(gateway, "other", other_role, other_typed)
 
@@ -205,7 +187,7 @@ def test_a_schedule_rotates_the_password_on_its_own_until_turned_off(
 def test_a_failing_schedule_retries_with_backoff_and_tells_the_webhooks(
     gateway: Gateway, pg: TempCluster
 ) -> None:
-    role, typed = make_role(pg, "sched_fail")
+    role, typed = make_login_role(pg, "sched_fail", APP_DATABASE)
     add_account(gateway, "flaky", role, typed)
     receiver = WebhookReceiver().start()
     try:
@@ -324,7 +306,7 @@ def pair(pg: TempCluster, tmp_path: Path) -> Iterator[tuple[Gateway, Gateway]]:
     try:
         first.start()
         second.start()
-        add_resource(first, pg)
+        add_verified_resource(first, pg, RESOURCE, APP_DATABASE)
         yield first, second
     finally:
         first.close()
@@ -335,7 +317,7 @@ def test_two_gateways_on_one_store_take_turns_and_the_lease_moves_when_one_stops
     pair: tuple[Gateway, Gateway], pg: TempCluster
 ) -> None:
     first, second = pair
-    role, typed = make_role(pg, "sched_pair")
+    role, typed = make_login_role(pg, "sched_pair", APP_DATABASE)
     add_account(first, "shared", role, typed)
     second.cli("account", "rotate", RESOURCE, "shared", "--every", "1s")
 
@@ -372,13 +354,13 @@ def test_a_rotation_in_flight_is_left_to_its_gateway_until_that_gateway_is_gone(
     pg: TempCluster, tmp_path: Path
 ) -> None:
     first, second = shared_store_pair(pg, tmp_path, FAST)
-    role, typed = make_role(pg, "sched_flight")
+    role, typed = make_login_role(pg, "sched_flight", APP_DATABASE)
     rotating: subprocess.Popen[str] | None = None
     try:
         # The first pauses every rotation after storing its new password (before
         # the ALTER ROLE).
         first.start(extra_env={ROTATION_PAUSE_ENV: "pending_stored"})
-        add_resource(first, pg)
+        add_verified_resource(first, pg, RESOURCE, APP_DATABASE)
         add_account(first, "flight", role, typed)
         second.start()
         rotating = subprocess.Popen(
