@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
@@ -25,8 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from cli.client import ApiClient, ApiError
-from gateway.config import load_client_config
+from gateway.config import MASTER_KEY_FILE, load_client_config, load_settings, store_url
+from gateway.credentials.secretbox import SecretBox, load_master_key
+from gateway.store import Store
 from gateway.testing.net import child_pids, free_port
+from gateway.testing.pgcluster import TempCluster
+from gateway.testing.pgconf import sql_ident, sql_literal
 
 STARTUP_TIMEOUT = 30.0
 URL_PATTERN = re.compile(
@@ -472,6 +477,67 @@ def audit_sink_pid(gateway: Gateway) -> int:
         if b"gateway.app.audit_process" in cmdline:
             return child
     raise AssertionError("the daemon has no audit writer process")
+
+
+def write_settings(gw: Gateway, settings: dict[str, Any]) -> None:
+    """*settings* merged into the daemon settings file of *gw*'s state directory."""
+    path = gw.home / "gateway.json"
+    current = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**current, **settings}))
+
+
+def open_store(gw: Gateway) -> Store:
+    """The store as someone holding the gateway host's master key could open it."""
+    box = SecretBox(load_master_key(gw.home / MASTER_KEY_FILE))
+    return Store.open(store_url(gw.home, load_settings(gw.home)), box)
+
+
+def shared_store_pair(
+    pg: TempCluster, tmp_path: Path, settings: dict[str, Any]
+) -> tuple[Gateway, Gateway]:
+    """Two daemons' state directories (not started) on one PostgreSQL store, a
+    fresh database of *pg*, with *settings*: the second has the first's master
+    key (the store's secrets are sealed with it) and an admin of its own."""
+    database = unique("pam_store")
+    pg.create_database(database)
+    url = pg.superuser_dsn(database)
+    first, second = Gateway(tmp_path / "a"), Gateway(tmp_path / "b")
+    for gw in (first, second):
+        gw.home.mkdir(parents=True, mode=0o700)
+        write_settings(gw, {**settings, "store_url": url})
+    first.cli("gateway", "init", "--force", "--api-port", str(free_port()))
+    shutil.copy2(first.home / MASTER_KEY_FILE, second.home / MASTER_KEY_FILE)
+    second.cli(
+        "gateway", "init", "--force", "--api-port", str(free_port()), "--admin", "second-admin"
+    )
+    return first, second
+
+
+def make_login_role(pg: TempCluster, prefix: str, database: str) -> tuple[str, str]:
+    """A new login role of *pg* that may connect to *database*: its name and password."""
+    name, password = unique(prefix), "typed-" + os.urandom(9).hex()
+    pg.admin_sql(
+        f"CREATE ROLE {sql_ident(name)} LOGIN PASSWORD {sql_literal(password)};\n"
+        f"GRANT CONNECT ON DATABASE {database} TO {sql_ident(name)};",
+        redact=[password],
+    )
+    return name, password
+
+
+def add_verified_resource(gw: Gateway, pg: TempCluster, name: str, database: str) -> None:
+    """Resource *name*: *database* of *pg*, over TLS with its certificate verified."""
+    with gw.api() as api:
+        api.post(
+            "/v1/resources",
+            {
+                "name": name,
+                "host": pg.host,
+                "port": pg.port,
+                "database": database,
+                "ssl_mode": "verify-full",
+                "ca_cert": pg.ca_cert_path.read_text(),
+            },
+        )
 
 
 def unique(prefix: str) -> str:

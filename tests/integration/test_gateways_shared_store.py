@@ -12,9 +12,7 @@ new connections after its grace and, in strict mode, ends its live ones.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -25,32 +23,28 @@ import psycopg
 import pytest
 from conftest import APP_DATABASE
 from faultproxy import FaultProxy
-from harness import Gateway, connect_error, unique, wait_for
+from harness import (
+    Gateway,
+    add_verified_resource,
+    connect_error,
+    make_login_role,
+    open_store,
+    shared_store_pair,
+    unique,
+    wait_for,
+    write_settings,
+)
 
-from gateway.config import MASTER_KEY_FILE, load_settings, store_url
+from gateway.config import load_settings
 from gateway.credentials.schedule import presence_lease
-from gateway.credentials.secretbox import SecretBox, load_master_key
-from gateway.store import Store
 from gateway.testing.net import free_port
 from gateway.testing.pgcluster import TempCluster
-from gateway.testing.pgconf import sql_ident, sql_literal
 
 pytestmark = pytest.mark.integration
 
 RESOURCE = "prod"
 #: renew every half second, gone after two
 FAST: dict[str, Any] = {"presence_renew_seconds": 0.5, "presence_lease_seconds": 2.0}
-
-
-def write_settings(gw: Gateway, settings: dict[str, Any]) -> None:
-    path = gw.home / "gateway.json"
-    current = json.loads(path.read_text()) if path.exists() else {}
-    path.write_text(json.dumps({**current, **settings}))
-
-
-def open_store(gw: Gateway) -> Store:
-    box = SecretBox(load_master_key(gw.home / MASTER_KEY_FILE))
-    return Store.open(store_url(gw.home, load_settings(gw.home)), box)
 
 
 def gateway_id(gw: Gateway) -> str:
@@ -68,20 +62,8 @@ def last_renewal(gw: Gateway) -> datetime | None:
 
 @pytest.fixture
 def pair(pg: TempCluster, tmp_path: Path) -> Iterator[tuple[Gateway, Gateway]]:
-    """Two daemons' state directories on one PostgreSQL store (not started): the
-    second has the first's master key and an admin of its own."""
-    database = unique("pam_store")
-    pg.create_database(database)
-    url = pg.superuser_dsn(database)
-    first, second = Gateway(tmp_path / "a"), Gateway(tmp_path / "b")
-    for gw in (first, second):
-        gw.home.mkdir(parents=True, mode=0o700)
-        write_settings(gw, {**FAST, "store_url": url})
-    first.cli("gateway", "init", "--force", "--api-port", str(free_port()))
-    shutil.copy2(first.home / MASTER_KEY_FILE, second.home / MASTER_KEY_FILE)
-    second.cli(
-        "gateway", "init", "--force", "--api-port", str(free_port()), "--admin", "second-admin"
-    )
+    """Two daemons' state directories on one PostgreSQL store (not started)."""
+    first, second = shared_store_pair(pg, tmp_path, FAST)
     try:
         yield first, second
     finally:
@@ -91,24 +73,8 @@ def pair(pg: TempCluster, tmp_path: Path) -> Iterator[tuple[Gateway, Gateway]]:
 
 def add_target(gw: Gateway, pg: TempCluster) -> None:
     """Resource ``prod`` (the cluster's appdb) with account ``scram``."""
-    role, password = unique("shared"), "typed-" + os.urandom(9).hex()
-    pg.admin_sql(
-        f"CREATE ROLE {sql_ident(role)} LOGIN PASSWORD {sql_literal(password)};\n"
-        f"GRANT CONNECT ON DATABASE {APP_DATABASE} TO {sql_ident(role)};",
-        redact=[password],
-    )
-    with gw.api() as api:
-        api.post(
-            "/v1/resources",
-            {
-                "name": RESOURCE,
-                "host": pg.host,
-                "port": pg.port,
-                "database": APP_DATABASE,
-                "ssl_mode": "verify-full",
-                "ca_cert": pg.ca_cert_path.read_text(),
-            },
-        )
+    role, password = make_login_role(pg, "shared", APP_DATABASE)
+    add_verified_resource(gw, pg, RESOURCE, APP_DATABASE)
     gw.cli(
         "account", "add", RESOURCE, "scram", "--username", role, "--password-stdin",
         input=password + "\n",

@@ -13,9 +13,6 @@ has in flight is left alone by the other until the first is gone.
 from __future__ import annotations
 
 import itertools
-import json
-import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -28,15 +25,20 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import APP_DATABASE
-from harness import Gateway, unique, wait_for
+from harness import (
+    Gateway,
+    add_verified_resource,
+    make_login_role,
+    open_store,
+    shared_store_pair,
+    wait_for,
+    write_settings,
+)
 
 from gateway.app.daemon import ROTATION_PAUSE_ENV, ROTATION_RESUME_FILE
-from gateway.config import MASTER_KEY_FILE, STORE_FILE, load_settings, store_url
-from gateway.credentials.secretbox import SecretBox, load_master_key
-from gateway.store import Store
-from gateway.testing.net import free_port
+from gateway.config import STORE_FILE, load_settings
 from gateway.testing.pgcluster import TempCluster
-from gateway.testing.pgconf import sql_ident, sql_literal
+from gateway.testing.pgconf import sql_ident
 from gateway.testing.webhook_receiver import WebhookReceiver
 
 pytestmark = pytest.mark.integration
@@ -62,27 +64,6 @@ FAST: dict[str, Any] = {
 # --- helpers ------------------------------------------------------------------------------
 
 
-def write_settings(gw: Gateway, settings: dict[str, Any]) -> None:
-    path = gw.home / "gateway.json"
-    current = json.loads(path.read_text()) if path.exists() else {}
-    path.write_text(json.dumps({**current, **settings}))
-
-
-def add_resource(gw: Gateway, pg: TempCluster) -> None:
-    with gw.api() as api:
-        api.post(
-            "/v1/resources",
-            {
-                "name": RESOURCE,
-                "host": pg.host,
-                "port": pg.port,
-                "database": APP_DATABASE,
-                "ssl_mode": "verify-full",
-                "ca_cert": pg.ca_cert_path.read_text(),
-            },
-        )
-
-
 @pytest.fixture
 def gateway(pg: TempCluster, tmp_path: Path) -> Iterator[Gateway]:
     """A daemon of its own with FAST settings and resource ``prod``."""
@@ -91,20 +72,10 @@ def gateway(pg: TempCluster, tmp_path: Path) -> Iterator[Gateway]:
     write_settings(gw, FAST)
     gw.start()
     try:
-        add_resource(gw, pg)
+        add_verified_resource(gw, pg, RESOURCE, APP_DATABASE)
         yield gw
     finally:
         gw.close()
-
-
-def make_role(pg: TempCluster, prefix: str) -> tuple[str, str]:
-    name, password = unique(prefix), "typed-" + os.urandom(9).hex()
-    pg.admin_sql(
-        f"CREATE ROLE {sql_ident(name)} LOGIN PASSWORD {sql_literal(password)};\n"
-        f"GRANT CONNECT ON DATABASE {APP_DATABASE} TO {sql_ident(name)};",
-        redact=[password],
-    )
-    return name, password
 
 
 def signs_in(pg: TempCluster, role: str, password: str) -> bool:
@@ -121,12 +92,6 @@ def add_account(gw: Gateway, account: str, role: str, password: str) -> None:
         "account", "add", RESOURCE, account, "--username", role, "--password-stdin",
         input=password + "\n",
     )  # fmt: skip
-
-
-def open_store(gw: Gateway) -> Store:
-    """The store as someone holding the gateway host's master key could open it."""
-    box = SecretBox(load_master_key(gw.home / MASTER_KEY_FILE))
-    return Store.open(store_url(gw.home, load_settings(gw.home)), box)
 
 
 def stored_password(gw: Gateway, account: str) -> str:
@@ -178,8 +143,8 @@ def logged(gw: Gateway, event: str, **fields: Any) -> bool:
 def test_a_schedule_rotates_the_password_on_its_own_until_turned_off(
     gateway: Gateway, pg: TempCluster
 ) -> None:
-    role, typed = make_role(pg, "sched_self")
-    other_role, other_typed = make_role(pg, "sched_other")
+    role, typed = make_login_role(pg, "sched_self", APP_DATABASE)
+    other_role, other_typed = make_login_role(pg, "sched_other", APP_DATABASE)
     add_account(gateway, "sched", role, typed)
     add_account(gateway, "other", other_role, other_typed)
 
@@ -222,7 +187,7 @@ def test_a_schedule_rotates_the_password_on_its_own_until_turned_off(
 def test_a_failing_schedule_retries_with_backoff_and_tells_the_webhooks(
     gateway: Gateway, pg: TempCluster
 ) -> None:
-    role, typed = make_role(pg, "sched_fail")
+    role, typed = make_login_role(pg, "sched_fail", APP_DATABASE)
     add_account(gateway, "flaky", role, typed)
     receiver = WebhookReceiver().start()
     try:
@@ -335,31 +300,13 @@ def test_pam_audit_verify_names_a_rotation_record_edited_or_removed_by_hand(
 # --- two gateways, one store ----------------------------------------------------------------
 
 
-def shared_pair(pg: TempCluster, tmp_path: Path) -> tuple[Gateway, Gateway]:
-    """Two daemons on one PostgreSQL store: the second has the first's master key
-    (the store's secrets are sealed with it) and an admin of its own."""
-    database = unique("pam_store")
-    pg.create_database(database)
-    url = pg.superuser_dsn(database)
-    first, second = Gateway(tmp_path / "one"), Gateway(tmp_path / "two")
-    for gw in (first, second):
-        gw.home.mkdir(parents=True, mode=0o700)
-        write_settings(gw, {**FAST, "store_url": url})
-    first.cli("gateway", "init", "--force", "--api-port", str(free_port()))
-    shutil.copy2(first.home / MASTER_KEY_FILE, second.home / MASTER_KEY_FILE)
-    second.cli(
-        "gateway", "init", "--force", "--api-port", str(free_port()), "--admin", "second-admin"
-    )
-    return first, second
-
-
 @pytest.fixture
 def pair(pg: TempCluster, tmp_path: Path) -> Iterator[tuple[Gateway, Gateway]]:
-    first, second = shared_pair(pg, tmp_path)
+    first, second = shared_store_pair(pg, tmp_path, FAST)
     try:
         first.start()
         second.start()
-        add_resource(first, pg)
+        add_verified_resource(first, pg, RESOURCE, APP_DATABASE)
         yield first, second
     finally:
         first.close()
@@ -370,7 +317,7 @@ def test_two_gateways_on_one_store_take_turns_and_the_lease_moves_when_one_stops
     pair: tuple[Gateway, Gateway], pg: TempCluster
 ) -> None:
     first, second = pair
-    role, typed = make_role(pg, "sched_pair")
+    role, typed = make_login_role(pg, "sched_pair", APP_DATABASE)
     add_account(first, "shared", role, typed)
     second.cli("account", "rotate", RESOURCE, "shared", "--every", "1s")
 
@@ -406,14 +353,14 @@ def test_two_gateways_on_one_store_take_turns_and_the_lease_moves_when_one_stops
 def test_a_rotation_in_flight_is_left_to_its_gateway_until_that_gateway_is_gone(
     pg: TempCluster, tmp_path: Path
 ) -> None:
-    first, second = shared_pair(pg, tmp_path)
-    role, typed = make_role(pg, "sched_flight")
+    first, second = shared_store_pair(pg, tmp_path, FAST)
+    role, typed = make_login_role(pg, "sched_flight", APP_DATABASE)
     rotating: subprocess.Popen[str] | None = None
     try:
         # The first pauses every rotation after storing its new password (before
         # the ALTER ROLE).
         first.start(extra_env={ROTATION_PAUSE_ENV: "pending_stored"})
-        add_resource(first, pg)
+        add_verified_resource(first, pg, RESOURCE, APP_DATABASE)
         add_account(first, "flight", role, typed)
         second.start()
         rotating = subprocess.Popen(

@@ -1,5 +1,6 @@
-"""Shared by the store tests: a controllable clock and the store-URL fixture
-that runs each test on SQLite and on a fresh schema of a real PostgreSQL.
+"""Shared by the store tests: a controllable clock, the store-URL fixture
+that runs each test on SQLite and on a fresh schema of a real PostgreSQL, and
+a store holding one resource and account to open sessions on.
 
 The PostgreSQL is the one named by ``PAM_TEST_PG_STORE_URL`` when that is set
 (a superuser URL: each test creates and drops its own schema), and otherwise a
@@ -8,7 +9,9 @@ the session stops."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -19,6 +22,9 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 import gateway.store
+from gateway.credentials.secretbox import SecretBox
+from gateway.store import Store
+from gateway.store.models import AccessSession
 from gateway.testing.pgcluster import PostgresNotInstalled, TempCluster
 
 PG_URL = os.environ.get("PAM_TEST_PG_STORE_URL")
@@ -93,3 +99,25 @@ def newest_revision() -> str:
     """The id of the newest schema migration (what a store opened now is at)."""
     versions = Path(gateway.store.__file__).parent / "migrations" / "versions"
     return max(path.name.partition("_")[0] for path in versions.glob("0*.py"))
+
+
+@contextlib.contextmanager
+def store_with_db1(url: str, key: bytes, clock: FakeClock) -> Iterator[Store]:
+    """The store at *url* (sealed with *key*, on *clock*) with one resource,
+    ``db1``, and its account ``ro``."""
+    with Store.open(url, SecretBox(key), clock=clock) as opened:
+        opened.add_resource("db1", "db.example.com", 5432, "app")
+        opened.add_account("db1", "ro", "app_reader", "pw-" + secrets.token_hex(8))
+        yield opened
+
+
+def open_session(store: Store, gateway_id: str | None) -> AccessSession:
+    """alice's session on ``db1``/``ro`` for an hour from T0, held by *gateway_id*."""
+    return store.create_session(
+        requester="alice",
+        resource="db1",
+        account="ro",
+        listen_host="127.0.0.1",
+        expires_at=T0 + timedelta(hours=1),
+        gateway_id=gateway_id,
+    )

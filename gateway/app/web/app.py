@@ -57,6 +57,21 @@ def _is_htmx(request: Request) -> bool:
     return request.headers.get("hx-request") == "true"
 
 
+def _error_page(
+    request: Request, status: int, kind: str, message: str, hint: str | None = None
+) -> Response:
+    """The error page (for htmx, the fragment it swaps in) with *status*."""
+    return render(
+        request,
+        "error_fragment.html" if _is_htmx(request) else "error.html",
+        status_code=status,
+        kind=kind,
+        message=message,
+        hint=hint,
+        status=status,
+    )
+
+
 def _install_error_pages(web: FastAPI) -> None:
     @web.exception_handler(LoginRequired)
     async def _login(request: Request, _exc: Exception) -> Response:
@@ -74,40 +89,20 @@ def _install_error_pages(web: FastAPI) -> None:
         status = status_of(exc)
         if status in (401, 403):
             await record_api_refusal(request, exc)
-        return render(
-            request,
-            "error_fragment.html" if _is_htmx(request) else "error.html",
-            status_code=status,
-            kind=type(exc).__name__,
-            message=exc.message,
-            hint=exc.hint,
-            status=status,
-        )
+        return _error_page(request, status, type(exc).__name__, exc.message, exc.hint)
 
     @web.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        return render(
-            request,
-            "error_fragment.html" if _is_htmx(request) else "error.html",
-            status_code=exc.status_code,
-            kind="NotFound" if exc.status_code == 404 else "HTTPError",
-            message="no such page" if exc.status_code == 404 else str(exc.detail),
-            hint=None,
-            status=exc.status_code,
-        )
+        if exc.status_code == 404:
+            return _error_page(request, 404, "NotFound", "no such page")
+        return _error_page(request, exc.status_code, "HTTPError", str(exc.detail))
 
     @web.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query"))
-        return render(
-            request,
-            "error_fragment.html" if _is_htmx(request) else "error.html",
-            status_code=400,
-            kind="InvalidRequest",
-            message=f"{where}: {first.get('msg', 'invalid input')}",
-            hint=None,
-            status=400,
+        return _error_page(
+            request, 400, "InvalidRequest", f"{where}: {first.get('msg', 'invalid input')}"
         )

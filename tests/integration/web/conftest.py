@@ -25,6 +25,7 @@ import pytest
 from harness import Gateway
 from playwright.sync_api import Browser, BrowserContext, Page, Route, sync_playwright
 
+from gateway.app.web.security import CSRF_FIELD, CSRF_HEADER, SESSION_COOKIE, csrf_token
 from gateway.config import ClientConfig
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -87,6 +88,21 @@ class Console:
         """An API client signed in as *user* (from this process: a local caller)."""
         return self.http(token=self.token_of(user))
 
+    def web_client(self, user: str, *, csrf: bool = True) -> httpx.Client:
+        """A client of the console signed in as *user* (the cookie a sign-in sets),
+        following no redirect; with *csrf*, state changes carry the session's CSRF
+        token in the header htmx sends (without it, a test may put the token in the
+        form itself, see :meth:`form`, or leave it out)."""
+        token = self.token_of(user)
+        client = self.http(cookies={SESSION_COOKIE: token}, timeout=60)
+        if csrf:
+            client.headers[CSRF_HEADER] = csrf_token(token)
+        return client
+
+    def form(self, user: str, **fields: str) -> dict[str, str]:
+        """*fields* and the CSRF token of *user*'s session, as a console form posts them."""
+        return {CSRF_FIELD: csrf_token(self.token_of(user)), **fields}
+
     def add_user(self, name: str, role: str, project: str = "default") -> None:
         with self.admin_api() as api:
             answer = api.post(
@@ -108,6 +124,13 @@ def console(module_gateway: Gateway) -> Console:
         "--subject", "max", "--resource", "prod", "--account", "*", "--max-duration", "2h",
     )  # fmt: skip
     return found
+
+
+@pytest.fixture
+def mia(console: Console) -> Iterator[httpx.Client]:
+    """mia's console session over HTTP, with its CSRF header."""
+    with console.web_client("mia") as client:
+        yield client
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,5 @@
-"""What the Sessions pages' tests share: a console client signed in as a user
-(its cookie, and its CSRF token on state changes), grants opened through the
-API, and psycopg connections to them."""
+"""What the Sessions pages' tests share: grants opened through the API, and
+psycopg connections to them."""
 
 from __future__ import annotations
 
@@ -13,18 +12,6 @@ import httpx
 import psycopg
 from conftest import Console
 from harness import wait_for
-
-from gateway.app.web.security import CSRF_HEADER, SESSION_COOKIE, csrf_token
-
-
-def web_client(console: Console, user: str, *, csrf: bool = True) -> httpx.Client:
-    """A client of the console signed in as *user* (the cookie a sign-in sets);
-    with *csrf*, state changes carry the session's CSRF token."""
-    token = console.token_of(user)
-    client = console.http(cookies={SESSION_COOKIE: token}, timeout=60)
-    if csrf:
-        client.headers[CSRF_HEADER] = csrf_token(token)
-    return client
 
 
 def open_grant(console: Console, user: str, *, account: str = "scram") -> dict[str, Any]:

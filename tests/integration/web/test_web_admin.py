@@ -12,7 +12,6 @@ from collections.abc import Mapping
 import pytest
 from conftest import Console, Pages
 from playwright.sync_api import expect
-from webclient import browser_of, form
 
 from gateway.testing.pgcluster import PgRole, TempCluster
 
@@ -33,11 +32,11 @@ def test_a_member_gets_403_on_every_admin_page(console: Console, web: Pages) -> 
     answer = page.goto(console.url("/admin/resources"))
     assert answer is not None and answer.status == 403
     expect(page.locator(".problem")).to_contain_text("neither an admin nor an auditor")
-    with browser_of(console, "mia") as mia:
+    with console.web_client("mia", csrf=False) as mia:
         for path in PAGES:
             assert mia.get(path).status_code == 403, path
         for path in CHANGES:
-            assert mia.post(path, data=form(console, "mia")).status_code == 403, path
+            assert mia.post(path, data=console.form("mia")).status_code == 403, path
     with console.http() as anonymous:
         answer = anonymous.get("/ui/admin/resources")
     assert answer.status_code == 303 and answer.headers["location"].startswith("/ui/login")
@@ -51,7 +50,7 @@ def _scram_rotation(console: Console) -> object:
 
 def test_an_auditor_reads_what_the_api_shows_and_changes_nothing(console: Console) -> None:
     rotated_before = _scram_rotation(console)
-    with browser_of(console, "aude") as aude:
+    with console.web_client("aude", csrf=False) as aude:
         resources = aude.get("/ui/admin/resources")
         assert resources.status_code == 200 and 'data-resource="prod"' in resources.text
         assert "/verify" not in resources.text  # no verify button: the API refuses it
@@ -63,7 +62,7 @@ def test_an_auditor_reads_what_the_api_shows_and_changes_nothing(console: Consol
         assert "/remove" not in policies.text
         assert aude.get("/ui/admin/users").status_code == 403  # the API lists users to admins
         for path in CHANGES:
-            assert aude.post(path, data=form(console, "aude")).status_code == 403, path
+            assert aude.post(path, data=console.form("aude")).status_code == 403, path
     assert _scram_rotation(console) == rotated_before
     _nothing_changed(console)
 
@@ -80,9 +79,9 @@ def test_admin_pages_never_show_a_password(
     console: Console, pg_roles: Mapping[str, PgRole]
 ) -> None:
     passwords = [role.password for role in pg_roles.values()]
-    with browser_of(console, "ada") as ada:
+    with console.web_client("ada", csrf=False) as ada:
         pages = [ada.get(path) for path in PAGES]
-        pages.append(ada.post("/ui/admin/resources/prod/verify", data=form(console, "ada")))
+        pages.append(ada.post("/ui/admin/resources/prod/verify", data=console.form("ada")))
     for page in pages:
         assert page.status_code == 200, page.url
         for password in passwords:
@@ -103,8 +102,8 @@ def test_verify_shows_each_account_ok_with_its_latency(console: Console, web: Pa
 
 
 def test_verify_without_htmx_shows_the_resource_page_with_the_result(console: Console) -> None:
-    with browser_of(console, "ada") as ada:
-        answer = ada.post("/ui/admin/resources/prod/verify", data=form(console, "ada"))
+    with console.web_client("ada", csrf=False) as ada:
+        answer = ada.post("/ui/admin/resources/prod/verify", data=console.form("ada"))
     assert answer.status_code == 200
     assert "<h1>Resource prod</h1>" in answer.text
     assert re.search(r'data-account="scram" data-ok="true"', answer.text)
@@ -175,7 +174,7 @@ def test_policies_show_every_field_and_ada_removes_one(console: Console, web: Pa
 
 def test_an_admin_change_without_the_csrf_token_is_refused(console: Console) -> None:
     rotated_before = _scram_rotation(console)
-    with browser_of(console, "ada") as ada:
+    with console.web_client("ada", csrf=False) as ada:
         for path in CHANGES:
             refused = ada.post(path)
             assert refused.status_code == 403 and "CSRF" in refused.text, path

@@ -15,7 +15,7 @@ import pytest
 from conftest import Console, Pages
 from harness import wait_for
 from playwright.sync_api import expect
-from test_web_terminal import open_grant, trail, web_client
+from webclient import open_grant, trail
 
 from gateway.testing.pgcluster import TempCluster
 
@@ -46,12 +46,6 @@ def name_of(pg: TempCluster, row_id: int) -> Any:
     with psycopg.connect(pg.superuser_dsn("appdb")) as admin:
         found = admin.execute(f"select name from {TABLE} where id = %s", (row_id,)).fetchone()
     return found[0] if found else None
-
-
-@pytest.fixture
-def mia(console: Console) -> Iterator[httpx.Client]:
-    with web_client(console, "mia") as client:
-        yield client
 
 
 @pytest.fixture
@@ -240,7 +234,7 @@ def test_an_edit_shows_its_update_then_runs_it_in_a_transaction(
 def test_an_account_without_update_sees_no_edit_and_a_forced_edit_is_refused(
     console: Console, pg: TempCluster, items: str
 ) -> None:
-    with web_client(console, "mia") as mia:
+    with console.web_client("mia") as mia:
         session_id = open_grant(mia, account="md5")
         try:
             page = rows_page(mia, session_id)
@@ -264,13 +258,13 @@ def test_an_account_without_update_sees_no_edit_and_a_forced_edit_is_refused(
 def test_explorer_routes_belong_to_the_grants_owner_and_need_csrf(
     console: Console, grant: str, items: str
 ) -> None:
-    with web_client(console, "max") as other:
+    with console.web_client("max") as other:
         assert other.get(f"/ui/explorer/{grant}").status_code == 404
         assert rows_page(other, grant).status_code == 404
         assert (
             other.post(f"/ui/explorer/{grant}/update", data=edit_fields(5, "x")).status_code == 404
         )
-    with web_client(console, "mia", csrf=False) as no_csrf:
+    with console.web_client("mia", csrf=False) as no_csrf:
         assert (
             no_csrf.post(f"/ui/explorer/{grant}/edit", data=edit_fields(5, "x")).status_code == 403
         )
@@ -280,6 +274,6 @@ def test_explorer_routes_belong_to_the_grants_owner_and_need_csrf(
         )
     with console.http() as anonymous:
         assert anonymous.get("/ui/explorer").status_code == 303
-    with web_client(console, "aude") as auditor:
+    with console.web_client("aude") as auditor:
         assert auditor.get("/ui/explorer").status_code == 200
         assert auditor.get(f"/ui/explorer/{grant}").status_code == 404

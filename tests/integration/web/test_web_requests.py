@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from conftest import Console, Pages
 from playwright.sync_api import expect
-from webclient import Authenticator, browser_of, form
+from webclient import Authenticator
 
 pytestmark = pytest.mark.integration
 
@@ -96,8 +96,8 @@ def test_ada_denies_with_a_reason_and_a_denial_without_one_is_refused(
     approvals: Console, web: Pages
 ) -> None:
     rid = ask(approvals, "mia", "INC-102 to deny")["id"]
-    with browser_of(approvals, "ada") as ada_http:
-        refused = ada_http.post(f"/ui/requests/{rid}/deny", data=form(approvals, "ada", reason=" "))
+    with approvals.web_client("ada", csrf=False) as ada_http:
+        refused = ada_http.post(f"/ui/requests/{rid}/deny", data=approvals.form("ada", reason=" "))
     assert refused.status_code == 400
     assert "a denial needs a reason" in refused.text
     assert shown(approvals, "mia", rid)["state"] == "pending"
@@ -127,8 +127,8 @@ def test_the_requester_cannot_approve_their_own_but_may_cancel_it(
     expect(mia.locator("#state")).to_have_text("pending")
     expect(mia.locator("#approve")).to_have_count(0)
     expect(mia.locator("#deny")).to_have_count(0)
-    with browser_of(approvals, "mia") as mia_http:
-        refused = mia_http.post(f"/ui/requests/{rid}/approve", data=form(approvals, "mia"))
+    with approvals.web_client("mia", csrf=False) as mia_http:
+        refused = mia_http.post(f"/ui/requests/{rid}/approve", data=approvals.form("mia"))
     assert refused.status_code == 400
     assert f"mia asked for request {rid[:8]} and cannot approve it" in refused.text
     assert shown(approvals, "mia", rid)["state"] == "pending"
@@ -165,8 +165,8 @@ def test_approval_asks_the_approvers_code_where_the_project_says_so(
     assert shown(approvals, "max", rid)["state"] == "pending"
 
     # Without a code at all: refused the same way.
-    with browser_of(approvals, "otto") as otto_http:
-        refused = otto_http.post(f"/ui/requests/{rid}/approve", data=form(approvals, "otto"))
+    with approvals.web_client("otto", csrf=False) as otto_http:
+        refused = otto_http.post(f"/ui/requests/{rid}/approve", data=approvals.form("otto"))
     assert refused.status_code == 401
     assert shown(approvals, "max", rid)["state"] == "pending"
 
@@ -181,17 +181,17 @@ def test_who_sees_a_request_is_who_the_api_shows_it_to(approvals: Console) -> No
     rid = ask(approvals, "mia", "INC-105 visibility")["id"]
     page = f"/ui/requests/{rid}"
     for user, status in (("mia", 200), ("ada", 200), ("aude", 200), ("max", 404), ("otto", 200)):
-        with browser_of(approvals, user) as client:
+        with approvals.web_client(user, csrf=False) as client:
             assert client.get(page).status_code == status, user
     # otto is an admin of every project (so sees it) but not among its approvers.
-    with browser_of(approvals, "otto") as client:
+    with approvals.web_client("otto", csrf=False) as client:
         assert 'id="approve"' not in client.get(page).text
-        refused = client.post(f"{page}/approve", data=form(approvals, "otto"))
+        refused = client.post(f"{page}/approve", data=approvals.form("otto"))
         assert refused.status_code == 400 and "otto is not an approver" in refused.text
-    with browser_of(approvals, "max") as client:
+    with approvals.web_client("max", csrf=False) as client:
         assert client.get("/ui/requests").status_code == 200
         assert rid not in client.get("/ui/requests").text
-        assert client.post(f"{page}/cancel", data=form(approvals, "max")).status_code == 404
+        assert client.post(f"{page}/cancel", data=approvals.form("max")).status_code == 404
     with approvals.http() as anonymous:
         answer = anonymous.get(page)
     assert answer.status_code == 303 and answer.headers["location"].startswith("/ui/login")
@@ -204,7 +204,7 @@ def test_history_pages_through_decided_requests(approvals: Console) -> None:
         for rid in ids:
             assert api.post(f"/v1/requests/{rid}/cancel").status_code == 200
     newest_first = ids[::-1]
-    with browser_of(approvals, "ada") as client:
+    with approvals.web_client("ada", csrf=False) as client:
         first = client.get("/ui/requests?tab=history").text
         second = client.get("/ui/requests?tab=history&page=1").text
         assert client.get("/ui/requests?tab=history&page=-1").status_code == 400
@@ -218,7 +218,7 @@ def test_history_pages_through_decided_requests(approvals: Console) -> None:
 
 def test_a_decision_without_the_csrf_token_is_refused(approvals: Console) -> None:
     rid = ask(approvals, "mia", "INC-106 csrf")["id"]
-    with browser_of(approvals, "ada") as client:
+    with approvals.web_client("ada", csrf=False) as client:
         for verb in ("approve", "deny", "cancel"):
             refused = client.post(f"/ui/requests/{rid}/{verb}", data={"reason": "x"})
             assert refused.status_code == 403 and "CSRF" in refused.text, verb

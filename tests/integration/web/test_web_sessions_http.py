@@ -23,7 +23,6 @@ from sessions_support import (
     open_grant,
     session_of,
     wait_recorded,
-    web_client,
 )
 from sqlalchemy import create_engine
 from trail_support import edit_record
@@ -46,7 +45,7 @@ def _statement_ran(console: Console, grant: dict[str, Any], *sql: str) -> None:
 def test_members_list_their_own_sessions_and_reviewers_every_one(console: Console) -> None:
     mine = open_grant(console, "mia")
     theirs = open_grant(console, "max")
-    with web_client(console, "mia") as mia, web_client(console, "aude") as aude:
+    with console.web_client("mia") as mia, console.web_client("aude") as aude:
         as_mia = mia.get("/ui/sessions")
         as_aude = aude.get("/ui/sessions")
     assert as_mia.status_code == as_aude.status_code == 200
@@ -60,13 +59,13 @@ def test_members_list_their_own_sessions_and_reviewers_every_one(console: Consol
 def test_another_members_session_is_not_found_on_every_route(console: Console) -> None:
     with held_grant(console, "mia") as grant:
         base = f"/ui/sessions/{grant['id']}"
-        with web_client(console, "max") as max_:
+        with console.web_client("max") as max_:
             for path in ("", "/export", "/export?format=csv", "/verified", "/stream"):
                 assert max_.get(base + path).status_code == 404, path
             assert max_.post(base + "/verify").status_code == 404
             refused = max_.post(base + "/terminate", data={"reason": "no"})
             assert refused.status_code == 404
-        with web_client(console, "mia") as mia:
+        with console.web_client("mia") as mia:
             assert mia.get(base).status_code == 200
         assert session_of(console, grant["id"])["ended_at"] is None
 
@@ -83,7 +82,7 @@ def _check_filters(console: Console, failing: dict[str, Any]) -> None:
     end_grant(console, clean["id"])
 
     def listed(**filters: str) -> set[str]:
-        with web_client(console, "aude") as aude:
+        with console.web_client("aude") as aude:
             answer = aude.get("/ui/sessions", params={"size": "500", **filters})
         assert answer.status_code == 200, answer.text
         return set(_ids_on(answer.text))
@@ -101,13 +100,13 @@ def _check_filters(console: Console, failing: dict[str, Any]) -> None:
     assert not listed(since="2999-01-01T00:00") & both
     # Empty fields (what a submitted form sends) are "not given".
     assert both <= listed(user="mia", status="", errors="", since="", end_reason="")
-    with web_client(console, "aude") as aude:
+    with console.web_client("aude") as aude:
         assert aude.get("/ui/sessions", params={"errors": "maybe"}).status_code == 400
         assert aude.get("/ui/sessions", params={"end_reason": "bored"}).status_code == 400
         assert aude.get("/ui/sessions", params={"since": "yesterday"}).status_code == 400
         assert aude.get("/ui/sessions", params={"cursor": "s1.bogus"}).status_code == 400
     # Its row shows the counts.
-    with web_client(console, "aude") as aude:
+    with console.web_client("aude") as aude:
         page = aude.get("/ui/sessions", params={"user": "mia", "errors": "yes"}).text
     row = page[page.index(f'id="session-{failing["id"]}"') :].split("</tr>")[0]
     assert re.findall(r'<td class="num">(\d+)</td>', row) == ["1", "2", "1"]
@@ -117,7 +116,7 @@ def test_the_list_pages_by_cursor_without_repeating_a_session(console: Console) 
     for _ in range(3):
         end_grant(console, open_grant(console, "max")["id"])
     seen: list[str] = []
-    with web_client(console, "aude") as aude:
+    with console.web_client("aude") as aude:
         answer = aude.get("/ui/sessions", params={"user": "max", "size": "2"})
         while True:
             assert answer.status_code == 200
@@ -139,7 +138,7 @@ def test_the_timeline_shows_statements_parameters_and_errors(console: Console) -
             conn.execute("select * from missing_for_timeline")
         conn.execute("select count(*) from pg_catalog.pg_class")
     wait_recorded(console, grant["id"], "select count(*) from pg_catalog.pg_class")
-    with web_client(console, "mia") as mia:
+    with console.web_client("mia") as mia:
         page = mia.get(f"/ui/sessions/{grant['id']}").text
         hidden = mia.get(f"/ui/sessions/{grant['id']}", params={"hide_tools": "true"}).text
     sql = "select $1::text as greeting, &#39;&lt;b&gt;web&lt;/b&gt;&#39; as markup"
@@ -163,7 +162,7 @@ def test_a_long_timeline_pages_and_only_its_newest_page_is_live(console: Console
                 conn.execute(f"select {n} as numbered")
         wait_recorded(console, grant["id"], f"select {TIMELINE_PAGE + 5} as numbered")
         path = f"/ui/sessions/{grant['id']}"
-        with web_client(console, "mia") as mia:
+        with console.web_client("mia") as mia:
             newest = mia.get(path).text
             first = mia.get(path, params={"page": "1"}).text
             beyond = mia.get(path, params={"page": "99"}).text
@@ -183,7 +182,7 @@ def test_exports_stream_jsonl_and_csv_with_the_statements(console: Console) -> N
     grant = open_grant(console, "mia")
     _statement_ran(console, grant, "select 'exported'")
     end_grant(console, grant["id"])
-    with web_client(console, "mia") as mia:
+    with console.web_client("mia") as mia:
         lines = mia.get(f"/ui/sessions/{grant['id']}/export")
         table = mia.get(f"/ui/sessions/{grant['id']}/export", params={"format": "csv"})
         assert mia.get(f"/ui/sessions/{grant['id']}/export?format=xml").status_code == 400
@@ -196,7 +195,7 @@ def test_exports_stream_jsonl_and_csv_with_the_statements(console: Console) -> N
     assert table.headers["content-disposition"].endswith('.csv"')
     rows = list(csv.DictReader(io.StringIO(table.text)))
     assert "select 'exported'" in [r["sql"] for r in rows]
-    with web_client(console, "aude") as aude:
+    with console.web_client("aude") as aude:
         window = aude.get("/ui/sessions/export", params={"format": "jsonl", "since": ""})
     assert window.status_code == 200
     assert "select 'exported'" in window.text
@@ -206,12 +205,12 @@ def test_search_finds_statements_for_reviewers_only(console: Console) -> None:
     grant = open_grant(console, "max")
     _statement_ran(console, grant, "select 'needle-in-the-trail'")
     end_grant(console, grant["id"])
-    with web_client(console, "aude") as aude:
+    with console.web_client("aude") as aude:
         found = aude.get("/ui/sessions/search", params={"q": "NEEDLE-in"})
     assert found.status_code == 200
     assert "select &#39;needle-in-the-trail&#39;" in found.text
     assert grant["id"][:8] in found.text
-    with web_client(console, "max") as max_:
+    with console.web_client("max") as max_:
         assert max_.get("/ui/sessions/search", params={"q": "needle"}).status_code == 403
 
 
@@ -220,10 +219,10 @@ def test_verify_says_verified_then_names_the_edited_statement(console: Console) 
     _statement_ran(console, grant, "select 'one'", "select 'two'")
     end_grant(console, grant["id"])
     path = f"/ui/sessions/{grant['id']}"
-    with web_client(console, "mia") as mia:
+    with console.web_client("mia") as mia:
         assert 'data-verified="yes"' in mia.post(path + "/verify").text
         assert 'data-verified="yes"' in mia.get(path + "/verified").text
-    with web_client(console, "mia", csrf=False) as forged:
+    with console.web_client("mia", csrf=False) as forged:
         assert forged.post(path + "/verify").status_code == 403
     seq = wait_recorded(console, grant["id"], "select 'two'")["seq"]
     store = create_engine(f"sqlite:///{store_path(console.gw)}")
@@ -231,7 +230,7 @@ def test_verify_says_verified_then_names_the_edited_statement(console: Console) 
         edit_record(store, grant["id"], seq, sql="select 'TWO'")
     finally:
         store.dispose()
-    with web_client(console, "mia") as mia:
+    with console.web_client("mia") as mia:
         result = mia.post(path + "/verify").text
         badge = mia.get(path + "/verified").text
     assert 'data-verified="no"' in result and 'data-verified="no"' in badge
@@ -243,19 +242,19 @@ def test_only_an_admin_terminates_and_the_client_gets_the_reason(console: Consol
     with held_grant(console, "mia") as grant, connect(grant) as conn:
         path = f"/ui/sessions/{grant['id']}"
         conn.execute("select 1")
-        with web_client(console, "aude") as aude:
+        with console.web_client("aude") as aude:
             assert "Terminate" not in aude.get(path).text
             refused = aude.post(path + "/terminate", data={"reason": "auditing"})
-        with web_client(console, "mia") as mia:
+        with console.web_client("mia") as mia:
             assert "Terminate" not in mia.get(path).text
             own = mia.post(path + "/terminate", data={"reason": "mine"})
-        with web_client(console, "ada", csrf=False) as forged:
+        with console.web_client("ada", csrf=False) as forged:
             no_token = forged.post(path + "/terminate", data={"reason": "forged"})
         assert (refused.status_code, own.status_code, no_token.status_code) == (403, 403, 403)
         assert "CSRF" in no_token.text
         assert conn.execute("select 'still here'").fetchone() == ("still here",)
         assert session_of(console, grant["id"])["ended_at"] is None
-        with web_client(console, "ada") as ada:
+        with console.web_client("ada") as ada:
             assert "Terminate" in ada.get(path).text
             done = ada.post(
                 path + "/terminate",
@@ -269,7 +268,7 @@ def test_only_an_admin_terminates_and_the_client_gets_the_reason(console: Consol
     assert "revoked by ada: policy breach" in str(cut.value)
     ended = session_of(console, grant["id"])
     assert ended["end_reason"] == "revoked"
-    with web_client(console, "ada") as ada:
+    with console.web_client("ada") as ada:
         again = ada.post(path + "/terminate", data={"reason": "twice"})
     assert again.status_code == 400  # not live any more
 
@@ -284,7 +283,7 @@ def test_the_stream_sends_new_statements_then_the_end(console: Console) -> None:
 
         def listen() -> None:
             with (
-                web_client(console, "mia") as mia,
+                console.web_client("mia") as mia,
                 mia.stream(
                     "GET",
                     f"/ui/sessions/{grant['id']}/stream",

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 from conftest import Console
 from harness import wait_for
-from sessions_support import connect, held_grant, web_client
+from sessions_support import connect, held_grant
 
 
 def test_the_daemon_stops_with_a_live_stream_open(console: Console) -> None:
@@ -28,7 +28,7 @@ def _stop_while_streaming(console: Console, grant: dict[str, Any]) -> None:
         # The daemon goes away while this reads: what the test does.
         with (
             contextlib.suppress(httpx.HTTPError),
-            web_client(console, "mia") as mia,
+            console.web_client("mia") as mia,
             mia.stream("GET", f"/ui/sessions/{grant['id']}/stream") as stream,
         ):
             opened.set()

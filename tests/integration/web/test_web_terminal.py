@@ -4,22 +4,18 @@ chromium and at the HTTP level, against a real daemon and PostgreSQL 15."""
 
 from __future__ import annotations
 
-import base64
 import re
 import signal
 import threading
-import time
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import psycopg
 import pytest
 from conftest import Console, Pages
-from cryptography.hazmat.primitives.hashes import SHA1
-from cryptography.hazmat.primitives.twofactor.totp import TOTP
 from harness import Gateway, wait_for
 from playwright.sync_api import Page, expect
+from webclient import Authenticator, open_grant, trail
 
 from gateway.app.web.security import CSRF_HEADER, SESSION_COOKIE, csrf_token
 from gateway.config import ClientConfig
@@ -28,42 +24,8 @@ from gateway.testing.pgcluster import TempCluster
 CONSOLE_APP = "pam web console ({})"
 
 
-def web_client(console: Console, user: str, *, csrf: bool = True) -> httpx.Client:
-    """An HTTP client with *user*'s console cookie (and its CSRF header)."""
-    token = console.token_of(user)
-    client = console.http(cookies={SESSION_COOKIE: token})
-    if csrf:
-        client.headers[CSRF_HEADER] = csrf_token(token)
-    return client
-
-
-def open_grant(client: httpx.Client, account: str = "scram", **extra: Any) -> str:
-    """A browser grant's session id, opened through the console's form route."""
-    answer = client.post(
-        "/ui/terminal/open",
-        data={"resource": "prod", "account": account, "duration_minutes": "30", **extra},
-    )
-    assert answer.status_code == 303, answer.text
-    found = re.fullmatch(r"/ui/(?:terminal|explorer)/([0-9a-f]+)", answer.headers["location"])
-    assert found, answer.headers["location"]
-    return found.group(1)
-
-
 def run(client: httpx.Client, session_id: str, sql: str, **fields: str) -> httpx.Response:
     return client.post(f"/ui/terminal/{session_id}/run", data={"sql": sql, **fields})
-
-
-def trail(console: Console, session_id: str) -> list[dict[str, Any]]:
-    statements: list[dict[str, Any]] = console.gw.cli_json("sessions", "show", session_id, "--all")[
-        "statements"
-    ]
-    return statements
-
-
-@pytest.fixture
-def mia(console: Console) -> Iterator[httpx.Client]:
-    with web_client(console, "mia") as client:
-        yield client
 
 
 @pytest.fixture
@@ -207,7 +169,7 @@ def test_results_are_capped_and_paged(mia: httpx.Client, grant: str) -> None:
 
 def test_a_member_without_a_policy_for_the_resource_is_refused(console: Console) -> None:
     console.add_user("nina", "member")
-    with web_client(console, "nina") as nina:
+    with console.web_client("nina") as nina:
         answer = nina.post(
             "/ui/terminal/open",
             data={"resource": "prod", "account": "scram", "duration_minutes": "10"},
@@ -217,7 +179,7 @@ def test_a_member_without_a_policy_for_the_resource_is_refused(console: Console)
 
 
 def test_an_auditor_may_not_open_a_grant(console: Console) -> None:
-    with web_client(console, "aude") as aude:
+    with console.web_client("aude") as aude:
         answer = aude.post(
             "/ui/terminal/open",
             data={"resource": "prod", "account": "scram", "duration_minutes": "10"},
@@ -226,7 +188,7 @@ def test_an_auditor_may_not_open_a_grant(console: Console) -> None:
 
 
 def test_another_users_browser_grant_is_not_found(console: Console, grant: str) -> None:
-    with web_client(console, "max") as other, web_client(console, "ada") as admin:
+    with console.web_client("max") as other, console.web_client("ada") as admin:
         for client in (other, admin):
             assert client.get(f"/ui/terminal/{grant}").status_code == 404
             assert run(client, grant, "select 1").status_code == 404
@@ -238,7 +200,7 @@ def test_another_users_browser_grant_is_not_found(console: Console, grant: str) 
 
 
 def test_a_post_without_the_csrf_token_is_refused(console: Console, grant: str) -> None:
-    with web_client(console, "mia", csrf=False) as client:
+    with console.web_client("mia", csrf=False) as client:
         assert run(client, grant, "select 1").status_code == 403
         assert client.post(f"/ui/terminal/{grant}/cancel").status_code == 403
         assert client.post(f"/ui/terminal/{grant}/close").status_code == 403
@@ -319,7 +281,7 @@ def test_a_grant_needing_approval_waits_and_opens_once_approved(
     session = console.gw.cli_json("sessions", "show", session_id)["session"]
     assert (session["requester"], session["request_id"]) == ("paula", pending[0]["id"])
     poll = f"/ui/terminal/requests/{pending[0]['id']}/open"
-    with web_client(console, "paula") as paula, web_client(console, "max") as other:
+    with console.web_client("paula") as paula, console.web_client("max") as other:
         spent = paula.post(poll)  # opened already: it opens nothing more
         assert spent.status_code == 400 and "opened" in spent.text
         assert other.post(poll).status_code == 404  # another member's request
@@ -375,20 +337,13 @@ def test_a_policy_asking_for_a_second_factor_needs_the_forms_one_time_code(
         "policy", "add", "web-mfa", "--subject", "otto", "--resource", "prod",
         "--account", "scram", "--max-duration", "1h", "--require-mfa",
     )  # fmt: skip
-    with web_client(console, "otto") as otto, console.api_as("otto") as api:
-        enrolment = api.post("/v1/mfa/enroll", json={})
-        assert enrolment.status_code == 201, enrolment.text
-        secret = enrolment.json()["secret"]
-        totp = TOTP(base64.b32decode(secret + "=" * (-len(secret) % 8)), 6, SHA1(), 30)  # noqa: S303
-        step = int(time.time() // 30)
-        confirmed = api.post("/v1/mfa/confirm", json={"code": totp.generate(step * 30).decode()})
-        assert confirmed.status_code == 200, confirmed.text
+    with console.web_client("otto") as otto, console.api_as("otto") as api:
+        app = Authenticator.enrol(api)
         fields = {"resource": "prod", "account": "scram", "duration_minutes": "10"}
         refused = otto.post("/ui/terminal/open", data=fields)
         assert refused.status_code == 401
         assert "code" in refused.text
-        # The next step's code: inside the gateway's window, and not the one used.
-        code = totp.generate((step + 1) * 30).decode()
+        code = app.code()  # the next step's: inside the gateway's window, not the one used
         opened = otto.post("/ui/terminal/open", data={**fields, "code": code})
         assert opened.status_code == 303, opened.text
         assert code not in opened.text

@@ -1,28 +1,38 @@
-"""Helpers of the console's tests: an HTTP client that is a signed-in console
-browser (the session cookie, and the CSRF token the console's own pages would
-put in a form), and a user's authenticator app."""
+"""Helpers of the console's tests: a user's authenticator app, and grants opened
+and used through the console's own terminal routes (a signed-in client of the
+console is :meth:`conftest.Console.web_client`)."""
 
 from __future__ import annotations
 
 import base64
+import re
 import time
+from typing import Any
 
 import httpx
 from conftest import Console
 from cryptography.hazmat.primitives.hashes import SHA1
 from cryptography.hazmat.primitives.twofactor.totp import TOTP
 
-from gateway.app.web.security import CSRF_FIELD, SESSION_COOKIE, csrf_token
+
+def open_grant(client: httpx.Client, account: str = "scram", **extra: Any) -> str:
+    """A browser grant's session id, opened through the console's form route."""
+    answer = client.post(
+        "/ui/terminal/open",
+        data={"resource": "prod", "account": account, "duration_minutes": "30", **extra},
+    )
+    assert answer.status_code == 303, answer.text
+    found = re.fullmatch(r"/ui/(?:terminal|explorer)/([0-9a-f]+)", answer.headers["location"])
+    assert found, answer.headers["location"]
+    return found.group(1)
 
 
-def browser_of(console: Console, user: str) -> httpx.Client:
-    """*user*'s console session, over HTTP (no redirect followed)."""
-    return console.http(cookies={SESSION_COOKIE: console.token_of(user)})
-
-
-def form(console: Console, user: str, **fields: str) -> dict[str, str]:
-    """*fields* and the CSRF token of *user*'s session."""
-    return {CSRF_FIELD: csrf_token(console.token_of(user)), **fields}
+def trail(console: Console, session_id: str) -> list[dict[str, Any]]:
+    """The statements the audit trail holds for *session_id*, as the CLI shows them."""
+    statements: list[dict[str, Any]] = console.gw.cli_json("sessions", "show", session_id, "--all")[
+        "statements"
+    ]
+    return statements
 
 
 class Authenticator:

@@ -9,23 +9,20 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from typing import Any, TypeVar
 
 import pytest
 from pydantic import ValidationError
-from store_support import T0, FakeClock
+from store_support import FakeClock, open_session, store_with_db1
 
 from gateway.access.admission import Admission
 from gateway.access.presence import REFUSAL, Presence
 from gateway.config import GatewaySettings
 from gateway.credentials.schedule import PRESENCE_LEASE_PREFIX, presence_lease
-from gateway.credentials.secretbox import SecretBox
 from gateway.errors import StoreError
 from gateway.net.relay import Termination
 from gateway.protocol.sqlstate import SqlState
 from gateway.store import Store
-from gateway.store.models import AccessSession
 
 T = TypeVar("T")
 KEY = secrets.token_bytes(32)
@@ -37,25 +34,12 @@ async def inline(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
 
 @pytest.fixture
 def store(store_url: str, clock: FakeClock) -> Iterator[Store]:
-    with Store.open(store_url, SecretBox(KEY), clock=clock) as opened:
-        opened.add_resource("db1", "db.example.com", 5432, "app")
-        opened.add_account("db1", "ro", "app_reader", "pw-" + secrets.token_hex(8))
+    with store_with_db1(store_url, KEY, clock) as opened:
         yield opened
 
 
 def presence(store: Store, gateway_id: str) -> Presence:
     return Presence(store, inline, gateway_id, renew_seconds=5, lease_seconds=15)
-
-
-def grant(store: Store, gateway_id: str) -> AccessSession:
-    return store.create_session(
-        requester="alice",
-        resource="db1",
-        account="ro",
-        listen_host="127.0.0.1",
-        expires_at=T0 + timedelta(hours=1),
-        gateway_id=gateway_id,
-    )
 
 
 async def test_a_tick_ends_only_the_sessions_of_a_gateway_whose_lease_lapsed(
@@ -66,7 +50,7 @@ async def test_a_tick_ends_only_the_sessions_of_a_gateway_whose_lease_lapsed(
     b.on_closed = told.append
     await a.tick()
     await b.tick()
-    of_a, of_b = grant(store, "gw-a"), grant(store, "gw-b")
+    of_a, of_b = open_session(store, "gw-a"), open_session(store, "gw-b")
     clock.advance(5)
     await a.tick()  # a's last renewal
     last_renewal = clock.now
@@ -86,7 +70,7 @@ async def test_a_tick_ends_only_the_sessions_of_a_gateway_whose_lease_lapsed(
 async def test_a_gateway_never_ends_its_own_live_sessions(store: Store, clock: FakeClock) -> None:
     a = presence(store, "gw-a")
     await a.tick()
-    session = grant(store, "gw-a")
+    session = open_session(store, "gw-a")
     for _ in range(10):
         clock.advance(5)
         assert await a.tick() == 0

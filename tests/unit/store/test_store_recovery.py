@@ -9,10 +9,9 @@ from __future__ import annotations
 import secrets
 import threading
 from collections.abc import Iterator
-from datetime import timedelta
 
 import pytest
-from store_support import T0, FakeClock
+from store_support import FakeClock, open_session, store_with_db1
 
 from gateway.credentials.schedule import presence_lease
 from gateway.credentials.secretbox import SecretBox
@@ -25,9 +24,7 @@ LEASE = 15.0
 
 @pytest.fixture
 def store(store_url: str, clock: FakeClock) -> Iterator[Store]:
-    with Store.open(store_url, SecretBox(KEY), clock=clock) as opened:
-        opened.add_resource("db1", "db.example.com", 5432, "app")
-        opened.add_account("db1", "ro", "app_reader", "pw-" + secrets.token_hex(8))
+    with store_with_db1(store_url, KEY, clock) as opened:
         yield opened
 
 
@@ -35,23 +32,12 @@ def _renew(store: Store, gateway_id: str) -> None:
     assert store.acquire_lease(presence_lease(gateway_id), gateway_id, LEASE)
 
 
-def _open(store: Store, gateway_id: str | None) -> AccessSession:
-    return store.create_session(
-        requester="alice",
-        resource="db1",
-        account="ro",
-        listen_host="127.0.0.1",
-        expires_at=T0 + timedelta(hours=1),
-        gateway_id=gateway_id,
-    )
-
-
 def _connect(store: Store, session: AccessSession) -> str:
     return store.create_connection(session.id, client_addr="10.0.0.7:5000").id
 
 
 def test_a_session_records_the_gateway_that_opened_it_under_its_seal(store: Store) -> None:
-    session = _open(store, "gw-a")
+    session = open_session(store, "gw-a")
     assert store.get_session(session.id).gateway_id == "gw-a"
     store.end_session(session.id, reason="client_ended")
     assert store.verify_audit(session.id) == []
@@ -60,7 +46,7 @@ def test_a_session_records_the_gateway_that_opened_it_under_its_seal(store: Stor
 def test_recovery_leaves_a_live_gateways_sessions_alone(store: Store, clock: FakeClock) -> None:
     _renew(store, "gw-a")
     _renew(store, "gw-b")
-    session = _open(store, "gw-a")
+    session = open_session(store, "gw-a")
     connection = _connect(store, session)
     clock.advance(LEASE - 1)  # gw-a's lease has a second left
     assert store.close_orphans("gw-b") == 0
@@ -72,15 +58,15 @@ def test_recovery_leaves_a_live_gateways_sessions_alone(store: Store, clock: Fak
 
 def test_a_lapsed_gateways_sessions_end_at_its_last_renewal(store: Store, clock: FakeClock) -> None:
     _renew(store, "gw-a")
-    before = _open(store, "gw-a")
+    before = open_session(store, "gw-a")
     connection = _connect(store, before)
     clock.advance(4)
     _renew(store, "gw-a")  # its last renewal
     last_renewal = clock.now
     clock.advance(2)
-    after = _open(store, "gw-a")  # opened after that renewal, then gw-a died
+    after = open_session(store, "gw-a")  # opened after that renewal, then gw-a died
     _renew(store, "gw-b")
-    live = _open(store, "gw-b")
+    live = open_session(store, "gw-b")
     clock.advance(LEASE - 3)
     assert store.close_orphans("gw-b") == 0  # gw-a's lease has a second left
     clock.advance(1)  # it ends now: lapsed
@@ -102,7 +88,7 @@ def test_a_gateway_starting_ends_its_own_previous_runs_sessions(
 ) -> None:
     _renew(store, "gw-a")
     last_renewal = clock.now
-    session = _open(store, "gw-a")
+    session = open_session(store, "gw-a")
     clock.advance(3)  # killed, and started again within its lease's length
     assert store.close_orphans("gw-a") == 0  # a tick of its own: its sessions are live
     assert store.close_orphans("gw-a", starting=True) == 1
@@ -112,10 +98,10 @@ def test_a_gateway_starting_ends_its_own_previous_runs_sessions(
 def test_sessions_of_no_gateway_or_of_one_without_a_lease_end_now(
     store: Store, clock: FakeClock
 ) -> None:
-    old = _open(store, None)  # from before revision 0017
-    unknown = _open(store, "gw-never-seen")
+    old = open_session(store, None)  # from before revision 0017
+    unknown = open_session(store, "gw-never-seen")
     _renew(store, "gw-released")
-    released = _open(store, "gw-released")
+    released = open_session(store, "gw-released")
     store.release_lease(presence_lease("gw-released"), "gw-released")
     clock.advance(60)
     assert store.close_orphans("gw-b") == 3
@@ -128,7 +114,7 @@ def test_two_gateways_recovering_at_once_end_each_session_once(
 ) -> None:
     _renew(store, "gw-a")
     last_renewal = clock.now
-    orphans = [_open(store, "gw-a") for _ in range(20)]
+    orphans = [open_session(store, "gw-a") for _ in range(20)]
     for session in orphans[::2]:
         _connect(store, session)
     clock.advance(LEASE + 1)

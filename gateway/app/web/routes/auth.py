@@ -130,26 +130,16 @@ async def login(
             user, password, source=client_addr(request), otp=code.strip() or None
         )
     except GatewayError as exc:
-        if isinstance(exc, SecondFactorError):
-            await record_api_refusal(request, exc)
-            return await _login_form(
-                request,
-                service,
-                next_page=next,
-                user=user,
-                problem=exc.message,
-                hint="enter the code your authenticator app shows for pam",
-                ask_code=True,
-                status_code=401,
-            )
         await record_api_refusal(request, exc)
+        asks_code = isinstance(exc, SecondFactorError)
         return await _login_form(
             request,
             service,
             next_page=next,
             user=user,
             problem=exc.message,
-            hint=exc.hint,
+            hint="enter the code your authenticator app shows for pam" if asks_code else exc.hint,
+            ask_code=asks_code,
             status_code=401,
         )
     _log.info("web_signed_in", user=issued.principal, client_addr=client_addr(request))

@@ -51,10 +51,13 @@ async def explorer_index(request: Request, caller: WebCaller, grants: Grants) ->
     return grant_list(request, caller, grants, section="explorer")
 
 
+def _page(request: Request, template: str, grant: BrowserGrant, **context: Any) -> HTMLResponse:
+    """*template*, a page of the explorer on *grant*."""
+    return render(request, template, section="explorer", grant=grant, **context)
+
+
 def _problem_page(request: Request, grant: BrowserGrant, failed: WorkFailed) -> HTMLResponse:
-    return render(
-        request, "explorer/problem.html", section="explorer", grant=grant, problem=failed.problem
-    )
+    return _page(request, "explorer/problem.html", grant, problem=failed.problem)
 
 
 @router.get("/{session_id}", response_class=HTMLResponse)
@@ -72,11 +75,10 @@ async def schemas(
         tables = await grants.run(grant, lambda c: list_tables(c, schema)) if schema else []
     except WorkFailed as failed:
         return _problem_page(request, grant, failed)
-    return render(
+    return _page(
         request,
         "explorer/schemas.html",
-        section="explorer",
-        grant=grant,
+        grant,
         schemas=names,
         schema=schema,
         tables=tables,
@@ -146,11 +148,10 @@ async def rows(
         return _problem_page(request, grant, failed)
     names = [c.name for c in found.columns]
     as_dicts = [dict(zip(names, row, strict=True)) for row in page_rows]
-    return render(
+    return _page(
         request,
         "explorer/rows.html",
-        section="explorer",
-        grant=grant,
+        grant,
         table=found,
         browse=browse,
         rows=[(row, _edit_link(session_id, found, row)) for row in as_dicts],
@@ -203,11 +204,10 @@ async def edit_form(
         row = await grants.run(grant, lambda c: fetch_row(c, found, row_key))
     except WorkFailed as failed:
         return _problem_page(request, grant, failed)
-    return render(
+    return _page(
         request,
         "explorer/edit.html",
-        section="explorer",
-        grant=grant,
+        grant,
         table=found,
         key=row_key,
         row=row,
@@ -249,11 +249,10 @@ async def edit_preview(
         return _problem_page(request, grants.get(caller, session_id), failed)
     statement = update_row(found, key, _changes(found, form))
     fields = [(k, str(v)) for k, v in form.multi_items() if k != "csrf_token"]
-    return render(
+    return _page(
         request,
         "explorer/confirm.html",
-        section="explorer",
-        grant=grant,
+        grant,
         table=found,
         statement=statement,
         fields=fields,
@@ -272,21 +271,19 @@ async def update(
     except WorkFailed as failed:
         return _problem_page(request, grants.get(caller, session_id), failed)
     except EditRefused as refused:
-        return render(
+        return _page(
             request,
             "explorer/updated.html",
-            section="explorer",
-            grant=grants.get(caller, session_id),
+            grants.get(caller, session_id),
             table=None,
             status=None,
             refused=str(refused),
             back=None,
         )
-    return render(
+    return _page(
         request,
         "explorer/updated.html",
-        section="explorer",
-        grant=grant,
+        grant,
         table=found,
         status=status,
         refused=None,

@@ -90,6 +90,11 @@ def _when(name: str, value: str | None) -> datetime | None:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
+def _filters(request: Request, *, leave_out: str | None = None) -> dict[str, str]:
+    """The page's query parameters that filter (not blank, not *leave_out*), for its links."""
+    return {k: v for k, v in request.query_params.items() if k != leave_out and v.strip() != ""}
+
+
 def _choice(name: str, value: str | None, choices: dict[str, bool]) -> bool | None:
     text = _text(value)
     if text is None:
@@ -141,7 +146,7 @@ async def session_list_page(
     )
     sessions, more = found[:size], len(found) > size
     counts = await service.db(service.store.session_counts, [s.id for s in sessions])
-    filters = {k: v for k, v in request.query_params.items() if k != "cursor" and v.strip() != ""}
+    filters = _filters(request, leave_out="cursor")
     next_cursor = SessionCursor(sessions[-1].started_at, sessions[-1].id).encode() if more else None
     return render(
         request,
@@ -189,7 +194,7 @@ async def search_page(
         q=text or "",
         records=records,
         limit=SEARCH_LIMIT,
-        filters={k: v for k, v in request.query_params.items() if v.strip() != ""},
+        filters=_filters(request),
     )
 
 

@@ -22,8 +22,8 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from gateway.access.requests import AccessRequest, RequestState
 from gateway.app.web.deps import Service, WebCaller, client_addr, render, ui
-from gateway.app.web.grants import BrowserGrant, Grants, WorkFailed
-from gateway.app.web.statements import MAX_TIMEOUT_SECONDS, ROW_CAP, Run, run_statement
+from gateway.app.web.grants import BrowserGrant, Grants, Problem, WorkFailed
+from gateway.app.web.statements import MAX_TIMEOUT_SECONDS, ROW_CAP, Outcome, Run, run_statement
 from gateway.errors import InvalidRequest
 
 router = APIRouter(prefix="/terminal")
@@ -170,25 +170,19 @@ async def run(
         timeout_seconds=timeout_seconds,
         offset=offset if (bool(read_only) or not from_form) else 0,
     )
+    outcome: Outcome | None = None
+    problem: Problem | None = None
     try:
         outcome = await grants.run(grant, lambda connection: run_statement(connection, asked))
     except WorkFailed as failed:
-        return render(
-            request,
-            "terminal/result.html",
-            grant=grant,
-            run=asked,
-            outcome=None,
-            problem=failed.problem,
-            row_cap=ROW_CAP,
-        )
+        problem = failed.problem
     return render(
         request,
         "terminal/result.html",
         grant=grant,
         run=asked,
         outcome=outcome,
-        problem=None,
+        problem=problem,
         row_cap=ROW_CAP,
     )
 
