@@ -14,6 +14,9 @@ from gateway.app.api import create_app
 from gateway.app.gateway import Gateway
 from gateway.config import GatewaySettings
 from gateway.credentials.secretbox import SecretBox
+from gateway.identity.hashing import new_token, token_digest
+from gateway.identity.principals import ALL_PROJECTS, PrincipalKind, Role
+from gateway.identity.service import TokenKind
 from gateway.store import Store
 
 
@@ -79,3 +82,27 @@ async def test_metrics_are_open_on_loopback_and_need_a_token_from_elsewhere(
         forged = await http.get("/metrics", headers={"Authorization": "Bearer nope"})
     assert remote.status_code == 401
     assert forged.status_code == 401
+
+
+def _token(service: Gateway, name: str, role: Role) -> str:
+    store = service.store
+    principal = store.add_principal(name, kind=PrincipalKind.MACHINE, roles={ALL_PROJECTS: role})
+    token = new_token()
+    store.add_token(
+        principal.id, kind=TokenKind.MACHINE, digest=token_digest(token), expires_at=None
+    )
+    return token
+
+
+async def test_from_elsewhere_an_auditor_reads_the_metrics_and_a_member_may_not(
+    service: Gateway,
+) -> None:
+    auditor = _token(service, "prometheus", Role.AUDITOR)
+    member = _token(service, "someone", Role.MEMBER)
+    async with _client(service, "192.0.2.7") as http:
+        allowed = await http.get("/metrics", headers={"Authorization": f"Bearer {auditor}"})
+        refused = await http.get("/metrics", headers={"Authorization": f"Bearer {member}"})
+    assert allowed.status_code == 200
+    assert "pam_grants_live" in allowed.text
+    assert refused.status_code == 403
+    assert "may not read the metrics" in refused.json()["error"]["message"]
