@@ -144,3 +144,31 @@ def test_readyz_names_the_store_and_the_lease_while_the_store_is_out_of_reach(
     finally:
         proxy.resume()
         gw.close()
+
+
+def test_a_revoked_grant_counts_the_fatal_it_sent_and_its_connection_end(
+    shared_gateway: Gateway,
+) -> None:
+    gw = shared_gateway
+    _, before = scrape(gw)
+    access = gw.access().wait_ready()
+    with psycopg.connect(access.dsn(), autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+        sessions = gw.cli_json("sessions", "list", "--active")
+        session_id = next(s["id"] for s in sessions if s["id"].startswith(access.session_prefix))
+        gw.cli("sessions", "revoke", session_id[:8], "--reason", "metrics test")
+        with pytest.raises(psycopg.errors.AdminShutdown):
+            conn.execute("select 2")
+    access.wait()
+
+    def moved() -> bool:
+        _, after = scrape(gw)
+        return all(
+            value(after, name, **labels) - value(before, name, **labels) >= 1
+            for name, labels in (
+                ("pam_errors_sent_total", {"sqlstate": "57P01"}),
+                ("pam_connections_total", {"end_reason": "session_ended"}),
+            )
+        )
+
+    wait_for(moved)
