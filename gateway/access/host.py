@@ -5,8 +5,9 @@ exactly as declared there, by delegation: timeouts and client TLS from the
 settings, upstream targets and SCRAM caches from the credentials, the statement
 tap from the audit runtime (masking every stored password, not only the
 connection's own), refusals from admission (and refused connections to the refusal recorder),
-and the records from
-:class:`~gateway.access.connections.ConnectionRecords`.
+the records from
+:class:`~gateway.access.connections.ConnectionRecords`, and each connection's
+counts to the daemon's metrics (``connection_metrics``), if it has any.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from gateway.audit.runtime import AuditRuntime
 from gateway.audit.tap import ConnectionAudit
 from gateway.config import GatewaySettings
 from gateway.credentials.targets import Credentials
+from gateway.net.ports import ConnectionMetrics
 from gateway.net.relay import Termination
 from gateway.net.upstream import UpstreamTarget
 from gateway.refusal import Refusal
@@ -38,6 +40,8 @@ class ListenerHost:
     client_tls_context: ssl.SSLContext | None = None
     #: where refused connections go (the refusal recorder); None drops them
     on_refusal: Callable[[Refusal], None] | None = None
+    #: the daemon's metrics (None: not counted)
+    connection_metrics: ConnectionMetrics | None = None
 
     @property
     def startup_timeout(self) -> float:
@@ -50,6 +54,10 @@ class ListenerHost:
     @property
     def client_tls(self) -> ssl.SSLContext | None:
         return self.client_tls_context
+
+    @property
+    def metrics(self) -> ConnectionMetrics | None:
+        return self.connection_metrics
 
     async def upstream_target(
         self, resource: str, account: str, *, session_id: str | None = None
@@ -103,6 +111,8 @@ class ListenerHost:
         bytes_from_server: int,
         error: tuple[str, str] | None,
     ) -> None:
+        if self.connection_metrics is not None:
+            self.connection_metrics.connection_ended(reason, bytes_from_client, bytes_from_server)
         await self.records.end(
             connection_id,
             reason=reason,

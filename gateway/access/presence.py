@@ -136,6 +136,16 @@ class Presence:
         itself fails if the store is out of reach)."""
         return 0.0 if self.last_renewed is None else self.monotonic() - self.last_renewed
 
+    def lease_age(self) -> float | None:
+        """Seconds since the last renewal that worked (None before the first)."""
+        return None if self.last_renewed is None else self.monotonic() - self.last_renewed
+
+    def is_lease_fresh(self) -> bool:
+        """Whether this gateway holds its lease: renewed within ``lease_seconds``
+        (past that, other gateways may take it as gone and end its sessions)."""
+        age = self.lease_age()
+        return age is not None and age < self.lease_seconds
+
     def is_out_of_reach(self) -> bool:
         """Whether the last renewal that worked is older than the grace."""
         return self._since_renewal() > self.grace_seconds

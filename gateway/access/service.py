@@ -125,6 +125,13 @@ class GrantService:
         for grant in list(self._grants.values()):
             grant.listener.terminate_live(termination)
 
+    def live_counts(self) -> tuple[int, int]:
+        """How many grants are live, and how many connections all grants have
+        (an ending grant's are still open until they end)."""
+        grants = self._grants.values()
+        live = sum(1 for grant in grants if _is_live(grant))
+        return live, sum(len(grant.listener.connections) for grant in grants)
+
     def live_connection_count(self, session_id: str) -> int:
         grant = self._grants.get(session_id)
         return len(grant.listener.connections) if grant else 0

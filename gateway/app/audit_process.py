@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import Any, BinaryIO, Final
 
 import structlog
 
@@ -119,7 +119,7 @@ def _serve(processor: JournalProcessor, control: FrameReader, out: BinaryIO) -> 
             continue
         busy = processor.position != before
         if committed != reported:
-            write_frame(out, {"progress": list(committed)})
+            write_frame(out, _progress(committed, processor))
             reported = committed
     try:
         if not recovered:
@@ -128,8 +128,17 @@ def _serve(processor: JournalProcessor, control: FrameReader, out: BinaryIO) -> 
     except Exception as exc:
         write_frame(out, error_reply(exc))
         return 1
-    write_frame(out, {"progress": list(committed)})
+    write_frame(out, _progress(committed, processor))
     return 0
+
+
+def _progress(committed: tuple[int, int], processor: JournalProcessor) -> dict[str, Any]:
+    """A progress frame, with what was written since the last one (if anything)."""
+    frame: dict[str, Any] = {"progress": list(committed)}
+    stats = processor.take_stats()
+    if stats is not None:
+        frame["stats"] = stats.to_json()
+    return frame
 
 
 if __name__ == "__main__":

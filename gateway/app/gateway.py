@@ -12,7 +12,8 @@ grant opened, a session ended or revoked).
 :class:`Gateway` is what the control API's routers receive: ``db``, ``store``,
 ``audit_writer`` and ``live_connection_count`` (review), grants and requests
 (access), ``verify``, ``refresh_secrets``, ``rotations``, ``rotate`` and
-``schedules`` and ``ephemeral`` (resources), ``webhooks``, ``mfa`` and ``sso``.
+``schedules`` and ``ephemeral`` (resources), ``webhooks``, ``mfa`` and ``sso``,
+``metrics`` (``/metrics``) and ``readiness`` (``/readyz``).
 It publishes ``rotation.succeeded``/``rotation.failed`` for every generated
 rotation. A grant of an ephemeral account gets its own database role before its
 door opens (``grants.prepare``), dropped after it ends (``ephemeral.ended``).
@@ -42,6 +43,8 @@ from gateway.access.ports import SessionRecord
 from gateway.access.presence import Presence
 from gateway.access.requests import AccessRequest, ChangeKind, RequestState, StateChange
 from gateway.access.service import GrantService
+from gateway.app.metrics import GatewayMetrics, GatewayState
+from gateway.app.readiness import Readiness
 from gateway.audit.refusals import RefusalRecorder
 from gateway.audit.runtime import AuditRuntime
 from gateway.audit.sink import AuditSink
@@ -125,6 +128,18 @@ class Gateway:
         #: every refused API call and grant connection, floods summarised
         self.refusals = RefusalRecorder(store, self.db, interval=settings.refusal_interval_seconds)
         self.records = ConnectionRecords(store, self.db)
+        #: the Prometheus metrics (``/metrics``), in a registry of this gateway's own
+        self.metrics = GatewayMetrics(
+            GatewayState(
+                gateway_id=settings.gateway_id,
+                live=lambda: self.grants.live_counts(),
+                audit_backlog=self._audit_backlog,
+                lease_age=self.presence.lease_age,
+            )
+        )
+        self.refusals.observer = self.metrics.refused
+        #: the checks behind ``/readyz``
+        self.readiness = Readiness(lambda: self.db(self.store.ping), self.presence, self.audit)
         self.host = ListenerHost(
             settings,
             self.credentials,
@@ -133,6 +148,7 @@ class Gateway:
             self.records,
             client_tls_context=client_tls_context,
             on_refusal=self.refusals.refused,
+            connection_metrics=self.metrics,
         )
         self.grants = GrantService(
             store, self.db, settings, self.host, self.records, self.audit, pki=pki
@@ -229,6 +245,10 @@ class Gateway:
     def audit_writer(self) -> AuditWriter | None:
         return self.audit.writer
 
+    def _audit_backlog(self) -> int | None:
+        writer = self.audit.writer
+        return None if writer is None else writer.backlog
+
     def live_connection_count(self, session_id: str) -> int:
         return self.grants.live_connection_count(session_id)
 
@@ -244,6 +264,8 @@ class Gateway:
         if self.settings.audit_enabled:
             await self.credentials.refresh()
             await self.audit.start()
+            if self.audit.writer is not None:
+                self.audit.writer.on_written = self.metrics.audit_written
         # This gateway's presence is announced (above), so that no other gateway
         # takes its rotations in flight for a gone gateway's; those a crash of it
         # left are settled in the background (until then a connection refused with
@@ -291,7 +313,8 @@ class Gateway:
         return await self.rotations.rotate(resource, account, started_by=started_by)
 
     async def _rotation_ended(self, result: RotationResult) -> None:
-        """Tell the webhooks of the resource's project how a rotation ended."""
+        """Count how a rotation ended, and tell the webhooks of the resource's project."""
+        self.metrics.rotation_ended(ok=result.ok)
         try:
             project = (await self.db(self.store.get_resource, result.resource)).project
         except NotFound:

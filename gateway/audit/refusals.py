@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Protocol
@@ -146,10 +146,14 @@ class RefusalRecorder:
         self._queue: list[RefusalEntry] = []
         self._writer: asyncio.Task[None] | None = None
         self._dropped = 0
+        #: told of every refusal as it comes (the daemon's metrics); must not block
+        self.observer: Callable[[Refusal], None] | None = None
 
     def refused(self, refusal: Refusal) -> None:
         """Take one refusal (on the event loop): recorded now if it is its
         pair's first in this interval, else counted for the interval's summary."""
+        if self.observer is not None:
+            self.observer(refusal)
         key = (refusal.source, str(refusal.reason))
         tally = self._pairs.get(key)
         if tally is not None:

@@ -61,6 +61,7 @@ from gateway.audit.pairing import StatementTracker
 from gateway.audit.ports import AuditStore
 from gateway.audit.records import AuditEvent, EventRow, event_rows, micros_datetime
 from gateway.audit.redaction import Redactor
+from gateway.audit.stats import WriteStats
 from gateway.protocol.errors import ProtocolError
 from gateway.reasons import ConnectionEndReason
 
@@ -140,6 +141,8 @@ class JournalProcessor:
         #: (segment, offset) up to which the store holds everything
         self.committed = (self._current.segment, self._current.offset)
         self.written = 0
+        #: what was written since :meth:`take_stats` was last called
+        self.stats = WriteStats()
 
     # --- the current run -----------------------------------------------------------
 
@@ -170,6 +173,14 @@ class JournalProcessor:
             if flush or now - self._checkpointed_at >= self._interval:
                 self._checkpoint(state)
         return self.committed
+
+    def take_stats(self) -> WriteStats | None:
+        """What was written since the last call (None: no batch was)."""
+        stats = self.stats
+        if not stats:
+            return None
+        self.stats = WriteStats()
+        return stats
 
     def finish(self) -> tuple[int, int]:
         """At an ordered shutdown: commit everything; with no connection left open
@@ -356,7 +367,9 @@ class JournalProcessor:
     def _commit(self, state: _Run, *, checkpoint: bool = False) -> None:
         rows = self._rows
         if rows:
+            started = time.monotonic()
             written = self._store.append_audit_rows(rows, substitute_invalid=True)
+            self.stats.add_batch(rows, time.monotonic() - started)
             if written < len(rows):
                 log.error("audit_events_unattributable", count=len(rows) - written)
             self.written += len(rows)

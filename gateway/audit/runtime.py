@@ -201,13 +201,14 @@ class StoreThreadConsumer:
                     position = await self._db(processor.finish)
                 else:
                     position = await self._db(functools.partial(processor.poll, flush=flush))
+                stats = processor.take_stats()
             except Exception as exc:  # the store's failure: the writer decides
                 await writer.failure(exc)
                 if closing:
                     return  # left in the journal for the next start
                 await self._pause(self._retry_interval)
                 continue
-            await writer.progressed(*position)
+            await writer.progressed(*position, stats)
             if closing:
                 return
             await self._pause(self._interval)

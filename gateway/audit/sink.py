@@ -17,8 +17,9 @@ and a JSON payload. The child sends ``{"ready": true}`` once the store is open
 (or ``{"error": CLASS, "message": TEXT}`` and exits). The daemon sends
 ``{"op": "flush"}`` to have what is journaled committed now rather than at the
 next full batch or interval (a drain). The child sends ``{"progress": [SEGMENT,
-OFFSET]}`` whenever the store holds the journal up to there, and ``{"error":
-CLASS, "message": TEXT}`` when a write fails (it retries), where CLASS names a
+OFFSET]}`` whenever the store holds the journal up to there (with ``"stats"``:
+what it wrote since its last report, :class:`~gateway.audit.stats.WriteStats`),
+and ``{"error": CLASS, "message": TEXT}`` when a write fails (it retries), where CLASS names a
 :class:`~gateway.errors.GatewayError` subclass. When its stdin closes it
 processes the journal to its end, reports, and exits.
 
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 import structlog
 
+from gateway.audit.stats import WriteStats
 from gateway.errors import ConfigError, GatewayError, InvalidRequest, NotFound, StoreError
 from gateway.protocol.sqlstate import SqlState
 
@@ -122,6 +124,10 @@ class AuditSink:
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
+    def is_running(self) -> bool:
+        """Whether the writer process is up (between a crash and its restart: not)."""
+        return self._proc is not None and self._proc.returncode is None
+
     async def start(self, writer: AuditWriter) -> None:
         self._writer = writer
         self._run = writer.journal.run
@@ -182,7 +188,7 @@ class AuditSink:
                 continue
             if "progress" in reply:
                 segment, offset = reply["progress"]
-                await writer.progressed(int(segment), int(offset))
+                await writer.progressed(int(segment), int(offset), _stats(reply))
             elif "error" in reply:
                 try:
                     _raise_reply(reply)
@@ -238,6 +244,16 @@ class AuditSink:
             raise ValueError("an oversized frame from the audit writer process")
         reply: dict[str, Any] = json.loads(await proc.stdout.readexactly(length))
         return reply
+
+
+def _stats(reply: dict[str, Any]) -> WriteStats | None:
+    if "stats" not in reply:
+        return None
+    try:
+        return WriteStats.from_json(reply["stats"])
+    except (TypeError, ValueError, AttributeError):
+        log.warning("audit_sink_stats_malformed")
+        return None
 
 
 # --- the child ---------------------------------------------------------------------

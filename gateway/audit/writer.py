@@ -28,6 +28,7 @@ from typing import Protocol
 import structlog
 
 from gateway.audit.journal import KIND_SECRETS, Journal, encode_event
+from gateway.audit.stats import WriteStats
 
 log = structlog.get_logger(__name__)
 
@@ -76,6 +77,9 @@ class AuditWriter:
         self.failed: BaseException | None = None
         #: bytes of this run's journal that the store holds
         self.processed = 0
+        #: told what the reader wrote with each progress report that says (the
+        #: daemon's metrics); must not block
+        self.on_written: Callable[[WriteStats], None] | None = None
 
     async def start(self) -> None:
         await self._consumer.start(self)
@@ -111,8 +115,11 @@ class AuditWriter:
 
     # --- the consumer's side ----------------------------------------------------------
 
-    async def progressed(self, segment: int, offset: int) -> None:
-        """The store holds everything journaled up to *offset* of *segment*."""
+    async def progressed(self, segment: int, offset: int, stats: WriteStats | None = None) -> None:
+        """The store holds everything journaled up to *offset* of *segment*;
+        *stats*: what was written since the last report."""
+        if stats is not None and self.on_written is not None:
+            self.on_written(stats)
         self.processed = max(self.processed, self.journal.processed(segment, offset))
         if self.backlog <= self._max_lag // 2:
             self._room.set()

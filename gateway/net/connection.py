@@ -158,6 +158,7 @@ class ConnectionLife:
                 conn.upstream.writer.transport.abort()
             if conn.relay is None and not writer.is_closing():
                 # Nothing relayed yet, so the client can still read why.
+                self._error_sent(SqlState.INTERNAL_ERROR)
                 await _refuse(
                     writer,
                     SqlState.INTERNAL_ERROR,
@@ -205,6 +206,8 @@ class ConnectionLife:
             return
         relay = self._greet(started, upstream, connection_id)
         reason = await relay.run()
+        if relay.fatal_sqlstate is not None:
+            self._error_sent(relay.fatal_sqlstate)
         await self._record_end(connection_id, relay, reason)
         key = upstream.handshake.backend_key
         if key is not None and reason in _CUT_BY_GATEWAY:
@@ -230,6 +233,7 @@ class ConnectionLife:
             "connection_refused",
             who=self.refused_who if kind is RefusalReason.NOT_OWNER else None,
         )
+        self._error_sent(refusal.sqlstate)
         await _refuse(client.writer, refusal.sqlstate, refusal.message, hint=refusal.hint)
         if refusal is self.refusal:
             # Another OS user knocking is kept in the trail, not only the log.
@@ -330,9 +334,10 @@ class ConnectionLife:
                 "upstream_failed", kind=exc.kind, sqlstate=exc.sqlstate, error=exc.message
             )
             if exc.raw_error is not None:
-                writer.write(exc.raw_error)
+                writer.write(exc.raw_error)  # the server's own, relayed as it is
                 await close_writer(writer)
             else:
+                self._error_sent(exc.sqlstate)
                 await _refuse(writer, exc.sqlstate, exc.message, hint=exc.hint)
             await self._record_failure(application_name, exc)
             return None
@@ -340,6 +345,7 @@ class ConnectionLife:
             # The stored credentials cannot be used (say, a password that no
             # longer decrypts): still an ErrorResponse, never a bare close.
             self.log.error("credentials_unavailable", sqlstate=exc.sqlstate, error=exc.message)
+            self._error_sent(exc.sqlstate)
             await _refuse(writer, exc.sqlstate, exc.message, hint=exc.hint)
             await self._record_failure(application_name, exc)
             return None
@@ -349,12 +355,25 @@ class ConnectionLife:
         return upstream
 
     async def _sign_in(self, target: UpstreamTarget, params: dict[str, str]) -> UpstreamConnection:
-        return await connect_upstream(
-            target,
-            params=params,
-            timeout=self.host.connect_timeout,
-            salted_password_cache=self.host.scram_cache(target),
-        )
+        started, ok = time.monotonic(), False
+        try:
+            upstream = await connect_upstream(
+                target,
+                params=params,
+                timeout=self.host.connect_timeout,
+                salted_password_cache=self.host.scram_cache(target),
+            )
+            ok = True
+            return upstream
+        finally:
+            metrics = self.host.metrics
+            if metrics is not None:
+                metrics.upstream_connected(time.monotonic() - started, ok=ok)
+
+    def _error_sent(self, sqlstate: str) -> None:
+        metrics = self.host.metrics
+        if metrics is not None:
+            metrics.error_sent(sqlstate)
 
     async def _record_start(
         self, client: ClientStarted, upstream: UpstreamConnection
@@ -376,6 +395,7 @@ class ConnectionLife:
             self.log.error("connection_record_failed", error=exc.message)
             upstream.writer.write(messages.terminate())
             await close_writer(upstream.writer)
+            self._error_sent(SqlState.CANNOT_CONNECT_NOW)
             await _refuse(
                 client.writer,
                 SqlState.CANNOT_CONNECT_NOW,

@@ -1,6 +1,7 @@
 """What a grant's door needs from the service that owns it, as ports.
 
 :class:`ConnectionHost` is implemented by the grant service (gateway.access),
+:class:`ConnectionMetrics` by the daemon's metrics (gateway.app.metrics),
 :class:`ConnectionAuditTap` by the audit (gateway.audit.tap); :class:`GrantInfo`
 is the part of an access session a door checks connections against. Declared
 here, below the packages that implement them, so dependencies point one way.
@@ -30,6 +31,25 @@ class ConnectionAuditTap(StatementAudit, Protocol):
         *,
         now_ns: int,
     ) -> None: ...
+
+
+class ConnectionMetrics(Protocol):
+    """What a connection tells the gateway's metrics: a handful of calls per
+    connection, none per message or per chunk (the relay's byte counts are read
+    once, at the end)."""
+
+    def upstream_connected(self, seconds: float, *, ok: bool) -> None:
+        """An upstream sign-in took *seconds* (TCP, TLS and authentication)."""
+        ...
+
+    def error_sent(self, sqlstate: str) -> None:
+        """The gateway itself sent the client an ErrorResponse with *sqlstate*
+        (not one of the server's, which are relayed as they are)."""
+        ...
+
+    def connection_ended(self, reason: str, bytes_from_client: int, bytes_from_server: int) -> None:
+        """A connection's record ended with *reason*, having relayed these bytes."""
+        ...
 
 
 class ConnectionHost(Protocol):
@@ -70,6 +90,11 @@ class ConnectionHost(Protocol):
 
     def refused(self, refusal: Refusal) -> None:
         """Put a turned-away connection on record (never blocks; it also logs)."""
+        ...
+
+    @property
+    def metrics(self) -> ConnectionMetrics | None:
+        """Where the connection's counts go (None: nowhere)."""
         ...
 
     def scram_cache(self, target: UpstreamTarget) -> MutableMapping[tuple[bytes, int], bytes]:

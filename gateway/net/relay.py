@@ -181,6 +181,8 @@ class Relay:
         self.bytes_from_server = 0
         self.end_reason: ConnectionEndReason | None = None
         self.error: tuple[str, str] | None = None
+        #: the SQLSTATE of the FATAL ErrorResponse the relay itself sent, if it did
+        self.fatal_sqlstate: str | None = None
 
     def prime(self, to_client: bytes, to_server: bytes) -> None:
         """Forward (and account for) bytes already read during startup."""
@@ -355,13 +357,14 @@ class Relay:
                 # The server's connection broke between messages: the client can
                 # still read why, as an ErrorResponse rather than a bare close.
                 self._send_fatal(
+                    SqlState.CONNECTION_FAILURE,
                     messages.error_response(
                         "FATAL",
                         SqlState.CONNECTION_FAILURE,
                         f"pam lost the connection to the database server: {exc}",
                         hint="reconnect; if it keeps happening, check the server and the"
                         " network between the gateway and it",
-                    )
+                    ),
                 )
             self._end(ConnectionEndReason.ERROR)
         else:
@@ -436,7 +439,9 @@ class Relay:
         # A peer broke the framing: tell the client why, then close.
         self.error = (exc.sqlstate, exc.message)
         if self._from_server.at_boundary:
-            self._send_fatal(messages.error_response("FATAL", exc.sqlstate, exc.message))
+            self._send_fatal(
+                exc.sqlstate, messages.error_response("FATAL", exc.sqlstate, exc.message)
+            )
         self.end_reason = ConnectionEndReason.ERROR
         self._end(ConnectionEndReason.ERROR)
 
@@ -445,13 +450,14 @@ class Relay:
         if termination is None or self._is_done():
             return
         if self._from_server.at_boundary:
-            self._send_fatal(termination.error_response())
+            self._send_fatal(termination.sqlstate, termination.error_response())
         self.end_reason = termination.reason
         self._end(termination.reason)
 
-    def _send_fatal(self, payload: bytes) -> None:
+    def _send_fatal(self, sqlstate: str, payload: bytes) -> None:
         if not self._fatal_sent and not self._client.is_closing():
             self._fatal_sent = True
+            self.fatal_sqlstate = sqlstate
             self._client.write(payload)
 
     async def _close(self) -> None:

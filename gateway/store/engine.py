@@ -345,5 +345,11 @@ class StoreBase:
             # ciphertext, let alone a password.
             raise StoreError(f"state store error: {exc.orig}") from exc
 
+    def ping(self) -> None:
+        """Run the cheapest query there is: raises :class:`StoreError` when the
+        database cannot be reached (a readiness check)."""
+        with self._transaction(write=False, snapshot=True) as connection:
+            connection.execute(text("SELECT 1"))
+
     def _now(self) -> datetime:
         return check_time("clock()", self._clock())

@@ -2,7 +2,8 @@
 
 One router per area (``routers/``), API models of its own (``models.py``), and the
 caller check and error format every route shares (``deps.py``). Every route but
-``/v1/health``, ``/v1/login`` and single sign-on's (``/v1/sso``: start, poll,
+``/v1/health``, ``/healthz``, ``/readyz``, ``/metrics`` (open on loopback),
+``/v1/login`` and single sign-on's (``/v1/sso``: start, poll,
 callback, device) needs ``Authorization: Bearer <token>``; the
 OpenAPI document and docs pages are not served. Errors are JSON
 ``{"error": {"type", "message", "hint"}}`` with a fitting status code. Passwords
@@ -50,6 +51,7 @@ def create_app(service: Gateway) -> FastAPI:
     install_error_handlers(app)
     # Open: liveness, and signing in (which is how a caller gets a token).
     app.include_router(health.router)
+    app.include_router(health.probes)
     app.include_router(identity.login_router)
     app.include_router(sso.public_router)
     for module in (

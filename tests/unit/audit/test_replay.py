@@ -309,6 +309,27 @@ def test_full_batches_go_at_once_and_a_partial_one_waits_for_a_flush(tmp_path: P
     assert [e.sql for e in store.events("statement")] == [f"select {n}" for n in range(25)]
 
 
+def test_the_reader_counts_each_written_batch_for_the_metrics_once(tmp_path: Path) -> None:
+    store = Rows()
+    book = JournalBook(tmp_path)
+    for n in range(25):
+        book.client(query(f"select {n}"))
+        book.server(complete("SELECT 1"), ready())
+    processor = _processor(tmp_path, book.journal.run, store, batch_size=10)
+    assert processor.take_stats() is None
+    store.failing = True
+    with pytest.raises(OSError):
+        processor.poll(flush=True)
+    assert processor.take_stats() is None  # a failed write counts nothing
+    store.failing = False
+    processor.poll(flush=True)
+    stats = processor.take_stats()
+    assert stats is not None
+    assert stats.statements == 25
+    assert len(stats.batch_seconds) == len(store.batches)
+    assert processor.take_stats() is None
+
+
 def test_a_failed_write_keeps_the_rows_for_the_next_poll(tmp_path: Path) -> None:
     store = Rows()
     book = JournalBook(tmp_path)

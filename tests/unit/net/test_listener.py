@@ -22,6 +22,7 @@ class BrokenHost:
     startup_timeout = 10.0
     connect_timeout = 10.0
     client_tls = None
+    metrics = None
 
     def __init__(self) -> None:
         #: refusals handed to the refusal recorder

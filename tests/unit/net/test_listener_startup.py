@@ -33,6 +33,7 @@ class Host:
 
     startup_timeout = 30.0
     connect_timeout = 30.0
+    metrics = None
 
     def __init__(self, client_tls: ssl.SSLContext | None) -> None:
         self.client_tls = client_tls
