@@ -9,10 +9,19 @@ Invariants: nothing here keeps a socket or a file open past its call, and
 A free port is only free at the moment it is returned (another process may take
 it before the caller binds it); callers that cannot tolerate that race must
 bind port 0 themselves and read the port back.
+
+Under pytest-xdist (``PYTEST_XDIST_WORKER`` is ``gw0``, ``gw1``, ...) each
+worker takes its ports from a block of its own below the kernel's ephemeral
+range, so a port one worker was given and has not bound yet (a daemon's API
+port between ``gateway init`` and ``gateway run``) is never handed to another
+worker; the kernel's own picks (``bind(0)``, outgoing connections) come from
+the ephemeral range and cannot take it either.
 """
 
 from __future__ import annotations
 
+import os
+import random
 import socket
 from pathlib import Path
 
@@ -23,13 +32,48 @@ LOOPBACK_HOST = "127.0.0.1"
 # is index 1 (proc(5)).
 _PPID_INDEX = 4 - 3
 
+#: Set by pytest-xdist in each worker process (and inherited by its children).
+XDIST_WORKER_ENV = "PYTEST_XDIST_WORKER"
+#: Worker N's ports are [BASE + N * SIZE, BASE + (N + 1) * SIZE): 25 blocks fit
+#: below 32768, where Linux's default ip_local_port_range begins.
+_WORKER_PORT_BASE = 20000
+_WORKER_PORT_BLOCK_SIZE = 500
+_EPHEMERAL_PORT_START = 32768
+#: Ports of the block tried before giving up on it (taken ones are skipped).
+_WORKER_PORT_ATTEMPTS = 50
+
 
 def free_port(host: str = LOOPBACK_HOST) -> int:
     """A TCP port on *host* that was free when this returned."""
+    block = _worker_port_block()
+    if block is not None:
+        for candidate in random.sample(block, _WORKER_PORT_ATTEMPTS):
+            if _is_bindable(host, candidate):
+                return candidate
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def _worker_port_block() -> range | None:
+    """This xdist worker's ports, or None outside xdist (or past the last block)."""
+    worker = os.environ.get(XDIST_WORKER_ENV, "")
+    if not (worker.startswith("gw") and worker[2:].isdigit()):
+        return None
+    start = _WORKER_PORT_BASE + int(worker[2:]) * _WORKER_PORT_BLOCK_SIZE
+    end = start + _WORKER_PORT_BLOCK_SIZE
+    return range(start, end) if end <= _EPHEMERAL_PORT_START else None
+
+
+def _is_bindable(host: str, port: int) -> bool:
+    # No SO_REUSEADDR: a port with a connection still in TIME_WAIT counts as taken.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def child_pids(parent: int) -> list[int]:

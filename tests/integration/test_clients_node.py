@@ -11,6 +11,7 @@ skipping them: CI must run them.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -50,19 +51,23 @@ def _require_tool(name: str) -> str:
 def node() -> str:
     """The node binary, with tests/clients/node/node_modules installed from the lock file."""
     node = _require_tool("node")
-    if not (NODE_DIR / "node_modules").is_dir():
-        npm = _require_tool("npm")
-        result = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=NODE_DIR,
-            capture_output=True,
-            text=True,
-            timeout=RUN_TIMEOUT,
-        )
-        assert result.returncode == 0, (
-            f"npm ci in {NODE_DIR} failed (it needs the npm registry):\n"
-            f"{result.stdout}{result.stderr}"
-        )
+    # Under pytest-xdist another worker may be installing the same directory:
+    # one `npm ci` at a time (a lock on the lock file), the others then see it done.
+    with (NODE_DIR / "package-lock.json").open("rb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (NODE_DIR / "node_modules").is_dir():
+            npm = _require_tool("npm")
+            result = subprocess.run(
+                [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+                cwd=NODE_DIR,
+                capture_output=True,
+                text=True,
+                timeout=RUN_TIMEOUT,
+            )
+            assert result.returncode == 0, (
+                f"npm ci in {NODE_DIR} failed (it needs the npm registry):\n"
+                f"{result.stdout}{result.stderr}"
+            )
     return node
 
 

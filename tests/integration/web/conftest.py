@@ -8,7 +8,7 @@ and ``max`` (members of ``default``, allowed ``prod`` by policy ``members``),
 all with password :data:`PASSWORD`. ``web`` opens a signed-in page as one of
 them (:meth:`Pages.as_user`); when the test ends it checks that no page of the
 test asked for anything outside the gateway: every such request is aborted and
-fails the test.
+fails the test. ``browser`` is one Debian chromium per test module.
 """
 
 from __future__ import annotations
@@ -133,7 +133,11 @@ def mia(console: Console) -> Iterator[httpx.Client]:
         yield client
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API runs its event loop in this
+# thread for as long as it is open, and every asyncio test that ran after it in
+# the same process (later files, or a pytest-xdist worker's next file) failed
+# with "Cannot run the event loop while another loop is running".
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: .ci/run installs Debian's chromium package")

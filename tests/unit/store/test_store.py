@@ -288,9 +288,11 @@ def test_a_missing_account_or_resource_is_named_in_not_found(store: Store) -> No
 @pytest.mark.parametrize(
     ("username", "password", "message"),
     [
-        ("", PASSWORD, "username must not be empty"),
-        ("u", "", "password must be a non-empty string"),
-        ("u", "a\x00" + PASSWORD, "password must not contain a NUL"),
+        # Fixed ids: the password is random per process, and pytest-xdist needs
+        # every worker to collect the same test names.
+        pytest.param("", PASSWORD, "username must not be empty", id="empty-username"),
+        pytest.param("u", "", "password must be a non-empty string", id="empty-password"),
+        pytest.param("u", "a\x00" + PASSWORD, "password must not contain a NUL", id="nul-password"),
     ],
 )
 def test_invalid_account_fields_are_refused_without_echoing_the_password(
