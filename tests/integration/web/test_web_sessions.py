@@ -5,6 +5,7 @@ reload, terminating from the page, and the Verify button."""
 from __future__ import annotations
 
 import re
+import subprocess
 
 import psycopg
 import pytest
@@ -95,3 +96,36 @@ def test_a_member_cannot_open_another_members_session(web: Pages, console: Conso
         expect(page.locator(".problem")).to_contain_text("not found")
         page.goto(console.url("/sessions"))
         expect(page.locator(f"#session-{grant['id']}")).to_have_count(0)
+
+
+def test_terminate_from_the_page_ends_a_running_psql_with_the_reason(
+    web: Pages, console: Console
+) -> None:
+    access = console.gw.access(account="scram").wait_ready()
+    waiting = subprocess.Popen(
+        ["psql", access.url, "-X", "-c", "select 'psql is waiting'", "-c", "select pg_sleep(120)"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        session_id = next(
+            s["id"]
+            for s in console.gw.cli_json("sessions", "list")
+            if s["id"].startswith(access.session_prefix)
+        )
+        wait_recorded(console, session_id, "select 'psql is waiting'")
+        page = web.as_user("ada")
+        page.goto(console.url(f"/sessions/{session_id}"))
+        page.fill("#terminate input[name=reason]", "INC-7 containment")
+        page.on("dialog", lambda dialog: dialog.accept())
+        page.click("#terminate button[type=submit]")
+        expect(page.locator("#terminate-result")).to_contain_text("Terminated")
+        _, err = waiting.communicate(timeout=60)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+        access.stop()
+    assert waiting.returncode != 0
+    assert "FATAL" in err and "revoked by ada: INC-7 containment" in err, err
+    assert console.gw.cli_json("sessions", "show", session_id)["session"]["end_reason"] == "revoked"
