@@ -46,6 +46,37 @@ PASSWORD_SAFE_CHARACTERS = string.ascii_letters + string.digits + "-._~"
 MIN_GENERATED_PASSWORD_BITS = 128
 
 
+class FileExport(BaseModel):
+    """The audit trail as JSON lines in a file, rotated by size (``path.1`` .. ``path.N``)."""
+
+    #: absolute, so that the daemon and its audit writer process agree on it
+    path: Path
+    max_bytes: int = Field(default=100 * 1024 * 1024, ge=4096)
+    #: rotated files kept beside the live one
+    keep: int = Field(default=5, ge=1, le=1000)
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError("must be an absolute path")
+        return value
+
+
+class SyslogExport(BaseModel):
+    """The audit trail to a syslog collector: RFC 5424 messages, octet-counted
+    (RFC 6587) over TCP, or over TLS (RFC 5425) verified against ``ca_file``."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
+    #: the CA bundle the collector's certificate must chain to (TLS; default: the system's)
+    ca_file: Path | None = None
+    #: RFC 5424 facility (6.2.1): 16 is local0
+    facility: int = Field(default=16, ge=0, le=23)
+    app_name: str = Field(default="pam", pattern=r"^[!-~]{1,48}$")
+
+
 class GatewaySettings(BaseModel):
     """Daemon settings, stored as ``gateway.json`` in the state directory."""
 
@@ -101,6 +132,12 @@ class GatewaySettings(BaseModel):
     audit_fail_closed: bool = False
     #: write the trail from a child process (off: from the daemon's store thread)
     audit_writer_process: bool = True
+    #: Continuous export of the trail as it is written (never blocking the relay:
+    #: each destination has a bounded queue; what overflows is dropped and counted).
+    audit_export_file: FileExport | None = None
+    audit_export_syslog: list[SyslogExport] = Field(default_factory=list)
+    #: records each export destination may hold while it is slow or down
+    audit_export_queue: int = Field(default=10_000, ge=1)
     #: webhooks (gateway.notify.retry): the wait after a failed first attempt, each
     #: further wait this many times the one before, attempts in all, and the
     #: longest one attempt may take

@@ -29,6 +29,7 @@ from typing import Any, BinaryIO, Final
 import structlog
 
 from gateway.app.logging import configure_logging
+from gateway.audit.export import TrailExporter, build_exporter
 from gateway.audit.journal import JOURNAL_DIR
 from gateway.audit.replay import JournalProcessor, TrackerSettings
 from gateway.audit.sink import FrameReader, error_reply, write_frame
@@ -70,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
 
     configure_logging("json" if args.log_format == "json" else "console", args.log_level)
+    exporter: TrailExporter | None = None
     try:
         settings = load_settings(args.home)
         box = SecretBox(load_master_key(args.home / MASTER_KEY_FILE))
@@ -78,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             box,
             sqlite_synchronous=settings.store_sqlite_synchronous,
         )
+        exporter = build_exporter(settings)
         processor = JournalProcessor(
             args.home / JOURNAL_DIR,
             args.run,
@@ -88,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 settings.audit_max_value_bytes,
             ),
             lambda: stored_passwords(store),
+            exporter=exporter,
         )
     except GatewayError as exc:
         write_frame(frames_out, error_reply(exc))
@@ -96,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _serve(processor, FrameReader(sys.stdin.fileno()), frames_out)
     finally:
+        if exporter is not None:
+            exporter.close()
         store.close()
 
 

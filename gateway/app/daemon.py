@@ -380,6 +380,8 @@ async def run(
         config = uvicorn.Config(
             app,
             log_level="warning",
+            # our handler (gateway.app.logging), not uvicorn's plain-text one
+            log_config=None,
             access_log=False,
             lifespan="off",
             server_header=False,

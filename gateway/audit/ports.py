@@ -18,7 +18,11 @@ T = TypeVar("T")
 
 class AuditStore(Protocol):
     def append_audit_rows(
-        self, rows: Sequence[EventRow], *, substitute_invalid: bool = False
+        self,
+        rows: Sequence[EventRow],
+        *,
+        substitute_invalid: bool = False,
+        numbered: list[tuple[int, int]] | None = None,
     ) -> int: ...
 
 

@@ -42,6 +42,7 @@ from typing import Any, Final, Literal
 
 import structlog
 
+from gateway.audit.export import TrailExporter
 from gateway.audit.journal import (
     JOURNAL_FILE_MODE,
     KIND_CLIENT,
@@ -125,8 +126,11 @@ class JournalProcessor:
         batch_size: int = 500,
         interval: float = 0.2,
         checkpoint_interval: float = 1.0,
+        exporter: TrailExporter | None = None,
     ) -> None:
         self._directory = directory
+        #: told of every committed batch (the SIEM export); never blocks
+        self._exporter = exporter
         self._store = store
         self._settings = settings
         self._load_secrets = load_secrets
@@ -368,7 +372,14 @@ class JournalProcessor:
         rows = self._rows
         if rows:
             started = time.monotonic()
-            written = self._store.append_audit_rows(rows, substitute_invalid=True)
+            if self._exporter is None:
+                written = self._store.append_audit_rows(rows, substitute_invalid=True)
+            else:
+                numbered: list[tuple[int, int]] = []
+                written = self._store.append_audit_rows(
+                    rows, substitute_invalid=True, numbered=numbered
+                )
+                self._exporter.publish(rows, numbered)
             self.stats.add_batch(rows, time.monotonic() - started)
             if written < len(rows):
                 log.error("audit_events_unattributable", count=len(rows) - written)

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.audit.export import TrailExporter, build_exporter
 from gateway.audit.journal import Journal
 from gateway.audit.ports import AuditStore, StoreThread
 from gateway.audit.replay import JournalProcessor, TrackerSettings
@@ -88,6 +89,7 @@ class AuditRuntime:
     #: set while the audit trail cannot be written and fail-closed is on
     _down: BaseException | None = None
     _temporary: Path | None = None
+    _exporter: TrailExporter | None = None
 
     async def start(self) -> None:
         """Open the journal and start its reader, if the audit is enabled."""
@@ -101,12 +103,15 @@ class AuditRuntime:
         if self.sink is not None:
             consumer = self.sink
         else:
+            # The writer process exports by itself; here the store thread's reader does.
+            self._exporter = build_exporter(self.settings)
             processor = JournalProcessor(
                 directory,
                 journal.run,
                 self.store,
                 tracker_settings(self.settings),
                 self.stored_secrets,
+                exporter=self._exporter,
             )
             consumer = StoreThreadConsumer(processor, self.db)
         self.writer = AuditWriter(
@@ -141,6 +146,8 @@ class AuditRuntime:
         """Flush the trail, then stop the reader (and its process)."""
         if self.writer is not None:
             await self.writer.close()
+        if self._exporter is not None:
+            await asyncio.to_thread(self._exporter.close)
         if self._temporary is not None:
             shutil.rmtree(self._temporary, ignore_errors=True)
 

@@ -214,7 +214,11 @@ class AuditStore(TrailStore):
         return self.append_audit_rows(event_rows(events))
 
     def append_audit_rows(
-        self, rows: Sequence[EventRow], *, substitute_invalid: bool = False
+        self,
+        rows: Sequence[EventRow],
+        *,
+        substitute_invalid: bool = False,
+        numbered: list[tuple[int, int]] | None = None,
     ) -> int:
         """:meth:`append_audit` for events as :data:`~gateway.audit.records.EventRow`
         tuples, as the audit writer process receives them.
@@ -227,6 +231,9 @@ class AuditStore(TrailStore):
         (never its value). Events that cannot be attributed even so (no valid
         session, connection or time, or a session the store does not hold) are
         left out; the return value, the number written, then falls short.
+
+        *numbered*, if given, receives ``(position in rows, seq)`` for each event
+        written (the trail's export numbers what it sends with it).
         """
         # (position in rows, (session_id, *record body)) of each event to write
         prepared: list[tuple[int, tuple[Any, ...]]] = []
@@ -273,6 +280,9 @@ class AuditStore(TrailStore):
                 sealed += batches
                 seq, prev_hash = batches[-1].last_seq, batches[-1].hash
                 heads[session_id] = (seq, prev_hash)
+                if numbered is not None:
+                    first = seq - len(items) + 1
+                    numbered += ((p, first + i) for i, (p, _) in enumerate(items))
                 written += len(bodies)
             insert_batches(conn, sealed, recorded_at)
             for session_id, is_ended in known.items():

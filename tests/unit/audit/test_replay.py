@@ -63,11 +63,17 @@ class Rows:
         self.failing = False
 
     def append_audit_rows(
-        self, rows: Sequence[EventRow], *, substitute_invalid: bool = False
+        self,
+        rows: Sequence[EventRow],
+        *,
+        substitute_invalid: bool = False,
+        numbered: list[tuple[int, int]] | None = None,
     ) -> int:
         if self.failing:
             raise OSError("disk full (test)")
         assert substitute_invalid
+        if numbered is not None:  # one trail for all: the seq is the row's place
+            numbered += ((n, len(self.rows) + n + 1) for n in range(len(rows)))
         self.rows.extend(rows)
         self.batches.append(len(rows))
         return len(rows)
@@ -138,6 +144,38 @@ def test_connection_events_take_their_microsecond_as_statements_do(tmp_path: Pat
         ("connection_start", now_ns // 1000),
         ("connection_end", now_ns // 1000),
     ]
+
+
+class Published:
+    """An exporter that keeps what it is handed."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, int]] = []
+
+    def publish(self, rows: Sequence[EventRow], numbered: Sequence[tuple[int, int]]) -> None:
+        self.records += [(rows[position][2], seq) for position, seq in numbered]
+
+
+def test_each_committed_batch_is_published_with_its_seqs_after_the_store_took_it(
+    tmp_path: Path,
+) -> None:
+    journal = Journal(tmp_path)
+    audit = ConnectionAudit(AuditWriter(journal, NoConsumer()), "s1", "c1")
+    audit.connection_event("connection_start", {}, now_ns=1_000)
+    store, exporter = Rows(), Published()
+    processor = JournalProcessor(
+        tmp_path, journal.run, store, TrackerSettings(), lambda: (), exporter=exporter
+    )
+    processor.poll(flush=True)
+    assert exporter.records == [("connection_start", 1)]
+    audit.connection_event("connection_end", {}, now_ns=2_000)
+    store.failing = True
+    with pytest.raises(OSError):
+        processor.poll(flush=True)
+    assert exporter.records == [("connection_start", 1)]  # nothing the store refused
+    store.failing = False
+    processor.poll(flush=True)
+    assert exporter.records == [("connection_start", 1), ("connection_end", 2)]
 
 
 def test_a_chunk_record_reads_back_byte_exact(tmp_path: Path) -> None:

@@ -219,6 +219,26 @@ def test_append_and_list_round_trip_every_field(store: Store, clock: FakeClock) 
     assert AuditRecord.model_validate_json(second.model_dump_json()) == second
 
 
+def test_numbered_gives_each_written_row_its_seq_in_its_sessions_trail(store: Store) -> None:
+    _add_db(store)
+    a, b = _session(store).id, _session(store).id
+    _fill(store, a, 2)
+    rows = event_rows(
+        [
+            _stmt(a, "A3"),
+            _stmt(b, "B1"),
+            _stmt(a, "A4"),
+            _stmt("no-such-session", "X"),
+            _stmt(b, "B2"),
+        ]
+    )
+    numbered: list[tuple[int, int]] = []
+    assert store.append_audit_rows(rows, substitute_invalid=True, numbered=numbered) == 4
+    assert sorted(numbered) == [(0, 3), (1, 1), (2, 4), (4, 2)]
+    stored = {r.sql: r.seq for r in store.list_audit(a) + store.list_audit(b)}
+    assert stored == {"SELECT 1": 1, "SELECT 2": 2, "A3": 3, "A4": 4, "B1": 1, "B2": 2}
+
+
 def test_stored_hashes_are_the_chain_under_the_master_key_derived_key(
     store: Store, master_key: bytes, raw: Engine
 ) -> None:
