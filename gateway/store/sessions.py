@@ -16,6 +16,8 @@ Invariants:
   sessions of gateways whose presence lease has lapsed (and the caller's own,
   left by its previous run, at its start), at that gateway's last renewal,
   sealing each trail as it stands. It never ends a live gateway's session.
+* Every end and every extension is announced to the other gateways on the store
+  in its own transaction (:func:`gateway.store.changes.announce`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from gateway.errors import InvalidRequest, NotFound
 from gateway.identity.principals import DEFAULT_PROJECT
 from gateway.reasons import CONNECTION_REASON_AT_SESSION_END, SessionEndReason
 from gateway.store.batches import holds_failed_statement
+from gateway.store.changes import ChangeTopic, announce
 from gateway.store.models import (
     REQUEST_FIELDS,
     SESSION_END_REASONS,
@@ -171,6 +174,7 @@ class SessionStore(TrailStore):
                 .where(sessions.c.id == session_id, sessions.c.ended_at.is_(None))
                 .values(expires_at=expires, start_seal=sealed)
             )
+            announce(conn, ChangeTopic.SESSION, session_id)
             return _session(session_row(conn, session_id))
 
     def end_session(
@@ -409,6 +413,7 @@ class SessionStore(TrailStore):
         ).first()
         if done is None:
             return False
+        announce(conn, ChangeTopic.SESSION, session_id)
         self._end_open_connections(
             conn,
             connections.c.session_id == session_id,
