@@ -480,7 +480,10 @@ class GrantService:
                 grant.expiry_task.cancel()
             try:
                 session = await self.db(
-                    self.store.extend_session, session_id, expires_at=expires_at
+                    self.store.extend_session,
+                    session_id,
+                    expires_at=expires_at,
+                    previous=previous,
                 )
             except BaseException:
                 self._schedule_expiry(grant)  # the old expiry stands
@@ -511,7 +514,9 @@ class GrantService:
         self._check_total(total, by_seconds)
         if authorize is not None:
             await authorize(session, total)
-        extended = await self.db(self.store.extend_session, session.id, expires_at=expires_at)
+        extended = await self.db(
+            self.store.extend_session, session.id, expires_at=expires_at, previous=previous
+        )
         log.info(
             "access_extended_in_store",
             session_id=extended.id,

@@ -154,16 +154,25 @@ class SessionStore(TrailStore):
             if result.rowcount == 0:
                 raise NotFound(f"session '{session_id}' not found")
 
-    def extend_session(self, session_id: str, *, expires_at: datetime) -> AccessSession:
+    def extend_session(
+        self, session_id: str, *, expires_at: datetime, previous: datetime | None = None
+    ) -> AccessSession:
         """Move a live session's expiry to *expires_at* (later than the current
         one), re-sealing its start seal in the same statement, so the seal
-        covers the new expiry and a hand edit of ``expires_at`` still shows."""
+        covers the new expiry and a hand edit of ``expires_at`` still shows.
+        With *previous*, refused unless the current expiry is still that one
+        (another gateway's extension landed meanwhile: not overwritten)."""
         expires = check_time("expires_at", expires_at)
         with self._transaction(write=True) as conn:
             current = session_row(conn, session_id, lock="update")
             if current.ended_at is not None:
                 raise InvalidRequest(
                     f"access session {session_id[:8]} is not live (it ended: {current.end_reason})"
+                )
+            if previous is not None and current.expires_at != check_time("previous", previous):
+                raise InvalidRequest(
+                    f"access session {session_id[:8]} was extended meanwhile",
+                    hint="see its new expiry (`pam sessions show`), then extend again if needed",
                 )
             if expires <= current.expires_at:
                 raise InvalidRequest("an extension must move expires_at later")

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from store_support import FakeClock, open_session, store_with_db1
 
+from gateway.errors import InvalidRequest
 from gateway.identity.principals import PrincipalKind, Role
 from gateway.store import Store
 from gateway.store.changes import (
@@ -157,3 +158,17 @@ def test_an_announcement_outside_a_change_reaches_listeners(
     store.announce_change(ChangeTopic.CREDENTIALS, "gw-b")
     expected = [] if listener is None else [Change(ChangeTopic.CREDENTIALS, "gw-b")]
     assert _heard(listener) == expected
+
+
+def test_an_extension_made_from_a_stale_expiry_does_not_overwrite_another(store: Store) -> None:
+    session = open_session(store, "gw-a")
+    first = session.expires_at + timedelta(minutes=5)
+    store.extend_session(session.id, expires_at=first, previous=session.expires_at)
+
+    with pytest.raises(InvalidRequest, match="was extended meanwhile"):
+        store.extend_session(
+            session.id,
+            expires_at=session.expires_at + timedelta(minutes=10),
+            previous=session.expires_at,
+        )
+    assert store.get_session(session.id).expires_at == first
