@@ -166,6 +166,13 @@ class GatewaySettings(BaseModel):
     #: strict mode it also ends its live ones
     store_unreachable_grace_seconds: float = Field(default=15.0, gt=0)
     store_unreachable_strict: bool = False
+    #: changes made through another gateway on the store (revocations,
+    #: extensions, disabled users, credentials; gateway.store.changes): a
+    #: PostgreSQL store announces each (LISTEN/NOTIFY, applied at once unless
+    #: ``changes_listen`` is off, e.g. behind a pooler that drops LISTEN), and
+    #: every gateway reads back what it holds this often, as the safety net
+    changes_reconcile_seconds: float = Field(default=5.0, gt=0)
+    changes_listen: bool = True
     #: how often the scheduler looks for due rotations and renews its lease
     rotation_schedule_tick_seconds: float = Field(default=5.0, gt=0)
     #: how long the scheduler's lease lasts unrenewed

@@ -83,6 +83,18 @@ class SessionRecord(Protocol):
     def request_id(self) -> str | None: ...
 
 
+class StoredGrantState(Protocol):
+    """What the store says of a grant a gateway holds (``grant_states``): another
+    gateway may have ended it, moved its expiry or disabled its principal."""
+
+    @property
+    def expires_at(self) -> datetime: ...
+    @property
+    def ended_at(self) -> datetime | None: ...
+    @property
+    def disabled_principal(self) -> str | None: ...
+
+
 class StartedConnection(Protocol):
     """The record of a connection just started: only its id is needed."""
 
@@ -117,7 +129,9 @@ class SessionStore(Protocol):
         ended_at: datetime | None = None,
     ) -> SessionRecord: ...
 
-    def extend_session(self, session_id: str, *, expires_at: datetime) -> SessionRecord: ...
+    def extend_session(
+        self, session_id: str, *, expires_at: datetime, previous: datetime | None = None
+    ) -> SessionRecord: ...
 
     def get_session(self, session_id: str) -> SessionRecord: ...
 

@@ -27,6 +27,13 @@ Invariants:
   connections' ends, flush the trail, then end the sessions.
 * Every session this service ends is handed to ``on_ended`` (the composition
   root publishes it as a notification), once, after its row is ended.
+* The store is the truth for a grant held by another gateway on the same store:
+  revoking or extending it here writes the store, and the gateway holding it
+  applies the change (:meth:`GrantService.apply_stored`, fed by the store's
+  change notifications and a periodic reconcile). Applying a change made
+  elsewhere writes nothing the store already has: an end made elsewhere cuts
+  the live connections with the end's reason, once, and is handed to
+  ``on_changed_elsewhere``, not ``on_ended`` (the gateway that made it told).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -45,7 +52,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gateway.access.admission import check_grant_request
 from gateway.access.connections import ConnectionRecords
 from gateway.access.grants import Grant, GrantState, format_time
-from gateway.access.ports import SessionRecord, SessionStore, StoreThread
+from gateway.access.ports import SessionRecord, SessionStore, StoredGrantState, StoreThread
 from gateway.audit.runtime import AuditRuntime
 from gateway.config import GatewaySettings
 from gateway.credentials.pki import GatewayPki, grant_id_of, is_within_validity, public_key_of
@@ -98,6 +105,9 @@ class GrantService:
     #: door opens (a grant's own database role is made here); raising refuses the
     #: grant, its session ended as ``error`` with the reason
     prepare: Callable[[SessionRecord], Awaitable[None]] | None = None
+    #: told of every change made by another gateway that this one applied to a
+    #: grant it holds (ended, or its expiry moved); must not block
+    on_changed_elsewhere: Callable[[SessionRecord], None] | None = None
     _grants: dict[str, Grant] = field(default_factory=dict)
     _watchdog: asyncio.Task[None] | None = None
     _closing: bool = False
@@ -396,13 +406,11 @@ class GrantService:
         """End a live grant now on an admin's (or its owner's) word: every live
         connection gets FATAL 57P01 naming who and why, new ones are refused."""
         grant = self._grants.get(session_id)
-        if grant is None or grant.is_ended:
-            session = await self.db(self.store.get_session, session_id)
-            raise InvalidRequest(
-                f"access session {session.id[:8]} is not live"
-                + (f" (it ended: {session.end_reason})" if session.end_reason else "")
-            )
         why = f"revoked by {by}" + (f": {reason}" if reason else "")
+        if grant is None:
+            return await self._revoke_in_store(session_id, why)
+        if grant.is_ended:
+            raise _not_live(grant.session)
         termination = Termination(
             ConnectionEndReason.SESSION_ENDED,
             SqlState.ADMIN_SHUTDOWN,
@@ -418,6 +426,21 @@ class GrantService:
             termination=termination,
             keep_listener=True,
         )
+
+    async def _revoke_in_store(self, session_id: str, why: str) -> SessionRecord:
+        """Revoke a grant this gateway does not hold: end its session in the
+        store, which tells the gateway holding it (that one cuts its connections)."""
+        session = await self.db(self.store.get_session, session_id)
+        if session.ended_at is not None:
+            raise _not_live(session)
+        ended = await self.db(
+            self.store.end_session, session.id, reason=SessionEndReason.REVOKED, detail=why
+        )
+        if ended.end_reason != SessionEndReason.REVOKED or ended.end_detail != why:
+            raise _not_live(ended)  # another end won meanwhile
+        log.info("access_revoked_in_store", session_id=ended.id, detail=why)
+        self._ended(ended)
+        return ended
 
     async def extend(
         self,
@@ -439,19 +462,15 @@ class GrantService:
             raise InvalidRequest("an extension must be at least 1 second")
         if self._closing:
             raise InvalidRequest("the gateway is shutting down")
+        if session_id not in self._grants:
+            return await self._extend_in_store(session_id, by_seconds, by, authorize)
         grant = await self._live_grant(session_id)
         async with grant.extending:
             await self._live_grant(session_id)  # may have ended while we waited
             previous = grant.session.expires_at
             expires_at = previous + timedelta(seconds=by_seconds)
             total = math.ceil((expires_at - grant.session.started_at).total_seconds())
-            if total > self.settings.max_grant_seconds:
-                limit = format_duration(self.settings.max_grant_seconds)
-                raise InvalidRequest(
-                    f"a grant may last at most {limit} on this gateway; extended by"
-                    f" {format_duration(by_seconds)} it would last {format_duration(total)}",
-                    hint="extend by less, or request new access with `pam db access`",
-                )
+            self._check_total(total, by_seconds)
             if authorize is not None:
                 await authorize(grant.session, total)
             await self._live_grant(session_id)  # may have expired during the check
@@ -461,20 +480,17 @@ class GrantService:
                 grant.expiry_task.cancel()
             try:
                 session = await self.db(
-                    self.store.extend_session, session_id, expires_at=expires_at
+                    self.store.extend_session,
+                    session_id,
+                    expires_at=expires_at,
+                    previous=previous,
                 )
             except BaseException:
                 self._schedule_expiry(grant)  # the old expiry stands
                 raise
             if grant.is_ended:  # ended while the row moved: its end stands
                 return grant.session
-            grant.session = session
-            grant.listener.grant.expires_at = session.expires_at
-            if grant.public_key is not None and self.pki is not None:
-                key = serialization.load_der_public_key(grant.public_key)
-                assert isinstance(key, ec.EllipticCurvePublicKey)
-                grant.certificate = self.pki.issue_grant(key, session.id, session.expires_at)
-            self._schedule_expiry(grant)
+            self._take_expiry(grant, session)
         log.info(
             "access_extended",
             session_id=session.id,
@@ -485,9 +501,145 @@ class GrantService:
         )
         return session
 
+    async def _extend_in_store(
+        self, session_id: str, by_seconds: int, by: str, authorize: ExtensionCheck | None
+    ) -> SessionRecord:
+        """Extend a grant this gateway does not hold: move its session's expiry
+        in the store, which tells the gateway holding it (that one reschedules
+        its expiry). Checked as a local extension is."""
+        session = await self._stored_live_session(session_id)
+        previous = session.expires_at
+        expires_at = previous + timedelta(seconds=by_seconds)
+        total = math.ceil((expires_at - session.started_at).total_seconds())
+        self._check_total(total, by_seconds)
+        if authorize is not None:
+            await authorize(session, total)
+        extended = await self.db(
+            self.store.extend_session, session.id, expires_at=expires_at, previous=previous
+        )
+        log.info(
+            "access_extended_in_store",
+            session_id=extended.id,
+            by=by,
+            by_seconds=by_seconds,
+            previous_expires_at=previous.isoformat(),
+            expires_at=extended.expires_at.isoformat(),
+        )
+        return extended
+
+    def _check_total(self, total: int, by_seconds: int) -> None:
+        if total > self.settings.max_grant_seconds:
+            limit = format_duration(self.settings.max_grant_seconds)
+            raise InvalidRequest(
+                f"a grant may last at most {limit} on this gateway; extended by"
+                f" {format_duration(by_seconds)} it would last {format_duration(total)}",
+                hint="extend by less, or request new access with `pam db access`",
+            )
+
+    async def _stored_live_session(self, session_id: str) -> SessionRecord:
+        """The session of a grant another gateway holds, if the store has it
+        live (not ended, not past its expiry), else InvalidRequest."""
+        session = await self.db(self.store.get_session, session_id)
+        if session.ended_at is not None or session.expires_at <= datetime.now(UTC):
+            raise _not_live(session)
+        return session
+
     async def live_session(self, session_id: str) -> SessionRecord:
-        """The session of a live grant, else InvalidRequest naming its end."""
+        """The session of a live grant (this gateway's, else as the store has
+        it), else InvalidRequest naming its end."""
+        if session_id not in self._grants:
+            return await self._stored_live_session(session_id)
         return (await self._live_grant(session_id)).session
+
+    def live_ids(
+        self, *, session_id: str | None = None, principal_id: str | None = None
+    ) -> list[str]:
+        """The ids of the live grants this gateway holds: all, or the one of
+        *session_id*, or those of *principal_id*."""
+        return [
+            grant.session.id
+            for grant in self._grants.values()
+            if _is_live(grant)
+            and (session_id is None or grant.session.id == session_id)
+            and (principal_id is None or grant.session.principal_id == principal_id)
+        ]
+
+    async def apply_stored(self, states: Mapping[str, StoredGrantState]) -> int:
+        """Apply what the store says of grants this gateway holds (changes made
+        through another gateway); how many grants changed. A grant ended
+        elsewhere has its live connections cut with the end's reason; one whose
+        principal was disabled is ended here; one whose expiry moved has its
+        timer rescheduled."""
+        changed = 0
+        for session_id, state in states.items():
+            grant = self._grants.get(session_id)
+            if grant is None or not _is_live(grant):
+                continue  # not ours, or already ending here
+            if state.ended_at is not None:
+                await self._ended_elsewhere(grant)
+            elif state.disabled_principal is not None:
+                await self._end_disabled(grant, f"user {state.disabled_principal} was disabled")
+            elif state.expires_at != grant.session.expires_at:
+                if not await self._moved_elsewhere(grant):
+                    continue
+            else:
+                continue
+            changed += 1
+        return changed
+
+    async def _ended_elsewhere(self, grant: Grant) -> None:
+        session = await self.db(self.store.get_session, grant.session.id)
+        if session.ended_at is None or not _is_live(grant):
+            return  # the read raced a local end
+        grant.listener.end(_termination_of_end(session))
+        if grant.expiry_task is not None:
+            grant.expiry_task.cancel()
+        grant.state = GrantState.ENDED
+        grant.session = session
+        log.info(
+            "access_ended_elsewhere",
+            session_id=session.id,
+            reason=session.end_reason,
+            detail=session.end_detail,
+            connections=len(grant.listener.connections),
+        )
+        # The listener stays up, answering new connections with the end's
+        # reason, until the CLI lets go of the grant (as after a local revoke).
+        if self.on_changed_elsewhere is not None:
+            self.on_changed_elsewhere(session)
+
+    async def _moved_elsewhere(self, grant: Grant) -> bool:
+        """Take the stored expiry of *grant* (under its lock, so a local
+        extension in flight is not undone); whether it moved."""
+        async with grant.extending:
+            session = await self.db(self.store.get_session, grant.session.id)
+            if not _is_live(grant) or session.ended_at is not None:
+                return False
+            if session.expires_at == grant.session.expires_at:
+                return False  # a local extension landed it meanwhile
+            previous = grant.session.expires_at
+            if grant.expiry_task is not None:
+                grant.expiry_task.cancel()
+            self._take_expiry(grant, session)
+        log.info(
+            "access_extended_elsewhere",
+            session_id=session.id,
+            previous_expires_at=previous.isoformat(),
+            expires_at=session.expires_at.isoformat(),
+        )
+        if self.on_changed_elsewhere is not None:
+            self.on_changed_elsewhere(session)
+        return True
+
+    def _take_expiry(self, grant: Grant, session: SessionRecord) -> None:
+        """*session*'s expiry is *grant*'s: its listener, certificate and timer."""
+        grant.session = session
+        grant.listener.grant.expires_at = session.expires_at
+        if grant.public_key is not None and self.pki is not None:
+            key = serialization.load_der_public_key(grant.public_key)
+            assert isinstance(key, ec.EllipticCurvePublicKey)
+            grant.certificate = self.pki.issue_grant(key, session.id, session.expires_at)
+        self._schedule_expiry(grant)
 
     async def _live_grant(self, session_id: str) -> Grant:
         """The grant of *session_id* if it is live, else InvalidRequest naming its end."""
@@ -513,18 +665,21 @@ class GrantService:
         for grant in list(self._grants.values()):
             if grant.session.principal_id != principal_id or grant.is_ended:
                 continue
-            termination = Termination(
-                ConnectionEndReason.SESSION_ENDED,
-                SqlState.ADMIN_SHUTDOWN,
-                f"terminating connection because access session {grant.session.id[:8]}"
-                f" was ended: {detail}",
-                hint="ask an administrator",
-            )
-            await self._end(
-                grant, reason=SessionEndReason.REVOKED, detail=detail, termination=termination
-            )
+            await self._end_disabled(grant, detail)
             ended += 1
         return ended
+
+    async def _end_disabled(self, grant: Grant, detail: str) -> None:
+        termination = Termination(
+            ConnectionEndReason.SESSION_ENDED,
+            SqlState.ADMIN_SHUTDOWN,
+            f"terminating connection because access session {grant.session.id[:8]}"
+            f" was ended: {detail}",
+            hint="ask an administrator",
+        )
+        await self._end(
+            grant, reason=SessionEndReason.REVOKED, detail=detail, termination=termination
+        )
 
     async def _end(
         self,
@@ -626,6 +781,37 @@ class GrantService:
 def _is_live(grant: Grant) -> bool:
     """Not ended, and not ending: an end sets the listener's refusal first."""
     return not grant.is_ended and grant.listener.refusal is None
+
+
+def _not_live(session: SessionRecord) -> InvalidRequest:
+    return InvalidRequest(
+        f"access session {session.id[:8]} is not live"
+        + (f" (it ended: {session.end_reason})" if session.end_reason else "")
+    )
+
+
+def _termination_of_end(session: SessionRecord) -> Termination:
+    """What a live connection of *session*, ended through another gateway, is
+    told: the words a local end of the same kind sends."""
+    short = session.id[:8]
+    if session.end_reason == SessionEndReason.REVOKED and session.end_detail:
+        # "revoked by NAME: why" (a revoke), or "user NAME was disabled"
+        revoked = session.end_detail.startswith("revoked by ")
+        return Termination(
+            ConnectionEndReason.SESSION_ENDED,
+            SqlState.ADMIN_SHUTDOWN,
+            f"terminating connection because access session {short} was"
+            + (f" {session.end_detail}" if revoked else f" ended: {session.end_detail}"),
+            hint="ask an administrator; request new access with `pam db access`",
+        )
+    why = session.end_reason or "ended"
+    detail = f": {session.end_detail}" if session.end_detail else ""
+    return Termination(
+        ConnectionEndReason.SESSION_ENDED,
+        SqlState.ADMIN_SHUTDOWN,
+        f"terminating connection because access session {short} was ended ({why}{detail})",
+        hint="request new access with `pam db access`",
+    )
 
 
 def _cert_refused(message: str) -> Termination:

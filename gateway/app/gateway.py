@@ -7,7 +7,9 @@ fail-closed cut (audit runtime -> every grant's live connections) and the
 gateway-wide refusal (admission <- audit runtime), the same for a store out of
 reach (admission <- presence; presence -> live connections in strict mode), and
 publishes the access events to the webhook notifier (``notifier.publish``: a
-grant opened, a session ended or revoked).
+grant opened, a session ended or revoked). It follows what other gateways on
+the store change (``changes``, :mod:`gateway.app.changes`) and announces the
+credential changes made through it (:meth:`Gateway.refresh_secrets`).
 
 :class:`Gateway` is what the control API's routers receive: ``db``, ``store``,
 ``audit_writer`` and ``live_connection_count`` (review), grants and requests
@@ -43,6 +45,7 @@ from gateway.access.ports import SessionRecord
 from gateway.access.presence import Presence
 from gateway.access.requests import AccessRequest, ChangeKind, RequestState, StateChange
 from gateway.access.service import GrantService
+from gateway.app.changes import ChangeFollower
 from gateway.app.metrics import GatewayMetrics, GatewayState
 from gateway.app.readiness import Readiness
 from gateway.audit.refusals import RefusalRecorder
@@ -66,6 +69,7 @@ from gateway.notify import Event, Notifier, RetryPolicy, Webhooks
 from gateway.notify.events import request_data, rotation_data, session_data
 from gateway.reasons import SessionEndReason
 from gateway.store import Store
+from gateway.store.changes import ChangeTopic
 
 log = structlog.get_logger(__name__)
 
@@ -179,6 +183,17 @@ class Gateway:
         )
         self.webhooks = Webhooks(store, self.db, self.notifier)
         self.grants.on_ended = self._session_ended
+        self.grants.on_changed_elsewhere = self._session_changed_elsewhere
+        #: applies what other gateways on the store change (LISTEN/NOTIFY, reconcile)
+        self.changes = ChangeFollower(
+            store,
+            self.db,
+            self.grants,
+            gateway_id=settings.gateway_id,
+            refresh_credentials=self._refresh_local_secrets,
+            reconcile_seconds=settings.changes_reconcile_seconds,
+            listen=settings.changes_listen,
+        )
         #: second factors: enrolment, the code checks (sign-in, grants,
         #: approvals) and project settings
         self.mfa = MfaService(store, self.db, gateway_id=settings.gateway_id)
@@ -238,6 +253,14 @@ class Gateway:
         event = Event.ACCESS_REVOKED if revoked else Event.ACCESS_ENDED
         self.notifier.publish(session.project, event, session_data(session))
 
+    def _session_changed_elsewhere(self, session: SessionRecord) -> None:
+        """Another gateway ended or extended a grant this one holds (and told
+        the webhooks): its grant role follows."""
+        if session.ended_at is not None:
+            self.ephemeral.ended(session)
+        else:
+            self.ephemeral.expiry_moved(session)
+
     async def _principal_disabled(self, principal_id: str, name: str) -> None:
         await self.grants.end_grants_of(principal_id, detail=f"user {name} was disabled")
 
@@ -274,6 +297,7 @@ class Gateway:
         self.rotations.start()
         # Grant roles a crash left (their sessions were just ended) go first.
         self.ephemeral.start()
+        await self.changes.start()
         return closed
 
     async def stopping(self) -> None:
@@ -290,6 +314,7 @@ class Gateway:
         await self.requests.close()
         await self.schedules.close()
         await self.rotations.close()
+        await self.changes.close()
         await self.grants.shutdown()
         # The roles of the grants the shutdown ended are dropped, within a bound.
         await self.ephemeral.close()
@@ -303,6 +328,17 @@ class Gateway:
         self.db.shutdown()
 
     async def refresh_secrets(self) -> None:
+        """After a credential changed through this gateway: refresh here, and
+        tell the other gateways on the store to refresh theirs."""
+        await self._refresh_local_secrets()
+        try:
+            await self.db(
+                self.store.announce_change, ChangeTopic.CREDENTIALS, self.settings.gateway_id
+            )
+        except Exception as exc:  # their reconcile catches up
+            log.warning("credentials_change_not_announced", error=repr(exc))
+
+    async def _refresh_local_secrets(self) -> None:
         await self.credentials.refresh()
         self.audit.secrets_changed()
 

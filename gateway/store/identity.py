@@ -31,6 +31,7 @@ from gateway.identity.principals import (
     Role,
     TokenInfo,
 )
+from gateway.store.changes import ChangeTopic, announce
 from gateway.store.engine import StoreBase
 from gateway.store.rows import new_id
 from gateway.store.schema import (
@@ -189,6 +190,8 @@ class IdentityStore(StoreBase):
                 conn.execute(
                     update(principals).where(principals.c.id == row.id).values(disabled_at=now)
                 )
+                # The other gateways end its grants they hold.
+                announce(conn, ChangeTopic.PRINCIPAL, row.id)
             conn.execute(
                 update(tokens)
                 .where(tokens.c.principal_id == row.id, tokens.c.revoked_at.is_(None))

@@ -16,6 +16,8 @@ Invariants:
   sessions of gateways whose presence lease has lapsed (and the caller's own,
   left by its previous run, at its start), at that gateway's last renewal,
   sealing each trail as it stands. It never ends a live gateway's session.
+* Every end and every extension is announced to the other gateways on the store
+  in its own transaction (:func:`gateway.store.changes.announce`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from gateway.errors import InvalidRequest, NotFound
 from gateway.identity.principals import DEFAULT_PROJECT
 from gateway.reasons import CONNECTION_REASON_AT_SESSION_END, SessionEndReason
 from gateway.store.batches import holds_failed_statement
+from gateway.store.changes import ChangeTopic, announce
 from gateway.store.models import (
     REQUEST_FIELDS,
     SESSION_END_REASONS,
@@ -151,16 +154,25 @@ class SessionStore(TrailStore):
             if result.rowcount == 0:
                 raise NotFound(f"session '{session_id}' not found")
 
-    def extend_session(self, session_id: str, *, expires_at: datetime) -> AccessSession:
+    def extend_session(
+        self, session_id: str, *, expires_at: datetime, previous: datetime | None = None
+    ) -> AccessSession:
         """Move a live session's expiry to *expires_at* (later than the current
         one), re-sealing its start seal in the same statement, so the seal
-        covers the new expiry and a hand edit of ``expires_at`` still shows."""
+        covers the new expiry and a hand edit of ``expires_at`` still shows.
+        With *previous*, refused unless the current expiry is still that one
+        (another gateway's extension landed meanwhile: not overwritten)."""
         expires = check_time("expires_at", expires_at)
         with self._transaction(write=True) as conn:
             current = session_row(conn, session_id, lock="update")
             if current.ended_at is not None:
                 raise InvalidRequest(
                     f"access session {session_id[:8]} is not live (it ended: {current.end_reason})"
+                )
+            if previous is not None and current.expires_at != check_time("previous", previous):
+                raise InvalidRequest(
+                    f"access session {session_id[:8]} was extended meanwhile",
+                    hint="see its new expiry (`pam sessions show`), then extend again if needed",
                 )
             if expires <= current.expires_at:
                 raise InvalidRequest("an extension must move expires_at later")
@@ -171,6 +183,7 @@ class SessionStore(TrailStore):
                 .where(sessions.c.id == session_id, sessions.c.ended_at.is_(None))
                 .values(expires_at=expires, start_seal=sealed)
             )
+            announce(conn, ChangeTopic.SESSION, session_id)
             return _session(session_row(conn, session_id))
 
     def end_session(
@@ -409,6 +422,7 @@ class SessionStore(TrailStore):
         ).first()
         if done is None:
             return False
+        announce(conn, ChangeTopic.SESSION, session_id)
         self._end_open_connections(
             conn,
             connections.c.session_id == session_id,

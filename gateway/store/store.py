@@ -25,6 +25,8 @@ clock and the audit chain they share):
 * :mod:`gateway.store.webhooks`: webhooks (sealed secrets) and their outbox;
 * :mod:`gateway.store.mfa`: second factors (sealed secrets, used steps, failures);
 * :mod:`gateway.store.projects`: per-project settings;
+* :mod:`gateway.store.changes`: changes announced to the other gateways on the
+  store (LISTEN/NOTIFY), and what a gateway reads back to reconcile;
 * :mod:`gateway.store.audit` and :mod:`gateway.store.trail`: the audit trail.
 
 Invariants (each module states its own as well):
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 from gateway.errors import StoreError
 from gateway.store.audit import AuditStore
+from gateway.store.changes import ChangeStore
 from gateway.store.connections import ConnectionStore
 from gateway.store.engine import SqliteSynchronous
 from gateway.store.ephemeral import EphemeralRoleStore
@@ -76,6 +79,7 @@ class Store(
     ScheduleStore,
     LeaseStore,
     EphemeralRoleStore,
+    ChangeStore,
 ):
     """Synchronous access to the gateway's persistent state. See the module docstring.
 

@@ -1,0 +1,185 @@
+"""Two gateways on one store: a change made through one reaches the grants and
+the credentials the other holds (``gateway.app.changes``).
+
+Two real :class:`~gateway.app.gateway.Gateway`\\ s share a SQLite file, where
+nothing is announced: each test drives the reconcile by hand, the path that
+is the safety net on PostgreSQL (whose notifications take the same path, for
+fewer grants). Nothing is relayed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from gateway.access.ports import SessionRecord
+from gateway.app.gateway import Gateway
+from gateway.config import GatewaySettings
+from gateway.credentials.secretbox import SecretBox
+from gateway.errors import InvalidRequest
+from gateway.identity.principals import ALL_PROJECTS, DEFAULT_PROJECT, PrincipalKind, Role
+from gateway.store import Store
+from gateway.store.changes import Change, ChangeTopic
+
+KEY = b"k" * 32
+Pair = tuple[Gateway, Gateway]
+
+
+def _gateway(path: Path, gateway_id: str) -> Gateway:
+    store = Store.open(f"sqlite:///{path}", SecretBox(KEY))
+    settings = GatewaySettings(
+        api_token_sha256="0" * 64,
+        audit_enabled=False,
+        max_grant_seconds=3600,
+        gateway_id=gateway_id,
+        # The tests reconcile by hand.
+        changes_reconcile_seconds=3600,
+    )
+    return Gateway(store, settings)
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
+    path = tmp_path / "pam.db"
+    with Store.open(f"sqlite:///{path}", SecretBox(KEY)) as store:
+        store.add_resource("db1", "127.0.0.1", 5432, "app")
+        store.add_account("db1", "ro", "reader", "pw-first")
+        store.add_principal("alice", kind=PrincipalKind.USER, roles={DEFAULT_PROJECT: Role.MEMBER})
+        store.add_principal("admin", kind=PrincipalKind.USER, roles={ALL_PROJECTS: Role.ADMIN})
+    a, b = _gateway(path, "gw-a"), _gateway(path, "gw-b")
+    await a.start()
+    await b.start()
+    yield a, b
+    for gateway in (a, b):
+        await gateway.shutdown()
+        gateway.store.close()
+
+
+async def _open_on(gateway: Gateway) -> SessionRecord:
+    alice = gateway.store.get_principal("alice")
+    return await gateway.grants.open_access(
+        requester="alice",
+        resource="db1",
+        account="ro",
+        duration_seconds=1800,
+        request={"principal_id": alice.id},
+    )
+
+
+async def test_a_revoke_through_the_other_gateway_cuts_the_grant_where_it_is_held(
+    pair: Pair,
+) -> None:
+    a, b = pair
+    session = await _open_on(a)
+    grant = a.grants._grants[session.id]
+
+    revoked = await b.grants.revoke(session.id, by="admin", reason="incident 7")
+
+    assert revoked.end_reason == "revoked" and revoked.end_detail == "revoked by admin: incident 7"
+    assert grant.listener.refusal is None  # A has not looked yet
+    await a.changes.reconcile()
+    refusal = grant.listener.refusal
+    assert refusal is not None and refusal.sqlstate == "57P01"
+    assert refusal.message == (
+        f"terminating connection because access session {session.id[:8]}"
+        " was revoked by admin: incident 7"
+    )
+    assert grant.is_ended and grant.session.end_reason == "revoked"
+    assert grant.expiry_task is not None
+    await asyncio.sleep(0)
+    assert grant.expiry_task.cancelled()
+    # Recorded once, by B: A wrote nothing, and a second look changes nothing.
+    assert a.store.get_session(session.id).end_detail == "revoked by admin: incident 7"
+    await a.changes.reconcile()
+    assert a.grants.live_ids() == []
+    # The CLI holding the grant on A learns of the end from its heartbeat.
+    assert (await a.grants.heartbeat(session.id)).end_reason == "revoked"
+
+
+async def test_a_grant_ended_already_is_not_revoked_through_the_other_gateway(
+    pair: Pair,
+) -> None:
+    a, b = pair
+    session = await _open_on(a)
+    await a.grants.close_access(session.id)
+
+    with pytest.raises(InvalidRequest) as refused:
+        await b.grants.revoke(session.id, by="admin", reason=None)
+    assert refused.value.message == (
+        f"access session {session.id[:8]} is not live (it ended: client_ended)"
+    )
+
+
+async def test_an_extension_through_the_other_gateway_moves_the_held_grants_timer(
+    pair: Pair,
+) -> None:
+    a, b = pair
+    session = await _open_on(a)
+    grant = a.grants._grants[session.id]
+    timer = grant.expiry_task
+
+    assert (await b.grants.live_session(session.id)).id == session.id
+    extended = await b.grants.extend(session.id, by_seconds=600, by="alice")
+    assert extended.expires_at == session.expires_at + timedelta(minutes=10)
+
+    await a.changes.reconcile()
+    assert grant.session.expires_at == extended.expires_at
+    assert grant.listener.grant.expires_at == extended.expires_at
+    await asyncio.sleep(0)
+    assert timer is not None and timer.cancelled()
+    assert grant.expiry_task is not None and not grant.expiry_task.done()
+    assert a.store.verify_audit(session.id) == []
+
+
+async def test_an_extension_elsewhere_is_held_to_the_gateways_maximum(pair: Pair) -> None:
+    a, b = pair
+    session = await _open_on(a)
+    with pytest.raises(InvalidRequest, match="at most 1h on this gateway"):
+        await b.grants.extend(session.id, by_seconds=3600, by="alice")
+    assert a.store.get_session(session.id).expires_at == session.expires_at
+
+
+async def test_a_user_disabled_through_the_other_gateway_loses_its_grants_there(
+    pair: Pair,
+) -> None:
+    a, b = pair
+    session = await _open_on(a)
+    grant = a.grants._grants[session.id]
+
+    await b.identity.disable("alice")
+    await a.changes.changed(Change(ChangeTopic.PRINCIPAL, session.principal_id or ""))
+
+    refusal = grant.listener.refusal
+    assert refusal is not None
+    assert refusal.message == (
+        f"terminating connection because access session {session.id[:8]}"
+        " was ended: user alice was disabled"
+    )
+    stored = a.store.get_session(session.id)
+    assert (stored.end_reason, stored.end_detail) == ("revoked", "user alice was disabled")
+
+
+async def test_a_notification_of_a_grant_held_elsewhere_reads_nothing(pair: Pair) -> None:
+    a, b = pair
+    session = await _open_on(b)
+    await a.changes.changed(Change(ChangeTopic.SESSION, session.id))
+    assert a.grants.live_ids() == [] and b.grants.live_ids() == [session.id]
+
+
+async def test_a_password_rotated_through_the_other_gateway_is_masked_and_used_there(
+    pair: Pair,
+) -> None:
+    a, b = pair
+    before = await a.credentials.upstream_target("db1", "ro")
+    assert before.password == "pw-first"
+
+    b.store.rotate_password("db1", "ro", "pw-second")
+    await b.refresh_secrets()
+    # B's own announcement is not for B (on SQLite there is none to hear anyway).
+    await a.changes.reconcile()
+
+    assert "pw-second" in a.credentials.stored_secrets
+    assert (await a.credentials.upstream_target("db1", "ro")).password == "pw-second"
