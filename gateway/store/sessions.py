@@ -327,6 +327,11 @@ class SessionStore(TrailStore):
                     select(sessions.c.gateway_id).where(sessions.c.ended_at.is_(None)).distinct()
                 ).scalars()
             )
+            if not starting:
+                # The caller is alive: its own sessions are never a gone
+                # gateway's, even when a renewal stalled past the lease (taken
+                # with a start time from before the stall) left its row expired.
+                owners.discard(gateway_id)
             restarting = gateway_id if starting else None
             gone = self._gone_gateways(conn, owners, restarting, now, lock=False)
             if not gone:

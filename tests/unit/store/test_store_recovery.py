@@ -56,6 +56,20 @@ def test_recovery_leaves_a_live_gateways_sessions_alone(store: Store, clock: Fak
     assert (row.id, row.ended_at) == (connection, None)
 
 
+def test_a_running_gateway_never_ends_its_own_sessions_even_with_its_lease_lapsed(
+    store: Store, clock: FakeClock
+) -> None:
+    # A renewal that stalled past the lease (the store out of reach) leaves the
+    # caller's own row expired; it is alive all the same: others may take it
+    # as gone, it never ends its own live sessions.
+    _renew(store, "gw-a")
+    session = open_session(store, "gw-a")
+    clock.advance(LEASE + 5)
+    assert store.close_orphans("gw-a") == 0
+    assert store.get_session(session.id).ended_at is None
+    assert store.close_orphans("gw-b") == 1  # another gateway takes gw-a as gone
+
+
 def test_a_lapsed_gateways_sessions_end_at_its_last_renewal(store: Store, clock: FakeClock) -> None:
     _renew(store, "gw-a")
     before = open_session(store, "gw-a")
