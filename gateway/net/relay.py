@@ -163,7 +163,6 @@ class Relay:
         #: the gateway's own NoticeResponses waiting for a server message boundary
         self._notices: list[bytes] = []
         self._termination: Termination | None = None
-        self._fatal_sent = False
         self._done: asyncio.Future[None] | None = None
         self._grace: asyncio.TimerHandle | None = None
         self._room_task: asyncio.Task[None] | None = None
@@ -181,7 +180,8 @@ class Relay:
         self.bytes_from_server = 0
         self.end_reason: ConnectionEndReason | None = None
         self.error: tuple[str, str] | None = None
-        #: the SQLSTATE of the FATAL ErrorResponse the relay itself sent, if it did
+        #: the SQLSTATE of the FATAL ErrorResponse the relay itself sent (at most
+        #: one), if it did
         self.fatal_sqlstate: str | None = None
 
     def prime(self, to_client: bytes, to_server: bytes) -> None:
@@ -358,13 +358,9 @@ class Relay:
                 # still read why, as an ErrorResponse rather than a bare close.
                 self._send_fatal(
                     SqlState.CONNECTION_FAILURE,
-                    messages.error_response(
-                        "FATAL",
-                        SqlState.CONNECTION_FAILURE,
-                        f"pam lost the connection to the database server: {exc}",
-                        hint="reconnect; if it keeps happening, check the server and the"
-                        " network between the gateway and it",
-                    ),
+                    f"pam lost the connection to the database server: {exc}",
+                    hint="reconnect; if it keeps happening, check the server and the"
+                    " network between the gateway and it",
                 )
             self._end(ConnectionEndReason.ERROR)
         else:
@@ -439,9 +435,7 @@ class Relay:
         # A peer broke the framing: tell the client why, then close.
         self.error = (exc.sqlstate, exc.message)
         if self._from_server.at_boundary:
-            self._send_fatal(
-                exc.sqlstate, messages.error_response("FATAL", exc.sqlstate, exc.message)
-            )
+            self._send_fatal(exc.sqlstate, exc.message)
         self.end_reason = ConnectionEndReason.ERROR
         self._end(ConnectionEndReason.ERROR)
 
@@ -450,15 +444,14 @@ class Relay:
         if termination is None or self._is_done():
             return
         if self._from_server.at_boundary:
-            self._send_fatal(termination.sqlstate, termination.error_response())
+            self._send_fatal(termination.sqlstate, termination.message, hint=termination.hint)
         self.end_reason = termination.reason
         self._end(termination.reason)
 
-    def _send_fatal(self, sqlstate: str, payload: bytes) -> None:
-        if not self._fatal_sent and not self._client.is_closing():
-            self._fatal_sent = True
+    def _send_fatal(self, sqlstate: str, message: str, *, hint: str | None = None) -> None:
+        if self.fatal_sqlstate is None and not self._client.is_closing():
             self.fatal_sqlstate = sqlstate
-            self._client.write(payload)
+            self._client.write(messages.error_response("FATAL", sqlstate, message, hint=hint))
 
     async def _close(self) -> None:
         upstream, client = self._upstream, self._client

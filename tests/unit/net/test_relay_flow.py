@@ -212,3 +212,4 @@ async def test_a_chunk_that_cannot_be_recorded_is_not_forwarded_and_the_client_i
     assert bytes(pb.client.written) == SERVER_STREAM + UNRECORDABLE.error_response()
     error = messages.parse_error_fields(bytes(pb.client.written)[len(SERVER_STREAM) + 5 :])
     assert (error.severity, error.sqlstate) == ("FATAL", SqlState.SYSTEM_ERROR)
+    assert pb.relay.fatal_sqlstate == SqlState.SYSTEM_ERROR

@@ -55,6 +55,7 @@ async def test_a_notice_goes_out_at_once_between_server_messages() -> None:
     assert bytes(pb.client.written) == SERVER_STREAM + NOTICE
     assert pb.relay.bytes_from_server == len(SERVER_STREAM)  # the gateway's own bytes
     await client_leaves(pb)
+    assert pb.relay.fatal_sqlstate is None  # a notice is not an error sent
 
 
 @virtual_time
@@ -97,6 +98,7 @@ async def test_a_silent_connection_is_cut_once_the_limit_has_passed() -> None:
     assert await pb.ended() == ConnectionEndReason.IDLE_TIMEOUT
     assert now() - began == LIMIT
     assert bytes(pb.client.written) == IDLE.termination.error_response()
+    assert pb.relay.fatal_sqlstate == IDLE.termination.sqlstate
     assert bytes(pb.server.written) == messages.terminate()
 
 
