@@ -158,8 +158,7 @@ class ConnectionLife:
                 conn.upstream.writer.transport.abort()
             if conn.relay is None and not writer.is_closing():
                 # Nothing relayed yet, so the client can still read why.
-                self._error_sent(SqlState.INTERNAL_ERROR)
-                await _refuse(
+                await self._send_fatal(
                     writer,
                     SqlState.INTERNAL_ERROR,
                     "pam could not set up this connection because of an internal error",
@@ -233,8 +232,7 @@ class ConnectionLife:
             "connection_refused",
             who=self.refused_who if kind is RefusalReason.NOT_OWNER else None,
         )
-        self._error_sent(refusal.sqlstate)
-        await _refuse(client.writer, refusal.sqlstate, refusal.message, hint=refusal.hint)
+        await self._send_fatal(client.writer, refusal.sqlstate, refusal.message, hint=refusal.hint)
         if refusal is self.refusal:
             # Another OS user knocking is kept in the trail, not only the log.
             error = GatewayError(refusal.message, sqlstate=refusal.sqlstate)
@@ -337,16 +335,14 @@ class ConnectionLife:
                 writer.write(exc.raw_error)  # the server's own, relayed as it is
                 await close_writer(writer)
             else:
-                self._error_sent(exc.sqlstate)
-                await _refuse(writer, exc.sqlstate, exc.message, hint=exc.hint)
+                await self._send_fatal(writer, exc.sqlstate, exc.message, hint=exc.hint)
             await self._record_failure(application_name, exc)
             return None
         except GatewayError as exc:
             # The stored credentials cannot be used (say, a password that no
             # longer decrypts): still an ErrorResponse, never a bare close.
             self.log.error("credentials_unavailable", sqlstate=exc.sqlstate, error=exc.message)
-            self._error_sent(exc.sqlstate)
-            await _refuse(writer, exc.sqlstate, exc.message, hint=exc.hint)
+            await self._send_fatal(writer, exc.sqlstate, exc.message, hint=exc.hint)
             await self._record_failure(application_name, exc)
             return None
         self.conn.upstream = upstream
@@ -375,6 +371,16 @@ class ConnectionLife:
         if metrics is not None:
             metrics.error_sent(sqlstate)
 
+    async def _send_fatal(
+        self, writer: asyncio.StreamWriter, code: str, message: str, *, hint: str | None = None
+    ) -> None:
+        """Tell the client why, in the gateway's own FATAL ErrorResponse (counted
+        for the metrics), then close."""
+        self._error_sent(code)
+        if not writer.is_closing():
+            writer.write(messages.error_response("FATAL", code, message, hint=hint))
+        await close_writer(writer)
+
     async def _record_start(
         self, client: ClientStarted, upstream: UpstreamConnection
     ) -> str | None:
@@ -395,8 +401,7 @@ class ConnectionLife:
             self.log.error("connection_record_failed", error=exc.message)
             upstream.writer.write(messages.terminate())
             await close_writer(upstream.writer)
-            self._error_sent(SqlState.CANNOT_CONNECT_NOW)
-            await _refuse(
+            await self._send_fatal(
                 client.writer,
                 SqlState.CANNOT_CONNECT_NOW,
                 "pam cannot record this connection, so it refuses it: the gateway's store"
@@ -530,14 +535,6 @@ def idle_limit(grant: GrantInfo) -> IdleLimit | None:
             hint="reconnect: the access grant is still open",
         ),
     )
-
-
-async def _refuse(
-    writer: asyncio.StreamWriter, code: str, message: str, *, hint: str | None = None
-) -> None:
-    if not writer.is_closing():
-        writer.write(messages.error_response("FATAL", code, message, hint=hint))
-    await close_writer(writer)
 
 
 __all__ = ["ClientStreams", "ConnectionLife", "Door", "LiveConnection", "idle_limit"]
