@@ -231,6 +231,23 @@ def paging(total: int, page: int | None, page_size: int, *, what: str = "stateme
     return Paging(page, page_size, pages, total)
 
 
+def _token(prefix: str, text: str) -> str:
+    """*text* as an opaque cursor token of the kind *prefix* names."""
+    return prefix + base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _token_text(token: str, prefix: str, bad: InvalidRequest) -> str:
+    """The text in a cursor *token* of the kind *prefix* names; raises *bad* when
+    it is not one."""
+    if not token.startswith(prefix):
+        raise bad
+    body = token[len(prefix) :]
+    try:
+        return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise bad from None
+
+
 @dataclass(frozen=True, slots=True)
 class Cursor:
     """Where the next page starts: the records of *session_id* after *after_seq*."""
@@ -239,8 +256,7 @@ class Cursor:
     after_seq: int
 
     def encode(self) -> str:
-        raw = f"{self.session_id}:{self.after_seq}".encode()
-        return _CURSOR_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        return _token(_CURSOR_PREFIX, f"{self.session_id}:{self.after_seq}")
 
     @classmethod
     def decode(cls, token: str, session_id: str) -> Cursor:
@@ -249,14 +265,7 @@ class Cursor:
             "cursor: not a cursor this gateway issued",
             hint="pass the next_cursor of the previous page unchanged",
         )
-        if not token.startswith(_CURSOR_PREFIX):
-            raise bad
-        body = token[len(_CURSOR_PREFIX) :]
-        try:
-            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
-        except (binascii.Error, UnicodeDecodeError, ValueError):
-            raise bad from None
-        named, _, after = raw.rpartition(":")
+        named, _, after = _token_text(token, _CURSOR_PREFIX, bad).rpartition(":")
         if not named or not after.isdigit():
             raise bad
         if named != session_id:
@@ -273,8 +282,8 @@ class SessionCursor:
     session_id: str
 
     def encode(self) -> str:
-        raw = f"{self.started_at.astimezone(UTC).isoformat()}|{self.session_id}".encode()
-        return _SESSION_CURSOR_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        raw = f"{self.started_at.astimezone(UTC).isoformat()}|{self.session_id}"
+        return _token(_SESSION_CURSOR_PREFIX, raw)
 
     @classmethod
     def decode(cls, token: str) -> SessionCursor:
@@ -282,14 +291,10 @@ class SessionCursor:
             "cursor: not a session list cursor this gateway issued",
             hint="follow the page's own 'next' link",
         )
-        if not token.startswith(_SESSION_CURSOR_PREFIX):
-            raise bad
-        body = token[len(_SESSION_CURSOR_PREFIX) :]
+        when, _, session_id = _token_text(token, _SESSION_CURSOR_PREFIX, bad).partition("|")
         try:
-            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
-            when, _, session_id = raw.partition("|")
             started_at = datetime.fromisoformat(when)
-        except (binascii.Error, UnicodeDecodeError, ValueError):
+        except ValueError:
             raise bad from None
         if not session_id or started_at.tzinfo is None:
             raise bad
