@@ -59,6 +59,19 @@ def stored(gw: Gateway, session_id: str) -> list[tuple[str, int, str, str | None
     return [(r["session_id"], r["seq"], r["kind"], r["sql"]) for r in trail(gw, session_id)]
 
 
+def with_collector_down(
+    tmp_path: Path, pg: TempCluster, pg_roles: Mapping[str, PgRole], **settings: object
+) -> tuple[Gateway, int]:
+    """A gateway exporting to a syslog collector on a port nobody listens on yet;
+    the gateway and that port."""
+    port = free_port()
+    syslog = [{"host": LOOPBACK_HOST, "port": port}]
+    gw = provision_gateway(
+        tmp_path, pg, pg_roles, settings={"audit_export_syslog": syslog, **settings}
+    )
+    return gw, port
+
+
 def test_every_record_reaches_syslog_and_the_file_once_in_order(
     pg: TempCluster, pg_roles: Mapping[str, PgRole], tmp_path: Path
 ) -> None:
@@ -91,13 +104,7 @@ def test_every_record_reaches_syslog_and_the_file_once_in_order(
 def test_a_collector_that_is_down_blocks_nothing_and_catches_up_once_back(
     pg: TempCluster, pg_roles: Mapping[str, PgRole], tmp_path: Path
 ) -> None:
-    port = free_port()
-    gw = provision_gateway(
-        tmp_path,
-        pg,
-        pg_roles,
-        settings={"audit_export_syslog": [{"host": LOOPBACK_HOST, "port": port}]},
-    )
+    gw, port = with_collector_down(tmp_path, pg, pg_roles)
     try:
         # The collector is down: every statement is relayed and the whole trail
         # written all the same (nothing waits on the export).
@@ -116,16 +123,7 @@ def test_a_collector_that_is_down_blocks_nothing_and_catches_up_once_back(
 def test_a_queue_too_small_for_the_outage_drops_counts_and_logs(
     pg: TempCluster, pg_roles: Mapping[str, PgRole], tmp_path: Path
 ) -> None:
-    port = free_port()
-    gw = provision_gateway(
-        tmp_path,
-        pg,
-        pg_roles,
-        settings={
-            "audit_export_syslog": [{"host": LOOPBACK_HOST, "port": port}],
-            "audit_export_queue": 5,
-        },
-    )
+    gw, port = with_collector_down(tmp_path, pg, pg_roles, audit_export_queue=5)
     try:
         session_id = run_statements(gw, 30)
         expected = stored(gw, session_id)

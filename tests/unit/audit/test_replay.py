@@ -9,6 +9,7 @@ goes on from its checkpoint without losing a statement.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +32,7 @@ from test_pairing import (
     sync,
 )
 
+from gateway.audit.export import export_record
 from gateway.audit.journal import (
     HEADER,
     KIND_CLIENT,
@@ -151,9 +153,12 @@ class Published:
 
     def __init__(self) -> None:
         self.records: list[tuple[str, int]] = []
+        #: the records as the export sends them
+        self.exported: list[dict[str, Any]] = []
 
     def publish(self, rows: Sequence[EventRow], numbered: Sequence[tuple[int, int]]) -> None:
         self.records += [(rows[position][2], seq) for position, seq in numbered]
+        self.exported += [export_record(rows[position], seq) for position, seq in numbered]
 
 
 def test_each_committed_batch_is_published_with_its_seqs_after_the_store_took_it(
@@ -176,6 +181,31 @@ def test_each_committed_batch_is_published_with_its_seqs_after_the_store_took_it
     store.failing = False
     processor.poll(flush=True)
     assert exporter.records == [("connection_start", 1), ("connection_end", 2)]
+
+
+def test_what_is_published_is_the_redacted_record_the_store_took_never_the_sql_sent(
+    tmp_path: Path,
+) -> None:
+    book = JournalBook(tmp_path)
+    book.client(query("ALTER ROLE app PASSWORD 'literal-hunter3'"))
+    book.server(complete("ALTER ROLE"), ready())
+    book.client(query(f"select '{SECRET}'"))
+    book.server(complete("SELECT 1"), ready())
+    store, exporter = Rows(), Published()
+    processor = JournalProcessor(
+        tmp_path, book.journal.run, store, TrackerSettings(), lambda: (SECRET,), exporter=exporter
+    )
+    processor.poll(flush=True)
+    assert [r["sql"] for r in exporter.exported if r["kind"] == "statement"] == [
+        "ALTER ROLE app PASSWORD '***'",
+        "select '***'",
+    ]
+    assert [r["seq"] for r in exporter.exported] == list(range(1, len(store.rows) + 1))
+    assert [(r["kind"], r["sql"]) for r in exporter.exported] == [
+        (e.kind, e.sql) for e in map(row_event, store.rows)
+    ]
+    sent = json.dumps(exporter.exported)
+    assert "literal-hunter3" not in sent and SECRET not in sent
 
 
 def test_a_chunk_record_reads_back_byte_exact(tmp_path: Path) -> None:
