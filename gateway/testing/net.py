@@ -15,14 +15,18 @@ worker takes its ports from a block of its own below the kernel's ephemeral
 range, so a port one worker was given and has not bound yet (a daemon's API
 port between ``gateway init`` and ``gateway run``) is never handed to another
 worker; the kernel's own picks (``bind(0)``, outgoing connections) come from
-the ephemeral range and cannot take it either.
+the ephemeral range (read from procfs) and cannot take it either. A worker walks
+its block in a shuffled order, so it is not handed the same port twice (two
+ports given out before either is bound) until it has gone through the block.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["LOOPBACK_HOST", "child_pids", "free_port"]
@@ -35,19 +39,24 @@ _PPID_INDEX = 4 - 3
 #: Set by pytest-xdist in each worker process (and inherited by its children).
 XDIST_WORKER_ENV = "PYTEST_XDIST_WORKER"
 #: Worker N's ports are [BASE + N * SIZE, BASE + (N + 1) * SIZE): 25 blocks fit
-#: below 32768, where Linux's default ip_local_port_range begins.
+#: below 32768, where Linux's default ip_local_port_range begins; only the blocks
+#: below this host's range (ip(7), ip_local_port_range) are used.
 _WORKER_PORT_BASE = 20000
 _WORKER_PORT_BLOCK_SIZE = 500
-_EPHEMERAL_PORT_START = 32768
+_EPHEMERAL_PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_DEFAULT_EPHEMERAL_PORT_START = 32768
 #: Ports of the block tried before giving up on it (taken ones are skipped).
 _WORKER_PORT_ATTEMPTS = 50
+#: Each block's ports in the order this process hands them out.
+_block_orders: dict[range, Iterator[int]] = {}
 
 
 def free_port(host: str = LOOPBACK_HOST) -> int:
     """A TCP port on *host* that was free when this returned."""
     block = _worker_port_block()
     if block is not None:
-        for candidate in random.sample(block, _WORKER_PORT_ATTEMPTS):
+        order = _block_orders.setdefault(block, _shuffled_forever(block))
+        for candidate in itertools.islice(order, _WORKER_PORT_ATTEMPTS):
             if _is_bindable(host, candidate):
                 return candidate
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -63,7 +72,22 @@ def _worker_port_block() -> range | None:
         return None
     start = _WORKER_PORT_BASE + int(worker[2:]) * _WORKER_PORT_BLOCK_SIZE
     end = start + _WORKER_PORT_BLOCK_SIZE
-    return range(start, end) if end <= _EPHEMERAL_PORT_START else None
+    return range(start, end) if end <= _ephemeral_port_start() else None
+
+
+def _ephemeral_port_start() -> int:
+    try:
+        return int(_EPHEMERAL_PORT_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return _DEFAULT_EPHEMERAL_PORT_START
+
+
+def _shuffled_forever(block: range) -> Iterator[int]:
+    """The ports of *block*, each once per pass, a new random order each pass."""
+    while True:
+        ports = list(block)
+        random.shuffle(ports)
+        yield from ports
 
 
 def _is_bindable(host: str, port: int) -> bool:

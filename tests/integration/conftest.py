@@ -15,7 +15,6 @@ reset, stall on command) in front of any host:port, stopped when the test ends.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 
 import pytest
 from faultproxy import FaultProxy
-from harness import Gateway
+from harness import Gateway, write_settings
 
 from gateway.testing.pgcluster import PasswordEncryption, PgRole, PostgresNotInstalled, TempCluster
 
@@ -118,8 +117,7 @@ def provision_gateway(
     gw = Gateway(root)
     gw.init()
     if settings:
-        path = gw.home / "gateway.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **settings}))
+        write_settings(gw, settings)
     gw.start()
     try:
         # Through the API in-process: the CLI's own commands are tested in test_cli.

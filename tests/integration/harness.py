@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -479,7 +480,7 @@ def audit_sink_pid(gateway: Gateway) -> int:
     raise AssertionError("the daemon has no audit writer process")
 
 
-def write_settings(gw: Gateway, settings: dict[str, Any]) -> None:
+def write_settings(gw: Gateway, settings: Mapping[str, Any]) -> None:
     """*settings* merged into the daemon settings file of *gw*'s state directory."""
     path = gw.home / "gateway.json"
     current = json.loads(path.read_text()) if path.exists() else {}

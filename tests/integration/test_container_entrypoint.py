@@ -2,7 +2,8 @@
 container engine: from a settings directory (the ConfigMap) and a secrets
 directory (the Secret) made by `pam gateway init`, it assembles an empty state
 directory (its own gateway_id, the key at mode 0600) and runs a daemon that
-answers the API with the first one's token, on the same store, logging JSON."""
+answers the API with the first one's token, on the same store, logging JSON and
+echoing no secret."""
 
 from __future__ import annotations
 
@@ -64,7 +65,12 @@ def test_the_entrypoint_assembles_the_state_directory_and_runs_the_gateway(
             assert stat.S_IMODE((home / name).stat().st_mode) == 0o600, name
     finally:
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=30)
+        stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
+    # Nothing the entrypoint copies is echoed (no `set -x`, no logged file contents).
+    master_key = (seed.home / "master.key").read_bytes().strip()
+    assert master_key
+    assert master_key not in stdout
+    assert master_key not in stderr
     lines = [json.loads(line) for line in stderr.decode().splitlines() if line.strip()]
     assert lines and all({"timestamp", "level", "event", "logger"} <= set(x) for x in lines)

@@ -40,10 +40,34 @@ def test_a_taken_port_of_the_block_is_passed_over(monkeypatch: pytest.MonkeyPatc
         holder.bind((net.LOOPBACK_HOST, held))
         holder.listen()
         # The held port is the first one tried: free_port must move past it.
-        monkeypatch.setattr(net.random, "sample", lambda *_args: range(held, held + 50))
+        monkeypatch.setitem(net._block_orders, range(20500, 21000), iter(range(held, held + 50)))
         port = free_port()
     assert held < port < held + 50
     assert _binds(port)
+
+
+def test_a_worker_is_not_handed_the_same_port_twice_within_its_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two ports given out before either is bound (two daemons' API ports between
+    # `gateway init` and `gateway run`) must differ.
+    monkeypatch.setenv(XDIST_WORKER_ENV, "gw2")
+    monkeypatch.setattr(net, "_block_orders", {})  # a first pass through the block
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert all(21000 <= port < 21500 for port in ports)
+
+
+def test_blocks_that_reach_into_the_hosts_ephemeral_range_are_not_used(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    ephemeral = tmp_path / "ip_local_port_range"
+    ephemeral.write_text("21000\t60999\n")
+    monkeypatch.setattr(net, "_EPHEMERAL_PORT_RANGE", ephemeral)
+    monkeypatch.setenv(XDIST_WORKER_ENV, "gw1")
+    assert 20500 <= free_port() < 21000
+    monkeypatch.setenv(XDIST_WORKER_ENV, "gw2")
+    assert not 21000 <= free_port() < 21500
 
 
 @pytest.mark.parametrize("worker", [None, "gw25", "master", "gwx"])
