@@ -15,7 +15,7 @@ from gateway import __version__
 from gateway.app.api.deps import status_of
 from gateway.app.api.refusals import record_api_refusal
 from gateway.app.gateway import Gateway
-from gateway.app.web.deps import STATIC_DIR, LoginRequired, render, ui
+from gateway.app.web.deps import STATIC_DIR, LoginRequired, is_htmx, render, ui
 from gateway.app.web.grants import BrowserGrants
 from gateway.app.web.routes import ROUTERS
 from gateway.app.web.security import SecurityHeaders
@@ -53,17 +53,13 @@ def create_web_app(service: Gateway) -> FastAPI:
     return web
 
 
-def _is_htmx(request: Request) -> bool:
-    return request.headers.get("hx-request") == "true"
-
-
 def _error_page(
     request: Request, status: int, kind: str, message: str, hint: str | None = None
 ) -> Response:
     """The error page (for htmx, the fragment it swaps in) with *status*."""
     return render(
         request,
-        "error_fragment.html" if _is_htmx(request) else "error.html",
+        "error_fragment.html" if is_htmx(request) else "error.html",
         status_code=status,
         kind=kind,
         message=message,
@@ -79,7 +75,7 @@ def _install_error_pages(web: FastAPI) -> None:
         here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         if request.method == "GET" and here != target:
             target += "?next=" + quote(here, safe="")
-        if _is_htmx(request):
+        if is_htmx(request):
             return Response(status_code=401, headers={"HX-Redirect": target})
         return RedirectResponse(target, status_code=303)
 

@@ -43,6 +43,8 @@ __all__ = [
     "WebCaller",
     "client_addr",
     "get_service",
+    "is_htmx",
+    "reads_admin_pages",
     "render",
     "templates",
     "ui",
@@ -69,6 +71,18 @@ class CsrfRefused(Forbidden):
 def ui(path: str = "/") -> str:
     """The absolute path of a console page."""
     return PREFIX + (path if path.startswith("/") else "/" + path)
+
+
+def is_htmx(request: Request) -> bool:
+    """Whether htmx sent *request* (it then wants a fragment, not a page)."""
+    return request.headers.get("hx-request") == "true"
+
+
+def reads_admin_pages(principal: Principal | None) -> bool:
+    """Whether *principal* has admin pages to read (an admin or auditor of some project)."""
+    return principal is not None and any(
+        role in (Role.ADMIN, Role.AUDITOR) for role in principal.roles.values()
+    )
 
 
 def _role_name(principal: Principal | None, project: str = ALL_PROJECTS) -> str:
@@ -106,10 +120,7 @@ def render(request: Request, template: str, status_code: int = 200, **context: A
             "me": principal,
             "is_global_admin": bool(principal and principal.is_admin()),
             "global_role": _role_name(principal),
-            # admins and auditors of some project have admin pages to read
-            "reads_admin_pages": bool(
-                principal and any(r in (Role.ADMIN, Role.AUDITOR) for r in principal.roles.values())
-            ),
+            "reads_admin_pages": reads_admin_pages(principal),
             "csrf": csrf_token(token) if token else "",
             "csrf_field": CSRF_FIELD,
             "section": "",  # the nav item to mark current

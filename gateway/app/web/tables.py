@@ -6,9 +6,9 @@ Invariants:
 
 * Every identifier in a statement built here names a schema, table or column
   the catalogue returned for this grant's connection (:func:`describe`), and is
-  quoted (:func:`quote_ident`); a name the catalogue does not know is refused
-  before anything is built. Type names come from the catalogue too
-  (``format_type``), never from the request.
+  quoted (:func:`~gateway.credentials.statements.quote_identifier`); a name the
+  catalogue does not know is refused before anything is built. Type names come
+  from the catalogue too (``format_type``), never from the request.
 * No value from the request is ever spliced into SQL: each is a ``$n``
   parameter sent as text and cast to its column's type by the server.
 * Rows are read in a READ ONLY transaction, every value as PostgreSQL's own
@@ -26,6 +26,7 @@ from typing import Final
 
 import asyncpg
 
+from gateway.credentials.statements import quote_identifier
 from gateway.errors import InvalidRequest, NotFound
 
 __all__ = [
@@ -42,7 +43,6 @@ __all__ = [
     "fetch_rows",
     "list_schemas",
     "list_tables",
-    "quote_ident",
     "run_update",
     "select_row",
     "select_rows",
@@ -76,11 +76,6 @@ where i.indrelid = $1 and i.indisprimary
 order by array_position(i.indkey::int2[], a.attnum)"""
 
 
-def quote_ident(name: str) -> str:
-    """*name* as a quoted SQL identifier (PostgreSQL's quote_ident, always quoting)."""
-    return '"' + name.replace('"', '""') + '"'
-
-
 @dataclass(frozen=True, slots=True)
 class Column:
     name: str
@@ -99,7 +94,7 @@ class Table:
 
     @property
     def qualified(self) -> str:
-        return f"{quote_ident(self.schema)}.{quote_ident(self.name)}"
+        return f"{quote_identifier(self.schema)}.{quote_identifier(self.name)}"
 
     @property
     def is_editable(self) -> bool:
@@ -157,7 +152,7 @@ def select_rows(table: Table, browse: Browse, page_size: int = PAGE_SIZE) -> Sta
     where: list[str] = []
     for wanted in browse.filters:
         column = table.column(wanted.column)
-        name = quote_ident(column.name)
+        name = quote_identifier(column.name)
         if wanted.op == "IS NULL":
             where.append(f"{name} is null")
             continue
@@ -168,7 +163,7 @@ def select_rows(table: Table, browse: Browse, page_size: int = PAGE_SIZE) -> Sta
             where.append(f"{name}::text ilike ${len(params)}::text")
         else:
             where.append(f"{name} {wanted.op} {_cast(len(params), column)}")
-    columns = ", ".join(f"{quote_ident(c.name)}::text" for c in table.columns)
+    columns = ", ".join(f"{quote_identifier(c.name)}::text" for c in table.columns)
     sql = f"select {columns} from {table.qualified} as {_ROW}"
     if where:
         sql += " where " + " and ".join(where)
@@ -177,8 +172,8 @@ def select_rows(table: Table, browse: Browse, page_size: int = PAGE_SIZE) -> Sta
     order = []
     if browse.sort:
         direction = " desc" if browse.descending else ""
-        order.append(f"{_ROW}.{quote_ident(table.column(browse.sort).name)}{direction}")
-    order += [f"{_ROW}.{quote_ident(key)}" for key in table.primary_key if key != browse.sort]
+        order.append(f"{_ROW}.{quote_identifier(table.column(browse.sort).name)}{direction}")
+    order += [f"{_ROW}.{quote_identifier(key)}" for key in table.primary_key if key != browse.sort]
     if order:
         sql += " order by " + ", ".join(order)
     params += [str(page_size + 1), str(browse.page * page_size)]
@@ -192,14 +187,14 @@ def _key_condition(table: Table, key: tuple[str, ...], first: int) -> tuple[str,
     if len(key) != len(table.primary_key):
         raise InvalidRequest("the row's key does not match the table's primary key")
     conditions = [
-        f"{quote_ident(name)} = {_cast(first + i, table.column(name))}"
+        f"{quote_identifier(name)} = {_cast(first + i, table.column(name))}"
         for i, name in enumerate(table.primary_key)
     ]
     return " and ".join(conditions), list(key)
 
 
 def select_row(table: Table, key: tuple[str, ...]) -> Statement:
-    columns = ", ".join(f"{quote_ident(c.name)}::text" for c in table.columns)
+    columns = ", ".join(f"{quote_identifier(c.name)}::text" for c in table.columns)
     condition, params = _key_condition(table, key, 1)
     return Statement(f"select {columns} from {table.qualified} where {condition}", tuple(params))
 
@@ -213,7 +208,7 @@ def update_row(table: Table, key: tuple[str, ...], changes: dict[str, str | None
     for name, value in changes.items():
         column = table.column(name)
         params.append(value)
-        assignments.append(f"{quote_ident(column.name)} = {_cast(len(params), column)}")
+        assignments.append(f"{quote_identifier(column.name)} = {_cast(len(params), column)}")
     condition, key_params = _key_condition(table, key, len(params) + 1)
     sql = f"update {table.qualified} set {', '.join(assignments)} where {condition}"
     return Statement(sql, (*params, *key_params))

@@ -256,8 +256,11 @@ def test_an_account_without_update_sees_no_edit_and_a_forced_edit_is_refused(
 
 
 def test_explorer_routes_belong_to_the_grants_owner_and_need_csrf(
-    console: Console, grant: str, items: str
+    console: Console, pg: TempCluster, mia: httpx.Client, grant: str, items: str
 ) -> None:
+    # The grant and its rows are there for their owner: the 404s below are about whose it is.
+    assert mia.get(f"/ui/explorer/{grant}").status_code == 200
+    assert rows_page(mia, grant).status_code == 200
     with console.web_client("max") as other:
         assert other.get(f"/ui/explorer/{grant}").status_code == 404
         assert rows_page(other, grant).status_code == 404
@@ -272,6 +275,7 @@ def test_explorer_routes_belong_to_the_grants_owner_and_need_csrf(
             no_csrf.post(f"/ui/explorer/{grant}/update", data=edit_fields(5, "x")).status_code
             == 403
         )
+    assert name_of(pg, 5) == "item 5"  # no refused edit ran
     with console.http() as anonymous:
         assert anonymous.get("/ui/explorer").status_code == 303
     with console.web_client("aude") as auditor:

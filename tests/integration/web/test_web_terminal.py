@@ -187,7 +187,12 @@ def test_an_auditor_may_not_open_a_grant(console: Console) -> None:
     assert answer.status_code == 403
 
 
-def test_another_users_browser_grant_is_not_found(console: Console, grant: str) -> None:
+def test_another_users_browser_grant_is_not_found(
+    console: Console, mia: httpx.Client, grant: str
+) -> None:
+    # The grant is there for its owner: the 404s below are about whose it is.
+    assert mia.get(f"/ui/terminal/{grant}").status_code == 200
+    assert mia.get(f"/ui/explorer/{grant}").status_code == 200
     with console.web_client("max") as other, console.web_client("ada") as admin:
         for client in (other, admin):
             assert client.get(f"/ui/terminal/{grant}").status_code == 404

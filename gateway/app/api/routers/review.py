@@ -120,8 +120,8 @@ async def statement_page(
     cursor: str | None = None,
 ) -> AuditPageOut:
     """A page of the session's statements: page *page*, or the page after *cursor*."""
-    session_id = (await visible_session(service, caller, session_id)).id
-    return await _page(service, session_id, STATEMENT, page, page_size, cursor)
+    full_id = (await visible_session(service, caller, session_id)).id
+    return await _page(service, full_id, STATEMENT, page, page_size, cursor)
 
 
 @router.get("/sessions/{session_id}/trail")
@@ -134,20 +134,20 @@ async def trail_page(
     cursor: str | None = None,
 ) -> AuditPageOut:
     """A page of every record of the session (its seq range), or the page after *cursor*."""
-    session_id = (await visible_session(service, caller, session_id)).id
-    return await _page(service, session_id, None, page, page_size, cursor)
+    full_id = (await visible_session(service, caller, session_id)).id
+    return await _page(service, full_id, None, page, page_size, cursor)
 
 
 async def _page(
     service: Service,
-    session_id: str,
+    full_id: str,
     kind: str | None,
     page: int,
     page_size: int,
     cursor: str | None,
 ) -> AuditPageOut:
+    """A page of the session *full_id* (already resolved by :func:`visible_session`)."""
     trail = audit_trail(service)
-    full_id = (await service.db(service.store.get_session, session_id)).id
     await drain(service)
     total = await service.db(service.store.count_audit, full_id, kind)
     kinds = None if kind is None else (kind,)

@@ -15,8 +15,6 @@ with a redirect, or, from htmx, with the fragment it replaces.
 
 from __future__ import annotations
 
-from typing import Final
-
 from fastapi import APIRouter, Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
@@ -24,28 +22,22 @@ from gateway.app.api.deps import require_global_admin
 from gateway.app.api.routers import identity as identity_api
 from gateway.app.api.routers import policies as policies_api
 from gateway.app.api.routers import resources as resources_api
-from gateway.app.web.deps import Service, WebCaller, render, ui
+from gateway.app.web.deps import Service, WebCaller, is_htmx, reads_admin_pages, render, ui
 from gateway.credentials.verify import VerifyResult
 from gateway.errors import Forbidden
-from gateway.identity.principals import Principal, Role
+from gateway.identity.principals import Principal
 
 router = APIRouter(prefix="/admin")
-
-_READERS: Final = (Role.ADMIN, Role.AUDITOR)
 
 
 def _admin_area(caller: Principal) -> Principal:
     """*caller*, when an admin or auditor of some project; else 403."""
-    if not any(role in _READERS for role in caller.roles.values()):
+    if not reads_admin_pages(caller):
         raise Forbidden(
             f"{caller.name} is neither an admin nor an auditor of any project",
             hint="the admin pages are for admins and auditors",
         )
     return caller
-
-
-def _is_htmx(request: Request) -> bool:
-    return request.headers.get("hx-request") == "true"
 
 
 # --- resources and their accounts -------------------------------------------------------
@@ -71,7 +63,7 @@ async def verify_resource(
     """What ``pam resource verify`` does: sign in with each account, and how long it took."""
     _admin_area(caller)
     results = await resources_api.verify(name, caller, service)
-    if _is_htmx(request):
+    if is_htmx(request):
         return render(request, "admin/_verify.html", results=results)
     return await _resource_page(request, name, caller, service, results=results)
 

@@ -12,6 +12,7 @@ service accepted.
 
 from __future__ import annotations
 
+import hmac
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -104,7 +105,12 @@ def _signed_in(response: Response, issued: IssuedToken) -> Response:
 
 def _check_login_nonce(request: Request, submitted: str) -> None:
     nonce = request.cookies.get(LOGIN_COOKIE, "")
-    if not nonce or not submitted or nonce != submitted or not same_origin(request):
+    if (
+        not nonce
+        or not submitted
+        or not hmac.compare_digest(nonce.encode(), submitted.encode())
+        or not same_origin(request)
+    ):
         raise CsrfRefused
 
 

@@ -229,13 +229,12 @@ def _changes(table: Table, form: FormData) -> dict[str, str | None]:
 
 
 async def _edit(
-    request: Request, session_id: str, caller: WebCaller, grants: Grants
-) -> tuple[BrowserGrant, Table, tuple[str, ...], FormData]:
+    request: Request, grants: Grants, grant: BrowserGrant
+) -> tuple[Table, tuple[str, ...], FormData]:
     form = await request.form()
-    grant = grants.get(caller, session_id)
     schema, table = str(form.get("schema") or ""), str(form.get("table") or "")
     key = tuple(str(k) for k in form.getlist("key"))
-    return grant, await _editable(grants, grant, schema, table), key, form
+    return await _editable(grants, grant, schema, table), key, form
 
 
 @router.post("/{session_id}/edit", response_class=HTMLResponse)
@@ -243,10 +242,11 @@ async def edit_preview(
     request: Request, session_id: str, caller: WebCaller, grants: Grants
 ) -> HTMLResponse:
     """The exact UPDATE the edit would run, with its parameters, to confirm."""
+    grant = grants.get(caller, session_id)
     try:
-        grant, found, key, form = await _edit(request, session_id, caller, grants)
+        found, key, form = await _edit(request, grants, grant)
     except WorkFailed as failed:
-        return _problem_page(request, grants.get(caller, session_id), failed)
+        return _problem_page(request, grant, failed)
     statement = update_row(found, key, _changes(found, form))
     fields = [(k, str(v)) for k, v in form.multi_items() if k != "csrf_token"]
     return _page(
@@ -264,17 +264,18 @@ async def update(
     request: Request, session_id: str, caller: WebCaller, grants: Grants
 ) -> HTMLResponse:
     """Run the confirmed UPDATE: committed when it changed exactly one row."""
+    grant = grants.get(caller, session_id)
     try:
-        grant, found, key, form = await _edit(request, session_id, caller, grants)
+        found, key, form = await _edit(request, grants, grant)
         statement = update_row(found, key, _changes(found, form))
         status = await grants.run(grant, lambda c: run_update(c, statement))
     except WorkFailed as failed:
-        return _problem_page(request, grants.get(caller, session_id), failed)
+        return _problem_page(request, grant, failed)
     except EditRefused as refused:
         return _page(
             request,
             "explorer/updated.html",
-            grants.get(caller, session_id),
+            grant,
             table=None,
             status=None,
             refused=str(refused),

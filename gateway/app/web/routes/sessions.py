@@ -44,7 +44,7 @@ from gateway.app.api.review_access import (
     visible_session,
     whole_trail_reader,
 )
-from gateway.app.web.deps import Service, WebCaller, render, templates, ui
+from gateway.app.web.deps import Service, WebCaller, is_htmx, render, templates, ui
 from gateway.audit import review
 from gateway.audit.review import STATEMENT, ExportEncoder, SessionCursor, is_catalogue_query
 from gateway.errors import Forbidden, InvalidRequest
@@ -341,7 +341,7 @@ async def terminate_session(
             hint="terminating a session takes an admin of its project",
         )
     ended = await service.revoke(session.id, by=caller, reason=_text(reason))
-    if request.headers.get("hx-request") == "true":
+    if is_htmx(request):
         return render(request, "sessions/_terminated.html", s=ended)
     return RedirectResponse(ui(f"/sessions/{session.id}"), status_code=303)
 

@@ -10,11 +10,11 @@ from gateway.app.web.tables import (
     Column,
     Filter,
     Table,
-    quote_ident,
     select_row,
     select_rows,
     update_row,
 )
+from gateway.credentials.statements import quote_identifier
 from gateway.errors import InvalidRequest
 
 ODD = Table(
@@ -27,8 +27,8 @@ ODD = Table(
 
 
 def test_identifiers_are_always_quoted_with_inner_quotes_doubled() -> None:
-    assert quote_ident("plain") == '"plain"'
-    assert quote_ident('a"b') == '"a""b"'
+    assert quote_identifier("plain") == '"plain"'
+    assert quote_identifier('a"b') == '"a""b"'
     assert ODD.qualified == '"we""ird"."Items; drop"'
 
 
