@@ -468,11 +468,7 @@ class GrantService:
         async with grant.extending:
             await self._live_grant(session_id)  # may have ended while we waited
             previous = grant.session.expires_at
-            expires_at = previous + timedelta(seconds=by_seconds)
-            total = math.ceil((expires_at - grant.session.started_at).total_seconds())
-            self._check_total(total, by_seconds)
-            if authorize is not None:
-                await authorize(grant.session, total)
+            expires_at = await self._checked_expiry(grant.session, by_seconds, authorize)
             await self._live_grant(session_id)  # may have expired during the check
             # Nothing fires while the row moves: the timer is not in _end (the
             # grant is live, checked with no await since), so cancelling is safe.
@@ -491,14 +487,7 @@ class GrantService:
             if grant.is_ended:  # ended while the row moved: its end stands
                 return grant.session
             self._take_expiry(grant, session)
-        log.info(
-            "access_extended",
-            session_id=session.id,
-            by=by,
-            by_seconds=by_seconds,
-            previous_expires_at=previous.isoformat(),
-            expires_at=session.expires_at.isoformat(),
-        )
+        _log_extended("access_extended", session, previous, by=by, by_seconds=by_seconds)
         return session
 
     async def _extend_in_store(
@@ -509,25 +498,20 @@ class GrantService:
         its expiry). Checked as a local extension is."""
         session = await self._stored_live_session(session_id)
         previous = session.expires_at
-        expires_at = previous + timedelta(seconds=by_seconds)
-        total = math.ceil((expires_at - session.started_at).total_seconds())
-        self._check_total(total, by_seconds)
-        if authorize is not None:
-            await authorize(session, total)
+        expires_at = await self._checked_expiry(session, by_seconds, authorize)
         extended = await self.db(
             self.store.extend_session, session.id, expires_at=expires_at, previous=previous
         )
-        log.info(
-            "access_extended_in_store",
-            session_id=extended.id,
-            by=by,
-            by_seconds=by_seconds,
-            previous_expires_at=previous.isoformat(),
-            expires_at=extended.expires_at.isoformat(),
-        )
+        _log_extended("access_extended_in_store", extended, previous, by=by, by_seconds=by_seconds)
         return extended
 
-    def _check_total(self, total: int, by_seconds: int) -> None:
+    async def _checked_expiry(
+        self, session: SessionRecord, by_seconds: int, authorize: ExtensionCheck | None
+    ) -> datetime:
+        """*session*'s expiry moved *by_seconds* later, if this gateway's limit
+        and *authorize* allow the grant's new length; else raises."""
+        expires_at = session.expires_at + timedelta(seconds=by_seconds)
+        total = math.ceil((expires_at - session.started_at).total_seconds())
         if total > self.settings.max_grant_seconds:
             limit = format_duration(self.settings.max_grant_seconds)
             raise InvalidRequest(
@@ -535,6 +519,9 @@ class GrantService:
                 f" {format_duration(by_seconds)} it would last {format_duration(total)}",
                 hint="extend by less, or request new access with `pam db access`",
             )
+        if authorize is not None:
+            await authorize(session, total)
+        return expires_at
 
     async def _stored_live_session(self, session_id: str) -> SessionRecord:
         """The session of a grant another gateway holds, if the store has it
@@ -646,11 +633,7 @@ class GrantService:
         grant = self._grants.get(session_id)
         if grant is not None and _is_live(grant):
             return grant
-        session = await self.db(self.store.get_session, session_id)
-        raise InvalidRequest(
-            f"access session {session.id[:8]} is not live"
-            + (f" (it ended: {session.end_reason})" if session.end_reason else "")
-        )
+        raise _not_live(await self.db(self.store.get_session, session_id))
 
     def _schedule_expiry(self, grant: Grant) -> None:
         """(Re)start the grant's timer: its notices, then its expiry."""
@@ -781,6 +764,19 @@ class GrantService:
 def _is_live(grant: Grant) -> bool:
     """Not ended, and not ending: an end sets the listener's refusal first."""
     return not grant.is_ended and grant.listener.refusal is None
+
+
+def _log_extended(
+    event: str, session: SessionRecord, previous: datetime, *, by: str, by_seconds: int
+) -> None:
+    log.info(
+        event,
+        session_id=session.id,
+        by=by,
+        by_seconds=by_seconds,
+        previous_expires_at=previous.isoformat(),
+        expires_at=session.expires_at.isoformat(),
+    )
 
 
 def _not_live(session: SessionRecord) -> InvalidRequest:
