@@ -48,3 +48,8 @@ class Grant:
 
 def format_time(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def is_live(grant: Grant) -> bool:
+    """Not ended, and not ending: an end sets the listener's refusal first."""
+    return not grant.is_ended and grant.listener.refusal is None

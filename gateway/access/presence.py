@@ -134,7 +134,8 @@ class Presence:
     def _since_renewal(self) -> float:
         """Seconds since the last renewal that worked (0 before the first: start
         itself fails if the store is out of reach)."""
-        return 0.0 if self.last_renewed is None else self.monotonic() - self.last_renewed
+        age = self.lease_age()
+        return 0.0 if age is None else age
 
     def lease_age(self) -> float | None:
         """Seconds since the last renewal that worked (None before the first)."""

@@ -29,11 +29,8 @@ Invariants:
   root publishes it as a notification), once, after its row is ended.
 * The store is the truth for a grant held by another gateway on the same store:
   revoking or extending it here writes the store, and the gateway holding it
-  applies the change (:meth:`GrantService.apply_stored`, fed by the store's
-  change notifications and a periodic reconcile). Applying a change made
-  elsewhere writes nothing the store already has: an end made elsewhere cuts
-  the live connections with the end's reason, once, and is handed to
-  ``on_changed_elsewhere``, not ``on_ended`` (the gateway that made it told).
+  applies the change (``gateway.access.changes``, fed by the store's change
+  notifications and a periodic reconcile).
 """
 
 from __future__ import annotations
@@ -41,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -50,9 +47,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.access.admission import check_grant_request
+from gateway.access.changes import ChangesMadeElsewhere
 from gateway.access.connections import ConnectionRecords
-from gateway.access.grants import Grant, GrantState, format_time
-from gateway.access.ports import SessionRecord, SessionStore, StoredGrantState, StoreThread
+from gateway.access.grants import Grant, GrantState, format_time, is_live
+from gateway.access.ports import SessionRecord, SessionStore, StoreThread
 from gateway.audit.runtime import AuditRuntime
 from gateway.config import GatewaySettings
 from gateway.credentials.pki import GatewayPki, grant_id_of, is_within_validity, public_key_of
@@ -89,7 +87,7 @@ _SHUTDOWN = Termination(
 
 
 @dataclass(eq=False)
-class GrantService:
+class GrantService(ChangesMadeElsewhere):
     store: SessionStore
     db: StoreThread
     settings: GatewaySettings
@@ -139,7 +137,7 @@ class GrantService:
         """How many grants are live, and how many connections all grants have
         (an ending grant's are still open until they end)."""
         grants = self._grants.values()
-        live = sum(1 for grant in grants if _is_live(grant))
+        live = sum(1 for grant in grants if is_live(grant))
         return live, sum(len(grant.listener.connections) for grant in grants)
 
     def live_connection_count(self, session_id: str) -> int:
@@ -468,11 +466,7 @@ class GrantService:
         async with grant.extending:
             await self._live_grant(session_id)  # may have ended while we waited
             previous = grant.session.expires_at
-            expires_at = previous + timedelta(seconds=by_seconds)
-            total = math.ceil((expires_at - grant.session.started_at).total_seconds())
-            self._check_total(total, by_seconds)
-            if authorize is not None:
-                await authorize(grant.session, total)
+            expires_at = await self._checked_expiry(grant.session, by_seconds, authorize)
             await self._live_grant(session_id)  # may have expired during the check
             # Nothing fires while the row moves: the timer is not in _end (the
             # grant is live, checked with no await since), so cancelling is safe.
@@ -491,14 +485,7 @@ class GrantService:
             if grant.is_ended:  # ended while the row moved: its end stands
                 return grant.session
             self._take_expiry(grant, session)
-        log.info(
-            "access_extended",
-            session_id=session.id,
-            by=by,
-            by_seconds=by_seconds,
-            previous_expires_at=previous.isoformat(),
-            expires_at=session.expires_at.isoformat(),
-        )
+        _log_extended("access_extended", session, previous, by=by, by_seconds=by_seconds)
         return session
 
     async def _extend_in_store(
@@ -509,25 +496,20 @@ class GrantService:
         its expiry). Checked as a local extension is."""
         session = await self._stored_live_session(session_id)
         previous = session.expires_at
-        expires_at = previous + timedelta(seconds=by_seconds)
-        total = math.ceil((expires_at - session.started_at).total_seconds())
-        self._check_total(total, by_seconds)
-        if authorize is not None:
-            await authorize(session, total)
+        expires_at = await self._checked_expiry(session, by_seconds, authorize)
         extended = await self.db(
             self.store.extend_session, session.id, expires_at=expires_at, previous=previous
         )
-        log.info(
-            "access_extended_in_store",
-            session_id=extended.id,
-            by=by,
-            by_seconds=by_seconds,
-            previous_expires_at=previous.isoformat(),
-            expires_at=extended.expires_at.isoformat(),
-        )
+        _log_extended("access_extended_in_store", extended, previous, by=by, by_seconds=by_seconds)
         return extended
 
-    def _check_total(self, total: int, by_seconds: int) -> None:
+    async def _checked_expiry(
+        self, session: SessionRecord, by_seconds: int, authorize: ExtensionCheck | None
+    ) -> datetime:
+        """*session*'s expiry moved *by_seconds* later, if this gateway's limit
+        and *authorize* allow the grant's new length; else raises."""
+        expires_at = session.expires_at + timedelta(seconds=by_seconds)
+        total = math.ceil((expires_at - session.started_at).total_seconds())
         if total > self.settings.max_grant_seconds:
             limit = format_duration(self.settings.max_grant_seconds)
             raise InvalidRequest(
@@ -535,6 +517,9 @@ class GrantService:
                 f" {format_duration(by_seconds)} it would last {format_duration(total)}",
                 hint="extend by less, or request new access with `pam db access`",
             )
+        if authorize is not None:
+            await authorize(session, total)
+        return expires_at
 
     async def _stored_live_session(self, session_id: str) -> SessionRecord:
         """The session of a grant another gateway holds, if the store has it
@@ -551,86 +536,6 @@ class GrantService:
             return await self._stored_live_session(session_id)
         return (await self._live_grant(session_id)).session
 
-    def live_ids(
-        self, *, session_id: str | None = None, principal_id: str | None = None
-    ) -> list[str]:
-        """The ids of the live grants this gateway holds: all, or the one of
-        *session_id*, or those of *principal_id*."""
-        return [
-            grant.session.id
-            for grant in self._grants.values()
-            if _is_live(grant)
-            and (session_id is None or grant.session.id == session_id)
-            and (principal_id is None or grant.session.principal_id == principal_id)
-        ]
-
-    async def apply_stored(self, states: Mapping[str, StoredGrantState]) -> int:
-        """Apply what the store says of grants this gateway holds (changes made
-        through another gateway); how many grants changed. A grant ended
-        elsewhere has its live connections cut with the end's reason; one whose
-        principal was disabled is ended here; one whose expiry moved has its
-        timer rescheduled."""
-        changed = 0
-        for session_id, state in states.items():
-            grant = self._grants.get(session_id)
-            if grant is None or not _is_live(grant):
-                continue  # not ours, or already ending here
-            if state.ended_at is not None:
-                await self._ended_elsewhere(grant)
-            elif state.disabled_principal is not None:
-                await self._end_disabled(grant, f"user {state.disabled_principal} was disabled")
-            elif state.expires_at != grant.session.expires_at:
-                if not await self._moved_elsewhere(grant):
-                    continue
-            else:
-                continue
-            changed += 1
-        return changed
-
-    async def _ended_elsewhere(self, grant: Grant) -> None:
-        session = await self.db(self.store.get_session, grant.session.id)
-        if session.ended_at is None or not _is_live(grant):
-            return  # the read raced a local end
-        grant.listener.end(_termination_of_end(session))
-        if grant.expiry_task is not None:
-            grant.expiry_task.cancel()
-        grant.state = GrantState.ENDED
-        grant.session = session
-        log.info(
-            "access_ended_elsewhere",
-            session_id=session.id,
-            reason=session.end_reason,
-            detail=session.end_detail,
-            connections=len(grant.listener.connections),
-        )
-        # The listener stays up, answering new connections with the end's
-        # reason, until the CLI lets go of the grant (as after a local revoke).
-        if self.on_changed_elsewhere is not None:
-            self.on_changed_elsewhere(session)
-
-    async def _moved_elsewhere(self, grant: Grant) -> bool:
-        """Take the stored expiry of *grant* (under its lock, so a local
-        extension in flight is not undone); whether it moved."""
-        async with grant.extending:
-            session = await self.db(self.store.get_session, grant.session.id)
-            if not _is_live(grant) or session.ended_at is not None:
-                return False
-            if session.expires_at == grant.session.expires_at:
-                return False  # a local extension landed it meanwhile
-            previous = grant.session.expires_at
-            if grant.expiry_task is not None:
-                grant.expiry_task.cancel()
-            self._take_expiry(grant, session)
-        log.info(
-            "access_extended_elsewhere",
-            session_id=session.id,
-            previous_expires_at=previous.isoformat(),
-            expires_at=session.expires_at.isoformat(),
-        )
-        if self.on_changed_elsewhere is not None:
-            self.on_changed_elsewhere(session)
-        return True
-
     def _take_expiry(self, grant: Grant, session: SessionRecord) -> None:
         """*session*'s expiry is *grant*'s: its listener, certificate and timer."""
         grant.session = session
@@ -644,17 +549,13 @@ class GrantService:
     async def _live_grant(self, session_id: str) -> Grant:
         """The grant of *session_id* if it is live, else InvalidRequest naming its end."""
         grant = self._grants.get(session_id)
-        if grant is not None and _is_live(grant):
+        if grant is not None and is_live(grant):
             return grant
-        session = await self.db(self.store.get_session, session_id)
-        raise InvalidRequest(
-            f"access session {session.id[:8]} is not live"
-            + (f" (it ended: {session.end_reason})" if session.end_reason else "")
-        )
+        raise _not_live(await self.db(self.store.get_session, session_id))
 
     def _schedule_expiry(self, grant: Grant) -> None:
         """(Re)start the grant's timer: its notices, then its expiry."""
-        if _is_live(grant):
+        if is_live(grant):
             grant.expiry_task = asyncio.create_task(
                 self._expire_at(grant), name=f"grant-{grant.session.id[:8]}-expiry"
             )
@@ -778,39 +679,23 @@ class GrantService:
                     log.error("watchdog_end_failed", session_id=grant.session.id, error=repr(exc))
 
 
-def _is_live(grant: Grant) -> bool:
-    """Not ended, and not ending: an end sets the listener's refusal first."""
-    return not grant.is_ended and grant.listener.refusal is None
+def _log_extended(
+    event: str, session: SessionRecord, previous: datetime, *, by: str, by_seconds: int
+) -> None:
+    log.info(
+        event,
+        session_id=session.id,
+        by=by,
+        by_seconds=by_seconds,
+        previous_expires_at=previous.isoformat(),
+        expires_at=session.expires_at.isoformat(),
+    )
 
 
 def _not_live(session: SessionRecord) -> InvalidRequest:
     return InvalidRequest(
         f"access session {session.id[:8]} is not live"
         + (f" (it ended: {session.end_reason})" if session.end_reason else "")
-    )
-
-
-def _termination_of_end(session: SessionRecord) -> Termination:
-    """What a live connection of *session*, ended through another gateway, is
-    told: the words a local end of the same kind sends."""
-    short = session.id[:8]
-    if session.end_reason == SessionEndReason.REVOKED and session.end_detail:
-        # "revoked by NAME: why" (a revoke), or "user NAME was disabled"
-        revoked = session.end_detail.startswith("revoked by ")
-        return Termination(
-            ConnectionEndReason.SESSION_ENDED,
-            SqlState.ADMIN_SHUTDOWN,
-            f"terminating connection because access session {short} was"
-            + (f" {session.end_detail}" if revoked else f" ended: {session.end_detail}"),
-            hint="ask an administrator; request new access with `pam db access`",
-        )
-    why = session.end_reason or "ended"
-    detail = f": {session.end_detail}" if session.end_detail else ""
-    return Termination(
-        ConnectionEndReason.SESSION_ENDED,
-        SqlState.ADMIN_SHUTDOWN,
-        f"terminating connection because access session {short} was ended ({why}{detail})",
-        hint="request new access with `pam db access`",
     )
 
 

@@ -31,7 +31,7 @@ import asyncio
 import hashlib
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Final
@@ -191,7 +191,8 @@ class ChangeFeed:
     connection is logged and retried, never fatal.
     """
 
-    conninfo: str
+    #: a libpq URI with the store's password in it: never in a repr or a log line
+    conninfo: str = field(repr=False)
     on_change: Callable[[Change], Awaitable[None]]
     on_connected: Callable[[], Awaitable[None]]
     #: shown in pg_stat_activity, so an operator (or a test) can find it

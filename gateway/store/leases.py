@@ -53,15 +53,19 @@ class LeaseStore(StoreBase):
             raise InvalidRequest("a lease needs a name (at most 128 characters) and a holder")
         if seconds <= 0:
             raise InvalidRequest("a lease lasts a positive time")
-        now = self._now()
-        values = {
-            "name": name,
-            "holder": holder,
-            "acquired_at": now,
-            "expires_at": now + timedelta(seconds=seconds),
-            "renewed_at": now,
-        }
         with self._transaction(write=True) as conn:
+            # The time once the store is in hand, not before: a call that waited
+            # (for the store, or this process's lock) past *seconds* would write
+            # a lease already lapsed, and other gateways would take a live one
+            # for gone.
+            now = self._now()
+            values = {
+                "name": name,
+                "holder": holder,
+                "acquired_at": now,
+                "expires_at": now + timedelta(seconds=seconds),
+                "renewed_at": now,
+            }
             dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
             statement = dialect.insert(leases).values(**values)
             free = (leases.c.holder == holder) | (leases.c.expires_at <= now)

@@ -241,7 +241,7 @@ def test_with_no_notifications_the_reconcile_still_applies_a_revocation(
     finally:
         client.close()
     assert isinstance(error, psycopg.errors.AdminShutdown)
-    assert "was revoked by second-admin: INC-10" in str(error)
+    assert f"access session {session_id[:8]} was revoked by second-admin: INC-10" in str(error)
     assert not any(e.get("event") == "change_feed_listening" for e in a.log_events())
     report_delay(
         "revocation, reconcile only",

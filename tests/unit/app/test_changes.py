@@ -162,10 +162,15 @@ async def test_a_user_disabled_through_the_other_gateway_loses_its_grants_there(
     assert (stored.end_reason, stored.end_detail) == ("revoked", "user alice was disabled")
 
 
-async def test_a_notification_of_a_grant_held_elsewhere_reads_nothing(pair: Pair) -> None:
+async def test_a_notification_of_a_grant_held_elsewhere_reads_nothing(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
     a, b = pair
     session = await _open_on(b)
+    read: list[object] = []
+    monkeypatch.setattr(a.store, "grant_states", lambda ids: read.append(ids) or {})
     await a.changes.changed(Change(ChangeTopic.SESSION, session.id))
+    assert read == []
     assert a.grants.live_ids() == [] and b.grants.live_ids() == [session.id]
 
 

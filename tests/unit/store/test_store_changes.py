@@ -20,6 +20,7 @@ from gateway.store import Store
 from gateway.store.changes import (
     CHANNEL,
     Change,
+    ChangeFeed,
     ChangeTopic,
     StoredGrant,
     parse_change,
@@ -73,6 +74,16 @@ def test_a_notification_names_a_topic_and_an_id_and_nothing_else() -> None:
 )
 def test_a_payload_it_does_not_know_is_ignored(payload: str) -> None:
     assert parse_change(payload) is None
+
+
+def test_the_feed_never_shows_its_conninfo_and_the_password_in_it() -> None:
+    async def nothing(*_args: object) -> None:
+        return None
+
+    password = secrets.token_hex(8)
+    feed = ChangeFeed(f"postgresql://pam:{password}@db.example/pam", nothing, nothing)
+    assert password not in repr(feed)
+    assert "db.example" not in repr(feed)
 
 
 def test_only_a_postgresql_store_has_somewhere_to_listen(store: Store, store_url: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import secrets
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from store_support import FakeClock
@@ -56,6 +57,28 @@ def test_holders_are_listed_by_name_prefix(store: Store, clock: FakeClock) -> No
     assert store.lease_holders("gateway/") == {"gateway/a": "a", "gateway/b": "b"}
     clock.advance(10)
     assert store.lease_holders("gateway/") == {"gateway/b": "b"}
+
+
+def test_a_lease_taken_after_a_wait_for_the_store_lasts_from_when_it_was_written(
+    store: Store, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A renewal that waited longer than the lease for a connection (the store
+    # out of reach) must not write a lease already lapsed: others would take
+    # its live holder for gone.
+    connect = store._engine.connect
+
+    def slow_connect() -> Any:
+        clock.advance(60)
+        return connect()
+
+    monkeypatch.setattr(store._engine, "connect", slow_connect)
+    assert store.acquire_lease("gateway/gw-a", "gw-a", 30)
+    monkeypatch.undo()
+    assert store.lease_holders() == {"gateway/gw-a": "gw-a"}
+    clock.advance(29)
+    assert not store.acquire_lease("gateway/gw-a", "gw-b", 30)
+    clock.advance(1)
+    assert store.lease_holders() == {}
 
 
 def test_a_lease_needs_a_name_a_holder_and_a_length(store: Store) -> None:
