@@ -31,6 +31,7 @@ from harness import (
 )
 
 from gateway.config import load_settings
+from gateway.store.models import AccessSession
 from gateway.testing.pgcluster import TempCluster
 
 pytestmark = pytest.mark.integration
@@ -163,8 +164,14 @@ def test_an_extension_through_another_gateway_moves_the_relaying_gateways_cut(
         client.close()
     assert isinstance(error, psycopg.errors.AdminShutdown)
     assert "expired at" in str(error)
-    with open_store(a) as store:
-        ended = store.get_session(session_id)
+
+    def ended_in_store() -> AccessSession | None:
+        # The relaying gateway cuts the connections first and then records the end.
+        with open_store(a) as store:
+            session = store.get_session(session_id)
+        return session if session.ended_at is not None else None
+
+    ended = wait_for(ended_in_store)
     assert ended.expires_at == new_expiry
     assert ended.end_reason == "expired" and ended.ended_at is not None
     # Cut at the new expiry (the timer's own tolerance aside), long after the old.
