@@ -147,6 +147,7 @@ class AccessJson(SessionJson, total=False):
 
 class CertificateJson(TypedDict):
     certificate: str
+    tunnel_port: int | None
 
 
 class ConnectionJson(TypedDict):

@@ -24,7 +24,8 @@ Invariants:
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, Final, cast
@@ -127,6 +128,39 @@ class ExportStream:
         return self._response.iter_bytes()
 
 
+class Endpoints:
+    """The gateways a profile may reach, the one in use first: failover.
+
+    A call that cannot connect to the one in use moves on to the next (the
+    request never left, so any call may be retried); the one that answered is
+    used from then on, by every client sharing this object (a held grant's
+    heartbeats and its forwarder stay on one gateway). Thread-safe."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self._urls = list(dict.fromkeys(u.rstrip("/") for u in urls))
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, profile: Profile) -> Endpoints:
+        return cls([profile.api_url, *profile.api_urls])
+
+    @property
+    def current(self) -> str:
+        with self._lock:
+            return self._urls[0]
+
+    def in_order(self) -> list[str]:
+        """Every URL, the one in use first."""
+        with self._lock:
+            return list(self._urls)
+
+    def failed(self, url: str) -> None:
+        """*url* could not be reached: if it is the one in use, the next is."""
+        with self._lock:
+            if self._urls[0] == url and len(self._urls) > 1:
+                self._urls.append(self._urls.pop(0))
+
+
 class ApiClient:
     """The control API, one method per call (see :mod:`gateway.app.api.routers`)."""
 
@@ -136,8 +170,10 @@ class ApiClient:
         *,
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        endpoints: Endpoints | None = None,
     ) -> None:
         self.config = config or active_profile()
+        self.endpoints = endpoints or Endpoints.of(self.config)
         headers = {"Authorization": f"Bearer {self.config.token}"} if self.config.token else {}
         self._http = httpx.Client(
             base_url=self.config.api_url,
@@ -166,6 +202,10 @@ class ApiClient:
 
     def health(self) -> HealthJson:
         return cast(HealthJson, self.get("/v1/health"))
+
+    def fleet(self) -> list[str]:
+        """The control API URLs of the fleet's gateways present now."""
+        return cast(list[str], self.get("/v1/gateways"))
 
     # --- resources and accounts --------------------------------------------------------
 
@@ -655,42 +695,59 @@ class ApiClient:
         params: dict[str, Any] | None = None,
         timeout: float | None = None,
     ) -> Any:
-        """One call; ``None`` params are left out; the JSON body, or None for 204."""
-        try:
-            response = self._http.request(
+        """One call; ``None`` params are left out; the JSON body, or None for 204.
+        A gateway that cannot be connected to is failed over (:class:`Endpoints`)."""
+        response = self._send(
+            lambda base: self._http.request(
                 method,
-                path,
+                base + path,
                 json=json,
                 params=_present(params or {}),
                 timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
             )
-        except httpx.HTTPError as exc:
-            raise self._failed(exc) from None
+        )
         if response.status_code == 204:
             return None
         return _answer(response)
 
+    def _send(self, call: Callable[[str], httpx.Response]) -> httpx.Response:
+        """``call(base URL)`` on the gateway in use, else on the next one that connects."""
+        tried: list[str] = []
+        for base in self.endpoints.in_order():
+            try:
+                return call(base)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                tried.append(base)
+                self.endpoints.failed(base)
+                last: httpx.HTTPError = exc
+            except httpx.HTTPError as exc:
+                raise self._failed(exc, [base]) from None
+        raise self._failed(last, tried) from None
+
     @contextmanager
     def stream(self, path: str, **params: Any) -> Iterator[ExportStream]:
         """A GET whose answer is read as it arrives; a refusal is read whole and raised."""
+        base = self.endpoints.current
         try:
-            with self._http.stream("GET", path, params=_present(params)) as response:
+            with self._http.stream("GET", base + path, params=_present(params)) as response:
                 if response.is_error:
                     response.read()
                     _answer(response)
                 yield ExportStream(response)
         except httpx.HTTPError as exc:
             # Also what the caller meets reading the chunks: a stream cut short.
-            raise self._failed(exc) from None
+            raise self._failed(exc, [base]) from None
 
-    def _failed(self, exc: httpx.HTTPError) -> ApiError:
+    @staticmethod
+    def _failed(exc: httpx.HTTPError, tried: list[str]) -> ApiError:
+        where = tried[0] + (f" (nor {', '.join(tried[1:])})" if len(tried) > 1 else "")
         if isinstance(exc, httpx.ConnectError):
             return ApiError(
-                f"cannot reach the pam gateway at {self.config.api_url}",
+                f"cannot reach the pam gateway at {where}",
                 hint="is `pam gateway run` running?",
             )
         if isinstance(exc, httpx.TimeoutException):
-            return ApiError(f"the pam gateway at {self.config.api_url} did not answer in time")
+            return ApiError(f"the pam gateway at {where} did not answer in time")
         return ApiError(f"talking to the pam gateway failed: {exc}")
 
     def get(self, path: str, **params: Any) -> Any:

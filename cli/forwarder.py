@@ -37,7 +37,7 @@ import socket
 import ssl
 import struct
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -176,6 +176,9 @@ class Forwarder:
     #: the grant's key and the gateway CA, to renew the certificate (renew())
     key: ec.EllipticCurvePrivateKey | None = field(default=None, repr=False)
     ca_pem: bytes | None = None
+    #: where the tunnel is now, asked when it cannot be reached (failover to
+    #: another gateway of the fleet); blocking, run in a thread; None: nowhere else
+    relocate: Callable[[], TunnelTarget | None] | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _server: asyncio.Server | None = None
@@ -275,17 +278,40 @@ class Forwarder:
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
             return None
 
+    async def _open(
+        self, target: TunnelTarget
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
+            return await asyncio.open_connection(
+                target.host,
+                target.port,
+                ssl=target.tls,
+                server_hostname=target.server_hostname,
+                limit=READ_SIZE,
+            )
+
+    async def _open_or_fail_over(
+        self, target: TunnelTarget
+    ) -> tuple[TunnelTarget, asyncio.StreamReader, asyncio.StreamWriter]:
+        """A tunnel connection to *target*; when it cannot be reached (not a TLS
+        refusal), to where :attr:`relocate` says the grant is now."""
+        try:
+            return target, *await self._open(target)
+        except ssl.SSLError:
+            raise
+        except (OSError, TimeoutError):
+            if self.relocate is None:
+                raise
+            moved = await asyncio.to_thread(self.relocate)
+            if moved is None or moved.address == target.address:
+                raise
+            self.target = moved  # from now on, every connection goes there
+            return moved, *await self._open(moved)
+
     async def _carry(self, client: _Client, first: bytes) -> None:
         target = self.target
         try:
-            async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
-                t_reader, t_writer = await asyncio.open_connection(
-                    target.host,
-                    target.port,
-                    ssl=target.tls,
-                    server_hostname=target.server_hostname,
-                    limit=READ_SIZE,
-                )
+            target, t_reader, t_writer = await self._open_or_fail_over(target)
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             why = str(exc) or type(exc).__name__
             error = messages.error_response(
@@ -370,14 +396,34 @@ def open_tunnel_access(
             "the pam gateway did not issue a tunnel certificate for this access",
             hint="the gateway may predate the tunnel; run `pam gateway init --force` there",
         )
-    api_host = urlsplit(client.config.api_url).hostname or "localhost"
+    api_host = urlsplit(client.endpoints.current).hostname or "localhost"
     target = TunnelTarget(
         host=os.environ.get("PAM_TUNNEL_HOST") or api_host,
         port=tunnel_port,
         tls=tunnel_client_context(cert.encode(), key, ca.encode()),
         server_hostname=api_host,
     )
-    forwarder = Forwarder(target, port=port or 0, key=key, ca_pem=ca.encode())
+
+    def relocate() -> TunnelTarget | None:
+        """The grant's tunnel as the gateway now answering says (failover: it
+        takes the grant over), from this thread's own client on the same
+        gateways as the heartbeats."""
+        try:
+            with ApiClient(client.config, endpoints=client.endpoints) as own:
+                offer = own.access_certificate(session["id"])
+                host = urlsplit(own.endpoints.current).hostname or "localhost"
+        except ApiError:
+            return None
+        if not offer.get("tunnel_port"):
+            return None
+        return TunnelTarget(
+            host=host,
+            port=int(offer["tunnel_port"] or 0),
+            tls=tunnel_client_context(offer["certificate"].encode(), key, ca.encode()),
+            server_hostname=host,
+        )
+
+    forwarder = Forwarder(target, port=port or 0, key=key, ca_pem=ca.encode(), relocate=relocate)
     try:
         local_port = forwarder.start()
     except OSError as exc:

@@ -104,6 +104,10 @@ class GatewaySettings(BaseModel):
     api_tls: bool = True
     #: names and addresses the server certificate is issued for (loopback always)
     public_hosts: list[str] = Field(default_factory=list)
+    #: the control API URL CLIs reach this gateway at, told to them at `pam login`
+    #: so they can fail over to it; default: https://<first public host, else
+    #: api_host>:<api_port>
+    advertise_url: str | None = None
     max_grant_seconds: int = Field(default=int(timedelta(hours=12).total_seconds()), gt=0)
     #: the daemon ends a grant whose CLI has not called in for this long
     heartbeat_timeout_seconds: float = Field(default=6.0, gt=0)
@@ -245,6 +249,9 @@ class Profile(BaseModel):
     gateway_id: str | None = None
     #: PEM of the gateway's CA, pinned for HTTPS and the tunnel
     ca_cert: str | None = None
+    #: the other gateways of the same fleet (sharing its store and CA), learned
+    #: at `pam login`: where the CLI fails over when ``api_url`` does not answer
+    api_urls: list[str] = Field(default_factory=list)
 
 
 class ClientConfig(Profile):

@@ -52,6 +52,9 @@ class ConnectionEndReason(StrEnum):
     #: cut because the gateway could not reach its store for longer than its grace
     #: (``store_unreachable_strict``): other gateways may have ended its session
     STORE_UNAVAILABLE = "store_unavailable"
+    #: another gateway took its grant over (the CLI failed over to it); the
+    #: client reconnects through that one
+    GRANT_MOVED = "grant_moved"
 
 
 SESSION_END_REASONS: Final[frozenset[str]] = frozenset(SessionEndReason)

@@ -87,11 +87,15 @@ def login(
             token, name, expires_at = done["token"] or "", done["user"] or "", done["expires_at"]
             groups = done["groups"]
         gateway_id = client.health()["gateway_id"]
-    path = save_profile(
-        Profile(api_url=api_url, token=token, user=name, gateway_id=gateway_id, ca_cert=pem)
-    )
+        signed_in = Profile(api_url=api_url, token=token, user=name, ca_cert=pem)
+        with ApiClient(signed_in) as fleet_client:
+            # The fleet's other gateways: where this CLI fails over to.
+            others = [url for url in fleet_client.fleet() if url.rstrip("/") != api_url]
+    path = save_profile(signed_in.model_copy(update={"gateway_id": gateway_id, "api_urls": others}))
     until = local_time(expires_at) if expires_at else "until revoked"
     member = f"; groups {', '.join(groups)}" if groups else ""
+    if others:
+        member += f"; fails over to {', '.join(others)}"
     console.print(
         f"Signed in to {printable(api_url)} as {printable(name)} ({until}{printable(member)});"
         f" {path}",

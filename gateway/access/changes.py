@@ -1,5 +1,6 @@
 """Applying what another gateway on the same store changed about a grant this
-one holds: ended it (a revoke), disabled its principal, or moved its expiry.
+one holds: ended it (a revoke), disabled its principal, moved its expiry, or
+took it over (failover: this one lets go, ``gateway.access.failover``).
 
 :class:`ChangesMadeElsewhere` is part of
 :class:`~gateway.access.service.GrantService`; ``gateway.app.changes`` feeds it
@@ -53,6 +54,11 @@ class _GrantHolder(Protocol):
 
     async def _moved_elsewhere(self, grant: Grant) -> bool: ...
 
+    async def _let_go(self, grant: Grant, holder: str | None) -> None: ...
+
+    @property
+    def gateway_id(self) -> str: ...
+
 
 class ChangesMadeElsewhere:
     """The part of the grant service that applies changes made through another gateway."""
@@ -81,7 +87,9 @@ class ChangesMadeElsewhere:
             grant = self._grants.get(session_id)
             if grant is None or not is_live(grant):
                 continue  # not ours, or already ending here
-            if state.ended_at is not None:
+            if state.holder_id not in (None, self.gateway_id):
+                await self._let_go(grant, state.holder_id)  # taken over (failover)
+            elif state.ended_at is not None:
                 await self._ended_elsewhere(grant)
             elif state.disabled_principal is not None:
                 await self._end_disabled(grant, f"user {state.disabled_principal} was disabled")

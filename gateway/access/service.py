@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gateway.access.admission import check_grant_request
 from gateway.access.changes import ChangesMadeElsewhere
 from gateway.access.connections import ConnectionRecords
+from gateway.access.failover import GrantTakeOver
 from gateway.access.grants import Grant, GrantState, format_time, is_live
 from gateway.access.ports import SessionRecord, SessionStore, StoreThread
 from gateway.audit.runtime import AuditRuntime
@@ -87,7 +88,7 @@ _SHUTDOWN = Termination(
 
 
 @dataclass(eq=False)
-class GrantService(ChangesMadeElsewhere):
+class GrantService(ChangesMadeElsewhere, GrantTakeOver):
     store: SessionStore
     db: StoreThread
     settings: GatewaySettings
@@ -107,8 +108,14 @@ class GrantService(ChangesMadeElsewhere):
     #: grant it holds (ended, or its expiry moved); must not block
     on_changed_elsewhere: Callable[[SessionRecord], None] | None = None
     _grants: dict[str, Grant] = field(default_factory=dict)
+    #: take-overs in flight (``gateway.access.failover``), one per grant
+    _taking: dict[str, asyncio.Task[Grant | None]] = field(default_factory=dict)
     _watchdog: asyncio.Task[None] | None = None
     _closing: bool = False
+
+    @property
+    def gateway_id(self) -> str:
+        return self.settings.gateway_id
 
     async def start(self) -> int:
         """Close what a crash left open and start the heartbeat watchdog.
@@ -229,6 +236,13 @@ class GrantService(ChangesMadeElsewhere):
             started_at=now,
             request=request,
             gateway_id=self.settings.gateway_id,
+            client_public_key=None
+            if public_key is None
+            else public_key.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ).decode(),
+            idle_timeout_seconds=idle_timeout_seconds,
+            idle_policy=idle_policy,
         )
         if self.prepare is not None:
             await self._prepare(session)
@@ -292,10 +306,17 @@ class GrantService(ChangesMadeElsewhere):
             )
         return self.pki.check_csr(csr)
 
-    def certificate_of(self, session_id: str) -> bytes | None:
-        """The client certificate (PEM) issued for a grant opened with a CSR."""
-        grant = self._grants.get(session_id)
+    async def certificate_of(self, session_id: str) -> bytes | None:
+        """The client certificate (PEM) issued for a grant opened with a CSR
+        (taken over first if another gateway held it: its CLI failed over here)."""
+        grant = await self.take_over(session_id)
         return grant.certificate if grant else None
+
+    async def _door(self, session: SessionRecord) -> AccessListener:
+        """The door of a tunnel grant taken over from another gateway."""
+        idle = (session.idle_timeout_seconds, session.idle_policy)
+        _port, listener = await self._listen(session, None, None, None, bind=False, idle=idle)
+        return listener
 
     async def tunnel_door(self, cert_der: bytes | None) -> AccessListener | Termination:
         """The door of the grant a tunnel peer's (CA-verified) certificate names,
@@ -308,6 +329,9 @@ class GrantService(ChangesMadeElsewhere):
             return _cert_refused("the client certificate is not the one issued for this grant")
         if grant is not None and grant.listener.refusal is not None:
             return grant.listener  # ended, not yet let go: it answers with the end's reason
+        if grant is None and is_within_validity(cert_der):
+            # Held by another gateway, or by none since it died: failover.
+            grant = await self.take_over_with(grant_id, cert_der)
         if grant is not None:
             if not is_within_validity(cert_der):
                 return _cert_refused("the client certificate is outside its validity period")
@@ -374,8 +398,9 @@ class GrantService(ChangesMadeElsewhere):
             ) from None
 
     async def heartbeat(self, session_id: str) -> SessionRecord:
-        """The CLI is still holding the grant; returns the session's current state."""
-        grant = self._grants.get(session_id)
+        """The CLI is still holding the grant; returns the session's current state.
+        A tunnel grant another gateway held is taken over: its CLI failed over here."""
+        grant = await self.take_over(session_id)
         if grant is None:
             return await self.db(self.store.get_session, session_id)
         grant.last_heartbeat = time.monotonic()
@@ -658,6 +683,16 @@ class GrantService(ChangesMadeElsewhere):
         sent = grant.listener.notify_live(notice)
         log.info("expiry_notice", session_id=session.id, lead_seconds=lead, connections=sent)
 
+    async def _moved_away(self, grant: Grant) -> bool:
+        """Whether another gateway took *grant* over (this one let go of it then)."""
+        if grant.session.client_public_key is None:
+            return False
+        stored = await self.db(self.store.get_session, grant.session.id)
+        if stored.holder_id in (None, self.gateway_id):
+            return False
+        await self._let_go(grant, stored.holder_id)
+        return True
+
     async def _watch_heartbeats(self) -> None:
         timeout = self.settings.heartbeat_timeout_seconds
         while True:
@@ -672,6 +707,8 @@ class GrantService(ChangesMadeElsewhere):
                     continue
                 detail = f"the pam CLI holding the grant stopped responding for {timeout:g}s"
                 try:
+                    if await self._moved_away(grant):
+                        continue  # its CLI calls in to the gateway that took it over
                     await self.close_access(
                         grant.session.id, reason=SessionEndReason.CLIENT_ENDED, detail=detail
                     )

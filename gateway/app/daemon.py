@@ -71,6 +71,22 @@ def api_url(settings: GatewaySettings, *, tls: bool | None = None) -> str:
     return f"{scheme}://{host}:{settings.api_port}"
 
 
+#: an API bound to every address is advertised under the host's name
+_ANY_ADDRESS = frozenset({"0.0.0.0", "::"})  # noqa: S104 (compared, never bound)
+
+
+def advertised_url(settings: GatewaySettings, *, tls: bool) -> str:
+    """The control API URL CLIs are told to reach this gateway at: the
+    ``advertise_url`` setting, else the first public host's (or the API's
+    address) with the API's port."""
+    if settings.advertise_url:
+        return settings.advertise_url.rstrip("/")
+    host = settings.public_hosts[0] if settings.public_hosts else settings.api_host
+    if host in _ANY_ADDRESS:  # bound to every address: name the host instead
+        host = socket.getfqdn()
+    return api_url(settings.model_copy(update={"api_host": host}), tls=tls)
+
+
 def default_admin_name() -> str:
     """The OS user running this, as a pam user name (lower case)."""
     return getpass.getuser().lower()
@@ -375,6 +391,16 @@ async def run(
         await service.start()
         if ca is not None:
             tunnel = await _start_tunnel(home, box, settings, service, ca)
+        tls = settings.api_tls and ca is not None
+        # Where CLIs can reach this gateway, so `pam login` tells them (failover).
+        await service.db(
+            service.store.register_gateway,
+            settings.gateway_id,
+            advertised_url(
+                settings.model_copy(update={"api_port": sock.getsockname()[1]}), tls=tls
+            ),
+            service.tunnel_port,
+        )
         app = create_app(service)
         web.mount(app, service)  # the web console, under /ui/ (docs/web.md)
         config = uvicorn.Config(
@@ -389,7 +415,6 @@ async def run(
         )
         config.load()
         # uvicorn takes TLS keys only as files; ours stay in memory (pki._load_chain).
-        tls = settings.api_tls and ca is not None
         if tls:
             config.ssl = pki.api_server_context(pki.load_server_identity(home, box))
         elif settings.api_tls:

@@ -626,9 +626,10 @@ class Gateway:
             data = request_data(request, state=change.state.value, actor=change.actor)
             self.notifier.publish(request.project, event, data)
 
-    def tunnel_offer(self, session_id: str) -> tuple[bytes, bytes, int] | None:
-        """For a grant opened with a CSR: its certificate, the CA and the tunnel port."""
-        cert = self.grants.certificate_of(session_id)
+    async def tunnel_offer(self, session_id: str) -> tuple[bytes, bytes, int] | None:
+        """For a grant opened with a CSR: its certificate, the CA and this
+        gateway's tunnel port (a grant another gateway held is taken over)."""
+        cert = await self.grants.certificate_of(session_id)
         pki = self.grants.pki
         if cert is None or pki is None or self.tunnel_port is None:
             return None

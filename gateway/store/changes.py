@@ -64,7 +64,7 @@ _MAX_PAYLOAD: Final = 1000
 
 
 class ChangeTopic(StrEnum):
-    #: a session ended or its expiry moved; id: the session's
+    #: a session ended, its expiry moved or another gateway took it over; id: the session's
     SESSION = "session"
     #: a principal was disabled; id: the principal's
     PRINCIPAL = "principal"
@@ -86,6 +86,8 @@ class StoredGrant:
     ended_at: datetime | None
     #: the name of its principal when that principal is disabled, else None
     disabled_principal: str | None
+    #: the gateway holding it (another took it over when the CLI failed over)
+    holder_id: str | None = None
 
 
 def payload_of(kind: ChangeTopic, id_: str) -> str:
@@ -130,6 +132,7 @@ class ChangeStore(StoreBase):
                 sessions.c.id,
                 sessions.c.expires_at,
                 sessions.c.ended_at,
+                sessions.c.holder_id,
                 principals.c.name,
                 principals.c.disabled_at,
             )
@@ -142,6 +145,7 @@ class ChangeStore(StoreBase):
                     expires_at=row.expires_at,
                     ended_at=row.ended_at,
                     disabled_principal=row.name if row.disabled_at is not None else None,
+                    holder_id=row.holder_id,
                 )
                 for row in conn.execute(query)
             }

@@ -190,8 +190,16 @@ class AccessSession(_Record):
     #: the access request it was opened from (approval, break-glass), if any
     request_id: str | None = None
     end_detail: str | None = None
-    #: the gateway that opened it and relays its connections (None before 0017)
+    #: the gateway that opened it (None before 0017)
     gateway_id: str | None = None
+    #: the gateway holding it now: its door, expiry and heartbeat watch (the
+    #: opener's until another takes it over after the CLI failed over to it)
+    holder_id: str | None = None
+    #: a tunnel grant's client public key (PEM): the only key the fleet admits for it
+    client_public_key: str | None = None
+    #: the allowing policy's idle timeout, kept for a gateway that takes it over
+    idle_timeout_seconds: int | None = None
+    idle_policy: str | None = None
 
     # mypy does not understand a decorated property; pydantic documents this ignore.
     @computed_field  # type: ignore[prop-decorator]

@@ -240,10 +240,18 @@ sessions = Table(
     # The gateway that opened it and relays its connections (revision 0017);
     # NULL for sessions from before several gateways could share a store.
     Column("gateway_id", Text, nullable=True),
+    # Revision 0018 (failover): the gateway holding it now (moves when another
+    # takes the grant over; crash recovery goes by it), a tunnel grant's client
+    # public key (PEM), and the allowing policy's idle timeout.
+    Column("holder_id", Text, nullable=True),
+    Column("client_public_key", Text, nullable=True),
+    Column("idle_timeout_seconds", Integer, nullable=True),
+    Column("idle_policy", Text, nullable=True),
     Index(None, "started_at"),
     Index(None, "ended_at"),
     Index(None, "resource_name", "account_name"),
     Index(None, "gateway_id"),
+    Index(None, "holder_id"),
 )
 
 #: People and automation (revision 0005). A user may have an argon2id password
@@ -628,6 +636,17 @@ leases = Table(
     # The holder's last renewal (revision 0017): where crash recovery ends the
     # sessions of a gateway whose presence lease lapsed.
     Column("renewed_at", UtcTimestamp, nullable=True),
+)
+
+#: The gateways of the fleet (revision 0018): each one's advertised control API
+#: URL and tunnel port, written at its start; ``pam login`` learns the fleet here.
+gateways = Table(
+    "gateways",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("api_url", Text, nullable=False),
+    Column("tunnel_port", Integer, nullable=True),
+    Column("started_at", UtcTimestamp, nullable=False),
 )
 
 #: Alembic's bookkeeping table. Prefixed so the store can share a PostgreSQL

@@ -59,7 +59,8 @@ if TYPE_CHECKING:
 __all__ = ["SessionStore"]
 
 
-def _session(row: AnyRow) -> AccessSession:
+def session_of(row: AnyRow) -> AccessSession:
+    """The record of a ``sessions`` row."""
     return AccessSession(
         id=row.id,
         requester=row.requester,
@@ -75,6 +76,10 @@ def _session(row: AnyRow) -> AccessSession:
         end_reason=row.end_reason,
         end_detail=row.end_detail,
         gateway_id=row.gateway_id,
+        holder_id=row.holder_id,
+        client_public_key=row.client_public_key,
+        idle_timeout_seconds=row.idle_timeout_seconds,
+        idle_policy=row.idle_policy,
         **{name: getattr(row, name) for name in REQUEST_FIELDS},
     )
 
@@ -103,10 +108,15 @@ class SessionStore(TrailStore):
         started_at: datetime | None = None,
         request: dict[str, str | None] | None = None,
         gateway_id: str | None = None,
+        client_public_key: str | None = None,
+        idle_timeout_seconds: int | None = None,
+        idle_policy: str | None = None,
     ) -> AccessSession:
         """Start an access session, copying the database and username into it.
         *request*: what it records of who asked (keys of :data:`REQUEST_FIELDS`);
-        *gateway_id*: the gateway opening it (it relays its connections)."""
+        *gateway_id*: the gateway opening it (it holds it until another takes it
+        over); *client_public_key*: a tunnel grant's client key (PEM); the
+        allowing policy's idle timeout and its name."""
         required_text("requester", requester)
         asked = dict.fromkeys(REQUEST_FIELDS) | (request or {})
         if asked.keys() != set(REQUEST_FIELDS):
@@ -116,6 +126,8 @@ class SessionStore(TrailStore):
             check_text(name, value, required=False)
         required_text("listen_host", listen_host)
         check_text("gateway_id", gateway_id, required=False)
+        check_text("client_public_key", client_public_key, required=False)
+        check_text("idle_policy", idle_policy, required=False)
         expires = check_time("expires_at", expires_at)
         started = self._now() if started_at is None else check_time("started_at", started_at)
         if expires <= started:
@@ -141,8 +153,14 @@ class SessionStore(TrailStore):
                 "gateway_id": gateway_id,
             }
             sealed = seal(self._chain, "sessions", "start", row["id"], row, SESSION_START)
-            conn.execute(sessions.insert().values({**row, "start_seal": sealed}))
-        return AccessSession.model_validate(row)
+            held = {
+                "holder_id": gateway_id,
+                "client_public_key": client_public_key,
+                "idle_timeout_seconds": idle_timeout_seconds,
+                "idle_policy": idle_policy,
+            }
+            conn.execute(sessions.insert().values({**row, **held, "start_seal": sealed}))
+        return AccessSession.model_validate(row | held)
 
     def set_session_port(self, session_id: str, port: int) -> None:
         """Record the local port the session's listener is bound to."""
@@ -184,7 +202,7 @@ class SessionStore(TrailStore):
                 .values(expires_at=expires, start_seal=sealed)
             )
             announce(conn, ChangeTopic.SESSION, session_id)
-            return _session(session_row(conn, session_id))
+            return session_of(session_row(conn, session_id))
 
     def end_session(
         self,
@@ -212,12 +230,12 @@ class SessionStore(TrailStore):
             current = session_row(conn, session_id, lock="update")
             if current.ended_at is None:
                 self._end_row(conn, session_id, ended, reason, detail)
-            return _session(session_row(conn, session_id))
+            return session_of(session_row(conn, session_id))
 
     def get_session(self, session_id: str) -> AccessSession:
         """A session by full id, or by a unique prefix of at least 6 characters."""
         with self._transaction(write=False) as conn:
-            return _session(session_row(conn, resolve_session_id(conn, session_id)))
+            return session_of(session_row(conn, resolve_session_id(conn, session_id)))
 
     def list_sessions(
         self,
@@ -298,13 +316,15 @@ class SessionStore(TrailStore):
                     ),
                 )
                 query = query.where(failed if has_errors else ~failed)
-            return [_session(r) for r in conn.execute(query.limit(limit))]
+            return [session_of(r) for r in conn.execute(query.limit(limit))]
 
     def close_orphans(self, gateway_id: str, *, starting: bool = False) -> int:
         """End the open sessions of gone gateways as ``gateway_crash``, with their
         open connections; returns the sessions this call ended.
 
-        A gateway is gone when its presence lease (``gateway/<id>``) has lapsed
+        A session is its holder's (``holder_id``: the gateway that opened it, or
+        the one that took it over since). A gateway is gone when its presence
+        lease (``gateway/<id>``) has lapsed
         or is not there (a session from before revision 0017 has no gateway and
         counts as a gone one's). *gateway_id* is the caller's: with *starting*
         (the caller's own start-up) its own sessions count as gone too, left by
@@ -324,7 +344,7 @@ class SessionStore(TrailStore):
         with self._transaction(write=True) as conn:
             owners = set(
                 conn.execute(
-                    select(sessions.c.gateway_id).where(sessions.c.ended_at.is_(None)).distinct()
+                    select(sessions.c.holder_id).where(sessions.c.ended_at.is_(None)).distinct()
                 ).scalars()
             )
             if not starting:
@@ -341,18 +361,18 @@ class SessionStore(TrailStore):
             if not gone:
                 return 0
             known = [g for g in gone if g is not None]
-            whose: ColumnElement[bool] = sessions.c.gateway_id.in_(known)
+            whose: ColumnElement[bool] = sessions.c.holder_id.in_(known)
             if None in gone:
-                whose = or_(whose, sessions.c.gateway_id.is_(None))
+                whose = or_(whose, sessions.c.holder_id.is_(None))
             orphans = conn.execute(
-                select(sessions.c.id, sessions.c.gateway_id, sessions.c.started_at)
+                select(sessions.c.id, sessions.c.holder_id, sessions.c.started_at)
                 .where(sessions.c.ended_at.is_(None), whose)
                 .order_by(sessions.c.id)
                 .with_for_update()
             ).all()
             closed = 0
             for orphan in orphans:
-                last_seen = gone[orphan.gateway_id] or now
+                last_seen = gone[orphan.holder_id] or now
                 if self._end_row(
                     conn,
                     orphan.id,

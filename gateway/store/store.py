@@ -25,6 +25,7 @@ clock and the audit chain they share):
 * :mod:`gateway.store.webhooks`: webhooks (sealed secrets) and their outbox;
 * :mod:`gateway.store.mfa`: second factors (sealed secrets, used steps, failures);
 * :mod:`gateway.store.projects`: per-project settings;
+* :mod:`gateway.store.fleet`: where each gateway is, grants taken over on failover;
 * :mod:`gateway.store.changes`: changes announced to the other gateways on the
   store (LISTEN/NOTIFY), and what a gateway reads back to reconcile;
 * :mod:`gateway.store.audit` and :mod:`gateway.store.trail`: the audit trail.
@@ -47,6 +48,7 @@ from gateway.store.changes import ChangeStore
 from gateway.store.connections import ConnectionStore
 from gateway.store.engine import SqliteSynchronous
 from gateway.store.ephemeral import EphemeralRoleStore
+from gateway.store.fleet import FleetStore
 from gateway.store.identity import IdentityStore
 from gateway.store.leases import LeaseStore
 from gateway.store.mfa import MfaStore
@@ -78,6 +80,7 @@ class Store(
     RotationStore,
     ScheduleStore,
     LeaseStore,
+    FleetStore,
     EphemeralRoleStore,
     ChangeStore,
 ):

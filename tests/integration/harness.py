@@ -496,22 +496,49 @@ def open_store(gw: Gateway) -> Store:
 def shared_store_pair(
     pg: TempCluster, tmp_path: Path, settings: dict[str, Any]
 ) -> tuple[Gateway, Gateway]:
-    """Two daemons' state directories (not started) on one PostgreSQL store, a
-    fresh database of *pg*, with *settings*: the second has the first's master
-    key (the store's secrets are sealed with it) and an admin of its own."""
+    """:func:`shared_store_fleet` of two."""
+    first, second = shared_store_fleet(pg, tmp_path, settings, 2)
+    return first, second
+
+
+#: the files of the gateway CA and its server certificate (docs/operations.md,
+#: "Adding a gateway": copied to share the CA)
+CA_FILES = (
+    "gateway-ca.crt",
+    "gateway-ca.key.sealed",
+    "gateway-server.crt",
+    "gateway-server.key.sealed",
+)
+#: the admin each gateway after the first makes at its init (the first's is the OS user)
+FLEET_ADMINS = ("second-admin", "third-admin", "fourth-admin")
+
+
+def shared_store_fleet(
+    pg: TempCluster, tmp_path: Path, settings: dict[str, Any], count: int
+) -> list[Gateway]:
+    """*count* daemons' state directories (not started) on one PostgreSQL store,
+    a fresh database of *pg*, with *settings*, as docs/operations.md adds a
+    gateway: each after the first has the first's master key (the store's
+    secrets are sealed with it) and CA (so a grant's client certificate is good
+    at any of them), and an admin of its own (``FLEET_ADMINS``)."""
     database = unique("pam_store")
     pg.create_database(database)
     url = pg.superuser_dsn(database)
-    first, second = Gateway(tmp_path / "a"), Gateway(tmp_path / "b")
-    for gw in (first, second):
+    fleet = [Gateway(tmp_path / name) for name in "abcd"[:count]]
+    for gw in fleet:
         gw.home.mkdir(parents=True, mode=0o700)
         write_settings(gw, {**settings, "store_url": url})
+    first = fleet[0]
     first.cli("gateway", "init", "--force", "--api-port", str(free_port()))
-    shutil.copy2(first.home / MASTER_KEY_FILE, second.home / MASTER_KEY_FILE)
-    second.cli(
-        "gateway", "init", "--force", "--api-port", str(free_port()), "--admin", "second-admin"
-    )
-    return first, second
+    ca_pem = (first.home / CA_FILES[0]).read_text()
+    for gw, admin in zip(fleet[1:], FLEET_ADMINS, strict=False):
+        shutil.copy2(first.home / MASTER_KEY_FILE, gw.home / MASTER_KEY_FILE)
+        gw.cli("gateway", "init", "--force", "--api-port", str(free_port()), "--admin", admin)
+        for name in CA_FILES:
+            shutil.copy2(first.home / name, gw.home / name)
+        config = json.loads(gw.config_path.read_text())
+        gw.config_path.write_text(json.dumps({**config, "ca_cert": ca_pem}))
+    return fleet
 
 
 def make_login_role(pg: TempCluster, prefix: str, database: str) -> tuple[str, str]:

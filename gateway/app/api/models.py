@@ -312,9 +312,11 @@ class AccessOut(SessionOut):
 
 
 class CertificateOut(BaseModel):
-    """A tunnel grant's current client certificate (re-issued by an extension)."""
+    """A tunnel grant's current client certificate (re-issued by an extension),
+    and the answering gateway's tunnel port (where a CLI that failed over goes)."""
 
     certificate: str
+    tunnel_port: int | None = None
 
 
 class ApprovalOut(_Out):

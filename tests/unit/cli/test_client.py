@@ -646,3 +646,64 @@ def test_an_export_cut_short_is_an_api_error_while_reading() -> None:
     assert raised.value.message == (
         "talking to the pam gateway failed: peer closed connection without sending complete body"
     )
+
+
+# --- failover between the fleet's gateways --------------------------------------------
+
+FLEET = CONFIG.model_copy(
+    update={
+        "api_url": "https://a.example:7745",
+        "api_urls": ["https://b.example:7745", "https://c.example:7745"],
+    }
+)
+
+
+def _fleet_client(down: set[str], seen: list[str]) -> ApiClient:
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.host)
+        if request.url.host in down:
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(200, json={"from": request.url.host})
+
+    return ApiClient(FLEET, transport=httpx.MockTransport(answer))
+
+
+def test_a_call_that_cannot_connect_goes_to_the_next_gateway_and_stays_there() -> None:
+    seen: list[str] = []
+    with _fleet_client({"a.example"}, seen) as c:
+        assert c.heartbeat("s1") == {"from": "b.example"}
+        assert c.heartbeat("s1") == {"from": "b.example"}
+        assert c.endpoints.current == "https://b.example:7745"
+    assert seen == ["a.example", "b.example", "b.example"]
+
+
+def test_clients_sharing_endpoints_fail_over_together() -> None:
+    seen: list[str] = []
+    with _fleet_client({"a.example"}, seen) as first:
+        first.health()
+        with ApiClient(FLEET, endpoints=first.endpoints, transport=first._http._transport) as other:
+            assert other.health() == {"from": "b.example"}
+    assert seen == ["a.example", "b.example", "b.example"]
+
+
+def test_no_gateway_reachable_is_one_error_naming_each() -> None:
+    down = {"a.example", "b.example", "c.example"}
+    with _fleet_client(down, []) as c, pytest.raises(ApiError) as raised:
+        c.health()
+    assert raised.value.message == (
+        "cannot reach the pam gateway at https://a.example:7745"
+        " (nor https://b.example:7745, https://c.example:7745)"
+    )
+    assert raised.value.status is None
+
+
+def test_an_answer_with_an_error_status_is_not_failed_over() -> None:
+    seen: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.host)
+        return httpx.Response(503, json={"error": {"type": "Unavailable", "message": "busy"}})
+
+    with ApiClient(FLEET, transport=httpx.MockTransport(answer)) as c, pytest.raises(ApiError):
+        c.health()
+    assert seen == ["a.example"]

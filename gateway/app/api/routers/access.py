@@ -68,7 +68,7 @@ async def open_access(
     out = AccessOut.of(session).model_copy(
         update={"expiry_notice_seconds": service.grants.expiry_notice_seconds}
     )
-    offer = service.tunnel_offer(session.id)
+    offer = await service.tunnel_offer(session.id)
     if offer is not None:
         cert, ca, port = offer
         out = out.model_copy(
@@ -144,12 +144,14 @@ async def extend_access(
 
 @router.get("/{session_id}/certificate")
 async def access_certificate(session_id: str, caller: Caller, service: Service) -> CertificateOut:
-    """A tunnel grant's client certificate as it stands (an extension re-issues it)."""
-    full_id = await _own(session_id, caller, service)
-    cert = service.grants.certificate_of(full_id)
-    if cert is None:
+    """A tunnel grant's client certificate as it stands (an extension re-issues
+    it), and this gateway's tunnel port: a CLI that failed over here asks this
+    (the grant is taken over from the gateway that held it)."""
+    offer = await service.tunnel_offer(await _own(session_id, caller, service))
+    if offer is None:
         raise NotFound(f"session '{session_id}' has no live tunnel certificate")
-    return CertificateOut(certificate=cert.decode())
+    cert, _ca, port = offer
+    return CertificateOut(certificate=cert.decode(), tunnel_port=port)
 
 
 @router.post("/{session_id}/end")

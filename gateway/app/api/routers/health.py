@@ -1,6 +1,8 @@
 """Liveness, readiness and metrics of the daemon, for the CLI, probes and Prometheus.
 
 * ``/v1/health``: the CLI's liveness check (version, server time, gateway id).
+* ``/v1/gateways``: the fleet's control API URLs, for a signed-in CLI to fail
+  over to (not open: it names internal addresses).
 * ``/healthz``: 200 while the process serves HTTP at all (a liveness probe).
 * ``/readyz``: 200 when the store answers, the presence lease is fresh and the
   audit trail is writable, else 503 naming each failed check
@@ -23,7 +25,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from gateway import __version__
-from gateway.app.api.deps import Service, client_addr, current_principal, is_loopback
+from gateway.app.api.deps import Caller, Service, client_addr, current_principal, is_loopback
 from gateway.app.api.models import Health
 from gateway.app.metrics import CONTENT_TYPE
 from gateway.app.readiness import report
@@ -47,6 +49,13 @@ async def health(request: Request) -> Health:
         server_time=datetime.now(UTC),
         gateway_id=request.app.state.service.settings.gateway_id,
     )
+
+
+@router.get("/gateways")
+async def gateways(_caller: Caller, service: Service) -> list[str]:
+    """The control API URLs of the gateways of this fleet present now (sharing
+    the store): where a signed-in CLI may fail over to (``pam login`` keeps them)."""
+    return await service.db(service.store.fleet_urls)
 
 
 @probes.get("/healthz")

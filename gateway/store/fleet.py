@@ -1,0 +1,95 @@
+"""The fleet: where each gateway sharing the store can be reached, and grants
+moving between gateways when a CLI fails over.
+
+Implements the store side of failover (``docs/operations.md``, "Failover"):
+
+* Each gateway writes its advertised control API URL and tunnel port at its
+  start (:meth:`FleetStore.register_gateway`); :meth:`FleetStore.fleet_urls`
+  lists those of the gateways present now (presence lease held), which
+  ``/v1/health`` hands to ``pam login``, so the CLI knows where else to go.
+* :meth:`FleetStore.take_over_session` moves a live grant's holder to the
+  calling gateway, in one statement conditional on the session still being
+  open, and announces the move in the same transaction: the previous holder,
+  if it is alive, lets go of it (``gateway.access.changes``).
+
+Invariants:
+
+* A take-over never touches the sealed columns (``gateway_id``, the opener,
+  stays): only ``holder_id`` moves, and crash recovery goes by it.
+* An ended or expired session is never taken over; the caller gets it back
+  unchanged and says why.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from gateway.store.changes import ChangeTopic, announce
+from gateway.store.engine import StoreBase
+from gateway.store.models import AccessSession
+from gateway.store.rows import session_row
+from gateway.store.schema import gateways, leases, sessions
+from gateway.store.sessions import session_of
+from gateway.store.validation import check_port, check_text, required_text
+
+__all__ = ["FleetStore"]
+
+#: the presence lease of each gateway (``gateway.access.presence``)
+_PRESENCE_PREFIX = "gateway/"
+
+
+class FleetStore(StoreBase):
+    def register_gateway(self, gateway_id: str, api_url: str, tunnel_port: int | None) -> None:
+        """Record (or update) where gateway *gateway_id* can be reached."""
+        required_text("gateway_id", gateway_id)
+        required_text("api_url", api_url)
+        if tunnel_port is not None:
+            check_port("tunnel_port", tunnel_port)
+        now = self._now()
+        with self._transaction(write=True) as conn:
+            updated = conn.execute(
+                gateways.update()
+                .where(gateways.c.id == gateway_id)
+                .values(api_url=api_url, tunnel_port=tunnel_port, started_at=now)
+            )
+            if updated.rowcount == 0:
+                conn.execute(
+                    gateways.insert().values(
+                        id=gateway_id, api_url=api_url, tunnel_port=tunnel_port, started_at=now
+                    )
+                )
+
+    def fleet_urls(self) -> list[str]:
+        """The control API URLs of the gateways present now (each holding its
+        presence lease), the longest-running first, without repeats."""
+        now = self._now()
+        query = (
+            select(gateways.c.api_url)
+            .select_from(gateways.join(leases, leases.c.name == _PRESENCE_PREFIX + gateways.c.id))
+            .where(leases.c.expires_at > now)
+            .order_by(gateways.c.started_at, gateways.c.id)
+        )
+        with self._transaction(write=False) as conn:
+            urls = list(conn.execute(query).scalars())
+        return list(dict.fromkeys(urls))
+
+    def take_over_session(
+        self, session_id: str, gateway_id: str
+    ) -> tuple[AccessSession, str | None]:
+        """Make *gateway_id* the holder of live session *session_id*; returns the
+        session as it stands and its previous holder. An ended or expired
+        session is returned unchanged (its holder stays)."""
+        check_text("gateway_id", gateway_id, required=True)
+        now = self._now()
+        with self._transaction(write=True) as conn:
+            current = session_row(conn, session_id, lock="update")
+            previous = current.holder_id
+            if current.ended_at is None and current.expires_at > now and previous != gateway_id:
+                conn.execute(
+                    sessions.update()
+                    .where(sessions.c.id == session_id, sessions.c.ended_at.is_(None))
+                    .values(holder_id=gateway_id)
+                )
+                announce(conn, ChangeTopic.SESSION, session_id)
+            row = session_row(conn, session_id)
+        return session_of(row), previous

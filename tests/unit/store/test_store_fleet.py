@@ -1,0 +1,93 @@
+"""The fleet in the store (``gateway.store.fleet``), on a SQLite file and a real
+PostgreSQL: each gateway's advertised address, listed while its presence lease
+is held, and a live grant taken over by another gateway (only ``holder_id``
+moves; the sealed opener stays, and crash recovery goes by the holder)."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+
+import pytest
+from store_support import FakeClock, open_session, store_with_db1
+
+from gateway.credentials.schedule import presence_lease
+from gateway.errors import InvalidRequest, NotFound
+from gateway.store import Store
+
+KEY = secrets.token_bytes(32)
+LEASE = 15.0
+
+
+@pytest.fixture
+def store(store_url: str, clock: FakeClock) -> Iterator[Store]:
+    with store_with_db1(store_url, KEY, clock) as opened:
+        yield opened
+
+
+def _renew(store: Store, gateway_id: str) -> None:
+    assert store.acquire_lease(presence_lease(gateway_id), gateway_id, LEASE)
+
+
+def test_the_fleet_is_the_gateways_present_in_the_order_they_started(
+    store: Store, clock: FakeClock
+) -> None:
+    store.register_gateway("gw-a", "https://a.example:7745", 7800)
+    clock.advance(1)
+    store.register_gateway("gw-b", "https://b.example:7745", None)
+    clock.advance(1)
+    store.register_gateway("gw-c", "https://c.example:7745", 7800)
+    assert store.fleet_urls() == []  # none holds its lease yet
+    for gw in ("gw-a", "gw-b", "gw-c"):
+        _renew(store, gw)
+    assert store.fleet_urls() == [
+        "https://a.example:7745",
+        "https://b.example:7745",
+        "https://c.example:7745",
+    ]
+    store.register_gateway("gw-a", "https://a2.example:7745", 7800)  # restarted, moved
+    clock.advance(LEASE - 1)
+    _renew(store, "gw-b")
+    clock.advance(2)  # a's and c's leases lapsed, b renewed
+    assert store.fleet_urls() == ["https://b.example:7745"]
+    _renew(store, "gw-a")
+    assert store.fleet_urls() == ["https://b.example:7745", "https://a2.example:7745"]
+    with pytest.raises(InvalidRequest, match="tunnel_port"):
+        store.register_gateway("gw-d", "https://d.example", 0)
+
+
+def test_a_take_over_moves_the_holder_and_keeps_the_sealed_opener(store: Store) -> None:
+    session = open_session(store, "gw-a")
+    assert store.get_session(session.id).holder_id == "gw-a"
+    moved, previous = store.take_over_session(session.id, "gw-b")
+    assert previous == "gw-a"
+    assert (moved.gateway_id, moved.holder_id) == ("gw-a", "gw-b")
+    again, previous = store.take_over_session(session.id, "gw-b")
+    assert (again.holder_id, previous) == ("gw-b", "gw-b")
+    store.end_session(session.id, reason="client_ended")
+    assert store.verify_audit(session.id) == []  # the start seal still holds
+
+
+def test_an_ended_or_expired_grant_is_not_taken_over(store: Store, clock: FakeClock) -> None:
+    ended = open_session(store, "gw-a")
+    store.end_session(ended.id, reason="client_ended")
+    unchanged, _ = store.take_over_session(ended.id, "gw-b")
+    assert unchanged.holder_id == "gw-a"
+    expired = open_session(store, "gw-a")
+    clock.advance((expired.expires_at - clock.now).total_seconds() + 1)
+    unchanged, _ = store.take_over_session(expired.id, "gw-b")
+    assert unchanged.holder_id == "gw-a"
+    with pytest.raises(NotFound):
+        store.take_over_session("nosuchsession", "gw-b")
+
+
+def test_recovery_ends_a_taken_over_grant_only_when_its_new_holder_is_gone(
+    store: Store, clock: FakeClock
+) -> None:
+    _renew(store, "gw-b")
+    session = open_session(store, "gw-a")  # gw-a never renews: it is gone
+    store.take_over_session(session.id, "gw-b")
+    assert store.close_orphans("gw-c") == 0  # its holder, gw-b, is alive
+    clock.advance(LEASE + 1)
+    assert store.close_orphans("gw-c") == 1
+    assert store.get_session(session.id).end_reason == "gateway_crash"
