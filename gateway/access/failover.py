@@ -15,6 +15,11 @@ hears of the move (:meth:`GrantTakeOver._let_go`): its live connections of the
 grant are cut with 57P01 saying where the grant went, and it forgets the grant
 without ending the session.
 
+A gateway stopping (SIGTERM: a rolling restart) hands its live tunnel grants
+to another gateway present (:meth:`GrantTakeOver.hand_over`) instead of ending
+them; the heir builds each at once (:meth:`GrantTakeOver.adopt`, on the change
+notification or its reconcile) and watches its heartbeats from then on.
+
 Invariants:
 
 * Only a tunnel grant is taken over (a local port's door is on the dead host);
@@ -48,7 +53,7 @@ from gateway.net.relay import Termination
 from gateway.protocol.sqlstate import SqlState
 from gateway.reasons import ConnectionEndReason
 
-__all__ = ["GrantTakeOver", "stored_key_der"]
+__all__ = ["GrantTakeOver", "handed_over", "stored_key_der"]
 
 log = structlog.get_logger(__name__)
 
@@ -64,6 +69,9 @@ class _GrantHolder(Protocol):
     _grants: dict[str, Grant]
     _taking: dict[str, asyncio.Task[Grant | None]]
     _closing: bool
+
+    @property
+    def gateway_id(self) -> str: ...
 
     async def _door(self, session: SessionRecord) -> AccessListener: ...
 
@@ -169,3 +177,45 @@ class GrantTakeOver:
             )
         )
         await grant.listener.close()
+
+    async def hand_over(self: _GrantHolder, grants: list[Grant]) -> dict[str, str]:
+        """At shutdown: give each live tunnel grant of *grants* to another gateway
+        present (``FleetStore.hand_over_session``); returns session id -> heir.
+        A grant that cannot be handed over (no other gateway, the store out of
+        reach) is not in the result: the caller ends it as before."""
+        heirs: dict[str, str] = {}
+        for grant in grants:
+            if grant.is_ended or grant.session.client_public_key is None:
+                continue
+            try:
+                heir = await self.db(
+                    self.store.hand_over_session, grant.session.id, self.gateway_id
+                )
+            except Exception as exc:  # ended instead, as without a fleet
+                log.warning("hand_over_failed", session_id=grant.session.id, error=repr(exc))
+                continue
+            if heir is not None:
+                heirs[grant.session.id] = heir
+                log.info("access_handed_over", session_id=grant.session.id, heir=heir)
+        return heirs
+
+    async def adopt(self: _GrantHolder, session_ids: list[str]) -> int:
+        """Build the grants the store says this gateway holds and it does not
+        (handed over by a stopping gateway); how many. Each is watched from now:
+        ended if its CLI does not call in within the heartbeat timeout."""
+        adopted = 0
+        for session_id in session_ids:
+            if session_id not in self._grants and await self.take_over(session_id):
+                adopted += 1
+        return adopted
+
+
+def handed_over(session_id: str) -> Termination:
+    """What a live connection of a grant handed over at shutdown is told."""
+    return Termination(
+        ConnectionEndReason.GATEWAY_SHUTDOWN,
+        SqlState.ADMIN_SHUTDOWN,
+        "terminating connection because the pam gateway is shutting down; access session"
+        f" {session_id[:8]} goes on through another gateway",
+        hint="reconnect: `pam db access` carries new connections there",
+    )

@@ -23,8 +23,10 @@ Invariants:
   session ended as ``error`` and never opens a door.
 * A session ends only after its cut connections have recorded their ends and
   the audit trail has been flushed, so its seal covers them.
-* Shutdown is ordered: refuse new work, tell live clients why, record the
-  connections' ends, flush the trail, then end the sessions.
+* Shutdown is ordered: refuse new work, hand tunnel grants to another gateway
+  of the fleet if one is up (``gateway.access.failover``), tell live clients
+  why, record the connections' ends, flush the trail, then end the sessions
+  not handed over.
 * Every session this service ends is handed to ``on_ended`` (the composition
   root publishes it as a notification), once, after its row is ended.
 * The store is the truth for a grant held by another gateway on the same store:
@@ -49,7 +51,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gateway.access.admission import check_grant_request
 from gateway.access.changes import ChangesMadeElsewhere
 from gateway.access.connections import ConnectionRecords
-from gateway.access.failover import GrantTakeOver
+from gateway.access.failover import GrantTakeOver, handed_over
 from gateway.access.grants import Grant, GrantState, format_time, is_live
 from gateway.access.ports import SessionRecord, SessionStore, StoreThread
 from gateway.audit.runtime import AuditRuntime
@@ -158,8 +160,11 @@ class GrantService(ChangesMadeElsewhere, GrantTakeOver):
             self._watchdog.cancel()
             await asyncio.gather(self._watchdog, return_exceptions=True)
         grants = list(self._grants.values())
+        # Tunnel grants go on through another gateway of the fleet, if one is up.
+        heirs = await self.hand_over(grants)
         for grant in grants:
-            grant.listener.end(_SHUTDOWN)
+            session_id = grant.session.id
+            grant.listener.end(handed_over(session_id) if session_id in heirs else _SHUTDOWN)
         await asyncio.gather(
             *(g.listener.close(wait=SHUTDOWN_GRACE_SECONDS) for g in grants),
             return_exceptions=True,
@@ -171,7 +176,7 @@ class GrantService(ChangesMadeElsewhere, GrantTakeOver):
         for grant in grants:
             if grant.expiry_task is not None:
                 grant.expiry_task.cancel()
-            if not grant.is_ended:
+            if not grant.is_ended and grant.session.id not in heirs:
                 ended = await self.db(
                     self.store.end_session,
                     grant.session.id,

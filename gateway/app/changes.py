@@ -80,7 +80,11 @@ class ChangeFollower:
                     async with self._lock:
                         await self._refresh_credentials()
             elif change.kind is ChangeTopic.SESSION:
-                await self._apply(self.grants.live_ids(session_id=change.id))
+                held = self.grants.live_ids(session_id=change.id)
+                if held:
+                    await self._apply(held)
+                else:  # handed to this gateway by one stopping?
+                    await self._adopt([change.id])
             elif change.kind is ChangeTopic.PRINCIPAL:
                 await self._apply(self.grants.live_ids(principal_id=change.id))
         except Exception as exc:  # the reconcile will catch up
@@ -94,8 +98,10 @@ class ChangeFollower:
         )
 
     async def reconcile(self) -> None:
-        """Read back every grant this gateway holds, and the credentials' fingerprint."""
+        """Read back every grant this gateway holds, build those handed to it,
+        and compare the credentials' fingerprint."""
         await self._apply(self.grants.live_ids())
+        await self._adopt(await self.db(self.store.tunnel_grants_held_by, self.gateway_id))
         fingerprint = await self.db(self.store.credentials_fingerprint)
         if fingerprint != self._fingerprint:
             async with self._lock:
@@ -118,6 +124,17 @@ class ChangeFollower:
             changed = await self.grants.apply_stored(states)
         if changed:
             log.info("grants_changed_elsewhere", count=changed)
+
+    async def _adopt(self, session_ids: list[str]) -> None:
+        """Build the grants among *session_ids* the store says this gateway holds."""
+        states = await self.db(self.store.grant_states, session_ids)
+        mine = [
+            session_id
+            for session_id, state in states.items()
+            if state.holder_id == self.gateway_id and state.ended_at is None
+        ]
+        if mine and (adopted := await self.grants.adopt(mine)):
+            log.info("grants_handed_over_here", count=adopted)
 
     async def _reconcile_loop(self) -> None:
         while True:

@@ -11,6 +11,10 @@ Implements the store side of failover (``docs/operations.md``, "Failover"):
   calling gateway, in one statement conditional on the session still being
   open, and announces the move in the same transaction: the previous holder,
   if it is alive, lets go of it (``gateway.access.changes``).
+* :meth:`FleetStore.hand_over_session` is a stopping gateway giving a tunnel
+  grant to another one present (announced too): the heir builds it at once
+  (:meth:`FleetStore.tunnel_grants_held_by` on its reconcile covers a lost
+  notification), so the grant outlives a rolling restart.
 
 Invariants:
 
@@ -93,3 +97,51 @@ class FleetStore(StoreBase):
                 announce(conn, ChangeTopic.SESSION, session_id)
             row = session_row(conn, session_id)
         return session_of(row), previous
+
+    def hand_over_session(self, session_id: str, gateway_id: str) -> str | None:
+        """Hand live tunnel grant *session_id*, held by *gateway_id* (stopping),
+        to the longest-running other gateway present; returns that gateway's id,
+        or None when there is none (or the grant is not *gateway_id*'s to give:
+        ended, expired, not a tunnel grant, or held elsewhere)."""
+        now = self._now()
+        with self._transaction(write=True) as conn:
+            current = session_row(conn, session_id, lock="update")
+            if (
+                current.ended_at is not None
+                or current.expires_at <= now
+                or current.holder_id != gateway_id
+                or current.client_public_key is None
+            ):
+                return None
+            heir = conn.execute(
+                select(gateways.c.id)
+                .select_from(
+                    gateways.join(leases, leases.c.name == _PRESENCE_PREFIX + gateways.c.id)
+                )
+                .where(leases.c.expires_at > now, gateways.c.id != gateway_id)
+                .order_by(gateways.c.started_at, gateways.c.id)
+                .limit(1)
+            ).scalar_one_or_none()
+            if heir is None:
+                return None
+            conn.execute(
+                sessions.update().where(sessions.c.id == session_id).values(holder_id=heir)
+            )
+            announce(conn, ChangeTopic.SESSION, session_id)
+            return str(heir)
+
+    def tunnel_grants_held_by(self, gateway_id: str) -> list[str]:
+        """The ids of the open tunnel grants the store says *gateway_id* holds
+        (one handed to it appears here before its CLI calls in)."""
+        now = self._now()
+        with self._transaction(write=False) as conn:
+            return list(
+                conn.execute(
+                    select(sessions.c.id).where(
+                        sessions.c.holder_id == gateway_id,
+                        sessions.c.ended_at.is_(None),
+                        sessions.c.expires_at > now,
+                        sessions.c.client_public_key.is_not(None),
+                    )
+                ).scalars()
+            )

@@ -35,6 +35,7 @@ from harness import (
 )
 
 from gateway.config import load_settings
+from gateway.credentials import pki
 from gateway.store.models import AccessSession
 from gateway.testing.pgcluster import TempCluster
 
@@ -285,3 +286,74 @@ def test_a_revocation_on_the_third_gateway_cuts_the_connections_the_other_two_re
         print(f"\nrevocation on C applied by {gw.root.name}: {delay.total_seconds():.3f} s")
         ended = stored(c, session_id)
         assert (ended.end_reason, ended.end_detail) == ("revoked", "revoked by third-admin: INC-3")
+
+
+def test_a_gateway_stopping_hands_its_tunnel_grants_to_another(
+    fleet: list[Gateway], tmp_path: Path
+) -> None:
+    """A rolling restart: SIGTERM to the gateway holding a laptop's grant. Its
+    connection ends saying the session goes on; the next one works through
+    another gateway, and the session is not ended. A grant with a local port
+    ends as before (its door was on the stopped gateway's host)."""
+    a, b, _c = fleet
+    laptop = laptop_of(fleet, tmp_path)
+    access = laptop.access("--tunnel", duration="10m").wait_ready()
+    session_id = session_id_of(a, access)
+    local_on_a = a.access().wait_ready()
+    local_id = session_id_of(a, local_on_a)
+    held = psycopg.connect(access.dsn(), autocommit=True)
+    try:
+        assert held.execute("select 1").fetchone() == (1,)
+        assert a.stop() == 0
+        error = wait_for(lambda: _cut(held), timeout=30)
+    finally:
+        held.close()
+    assert isinstance(error, psycopg.errors.AdminShutdown)
+    # Handed over by A's shutdown, or taken over by B first: the laptop's
+    # heartbeat turns to B as soon as A's API stops answering, which may be
+    # before A's grants are shut down. Either way the session goes on.
+    said = str(error)
+    assert (
+        f"access session {session_id[:8]} goes on through another gateway" in said
+        or f"access session {session_id[:8]} moved to gateway {gateway_id(b)}" in said
+    ), said
+    assert select_one(access.dsn(), "select 'after the restart'") == "after the restart"
+    now = stored(b, session_id)
+    assert now.ended_at is None and now.holder_id in (gateway_id(b), gateway_id(_c))
+    assert stored(b, local_id).end_reason == "gateway_shutdown"
+    # The laptop lets go: the gateway now holding it ends the session.
+    assert access.stop() == 0
+    assert stored(b, session_id).end_reason == "client_ended"
+    with open_store(b) as store:
+        assert store.verify_audit(session_id) == []
+
+
+def test_a_grant_handed_over_at_shutdown_is_built_and_watched_by_its_heir(
+    fleet: list[Gateway], tmp_path: Path
+) -> None:
+    """A tunnel grant whose CLI is silent while its gateway stops (no heartbeat
+    can move it first): the stopping gateway hands it to the longest-running
+    other one, which builds it at once and, hearing nothing from its CLI,
+    ends it after the heartbeat timeout."""
+    a, b, _c = fleet
+    laptop = laptop_of(fleet, tmp_path)
+    with laptop.api() as client:
+        opened = client.open_access(
+            resource=RESOURCE,
+            account="scram",
+            duration_seconds=600,
+            port=None,
+            reason="hand-over",
+            csr=pki.csr_for(pki.new_key()),
+        )
+    session_id = opened["id"]
+    assert a.stop() == 0
+    assert any(
+        e.get("event") == "access_handed_over" and e.get("heir") == gateway_id(b)
+        for e in a.log_events()
+    )
+    assert stored(b, session_id).holder_id == gateway_id(b)
+    wait_for(lambda: any(e.get("event") == "grants_handed_over_here" for e in b.log_events()))
+    ended = wait_for(lambda: (s := stored(b, session_id)).ended_at is not None and s, timeout=60)
+    assert ended.end_reason == "client_ended"
+    assert ended.end_detail is not None and "stopped responding" in ended.end_detail

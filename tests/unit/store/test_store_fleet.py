@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
-from store_support import FakeClock, open_session, store_with_db1
+from store_support import T0, FakeClock, open_session, store_with_db1
 
 from gateway.credentials.schedule import presence_lease
 from gateway.errors import InvalidRequest, NotFound
@@ -91,3 +92,45 @@ def test_recovery_ends_a_taken_over_grant_only_when_its_new_holder_is_gone(
     clock.advance(LEASE + 1)
     assert store.close_orphans("gw-c") == 1
     assert store.get_session(session.id).end_reason == "gateway_crash"
+
+
+def _tunnel_session(store: Store, gateway_id: str) -> str:
+    return store.create_session(
+        requester="alice",
+        resource="db1",
+        account="ro",
+        listen_host="127.0.0.1",
+        expires_at=T0 + timedelta(hours=1),
+        gateway_id=gateway_id,
+        client_public_key="-----BEGIN PUBLIC KEY-----\nstand-in\n-----END PUBLIC KEY-----\n",
+    ).id
+
+
+def test_a_stopping_gateway_hands_a_tunnel_grant_to_the_longest_running_other(
+    store: Store, clock: FakeClock
+) -> None:
+    for gw in ("gw-a", "gw-b", "gw-c"):
+        store.register_gateway(gw, f"https://{gw}.example", 7800)
+        _renew(store, gw)
+        clock.advance(1)
+    tunnel = _tunnel_session(store, "gw-a")
+    local = open_session(store, "gw-a").id
+    assert store.tunnel_grants_held_by("gw-b") == []
+    assert store.hand_over_session(local, "gw-a") is None  # its door was on gw-a's host
+    assert store.hand_over_session(tunnel, "gw-c") is None  # not gw-c's to give
+    assert store.hand_over_session(tunnel, "gw-a") == "gw-b"
+    assert store.get_session(tunnel).holder_id == "gw-b"
+    assert store.tunnel_grants_held_by("gw-b") == [tunnel]
+    store.end_session(tunnel, reason="client_ended")
+    assert store.tunnel_grants_held_by("gw-b") == []
+
+
+def test_no_hand_over_without_another_gateway_present(store: Store, clock: FakeClock) -> None:
+    store.register_gateway("gw-a", "https://a.example", 7800)
+    store.register_gateway("gw-b", "https://b.example", 7800)
+    _renew(store, "gw-a")
+    _renew(store, "gw-b")
+    clock.advance(LEASE + 1)  # gw-b's lease lapsed (gw-a is the one asking)
+    tunnel = _tunnel_session(store, "gw-a")
+    assert store.hand_over_session(tunnel, "gw-a") is None
+    assert store.get_session(tunnel).holder_id == "gw-a"
