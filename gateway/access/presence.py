@@ -74,7 +74,9 @@ class PresenceStore(Protocol):
 
     def release_lease(self, name: str, holder: str) -> bool: ...
 
-    def close_orphans(self, gateway_id: str, *, starting: bool = ...) -> int: ...
+    def close_orphans(
+        self, gateway_id: str, *, starting: bool = ..., ended: list[str] | None = ...
+    ) -> int: ...
 
 
 @dataclass(eq=False)
@@ -84,9 +86,9 @@ class Presence:
     gateway_id: str
     renew_seconds: float = 5.0
     lease_seconds: float = 15.0
-    #: told how many sessions a tick ended (the composition root wakes the grant
-    #: roles' janitor); must not block
-    on_closed: Callable[[int], None] | None = None
+    #: told the ids of the sessions a tick ended (the composition root wakes the
+    #: grant roles' janitor and tells the webhooks); must not block
+    on_closed: Callable[[list[str]], None] | None = None
     #: without a renewal for this long, new connections are refused
     grace_seconds: float = 15.0
     #: and live ones ended (``cut_live``: every grant's)
@@ -124,11 +126,12 @@ class Presence:
         """Renew the lease, then end the sessions of gone gateways; returns how
         many were ended."""
         await self._renew()
-        closed = await self.db(self.store.close_orphans, self.gateway_id)
+        ended: list[str] = []
+        closed = await self.db(self.store.close_orphans, self.gateway_id, ended=ended)
         if closed:
             log.warning("closed_sessions_of_gone_gateways", count=closed, reason="gateway_crash")
             if self.on_closed is not None:
-                self.on_closed(closed)
+                self.on_closed(ended)
         return closed
 
     def _since_renewal(self) -> float:

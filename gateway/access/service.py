@@ -112,6 +112,8 @@ class GrantService(ChangesMadeElsewhere, GrantTakeOver):
     _grants: dict[str, Grant] = field(default_factory=dict)
     #: take-overs in flight (``gateway.access.failover``), one per grant
     _taking: dict[str, asyncio.Task[Grant | None]] = field(default_factory=dict)
+    #: the sessions a crash had left open that :meth:`start` ended
+    recovered_at_start: list[str] = field(default_factory=list)
     _watchdog: asyncio.Task[None] | None = None
     _closing: bool = False
 
@@ -125,11 +127,11 @@ class GrantService(ChangesMadeElsewhere, GrantTakeOver):
         Before this gateway renews its presence lease: its own sessions left by
         its previous run end at that run's last renewal. So do those of other
         gateways whose lease has lapsed; a live gateway's are left alone."""
+        ended: list[str] = []
         closed = await self.db(
-            self.store.close_orphans,
-            self.settings.gateway_id,
-            starting=True,
+            self.store.close_orphans, self.settings.gateway_id, starting=True, ended=ended
         )
+        self.recovered_at_start = ended
         if closed:
             log.warning(
                 "closed_orphaned_sessions", count=closed, reason=SessionEndReason.GATEWAY_CRASH

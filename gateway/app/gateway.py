@@ -124,7 +124,7 @@ class Gateway:
             lease_seconds=settings.presence_lease_seconds,
             # The roles of a gone gateway's grants are disabled now, not at the
             # janitor's next interval.
-            on_closed=lambda _count: self.ephemeral.janitor.wake(),
+            on_closed=self._gone_gateways_sessions_ended,
             grace_seconds=settings.store_unreachable_grace_seconds,
             strict=settings.store_unreachable_strict,
         )
@@ -244,14 +244,34 @@ class Gateway:
         #: awaited once when the daemon starts stopping, before anything else
         #: stops (the web console ends the grants it holds)
         self.stop_hooks: list[Callable[[], Awaitable[None]]] = []
+        #: background work of this root's own (kept referenced until done)
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def _session_ended(self, session: SessionRecord) -> None:
         self.ephemeral.ended(session)
+        self._publish_end(session)
+
+    def _publish_end(self, session: SessionRecord) -> None:
         if session.project is None:
             return  # a session from before projects: no project's webhooks to tell
         revoked = session.end_reason == SessionEndReason.REVOKED
         event = Event.ACCESS_REVOKED if revoked else Event.ACCESS_ENDED
         self.notifier.publish(session.project, event, session_data(session))
+
+    def _gone_gateways_sessions_ended(self, session_ids: list[str]) -> None:
+        """Crash recovery ended *session_ids* (a gone gateway's): their grant
+        roles are disabled now, not at the janitor's next interval, and their
+        webhooks told (access.ended, reason gateway_crash)."""
+        self.ephemeral.janitor.wake()
+        self._tasks.add(task := asyncio.create_task(self._publish_ends(session_ids)))
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish_ends(self, session_ids: list[str]) -> None:
+        for session_id in session_ids:
+            try:
+                self._publish_end(await self.db(self.store.get_session, session_id))
+            except Exception as exc:  # one lost notice must not stop the others
+                log.warning("crash_end_not_published", session_id=session_id, error=repr(exc))
 
     def _session_changed_elsewhere(self, session: SessionRecord) -> None:
         """Another gateway ended or extended a grant this one holds (and told
@@ -283,6 +303,8 @@ class Gateway:
         closed = await self.grants.start()
         await self.presence.start()
         await self.notifier.start()
+        # This gateway's own sessions its previous run left: told now the notifier runs.
+        await self._publish_ends(self.grants.recovered_at_start)
         self.requests.start()
         if self.settings.audit_enabled:
             await self.credentials.refresh()

@@ -318,9 +318,12 @@ class SessionStore(TrailStore):
                 query = query.where(failed if has_errors else ~failed)
             return [session_of(r) for r in conn.execute(query.limit(limit))]
 
-    def close_orphans(self, gateway_id: str, *, starting: bool = False) -> int:
+    def close_orphans(
+        self, gateway_id: str, *, starting: bool = False, ended: list[str] | None = None
+    ) -> int:
         """End the open sessions of gone gateways as ``gateway_crash``, with their
-        open connections; returns the sessions this call ended.
+        open connections; returns how many sessions this call ended, and appends
+        their ids to *ended* if given (their webhooks are told).
 
         A session is its holder's (``holder_id``: the gateway that opened it, or
         the one that took it over since). A gateway is gone when its presence
@@ -381,6 +384,8 @@ class SessionStore(TrailStore):
                     None,
                 ):
                     closed += 1
+                    if ended is not None:
+                        ended.append(orphan.id)
             return closed
 
     @staticmethod

@@ -38,6 +38,7 @@ from gateway.config import load_settings
 from gateway.credentials import pki
 from gateway.store.models import AccessSession
 from gateway.testing.pgcluster import TempCluster
+from gateway.testing.webhook_receiver import WebhookReceiver
 
 pytestmark = pytest.mark.integration
 
@@ -129,6 +130,8 @@ def test_login_learns_the_fleet_and_the_laptop_fails_over_when_its_gateway_dies(
     fleet: list[Gateway], tmp_path: Path
 ) -> None:
     a, b, c = fleet
+    receiver = WebhookReceiver().start()
+    a.cli("webhook", "add", receiver.url, "--event", "access.ended")
     laptop = laptop_of(fleet, tmp_path)
     profile = json.loads(laptop.config_path.read_text())
     assert profile["api_url"] == api_url(a)
@@ -207,6 +210,20 @@ def test_login_learns_the_fleet_and_the_laptop_fails_over_when_its_gateway_dies(
     # A's local grant ends as A's crash, once its lease lapsed; C's is untouched.
     crashed = wait_for(lambda: (s := stored(b, local_id)).ended_at is not None and s, timeout=60)
     assert crashed.end_reason == "gateway_crash"
+
+    # ... and its webhook is told so, once, by the gateway that recovered it.
+    def crash_notices() -> list[dict[str, Any]]:
+        bodies = [json.loads(r.body) for r in receiver.events("access.ended")]
+        return [b for b in bodies if b["data"]["session_id"] == local_id]
+
+    try:
+        wait_for(crash_notices, timeout=60)
+        time.sleep(1)  # a second notice, were there one, would be here by now
+        notices = crash_notices()
+    finally:
+        receiver.stop()
+    assert [n["data"]["end_reason"] for n in notices] == ["gateway_crash"]
+    assert notices[0]["gateway_id"] in (gateway_id(b), gateway_id(c))
     assert stored(b, c_id).ended_at is None
     assert select_one(on_c.dsn(), "select 'C is fine'") == "C is fine"
     assert access.wait(timeout=60) == 0  # the laptop's CLI saw the expiry and left

@@ -46,7 +46,7 @@ async def test_a_tick_ends_only_the_sessions_of_a_gateway_whose_lease_lapsed(
     store: Store, clock: FakeClock
 ) -> None:
     a, b = presence(store, "gw-a"), presence(store, "gw-b")
-    told: list[int] = []
+    told: list[list[str]] = []
     b.on_closed = told.append
     await a.tick()
     await b.tick()
@@ -64,7 +64,7 @@ async def test_a_tick_ends_only_the_sessions_of_a_gateway_whose_lease_lapsed(
     assert (ended.end_reason, ended.ended_at) == ("gateway_crash", last_renewal)
     assert store.get_session(of_b.id).ended_at is None
     assert await b.tick() == 0
-    assert told == [1]
+    assert told == [[of_a.id]]
 
 
 async def test_a_gateway_never_ends_its_own_live_sessions(store: Store, clock: FakeClock) -> None:
@@ -112,8 +112,10 @@ class Unreachable:
     def release_lease(self, name: str, holder: str) -> bool:
         return bool(self._call("release_lease", name, holder))
 
-    def close_orphans(self, gateway_id: str, *, starting: bool = False) -> int:
-        return int(self._call("close_orphans", gateway_id, starting=starting))
+    def close_orphans(
+        self, gateway_id: str, *, starting: bool = False, ended: list[str] | None = None
+    ) -> int:
+        return int(self._call("close_orphans", gateway_id, starting=starting, ended=ended))
 
 
 @pytest.mark.parametrize("strict", [False, True])
