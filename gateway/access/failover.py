@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -75,7 +74,12 @@ class _GrantHolder(Protocol):
 
     async def _door(self, session: SessionRecord) -> AccessListener: ...
 
-    def _schedule_expiry(self, grant: Grant) -> None: ...
+    def _hold(
+        self,
+        session: SessionRecord,
+        listener: AccessListener,
+        public_key: ec.EllipticCurvePublicKey | None,
+    ) -> Grant: ...
 
     async def take_over(self, session_id: str) -> Grant | None: ...
 
@@ -135,15 +139,9 @@ class GrantTakeOver:
         session, previous = await self.db(self.store.take_over_session, stored.id, me)
         if session.holder_id != me or session.ended_at is not None:
             return None  # ended or expired meanwhile
-        assert self.pki is not None
         key = serialization.load_pem_public_key(stored.client_public_key.encode())
         assert isinstance(key, ec.EllipticCurvePublicKey)
-        listener = await self._door(session)
-        grant = Grant(session, listener, last_heartbeat=time.monotonic())
-        grant.certificate = self.pki.issue_grant(key, session.id, session.expires_at)
-        grant.public_key = public_key_of(grant.certificate)
-        self._schedule_expiry(grant)
-        self._grants[session.id] = grant
+        grant = self._hold(session, await self._door(session), key)
         log.warning(
             "access_taken_over",
             session_id=session.id,

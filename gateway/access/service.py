@@ -264,13 +264,7 @@ class GrantService(ChangesMadeElsewhere, GrantTakeOver):
         if bound_port:
             await self.db(self.store.set_session_port, session.id, bound_port)
         session = await self.db(self.store.get_session, session.id)
-        grant = Grant(session, listener, last_heartbeat=time.monotonic())
-        if public_key is not None:
-            assert self.pki is not None  # _check_csr refuses a CSR without a CA
-            grant.certificate = self.pki.issue_grant(public_key, session.id, session.expires_at)
-            grant.public_key = public_key_of(grant.certificate)
-        self._schedule_expiry(grant)
-        self._grants[session.id] = grant
+        self._hold(session, listener, public_key)
         log.info(
             "access_granted",
             session_id=session.id,
@@ -282,6 +276,23 @@ class GrantService(ChangesMadeElsewhere, GrantTakeOver):
             idle_timeout_seconds=idle_timeout_seconds,
         )
         return session
+
+    def _hold(
+        self,
+        session: SessionRecord,
+        listener: AccessListener,
+        public_key: ec.EllipticCurvePublicKey | None,
+    ) -> Grant:
+        """*session*'s grant, held here from now: its door, its client certificate
+        (a tunnel grant's, for *public_key*), its expiry timer and heartbeat watch."""
+        grant = Grant(session, listener, last_heartbeat=time.monotonic())
+        if public_key is not None:
+            assert self.pki is not None  # no tunnel grant without a CA
+            grant.certificate = self.pki.issue_grant(public_key, session.id, session.expires_at)
+            grant.public_key = public_key_of(grant.certificate)
+        self._schedule_expiry(grant)
+        self._grants[session.id] = grant
+        return grant
 
     async def _prepare(self, session: SessionRecord) -> None:
         assert self.prepare is not None

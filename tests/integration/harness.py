@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from cli.client import ApiClient, ApiError
 from gateway.config import MASTER_KEY_FILE, load_client_config, load_settings, store_url
 from gateway.credentials.secretbox import SecretBox, load_master_key
@@ -300,6 +302,17 @@ def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.1) -> An
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+def cut_error(client: psycopg.Connection[Any]) -> psycopg.Error | None:
+    """The error a psycopg connection's next statement gets, or None while it
+    works (poll it with :func:`wait_for`)."""
+    try:
+        client.execute("select 1")
+    except psycopg.Error as exc:
+        return exc
+    time.sleep(0.05)
+    return None
 
 
 @dataclass(frozen=True)

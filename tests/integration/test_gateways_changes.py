@@ -12,7 +12,6 @@ timestamps and printed (``-s``), for docs/architecture.md.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -24,6 +23,7 @@ from conftest import APP_DATABASE
 from harness import (
     Gateway,
     add_verified_resource,
+    cut_error,
     make_login_role,
     open_store,
     shared_store_pair,
@@ -103,16 +103,6 @@ def live_client(a: Gateway, **access: str) -> tuple[psycopg.Connection[Any], str
     return client, session_id
 
 
-def cut(client: psycopg.Connection[Any]) -> psycopg.Error | None:
-    """The error the next statement gets, or None while the connection works."""
-    try:
-        client.execute("select 1")
-    except psycopg.Error as exc:
-        return exc
-    time.sleep(0.05)
-    return None
-
-
 def test_a_revoke_through_another_gateway_ends_the_relayed_connection_with_its_fatal(
     pair: tuple[Gateway, Gateway],
 ) -> None:
@@ -120,7 +110,7 @@ def test_a_revoke_through_another_gateway_ends_the_relayed_connection_with_its_f
     client, session_id = live_client(a)
     try:
         b.cli("sessions", "revoke", session_id, "--reason", "INC-9")
-        error = wait_for(lambda: cut(client))
+        error = wait_for(lambda: cut_error(client))
     finally:
         client.close()
     assert isinstance(error, psycopg.errors.AdminShutdown)
@@ -159,7 +149,7 @@ def test_an_extension_through_another_gateway_moves_the_relaying_gateways_cut(
             lambda: datetime.now(old_expiry.tzinfo) > old_expiry + timedelta(seconds=2), timeout=60
         )
         assert client.execute("select 2").fetchone() == (2,)
-        error = wait_for(lambda: cut(client), timeout=60)
+        error = wait_for(lambda: cut_error(client), timeout=60)
     finally:
         client.close()
     assert isinstance(error, psycopg.errors.AdminShutdown)
@@ -186,7 +176,7 @@ def test_a_user_disabled_through_another_gateway_loses_the_connections_another_r
     client, session_id = live_client(a)
     try:
         b.cli("user", "disable", owner)
-        error = wait_for(lambda: cut(client))
+        error = wait_for(lambda: cut_error(client))
     finally:
         client.close()
     assert isinstance(error, psycopg.errors.AdminShutdown)
@@ -244,7 +234,7 @@ def test_with_no_notifications_the_reconcile_still_applies_a_revocation(
     client, session_id = live_client(a)
     try:
         b.cli("sessions", "revoke", session_id, "--reason", "INC-10")
-        error = wait_for(lambda: cut(client))
+        error = wait_for(lambda: cut_error(client))
     finally:
         client.close()
     assert isinstance(error, psycopg.errors.AdminShutdown)
@@ -280,7 +270,7 @@ def test_a_listener_whose_connection_is_killed_listens_again_and_hears_the_next_
         wait_for(lambda: listening() == 2)
         assert any(e.get("event") == "change_feed_lost" for e in a.log_events())
         b.cli("sessions", "revoke", session_id, "--reason", "INC-11")
-        error = wait_for(lambda: cut(client))
+        error = wait_for(lambda: cut_error(client))
     finally:
         client.close()
     assert isinstance(error, psycopg.errors.AdminShutdown)

@@ -28,6 +28,7 @@ from harness import (
     AccessProcess,
     Gateway,
     add_verified_resource,
+    cut_error,
     make_login_role,
     open_store,
     shared_store_fleet,
@@ -189,7 +190,7 @@ def test_login_learns_the_fleet_and_the_laptop_fails_over_when_its_gateway_dies(
     conn = psycopg.connect(access.dsn(), autocommit=True)
     try:
         conn.execute("select 'after the move'")
-        error = wait_for(lambda: _cut(conn), timeout=90)
+        error = wait_for(lambda: cut_error(conn), timeout=90)
     finally:
         conn.close()
     assert isinstance(error, psycopg.errors.AdminShutdown)
@@ -229,15 +230,6 @@ def test_login_learns_the_fleet_and_the_laptop_fails_over_when_its_gateway_dies(
     assert access.wait(timeout=60) == 0  # the laptop's CLI saw the expiry and left
 
 
-def _cut(conn: psycopg.Connection[Any]) -> BaseException | None:
-    try:
-        conn.execute("select 1")
-    except psycopg.Error as exc:
-        return exc
-    time.sleep(0.5)
-    return None
-
-
 def test_a_live_gateway_lets_go_of_a_grant_another_took_over(
     fleet: list[Gateway], tmp_path: Path
 ) -> None:
@@ -256,7 +248,7 @@ def test_a_live_gateway_lets_go_of_a_grant_another_took_over(
             client.endpoints.failed(client.endpoints.current)
             offer = client.access_certificate(session_id)
         assert offer["tunnel_port"] is not None
-        error = wait_for(lambda: _cut(held), timeout=30)
+        error = wait_for(lambda: cut_error(held), timeout=30)
     finally:
         held.close()
     assert isinstance(error, psycopg.errors.AdminShutdown)
@@ -286,7 +278,9 @@ def test_a_revocation_on_the_third_gateway_cuts_the_connections_the_other_two_re
         revoked_at = datetime.now(UTC)
         for session_id in ids:
             c.cli("sessions", "revoke", session_id, "--reason", "INC-3")
-        errors = [wait_for(lambda client=client: _cut(client), timeout=30) for client in clients]
+        errors = [
+            wait_for(lambda client=client: cut_error(client), timeout=30) for client in clients
+        ]
     finally:
         for client in clients:
             client.close()
@@ -322,7 +316,7 @@ def test_a_gateway_stopping_hands_its_tunnel_grants_to_another(
     try:
         assert held.execute("select 1").fetchone() == (1,)
         assert a.stop() == 0
-        error = wait_for(lambda: _cut(held), timeout=30)
+        error = wait_for(lambda: cut_error(held), timeout=30)
     finally:
         held.close()
     assert isinstance(error, psycopg.errors.AdminShutdown)

@@ -22,6 +22,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 import gateway.store
+from gateway.credentials.schedule import presence_lease
 from gateway.credentials.secretbox import SecretBox
 from gateway.store import Store
 from gateway.store.models import AccessSession
@@ -111,8 +112,11 @@ def store_with_db1(url: str, key: bytes, clock: FakeClock) -> Iterator[Store]:
         yield opened
 
 
-def open_session(store: Store, gateway_id: str | None) -> AccessSession:
-    """alice's session on ``db1``/``ro`` for an hour from T0, held by *gateway_id*."""
+def open_session(
+    store: Store, gateway_id: str | None, *, client_public_key: str | None = None
+) -> AccessSession:
+    """alice's session on ``db1``/``ro`` for an hour from T0, held by *gateway_id*
+    (a tunnel grant's with *client_public_key*)."""
     return store.create_session(
         requester="alice",
         resource="db1",
@@ -120,4 +124,22 @@ def open_session(store: Store, gateway_id: str | None) -> AccessSession:
         listen_host="127.0.0.1",
         expires_at=T0 + timedelta(hours=1),
         gateway_id=gateway_id,
+        client_public_key=client_public_key,
     )
+
+
+@pytest.fixture(name="store")
+def db1_store(store_url: str, clock: FakeClock) -> Iterator[Store]:
+    """``store``: one holding ``db1``/``ro`` on each backend, under a fresh key
+    (import it into a test module to use it)."""
+    with store_with_db1(store_url, secrets.token_bytes(32), clock) as opened:
+        yield opened
+
+
+#: how long the store tests' presence leases last
+PRESENCE_LEASE_SECONDS = 15.0
+
+
+def renew_presence(store: Store, gateway_id: str) -> None:
+    """Take or renew *gateway_id*'s presence lease (it is alive)."""
+    assert store.acquire_lease(presence_lease(gateway_id), gateway_id, PRESENCE_LEASE_SECONDS)

@@ -5,29 +5,19 @@ moves; the sealed opener stays, and crash recovery goes by the holder)."""
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Iterator
-from datetime import timedelta
-
 import pytest
-from store_support import T0, FakeClock, open_session, store_with_db1
+from store_support import (
+    PRESENCE_LEASE_SECONDS,
+    FakeClock,
+    db1_store,  # noqa: F401 (the store fixture)
+    open_session,
+    renew_presence,
+)
 
-from gateway.credentials.schedule import presence_lease
 from gateway.errors import InvalidRequest, NotFound
 from gateway.store import Store
 
-KEY = secrets.token_bytes(32)
-LEASE = 15.0
-
-
-@pytest.fixture
-def store(store_url: str, clock: FakeClock) -> Iterator[Store]:
-    with store_with_db1(store_url, KEY, clock) as opened:
-        yield opened
-
-
-def _renew(store: Store, gateway_id: str) -> None:
-    assert store.acquire_lease(presence_lease(gateway_id), gateway_id, LEASE)
+LEASE = PRESENCE_LEASE_SECONDS
 
 
 def test_the_fleet_is_the_gateways_present_in_the_order_they_started(
@@ -40,7 +30,7 @@ def test_the_fleet_is_the_gateways_present_in_the_order_they_started(
     store.register_gateway("gw-c", "https://c.example:7745", 7800)
     assert store.fleet_urls() == []  # none holds its lease yet
     for gw in ("gw-a", "gw-b", "gw-c"):
-        _renew(store, gw)
+        renew_presence(store, gw)
     assert store.fleet_urls() == [
         "https://a.example:7745",
         "https://b.example:7745",
@@ -48,10 +38,10 @@ def test_the_fleet_is_the_gateways_present_in_the_order_they_started(
     ]
     store.register_gateway("gw-a", "https://a2.example:7745", 7800)  # restarted, moved
     clock.advance(LEASE - 1)
-    _renew(store, "gw-b")
+    renew_presence(store, "gw-b")
     clock.advance(2)  # a's and c's leases lapsed, b renewed
     assert store.fleet_urls() == ["https://b.example:7745"]
-    _renew(store, "gw-a")
+    renew_presence(store, "gw-a")
     assert store.fleet_urls() == ["https://b.example:7745", "https://a2.example:7745"]
     with pytest.raises(InvalidRequest, match="tunnel_port"):
         store.register_gateway("gw-d", "https://d.example", 0)
@@ -85,7 +75,7 @@ def test_an_ended_or_expired_grant_is_not_taken_over(store: Store, clock: FakeCl
 def test_recovery_ends_a_taken_over_grant_only_when_its_new_holder_is_gone(
     store: Store, clock: FakeClock
 ) -> None:
-    _renew(store, "gw-b")
+    renew_presence(store, "gw-b")
     session = open_session(store, "gw-a")  # gw-a never renews: it is gone
     store.take_over_session(session.id, "gw-b")
     assert store.close_orphans("gw-c") == 0  # its holder, gw-b, is alive
@@ -94,16 +84,12 @@ def test_recovery_ends_a_taken_over_grant_only_when_its_new_holder_is_gone(
     assert store.get_session(session.id).end_reason == "gateway_crash"
 
 
+#: a tunnel grant's client key as the store keeps it (never parsed by the store)
+KEY_PEM = "-----BEGIN PUBLIC KEY-----\nstand-in\n-----END PUBLIC KEY-----\n"
+
+
 def _tunnel_session(store: Store, gateway_id: str) -> str:
-    return store.create_session(
-        requester="alice",
-        resource="db1",
-        account="ro",
-        listen_host="127.0.0.1",
-        expires_at=T0 + timedelta(hours=1),
-        gateway_id=gateway_id,
-        client_public_key="-----BEGIN PUBLIC KEY-----\nstand-in\n-----END PUBLIC KEY-----\n",
-    ).id
+    return open_session(store, gateway_id, client_public_key=KEY_PEM).id
 
 
 def test_a_stopping_gateway_hands_a_tunnel_grant_to_the_longest_running_other(
@@ -111,7 +97,7 @@ def test_a_stopping_gateway_hands_a_tunnel_grant_to_the_longest_running_other(
 ) -> None:
     for gw in ("gw-a", "gw-b", "gw-c"):
         store.register_gateway(gw, f"https://{gw}.example", 7800)
-        _renew(store, gw)
+        renew_presence(store, gw)
         clock.advance(1)
     tunnel = _tunnel_session(store, "gw-a")
     local = open_session(store, "gw-a").id
@@ -128,8 +114,8 @@ def test_a_stopping_gateway_hands_a_tunnel_grant_to_the_longest_running_other(
 def test_no_hand_over_without_another_gateway_present(store: Store, clock: FakeClock) -> None:
     store.register_gateway("gw-a", "https://a.example", 7800)
     store.register_gateway("gw-b", "https://b.example", 7800)
-    _renew(store, "gw-a")
-    _renew(store, "gw-b")
+    renew_presence(store, "gw-a")
+    renew_presence(store, "gw-b")
     clock.advance(LEASE + 1)  # gw-b's lease lapsed (gw-a is the one asking)
     tunnel = _tunnel_session(store, "gw-a")
     assert store.hand_over_session(tunnel, "gw-a") is None

@@ -11,7 +11,13 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from store_support import FakeClock, open_session, store_with_db1
+from store_support import (
+    PRESENCE_LEASE_SECONDS,
+    FakeClock,
+    open_session,
+    renew_presence,
+    store_with_db1,
+)
 
 from gateway.credentials.schedule import presence_lease
 from gateway.credentials.secretbox import SecretBox
@@ -19,17 +25,13 @@ from gateway.store import Store
 from gateway.store.models import AccessSession
 
 KEY = secrets.token_bytes(32)
-LEASE = 15.0
+LEASE = PRESENCE_LEASE_SECONDS
 
 
 @pytest.fixture
 def store(store_url: str, clock: FakeClock) -> Iterator[Store]:
     with store_with_db1(store_url, KEY, clock) as opened:
         yield opened
-
-
-def _renew(store: Store, gateway_id: str) -> None:
-    assert store.acquire_lease(presence_lease(gateway_id), gateway_id, LEASE)
 
 
 def _connect(store: Store, session: AccessSession) -> str:
@@ -44,8 +46,8 @@ def test_a_session_records_the_gateway_that_opened_it_under_its_seal(store: Stor
 
 
 def test_recovery_leaves_a_live_gateways_sessions_alone(store: Store, clock: FakeClock) -> None:
-    _renew(store, "gw-a")
-    _renew(store, "gw-b")
+    renew_presence(store, "gw-a")
+    renew_presence(store, "gw-b")
     session = open_session(store, "gw-a")
     connection = _connect(store, session)
     clock.advance(LEASE - 1)  # gw-a's lease has a second left
@@ -62,7 +64,7 @@ def test_a_running_gateway_never_ends_its_own_sessions_even_with_its_lease_lapse
     # A renewal that stalled past the lease (the store out of reach) leaves the
     # caller's own row expired; it is alive all the same: others may take it
     # as gone, it never ends its own live sessions.
-    _renew(store, "gw-a")
+    renew_presence(store, "gw-a")
     session = open_session(store, "gw-a")
     clock.advance(LEASE + 5)
     assert store.close_orphans("gw-a") == 0
@@ -71,20 +73,20 @@ def test_a_running_gateway_never_ends_its_own_sessions_even_with_its_lease_lapse
 
 
 def test_a_lapsed_gateways_sessions_end_at_its_last_renewal(store: Store, clock: FakeClock) -> None:
-    _renew(store, "gw-a")
+    renew_presence(store, "gw-a")
     before = open_session(store, "gw-a")
     connection = _connect(store, before)
     clock.advance(4)
-    _renew(store, "gw-a")  # its last renewal
+    renew_presence(store, "gw-a")  # its last renewal
     last_renewal = clock.now
     clock.advance(2)
     after = open_session(store, "gw-a")  # opened after that renewal, then gw-a died
-    _renew(store, "gw-b")
+    renew_presence(store, "gw-b")
     live = open_session(store, "gw-b")
     clock.advance(LEASE - 3)
     assert store.close_orphans("gw-b") == 0  # gw-a's lease has a second left
     clock.advance(1)  # it ends now: lapsed
-    _renew(store, "gw-b")
+    renew_presence(store, "gw-b")
     assert store.close_orphans("gw-b") == 2
     ended = store.get_session(before.id)
     assert (ended.end_reason, ended.ended_at) == ("gateway_crash", last_renewal)
@@ -100,7 +102,7 @@ def test_a_lapsed_gateways_sessions_end_at_its_last_renewal(store: Store, clock:
 def test_a_gateway_starting_ends_its_own_previous_runs_sessions(
     store: Store, clock: FakeClock
 ) -> None:
-    _renew(store, "gw-a")
+    renew_presence(store, "gw-a")
     last_renewal = clock.now
     session = open_session(store, "gw-a")
     clock.advance(3)  # killed, and started again within its lease's length
@@ -114,7 +116,7 @@ def test_sessions_of_no_gateway_or_of_one_without_a_lease_end_now(
 ) -> None:
     old = open_session(store, None)  # from before revision 0017
     unknown = open_session(store, "gw-never-seen")
-    _renew(store, "gw-released")
+    renew_presence(store, "gw-released")
     released = open_session(store, "gw-released")
     store.release_lease(presence_lease("gw-released"), "gw-released")
     clock.advance(60)
@@ -126,7 +128,7 @@ def test_sessions_of_no_gateway_or_of_one_without_a_lease_end_now(
 def test_two_gateways_recovering_at_once_end_each_session_once(
     store_url: str, store: Store, clock: FakeClock
 ) -> None:
-    _renew(store, "gw-a")
+    renew_presence(store, "gw-a")
     last_renewal = clock.now
     orphans = [open_session(store, "gw-a") for _ in range(20)]
     for session in orphans[::2]:
