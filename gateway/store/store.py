@@ -27,6 +27,8 @@ clock and the audit chain they share):
 * :mod:`gateway.store.projects`: per-project settings;
 * :mod:`gateway.store.changes`: changes announced to the other gateways on the
   store (LISTEN/NOTIFY), and what a gateway reads back to reconcile;
+* :mod:`gateway.store.master_keys`: master key rotation (the active version,
+  who holds which, re-sealing);
 * :mod:`gateway.store.audit` and :mod:`gateway.store.trail`: the audit trail.
 
 Invariants (each module states its own as well):
@@ -49,6 +51,7 @@ from gateway.store.engine import SqliteSynchronous
 from gateway.store.ephemeral import EphemeralRoleStore
 from gateway.store.identity import IdentityStore
 from gateway.store.leases import LeaseStore
+from gateway.store.master_keys import MasterKeyStore
 from gateway.store.mfa import MfaStore
 from gateway.store.projects import ProjectStore
 from gateway.store.refusals import RefusalStore
@@ -80,6 +83,7 @@ class Store(
     LeaseStore,
     EphemeralRoleStore,
     ChangeStore,
+    MasterKeyStore,
 ):
     """Synchronous access to the gateway's persistent state. See the module docstring.
 
