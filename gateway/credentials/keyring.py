@@ -30,7 +30,9 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
+
+import structlog
 
 from gateway.config import MASTER_KEY_FILE, write_private_file
 from gateway.credentials import pki
@@ -46,9 +48,12 @@ from gateway.errors import ConfigError
 __all__ = [
     "KEYRING_DIR",
     "SEALED_FILES",
+    "KeyRingStore",
+    "has_keys",
     "key_path",
     "load_ring",
     "open_box",
+    "refresh",
     "reload_ring",
     "reseal_files",
     "retire_key",
@@ -56,6 +61,8 @@ __all__ = [
     "stage_key",
     "write_active",
 ]
+
+log = structlog.get_logger(__name__)
 
 #: The directory of every key version but the first, under the state directory.
 KEYRING_DIR: Final = "master.keys"
@@ -94,6 +101,14 @@ def load_ring(home: Path) -> dict[int, bytes]:
             hint="restore the state directory's key files from your backup",
         )
     return ring
+
+
+def has_keys(home: Path) -> bool:
+    """Whether *home* holds any master key file (a new state directory does not)."""
+    directory = home / KEYRING_DIR
+    return (home / MASTER_KEY_FILE).exists() or (
+        directory.is_dir() and any(_KEY_NAME.fullmatch(e.name) for e in directory.iterdir())
+    )
 
 
 def _read_active(home: Path) -> int | None:
@@ -138,15 +153,16 @@ def _ensure_dir(home: Path) -> None:
     os.chmod(directory, _DIR_MODE)
 
 
-def stage_key(home: Path, at_least: int) -> tuple[int, Path, bool]:
+def stage_key(home: Path, active: int, known: int) -> tuple[int, Path, bool]:
     """A new key version in *home*'s ring, above every version held here and
-    every version in *at_least* or below; or the newest held already, if it is
-    above *at_least* (staging is idempotent). Returns (version, path, created)."""
+    *known* (the highest any gateway reports); or, if this ring holds a version
+    above *active* already, that one (staging is idempotent). Returns
+    (version, path, created)."""
     held = load_ring(home)
     newest = max(held)
-    if newest > at_least:
+    if newest > active:
         return newest, key_path(home, newest), False
-    version = max(newest, at_least) + 1
+    version = max(newest, known) + 1
     _ensure_dir(home)
     path = key_path(home, version)
     generate_master_key(path)
@@ -201,3 +217,28 @@ def retire_key(home: Path, version: int, active: int) -> Path | None:
         return None
     path.unlink()
     return path
+
+
+class KeyRingStore(Protocol):
+    """The store's side of rotation that a running gateway uses
+    (``gateway.store.Store`` implements it)."""
+
+    def report_key_versions(self, gateway_id: str, versions: tuple[int, ...]) -> None: ...
+
+    def sync_master_key(self) -> int: ...
+
+
+def refresh(home: Path, box: SecretBox, store: KeyRingStore, gateway_id: str) -> int:
+    """A running gateway's rotation step, after each presence renewal: re-read
+    the ring's files (a key copied here is picked up without a restart), report
+    the versions held, follow the store's active version, and re-seal this
+    state directory's files under it. Returns the active version."""
+    versions = reload_ring(home, box)
+    store.report_key_versions(gateway_id, versions)
+    before = box.active_version
+    active = store.sync_master_key()
+    write_active(home, active)
+    resealed = reseal_files(home, box)
+    if active != before or resealed:
+        log.info("master_key_version_active", version=active, resealed_files=resealed)
+    return active

@@ -131,6 +131,13 @@ class MasterKeyStore(StoreBase):
                 (row.version, bytes(row.sealed_key))
                 for row in conn.execute(select(audit_keys.c.version, audit_keys.c.sealed_key))
             ]
+        if not self._box.has_version(active):
+            raise ConfigError(
+                f"the store's active master key is version {active}, which this"
+                " gateway's key ring does not hold",
+                hint=f"copy master.keys/{active}.key from a gateway that has it into this"
+                " state directory (mode 0600)",
+            )
         self._box.activate(active)
         if self._audit_key_given:
             return active
@@ -215,6 +222,12 @@ class MasterKeyStore(StoreBase):
             self._box.activate(previous)
             raise
         self.sync_master_key()
+
+    def keep_audit_keys(self) -> None:
+        """Seal the audit key of every version this ring holds that the store
+        does not keep yet (before a version's master key is retired)."""
+        with self._transaction(write=True) as conn:
+            self._seal_audit_keys(conn, _active(conn))
 
     def _seal_audit_keys(self, conn: Connection, active: int) -> None:
         """Seal the audit key of every other version this ring holds (those not

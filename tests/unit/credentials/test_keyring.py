@@ -117,20 +117,21 @@ def _home(tmp_path: Path) -> Path:
 
 def test_staging_makes_one_private_key_file_and_is_idempotent(tmp_path: Path) -> None:
     home = _home(tmp_path)
-    version, path, created = keyring.stage_key(home, at_least=1)
+    version, path, created = keyring.stage_key(home, active=1, known=1)
     assert (version, created) == (2, True)
     assert path == home / "master.keys" / "2.key"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE((home / "master.keys").stat().st_mode) == 0o700
-    assert keyring.stage_key(home, at_least=1) == (2, path, False)
-    # The store knows of a version 5 (staged elsewhere): the next is above it.
-    assert keyring.stage_key(home, at_least=5)[:1] == (6,)
+    assert keyring.stage_key(home, active=1, known=2) == (2, path, False)
+    # Version 2 active; a gateway reports a version 5 (staged elsewhere): the
+    # next is above it.
+    assert keyring.stage_key(home, active=2, known=5)[:1] == (6,)
     assert sorted(keyring.load_ring(home)) == [1, 2, 6]
 
 
 def test_open_box_seals_with_the_version_last_seen_active(tmp_path: Path) -> None:
     home = _home(tmp_path)
-    keyring.stage_key(home, at_least=1)
+    keyring.stage_key(home, active=1, known=1)
     assert keyring.open_box(home).active_version == 1
     keyring.write_active(home, 2)
     box = keyring.open_box(home)
@@ -140,7 +141,7 @@ def test_open_box_seals_with_the_version_last_seen_active(tmp_path: Path) -> Non
 def test_reload_picks_up_staged_keys_and_drops_retired_ones(tmp_path: Path) -> None:
     home = _home(tmp_path)
     box = keyring.open_box(home)
-    keyring.stage_key(home, at_least=1)
+    keyring.stage_key(home, active=1, known=1)
     assert keyring.reload_ring(home, box) == (1, 2)
     assert box.versions == (1, 2)
     box.activate(2)
@@ -153,7 +154,7 @@ def test_sealed_files_are_resealed_and_retire_refuses_a_key_still_used(tmp_path:
     home = _home(tmp_path)
     box = keyring.open_box(home)
     pki.ensure_pki(home, box, ())
-    keyring.stage_key(home, at_least=1)
+    keyring.stage_key(home, active=1, known=1)
     keyring.reload_ring(home, box)
     box.activate(2)
     with pytest.raises(ConfigError, match="still sealed under master key version 1"):
