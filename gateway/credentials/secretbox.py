@@ -8,8 +8,9 @@ Invariants:
 * The master key is exactly :data:`MASTER_KEY_BYTES` random bytes from :mod:`secrets`,
   stored base64-encoded in a file that only its owner can read (mode 0600). A key
   file readable by group or others is refused, not silently used.
-* A key file is never overwritten: replacing the key would make every stored
-  password unreadable, so that must be a deliberate act outside this code.
+* A key file is never overwritten: replacing a key would make everything sealed
+  with it unreadable. Rotation adds a new key version instead
+  (:mod:`gateway.credentials.keyring`).
 * A box holds a *key ring*: master keys by version (a small positive integer;
   the key of a state directory from before rotation is version 1), one of which
   is *active*. It seals with the active key and opens with whichever key the

@@ -14,10 +14,12 @@ the new key: it says which.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import APP_DATABASE
+from cryptography.hazmat.primitives.hashes import SHA1
+from cryptography.hazmat.primitives.twofactor.totp import TOTP
 from harness import (
     Gateway,
     add_verified_resource,
@@ -82,10 +86,29 @@ def copy_key(source: Gateway, target: Gateway, version: int) -> None:
     shutil.copy2(keyring.key_path(source.home, version), keyring.key_path(target.home, version))
 
 
-def sign_in_and_query(gw: Gateway, tag: str) -> psycopg.Connection[Any]:
-    """A new grant through *gw*: the gateway signs in upstream with the stored
-    (sealed) password; a client connection that ran one statement."""
-    access = gw.access().wait_ready()
+class Authenticator:
+    """An authenticator app: a code for a time step after the last one used, at
+    most one step ahead of now (inside the gateway's window)."""
+
+    def __init__(self, secret: str) -> None:
+        key = base64.b32decode(secret + "=" * (-len(secret) % 8))
+        self._totp = TOTP(key, 6, SHA1(), 30)  # noqa: S303 (RFC 6238's HMAC, as the apps)
+        self._last: int | None = None
+
+    def code(self) -> str:
+        now = int(time.time() // 30)
+        step = now if self._last is None else max(now, self._last + 1)
+        if step > now + 1:
+            wait_for(lambda: time.time() // 30 >= step - 1, timeout=60)
+        self._last = step
+        return self._totp.generate(step * 30).decode()
+
+
+def sign_in_and_query(gw: Gateway, tag: str, *args: str) -> psycopg.Connection[Any]:
+    """A new grant through *gw* (`pam db access` with *args*): the gateway signs
+    in upstream with the stored (sealed) password; a client connection that ran
+    one statement."""
+    access = gw.access(*args).wait_ready()
     client = psycopg.connect(access.dsn(), autocommit=True)
     assert client.execute(f"select '{tag}'").fetchone() == (tag,)
     return client
@@ -103,8 +126,14 @@ def test_rotation_with_live_sessions_through_two_gateways_retires_the_old_key(
         "account", "add", RESOURCE, "scram", "--username", role, "--password-stdin",
         input=password + "\n",
     )  # fmt: skip
-    clients = [sign_in_and_query(a, "a-before"), sign_in_and_query(b, "b-before")]
+    clients = [sign_in_and_query(a, "a-before")]
     try:
+        clients.append(sign_in_and_query(b, "b-before"))
+        # B's admin turns a second factor on (a TOTP secret sealed in the store):
+        # its grants need a code from now on, which B checks against the secret.
+        app = Authenticator(json.loads(b.cli("mfa", "enroll", "--json").stdout)["secret"])
+        b.cli("mfa", "confirm", app.code())
+
         # 1. Stage on A: a file path, never the key.
         staged = a.cli("gateway", "rotate-master-key")
         path = keyring.key_path(a.home, 2)
@@ -141,7 +170,8 @@ def test_rotation_with_live_sessions_through_two_gateways_retires_the_old_key(
         # The live sessions keep working; new ones sign in upstream through both.
         for n, client in enumerate(clients):
             assert client.execute(f"select {n + 10}").fetchone() == (n + 10,)
-        clients += [sign_in_and_query(a, "a-after"), sign_in_and_query(b, "b-after")]
+        clients.append(sign_in_and_query(a, "a-after"))
+        clients.append(sign_in_and_query(b, "b-after", "--otp", app.code()))
         # Again: nothing left to do.
         again = a.cli("gateway", "rotate-master-key", "--activate")
         assert "re-sealed 0 stored secret(s)" in again.stdout
@@ -164,7 +194,7 @@ def test_rotation_with_live_sessions_through_two_gateways_retires_the_old_key(
     a.start()
     b.start()
     sign_in_and_query(a, "a-restarted").close()
-    sign_in_and_query(b, "b-restarted").close()
+    sign_in_and_query(b, "b-restarted", "--otp", app.code()).close()
     with ring_store(a) as store:
         sessions = store.list_sessions()
         assert len(sessions) == 6
