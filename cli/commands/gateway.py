@@ -238,10 +238,7 @@ def _print_status(status: Any, as_json: bool) -> None:
                 "active": status.active,
                 "held": list(status.held),
                 "sealed": {str(v): n for v, n in sorted(status.counts.items())},
-                "gateways": {
-                    g.gateway_id: None if g.versions is None else list(g.versions)
-                    for g in status.gateways
-                },
+                "gateways": {g.gateway_id: list(g.versions) for g in status.gateways},
                 "files": status.files,
             }
         )
@@ -252,5 +249,5 @@ def _print_status(status: Any, as_json: bool) -> None:
     files = ", ".join(f"{name}: v{v}" for name, v in sorted(status.files.items())) or "none"
     click.echo(f"Sealed files here: {files}")
     for g in status.gateways:
-        held = "not reported" if g.versions is None else ", ".join(map(str, g.versions))
+        held = ", ".join(map(str, g.versions)) or "nothing reported"
         click.echo(f"Live gateway {printable(g.gateway_id)}: holds {held}")

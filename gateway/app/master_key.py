@@ -78,7 +78,7 @@ def stage(home: Path) -> Staged:
     """Make the next key version in *home*'s ring (or name the one staged already)."""
     with _open(home) as store:
         active = store.active_key_version()
-        known = {active, *(v for h in store.key_holders() for v in h.versions or ())}
+        known = {active, *(v for h in store.key_holders() for v in h.versions)}
         version, path, created = keyring.stage_key(home, active, max(known))
     return Staged(version, path, created, active)
 

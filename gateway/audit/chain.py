@@ -63,7 +63,7 @@ its records, and records cut off the end of a session that has not ended yet
 (no seal exists until the end; the store that wrote them does notice at its
 next append, and chains on so that the gap shows). Whoever holds a retired
 master key (or its audit key, in the store, sealed) can still forge records
-that verify under that version; rotation protects what is written after it.
+that verify under that version, in any trail: the version is not recorded.
 ``recorded_at`` (when the
 store wrote the row) is not covered; ``occurred_at`` is.
 

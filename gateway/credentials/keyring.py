@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Final, Protocol
 
@@ -223,7 +224,7 @@ class KeyRingStore(Protocol):
     """The store's side of rotation that a running gateway uses
     (``gateway.store.Store`` implements it)."""
 
-    def report_key_versions(self, gateway_id: str, versions: tuple[int, ...]) -> None: ...
+    def report_key_versions(self, gateway_id: str, key_ids: Mapping[int, str]) -> None: ...
 
     def sync_master_key(self) -> int: ...
 
@@ -231,10 +232,10 @@ class KeyRingStore(Protocol):
 def refresh(home: Path, box: SecretBox, store: KeyRingStore, gateway_id: str) -> int:
     """A running gateway's rotation step, after each presence renewal: re-read
     the ring's files (a key copied here is picked up without a restart), report
-    the versions held, follow the store's active version, and re-seal this
+    the versions held (with their key ids), follow the store's active version, and re-seal this
     state directory's files under it. Returns the active version."""
     versions = reload_ring(home, box)
-    store.report_key_versions(gateway_id, versions)
+    store.report_key_versions(gateway_id, {v: box.key_id(v) for v in versions})
     before = box.active_version
     active = store.sync_master_key()
     write_active(home, active)

@@ -81,6 +81,9 @@ _MAX_VERSION: Final = 2**32 - 1
 #: Length of keys made by :meth:`SecretBox.derive_key` (one SHA-256 output).
 DERIVED_KEY_BYTES: Final = 32
 
+#: HKDF ``info`` of :meth:`SecretBox.key_id`.
+_KEY_ID_INFO: Final = b"pam master key id v1"
+
 #: Mode bits that must be clear on the key file: any access by group or others.
 _GROUP_OTHER_BITS: Final = 0o077
 
@@ -306,6 +309,12 @@ class SecretBox:
         return HKDFExpand(algorithm=hashes.SHA256(), length=DERIVED_KEY_BYTES, info=info).derive(
             self._key(self._active if version is None else version).prk
         )
+
+    def key_id(self, version: int) -> str:
+        """A public fingerprint of key *version* (16 hex digits of a key derived
+        for no other use): two rings hold the same key under a version only if
+        their ids match. Says nothing about the key itself."""
+        return self.derive_key(_KEY_ID_INFO, version=version)[:8].hex()
 
     def _key(self, version: int) -> _Key:
         key = self._keys.get(version)

@@ -10,6 +10,8 @@ sealed anew under it, in batches.
 
 Invariants:
 
+* A gateway reports each version with its key id (a fingerprint, not the key):
+  a version staged twice, with two different keys, is not taken as held.
 * Activation checks who holds the version and writes it in one transaction,
   with the state row locked: a gateway that reports after the check sees the
   new version on its next renewal, and one that could not open the new blobs
@@ -30,7 +32,7 @@ Invariants:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -103,11 +105,16 @@ SEALED_COLUMNS: Final = (
 
 @dataclass(frozen=True, slots=True)
 class GatewayKeys:
-    """A live gateway (its presence lease unexpired) and the versions it holds
-    (None: it never reported, as a gateway from before rotation)."""
+    """A live gateway (its presence lease unexpired) and the key versions it
+    holds, with their key ids (empty: it never reported, as a gateway from
+    before rotation)."""
 
     gateway_id: str
-    versions: tuple[int, ...] | None
+    key_ids: dict[int, str]
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        return tuple(sorted(self.key_ids))
 
 
 class MasterKeyStore(StoreBase):
@@ -123,8 +130,8 @@ class MasterKeyStore(StoreBase):
     def sync_master_key(self) -> int:
         """Seal with the store's active version from now on, and verify under the
         audit key of every version known (this ring's and ``audit_keys``'). Raises
-        :class:`~gateway.credentials.secretbox.UnknownKeyVersion` if this
-        process's ring lacks the active version. Returns it."""
+        :class:`~gateway.errors.ConfigError` if this process's ring lacks the
+        active version. Returns it."""
         with self._transaction(write=False) as conn:
             active = _active(conn)
             stored = [
@@ -159,12 +166,11 @@ class MasterKeyStore(StoreBase):
         )
         return active
 
-    def report_key_versions(self, gateway_id: str, versions: tuple[int, ...]) -> None:
-        """Record that *gateway_id*'s ring holds *versions* now."""
-        values: dict[str, Any] = {
-            "gateway_id": gateway_id,
-            "versions": json.dumps(sorted(check_key_version(v) for v in versions)),
-        }
+    def report_key_versions(self, gateway_id: str, key_ids: Mapping[int, str]) -> None:
+        """Record that *gateway_id*'s ring holds these versions now, with these
+        key ids (:meth:`~gateway.credentials.secretbox.SecretBox.key_id`)."""
+        held = {str(check_key_version(v)): str(key_ids[v]) for v in sorted(key_ids)}
+        values: dict[str, Any] = {"gateway_id": gateway_id, "versions": json.dumps(held)}
         with self._transaction(write=True) as conn:
             values["reported_at"] = self._now()
             dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
@@ -200,18 +206,7 @@ class MasterKeyStore(StoreBase):
                 ).one()
                 if state.active_version == version:
                     return
-                lacking = [
-                    h.gateway_id
-                    for h in _live_holders(conn, self._now())
-                    if h.versions is None or version not in h.versions
-                ]
-                if lacking:
-                    raise KeyNotHeld(
-                        f"master key version {version} is not held by every live gateway;"
-                        f" missing on: {', '.join(lacking)}",
-                        hint=f"copy master.keys/{version}.key to each of them (mode 0600);"
-                        " they pick it up at their next presence renewal",
-                    )
+                _check_held(_live_holders(conn, self._now()), version, self._box.key_id(version))
                 self._seal_audit_keys(conn, version)
                 conn.execute(
                     update(master_key_state)
@@ -296,6 +291,25 @@ class MasterKeyStore(StoreBase):
         return counts
 
 
+def _check_held(holders: list[GatewayKeys], version: int, key_id: str) -> None:
+    """Raise :class:`KeyNotHeld` unless every one of *holders* holds *version*
+    with this *key_id* (another key under the same number: staged twice)."""
+    lacking = [h.gateway_id for h in holders if version not in h.key_ids]
+    other = [h.gateway_id for h in holders if h.key_ids.get(version) not in (None, key_id)]
+    if not lacking and not other:
+        return
+    found = []
+    if lacking:
+        found.append(f"missing on: {', '.join(lacking)}")
+    if other:
+        found.append(f"another key under that number on: {', '.join(other)}")
+    raise KeyNotHeld(
+        f"master key version {version} is not held by every live gateway; {'; '.join(found)}",
+        hint=f"copy this gateway's master.keys/{version}.key to each of them (mode 0600,"
+        " replacing a different one); they pick it up at their next presence renewal",
+    )
+
+
 def _version(blob: bytes) -> int:
     try:
         return key_version_of(blob)
@@ -340,7 +354,9 @@ def _live_holders(conn: Connection, now: Any) -> list[GatewayKeys]:
     return [
         GatewayKeys(
             row.holder,
-            None if row.versions is None else tuple(int(v) for v in json.loads(row.versions)),
+            {}
+            if row.versions is None
+            else {int(v): i for v, i in json.loads(row.versions).items()},
         )
         for row in rows
     ]

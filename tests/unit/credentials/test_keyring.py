@@ -88,6 +88,15 @@ def test_derived_keys_differ_per_version_and_a_ring_of_one_derives_as_before() -
     assert ring.derive_key(b"x", version=1) != ring.derive_key(b"x", version=2)
 
 
+def test_a_key_id_names_the_key_not_the_version() -> None:
+    one = SecretBox.from_ring({1: K1, 2: K2}, active=1)
+    other = SecretBox.from_ring({2: K3}, active=2)
+    assert one.key_id(2) == SecretBox.from_ring({2: K2}, active=2).key_id(2)
+    assert one.key_id(2) != other.key_id(2)
+    assert one.key_id(1) != one.key_id(2)
+    assert len(one.key_id(1)) == 16 and K1.hex()[:16] != one.key_id(1)
+
+
 def test_the_active_key_cannot_be_removed_and_an_absent_one_not_activated() -> None:
     ring = SecretBox.from_ring({1: K1, 2: K2}, active=2)
     with pytest.raises(ConfigError):

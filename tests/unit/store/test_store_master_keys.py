@@ -211,14 +211,18 @@ def test_activation_waits_for_every_live_gateway_but_not_a_gone_one(
     store: Store, clock: FakeClock
 ) -> None:
     store.acquire_lease(presence_lease("gw-b"), "gw-b", 15)
-    store.report_key_versions("gw-b", (1,))
+    store.report_key_versions("gw-b", {1: only(1).key_id(1)})
     store.acquire_lease(presence_lease("gw-c"), "gw-c", 15)  # never reported
     with pytest.raises(KeyNotHeld, match="missing on: gw-b, gw-c") as refused:
         store.activate_master_key(2)
     assert "2.key" in (refused.value.hint or "")
     assert store.active_key_version() == 1
     assert store._box.active_version == 1
-    store.report_key_versions("gw-b", (1, 2))
+    # gw-b staged a version 2 of its own: another key under the same number.
+    store.report_key_versions("gw-b", {1: only(1).key_id(1), 2: SecretBox(K1).key_id(1)})
+    with pytest.raises(KeyNotHeld, match="another key under that number on: gw-b"):
+        store.activate_master_key(2)
+    store.report_key_versions("gw-b", {v: only(1).key_id(v) for v in (1, 2)})
     with pytest.raises(KeyNotHeld, match=r"missing on: gw-c$"):
         store.activate_master_key(2)
     # gw-c goes down: its lease lapses, and it no longer blocks.
@@ -242,7 +246,7 @@ def test_a_gateway_without_the_active_version_cannot_open_the_store(
 
 def test_a_lease_lapsed_while_reporting_is_not_counted(store: Store, clock: FakeClock) -> None:
     store.acquire_lease(presence_lease("gw-b"), "gw-b", 5)
-    store.report_key_versions("gw-b", (1, 2))
+    store.report_key_versions("gw-b", {v: only(1).key_id(v) for v in (1, 2)})
     assert [h.gateway_id for h in store.key_holders()] == ["gw-b"]
     clock.advance(timedelta(seconds=6).total_seconds())
     assert store.key_holders() == []
