@@ -339,6 +339,11 @@ class AuditChain:
                 return candidates[index]
         return None
 
+    @property
+    def candidates(self) -> tuple[AuditChain, ...]:
+        """This chain, then one per older key."""
+        return self._candidates
+
     def verifies(self, compute: Callable[[AuditChain], str], stored: str) -> bool:
         """Whether *compute* gives *stored* under one of this chain's keys."""
         return self.verifying(compute, stored) is not None

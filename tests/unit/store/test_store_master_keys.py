@@ -11,8 +11,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import LargeBinary, select
-from store_support import FakeClock
+from sqlalchemy import LargeBinary, create_engine, select, text
+from store_support import FakeClock, pg_admin_url
+from trail_support import set_batch_column
 
 from gateway.audit.records import AuditEvent
 from gateway.credentials.schedule import presence_lease
@@ -205,6 +206,26 @@ def test_trails_across_a_rotation_verify_once_the_old_key_is_retired(
         later._chain = master_keys_module.AuditChain(later._box.derive_key(b"pam audit chain v1"))
         problems = later.verify_audit(done)
         assert problems and {p.problem for p in problems} >= {"changed"}
+
+
+def test_edited_digests_of_an_old_version_batch_name_only_the_edited_record(
+    store: Store, store_url: str, clock: FakeClock
+) -> None:
+    fill_every_secret(store)
+    session = open_session(store)
+    store.append_audit([event(session, f"SELECT {n}") for n in range(3)])
+    store.activate_master_key(2)
+    raw = create_engine(pg_admin_url(store_url) if "postgresql" in store_url else store_url)
+    try:
+        with raw.connect() as conn:
+            digests = bytes(conn.execute(text("SELECT digests FROM audit_batches")).scalar_one())
+        set_batch_column(raw, session, 1, "digests", digests[:16] + bytes(16) + digests[32:])
+    finally:
+        raw.dispose()
+    # Under version 2's key first, no digest matches; under version 1's, all
+    # but the edited one: that one is named, not the whole batch.
+    with Store.open(store_url, SecretBox.from_ring({2: K2}, active=2), clock=clock) as later:
+        assert [(p.seq, p.problem) for p in later.verify_audit(session)] == [(2, "changed")]
 
 
 def test_activation_waits_for_every_live_gateway_but_not_a_gone_one(
