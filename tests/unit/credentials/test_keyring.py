@@ -175,6 +175,9 @@ def test_sealed_files_are_resealed_and_retire_refuses_a_key_still_used(tmp_path:
     assert keyring.reseal_files(home, box) == []
     assert keyring.retire_key(home, 1, active=2) == home / MASTER_KEY_FILE
     assert not (home / MASTER_KEY_FILE).exists()
+    # A state directory whose first key was retired still has keys: `gateway
+    # init --force` must not make a new version 1.
+    assert keyring.has_keys(home) and not keyring.has_keys(tmp_path)
     # Without version 1, everything here still opens.
     again = keyring.open_box(home)
     assert again.versions == (2,)
