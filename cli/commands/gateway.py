@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from cli.commands import read_password
-from cli.render import console
+from cli.render import console, print_json, printable
 from gateway.config import DEFAULT_API_PORT, resolve_home
 
 
@@ -160,3 +161,93 @@ def gateway_run(
                 api_listen=parse_listen(api_listen) if api_listen else None,
             )
         )
+
+
+@gateway.command("rotate-master-key")
+@home_option
+@click.option(
+    "--stage",
+    "step",
+    flag_value="stage",
+    default=True,
+    help="Make a new key version in this gateway's ring, not active (the default).",
+)
+@click.option(
+    "--activate",
+    "step",
+    flag_value="activate",
+    help="Make the staged version active (every live gateway must hold it) and"
+    " re-seal every secret under it.",
+)
+@click.option("--status", "step", flag_value="status", help="Show where the rotation stands.")
+@click.option(
+    "--retire",
+    "retire_version",
+    type=click.IntRange(1),
+    default=None,
+    metavar="VERSION",
+    help="Remove an old key version from this gateway's ring once nothing uses it.",
+)
+@click.option("--json", "as_json", is_flag=True, help="With --status: print JSON.")
+def gateway_rotate_master_key(
+    home: Path | None, step: str, retire_version: int | None, as_json: bool
+) -> None:
+    """Rotate the master key without downtime: stage, copy, activate, retire.
+
+    Each step is run on a gateway host and may be repeated; the runbook is in
+    docs/operations.md ("Master key rotation"). No step prints a key.
+    """
+    from gateway.app import master_key
+
+    where = _home(home)
+    if retire_version is not None:
+        removed = master_key.retire(where, retire_version)
+        what = f"removed {removed}" if removed else "its key file was already gone"
+        click.echo(f"Master key version {retire_version} retired from {where}: {what}.")
+    elif step == "activate":
+        done = master_key.activate(where)
+        click.echo(
+            f"Master key version {done.version} is active; re-sealed {done.resealed} stored"
+            f" secret(s) and {len(done.resealed_files)} file(s) here."
+        )
+        click.echo(f"Sealed values by key version: {_counts(done.counts)}")
+    elif step == "status":
+        _print_status(master_key.status(where), as_json)
+    else:
+        staged = master_key.stage(where)
+        made = "Staged new" if staged.created else "Already staged:"
+        click.echo(
+            f"{made} master key version {staged.version} (active: {staged.active}),"
+            f" not active yet: {staged.path}"
+        )
+        click.echo(
+            f"Copy that file to master.keys/{staged.version}.key in every other gateway's"
+            " state directory (mode 0600; running gateways pick it up at their next presence"
+            " renewal), then run: pam gateway rotate-master-key --activate"
+        )
+
+
+def _counts(counts: dict[int, int]) -> str:
+    return ", ".join(f"v{v}: {n}" for v, n in sorted(counts.items())) or "none"
+
+
+def _print_status(status: Any, as_json: bool) -> None:
+    if as_json:
+        print_json(
+            {
+                "active": status.active,
+                "held": list(status.held),
+                "sealed": {str(v): n for v, n in sorted(status.counts.items())},
+                "gateways": {g.gateway_id: list(g.versions) for g in status.gateways},
+                "files": status.files,
+            }
+        )
+        return
+    click.echo(f"Active master key version: {status.active}")
+    click.echo(f"Held here: {', '.join(map(str, status.held))}")
+    click.echo(f"Sealed values in the store by key version: {_counts(status.counts)}")
+    files = ", ".join(f"{name}: v{v}" for name, v in sorted(status.files.items())) or "none"
+    click.echo(f"Sealed files here: {files}")
+    for g in status.gateways:
+        held = ", ".join(map(str, g.versions)) or "nothing reported"
+        click.echo(f"Live gateway {printable(g.gateway_id)}: holds {held}")

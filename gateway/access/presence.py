@@ -25,13 +25,17 @@ Invariants:
   it also ends its live ones, once per outage. The time is this process's
   monotonic clock since the last renewal that worked, so a renewal stuck in the
   store thread counts as not done.
+* ``after_renewal`` runs after each renewal (start-up's included): the composition
+  root reports this gateway's master key ring there and follows the store's
+  active version (:func:`gateway.credentials.keyring.refresh`). Its failure is
+  logged and does not fail the renewal.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -95,6 +99,8 @@ class Presence:
     strict: bool = False
     cut_live: Callable[[Termination], None] = _cut_nothing
     monotonic: Callable[[], float] = time.monotonic
+    #: run after each renewal that worked (see the module docstring)
+    after_renewal: Callable[[], Awaitable[object]] | None = None
     #: monotonic time of the last renewal that worked (None before the first)
     last_renewed: float | None = field(default=None, init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
@@ -105,6 +111,7 @@ class Presence:
         """Take the lease (raises if the store cannot be reached), then renew it
         and recover in the background."""
         await self._renew()
+        await self._after_renewal()
         self._task = asyncio.create_task(self._loop(), name="gateway-presence")
         self._watch = asyncio.create_task(self._watch_grace(), name="gateway-presence-grace")
 
@@ -126,6 +133,7 @@ class Presence:
         """Renew the lease, then end the sessions of gone gateways; returns how
         many were ended."""
         await self._renew()
+        await self._after_renewal()
         ended: list[str] = []
         closed = await self.db(self.store.close_orphans, self.gateway_id, ended=ended)
         if closed:
@@ -133,6 +141,14 @@ class Presence:
             if self.on_closed is not None:
                 self.on_closed(ended)
         return closed
+
+    async def _after_renewal(self) -> None:
+        if self.after_renewal is None:
+            return
+        try:
+            await self.after_renewal()
+        except Exception as exc:  # the lease is renewed; this is tried again next tick
+            log.error("presence_after_renewal_failed", error=repr(exc))
 
     def _since_renewal(self) -> float:
         """Seconds since the last renewal that worked (0 before the first: start

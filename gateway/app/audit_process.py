@@ -17,12 +17,13 @@ to its end), which also happens if the daemon dies.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import select
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Final
 
@@ -33,8 +34,9 @@ from gateway.audit.export import TrailExporter, build_exporter
 from gateway.audit.journal import JOURNAL_DIR
 from gateway.audit.replay import JournalProcessor, TrackerSettings
 from gateway.audit.sink import FrameReader, error_reply, write_frame
-from gateway.config import MASTER_KEY_FILE, load_settings, store_url
-from gateway.credentials.secretbox import SecretBox, load_master_key
+from gateway.config import load_settings, store_url
+from gateway.credentials import keyring
+from gateway.credentials.secretbox import SecretBox
 from gateway.errors import GatewayError
 from gateway.store import Store
 
@@ -43,6 +45,9 @@ log = structlog.get_logger(__name__)
 #: How long the loop waits for the daemon when the journal has nothing new.
 IDLE_SECONDS: Final = 0.05
 RETRY_SECONDS: Final = 1.0
+#: How often the writer follows the store's active master key version (the
+#: daemon's presence renewal does as often, by default).
+KEY_SYNC_SECONDS: Final = 5.0
 
 
 def stored_passwords(store: Store) -> tuple[str, ...]:
@@ -74,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     exporter: TrailExporter | None = None
     try:
         settings = load_settings(args.home)
-        box = SecretBox(load_master_key(args.home / MASTER_KEY_FILE))
+        box = keyring.open_box(args.home)
         store = Store.open(
             store_url(args.home, settings),
             box,
@@ -98,19 +103,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     write_frame(frames_out, {"ready": True})
     try:
-        return _serve(processor, FrameReader(sys.stdin.fileno()), frames_out)
+        return _serve(
+            processor,
+            FrameReader(sys.stdin.fileno()),
+            frames_out,
+            functools.partial(_follow_master_key, args.home, box, store),
+        )
     finally:
         if exporter is not None:
             exporter.close()
         store.close()
 
 
-def _serve(processor: JournalProcessor, control: FrameReader, out: BinaryIO) -> int:
-    """Recover, then tail the journal until stdin closes; then finish it."""
+def _follow_master_key(home: Path, box: SecretBox, store: Store) -> None:
+    """Hold the keys copied to *home* since the last call, and seal and chain
+    under the store's active version."""
+    keyring.reload_ring(home, box)
+    store.sync_master_key()
+
+
+def _serve(
+    processor: JournalProcessor,
+    control: FrameReader,
+    out: BinaryIO,
+    follow_master_key: Callable[[], None],
+) -> int:
+    """Recover, then tail the journal until stdin closes; then finish it.
+    Every :data:`KEY_SYNC_SECONDS`, *follow_master_key* (the audit key of the
+    store's active master key version, after a rotation)."""
     recovered = False
     reported = None
     busy = True
+    synced = time.monotonic()
     while not control.eof:
+        if time.monotonic() - synced >= KEY_SYNC_SECONDS:
+            synced = time.monotonic()
+            try:
+                follow_master_key()
+            except Exception as exc:  # the daemon's presence reports the same
+                log.warning("audit_master_key_sync_failed", error=repr(exc))
         readable, _, _ = select.select([control], [], [], 0 if busy else IDLE_SECONDS)
         flush = bool(readable) and any(f.get("op") == "flush" for f in control.read())
         before = processor.position

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import getpass
 import os
 import signal
@@ -39,9 +40,9 @@ from gateway.config import (
     save_settings,
     store_url,
 )
-from gateway.credentials import pki
+from gateway.credentials import keyring, pki
 from gateway.credentials.rotation import ROTATION_STEPS
-from gateway.credentials.secretbox import SecretBox, generate_master_key, load_master_key
+from gateway.credentials.secretbox import SecretBox, generate_master_key
 from gateway.errors import AlreadyExists, ConfigError, NotFound
 from gateway.identity.hashing import hash_password, new_token, token_digest
 from gateway.identity.principals import ALL_PROJECTS, PrincipalKind, Role
@@ -115,7 +116,9 @@ def init_home(
             hint="use --force to issue a new API token (keys and data are kept)",
         )
     key_path = home / MASTER_KEY_FILE
-    if not key_path.exists():
+    if not keyring.has_keys(home):
+        # Only for a new state directory: one whose first key was retired
+        # (master key rotation) keeps its ring.
         generate_master_key(key_path)
     update: dict[str, object] = {"public_hosts": list(public_hosts)}
     if tunnel_listen is not None:
@@ -129,14 +132,17 @@ def init_home(
             {"api_host": api_host, "api_port": api_port} | update
         )
     # The CA key is sealed with the master key; an existing CA is kept (CLIs pin it).
-    pki.ensure_pki(home, SecretBox(load_master_key(key_path)), tuple(settings.public_hosts))
+    box = keyring.open_box(home)
+    pki.ensure_pki(home, box, tuple(settings.public_hosts))
     name = admin or default_admin_name()
     token = new_token()
     with Store.open(
-        store_url(home, settings),
-        SecretBox(load_master_key(key_path)),
-        sqlite_synchronous=settings.store_sqlite_synchronous,
+        store_url(home, settings), box, sqlite_synchronous=settings.store_sqlite_synchronous
     ) as store:
+        # Sealed under the store's active master key version, whatever the
+        # files said before it was known.
+        keyring.write_active(home, box.active_version)
+        keyring.reseal_files(home, box)
         _ensure_admin(store, name, password)
         principal_id = store.get_principal(name).id
         # A new local token replaces the old one: a copy of the old config stops working.
@@ -359,11 +365,12 @@ async def run(
         settings = settings.model_copy(
             update={"api_host": api_listen[0], "api_port": api_listen[1]}
         )
-    box = SecretBox(load_master_key(home / MASTER_KEY_FILE))
+    box = keyring.open_box(home)
     make_state_files_private(home, settings)
     store = Store.open(
         store_url(home, settings), box, sqlite_synchronous=settings.store_sqlite_synchronous
     )
+    keyring.refresh(home, box, store, settings.gateway_id)
     adopt_legacy_token(store, settings, home)
     cert, key = ensure_local_certificate(home)
     ca = _load_ca(home, box)
@@ -387,6 +394,11 @@ async def run(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Each presence renewal re-reads the key ring and follows the store's active
+    # master key version (master key rotation, docs/operations.md).
+    service.presence.after_renewal = functools.partial(
+        service.db, keyring.refresh, home, box, store, settings.gateway_id
+    )
     try:
         await service.start()
         if ca is not None:

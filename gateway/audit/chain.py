@@ -46,10 +46,25 @@ master key (:func:`derive_audit_key`), which never enters the database, so such
 a person cannot produce a chain that verifies. Whoever holds the master key can;
 protect it accordingly.
 
+Master key rotation (``pam gateway rotate-master-key``): the audit key is
+derived from the *active* master key version, so records written after a
+rotation are under a key that the retired master key does not give. An
+:class:`AuditChain` holds the key new records are written under and the audit
+keys of older versions (kept by the store, sealed under the active master key,
+once their master key is retired); verification accepts a MAC under any of them
+(:meth:`AuditChain.verifies`), so old trails verify, and so does a session whose
+chain started under one version and went on under the next (each record, batch
+or seal under whichever key its writer held: the version is not recorded, the
+key that verifies names it). The cost is one MAC per key tried; the key that
+verified last is tried first, so a trail under one version costs one MAC each.
+
 Limits (what verification cannot see): a session removed together with all of
 its records, and records cut off the end of a session that has not ended yet
 (no seal exists until the end; the store that wrote them does notice at its
-next append, and chains on so that the gap shows). ``recorded_at`` (when the
+next append, and chains on so that the gap shows). Whoever holds a retired
+master key (or its audit key, in the store, sealed) can still forge records
+that verify under that version, in any trail: the version is not recorded.
+``recorded_at`` (when the
 store wrote the row) is not covered; ``occurred_at`` is.
 
 Invariants: both encodings are ``json.dumps(sort_keys=True, separators=(",",
@@ -272,15 +287,17 @@ class _Mac(Protocol):
 
 
 class AuditChain:
-    """Computes and checks record hashes and session seals under one key.
+    """Computes record hashes and session seals under one key, and checks them
+    under that key or an older one (*older_keys*: the audit keys of earlier
+    master key versions).
 
-    The key is kept only inside an ``hmac`` template object, not as an attribute,
-    and ``repr`` hides it.
+    Keys are kept only inside ``hmac`` template objects, not as attributes, and
+    ``repr`` hides them.
     """
 
-    __slots__ = ("_record_template", "_template")
+    __slots__ = ("_candidates", "_hint", "_record_template", "_template")
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, older_keys: Iterable[bytes] = ()) -> None:
         if not isinstance(key, bytes) or len(key) < _MIN_KEY_BYTES:
             raise ConfigError(f"the audit key must be at least {_MIN_KEY_BYTES} bytes")
         template = hmac.new(key, digestmod=hashlib.sha256)
@@ -294,9 +311,42 @@ class AuditChain:
         self._record_template = hashlib.blake2b(
             key=key[:64], digest_size=RECORD_DIGEST_BYTES, person=_RECORD_PERSON
         )
+        self._candidates: tuple[AuditChain, ...] = (
+            self,
+            *(AuditChain(older) for older in older_keys),
+        )
+        # Index of the candidate that verified last (a hint, so a race between
+        # threads costs at most a MAC).
+        self._hint = 0
 
     def __repr__(self) -> str:
         return "AuditChain(<key hidden>)"
+
+    def verifying(self, compute: Callable[[AuditChain], str], stored: str) -> AuditChain | None:
+        """The first chain (this one's key, or an older one's) under which
+        *compute* gives *stored*; None if there is none. ``ValueError`` from
+        *compute* (what cannot be encoded) is a mismatch."""
+        candidates = self._candidates
+        hint = self._hint
+        order = (hint, *(i for i in range(len(candidates)) if i != hint))
+        for index in order:
+            try:
+                recomputed = compute(candidates[index])
+            except ValueError:
+                return None
+            if is_same_digest(recomputed, stored):
+                self._hint = index
+                return candidates[index]
+        return None
+
+    @property
+    def candidates(self) -> tuple[AuditChain, ...]:
+        """This chain, then one per older key."""
+        return self._candidates
+
+    def verifies(self, compute: Callable[[AuditChain], str], stored: str) -> bool:
+        """Whether *compute* gives *stored* under one of this chain's keys."""
+        return self.verifying(compute, stored) is not None
 
     def _mac(self, message: bytes) -> str:
         mac = self._template.copy()
@@ -364,4 +414,6 @@ class AuditChain:
         return self._mac(_SEAL_PREFIX + f"{session_id}|{count}|{head}".encode())
 
     def is_valid_seal(self, session_id: str, count: int, head: str, seal: str) -> bool:
-        return is_same_digest(self.seal(session_id, count, head), seal)
+        """Whether *seal* is the seal of ``session_id|count|head`` under one of
+        this chain's keys."""
+        return self.verifies(lambda chain: chain.seal(session_id, count, head), seal)

@@ -142,6 +142,13 @@ class _Suspect:
     reports: list[_Report]
 
 
+def _matching(recomputed: bytes, stored: bytes) -> int:
+    """How many record digests of *recomputed* are among *stored*'s."""
+    size = RECORD_DIGEST_BYTES
+    known = {stored[at : at + size] for at in range(0, len(stored), size)}
+    return sum(recomputed[at : at + size] in known for at in range(0, len(recomputed), size))
+
+
 class SessionVerifier:
     """Checks one session's records, fed in ``seq`` order, then its seal.
 
@@ -261,16 +268,16 @@ class SessionVerifier:
         explained = seq != expected
         if explained:
             reports.append(self._out_of_seq(seq, expected, name))
-        try:
-            if version == CHAIN_VERSION:
-                recomputed = self._chain.row_hash(prev_hash, seq, values)
-            elif version == 1:
-                recomputed = self._chain.record_hash(prev_hash, seq, fields)
-            else:
-                recomputed = ""
-        except ValueError:
-            recomputed = ""
-        changed = not is_same_digest(recomputed, stored_hash)
+        if version == CHAIN_VERSION:
+            changed = not self._chain.verifies(
+                lambda chain: chain.row_hash(prev_hash, seq, values), stored_hash
+            )
+        elif version == 1:
+            changed = not self._chain.verifies(
+                lambda chain: chain.record_hash(prev_hash, seq, fields), stored_hash
+            )
+        else:
+            changed = True
         if changed:
             self._hold(row_id, seq, name, reports)
         else:
@@ -311,11 +318,23 @@ class SessionVerifier:
             parts = []
             span = _span(first, batch.last_seq)
             reports.append((first, "changed", f"{span}: the batch's chain version was edited"))
-        chain, size, stored = self._chain, RECORD_DIGEST_BYTES, batch.digests
-        recomputed = chain.record_digests(self.session_id, parts)
-        sealed = is_same_digest(
-            chain.batch_hash(self.session_id, first, batch.prev_hash, stored), batch.hash
+        size, stored = RECORD_DIGEST_BYTES, batch.digests
+        # The key the batch's MAC verifies under (after a master key rotation, an
+        # older one) is the key its record digests were made with.
+        chain = self._chain.verifying(
+            lambda chain: chain.batch_hash(self.session_id, first, batch.prev_hash, stored),
+            batch.hash,
         )
+        sealed = chain is not None
+        if chain is None:
+            # An edited batch: the key its digests were made with is the one
+            # under which most of them still match, so only the edited records
+            # are named.
+            chain = max(
+                self._chain.candidates,
+                key=lambda c: _matching(c.record_digests(self.session_id, parts), stored),
+            )
+        recomputed = chain.record_digests(self.session_id, parts)
         known = {stored[at : at + size] for at in range(0, len(stored), size)}
         # (kind, occurred_at) of each readable record, for the index columns
         indexed: list[tuple[str, int]] = []

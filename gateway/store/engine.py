@@ -217,6 +217,9 @@ class StoreBase:
         self._chain = AuditChain(
             audit_key if audit_key is not None else box.derive_key(AUDIT_KEY_INFO)
         )
+        # A key given by the caller stays; otherwise the chain follows the
+        # active master key version (gateway.store.master_keys).
+        self._audit_key_given = audit_key is not None
         # session id -> (seq, hash) of the last record this store wrote or saw.
         self._heads: OrderedDict[str, tuple[int, str]] = OrderedDict()
         self._heads_lock = threading.Lock()
@@ -287,7 +290,17 @@ class StoreBase:
         except DBAPIError as exc:
             engine.dispose()
             raise ConfigError(f"cannot open the state store {safe_url}: {exc.orig}") from None
-        return cls(engine, box, clock=clock if clock is not None else _utcnow, audit_key=chain_key)
+        store = cls(engine, box, clock=clock if clock is not None else _utcnow, audit_key=audit_key)
+        try:
+            store._after_open()
+        except BaseException:
+            engine.dispose()
+            raise
+        return store
+
+    def _after_open(self) -> None:
+        """What a part of the store does once the schema is at head (the master
+        key's active version, :mod:`gateway.store.master_keys`)."""
 
     def close(self) -> None:
         """Release every database connection. The store cannot be used afterwards."""

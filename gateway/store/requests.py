@@ -171,7 +171,7 @@ class RequestStore(StoreBase):
                 what = f"seq {row.seq} ({row.kind} of request {row.request_id[:8]})"
                 if not is_same_digest(row.prev_hash, prev):
                     problem(row.seq, "reordered", f"{what} does not follow the record before it")
-                if not is_same_digest(self._event_hash(row), row.hash):
+                if not self._is_event_intact(row):
                     problem(row.seq, "changed", f"{what} was edited")
                 expected_seq, prev = row.seq + 1, row.hash
             head = conn.execute(
@@ -230,8 +230,13 @@ class RequestStore(StoreBase):
             .values(count=seq, head=prev, seal=self._chain.seal(ACCESS_TRAIL, seq, prev))
         )
 
-    def _event_hash(self, row: Any) -> str:
-        return self._chain.access_event_hash(row.seq, row.prev_hash, _covered(row._mapping))
+    def _is_event_intact(self, row: Any) -> bool:
+        """Whether *row*'s hash verifies (under the audit key of any master key
+        version: the trail may span a rotation)."""
+        covered = _covered(row._mapping)
+        return self._chain.verifies(
+            lambda chain: chain.access_event_hash(row.seq, row.prev_hash, covered), row.hash
+        )
 
 
 def _covered(row: Any) -> list[Any]:

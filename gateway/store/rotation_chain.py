@@ -104,6 +104,14 @@ def append_rotation(
     return dataclasses.replace(entry, seq=seq)
 
 
+def _is_intact(chain: AuditChain, row: Any) -> bool:
+    """Whether a rotation record's hash verifies (under any master key
+    version's audit key: the record may span a rotation)."""
+    covered = _covered(row._mapping)
+    seq, prev = row.seq, row.prev_hash or ""
+    return chain.verifies(lambda key: key.rotation_hash(seq, prev, covered), row.hash or "")
+
+
 def rotation_problems(chain: AuditChain, conn: Connection) -> list[ChainProblem]:
     """Recompute the rotation record's chain and check its sealed head; every
     problem found (``session_id`` is :data:`~gateway.audit.chain.ROTATION_RECORD`)."""
@@ -141,10 +149,7 @@ def rotation_problems(chain: AuditChain, conn: Connection) -> list[ChainProblem]
             problem(expected, "removed", f"{gap} removed")
         elif not is_same_digest(row.prev_hash or "", prev):
             problem(row.seq, "reordered", f"{what} does not follow the record before it")
-        if not is_same_digest(
-            chain.rotation_hash(row.seq, row.prev_hash or "", _covered(row._mapping)),
-            row.hash or "",
-        ):
+        if not _is_intact(chain, row):
             problem(row.seq, "changed", f"{what} was edited")
         expected, prev = row.seq + 1, row.hash or ""
     count = expected - 1

@@ -739,3 +739,35 @@ ephemeral_roles = Table(
     Index(None, "dropped_at"),
     Index(None, "session_id"),
 )
+
+#: Master key rotation (revision 0019, gateway.store.master_keys): the fleet's
+#: active master key version (one row, id 1; version 1 until the first rotation).
+master_key_state = Table(
+    "master_key_state",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("active_version", BigInteger, nullable=False),
+    Column("activated_at", UtcTimestamp, nullable=True),
+)
+
+#: Which master key versions each gateway's ring holds, as it last reported
+#: them (a JSON list of integers), renewed with its presence lease.
+gateway_key_versions = Table(
+    "gateway_key_versions",
+    metadata,
+    Column("gateway_id", String(128), primary_key=True),
+    Column("versions", Text, nullable=False),
+    Column("reported_at", UtcTimestamp, nullable=False),
+)
+
+#: The audit chain key of each earlier master key version (derived, never the
+#: master key itself), sealed under the active master key (associated data
+#: ``pam/audit-key/<version>``): old trails verify after their master key is
+#: retired.
+audit_keys = Table(
+    "audit_keys",
+    metadata,
+    Column("version", BigInteger, primary_key=True, autoincrement=False),
+    Column("sealed_key", LargeBinary, nullable=False),
+    Column("added_at", UtcTimestamp, nullable=False),
+)

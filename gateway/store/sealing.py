@@ -31,7 +31,7 @@ from typing import Any, Final
 
 from sqlalchemy import Connection, select
 
-from gateway.audit.chain import AuditChain, is_same_digest
+from gateway.audit.chain import AuditChain
 from gateway.audit.verify import ChainProblem
 from gateway.store.models import REQUEST_FIELDS
 from gateway.store.schema import connections, sessions
@@ -118,7 +118,8 @@ def check_row(
             raise TypeError
     except (ValueError, TypeError, KeyError):
         return ["<seal>"]
-    if not is_same_digest(chain.row_mac(table, part, row_id, _fields_json(fields)), mac):
+    body = _fields_json(fields)
+    if not chain.verifies(lambda key: key.row_mac(table, part, row_id, body), mac):
         return ["<seal>"]
     return [name for name, value in fields.items() if _plain(row.get(name)) != value]
 

@@ -28,6 +28,8 @@ clock and the audit chain they share):
 * :mod:`gateway.store.fleet`: where each gateway is, grants taken over on failover;
 * :mod:`gateway.store.changes`: changes announced to the other gateways on the
   store (LISTEN/NOTIFY), and what a gateway reads back to reconcile;
+* :mod:`gateway.store.master_keys`: master key rotation (the active version,
+  who holds which, re-sealing);
 * :mod:`gateway.store.audit` and :mod:`gateway.store.trail`: the audit trail.
 
 Invariants (each module states its own as well):
@@ -51,6 +53,7 @@ from gateway.store.ephemeral import EphemeralRoleStore
 from gateway.store.fleet import FleetStore
 from gateway.store.identity import IdentityStore
 from gateway.store.leases import LeaseStore
+from gateway.store.master_keys import MasterKeyStore
 from gateway.store.mfa import MfaStore
 from gateway.store.projects import ProjectStore
 from gateway.store.refusals import RefusalStore
@@ -83,6 +86,7 @@ class Store(
     FleetStore,
     EphemeralRoleStore,
     ChangeStore,
+    MasterKeyStore,
 ):
     """Synchronous access to the gateway's persistent state. See the module docstring.
 

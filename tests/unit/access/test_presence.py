@@ -165,3 +165,27 @@ async def test_the_gateway_wide_check_refuses_with_the_stores_reason() -> None:
     assert Admission(checks=(a.refusal,)).refusal() is None
     a.last_renewed = -20.0
     assert Admission(checks=(a.refusal,)).refusal() is REFUSAL
+
+
+async def test_after_renewal_runs_at_start_and_each_tick_and_its_failure_fails_nothing(
+    store: Store,
+) -> None:
+    a = presence(store, "gw-a")
+    calls: list[int] = []
+
+    async def after() -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("the key ring directory is unreadable")
+
+    a.after_renewal = after
+    await a.tick()
+    assert await a.tick() == 0  # the hook failed: logged, the lease renewed all the same
+    assert a.is_lease_fresh()
+    await a.tick()
+    assert calls == [1, 1, 1]
+    b = presence(store, "gw-b")
+    b.after_renewal = after
+    await b.start()  # the loop's first tick is renew_seconds away
+    await b.close()
+    assert calls == [1, 1, 1, 1]

@@ -178,8 +178,8 @@ def test_secret_box_refuses_a_truncated_blob(length: int) -> None:
 def test_secret_box_refuses_an_unknown_version() -> None:
     box = SecretBox(KEY)
     blob = box.encrypt(PLAINTEXT, aad=AAD)
-    with pytest.raises(SecretDecryptError, match="unknown format version 2"):
-        box.decrypt(b"\x02" + blob[1:], aad=AAD)
+    with pytest.raises(SecretDecryptError, match="unknown format version 3"):
+        box.decrypt(b"\x03" + blob[1:], aad=AAD)
 
 
 def test_decrypt_errors_reveal_neither_key_nor_plaintext() -> None:
