@@ -80,11 +80,9 @@ class ChangeFollower:
                     async with self._lock:
                         await self._refresh_credentials()
             elif change.kind is ChangeTopic.SESSION:
-                held = self.grants.live_ids(session_id=change.id)
-                if held:
-                    await self._apply(held)
-                else:  # handed to this gateway by one stopping?
-                    await self._adopt([change.id])
+                await self._apply(self.grants.live_ids(session_id=change.id))
+            elif change.kind is ChangeTopic.HANDED:  # by a stopping gateway: to this one?
+                await self._adopt([change.id])
             elif change.kind is ChangeTopic.PRINCIPAL:
                 await self._apply(self.grants.live_ids(principal_id=change.id))
         except Exception as exc:  # the reconcile will catch up

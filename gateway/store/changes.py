@@ -70,6 +70,9 @@ class ChangeTopic(StrEnum):
     PRINCIPAL = "principal"
     #: an account's password, a resource or an account changed; id: the announcing gateway's
     CREDENTIALS = "credentials"
+    #: a stopping gateway handed a tunnel grant to another (its heir builds it);
+    #: id: the session's
+    HANDED = "handed"
 
 
 @dataclass(frozen=True, slots=True)

@@ -127,7 +127,7 @@ class FleetStore(StoreBase):
             conn.execute(
                 sessions.update().where(sessions.c.id == session_id).values(holder_id=heir)
             )
-            announce(conn, ChangeTopic.SESSION, session_id)
+            announce(conn, ChangeTopic.HANDED, session_id)
             return str(heir)
 
     def tunnel_grants_held_by(self, gateway_id: str) -> list[str]:
