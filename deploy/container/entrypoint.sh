@@ -4,7 +4,8 @@
 #
 #   /etc/pam/gateway.json     the settings (a ConfigMap, or a bind mount;
 #                             PAM_CONFIG_DIR overrides /etc/pam)
-#   /run/secrets/pam/*        (PAM_SECRETS_DIR) master.key and the gateway CA and server identity
+#   /run/secrets/pam/*        (PAM_SECRETS_DIR) master.key (and master-key-N.key for each
+#                             later version of a rotated key) and the gateway CA and server identity
 #                             (gateway-ca.crt, gateway-ca.key.sealed,
 #                             gateway-server.crt, gateway-server.key.sealed), made
 #                             once by `pam gateway init` (docs/operations.md)
@@ -33,6 +34,18 @@ fi
 for name in master.key gateway-ca.crt gateway-ca.key.sealed gateway-server.crt gateway-server.key.sealed; do
     if [ ! -f "$home/$name" ] && [ -f "$secrets/$name" ]; then
         cat "$secrets/$name" > "$home/$name"
+    fi
+done
+# Later master key versions (a rotation, docs/operations.md): a Secret's keys
+# are flat names, so version N is master-key-N.key there and master.keys/N.key here.
+for file in "$secrets"/master-key-*.key; do
+    [ -f "$file" ] || continue
+    version="${file##*/master-key-}"
+    version="${version%.key}"
+    case "$version" in *[!0-9]* | "") continue ;; esac
+    mkdir -p "$home/master.keys"
+    if [ ! -f "$home/master.keys/$version.key" ]; then
+        cat "$file" > "$home/master.keys/$version.key"
     fi
 done
 

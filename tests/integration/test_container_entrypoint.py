@@ -1,7 +1,8 @@
 """The image's entrypoint (deploy/container/entrypoint.sh), run here without a
 container engine: from a settings directory (the ConfigMap) and a secrets
 directory (the Secret) made by `pam gateway init`, it assembles an empty state
-directory (its own gateway_id, the key at mode 0600) and runs a daemon that
+directory (its own gateway_id, the key at mode 0600, later key versions in
+its ring) and runs a daemon that
 answers the API with the first one's token, on the same store, logging JSON and
 echoing no secret."""
 
@@ -20,6 +21,7 @@ import pytest
 from harness import Gateway
 
 from cli.client import ApiError
+from gateway.credentials.secretbox import generate_master_key
 
 pytestmark = pytest.mark.integration
 
@@ -36,6 +38,10 @@ def test_the_entrypoint_assembles_the_state_directory_and_runs_the_gateway(
     config = tmp_path / "config"
     config.mkdir()
     (config / "gateway.json").write_text(json.dumps(settings))
+    # A rotated key's later version, as a Secret holds it (flat name), and a
+    # name that is not one.
+    generate_master_key(seed.home / "master-key-2.key")
+    (seed.home / "master-key-x.key").write_text("not a version\n")
     home = tmp_path / "state"
     home.mkdir(mode=0o700)
     env = {
@@ -63,6 +69,11 @@ def test_the_entrypoint_assembles_the_state_directory_and_runs_the_gateway(
         assert json.loads((home / "gateway.json").read_text())["gateway_id"] == "pod-1"
         for name in ("gateway.json", "master.key", "gateway-ca.crt", "gateway-ca.key.sealed"):
             assert stat.S_IMODE((home / name).stat().st_mode) == 0o600, name
+        ring = home / "master.keys"
+        assert sorted(p.name for p in ring.iterdir() if p.suffix == ".key") == ["2.key"]
+        assert (ring / "2.key").read_bytes() == (seed.home / "master-key-2.key").read_bytes()
+        assert stat.S_IMODE((ring / "2.key").stat().st_mode) == 0o600
+        assert stat.S_IMODE(ring.stat().st_mode) == 0o700
     finally:
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=30)
