@@ -48,9 +48,9 @@ from gateway.credentials.secretbox import (
 )
 from gateway.errors import ConfigError
 from gateway.store.engine import StoreBase
-from gateway.store.mfa import _aad as _mfa_aad
+from gateway.store.mfa import factor_aad
 from gateway.store.resources import account_aad
-from gateway.store.rotations import _pending_aad, _rotator_aad
+from gateway.store.rotations import pending_aad, rotator_aad
 from gateway.store.schema import (
     accounts,
     audit_keys,
@@ -62,8 +62,8 @@ from gateway.store.schema import (
     sso_providers,
     webhooks,
 )
-from gateway.store.sso import _SECRET_AAD as _SSO_AAD
-from gateway.store.webhooks import _secret_aad as _webhook_aad
+from gateway.store.sso import SSO_SECRET_AAD
+from gateway.store.webhooks import webhook_secret_aad
 
 __all__ = ["RESEAL_BATCH", "GatewayKeys", "KeyNotHeld", "MasterKeyStore", "audit_key_aad"]
 
@@ -93,12 +93,12 @@ class _Sealed:
 #: Every column the store keeps sealed with the master key.
 SEALED_COLUMNS: Final = (
     _Sealed(accounts, "id", "password_ciphertext", account_aad),
-    _Sealed(accounts, "id", "pending_ciphertext", _pending_aad),
-    _Sealed(resources, "id", "rotation_ciphertext", _rotator_aad),
-    _Sealed(mfa_factors, "principal_id", "secret_ciphertext", _mfa_aad),
-    _Sealed(mfa_factors, "principal_id", "pending_ciphertext", _mfa_aad),
-    _Sealed(sso_providers, "id", "client_secret_ciphertext", lambda _id: _SSO_AAD),
-    _Sealed(webhooks, "id", "secret_ciphertext", _webhook_aad),
+    _Sealed(accounts, "id", "pending_ciphertext", pending_aad),
+    _Sealed(resources, "id", "rotation_ciphertext", rotator_aad),
+    _Sealed(mfa_factors, "principal_id", "secret_ciphertext", factor_aad),
+    _Sealed(mfa_factors, "principal_id", "pending_ciphertext", factor_aad),
+    _Sealed(sso_providers, "id", "client_secret_ciphertext", lambda _id: SSO_SECRET_AAD),
+    _Sealed(webhooks, "id", "secret_ciphertext", webhook_secret_aad),
     _Sealed(audit_keys, "version", "sealed_key", audit_key_aad),
 )
 

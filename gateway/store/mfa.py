@@ -32,7 +32,7 @@ from gateway.store.schema import mfa_factors
 __all__ = ["MfaStore"]
 
 
-def _aad(principal_id: str) -> bytes:
+def factor_aad(principal_id: str) -> bytes:
     return b"pam/mfa/" + principal_id.encode()
 
 
@@ -60,7 +60,7 @@ class MfaStore(StoreBase):
             return _status(self._factor(conn, principal_id))
 
     def begin_mfa_enrolment(self, principal_id: str, secret: bytes) -> None:
-        sealed = self._box.encrypt(secret, aad=_aad(principal_id))
+        sealed = self._box.encrypt(secret, aad=factor_aad(principal_id))
         now = self._now()
         with self._transaction(write=True) as conn:
             if self._factor(conn, principal_id, lock=True) is None:
@@ -139,7 +139,7 @@ class MfaStore(StoreBase):
 
     def _open(self, sealed: bytes, principal_id: str) -> bytes:
         try:
-            return self._box.decrypt(sealed, aad=_aad(principal_id))
+            return self._box.decrypt(sealed, aad=factor_aad(principal_id))
         except SecretDecryptError as exc:
             raise SecretDecryptError(
                 f"cannot decrypt a second-factor secret: {exc.message}",

@@ -74,11 +74,11 @@ _NO_PENDING: Final[dict[str, object]] = {
 }
 
 
-def _pending_aad(account_id: str) -> bytes:
+def pending_aad(account_id: str) -> bytes:
     return account_aad(account_id) + b"/pending"
 
 
-def _rotator_aad(resource_id: str) -> bytes:
+def rotator_aad(resource_id: str) -> bytes:
     return b"pam/resource/" + resource_id.encode() + b"/rotation"
 
 
@@ -130,7 +130,7 @@ class RotationStore(StoreBase):
         check_password(password)
         with self._transaction(write=True) as conn:
             row = resource_row(conn, resource, lock="update")
-            sealed = self._box.encrypt(password.encode(), aad=_rotator_aad(row.id))
+            sealed = self._box.encrypt(password.encode(), aad=rotator_aad(row.id))
             conn.execute(
                 update(resources)
                 .where(resources.c.id == row.id)
@@ -156,7 +156,7 @@ class RotationStore(StoreBase):
         if row.rotation_username is None or row.rotation_ciphertext is None:
             return None
         try:
-            opened = self._box.decrypt(bytes(row.rotation_ciphertext), aad=_rotator_aad(row.id))
+            opened = self._box.decrypt(bytes(row.rotation_ciphertext), aad=rotator_aad(row.id))
         except SecretDecryptError as exc:
             raise SecretDecryptError(
                 f"cannot decrypt the rotation role's password of resource '{resource}':"
@@ -194,7 +194,7 @@ class RotationStore(StoreBase):
                     hint="the gateway completes or rolls it back; try again shortly",
                 )
             started_at = self._now()
-            sealed = self._box.encrypt(password.encode(), aad=_pending_aad(row.id))
+            sealed = self._box.encrypt(password.encode(), aad=pending_aad(row.id))
             conn.execute(
                 update(accounts)
                 .where(accounts.c.id == row.id)
@@ -233,7 +233,7 @@ class RotationStore(StoreBase):
         if sealed is None:
             return None
         try:
-            return self._box.decrypt(bytes(sealed), aad=_pending_aad(row.id)).decode()
+            return self._box.decrypt(bytes(sealed), aad=pending_aad(row.id)).decode()
         except SecretDecryptError as exc:
             raise SecretDecryptError(
                 f"cannot decrypt the pending password of account '{account}' on resource"
@@ -288,7 +288,7 @@ class RotationStore(StoreBase):
             values: dict[str, object] = _NO_PENDING.copy()
             if promote:
                 password = self._box.decrypt(
-                    bytes(pending.pending_ciphertext), aad=_pending_aad(row.id)
+                    bytes(pending.pending_ciphertext), aad=pending_aad(row.id)
                 )
                 values["password_ciphertext"] = self._box.encrypt(password, aad=account_aad(row.id))
                 values["password_updated_at"] = now

@@ -49,7 +49,7 @@ from gateway.store.validation import check_name, required_text
 __all__ = ["SsoStore"]
 
 _PROVIDER_ID = "oidc"
-_SECRET_AAD = b"sso_providers:" + _PROVIDER_ID.encode()
+SSO_SECRET_AAD = b"sso_providers:" + _PROVIDER_ID.encode()
 MANUAL = "manual"
 SSO = "sso"
 
@@ -91,7 +91,7 @@ class SsoStore(StoreBase):
             ).scalar_one_or_none()
         if sealed is None:
             raise NotFound("single sign-on is not configured")
-        return self._box.decrypt(bytes(sealed), aad=_SECRET_AAD).decode()
+        return self._box.decrypt(bytes(sealed), aad=SSO_SECRET_AAD).decode()
 
     def set_sso_provider(self, provider: SsoProvider, *, client_secret: str | None) -> None:
         for field, value in (
@@ -112,7 +112,7 @@ class SsoStore(StoreBase):
         if client_secret is not None:
             required_text("client secret", client_secret)
             values["client_secret_ciphertext"] = self._box.encrypt(
-                client_secret.encode(), aad=_SECRET_AAD
+                client_secret.encode(), aad=SSO_SECRET_AAD
             )
         with self._transaction(write=True) as conn:
             exists = conn.execute(

@@ -47,7 +47,7 @@ _MAX_ERROR: Final = 1000
 _DELIVERY_COLUMNS: Final = tuple(c for c in webhook_deliveries.c if c.name != "data")
 
 
-def _secret_aad(webhook_id: str) -> bytes:
+def webhook_secret_aad(webhook_id: str) -> bytes:
     return b"pam/webhook/" + webhook_id.encode()
 
 
@@ -124,7 +124,9 @@ class WebhookStore(StoreBase):
             "project": check_name("project", project),
             "url": url,
             "events": json.dumps(list(events)),
-            "secret_ciphertext": self._box.encrypt(secret.encode(), aad=_secret_aad(webhook_id)),
+            "secret_ciphertext": self._box.encrypt(
+                secret.encode(), aad=webhook_secret_aad(webhook_id)
+            ),
             "created_at": self._now(),
             "created_by": created_by,
         }
@@ -236,7 +238,7 @@ class WebhookStore(StoreBase):
 
     def _open_secret(self, webhook_id: str, sealed: bytes) -> str | None:
         try:
-            return self._box.decrypt(bytes(sealed), aad=_secret_aad(webhook_id)).decode()
+            return self._box.decrypt(bytes(sealed), aad=webhook_secret_aad(webhook_id)).decode()
         except SecretDecryptError:
             return None  # the attempt is recorded as failed, saying why; nothing unsigned is sent
 
