@@ -200,6 +200,8 @@ def gateway_rotate_master_key(
     from gateway.app import master_key
 
     where = _home(home)
+    if retire_version is not None and step != "stage":
+        raise click.UsageError(f"--retire is a step of its own: give it without --{step}")
     if retire_version is not None:
         removed = master_key.retire(where, retire_version)
         what = f"removed {removed}" if removed else "its key file was already gone"

@@ -192,3 +192,14 @@ def test_an_error_line_escapes_what_the_daemon_sent() -> None:
     result, _ = run({("GET", "/v1/resources/nope"): refused}, "resource", "show", "nope")
     assert result.exit_code == 1
     assert result.stderr == "error: evil\\x1b[2J\\x07[bold]x[/bold] (hint: \\x1b]0;t)\n"
+
+
+@pytest.mark.parametrize("step", ["--activate", "--status"])
+def test_retire_is_a_step_of_its_own(step: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        cli,
+        ["gateway", "rotate-master-key", "--home", str(tmp_path), step, "--retire", "1"],
+        prog_name="pam",
+    )
+    assert result.exit_code == 2
+    assert f"--retire is a step of its own: give it without {step}" in result.output
