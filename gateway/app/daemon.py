@@ -345,6 +345,7 @@ async def _start_workers(
     await pool.start()
     service.grants.relays = pool
     service.on_secrets_refreshed = pool.refresh_secrets
+    service.readiness.more.append(pool.readiness)
     return pool
 
 

@@ -42,6 +42,7 @@ from typing import Any, Final
 import structlog
 
 from gateway.app.metrics import GatewayMetrics
+from gateway.app.readiness import Check
 from gateway.audit.stats import WriteStats
 from gateway.errors import ConfigError
 from gateway.net.connection import LiveConnection
@@ -113,6 +114,15 @@ class WorkerPool:
     def live_count(self) -> int:
         """Connections the workers relay (or are starting) right now."""
         return sum(len(w.handed) for w in self._workers)
+
+    def readiness(self) -> Check:
+        """``/readyz``'s ``workers`` check: every worker running (one being
+        restarted fails it), with how many connections they relay."""
+        running = sum(1 for w in self._workers if w.is_ready)
+        detail = (
+            f"{running} of {len(self._workers)} running, relaying {self.live_count()} connections"
+        )
+        return Check("workers", running == len(self._workers), detail)
 
     async def start(self) -> None:
         """Start every worker; each has opened the store and its journal when this returns."""

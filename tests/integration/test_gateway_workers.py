@@ -24,6 +24,7 @@ import psycopg
 import pytest
 from conftest import provision_gateway
 from harness import AccessProcess, Gateway, open_store, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.testing.pgcluster import PgRole, TempCluster
 
@@ -338,3 +339,22 @@ def test_sigterm_stops_the_workers_in_order(
         assert [r.sql for r in recorded].count("select 'before shutdown' as last_words") == 4
     finally:
         gw.close()
+
+
+def test_metrics_and_readyz_count_the_workers_connections(gateway: Gateway) -> None:
+    access = gateway.access().wait_ready()
+    conns = connections_on_both_workers(gateway, access.dsn(), 4)
+    try:
+        with gateway.api() as api:
+            metrics = api._http.get("/metrics").text
+            ready = api._http.get("/readyz").json()
+        samples = {
+            s.name: s.value for f in text_string_to_metric_families(metrics) for s in f.samples
+        }
+        assert samples["pam_connections_live"] >= 4
+        assert ready["checks"]["workers"]["ok"] is True
+        assert ready["checks"]["workers"]["detail"].startswith(f"{WORKERS} of {WORKERS} running")
+    finally:
+        for conn in conns:
+            conn.close()
+        access.stop()
