@@ -300,6 +300,11 @@ def _summary_line(workload: Workload, metrics: dict[str, Any]) -> str:
         if "cpu_s_per_10k_tx" in metrics:
             text += f"  cpu {metrics['cpu_s_per_10k_tx']:.3f} s/10k tx"
         return text
+    if workload.kind == "workers":
+        text = f"{metrics['tps']:>10,.0f} tps"
+        if "tps_2_workers" in metrics:
+            text += f"  --workers 2: {metrics['tps_2_workers']:,.0f} tps"
+        return text
     if workload.kind == "latency":
         return f"p50 {metrics['p50_us']:,.0f} µs  p99 {metrics['p99_us']:,.0f} µs"
     if workload.kind in ("copy-out", "copy-in"):

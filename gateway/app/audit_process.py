@@ -8,6 +8,11 @@ tails the current run's journal (``--run``) into the store (see
 :mod:`gateway.audit.sink` for the control pipe, :mod:`gateway.audit.replay` for
 the reading).
 
+One reader per journal at a time: it holds an exclusive lock on the journal
+directory's ``reader.lock`` while it runs, so a reader left by a parent that died
+(it finishes the journal once its stdin closes) is done before the next one
+replays the same journal.
+
 It ignores SIGINT and SIGTERM, which a terminal or systemd sends to the whole
 process group, so that the daemon can drain the journal into it during an
 ordered shutdown; it exits when its stdin closes (after processing the journal
@@ -17,6 +22,7 @@ to its end), which also happens if the daemon dies.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import select
 import signal
@@ -43,6 +49,7 @@ log = structlog.get_logger(__name__)
 #: How long the loop waits for the daemon when the journal has nothing new.
 IDLE_SECONDS: Final = 0.05
 RETRY_SECONDS: Final = 1.0
+READER_LOCK: Final = "reader.lock"
 
 
 def stored_passwords(store: Store) -> tuple[str, ...]:
@@ -60,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gateway.app.audit_process")
     parser.add_argument("--home", type=Path, required=True)
     parser.add_argument("--run", required=True)
+    parser.add_argument("--journal", type=Path, default=None, help="default: HOME/audit-journal")
     parser.add_argument("--log-format", choices=["console", "json"], default="json")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
@@ -71,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
 
     configure_logging("json" if args.log_format == "json" else "console", args.log_level)
+    journal = args.journal or args.home / JOURNAL_DIR
+    _lock_journal(journal)  # held until this process exits
     exporter: TrailExporter | None = None
     try:
         settings = load_settings(args.home)
@@ -82,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         exporter = build_exporter(settings)
         processor = JournalProcessor(
-            args.home / JOURNAL_DIR,
+            journal,
             args.run,
             store,
             TrackerSettings(
@@ -103,6 +113,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exporter is not None:
             exporter.close()
         store.close()
+
+
+def _lock_journal(journal: Path) -> None:
+    """Wait for any other reader of *journal* to finish, then keep it out."""
+    journal.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(journal / READER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel when this process ends
 
 
 def _serve(processor: JournalProcessor, control: FrameReader, out: BinaryIO) -> int:

@@ -4,11 +4,12 @@ A composition root, started by the daemon's :class:`~gateway.app.workers.WorkerP
 (``pam gateway run --workers N``). It opens the store from the state directory
 exactly as the daemon does (settings, master key, store URL), and builds what a
 connection's life needs: the credentials, the audit runtime (a journal of its
-own, ``audit-journal-worker-<index>``, read on its store thread: each journal
-has one writer), the connection records and the refusal recorder. Then it
-serves the connections the daemon hands it over the channel (an inherited Unix
-socket, ``--channel-fd``; see :mod:`gateway.app.workers` for the messages), each
-in a shadow door of its grant: an :class:`~gateway.net.listener.AccessListener`
+own, ``audit-journal-worker-<index>``, read by an audit writer process of its
+own as the daemon's is, or on its store thread: each journal has one writer),
+the connection records and the refusal recorder. Then it serves the
+connections the daemon hands it over the channel (an inherited Unix socket,
+``--channel-fd``; see :mod:`gateway.app.workers` for the messages), each in a
+shadow door of its grant: an :class:`~gateway.net.listener.AccessListener`
 never started, so that ending, cutting, notices, idle limits and cancels work
 exactly as they do in the daemon.
 
@@ -44,6 +45,7 @@ from gateway.app.logging import configure_logging
 from gateway.audit.journal import JOURNAL_DIR
 from gateway.audit.refusals import RefusalRecorder
 from gateway.audit.runtime import AuditRuntime
+from gateway.audit.sink import AuditSink
 from gateway.audit.stats import WriteStats
 from gateway.config import MASTER_KEY_FILE, GatewaySettings, load_settings, store_url
 from gateway.credentials.secretbox import SecretBox, load_master_key
@@ -57,6 +59,7 @@ from gateway.net.tls import ensure_local_certificate, server_context
 from gateway.protocol.sqlstate import SqlState
 from gateway.protocol.startup import CancelRequest
 from gateway.reasons import ConnectionEndReason
+from gateway.refusal import Refusal
 from gateway.store import Store
 
 log = structlog.get_logger(__name__)
@@ -101,6 +104,9 @@ class ForwardedMetrics:
     def audit_written(self, stats: WriteStats) -> None:
         self._send("audit_written", stats=stats.to_json())
 
+    def refused(self, refusal: Refusal) -> None:
+        self._send("refused", place=str(refusal.place), reason=str(refusal.reason))
+
     def _send(self, kind: str, **values: Any) -> None:
         self._channel.send({"op": "metric", "kind": kind} | values)
 
@@ -115,6 +121,8 @@ class RelayWorker:
         store: Store,
         channel: FdChannel,
         home: Path,
+        *,
+        sink: AuditSink | None = None,
     ) -> None:
         self.index = index
         self.settings = settings
@@ -126,6 +134,7 @@ class RelayWorker:
             store,
             self.db,
             settings,
+            sink=sink,
             journal_dir=journal_dir(home, index),
             stored_secrets=lambda: self.credentials.stored_secrets,
         )
@@ -141,7 +150,7 @@ class RelayWorker:
             Admission(checks=(self.audit.refusal,)),
             self.records,
             client_tls_context=server_context(cert, key),
-            on_refusal=self.refusals.refused,
+            on_refusal=self._refused,
             connection_metrics=self.metrics,
         )
         self.doors: dict[str, AccessListener] = {}
@@ -191,6 +200,10 @@ class RelayWorker:
         await self.audit.close()
         await self.refusals.close()
         self.db.shutdown()
+
+    def _refused(self, refusal: Refusal) -> None:
+        self.refusals.refused(refusal)
+        self.metrics.refused(refusal)
 
     def _serve_connection(self, message: Message, fd: int) -> None:
         sock = socket.socket(fileno=fd)
@@ -308,10 +321,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging("json" if args.log_format == "json" else "console", args.log_level)
     structlog.contextvars.bind_contextvars(worker=args.index, worker_pid=os.getpid())
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        return runner.run(_run(args.home, args.index, args.channel_fd))
+        return runner.run(
+            _run(args.home, args.index, args.channel_fd, args.log_format, args.log_level)
+        )
 
 
-async def _run(home: Path, index: int, channel_fd: int) -> int:
+async def _run(home: Path, index: int, channel_fd: int, log_format: str, log_level: str) -> int:
     channel = FdChannel(socket.socket(fileno=channel_fd))
     try:
         settings = load_settings(home)
@@ -322,7 +337,16 @@ async def _run(home: Path, index: int, channel_fd: int) -> int:
     except GatewayError as exc:
         channel.send({"op": "error", "message": exc.message})
         return 1
-    worker = RelayWorker(index, settings, store, channel, home)
+    # As in the daemon: the trail is written by a process of its own (one per
+    # worker, reading the worker's journal), not on the relay's GIL.
+    sink = (
+        AuditSink(
+            home, log_format=log_format, log_level=log_level, journal_dir=journal_dir(home, index)
+        )
+        if settings.audit_enabled and settings.audit_writer_process
+        else None
+    )
+    worker = RelayWorker(index, settings, store, channel, home, sink=sink)
     try:
         await worker.start()
         await worker.serve()

@@ -311,7 +311,9 @@ class WorkerPool:
         worker.handed.clear()
         for future in worker.replies.values():
             if not future.done():
-                future.cancel()
+                # Answered as "nothing here" (never cancelled: that would
+                # cancel the grant's end waiting on it).
+                future.set_result({"op": "reply", "gone": True})
         worker.replies.clear()
 
     async def _stop(self, worker: _Worker) -> None:
@@ -382,6 +384,8 @@ class WorkerPool:
             )
         elif kind == "audit_written":
             metrics.audit_written(WriteStats.from_json(message["stats"]))
+        elif kind == "refused":
+            metrics.refusals.labels(str(message["place"]), str(message["reason"])).inc()
 
 
 __all__ = ["WorkerPool"]

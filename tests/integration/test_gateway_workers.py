@@ -327,6 +327,7 @@ def test_sigterm_stops_the_workers_in_order(
         events = [e.get("event") for e in gw.log_events()]
         # The grants end their connections (the workers record and flush them)
         # before the workers are told to stop.
+        assert "relay_worker_stopping" in events, gw.log()[-6000:]
         assert events.index("gateway_stopping") < events.index("relay_worker_stopping")
         with open_store(gw) as store:
             session = store.get_session(session_id)
@@ -345,16 +346,44 @@ def test_metrics_and_readyz_count_the_workers_connections(gateway: Gateway) -> N
     access = gateway.access().wait_ready()
     conns = connections_on_both_workers(gateway, access.dsn(), 4)
     try:
+        before = scrape(gateway)
+        for conn in conns:
+            assert conn.execute("select 5").fetchone() == (5,)
+        # Refused by a worker (the grant's database is appdb): counted all the same.
+        with pytest.raises(psycopg.OperationalError, match="is not available through"):
+            psycopg.connect(access.dsn(dbname="postgres"))
+        # The workers' statements (written to the trail by them) and refusals.
+        after = wait_for(
+            lambda: (
+                (now := scrape(gateway))
+                and now.get(REFUSED, 0) > before.get(REFUSED, 0)
+                and now.get(STATEMENTS, 0) >= before.get(STATEMENTS, 0) + len(conns)
+                and now
+            ),
+            timeout=WAIT_SECONDS,
+        )
+        assert after["pam_connections_live"] >= len(conns)
         with gateway.api() as api:
-            metrics = api._http.get("/metrics").text
             ready = api._http.get("/readyz").json()
-        samples = {
-            s.name: s.value for f in text_string_to_metric_families(metrics) for s in f.samples
-        }
-        assert samples["pam_connections_live"] >= 4
         assert ready["checks"]["workers"]["ok"] is True
         assert ready["checks"]["workers"]["detail"].startswith(f"{WORKERS} of {WORKERS} running")
     finally:
         for conn in conns:
             conn.close()
         access.stop()
+
+
+REFUSED = 'pam_refusals_total{place="listener",reason="wrong_database"}'
+STATEMENTS = "pam_statements_relayed_total"
+
+
+def scrape(gw: Gateway) -> dict[str, float]:
+    """Every sample of /metrics, by its name and labels as the text format writes them."""
+    with gw.api() as api:
+        text = api._http.get("/metrics").text
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
