@@ -152,6 +152,22 @@ FIGURES: tuple[Figure, ...] = (
         ratios=False,
     ),
     Figure(
+        CPU,
+        "CPU s/10k tx, select-only, 1 relay process",
+        "workers",
+        "cpu_s_per_10k_tx",
+        ".3f",
+        ratios=False,
+    ),
+    Figure(
+        CPU,
+        "CPU s/10k tx, select-only, --workers 2 (workers included)",
+        "workers",
+        "cpu_2_workers_s_per_10k_tx",
+        ".3f",
+        ratios=False,
+    ),
+    Figure(
         THROUGHPUT,
         "  --workers 2 / 1 relay process",
         "workers",
@@ -373,6 +389,8 @@ def _measure_workers(
         stack.set_workers(1)
     metrics["tps_2_workers"] = two["tps"]
     metrics["workers_speedup"] = two["tps"] / metrics["tps"] if metrics["tps"] else None
+    # The daemon and every process under it (workers, audit writers), per transaction.
+    metrics["cpu_2_workers_s_per_10k_tx"] = two.get("cpu_s_per_10k_tx")
     return metrics
 
 
