@@ -308,8 +308,10 @@ def test_a_killed_worker_ends_only_its_connections_and_is_restarted(gateway: Gat
 def test_sigterm_stops_the_workers_in_order(
     pg: TempCluster, pg_roles: Mapping[str, PgRole], tmp_path: Path
 ) -> None:
-    gw = provision_gateway(tmp_path, pg, pg_roles, {"workers": WORKERS})
+    gw = provision_gateway(tmp_path, pg, pg_roles)  # workers 1, as gateway.json says
     try:
+        assert gw.stop() == 0
+        gw.start(args=["--workers", str(WORKERS)])  # the option overrides the setting
         access = gw.access().wait_ready()
         session_id = session_id_of(gw, access)
         workers = worker_pids(gw)
