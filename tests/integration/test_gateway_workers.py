@@ -389,3 +389,31 @@ def scrape(gw: Gateway) -> dict[str, float]:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
             samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return samples
+
+
+def test_a_unix_socket_grant_is_relayed_by_the_workers(gateway: Gateway, tmp_path: Path) -> None:
+    directory = tmp_path / "sockets"
+    directory.mkdir(mode=0o700)
+    directory.chmod(0o700)
+    access = gateway.access("--socket", str(directory), "--port", "6544")
+    wait_for(lambda: "session " in access.stdout.text() or access.proc.poll() is not None)
+    wait_for(lambda: (directory / ".s.PGSQL.6544").exists(), timeout=WAIT_SECONDS)
+    access.session_prefix = access.stdout.text().split("session ", 1)[1][:8]
+    dsn = f"host={directory} port=6544 user=app_scram dbname=appdb"
+    conns = connections_on_both_workers(gateway, dsn, WORKERS)
+    try:
+        for conn in conns:
+            assert conn.execute("select 'through a socket' as unix_socket_grant").fetchone() == (
+                "through a socket",
+            )
+        connections = [
+            e
+            for e in gateway.log_events()
+            if e.get("event") == "connection_started"
+            and str(e.get("session_id", "")).startswith(access.session_prefix)
+        ]
+        assert {e["client"] for e in connections} == {"[local]"}
+    finally:
+        for conn in conns:
+            conn.close()
+        access.stop()
