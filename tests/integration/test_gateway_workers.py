@@ -417,3 +417,24 @@ def test_a_unix_socket_grant_is_relayed_by_the_workers(gateway: Gateway, tmp_pat
         for conn in conns:
             conn.close()
         access.stop()
+
+
+def test_workers_end_their_connections_and_exit_when_the_daemon_dies(
+    pg: TempCluster, pg_roles: Mapping[str, PgRole], tmp_path: Path
+) -> None:
+    gw = provision_gateway(tmp_path, pg, pg_roles, {"workers": WORKERS})
+    try:
+        access = gw.access().wait_ready()
+        workers = worker_pids(gw)
+        conns = connections_on_both_workers(gw, access.dsn(), WORKERS)
+        assert gw.proc is not None
+        gw.proc.kill()  # the daemon alone: no grant is enforced any more
+        gw.proc.wait(WAIT_SECONDS)
+        for conn in conns:
+            with pytest.raises(psycopg.errors.AdminShutdown):
+                conn.execute("select 1")
+            conn.close()
+        wait_for(lambda: not any(_alive(pid) for pid in workers), timeout=WAIT_SECONDS)
+        assert any(e.get("event") == "relay_worker_daemon_gone" for e in gw.log_events())
+    finally:
+        gw.close()
