@@ -33,13 +33,22 @@ pytestmark = pytest.mark.integration
 WORKERS = 2
 #: Bound on every wait; none of them is a timing check.
 WAIT_SECONDS = 60.0
+#: A grant that expires during its test, and how long before that its
+#: connections are warned (the module's daemon setting).
+EXPIRING_GRANT_SECONDS = 20
+EXPIRY_NOTICE_SECONDS = 10
 
 
 @pytest.fixture(scope="module")
 def gateway(
     pg: TempCluster, pg_roles: Mapping[str, PgRole], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
-    gw = provision_gateway(tmp_path_factory.mktemp("workers"), pg, pg_roles, {"workers": WORKERS})
+    gw = provision_gateway(
+        tmp_path_factory.mktemp("workers"),
+        pg,
+        pg_roles,
+        {"workers": WORKERS, "expiry_notice_seconds": [EXPIRY_NOTICE_SECONDS]},
+    )
     try:
         yield gw
     finally:
@@ -248,13 +257,19 @@ def test_revocation_cuts_connections_on_every_worker_with_the_fatal_naming_why(
 def test_expiry_cuts_connections_on_every_worker_with_the_fatal_naming_why(
     gateway: Gateway,
 ) -> None:
-    access = gateway.access(duration="15s").wait_ready()
+    access = gateway.access(duration=f"{EXPIRING_GRANT_SECONDS}s").wait_ready()
     conns = connections_on_both_workers(gateway, access.dsn(), 4)
+    notices: list[list[str]] = [[] for _ in conns]
+    for conn, seen in zip(conns, notices, strict=True):
+        conn.add_notice_handler(lambda notice, seen=seen: seen.append(str(notice.message_primary)))
     try:
         for conn in conns:
             with pytest.raises(psycopg.errors.AdminShutdown) as cut:
                 wait_for(lambda c=conn: c.execute("select 1") and False, timeout=WAIT_SECONDS)
             assert "access grant for prod/scram expired at" in str(cut.value)
+        # Each was warned first, whichever worker relayed it.
+        for seen in notices:
+            assert any("connections will be closed then" in text for text in seen), notices
     finally:
         for conn in conns:
             conn.close()
