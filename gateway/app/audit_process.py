@@ -8,10 +8,10 @@ tails the current run's journal (``--run``) into the store (see
 :mod:`gateway.audit.sink` for the control pipe, :mod:`gateway.audit.replay` for
 the reading).
 
-One reader per journal at a time: it holds an exclusive lock on the journal
-directory's ``reader.lock`` while it runs, so a reader left by a parent that died
-(it finishes the journal once its stdin closes) is done before the next one
-replays the same journal.
+One reader per journal at a time: it holds an exclusive lock on a file beside
+the journal directory (``audit-journal.reader-lock``) while it runs, so a reader
+left by a parent that died (it finishes the journal once its stdin closes) is
+done before the next one replays the same journal.
 
 It ignores SIGINT and SIGTERM, which a terminal or systemd sends to the whole
 process group, so that the daemon can drain the journal into it during an
@@ -49,7 +49,8 @@ log = structlog.get_logger(__name__)
 #: How long the loop waits for the daemon when the journal has nothing new.
 IDLE_SECONDS: Final = 0.05
 RETRY_SECONDS: Final = 1.0
-READER_LOCK: Final = "reader.lock"
+#: beside the journal directory (the directory holds only the journal itself)
+READER_LOCK_SUFFIX: Final = ".reader-lock"
 
 
 def stored_passwords(store: Store) -> tuple[str, ...]:
@@ -117,8 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _lock_journal(journal: Path) -> None:
     """Wait for any other reader of *journal* to finish, then keep it out."""
-    journal.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(journal / READER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    lock = journal.with_name(journal.name + READER_LOCK_SUFFIX)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel when this process ends
 
 
