@@ -23,8 +23,9 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import provision_gateway
-from harness import AccessProcess, Gateway, open_store, wait_for
+from harness import AccessProcess, Gateway, open_store, shared_store_pair, wait_for
 from prometheus_client.parser import text_string_to_metric_families
+from test_gateways_shared_store import add_target
 
 from gateway.testing.pgcluster import PgRole, TempCluster
 
@@ -451,5 +452,24 @@ def test_workers_end_their_connections_and_exit_when_the_daemon_dies(
             conn.close()
         wait_for(lambda: not any(_alive(pid) for pid in workers), timeout=WAIT_SECONDS)
         assert any(e.get("event") == "relay_worker_daemon_gone" for e in gw.log_events())
+    finally:
+        gw.close()
+
+
+def test_workers_relay_and_audit_on_a_postgresql_store(pg: TempCluster, tmp_path: Path) -> None:
+    gw, _other = shared_store_pair(pg, tmp_path, {"workers": WORKERS})
+    gw.start()
+    try:
+        add_target(gw, pg)
+        access = gw.access().wait_ready()
+        session_id = session_id_of(gw, access)
+        executed = run_clients(access.dsn(), clients=4, statements=10, tag="pg_store_workers")
+        assert set(relaying_pids(gw, access.session_prefix)) == worker_pids(gw)
+        access.stop()
+        access.wait()
+        recorded = [s for s in recorded_statements(gw, session_id) if "pg_store_workers" in s]
+        assert sorted(recorded) == sorted(executed)
+        with open_store(gw) as store:
+            assert store.verify_audit(session_id) == []
     finally:
         gw.close()
