@@ -56,8 +56,9 @@ def cpu_times(pid: int) -> tuple[float, float]:
 
 
 def children_cpu_seconds(pid: int) -> float:
-    """CPU seconds of the process's running children (the gateway's audit writer
-    process), user plus system: the part of :func:`cpu_times` that is not the
+    """CPU seconds of the process's running descendants (the gateway's audit
+    writer process; with ``--workers``, the relay workers and their audit
+    writers), user plus system: the part of :func:`cpu_times` that is not the
     process's own."""
     total = 0.0
     for child in child_pids(pid):
@@ -65,6 +66,7 @@ def children_cpu_seconds(pid: int) -> float:
             total += sum(cpu_times(child))
         except (OSError, IndexError, ValueError):
             continue
+        total += children_cpu_seconds(child)
     return total
 
 

@@ -76,6 +76,13 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload("copy-out", "copy", "COPY ... TO STDOUT, 630 MB", "copy-out"),
     Workload("copy-in", "copy", "COPY ... FROM STDIN, 630 MB, unlogged", "copy-in"),
     Workload("idle", "idle", f"{IDLE_CONNECTIONS} idle connections", "idle"),
+    Workload(
+        "workers",
+        "workers",
+        f"pgbench -S -M simple, {CLIENTS} clients; the gateway with 1, then 2 relay workers",
+        "workers",
+        ("-S", "-M", "simple"),
+    ),
 )
 
 CPU = "CPU of the middle process, s per 10,000 transactions (lower is better)"
@@ -135,6 +142,39 @@ FIGURES: tuple[Figure, ...] = (
     Figure(THROUGHPUT, "select-only prepared, tps", "select-prepared", "tps", ",.0f"),
     Figure(THROUGHPUT, "TPC-B, tps", "tpcb", "tps", ",.0f"),
     Figure(THROUGHPUT, "new connection per tx (-C -S), tps", "connect", "tps", ",.0f"),
+    Figure(THROUGHPUT, "select-only, gateway with 1 relay process, tps", "workers", "tps", ",.0f"),
+    Figure(
+        THROUGHPUT,
+        "select-only, gateway with --workers 2, tps",
+        "workers",
+        "tps_2_workers",
+        ",.0f",
+        ratios=False,
+    ),
+    Figure(
+        CPU,
+        "CPU s/10k tx, select-only, 1 relay process",
+        "workers",
+        "cpu_s_per_10k_tx",
+        ".3f",
+        ratios=False,
+    ),
+    Figure(
+        CPU,
+        "CPU s/10k tx, select-only, --workers 2 (workers included)",
+        "workers",
+        "cpu_2_workers_s_per_10k_tx",
+        ".3f",
+        ratios=False,
+    ),
+    Figure(
+        THROUGHPUT,
+        "  --workers 2 / 1 relay process",
+        "workers",
+        "workers_speedup",
+        ".2f",
+        ratios=False,
+    ),
     Figure(THROUGHPUT, "COPY TO STDOUT, MB/s", "copy-out", "mb_per_s", ",.0f"),
     Figure(THROUGHPUT, "COPY FROM STDIN, MB/s", "copy-in", "mb_per_s", ",.0f"),
     Figure(LATENCY, "select 1 p50", "latency", "p50_us", ",.0f"),
@@ -276,6 +316,11 @@ def _summary_line(workload: Workload, metrics: dict[str, Any]) -> str:
         if "cpu_s_per_10k_tx" in metrics:
             text += f"  cpu {metrics['cpu_s_per_10k_tx']:.3f} s/10k tx"
         return text
+    if workload.kind == "workers":
+        text = f"{metrics['tps']:>10,.0f} tps"
+        if "tps_2_workers" in metrics:
+            text += f"  --workers 2: {metrics['tps_2_workers']:,.0f} tps"
+        return text
     if workload.kind == "latency":
         return f"p50 {metrics['p50_us']:,.0f} µs  p99 {metrics['p99_us']:,.0f} µs"
     if workload.kind in ("copy-out", "copy-in"):
@@ -302,6 +347,8 @@ def _measure(
             jobs=JOBS,
             pinned=args.pin,
         )
+    if workload.kind == "workers":
+        return _measure_workers(stack, workload, target, args)
     if workload.kind == "latency":
         return workloads.latency(target, queries=LATENCY_QUERIES, warmup=LATENCY_WARMUP)
     if workload.kind == "copy-out":
@@ -313,8 +360,45 @@ def _measure(
     return metrics
 
 
+def _measure_workers(
+    stack: Stack, workload: Workload, target: Target, args: argparse.Namespace
+) -> dict[str, Any]:
+    """pgbench through *target*; through the gateway, once as it relays by
+    itself and once with ``--workers 2`` (the daemon restarted in between)."""
+
+    def run(through: Target) -> dict[str, Any]:
+        return workloads.pgbench(
+            stack,
+            through,
+            list(workload.pgbench_args),
+            duration=args.duration,
+            clients=CLIENTS,
+            jobs=JOBS,
+            pinned=args.pin,
+        )
+
+    if target.name != "gateway":
+        return run(target)
+    try:
+        stack.set_workers(1)
+        metrics = run(stack.targets["gateway"])
+        stack.set_workers(2)
+        _warm_up(stack, ["gateway"], args)
+        two = run(stack.targets["gateway"])
+    finally:
+        stack.set_workers(1)
+    metrics["tps_2_workers"] = two["tps"]
+    metrics["workers_speedup"] = two["tps"] / metrics["tps"] if metrics["tps"] else None
+    # The daemon and every process under it (workers, audit writers), per transaction.
+    metrics["cpu_2_workers_s_per_10k_tx"] = two.get("cpu_s_per_10k_tx")
+    return metrics
+
+
 def _applies(workload: Workload, target: Target) -> bool:
-    # Memory of a middle process: there is none on the direct path.
+    # Memory of a middle process: there is none on the direct path. The remote
+    # path's tunnel is relayed by the daemon itself, workers or not.
+    if workload.kind == "workers":
+        return target.name != "remote"
     return not (workload.kind == "idle" and target.pid is None)
 
 

@@ -19,6 +19,9 @@
    the daemon, as a laptop's CLI does; here on loopback);
 6. pgbouncer in session mode, when it is installed.
 
+The daemon relays in its own process; :meth:`Stack.set_workers` restarts it with
+``--workers N`` (relay worker processes) and back, for the ``workers`` workload.
+
 Invariants: :meth:`Stack.close` is idempotent, runs every step even when one
 fails, and leaves no process or directory behind; it ignores SIGINT while it
 runs so a second Ctrl+C cannot cut the clean-up short. Every child is started in
@@ -202,6 +205,8 @@ class Stack:
         self.failure_logs = ""
         self._closed = False
         self._pgbouncer_port = 0
+        #: the daemon's relay processes (``--workers``; 1: it relays itself)
+        self.workers = 1
 
     # -- paths ------------------------------------------------------------------
 
@@ -512,7 +517,16 @@ class Stack:
         with self.daemon_log.open("ab") as log:
             self.daemon = subprocess.Popen(
                 # As the shipped systemd unit runs it (deploy/pam-gateway.service).
-                [sys.executable, "-m", "cli", "gateway", "run", "--log-format", "json"],
+                [
+                    sys.executable,
+                    "-m",
+                    "cli",
+                    "gateway",
+                    "run",
+                    "--log-format",
+                    "json",
+                    *(["--workers", str(self.workers)] if self.workers > 1 else []),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self._gateway_env(),
@@ -545,6 +559,23 @@ class Stack:
         else:
             raise ValueError(name)
         pid = self.targets[name].pid
+        if self.pin and pid is not None:
+            host.pin([pid], 1)
+
+    def set_workers(self, count: int) -> None:
+        """Run the daemon with *count* relay processes (restarting it, and its
+        access sessions, when that changes)."""
+        if count == self.workers:
+            return
+        self.workers = count
+        self.say(f"restarting the gateway with {count} relay worker(s)")
+        _stop_process(self.access, signal.SIGINT, 20)
+        _stop_process(self.remote_access, signal.SIGINT, 20)
+        _stop_process(self.daemon, signal.SIGTERM, _STOP_TIMEOUT_S)
+        self._launch_daemon()
+        self._open_access()
+        self._open_remote_access_if_supported()
+        pid = self.targets["gateway"].pid
         if self.pin and pid is not None:
             host.pin([pid], 1)
 

@@ -136,6 +136,9 @@ class GatewaySettings(BaseModel):
     audit_fail_closed: bool = False
     #: write the trail from a child process (off: from the daemon's store thread)
     audit_writer_process: bool = True
+    #: relay processes (`pam gateway run --workers N`): 1 relays in the daemon
+    #: itself; N >= 2 starts N worker processes the daemon hands connections to
+    workers: int = Field(default=1, ge=1, le=64)
     #: Continuous export of the trail as it is written (never blocking the relay:
     #: each destination has a bounded queue; what overflows is dropped and counted).
     audit_export_file: FileExport | None = None

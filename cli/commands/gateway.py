@@ -139,12 +139,20 @@ def gateway_ca_cert(home: Path | None) -> None:
     metavar="HOST:PORT",
     help="Where the control API (HTTPS) listens (default: api_host/api_port of gateway.json).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Relay processes: 1 relays in the daemon itself; N >= 2 starts N worker"
+    " processes sharing the grants' ports (default: workers of gateway.json, 1).",
+)
 def gateway_run(
     home: Path | None,
     log_format: str,
     log_level: str,
     tunnel_listen: str | None,
     api_listen: str | None,
+    workers: int | None,
 ) -> None:
     """Run the gateway daemon in the foreground (stops on SIGTERM/SIGINT)."""
     from gateway.app import daemon
@@ -159,6 +167,7 @@ def gateway_run(
                 log_level=log_level,
                 tunnel_listen=parse_listen(tunnel_listen) if tunnel_listen else None,
                 api_listen=parse_listen(api_listen) if api_listen else None,
+                workers=workers,
             )
         )
 

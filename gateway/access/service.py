@@ -67,6 +67,7 @@ from gateway.net.listener import (
     unix_socket_path,
 )
 from gateway.net.relay import Termination
+from gateway.net.relays import RelayPool
 from gateway.protocol import messages
 from gateway.protocol.sqlstate import SqlState
 from gateway.reasons import ConnectionEndReason, SessionEndReason
@@ -109,6 +110,8 @@ class GrantService(ChangesMadeElsewhere, GrantTakeOver):
     #: told of every change made by another gateway that this one applied to a
     #: grant it holds (ended, or its expiry moved); must not block
     on_changed_elsewhere: Callable[[SessionRecord], None] | None = None
+    #: relay worker processes the grants' doors hand connections to (``--workers``)
+    relays: RelayPool | None = None
     _grants: dict[str, Grant] = field(default_factory=dict)
     #: take-overs in flight (``gateway.access.failover``), one per grant
     _taking: dict[str, asyncio.Task[Grant | None]] = field(default_factory=dict)
@@ -395,6 +398,7 @@ class GrantService(ChangesMadeElsewhere, GrantTakeOver):
             port=port or 0,
             owner_uid=owner_uid,
             unix_path=unix_path,
+            relays=self.relays,
         )
         if not bind:
             return 0, listener  # a tunnel grant: its connections come through the tunnel

@@ -8,6 +8,11 @@ tails the current run's journal (``--run``) into the store (see
 :mod:`gateway.audit.sink` for the control pipe, :mod:`gateway.audit.replay` for
 the reading).
 
+One reader per journal at a time: it holds an exclusive lock on a file beside
+the journal directory (``audit-journal.reader-lock``) while it runs, so a reader
+left by a parent that died (it finishes the journal once its stdin closes) is
+done before the next one replays the same journal.
+
 It ignores SIGINT and SIGTERM, which a terminal or systemd sends to the whole
 process group, so that the daemon can drain the journal into it during an
 ordered shutdown; it exits when its stdin closes (after processing the journal
@@ -17,6 +22,7 @@ to its end), which also happens if the daemon dies.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import functools
 import os
 import select
@@ -36,7 +42,6 @@ from gateway.audit.replay import JournalProcessor, TrackerSettings
 from gateway.audit.sink import FrameReader, error_reply, write_frame
 from gateway.config import load_settings, store_url
 from gateway.credentials import keyring
-from gateway.credentials.secretbox import SecretBox
 from gateway.errors import GatewayError
 from gateway.store import Store
 
@@ -48,6 +53,8 @@ RETRY_SECONDS: Final = 1.0
 #: How often the writer follows the store's active master key version (the
 #: daemon's presence renewal does as often, by default).
 KEY_SYNC_SECONDS: Final = 5.0
+#: beside the journal directory (the directory holds only the journal itself)
+READER_LOCK_SUFFIX: Final = ".reader-lock"
 
 
 def stored_passwords(store: Store) -> tuple[str, ...]:
@@ -65,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gateway.app.audit_process")
     parser.add_argument("--home", type=Path, required=True)
     parser.add_argument("--run", required=True)
+    parser.add_argument("--journal", type=Path, default=None, help="default: HOME/audit-journal")
     parser.add_argument("--log-format", choices=["console", "json"], default="json")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
@@ -76,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
 
     configure_logging("json" if args.log_format == "json" else "console", args.log_level)
+    journal = args.journal or args.home / JOURNAL_DIR
+    _lock_journal(journal)  # held until this process exits
     exporter: TrailExporter | None = None
     try:
         settings = load_settings(args.home)
@@ -87,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         exporter = build_exporter(settings)
         processor = JournalProcessor(
-            args.home / JOURNAL_DIR,
+            journal,
             args.run,
             store,
             TrackerSettings(
@@ -107,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             processor,
             FrameReader(sys.stdin.fileno()),
             frames_out,
-            functools.partial(_follow_master_key, args.home, box, store),
+            functools.partial(keyring.follow, args.home, box, store),
         )
     finally:
         if exporter is not None:
@@ -115,18 +125,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         store.close()
 
 
-def _follow_master_key(home: Path, box: SecretBox, store: Store) -> None:
-    """Hold the keys copied to *home* since the last call, and seal and chain
-    under the store's active version."""
-    keyring.reload_ring(home, box)
-    store.sync_master_key()
+def _lock_journal(journal: Path) -> None:
+    """Wait for any other reader of *journal* to finish, then keep it out."""
+    lock = journal.with_name(journal.name + READER_LOCK_SUFFIX)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel when this process ends
 
 
 def _serve(
     processor: JournalProcessor,
     control: FrameReader,
     out: BinaryIO,
-    follow_master_key: Callable[[], None],
+    follow_master_key: Callable[[], object],
 ) -> int:
     """Recover, then tail the journal until stdin closes; then finish it.
     Every :data:`KEY_SYNC_SECONDS`, *follow_master_key* (the audit key of the

@@ -27,6 +27,7 @@ import uvicorn
 from gateway.app import web
 from gateway.app.api import create_app
 from gateway.app.gateway import Gateway
+from gateway.app.workers import WorkerPool
 from gateway.audit.journal import JOURNAL_DIR
 from gateway.audit.sink import AuditSink
 from gateway.config import (
@@ -348,6 +349,28 @@ async def _start_tunnel(
     return tunnel
 
 
+async def _start_workers(
+    home: Path, settings: GatewaySettings, service: Gateway, log_format: str, log_level: str
+) -> WorkerPool:
+    """Start the relay workers and make every grant's door hand connections to them.
+
+    A grant of an ephemeral account is relayed here: its role's password lives
+    only in this process's memory."""
+    pool = WorkerPool(
+        home,
+        settings.workers,
+        log_format=log_format,
+        log_level=log_level,
+        metrics=service.metrics,
+        serves_here=lambda session_id: service.credentials.grant_target(session_id) is not None,
+    )
+    await pool.start()
+    service.grants.relays = pool
+    service.on_secrets_refreshed = pool.refresh_secrets
+    service.readiness.more.append(pool.readiness)
+    return pool
+
+
 async def run(
     home: Path,
     *,
@@ -355,8 +378,11 @@ async def run(
     log_level: str = "info",
     tunnel_listen: tuple[str, int] | None = None,
     api_listen: tuple[str, int] | None = None,
+    workers: int | None = None,
 ) -> None:
     settings = load_settings(home)
+    if workers is not None:
+        settings = settings.model_copy(update={"workers": workers})
     if tunnel_listen is not None:
         settings = settings.model_copy(
             update={"tunnel_host": tunnel_listen[0], "tunnel_port": tunnel_listen[1]}
@@ -389,6 +415,7 @@ async def run(
         rotation_step_hook=rotation_step_hook(home),
     )
     tunnel: TunnelEndpoint | None = None
+    pool: WorkerPool | None = None
     sock = _bind(settings.api_host, settings.api_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -401,6 +428,8 @@ async def run(
     )
     try:
         await service.start()
+        if settings.workers > 1:
+            pool = await _start_workers(home, settings, service, log_format, log_level)
         if ca is not None:
             tunnel = await _start_tunnel(home, box, settings, service, ca)
         tls = settings.api_tls and ca is not None
@@ -439,6 +468,7 @@ async def run(
             tunnel_port=service.tunnel_port,
             home=str(home),
             pid=os.getpid(),
+            worker_pids=pool.pids if pool is not None else None,
         )
         if not peercred.is_available():
             log.warning(
@@ -460,6 +490,9 @@ async def run(
             await tunnel.close()  # stop accepting; live tunnelled connections are the grants'
         await service.shutdown()
     finally:
+        if pool is not None:
+            # After the grants' shutdown ended (and drained) their connections.
+            await pool.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         sock.close()

@@ -241,6 +241,9 @@ class Gateway:
         )
         #: single sign-on with OpenID Connect (``/v1/sso``)
         self.sso = SsoService(store, self.db, self.identity)
+        #: told after this gateway reloaded the stored credentials (the relay
+        #: workers reload theirs)
+        self.on_secrets_refreshed: Callable[[], None] | None = None
         #: awaited once when the daemon starts stopping, before anything else
         #: stops (the web console ends the grants it holds)
         self.stop_hooks: list[Callable[[], Awaitable[None]]] = []
@@ -363,6 +366,8 @@ class Gateway:
     async def _refresh_local_secrets(self) -> None:
         await self.credentials.refresh()
         self.audit.secrets_changed()
+        if self.on_secrets_refreshed is not None:
+            self.on_secrets_refreshed()
 
     async def rotate(self, resource: str, account: str, *, started_by: str) -> RotationResult:
         """Rotate *account*'s password now to a generated one nobody sees, and

@@ -3,7 +3,8 @@
 Library modules only call ``structlog.get_logger(__name__)`` and bind context;
 they never configure logging. Logs go to stderr.
 
-Invariant (``json``): every line on stderr is one JSON object with at least the
+Invariant (``json``): every line on stderr is one JSON object, written in one
+piece (processes sharing stderr do not interleave their lines), with at least the
 keys of :data:`STABLE_KEYS` (``timestamp``: ISO 8601 in UTC with a ``Z``;
 ``level``: ``debug`` .. ``critical``; ``event``: the event's name; ``logger``:
 the module that logged it), whether it came from structlog or from a library
@@ -32,6 +33,18 @@ class _NamedPrintLogger(structlog.PrintLogger):
     def __init__(self, file: TextIO, name: str) -> None:
         super().__init__(file)
         self.name = name
+        self._out = file
+
+    def msg(self, message: str) -> None:
+        # One write per line (print() writes the newline apart): the daemon,
+        # its relay workers and audit writers share one stderr, and a line
+        # written at once (up to PIPE_BUF) is never interleaved with another's.
+        with self._lock:
+            self._out.write(message + "\n")
+            self._out.flush()
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
 
 
 def _logger_factory(file: TextIO) -> Any:

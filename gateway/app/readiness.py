@@ -11,6 +11,8 @@ Three checks, each cheap and each naming itself when it fails:
 * ``audit``: the audit trail is writable: the journal's reader reports no
   failure, the audit writer process is running, and the backlog is under the
   bound at which relays start pausing. With the audit off: passes, as ``off``.
+* any check of :attr:`Readiness.more` (``workers`` with ``--workers N``: every
+  relay worker is running, and how many connections they relay).
 
 Invariant: a check's detail is the gateway's own words (a bound, a class name),
 never a store URL, an address or a database's error text.
@@ -55,9 +57,12 @@ class Readiness:
         self._store_timeout = store_timeout
         self._backlog_limit = backlog_limit
         self._ping: asyncio.Future[None] | None = None
+        #: more checks, each cheap and synchronous (the relay workers')
+        self.more: list[Callable[[], Check]] = []
 
     async def checks(self) -> list[Check]:
-        return [await self._store(), self._lease(), self._audit_check()]
+        found = [await self._store(), self._lease(), self._audit_check()]
+        return found + [check() for check in self.more]
 
     async def _store(self) -> Check:
         if self._ping is None or self._ping.done():

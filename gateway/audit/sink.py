@@ -110,9 +110,18 @@ class AuditSink:
     process costs a replay from its checkpoint, not the trail.
     """
 
-    def __init__(self, home: Path, *, log_format: str = "json", log_level: str = "info") -> None:
+    def __init__(
+        self,
+        home: Path,
+        *,
+        log_format: str = "json",
+        log_level: str = "info",
+        journal_dir: Path | None = None,
+    ) -> None:
         self._home = home
         self._log_args = ["--log-format", log_format, "--log-level", log_level]
+        if journal_dir is not None:  # a relay worker's own journal
+            self._log_args += ["--journal", str(journal_dir)]
         self._proc: asyncio.subprocess.Process | None = None
         self._writer: AuditWriter | None = None
         self._run: str = ""

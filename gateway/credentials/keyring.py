@@ -229,6 +229,15 @@ class KeyRingStore(Protocol):
     def sync_master_key(self) -> int: ...
 
 
+def follow(home: Path, box: SecretBox, store: KeyRingStore) -> int:
+    """A helper process's rotation step (the audit writer, a relay worker): hold
+    the keys copied to *home* since the last call, and seal and chain under the
+    store's active version (reporting and re-sealing files are the daemon's).
+    Returns the active version."""
+    reload_ring(home, box)
+    return store.sync_master_key()
+
+
 def refresh(home: Path, box: SecretBox, store: KeyRingStore, gateway_id: str) -> int:
     """A running gateway's rotation step, after each presence renewal: re-read
     the ring's files (a key copied here is picked up without a restart), report

@@ -105,6 +105,8 @@ class LiveConnection:
     client_key: BackendKey | None = None
     #: set when the grant ends while this connection is still starting up
     pending_termination: Termination | None = None
+    #: relayed by a worker process: here only a placeholder, for counts and waits
+    handed_off: bool = False
 
 
 class ConnectionLife:

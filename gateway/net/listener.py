@@ -18,6 +18,16 @@ never relayed; its CancelRequests are dropped. With
 the owner) instead of a TCP port, removed when the listener closes.
 :class:`ConnectionHost` and :class:`GrantInfo` (declared in
 :mod:`gateway.net.ports`) are exported here for the grant service.
+
+With :attr:`AccessListener.relays` set (``--workers N``), a connection the door
+admits is handed to a relay worker process instead of served here (see
+:mod:`gateway.net.relays`); it stays in :attr:`AccessListener.connections` as a
+placeholder until the worker says it is over, so counts and waits cover it.
+Ending, cutting and notices reach the workers' connections too; a CancelRequest
+whose key no connection here handed out is tried in the workers. A worker runs
+each connection it is given in a shadow door of the grant (never started:
+:meth:`AccessListener.serve_accepted`), which asks the daemon
+(:attr:`AccessListener.cancel_elsewhere`) to route a cancel it cannot place.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import os
 import pwd
 import socket
 import stat
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -40,6 +51,7 @@ from gateway.net.connection import ConnectionLife, LiveConnection
 from gateway.net.peercred import socket_peer_owner
 from gateway.net.ports import ConnectionAuditTap, ConnectionHost, GrantInfo
 from gateway.net.relay import Termination
+from gateway.net.relays import RelayPool
 from gateway.net.upstream import send_cancel
 from gateway.protocol.sqlstate import SqlState
 from gateway.protocol.startup import CancelRequest
@@ -78,6 +90,11 @@ class AccessListener:
     owner_uid: int | None = None
     #: serve on this Unix socket path instead of a TCP port (``port`` names it)
     unix_path: str | None = None
+    #: relay worker processes to hand admitted connections to (None: served here)
+    relays: RelayPool | None = None
+    #: in a worker's shadow door: forwards a CancelRequest no connection here
+    #: handed out to the connection of another process that did; True if one did
+    cancel_elsewhere: Callable[[CancelRequest, str], Awaitable[bool]] | None = None
     _unix_inode: int | None = None
     _owner_name: str = ""
     _doors: Acceptor = field(init=False)
@@ -103,10 +120,17 @@ class AccessListener:
     def end(self, termination: Termination) -> None:
         """Refuse new connections and end every live one with ``termination``."""
         self.refusal = termination
-        self.terminate_live(termination)
+        self._terminate_here(termination)
+        if self.relays is not None:
+            self.relays.cut(self.grant.session_id, termination, ended=True)
 
     def terminate_live(self, termination: Termination) -> None:
         """End every live connection, but keep accepting new ones."""
+        self._terminate_here(termination)
+        if self.relays is not None:
+            self.relays.cut(self.grant.session_id, termination, ended=False)
+
+    def _terminate_here(self, termination: Termination) -> None:
         for conn in list(self.connections):
             if conn.relay is not None:
                 conn.relay.terminate(termination)
@@ -122,11 +146,17 @@ class AccessListener:
             if conn.relay is not None:
                 conn.relay.notify(notice)
                 sent += 1
+            elif self.relays is not None and conn.handed_off:
+                sent += 1
+        if self.relays is not None:
+            self.relays.notify(self.grant.session_id, notice)
         return sent
 
     async def wait_idle(self, timeout: float) -> None:
         """Wait (bounded) until no connection handler is running."""
         await self._doors.wait(timeout)
+        if self.relays is not None:
+            await self.relays.drain(self.grant.session_id, timeout)
 
     async def close(self, *, wait: float = 3.0) -> None:
         """Stop listening and wait (bounded) for connection handlers to finish."""
@@ -138,6 +168,14 @@ class AccessListener:
                     os.unlink(self.unix_path)
             self._unix_inode = None
         await self._doors.cancel_after(wait)
+        if self.relays is not None:
+            await self.relays.drain(self.grant.session_id, wait)
+            self.relays.release(self.grant.session_id)
+
+    def serve_accepted(self, sock: socket.socket, number: int) -> asyncio.Task[None]:
+        """Serve a connection accepted elsewhere (a worker's shadow door: the
+        daemon's door accepted it, checked its owner, and numbered it)."""
+        return self._doors.track(self._serve(sock, number), number)
 
     async def _serve(self, sock: socket.socket, number: int) -> None:
         sock.setblocking(False)
@@ -157,6 +195,8 @@ class AccessListener:
         except BaseException:  # cancelled (close) while the kernel was asked
             sock.close()
             raise
+        if refusal is None and self._hand_off(sock, conn):
+            return
         life = ConnectionLife(
             self,
             conn,
@@ -170,6 +210,18 @@ class AccessListener:
             await life.serve()
         finally:
             self.connections.discard(conn)
+
+    def _hand_off(self, sock: socket.socket, conn: LiveConnection) -> bool:
+        """Give an admitted connection to a relay worker, if there are any and
+        it would not be refused here anyway; True once given."""
+        if self.relays is None or self.refusal is not None or self.host.refusal() is not None:
+            return False
+        if not self.relays.hand_off(self.grant, sock, conn, self.connections):
+            return False
+        sock.close()  # the worker has its own copy
+        conn.handed_off = True
+        self.connections.add(conn)  # until the worker says it is over
+        return True
 
     async def _check_owner(
         self, sock: socket.socket, bound: structlog.typing.FilteringBoundLogger
@@ -222,8 +274,33 @@ class AccessListener:
         """Forward a CancelRequest whose key this listener handed out.
 
         Each client key maps to its upstream backend's real key; anything else
-        is dropped without a reply, as the server itself does (55.2.7).
+        is dropped without a reply, as the server itself does (55.2.7). A key
+        handed out in another process (a relay worker, or the daemon for a
+        worker) is forwarded there.
         """
+        if await self.cancel_here(request):
+            return
+        if self.relays is not None and await self.relays.cancel(
+            self.grant.session_id, request, source=source
+        ):
+            return
+        if self.cancel_elsewhere is not None and await self.cancel_elsewhere(request, source):
+            return
+        # Dropped without a reply; on record, a flood of them summarised.
+        self.host.refused(
+            Refusal(
+                RefusalPlace.LISTENER,
+                RefusalReason.UNKNOWN_CANCEL_KEY,
+                "CancelRequest dropped: its key was not handed out by this grant",
+                source,
+                session_id=self.grant.session_id,
+                event="cancel_ignored_unknown_key",
+            )
+        )
+
+    async def cancel_here(self, request: CancelRequest) -> bool:
+        """Forward *request* if a connection served in this process handed out
+        its key; True if one did."""
         for conn in list(self.connections):
             client_key = conn.client_key
             upstream = conn.upstream
@@ -247,18 +324,8 @@ class AccessListener:
                 )
             else:
                 log.info("cancel_forwarded", session_id=self.grant.session_id, backend_pid=real.pid)
-            return
-        # Dropped without a reply; on record, a flood of them summarised.
-        self.host.refused(
-            Refusal(
-                RefusalPlace.LISTENER,
-                RefusalReason.UNKNOWN_CANCEL_KEY,
-                "CancelRequest dropped: its key was not handed out by this grant",
-                source,
-                session_id=self.grant.session_id,
-                event="cancel_ignored_unknown_key",
-            )
-        )
+            return True
+        return False
 
 
 #: what a Unix socket client's address is recorded as (PostgreSQL's own log term)

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,13 +191,18 @@ class Gateway:
         self.cli("gateway", "init", "--api-port", str(free_port()))
 
     def start(
-        self, *, own_process_group: bool = False, extra_env: dict[str, str] | None = None
+        self,
+        *,
+        own_process_group: bool = False,
+        extra_env: dict[str, str] | None = None,
+        args: Sequence[str] = (),
     ) -> None:
         """Start the daemon; *own_process_group* puts it (and its children) in a
         process group of its own, as a terminal or a service manager would;
-        *extra_env* is added to its environment (test hooks)."""
+        *extra_env* is added to its environment (test hooks); *args* are more
+        options of `pam gateway run`."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", "gateway", "run", "--log-format", "json"],
+            [sys.executable, "-m", "cli", "gateway", "run", "--log-format", "json", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env={**self.env, **(extra_env or {})},

@@ -1,0 +1,95 @@
+"""The daemon-worker channel: messages with descriptors, in order, never blocking."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import pytest
+
+from gateway.net.fdchannel import MAX_MESSAGE_BYTES, FdChannel
+
+
+def pair() -> tuple[FdChannel, FdChannel]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    return FdChannel(a), FdChannel(b)
+
+
+async def test_a_message_arrives_with_the_descriptor_it_carries() -> None:
+    left, right = pair()
+    reader, writer = os.pipe()
+    try:
+        assert left.send({"op": "conn", "number": 7}, [writer])
+        os.close(writer)  # the receiver has its own copy
+        received = await right.receive()
+        assert received is not None
+        message, fds = received
+        assert message == {"op": "conn", "number": 7}
+        assert len(fds) == 1
+        os.write(fds[0], b"through")
+        os.close(fds[0])
+        assert os.read(reader, 16) == b"through"
+    finally:
+        os.close(reader)
+        left.close()
+        right.close()
+
+
+async def test_what_the_socket_cannot_take_is_queued_and_sent_in_order() -> None:
+    left, right = pair()
+    count = 2000  # far beyond the socket's buffer: some sends are queued
+    reader, writer = os.pipe()
+    try:
+        for number in range(count):
+            left.send({"n": number, "pad": "x" * 1000}, [writer] if number == count - 1 else [])
+        os.close(writer)
+        seen = []
+        fds: list[int] = []
+        for _ in range(count):
+            received = await asyncio.wait_for(right.receive(), 10)
+            assert received is not None
+            seen.append(received[0]["n"])
+            fds += received[1]
+        assert seen == list(range(count))
+        assert len(fds) == 1  # the queued copy reached the peer; ours are closed
+        os.close(fds[0])
+    finally:
+        os.close(reader)
+        left.close()
+        right.close()
+
+
+async def test_receive_returns_none_once_the_peer_is_gone() -> None:
+    left, right = pair()
+    left.send({"op": "last"})
+    left.close()
+    first = await right.receive()
+    assert first is not None and first[0] == {"op": "last"}
+    assert await right.receive() is None
+    assert await right.receive() is None
+    assert not right.send({"op": "late"})
+
+
+async def test_a_message_that_is_not_a_json_object_is_dropped() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    right = FdChannel(b)
+    try:
+        a.send(b"not json")
+        a.send(b"[1, 2]")
+        a.send(b'{"op": "ok"}')
+        received = await right.receive()
+        assert received is not None and received[0] == {"op": "ok"}
+    finally:
+        a.close()
+        right.close()
+
+
+async def test_an_oversized_message_is_refused_by_the_sender() -> None:
+    left, right = pair()
+    try:
+        with pytest.raises(ValueError, match="too long"):
+            left.send({"pad": "x" * MAX_MESSAGE_BYTES})
+    finally:
+        left.close()
+        right.close()
