@@ -35,6 +35,7 @@ from harness import (
     wait_for,
 )
 
+from cli.forwarder import Forwarder, TunnelTarget
 from gateway.config import load_settings
 from gateway.credentials import pki
 from gateway.store.models import AccessSession
@@ -92,6 +93,16 @@ def add_target(gw: Gateway, pg: TempCluster) -> None:
     )  # fmt: skip
 
 
+@pytest.fixture
+def laptop(fleet: list[Gateway], tmp_path: Path) -> Iterator[Gateway]:
+    """:func:`laptop_of` the fleet; its `pam db access` processes end with the test."""
+    made = laptop_of(fleet, tmp_path)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
 def laptop_of(fleet: list[Gateway], tmp_path: Path) -> Gateway:
     """A CLI with a client config of its own, signed in as ``eng`` through the
     first gateway (the CA pinned from a file, as an engineer is handed it)."""
@@ -128,12 +139,11 @@ def select_one(dsn: str, sql: str) -> Any:
 
 
 def test_login_learns_the_fleet_and_the_laptop_fails_over_when_its_gateway_dies(
-    fleet: list[Gateway], tmp_path: Path
+    fleet: list[Gateway], laptop: Gateway
 ) -> None:
     a, b, c = fleet
     receiver = WebhookReceiver().start()
     a.cli("webhook", "add", receiver.url, "--event", "access.ended")
-    laptop = laptop_of(fleet, tmp_path)
     profile = json.loads(laptop.config_path.read_text())
     assert profile["api_url"] == api_url(a)
     assert sorted(profile["api_urls"]) == sorted([api_url(b), api_url(c)])
@@ -231,26 +241,51 @@ def test_login_learns_the_fleet_and_the_laptop_fails_over_when_its_gateway_dies(
 
 
 def test_a_live_gateway_lets_go_of_a_grant_another_took_over(
-    fleet: list[Gateway], tmp_path: Path
+    fleet: list[Gateway], laptop: Gateway
 ) -> None:
     """The laptop turns to B while A is alive (A unreachable from it): B takes
-    the grant over, and A cuts its connections of it saying where it went."""
+    the grant over, and A cuts its connections of it saying where it went. The
+    laptop here is this test (an API client and a forwarder), so that no other
+    caller of A moves the grant back."""
     a, b, _c = fleet
-    laptop = laptop_of(fleet, tmp_path)
-    access = laptop.access("--tunnel", duration="10m").wait_ready()
-    session_id = session_id_of(a, access)
-    held = psycopg.connect(access.dsn(), autocommit=True)
-    try:
-        assert held.execute("select 1").fetchone() == (1,)
-        # What the forwarder does on failover: ask another gateway for the grant's
-        # certificate as the grant's owner; that gateway takes it over.
-        with laptop.api() as client:
-            client.endpoints.failed(client.endpoints.current)
-            offer = client.access_certificate(session_id)
-        assert offer["tunnel_port"] is not None
-        error = wait_for(lambda: cut_error(held), timeout=30)
-    finally:
-        held.close()
+    key = pki.new_key()
+    with laptop.api() as client:
+        opened = client.open_access(
+            resource=RESOURCE,
+            account="scram",
+            duration_seconds=600,
+            port=None,
+            reason="take-over",
+            csr=pki.csr_for(key),
+        )
+        session_id = opened["id"]
+        ca = str(opened["ca_cert_pem"]).encode()
+        target = TunnelTarget(
+            "127.0.0.1",
+            int(opened["tunnel_port"] or 0),
+            pki.tunnel_client_context(str(opened["certificate"]).encode(), key, ca),
+            "localhost",
+        )
+        forwarder = Forwarder(target)
+        port = forwarder.start()
+        try:
+            dsn = (
+                f"host=127.0.0.1 port={port} user={opened['username']}"
+                f" dbname={opened['database']} sslmode=disable"
+            )
+            held = psycopg.connect(dsn, autocommit=True)
+            try:
+                assert held.execute("select 1").fetchone() == (1,)
+                # What the CLI does on failover: ask another gateway for the
+                # grant's certificate as its owner; that gateway takes it over.
+                client.endpoints.failed(client.endpoints.current)
+                offer = client.access_certificate(session_id)
+                assert offer["tunnel_port"] is not None
+                error = wait_for(lambda: cut_error(held), timeout=30)
+            finally:
+                held.close()
+        finally:
+            forwarder.stop()
     assert isinstance(error, psycopg.errors.AdminShutdown)
     assert f"moved to gateway {gateway_id(b)}" in str(error)
     assert stored(a, session_id).holder_id == gateway_id(b)
@@ -259,10 +294,7 @@ def test_a_live_gateway_lets_go_of_a_grant_another_took_over(
             lambda: [x for x in store.list_connections(session_id) if x.ended_at is not None]
         )
     assert connection.end_reason == "grant_moved"
-    # The session goes on at B: the laptop's next connection gets there.
-    assert select_one(access.dsn(), "select 'at B'") == "at B"
     assert stored(b, session_id).ended_at is None
-    assert access.stop() == 0
 
 
 def test_a_revocation_on_the_third_gateway_cuts_the_connections_the_other_two_relay(
@@ -300,14 +332,13 @@ def test_a_revocation_on_the_third_gateway_cuts_the_connections_the_other_two_re
 
 
 def test_a_gateway_stopping_hands_its_tunnel_grants_to_another(
-    fleet: list[Gateway], tmp_path: Path
+    fleet: list[Gateway], laptop: Gateway
 ) -> None:
     """A rolling restart: SIGTERM to the gateway holding a laptop's grant. Its
     connection ends saying the session goes on; the next one works through
     another gateway, and the session is not ended. A grant with a local port
     ends as before (its door was on the stopped gateway's host)."""
     a, b, _c = fleet
-    laptop = laptop_of(fleet, tmp_path)
     access = laptop.access("--tunnel", duration="10m").wait_ready()
     session_id = session_id_of(a, access)
     local_on_a = a.access().wait_ready()
@@ -340,14 +371,13 @@ def test_a_gateway_stopping_hands_its_tunnel_grants_to_another(
 
 
 def test_a_grant_handed_over_at_shutdown_is_built_and_watched_by_its_heir(
-    fleet: list[Gateway], tmp_path: Path
+    fleet: list[Gateway], laptop: Gateway
 ) -> None:
     """A tunnel grant whose CLI is silent while its gateway stops (no heartbeat
     can move it first): the stopping gateway hands it to the longest-running
     other one, which builds it at once and, hearing nothing from its CLI,
     ends it after the heartbeat timeout."""
     a, b, _c = fleet
-    laptop = laptop_of(fleet, tmp_path)
     with laptop.api() as client:
         opened = client.open_access(
             resource=RESOURCE,
