@@ -93,3 +93,50 @@ async def test_an_oversized_message_is_refused_by_the_sender() -> None:
     finally:
         left.close()
         right.close()
+
+
+async def test_a_request_gets_its_reply_and_the_reply_never_reaches_receive() -> None:
+    left, right = pair()
+    try:
+        asked = asyncio.create_task(left.ask({"op": "cancel", "pid": 7}, 10))
+        received = await asyncio.wait_for(right.receive(), 10)
+        assert received is not None
+        request, fds = received
+        assert request == {"op": "cancel", "pid": 7, "id": request["id"]} and fds == []
+        right.send({"op": "reply", "id": request["id"] + 1, "found": False})  # nobody's
+        assert right.reply(request, found=True)
+        right.send({"op": "after"})
+        assert await asyncio.wait_for(asked, 10) == {
+            "op": "reply",
+            "id": request["id"],
+            "found": True,
+        }
+        # Replies went to the request (or were dropped), not to the inbox.
+        assert await asyncio.wait_for(left.receive(), 10) == ({"op": "after"}, [])
+    finally:
+        left.close()
+        right.close()
+
+
+async def test_a_request_without_a_reply_times_out_and_a_late_reply_is_dropped() -> None:
+    left, right = pair()
+    try:
+        with pytest.raises(TimeoutError):
+            await left.ask({"op": "drain"}, 0.05)
+        received = await asyncio.wait_for(right.receive(), 10)
+        assert received is not None
+        right.reply(received[0])
+        right.send({"op": "after"})
+        assert await asyncio.wait_for(left.receive(), 10) == ({"op": "after"}, [])
+    finally:
+        left.close()
+        right.close()
+
+
+async def test_a_request_waiting_when_the_peer_goes_is_answered_none() -> None:
+    left, right = pair()
+    asked = asyncio.create_task(left.ask({"op": "drain"}, 10))
+    assert await asyncio.wait_for(right.receive(), 10) is not None
+    right.close()
+    assert await asyncio.wait_for(asked, 10) is None
+    assert await left.ask({"op": "drain"}, 10) is None  # closed: not even sent
