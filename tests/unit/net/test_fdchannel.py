@@ -43,6 +43,7 @@ async def test_what_the_socket_cannot_take_is_queued_and_sent_in_order() -> None
     try:
         for number in range(count):
             left.send({"n": number, "pad": "x" * 1000}, [writer] if number == count - 1 else [])
+        assert left._outbox  # the last ones (and their descriptor) wait for room
         os.close(writer)
         seen = []
         fds: list[int] = []
@@ -52,8 +53,11 @@ async def test_what_the_socket_cannot_take_is_queued_and_sent_in_order() -> None
             seen.append(received[0]["n"])
             fds += received[1]
         assert seen == list(range(count))
-        assert len(fds) == 1  # the queued copy reached the peer; ours are closed
+        assert len(fds) == 1  # the queued copy reached the peer
         os.close(fds[0])
+        # Every write end is closed, the queued duplicate too: the pipe is at its end.
+        os.set_blocking(reader, False)
+        assert os.read(reader, 1) == b""
     finally:
         os.close(reader)
         left.close()
