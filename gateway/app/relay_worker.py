@@ -152,6 +152,7 @@ class RelayWorker:
         self.records = ConnectionRecords(store, self.db)
         self.refusals = RefusalRecorder(store, self.db, interval=settings.refusal_interval_seconds)
         self.metrics = ForwardedMetrics(channel)
+        self.refusals.observer = self.metrics.refused
         cert, key = ensure_local_certificate(home)
         self.host = ListenerHost(
             settings,
@@ -160,7 +161,7 @@ class RelayWorker:
             Admission(checks=(self.audit.refusal,)),
             self.records,
             client_tls_context=server_context(cert, key),
-            on_refusal=self._refused,
+            on_refusal=self.refusals.refused,
             connection_metrics=self.metrics,
         )
         self.doors: dict[str, AccessListener] = {}
@@ -221,10 +222,6 @@ class RelayWorker:
         await self.audit.close()
         await self.refusals.close()
         self.db.shutdown()
-
-    def _refused(self, refusal: Refusal) -> None:
-        self.refusals.refused(refusal)
-        self.metrics.refused(refusal)
 
     def _serve_connection(self, message: Message, fd: int) -> None:
         sock = socket.socket(fileno=fd)
