@@ -338,15 +338,7 @@ def _measure(
     if workload.kind == "pgbench":
         if workload.name == "tpcb":
             stack.prepare_tpcb()
-        return workloads.pgbench(
-            stack,
-            target,
-            list(workload.pgbench_args),
-            duration=args.duration,
-            clients=CLIENTS,
-            jobs=JOBS,
-            pinned=args.pin,
-        )
+        return _pgbench(stack, workload, target, args)
     if workload.kind == "workers":
         return _measure_workers(stack, workload, target, args)
     if workload.kind == "latency":
@@ -360,31 +352,33 @@ def _measure(
     return metrics
 
 
+def _pgbench(
+    stack: Stack, workload: Workload, target: Target, args: argparse.Namespace
+) -> dict[str, Any]:
+    return workloads.pgbench(
+        stack,
+        target,
+        list(workload.pgbench_args),
+        duration=args.duration,
+        clients=CLIENTS,
+        jobs=JOBS,
+        pinned=args.pin,
+    )
+
+
 def _measure_workers(
     stack: Stack, workload: Workload, target: Target, args: argparse.Namespace
 ) -> dict[str, Any]:
     """pgbench through *target*; through the gateway, once as it relays by
     itself and once with ``--workers 2`` (the daemon restarted in between)."""
-
-    def run(through: Target) -> dict[str, Any]:
-        return workloads.pgbench(
-            stack,
-            through,
-            list(workload.pgbench_args),
-            duration=args.duration,
-            clients=CLIENTS,
-            jobs=JOBS,
-            pinned=args.pin,
-        )
-
     if target.name != "gateway":
-        return run(target)
+        return _pgbench(stack, workload, target, args)
     try:
         stack.set_workers(1)
-        metrics = run(stack.targets["gateway"])
+        metrics = _pgbench(stack, workload, stack.targets["gateway"], args)
         stack.set_workers(2)
         _warm_up(stack, ["gateway"], args)
-        two = run(stack.targets["gateway"])
+        two = _pgbench(stack, workload, stack.targets["gateway"], args)
     finally:
         stack.set_workers(1)
     metrics["tps_2_workers"] = two["tps"]

@@ -544,12 +544,7 @@ class Stack:
         """
         self.say(f"restarting {name}: a fresh process for the next idle-connection figure")
         if name == "gateway":
-            _stop_process(self.access, signal.SIGINT, 20)
-            _stop_process(self.remote_access, signal.SIGINT, 20)
-            _stop_process(self.daemon, signal.SIGTERM, _STOP_TIMEOUT_S)
-            self._launch_daemon()
-            self._open_access()
-            self._open_remote_access_if_supported()
+            self._relaunch_daemon()
         elif name == "remote":
             _stop_process(self.remote_access, signal.SIGINT, 20)
             self._open_remote_access()
@@ -558,9 +553,7 @@ class Stack:
             self._launch_pgbouncer()
         else:
             raise ValueError(name)
-        pid = self.targets[name].pid
-        if self.pin and pid is not None:
-            host.pin([pid], 1)
+        self._pin(name)
 
     def set_workers(self, count: int) -> None:
         """Run the daemon with *count* relay processes (restarting it, and its
@@ -569,13 +562,20 @@ class Stack:
             return
         self.workers = count
         self.say(f"restarting the gateway with {count} relay worker(s)")
+        self._relaunch_daemon()
+        self._pin("gateway")
+
+    def _relaunch_daemon(self) -> None:
+        """A new daemon process, and new access sessions through it."""
         _stop_process(self.access, signal.SIGINT, 20)
         _stop_process(self.remote_access, signal.SIGINT, 20)
         _stop_process(self.daemon, signal.SIGTERM, _STOP_TIMEOUT_S)
         self._launch_daemon()
         self._open_access()
         self._open_remote_access_if_supported()
-        pid = self.targets["gateway"].pid
+
+    def _pin(self, name: str) -> None:
+        pid = self.targets[name].pid
         if self.pin and pid is not None:
             host.pin([pid], 1)
 

@@ -27,30 +27,22 @@ LogFormat = Literal["console", "json"]
 STABLE_KEYS: Final = ("timestamp", "level", "event", "logger")
 
 
-class _NamedPrintLogger(structlog.PrintLogger):
-    """A PrintLogger that knows the name it was asked for, for ``add_logger_name``."""
+class _NamedWriteLogger(structlog.WriteLogger):
+    """structlog's WriteLogger, knowing the name it was asked for (for
+    ``add_logger_name``). It writes each line in one piece (PrintLogger's print()
+    writes the newline apart): the daemon, its relay workers and audit writers
+    share one stderr, and a line written at once (up to PIPE_BUF) is never
+    interleaved with another's."""
 
     def __init__(self, file: TextIO, name: str) -> None:
         super().__init__(file)
         self.name = name
-        self._out = file
-
-    def msg(self, message: str) -> None:
-        # One write per line (print() writes the newline apart): the daemon,
-        # its relay workers and audit writers share one stderr, and a line
-        # written at once (up to PIPE_BUF) is never interleaved with another's.
-        with self._lock:
-            self._out.write(message + "\n")
-            self._out.flush()
-
-    log = debug = info = warn = warning = msg
-    fatal = failure = err = error = critical = exception = msg
 
 
 def _logger_factory(file: TextIO) -> Any:
-    def factory(*args: Any) -> _NamedPrintLogger:
+    def factory(*args: Any) -> _NamedWriteLogger:
         name = args[0] if args and isinstance(args[0], str) else "pam"
-        return _NamedPrintLogger(file, name)
+        return _NamedWriteLogger(file, name)
 
     return factory
 

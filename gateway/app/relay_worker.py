@@ -55,7 +55,12 @@ from gateway.errors import GatewayError
 from gateway.net.fdchannel import FdChannel, Message
 from gateway.net.listener import AccessListener
 from gateway.net.relay import Termination
-from gateway.net.relays import grant_from_json, termination_from_json
+from gateway.net.relays import (
+    cancel_from_json,
+    cancel_to_json,
+    grant_from_json,
+    termination_from_json,
+)
 from gateway.net.tls import ensure_local_certificate, server_context
 from gateway.protocol.sqlstate import SqlState
 from gateway.protocol.startup import CancelRequest
@@ -147,6 +152,7 @@ class RelayWorker:
         self.records = ConnectionRecords(store, self.db)
         self.refusals = RefusalRecorder(store, self.db, interval=settings.refusal_interval_seconds)
         self.metrics = ForwardedMetrics(channel)
+        self.refusals.observer = self.metrics.refused
         cert, key = ensure_local_certificate(home)
         self.host = ListenerHost(
             settings,
@@ -155,12 +161,10 @@ class RelayWorker:
             Admission(checks=(self.audit.refusal,)),
             self.records,
             client_tls_context=server_context(cert, key),
-            on_refusal=self._refused,
+            on_refusal=self.refusals.refused,
             connection_metrics=self.metrics,
         )
         self.doors: dict[str, AccessListener] = {}
-        self._ids = 0
-        self._asked: dict[int, asyncio.Future[Message]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -219,10 +223,6 @@ class RelayWorker:
         await self.refusals.close()
         self.db.shutdown()
 
-    def _refused(self, refusal: Refusal) -> None:
-        self.refusals.refused(refusal)
-        self.metrics.refused(refusal)
-
     def _serve_connection(self, message: Message, fd: int) -> None:
         sock = socket.socket(fileno=fd)
         try:
@@ -262,10 +262,6 @@ class RelayWorker:
             self._track(self._drain(door, message))
         elif op == "cancel":
             self._track(self._cancel(door, message))
-        elif op == "reply":
-            future = self._asked.pop(int(message["id"]), None)
-            if future is not None and not future.done():
-                future.set_result(message)
         elif op == "refresh_secrets":
             self._track(self._refresh_secrets())
 
@@ -281,38 +277,21 @@ class RelayWorker:
             await door.wait_idle(float(message.get("timeout", SHUTDOWN_GRACE_SECONDS)))
             await self.audit.drain()
             await self.records.write_unwritten_ends()
-        self.channel.send({"op": "reply", "id": message["id"]})
+        self.channel.reply(message)
 
     async def _cancel(self, door: AccessListener | None, message: Message) -> None:
-        request = CancelRequest(int(message["pid"]), bytes.fromhex(message["secret"]))
-        found = door is not None and await door.cancel_here(request)
-        self.channel.send({"op": "reply", "id": message["id"], "found": found})
+        found = door is not None and await door.cancel_here(cancel_from_json(message))
+        self.channel.reply(message, found=found)
 
     def _cancel_elsewhere(self, session_id: str) -> Callable[[CancelRequest, str], Awaitable[bool]]:
         async def route(request: CancelRequest, source: str) -> bool:
             """Ask the daemon to try the other workers' connections."""
-            self._ids += 1
-            request_id = self._ids
-            future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-            self._asked[request_id] = future
-            self.channel.send(
-                {
-                    "op": "cancel",
-                    "id": request_id,
-                    "session": session_id,
-                    "pid": request.pid,
-                    "secret": request.secret.hex(),
-                    "source": source,
-                }
-            )
+            message = cancel_to_json(session_id, request, source)
             try:
-                async with asyncio.timeout(CANCEL_TIMEOUT_SECONDS):
-                    reply = await future
+                reply = await self.channel.ask(message, CANCEL_TIMEOUT_SECONDS)
             except TimeoutError:
                 return False
-            finally:
-                self._asked.pop(request_id, None)
-            return bool(reply.get("found"))
+            return reply is not None and bool(reply.get("found"))
 
         return route
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import socket
 import sys
 from collections.abc import Callable
@@ -49,7 +48,12 @@ from gateway.net.connection import LiveConnection
 from gateway.net.fdchannel import FdChannel, Message
 from gateway.net.ports import GrantInfo
 from gateway.net.relay import Termination
-from gateway.net.relays import grant_to_json, termination_to_json
+from gateway.net.relays import (
+    cancel_from_json,
+    cancel_to_json,
+    grant_to_json,
+    termination_to_json,
+)
 from gateway.protocol.startup import CancelRequest
 
 log = structlog.get_logger(__name__)
@@ -73,7 +77,6 @@ class _Worker:
     pid: int | None = None
     #: connection number -> (the door's live set, the placeholder in it)
     handed: dict[int, tuple[set[LiveConnection], LiveConnection]] = field(default_factory=dict)
-    replies: dict[int, asyncio.Future[Message]] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
@@ -102,7 +105,6 @@ class WorkerPool:
         #: account's role lives only in the daemon's memory)
         self.serves_here = serves_here
         self._workers = [_Worker(index) for index in range(1, count + 1)]
-        self._ids = itertools.count(1)
         self._closing = False
         self._supervisors: set[asyncio.Task[None]] = set()
 
@@ -206,13 +208,7 @@ class WorkerPool:
     async def _cancel_in(
         self, session_id: str, request: CancelRequest, source: str, *, exclude: _Worker | None
     ) -> bool:
-        message = {
-            "op": "cancel",
-            "session": session_id,
-            "pid": request.pid,
-            "secret": request.secret.hex(),
-            "source": source,
-        }
+        message = cancel_to_json(session_id, request, source)
         asked = [w for w in self._workers if w.is_ready and w is not exclude]
         replies = await asyncio.gather(
             *(self._ask(w, message, CANCEL_TIMEOUT_SECONDS) for w in asked)
@@ -225,23 +221,15 @@ class WorkerPool:
                 worker.channel.send(message)
 
     async def _ask(self, worker: _Worker, message: Message, timeout: float) -> Message | None:
-        """Send *message* with a request id; its reply, or None (no answer in
-        time, or the worker went away)."""
+        """Ask *worker*; its reply, or None (no answer in time, or the worker
+        went away: its channel closed)."""
         if worker.channel is None:
             return None
-        request_id = next(self._ids)
-        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        worker.replies[request_id] = future
         try:
-            if not worker.channel.send(message | {"id": request_id}):
-                return None
-            async with asyncio.timeout(timeout):
-                return await future
+            return await worker.channel.ask(message, timeout)
         except TimeoutError:
             log.warning("relay_worker_no_reply", worker=worker.index, op=message.get("op"))
             return None
-        finally:
-            worker.replies.pop(request_id, None)
 
     async def _spawn(self, worker: _Worker) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -302,19 +290,14 @@ class WorkerPool:
             log.info("relay_worker_restarted", worker=worker.index, pid=worker.pid)
 
     def _gone(self, worker: _Worker) -> None:
-        """The worker's process ended: its connections are over, its questions unanswered."""
+        """The worker's process ended: its connections are over, its questions
+        unanswered (closing its channel answers them with None)."""
         if worker.channel is not None:
             worker.channel.close()
         worker.channel, worker.pid = None, None
         for live, conn in worker.handed.values():
             live.discard(conn)
         worker.handed.clear()
-        for future in worker.replies.values():
-            if not future.done():
-                # Answered as "nothing here" (never cancelled: that would
-                # cancel the grant's end waiting on it).
-                future.set_result({"op": "reply", "gone": True})
-        worker.replies.clear()
 
     async def _stop(self, worker: _Worker) -> None:
         process = worker.process
@@ -345,10 +328,6 @@ class WorkerPool:
             entry = worker.handed.pop(int(message["number"]), None)
             if entry is not None:
                 entry[0].discard(entry[1])
-        elif op == "reply":
-            future = worker.replies.get(int(message["id"]))
-            if future is not None and not future.done():
-                future.set_result(message)
         elif op == "cancel":
             task = asyncio.create_task(self._route_cancel(worker, message))
             worker.tasks.add(task)
@@ -359,13 +338,15 @@ class WorkerPool:
     async def _route_cancel(self, worker: _Worker, message: Message) -> None:
         """A worker's CancelRequest with a key none of its connections handed
         out: tried in the other workers, the answer sent back."""
-        request = CancelRequest(int(message["pid"]), bytes.fromhex(message["secret"]))
         found = await self._cancel_in(
-            str(message["session"]), request, str(message.get("source", "")), exclude=worker
+            str(message["session"]),
+            cancel_from_json(message),
+            str(message.get("source", "")),
+            exclude=worker,
         )
         log.info("cancel_routed", from_worker=worker.index, found=found)
         if worker.channel is not None:
-            worker.channel.send({"op": "reply", "id": message["id"], "found": found})
+            worker.channel.reply(message, found=found)
 
     def _metric(self, message: Message) -> None:
         metrics = self.metrics

@@ -11,12 +11,17 @@ Invariants:
   own at once), and sent when the socket is writable again.
 * :meth:`FdChannel.receive` returns None once the peer is gone (end of file, or
   a reset); every descriptor it returns is the caller's to close.
+* A request (:meth:`FdChannel.ask`) carries an ``id``; the peer answers it with
+  :meth:`FdChannel.reply`. A reply goes to the request waiting for it, never to
+  :meth:`FdChannel.receive` (one nobody waits for any more is dropped), and a
+  request still waiting when the channel closes gets None.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import socket
@@ -43,6 +48,9 @@ class FdChannel:
         self._loop = asyncio.get_running_loop()
         self._inbox: asyncio.Queue[tuple[Message, list[int]] | None] = asyncio.Queue()
         self._outbox: deque[tuple[bytes, list[int]]] = deque()
+        #: the requests waiting for their reply, by id
+        self._asked: dict[int, asyncio.Future[Message | None]] = {}
+        self._ids = itertools.count(1)
         self._writing = False
         self._closed = False
         self._loop.add_reader(sock.fileno(), self._readable)
@@ -66,6 +74,24 @@ class FdChannel:
             self._loop.add_writer(self._sock.fileno(), self._writable)
         return True
 
+    async def ask(self, message: Message, timeout: float) -> Message | None:
+        """Send *message* as a request and wait for its reply; None if the
+        channel is or gets closed first. TimeoutError after *timeout* seconds."""
+        request_id = next(self._ids)
+        future: asyncio.Future[Message | None] = self._loop.create_future()
+        self._asked[request_id] = future
+        try:
+            if not self.send(message | {"id": request_id}):
+                return None
+            async with asyncio.timeout(timeout):
+                return await future
+        finally:
+            self._asked.pop(request_id, None)
+
+    def reply(self, request: Message, **values: Any) -> bool:
+        """Answer *request* (received from the peer's :meth:`ask`) with *values*."""
+        return self.send({"op": "reply", "id": request["id"]} | values)
+
     async def receive(self) -> tuple[Message, list[int]] | None:
         """The next message and its descriptors, or None once the peer is gone."""
         if self._closed and self._inbox.empty():
@@ -87,6 +113,11 @@ class FdChannel:
         self._outbox.clear()
         self._sock.close()
         self._inbox.put_nowait(None)
+        for future in self._asked.values():
+            if not future.done():
+                # Answered as "no reply" (never cancelled: that would cancel
+                # whoever waits on the request, say a grant's end).
+                future.set_result(None)
 
     def _try_send(self, data: bytes, fds: Sequence[int]) -> bool:
         try:
@@ -126,7 +157,17 @@ class FdChannel:
             if message is None:
                 _close_all(fds)
                 continue
+            if message.get("op") == "reply":
+                _close_all(fds)  # a reply carries none
+                self._answer(message)
+                continue
             self._inbox.put_nowait((message, fds))
+
+    def _answer(self, reply: Message) -> None:
+        request_id = reply.get("id")
+        future = self._asked.get(request_id) if isinstance(request_id, int) else None
+        if future is not None and not future.done():
+            future.set_result(reply)
 
 
 def _decode(data: bytes, flags: int) -> Message | None:

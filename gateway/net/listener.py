@@ -146,7 +146,7 @@ class AccessListener:
             if conn.relay is not None:
                 conn.relay.notify(notice)
                 sent += 1
-            elif self.relays is not None and conn.handed_off:
+            elif conn.handed_off:  # told through the pool, below
                 sent += 1
         if self.relays is not None:
             self.relays.notify(self.grant.session_id, notice)

@@ -29,6 +29,8 @@ from gateway.reasons import ConnectionEndReason
 
 __all__ = [
     "RelayPool",
+    "cancel_from_json",
+    "cancel_to_json",
     "grant_from_json",
     "grant_to_json",
     "termination_from_json",
@@ -72,6 +74,22 @@ class RelayPool(Protocol):
         """Forward *request* to the backend of whichever worker's connection of
         the grant handed out its key; True if one did."""
         ...
+
+
+def cancel_to_json(session_id: str, request: CancelRequest, source: str) -> dict[str, Any]:
+    """A CancelRequest to place in grant *session_id*'s connections elsewhere
+    (either way: the daemon asks the workers, a worker asks the daemon)."""
+    return {
+        "op": "cancel",
+        "session": session_id,
+        "pid": request.pid,
+        "secret": request.secret.hex(),
+        "source": source,
+    }
+
+
+def cancel_from_json(data: dict[str, Any]) -> CancelRequest:
+    return CancelRequest(int(data["pid"]), bytes.fromhex(data["secret"]))
 
 
 def termination_to_json(termination: Termination) -> dict[str, Any]:

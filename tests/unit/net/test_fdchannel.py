@@ -43,6 +43,7 @@ async def test_what_the_socket_cannot_take_is_queued_and_sent_in_order() -> None
     try:
         for number in range(count):
             left.send({"n": number, "pad": "x" * 1000}, [writer] if number == count - 1 else [])
+        assert left._outbox  # the last ones (and their descriptor) wait for room
         os.close(writer)
         seen = []
         fds: list[int] = []
@@ -52,8 +53,11 @@ async def test_what_the_socket_cannot_take_is_queued_and_sent_in_order() -> None
             seen.append(received[0]["n"])
             fds += received[1]
         assert seen == list(range(count))
-        assert len(fds) == 1  # the queued copy reached the peer; ours are closed
+        assert len(fds) == 1  # the queued copy reached the peer
         os.close(fds[0])
+        # Every write end is closed, the queued duplicate too: the pipe is at its end.
+        os.set_blocking(reader, False)
+        assert os.read(reader, 1) == b""
     finally:
         os.close(reader)
         left.close()
@@ -93,3 +97,50 @@ async def test_an_oversized_message_is_refused_by_the_sender() -> None:
     finally:
         left.close()
         right.close()
+
+
+async def test_a_request_gets_its_reply_and_the_reply_never_reaches_receive() -> None:
+    left, right = pair()
+    try:
+        asked = asyncio.create_task(left.ask({"op": "cancel", "pid": 7}, 10))
+        received = await asyncio.wait_for(right.receive(), 10)
+        assert received is not None
+        request, fds = received
+        assert request == {"op": "cancel", "pid": 7, "id": request["id"]} and fds == []
+        right.send({"op": "reply", "id": request["id"] + 1, "found": False})  # nobody's
+        assert right.reply(request, found=True)
+        right.send({"op": "after"})
+        assert await asyncio.wait_for(asked, 10) == {
+            "op": "reply",
+            "id": request["id"],
+            "found": True,
+        }
+        # Replies went to the request (or were dropped), not to the inbox.
+        assert await asyncio.wait_for(left.receive(), 10) == ({"op": "after"}, [])
+    finally:
+        left.close()
+        right.close()
+
+
+async def test_a_request_without_a_reply_times_out_and_a_late_reply_is_dropped() -> None:
+    left, right = pair()
+    try:
+        with pytest.raises(TimeoutError):
+            await left.ask({"op": "drain"}, 0.05)
+        received = await asyncio.wait_for(right.receive(), 10)
+        assert received is not None
+        right.reply(received[0])
+        right.send({"op": "after"})
+        assert await asyncio.wait_for(left.receive(), 10) == ({"op": "after"}, [])
+    finally:
+        left.close()
+        right.close()
+
+
+async def test_a_request_waiting_when_the_peer_goes_is_answered_none() -> None:
+    left, right = pair()
+    asked = asyncio.create_task(left.ask({"op": "drain"}, 10))
+    assert await asyncio.wait_for(right.receive(), 10) is not None
+    right.close()
+    assert await asyncio.wait_for(asked, 10) is None
+    assert await left.ask({"op": "drain"}, 10) is None  # closed: not even sent

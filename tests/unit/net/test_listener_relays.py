@@ -101,6 +101,9 @@ async def test_an_admitted_connection_is_handed_off_and_counted_until_the_pool_l
             await asyncio.sleep(0.02)
         [(worker_copy, conn, live)] = pool.handed
         assert conn.handed_off and live is listener.connections and conn in live
+        # A notice for it goes through the pool, and it counts as told.
+        assert listener.notify_live(b"N") == 1
+        assert pool.calls[-1] == ("notify", SESSION, b"N")
         loop = asyncio.get_running_loop()
         worker_copy.sendall(b"from the worker")
         assert await loop.sock_recv(client, 64) == b"from the worker"
