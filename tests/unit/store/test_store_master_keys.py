@@ -19,7 +19,7 @@ from trail_support import set_batch_column
 from gateway.audit.chain import AUDIT_KEY_INFO, AuditChain
 from gateway.audit.records import AuditEvent
 from gateway.credentials.schedule import presence_lease
-from gateway.credentials.secretbox import SecretBox, key_version_of
+from gateway.credentials.secretbox import SecretBox, SecretDecryptError, key_version_of
 from gateway.errors import ConfigError
 from gateway.identity.principals import PrincipalKind, Role, SsoProvider
 from gateway.store import Store
@@ -178,6 +178,45 @@ def test_a_crash_midway_leaves_every_value_openable_and_a_rerun_finishes(
     monkeypatch.setattr(master_keys_module.MasterKeyStore, "_reseal_rows", real)
     store.reseal_secrets(batch=1)
     assert store.sealed_counts() == {2: count + 1}
+
+
+def test_a_value_that_does_not_open_stops_the_reseal_naming_its_row_not_its_secret(
+    store: Store, store_url: str
+) -> None:
+    fill_every_secret(store)
+    account = next(
+        ident
+        for sealed, ident, _ in every_sealed_value(store)
+        if sealed.column == "password_ciphertext"
+    )
+    store.activate_master_key(2)
+    raw = create_engine(pg_admin_url(store_url) if "postgresql" in store_url else store_url)
+    try:
+        with raw.begin() as conn:
+            blob = bytes(
+                conn.execute(
+                    text("SELECT password_ciphertext FROM accounts WHERE id = :id"), {"id": account}
+                ).scalar_one()
+            )
+            altered = blob[:-1] + bytes((blob[-1] ^ 1,))
+            conn.execute(
+                text("UPDATE accounts SET password_ciphertext = :v WHERE id = :id"),
+                {"v": altered, "id": account},
+            )
+    finally:
+        raw.dispose()
+    with pytest.raises(SecretDecryptError) as refused:
+        store.reseal_secrets()
+    said = f"{refused.value} {refused.value.hint}"
+    assert f"accounts.password_ciphertext of row {account}" in said
+    assert "--activate" in said
+    assert "pw-account" not in said
+    # The altered value is left as it was.
+    assert [
+        blob
+        for sealed, ident, blob in every_sealed_value(store)
+        if (sealed.column, ident) == ("password_ciphertext", account)
+    ] == [altered]
 
 
 def test_trails_across_a_rotation_verify_once_the_old_key_is_retired(
