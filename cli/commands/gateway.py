@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
 from cli.commands import read_password
 from cli.render import console, print_json, printable
 from gateway.config import DEFAULT_API_PORT, resolve_home
+
+if TYPE_CHECKING:
+    from gateway.app.master_key import Status
 
 
 @click.group()
@@ -242,7 +245,7 @@ def _counts(counts: dict[int, int]) -> str:
     return ", ".join(f"v{v}: {n}" for v, n in sorted(counts.items())) or "none"
 
 
-def _print_status(status: Any, as_json: bool) -> None:
+def _print_status(status: Status, as_json: bool) -> None:
     if as_json:
         print_json(
             {

@@ -142,10 +142,9 @@ class _Suspect:
     reports: list[_Report]
 
 
-def _matching(recomputed: bytes, stored: bytes) -> int:
-    """How many record digests of *recomputed* are among *stored*'s."""
+def _matching(recomputed: bytes, known: set[bytes]) -> int:
+    """How many record digests of *recomputed* are among *known* (a batch's)."""
     size = RECORD_DIGEST_BYTES
-    known = {stored[at : at + size] for at in range(0, len(stored), size)}
     return sum(recomputed[at : at + size] in known for at in range(0, len(recomputed), size))
 
 
@@ -319,6 +318,7 @@ class SessionVerifier:
             span = _span(first, batch.last_seq)
             reports.append((first, "changed", f"{span}: the batch's chain version was edited"))
         size, stored = RECORD_DIGEST_BYTES, batch.digests
+        known = {stored[at : at + size] for at in range(0, len(stored), size)}
         # The key the batch's MAC verifies under (after a master key rotation, an
         # older one) is the key its record digests were made with.
         chain = self._chain.verifying(
@@ -332,10 +332,9 @@ class SessionVerifier:
             # are named.
             chain = max(
                 self._chain.candidates,
-                key=lambda c: _matching(c.record_digests(self.session_id, parts), stored),
+                key=lambda c: _matching(c.record_digests(self.session_id, parts), known),
             )
         recomputed = chain.record_digests(self.session_id, parts)
-        known = {stored[at : at + size] for at in range(0, len(stored), size)}
         # (kind, occurred_at) of each readable record, for the index columns
         indexed: list[tuple[str, int]] = []
         linked = self._last_changed or is_same_digest(batch.prev_hash, self._last_hash)

@@ -26,8 +26,11 @@ Invariants:
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from datetime import datetime
 
+from sqlalchemy import Select, select
+
+from gateway.credentials.schedule import PRESENCE_LEASE_PREFIX
 from gateway.store.changes import ChangeTopic, announce
 from gateway.store.engine import StoreBase
 from gateway.store.models import AccessSession
@@ -38,8 +41,16 @@ from gateway.store.validation import check_port, check_text, required_text
 
 __all__ = ["FleetStore"]
 
-#: the presence lease of each gateway (``gateway.access.presence``)
-_PRESENCE_PREFIX = "gateway/"
+
+def _present(now: datetime) -> Select[tuple[str]]:
+    """The ids of the gateways present at *now* (each holding its presence
+    lease), the longest-running first."""
+    return (
+        select(gateways.c.id)
+        .select_from(gateways.join(leases, leases.c.name == PRESENCE_LEASE_PREFIX + gateways.c.id))
+        .where(leases.c.expires_at > now)
+        .order_by(gateways.c.started_at, gateways.c.id)
+    )
 
 
 class FleetStore(StoreBase):
@@ -66,13 +77,7 @@ class FleetStore(StoreBase):
     def fleet_urls(self) -> list[str]:
         """The control API URLs of the gateways present now (each holding its
         presence lease), the longest-running first, without repeats."""
-        now = self._now()
-        query = (
-            select(gateways.c.api_url)
-            .select_from(gateways.join(leases, leases.c.name == _PRESENCE_PREFIX + gateways.c.id))
-            .where(leases.c.expires_at > now)
-            .order_by(gateways.c.started_at, gateways.c.id)
-        )
+        query = _present(self._now()).with_only_columns(gateways.c.api_url)
         with self._transaction(write=False) as conn:
             urls = list(conn.execute(query).scalars())
         return list(dict.fromkeys(urls))
@@ -114,13 +119,7 @@ class FleetStore(StoreBase):
             ):
                 return None
             heir = conn.execute(
-                select(gateways.c.id)
-                .select_from(
-                    gateways.join(leases, leases.c.name == _PRESENCE_PREFIX + gateways.c.id)
-                )
-                .where(leases.c.expires_at > now, gateways.c.id != gateway_id)
-                .order_by(gateways.c.started_at, gateways.c.id)
-                .limit(1)
+                _present(now).where(gateways.c.id != gateway_id).limit(1)
             ).scalar_one_or_none()
             if heir is None:
                 return None

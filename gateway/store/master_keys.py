@@ -243,8 +243,11 @@ class MasterKeyStore(StoreBase):
 
     def reseal_secrets(self, batch: int = RESEAL_BATCH) -> int:
         """Seal every sealed column anew under the active version, *batch* rows
-        per transaction; how many rows were re-sealed. Rows this ring cannot open
-        are left as they are (:meth:`sealed_counts` shows them)."""
+        per transaction; how many rows were re-sealed. Rows under a version this
+        ring lacks are left as they are (:meth:`sealed_counts` shows them); a
+        row under a version it holds that does not open (altered, or moved from
+        another row) stops the pass with a
+        :class:`~gateway.credentials.secretbox.SecretDecryptError` naming it."""
         active = self.sync_master_key()
         done = 0
         for sealed in SEALED_COLUMNS:
@@ -270,7 +273,17 @@ class MasterKeyStore(StoreBase):
         for ident, blob in _rows(conn, sealed, key_column.in_(idents)):
             if _version(blob) == active or not self._box.has_version(_version(blob)):
                 continue
-            fresh = self._box.reseal(blob, aad=sealed.aad(ident))
+            try:
+                fresh = self._box.reseal(blob, aad=sealed.aad(ident))
+            except SecretDecryptError as exc:
+                # Which value, so the operator can set it again: the bare
+                # error names none, and the whole pass stops here.
+                raise SecretDecryptError(
+                    f"cannot re-seal {sealed.table.name}.{sealed.column} of row {ident}:"
+                    f" {exc.message}",
+                    hint="set that secret again (or remove what holds it), then run"
+                    " `pam gateway rotate-master-key --activate` again",
+                ) from None
             result = conn.execute(
                 update(sealed.table)
                 .where(key_column == ident, column == blob)

@@ -751,7 +751,8 @@ master_key_state = Table(
 )
 
 #: Which master key versions each gateway's ring holds, as it last reported
-#: them (a JSON list of integers), renewed with its presence lease.
+#: them (a JSON object: each version, as a string, to its key id, a public
+#: fingerprint), renewed with its presence lease.
 gateway_key_versions = Table(
     "gateway_key_versions",
     metadata,

@@ -140,6 +140,12 @@ def test_rotation_with_live_sessions_through_two_gateways_retires_the_old_key(
         assert str(path) in staged.stdout
         key_text = path.read_text().strip()
         assert key_text not in staged.stdout + staged.stderr
+        # Every form a key could take in a log line: the file's base64, and hex.
+        key_forms = [
+            form
+            for text in (key_text, (a.home / MASTER_KEY_FILE).read_text().strip())
+            for form in (text, base64.b64decode(text).hex())
+        ]
         assert status(a)["active"] == 1
         # Idempotent: a second stage names the same version.
         assert "Already staged" in a.cli("gateway", "rotate-master-key", "--stage").stdout
@@ -187,6 +193,7 @@ def test_rotation_with_live_sessions_through_two_gateways_retires_the_old_key(
 
     # 6. Both restart without the old key: the API's TLS (server key), upstream
     # sign-in (the account password) and every trail.
+    logs = [gw.log() for gw in (a, b)]  # (each start begins a new log)
     for gw in (a, b):
         for access in gw.accesses:
             access.stop()
@@ -200,6 +207,11 @@ def test_rotation_with_live_sessions_through_two_gateways_retires_the_old_key(
         assert len(sessions) == 6
         assert store.verify_audit() == []
     assert "audit trail intact" in a.cli("audit", "verify").stdout
+    # No key, old or new, reached either gateway's log, through the rotation
+    # (reports, re-sealing, following the active version) or since the restart.
+    assert all("master_key_version_active" in log for log in logs)
+    logs += [gw.log() for gw in (a, b)]
+    assert not [form for form in key_forms for log in logs if form in log]
 
 
 def test_a_gateway_that_is_down_does_not_block_activation_and_then_needs_the_key(

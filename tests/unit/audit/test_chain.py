@@ -251,6 +251,28 @@ def test_a_seal_binds_session_count_and_head() -> None:
     assert not chain.is_valid_seal(SESSION, 3, "f" * 64, "é" * 64)
 
 
+def test_a_chain_with_older_keys_writes_under_its_own_and_verifies_under_any() -> None:
+    older, oldest, foreign = bytes(range(1, 33)), bytes(range(2, 34)), bytes(range(3, 35))
+    chain = AuditChain(KEY, [older, oldest])
+    # Writing uses the chain's own key only.
+    assert chain.seal(SESSION, 3, "f" * 64) == AuditChain(KEY).seal(SESSION, 3, "f" * 64)
+    # Verifying names the key a MAC verifies under, whichever was tried last.
+    for key, index in ((oldest, 2), (older, 1), (KEY, 0), (oldest, 2)):
+        seal = AuditChain(key).seal(SESSION, 3, "f" * 64)
+        found = chain.verifying(lambda c: c.seal(SESSION, 3, "f" * 64), seal)
+        assert found is chain.candidates[index]
+        assert chain.is_valid_seal(SESSION, 3, "f" * 64, seal)
+        assert not chain.is_valid_seal(SESSION, 4, "f" * 64, seal)
+    assert not chain.is_valid_seal(
+        SESSION, 3, "f" * 64, AuditChain(foreign).seal(SESSION, 3, "f" * 64)
+    )
+
+    def unencodable(_chain: AuditChain) -> str:
+        raise ValueError("a lone surrogate")
+
+    assert chain.verifying(unencodable, chain.seal(SESSION, 3, "f" * 64)) is None
+
+
 def test_describe_names_seq_kind_and_a_short_sql_excerpt() -> None:
     long_sql = "UPDATE accounts\n   SET balance = balance - 100 WHERE id = 1 AND owner = 'x'"
     assert describe(4, event_fields(_statement(long_sql))) == (

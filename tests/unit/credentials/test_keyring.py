@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import stat
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,65 @@ def test_sealed_files_are_resealed_and_retire_refuses_a_key_still_used(tmp_path:
 def test_a_ring_without_any_key_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         keyring.load_ring(tmp_path)
+
+
+class _StoreSide:
+    """The store's side of a running gateway's rotation step: the fleet's
+    active version (which the real store makes the box seal with), and what
+    each gateway reported."""
+
+    def __init__(self, box: SecretBox) -> None:
+        self.box = box
+        self.active = 1
+        self.reported: dict[str, dict[int, str]] = {}
+
+    def report_key_versions(self, gateway_id: str, key_ids: Mapping[int, str]) -> None:
+        self.reported[gateway_id] = dict(key_ids)
+
+    def sync_master_key(self) -> int:
+        self.box.activate(self.active)
+        return self.active
+
+
+def test_a_running_gateway_reports_its_keys_follows_the_active_one_and_reseals_its_files(
+    tmp_path: Path,
+) -> None:
+    home = _home(tmp_path)
+    box = keyring.open_box(home)
+    pki.ensure_pki(home, box, ())
+    store = _StoreSide(box)
+    # A key copied here while the gateway runs: reported with its key id, not
+    # used before the store says so.
+    keyring.stage_key(home, active=1, known=1)
+    assert keyring.refresh(home, box, store, "gw-a") == 1
+    ids = SecretBox.from_ring(keyring.load_ring(home), active=1)
+    assert store.reported == {"gw-a": {1: ids.key_id(1), 2: ids.key_id(2)}}
+    assert set(keyring.sealed_file_versions(home).values()) == {1}
+    # Version 2 active in the store: followed, remembered for the next start,
+    # and this host's sealed files re-sealed under it.
+    store.active = 2
+    assert keyring.refresh(home, box, store, "gw-a") == 2
+    assert box.active_version == 2
+    assert keyring.open_box(home).active_version == 2
+    assert set(keyring.sealed_file_versions(home).values()) == {2}
+    pki.load_pki(home, SecretBox.from_ring({2: keyring.load_ring(home)[2]}, active=2))
+    # Version 1 retired here: no longer reported, no longer held.
+    keyring.retire_key(home, 1, active=2)
+    keyring.refresh(home, box, store, "gw-a")
+    assert store.reported == {"gw-a": {2: ids.key_id(2)}}
+    assert box.versions == (2,)
+
+
+def test_a_helper_process_follows_the_active_version_but_neither_reports_nor_reseals(
+    tmp_path: Path,
+) -> None:
+    home = _home(tmp_path)
+    box = keyring.open_box(home)
+    pki.ensure_pki(home, box, ())
+    store = _StoreSide(box)
+    keyring.stage_key(home, active=1, known=1)
+    store.active = 2
+    assert keyring.follow(home, box, store) == 2
+    assert (box.active_version, box.versions) == (2, (1, 2))
+    assert store.reported == {}
+    assert set(keyring.sealed_file_versions(home).values()) == {1}

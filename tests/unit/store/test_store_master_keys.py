@@ -5,6 +5,7 @@ key is gone, activation refused while a live gateway lacks the new version."""
 
 from __future__ import annotations
 
+import base64
 import secrets
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -15,9 +16,10 @@ from sqlalchemy import LargeBinary, create_engine, select, text
 from store_support import FakeClock, pg_admin_url
 from trail_support import set_batch_column
 
+from gateway.audit.chain import AUDIT_KEY_INFO, AuditChain
 from gateway.audit.records import AuditEvent
 from gateway.credentials.schedule import presence_lease
-from gateway.credentials.secretbox import SecretBox, key_version_of
+from gateway.credentials.secretbox import SecretBox, SecretDecryptError, key_version_of
 from gateway.errors import ConfigError
 from gateway.identity.principals import PrincipalKind, Role, SsoProvider
 from gateway.store import Store
@@ -91,6 +93,11 @@ def event(session_id: str, sql: str) -> AuditEvent:
         protocol="simple",
         status="ok",
     )
+
+
+def audit_chain_of(version: int) -> AuditChain:
+    """The audit chain under master key *version*'s audit key alone."""
+    return AuditChain(only(version).derive_key(AUDIT_KEY_INFO, version=version))
 
 
 def open_session(store: Store) -> str:
@@ -173,6 +180,45 @@ def test_a_crash_midway_leaves_every_value_openable_and_a_rerun_finishes(
     assert store.sealed_counts() == {2: count + 1}
 
 
+def test_a_value_that_does_not_open_stops_the_reseal_naming_its_row_not_its_secret(
+    store: Store, store_url: str
+) -> None:
+    fill_every_secret(store)
+    account = next(
+        ident
+        for sealed, ident, _ in every_sealed_value(store)
+        if sealed.column == "password_ciphertext"
+    )
+    store.activate_master_key(2)
+    raw = create_engine(pg_admin_url(store_url) if "postgresql" in store_url else store_url)
+    try:
+        with raw.begin() as conn:
+            blob = bytes(
+                conn.execute(
+                    text("SELECT password_ciphertext FROM accounts WHERE id = :id"), {"id": account}
+                ).scalar_one()
+            )
+            altered = blob[:-1] + bytes((blob[-1] ^ 1,))
+            conn.execute(
+                text("UPDATE accounts SET password_ciphertext = :v WHERE id = :id"),
+                {"v": altered, "id": account},
+            )
+    finally:
+        raw.dispose()
+    with pytest.raises(SecretDecryptError) as refused:
+        store.reseal_secrets()
+    said = f"{refused.value} {refused.value.hint}"
+    assert f"accounts.password_ciphertext of row {account}" in said
+    assert "--activate" in said
+    assert "pw-account" not in said
+    # The altered value is left as it was.
+    assert [
+        blob
+        for sealed, ident, blob in every_sealed_value(store)
+        if (sealed.column, ident) == ("password_ciphertext", account)
+    ] == [altered]
+
+
 def test_trails_across_a_rotation_verify_once_the_old_key_is_retired(
     store: Store, store_url: str, clock: FakeClock
 ) -> None:
@@ -200,12 +246,20 @@ def test_trails_across_a_rotation_verify_once_the_old_key_is_retired(
     with Store.open(store_url, SecretBox.from_ring({2: K2}, active=2), clock=clock) as later:
         assert later.verify_audit() == []
         assert later.verify_rotation_record() == []
-        # The chain really is keyed per version: without version 1's audit key
-        # (as a store before this revision would be), the old records fail.
-    with Store.open(store_url, SecretBox.from_ring({2: K2}, active=2), clock=clock) as later:
-        later._chain = master_keys_module.AuditChain(later._box.derive_key(b"pam audit chain v1"))
-        problems = later.verify_audit(done)
-        assert problems and {p.problem for p in problems} >= {"changed"}
+        # The chain really is keyed per version: under one version's audit key
+        # alone (as a store before this revision would verify), the trail
+        # written before the rotation holds only under version 1's, the one
+        # after only under version 2's, and the one spanning it under neither.
+        later._chain = audit_chain_of(2)
+        assert later.verify_audit(fresh) == []
+        for session in (done, spanning):
+            problems = later.verify_audit(session)
+            assert problems and {p.problem for p in problems} >= {"changed"}
+        later._chain = audit_chain_of(1)
+        assert later.verify_audit(done) == []
+        for session in (fresh, spanning):
+            problems = later.verify_audit(session)
+            assert problems and {p.problem for p in problems} >= {"changed"}
 
 
 def test_edited_digests_of_an_old_version_batch_name_only_the_edited_record(
@@ -226,6 +280,33 @@ def test_edited_digests_of_an_old_version_batch_name_only_the_edited_record(
     # but the edited one: that one is named, not the whole batch.
     with Store.open(store_url, SecretBox.from_ring({2: K2}, active=2), clock=clock) as later:
         assert [(p.seq, p.problem) for p in later.verify_audit(session)] == [(2, "changed")]
+
+
+def test_a_batch_whose_mac_verifies_under_one_key_must_have_its_digests_under_it(
+    store: Store, store_url: str, clock: FakeClock
+) -> None:
+    # Not mixed: a batch's MAC recomputed under version 2's audit key over its
+    # digests made under version 1's verifies, but then so must its records
+    # under version 2's, and none does.
+    fill_every_secret(store)
+    session = open_session(store)
+    store.append_audit([event(session, f"SELECT {n}") for n in range(3)])
+    store.activate_master_key(2)
+    raw = create_engine(pg_admin_url(store_url) if "postgresql" in store_url else store_url)
+    try:
+        with raw.connect() as conn:
+            batch = conn.execute(
+                text("SELECT first_seq, prev_hash, digests FROM audit_batches")
+            ).one()
+        forged = audit_chain_of(2).batch_hash(
+            session, batch.first_seq, batch.prev_hash, bytes(batch.digests)
+        )
+        set_batch_column(raw, session, 1, "hash", forged)
+    finally:
+        raw.dispose()
+    with Store.open(store_url, only(2), clock=clock) as later:
+        problems = later.verify_audit(session)
+    assert [(p.seq, p.problem) for p in problems] == [(n, "changed") for n in (1, 2, 3)]
 
 
 def test_activation_waits_for_every_live_gateway_but_not_a_gone_one(
@@ -262,7 +343,10 @@ def test_a_gateway_without_the_active_version_cannot_open_the_store(
     with pytest.raises(ConfigError, match="active master key is version 2") as refused:
         Store.open(store_url, SecretBox(K1), clock=clock)
     assert "master.keys/2.key" in (refused.value.hint or "")
-    assert str(K1) not in str(refused.value)
+    said = f"{refused.value} {refused.value.hint}"
+    for key in (K1, K2):
+        for form in (key.hex(), base64.b64encode(key).decode(), repr(key)):
+            assert form not in said
 
 
 def test_a_lease_lapsed_while_reporting_is_not_counted(store: Store, clock: FakeClock) -> None:
