@@ -240,8 +240,11 @@ class SyslogSink:
 
 def _is_closed_by_peer(sock: socket.socket) -> bool:
     """The collector closed the connection (or broke it); without waiting."""
-    readable, _, _ = select.select([sock], [], [], 0)
-    if not readable:
+    # poll, not select: a process relaying many connections has descriptors past
+    # select's FD_SETSIZE (1024), where select raises ValueError.
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    if not poller.poll(0):
         return False
     timeout = sock.gettimeout()
     sock.settimeout(0)

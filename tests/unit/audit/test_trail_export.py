@@ -6,6 +6,8 @@ down, come back, or present a certificate the CA did not sign."""
 from __future__ import annotations
 
 import json
+import os
+import resource
 import ssl
 import threading
 from collections.abc import Sequence
@@ -170,6 +172,27 @@ def test_records_reach_a_tcp_collector_once_in_order_with_session_and_seq() -> N
     assert [m.structured_data["pam@32473"]["seq"] for m in messages] == list("123456")
     assert {m.structured_data["pam@32473"]["session_id"] for m in messages} == {"s1"}
     assert [m.json()["sql"] for m in messages] == [f"select {n}" for n in range(5)] + ["select 0"]
+    assert receiver.connections == 1
+
+
+def test_a_collector_is_reached_from_a_descriptor_past_selects_limit() -> None:
+    # A process relaying many connections (the daemon with the audit writer in
+    # process) gives the collector's socket a descriptor above FD_SETSIZE (1024).
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1200:
+        pytest.skip("the descriptor limit is below 1200")
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with SyslogReceiver() as receiver:
+            sink = SyslogSink(LOOPBACK_HOST, receiver.port)
+            sink.send(records(1))
+            assert sink._sock is not None and sink._sock.fileno() >= 1024
+            sink.send(records(2)[1:])  # on the same connection, looked at first
+            messages = receiver.wait_for(2)
+            sink.close()
+    finally:
+        for fd in filler:
+            os.close(fd)
+    assert [m.json()["seq"] for m in messages] == [1, 2]
     assert receiver.connections == 1
 
 
