@@ -16,6 +16,9 @@ Destinations:
 
 * :class:`JsonlFileSink`: one record per line, appended; past ``max_bytes`` the
   file becomes ``path.1`` (``path.1`` becomes ``path.2``...), ``keep`` of them.
+  Several processes append to one file (each relay worker's audit writer and the
+  daemon's): each write, with the size check and rotation before it, holds an
+  exclusive ``flock`` on the file's directory, so they rotate it once, not once each.
 * :class:`SyslogSink`: RFC 5424 messages, octet-counted (RFC 6587 3.4.1) over
   TCP, or over TLS (RFC 5425: the collector's certificate verified against a CA
   and its name). Structured data ``[pam@32473 ...]`` carries the ids; the MSG is
@@ -37,6 +40,8 @@ Invariants:
 from __future__ import annotations
 
 import collections
+import contextlib
+import fcntl
 import json
 import os
 import select
@@ -44,7 +49,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -154,19 +159,20 @@ class JsonlFileSink:
             + b"\n"
             for r in records
         )
-        try:
-            size = self._path.stat().st_size
-        except FileNotFoundError:
-            size = 0
-        if size and size + len(data) > self._max_bytes:
-            self._rotate()
-        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
+        with _locked(self._path.parent):
+            try:
+                size = self._path.stat().st_size
+            except FileNotFoundError:
+                size = 0
+            if size and size + len(data) > self._max_bytes:
+                self._rotate()
+            fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
 
     def _rotate(self) -> None:
         for n in range(self._keep - 1, 0, -1):
@@ -177,6 +183,18 @@ class JsonlFileSink:
 
     def close(self) -> None:
         pass
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on *directory* (the file in it is renamed, so it
+    cannot hold the lock), for every process that writes there."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 class SyslogSink:

@@ -124,6 +124,44 @@ def test_the_jsonl_file_rotates_by_size_and_keeps_n_files(tmp_path: Path) -> Non
     assert (path.stat().st_mode & 0o777) == 0o600
 
 
+def _oldest_first(file: Path) -> int:
+    """``trail.jsonl.N`` (the highest N first) .. ``trail.jsonl.1``, then ``trail.jsonl``."""
+    rotated = file.name.removeprefix("trail.jsonl").lstrip(".")
+    return -int(rotated) if rotated else 0
+
+
+def test_writers_sharing_the_file_rotate_it_once_and_lose_no_line(tmp_path: Path) -> None:
+    # As the audit writers of the daemon and of each relay worker do: one sink
+    # each, one path, at the same time.
+    path = tmp_path / "trail.jsonl"
+    sessions = [f"s{n}" for n in range(4)]
+    failures: list[BaseException] = []
+
+    def write(session: str) -> None:
+        sink = JsonlFileSink(path, max_bytes=4096, keep=1000)
+        try:
+            for record in records(300, session):
+                sink.send([record])
+        except BaseException as exc:  # reported below, not lost in the thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=write, args=(s,)) for s in sessions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert failures == []
+    seen: dict[str, list[int]] = {s: [] for s in sessions}
+    for file in sorted(tmp_path.iterdir(), key=_oldest_first):
+        text = file.read_bytes()
+        assert len(text) <= 4096, file.name
+        for line in text.splitlines():
+            record = json.loads(line)
+            seen[record["session_id"]].append(record["seq"])
+    # Every line once, each session's in order: nothing rotated twice or overwritten.
+    assert seen == {s: list(range(1, 301)) for s in sessions}
+
+
 # --- the queue ------------------------------------------------------------------------
 
 
