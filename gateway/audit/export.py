@@ -56,6 +56,7 @@ from typing import Any, Final, Protocol
 import structlog
 
 from gateway.audit.records import AuditEvent, EventRow, micros_datetime
+from gateway.audit.review import jsonl_line
 from gateway.config import FileExport, GatewaySettings, SyslogExport
 
 __all__ = [
@@ -90,9 +91,7 @@ _CONNECT_TIMEOUT_SECONDS: Final = 5.0
 
 def export_record(row: EventRow, seq: int) -> dict[str, Any]:
     """A committed event *row*, number *seq* in its session's trail, as exported."""
-    record: dict[str, Any] = {}
-    for name, value in zip(_FIELDS, row, strict=True):
-        record[name] = value
+    record: dict[str, Any] = dict(zip(_FIELDS, row, strict=True))
     record["seq"] = seq
     record["occurred_at"] = (
         micros_datetime(row[_OCCURRED_AT]).isoformat(timespec="microseconds").replace("+00:00", "Z")
@@ -152,13 +151,7 @@ class JsonlFileSink:
         self._keep = keep
 
     def send(self, records: Sequence[dict[str, Any]]) -> None:
-        data = b"".join(
-            json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode(
-                "utf-8", "backslashreplace"
-            )
-            + b"\n"
-            for r in records
-        )
+        data = "".join(map(jsonl_line, records)).encode("utf-8", "backslashreplace")
         with _locked(self._path.parent):
             try:
                 size = self._path.stat().st_size
