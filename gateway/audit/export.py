@@ -317,6 +317,19 @@ class Channel:
         self._thread.join(timeout + 1.0)
         self.sink.close()
 
+    def _pause(self, seconds: float) -> None:
+        """Wait *seconds* before a retry: not less (every :meth:`offer` notifies,
+        and a wait ended there would retry at each batch the journal reader
+        commits), and not past the deadline of :meth:`close`."""
+        resume = time.monotonic() + seconds
+        with self._ready:
+            while True:
+                end = min(resume, self._deadline) if self._closing else resume
+                left = end - time.monotonic()
+                if left <= 0:
+                    return
+                self._ready.wait(left)
+
     def _run(self) -> None:
         pause = _RETRY_FIRST_SECONDS
         while True:
@@ -340,8 +353,7 @@ class Channel:
                         "audit_export_unavailable", destination=self.sink.name, error=str(exc)
                     )
                     self._down = True
-                with self._ready:
-                    self._ready.wait(pause)
+                self._pause(pause)
                 pause = min(pause * 2, _RETRY_MAX_SECONDS)
                 continue
             pause = _RETRY_FIRST_SECONDS

@@ -5,11 +5,13 @@ down, come back, or present a certificate the CA did not sign."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import resource
 import ssl
 import threading
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -194,6 +196,35 @@ def test_a_full_queue_drops_new_records_counts_them_and_sends_the_rest_in_order(
     channel.close(5)
     assert sink.batches == [[1], [2, 3]]
     assert channel.sent == 3
+
+
+class DownSink:
+    name = "down"
+
+    def __init__(self) -> None:
+        self.attempts: list[float] = []
+
+    def send(self, records: Sequence[dict[str, Any]]) -> None:
+        self.attempts.append(time.monotonic())
+        raise ConnectionRefusedError("the collector is down")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_destination_that_is_down_is_retried_after_growing_pauses_not_at_each_offer() -> None:
+    sink = DownSink()
+    channel = Channel(sink, queue_size=1000)
+    for record in records(60):  # the journal reader committing a batch every 10 ms
+        channel.offer([record])
+        time.sleep(0.01)
+    tried = list(sink.attempts)
+    channel.close(0.1)
+    gaps = [after - before for before, after in itertools.pairwise(tried)]
+    assert gaps, tried
+    # 0.2 s, then 0.4 s, ... (each a lower bound: a loaded machine waits longer)
+    assert all(gap >= 0.2 * 2**n - 0.01 for n, gap in enumerate(gaps)), gaps
+    assert channel.sent == 0
 
 
 # --- syslog collectors ----------------------------------------------------------------
