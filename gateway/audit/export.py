@@ -29,9 +29,10 @@ Invariants:
 
 * :meth:`TrailExporter.publish` never blocks: when a destination's queue is full
   (it has been slow or down for ``queue_size`` records) the new records are
-  dropped, counted (:attr:`Channel.dropped`) and a warning logged once per outage;
-  what is queued is sent in order, once, when the destination is back. The trail
-  in the store stays complete: it is the record; the export is a copy.
+  dropped, counted (:attr:`Channel.dropped`) and a warning logged once until the
+  queue has emptied again; what is queued is sent in order, once, when the
+  destination is back. The trail in the store stays complete: it is the record;
+  the export is a copy.
 * A record a destination failed to take is retried (with a growing pause) before
   any later one, so a destination sees each record at most once and in order
   (a collector that took part of a write and then failed may see its start twice).
@@ -361,8 +362,12 @@ class Channel:
                 for _ in batch:
                     self._queue.popleft()
                 self.sent += len(batch)
+                if not self._queue:
+                    # Caught up: the next overflow is another one, and is logged
+                    # (a destination that is slow, never down, included).
+                    self._drop_warned = False
             if self._down:
-                self._down = self._drop_warned = False
+                self._down = False
                 log.warning(
                     "audit_export_recovered", destination=self.sink.name, dropped=self.dropped
                 )

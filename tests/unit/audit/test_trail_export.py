@@ -12,12 +12,13 @@ import resource
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 from pydantic import ValidationError
 
 from gateway.audit.export import (
@@ -196,6 +197,52 @@ def test_a_full_queue_drops_new_records_counts_them_and_sends_the_rest_in_order(
     channel.close(5)
     assert sink.batches == [[1], [2, 3]]
     assert channel.sent == 3
+
+
+class GatedSink:
+    """Takes a batch for each permit given (:attr:`permits`)."""
+
+    name = "gated"
+
+    def __init__(self) -> None:
+        self.permits = threading.Semaphore(0)
+        self.entered = threading.Event()
+
+    def send(self, records: Sequence[dict[str, Any]]) -> None:
+        self.entered.set()
+        assert self.permits.acquire(timeout=10)
+
+    def close(self) -> None:
+        pass
+
+
+def test_each_overflow_of_a_slow_destination_is_logged_once() -> None:
+    sink = GatedSink()
+    channel = Channel(sink, queue_size=2)
+    sent = records(8)
+    with structlog.testing.capture_logs() as logs:
+        for taken, (first, rest) in ((2, (sent[0:1], sent[1:4])), (4, (sent[4:5], sent[5:8]))):
+            sink.entered.clear()
+            channel.offer(first)
+            assert sink.entered.wait(10)  # in flight alone, until a permit
+            channel.offer(rest)  # room for one: two dropped
+            channel.offer(rest[:1])  # one more dropped, the same overflow
+            sink.permits.release(2)  # the two batches: first, then rest[0]
+            assert wait_until(lambda taken=taken: channel.sent == taken)
+    channel.close(5)
+    dropped = [e for e in logs if e["event"] == "audit_export_dropped"]
+    # Once per overflow: the destination was never down, only slow.
+    assert [e["count"] for e in dropped] == [2, 2]
+    assert channel.dropped == 6 and channel.sent == 4
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 class DownSink:
