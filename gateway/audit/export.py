@@ -16,6 +16,9 @@ Destinations:
 
 * :class:`JsonlFileSink`: one record per line, appended; past ``max_bytes`` the
   file becomes ``path.1`` (``path.1`` becomes ``path.2``...), ``keep`` of them.
+  Several processes append to one file (each relay worker's audit writer and the
+  daemon's): each write, with the size check and rotation before it, holds an
+  exclusive ``flock`` on the file's directory, so they rotate it once, not once each.
 * :class:`SyslogSink`: RFC 5424 messages, octet-counted (RFC 6587 3.4.1) over
   TCP, or over TLS (RFC 5425: the collector's certificate verified against a CA
   and its name). Structured data ``[pam@32473 ...]`` carries the ids; the MSG is
@@ -26,9 +29,10 @@ Invariants:
 
 * :meth:`TrailExporter.publish` never blocks: when a destination's queue is full
   (it has been slow or down for ``queue_size`` records) the new records are
-  dropped, counted (:attr:`Channel.dropped`) and a warning logged once per outage;
-  what is queued is sent in order, once, when the destination is back. The trail
-  in the store stays complete: it is the record; the export is a copy.
+  dropped, counted (:attr:`Channel.dropped`) and a warning logged once until the
+  queue has emptied again; what is queued is sent in order, once, when the
+  destination is back. The trail in the store stays complete: it is the record;
+  the export is a copy.
 * A record a destination failed to take is retried (with a growing pause) before
   any later one, so a destination sees each record at most once and in order
   (a collector that took part of a write and then failed may see its start twice).
@@ -37,6 +41,8 @@ Invariants:
 from __future__ import annotations
 
 import collections
+import contextlib
+import fcntl
 import json
 import os
 import select
@@ -44,13 +50,14 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol
 
 import structlog
 
 from gateway.audit.records import AuditEvent, EventRow, micros_datetime
+from gateway.audit.review import jsonl_line
 from gateway.config import FileExport, GatewaySettings, SyslogExport
 
 __all__ = [
@@ -85,9 +92,7 @@ _CONNECT_TIMEOUT_SECONDS: Final = 5.0
 
 def export_record(row: EventRow, seq: int) -> dict[str, Any]:
     """A committed event *row*, number *seq* in its session's trail, as exported."""
-    record: dict[str, Any] = {}
-    for name, value in zip(_FIELDS, row, strict=True):
-        record[name] = value
+    record: dict[str, Any] = dict(zip(_FIELDS, row, strict=True))
     record["seq"] = seq
     record["occurred_at"] = (
         micros_datetime(row[_OCCURRED_AT]).isoformat(timespec="microseconds").replace("+00:00", "Z")
@@ -147,26 +152,21 @@ class JsonlFileSink:
         self._keep = keep
 
     def send(self, records: Sequence[dict[str, Any]]) -> None:
-        data = b"".join(
-            json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode(
-                "utf-8", "backslashreplace"
-            )
-            + b"\n"
-            for r in records
-        )
-        try:
-            size = self._path.stat().st_size
-        except FileNotFoundError:
-            size = 0
-        if size and size + len(data) > self._max_bytes:
-            self._rotate()
-        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
+        data = "".join(map(jsonl_line, records)).encode("utf-8", "backslashreplace")
+        with _locked(self._path.parent):
+            try:
+                size = self._path.stat().st_size
+            except FileNotFoundError:
+                size = 0
+            if size and size + len(data) > self._max_bytes:
+                self._rotate()
+            fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
 
     def _rotate(self) -> None:
         for n in range(self._keep - 1, 0, -1):
@@ -177,6 +177,18 @@ class JsonlFileSink:
 
     def close(self) -> None:
         pass
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on *directory* (the file in it is renamed, so it
+    cannot hold the lock), for every process that writes there."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 class SyslogSink:
@@ -240,8 +252,11 @@ class SyslogSink:
 
 def _is_closed_by_peer(sock: socket.socket) -> bool:
     """The collector closed the connection (or broke it); without waiting."""
-    readable, _, _ = select.select([sock], [], [], 0)
-    if not readable:
+    # poll, not select: a process relaying many connections has descriptors past
+    # select's FD_SETSIZE (1024), where select raises ValueError.
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    if not poller.poll(0):
         return False
     timeout = sock.gettimeout()
     sock.settimeout(0)
@@ -303,6 +318,19 @@ class Channel:
         self._thread.join(timeout + 1.0)
         self.sink.close()
 
+    def _pause(self, seconds: float) -> None:
+        """Wait *seconds* before a retry: not less (every :meth:`offer` notifies,
+        and a wait ended there would retry at each batch the journal reader
+        commits), and not past the deadline of :meth:`close`."""
+        resume = time.monotonic() + seconds
+        with self._ready:
+            while True:
+                end = min(resume, self._deadline) if self._closing else resume
+                left = end - time.monotonic()
+                if left <= 0:
+                    return
+                self._ready.wait(left)
+
     def _run(self) -> None:
         pause = _RETRY_FIRST_SECONDS
         while True:
@@ -326,8 +354,7 @@ class Channel:
                         "audit_export_unavailable", destination=self.sink.name, error=str(exc)
                     )
                     self._down = True
-                with self._ready:
-                    self._ready.wait(pause)
+                self._pause(pause)
                 pause = min(pause * 2, _RETRY_MAX_SECONDS)
                 continue
             pause = _RETRY_FIRST_SECONDS
@@ -335,8 +362,12 @@ class Channel:
                 for _ in batch:
                     self._queue.popleft()
                 self.sent += len(batch)
+                if not self._queue:
+                    # Caught up: the next overflow is another one, and is logged
+                    # (a destination that is slow, never down, included).
+                    self._drop_warned = False
             if self._down:
-                self._down = self._drop_warned = False
+                self._down = False
                 log.warning(
                     "audit_export_recovered", destination=self.sink.name, dropped=self.dropped
                 )

@@ -9,6 +9,7 @@ password that must never appear).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,10 +22,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 
@@ -511,8 +512,30 @@ def open_store(gw: Gateway) -> Store:
     return Store.open(store_url(gw.home, load_settings(gw.home)), box)
 
 
+def gateway_id(gw: Gateway) -> str:
+    """The id *gw*'s settings give it (its presence lease, its sessions' ``gateway_id``)."""
+    return load_settings(gw.home).gateway_id
+
+
+#: presence renewed every half second, gone after two: a gateway that stops is
+#: soon known to be gone by the others on its store
+FAST_PRESENCE: Mapping[str, Any] = {"presence_renew_seconds": 0.5, "presence_lease_seconds": 2.0}
+
+_Gateways = TypeVar("_Gateways", bound=Sequence[Gateway])
+
+
+@contextlib.contextmanager
+def closed_after(gateways: _Gateways) -> Iterator[_Gateways]:
+    """*gateways*, each closed (stopped if started) when the block ends, however it ends."""
+    try:
+        yield gateways
+    finally:
+        for gw in gateways:
+            gw.close()
+
+
 def shared_store_pair(
-    pg: TempCluster, tmp_path: Path, settings: dict[str, Any]
+    pg: TempCluster, tmp_path: Path, settings: Mapping[str, Any]
 ) -> tuple[Gateway, Gateway]:
     """:func:`shared_store_fleet` of two."""
     first, second = shared_store_fleet(pg, tmp_path, settings, 2)
@@ -532,7 +555,7 @@ FLEET_ADMINS = ("second-admin", "third-admin", "fourth-admin")
 
 
 def shared_store_fleet(
-    pg: TempCluster, tmp_path: Path, settings: dict[str, Any], count: int
+    pg: TempCluster, tmp_path: Path, settings: Mapping[str, Any], count: int
 ) -> list[Gateway]:
     """*count* daemons' state directories (not started) on one PostgreSQL store,
     a fresh database of *pg*, with *settings*, as docs/operations.md adds a
@@ -584,6 +607,18 @@ def add_verified_resource(gw: Gateway, pg: TempCluster, name: str, database: str
                 "ca_cert": pg.ca_cert_path.read_text(),
             },
         )
+
+
+def add_target(gw: Gateway, pg: TempCluster, name: str, database: str, role_prefix: str) -> None:
+    """Resource *name* (*database* of *pg*, :func:`add_verified_resource`) with
+    account ``scram``: a new login role (:func:`make_login_role`, named from
+    *role_prefix*) whose password is given on stdin, as an operator types it."""
+    role, password = make_login_role(pg, role_prefix, database)
+    add_verified_resource(gw, pg, name, database)
+    gw.cli(
+        "account", "add", name, "scram", "--username", role, "--password-stdin",
+        input=password + "\n",
+    )  # fmt: skip
 
 
 def unique(prefix: str) -> str:

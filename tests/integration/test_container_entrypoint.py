@@ -21,6 +21,7 @@ import pytest
 from harness import Gateway
 
 from cli.client import ApiError
+from gateway.app.daemon import default_admin_name
 from gateway.credentials.secretbox import generate_master_key
 
 pytestmark = pytest.mark.integration
@@ -66,6 +67,8 @@ def test_the_entrypoint_assembles_the_state_directory_and_runs_the_gateway(
                 except ApiError:
                     assert time.monotonic() < deadline, "the daemon did not answer"
                     time.sleep(0.2)
+            # /v1/health is open to anyone: this call needs the first one's token.
+            assert api.whoami()["name"] == default_admin_name()  # init's first admin
         assert json.loads((home / "gateway.json").read_text())["gateway_id"] == "pod-1"
         for name in ("gateway.json", "master.key", "gateway-ca.crt", "gateway-ca.key.sealed"):
             assert stat.S_IMODE((home / name).stat().st_mode) == 0o600, name

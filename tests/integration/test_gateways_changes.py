@@ -13,6 +13,7 @@ timestamps and printed (``-s``), for docs/architecture.md.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,66 +22,50 @@ import psycopg
 import pytest
 from conftest import APP_DATABASE
 from harness import (
+    FAST_PRESENCE,
     Gateway,
-    add_verified_resource,
+    add_target,
+    closed_after,
     cut_error,
-    make_login_role,
+    gateway_id,
     open_store,
     shared_store_pair,
     wait_for,
 )
 
-from gateway.config import load_settings
 from gateway.store.models import AccessSession
 from gateway.testing.pgcluster import TempCluster
 
 pytestmark = pytest.mark.integration
 
 RESOURCE = "prod"
-#: presence renewed every half second, gone after two (as test_gateways_shared_store)
-FAST: dict[str, Any] = {"presence_renew_seconds": 0.5, "presence_lease_seconds": 2.0}
 #: notifications only: the first reconcile tick comes long after every wait
-LISTEN_ONLY: dict[str, Any] = {**FAST, "changes_reconcile_seconds": 300.0}
+LISTEN_ONLY: dict[str, Any] = {**FAST_PRESENCE, "changes_reconcile_seconds": 300.0}
 #: no notifications: a reconcile every half second
 RECONCILE_ONLY: dict[str, Any] = {
-    **FAST,
+    **FAST_PRESENCE,
     "changes_listen": False,
     "changes_reconcile_seconds": 0.5,
 }
 
 
-def gateway_id(gw: Gateway) -> str:
-    return load_settings(gw.home).gateway_id
-
-
-def add_target(gw: Gateway, pg: TempCluster) -> None:
-    """Resource ``prod`` (the cluster's appdb) with account ``scram``."""
-    role, password = make_login_role(pg, "changes", APP_DATABASE)
-    add_verified_resource(gw, pg, RESOURCE, APP_DATABASE)
-    gw.cli(
-        "account", "add", RESOURCE, "scram", "--username", role, "--password-stdin",
-        input=password + "\n",
-    )  # fmt: skip
-
-
+@contextmanager
 def started_pair(
     pg: TempCluster, tmp_path: Path, settings: dict[str, Any]
-) -> tuple[Gateway, Gateway]:
-    a, b = shared_store_pair(pg, tmp_path, settings)
-    a.start()
-    b.start()
-    add_target(a, pg)
-    return a, b
+) -> Iterator[tuple[Gateway, Gateway]]:
+    """Two daemons on one store, both running, A with resource ``prod`` and
+    account ``scram``; both closed at the end."""
+    with closed_after(shared_store_pair(pg, tmp_path, settings)) as (a, b):
+        a.start()
+        b.start()
+        add_target(a, pg, RESOURCE, APP_DATABASE, "changes")
+        yield a, b
 
 
 @pytest.fixture
 def pair(pg: TempCluster, tmp_path: Path) -> Iterator[tuple[Gateway, Gateway]]:
-    a, b = started_pair(pg, tmp_path, LISTEN_ONLY)
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
+    with started_pair(pg, tmp_path, LISTEN_ONLY) as gateways:
+        yield gateways
 
 
 def event_time(gw: Gateway, name: str) -> datetime:
@@ -103,17 +88,24 @@ def live_client(a: Gateway, **access: str) -> tuple[psycopg.Connection[Any], str
     return client, session_id
 
 
+def cut_by(client: psycopg.Connection[Any], change: Callable[[], object]) -> psycopg.Error:
+    """Make *change* (through the other gateway) and wait for the FATAL it cuts
+    *client* with (closed either way)."""
+    try:
+        change()
+        error = wait_for(lambda: cut_error(client))
+    finally:
+        client.close()
+    assert isinstance(error, psycopg.errors.AdminShutdown)
+    return error
+
+
 def test_a_revoke_through_another_gateway_ends_the_relayed_connection_with_its_fatal(
     pair: tuple[Gateway, Gateway],
 ) -> None:
     a, b = pair
     client, session_id = live_client(a)
-    try:
-        b.cli("sessions", "revoke", session_id, "--reason", "INC-9")
-        error = wait_for(lambda: cut_error(client))
-    finally:
-        client.close()
-    assert isinstance(error, psycopg.errors.AdminShutdown)
+    error = cut_by(client, lambda: b.cli("sessions", "revoke", session_id, "--reason", "INC-9"))
     assert f"access session {session_id[:8]} was revoked by second-admin: INC-9" in str(error)
     with open_store(a) as store:
         ended = store.get_session(session_id)
@@ -174,12 +166,7 @@ def test_a_user_disabled_through_another_gateway_loses_the_connections_another_r
     a, b = pair
     owner = str(a.cli_json("whoami")["name"])
     client, session_id = live_client(a)
-    try:
-        b.cli("user", "disable", owner)
-        error = wait_for(lambda: cut_error(client))
-    finally:
-        client.close()
-    assert isinstance(error, psycopg.errors.AdminShutdown)
+    error = cut_by(client, lambda: b.cli("user", "disable", owner))
     assert f"user {owner} was disabled" in str(error)
     with open_store(a) as store:
         ended = store.get_session(session_id)
@@ -219,12 +206,8 @@ def _dsn_of(a: Gateway, session_id: str) -> str:
 
 @pytest.fixture
 def reconcile_only_pair(pg: TempCluster, tmp_path: Path) -> Iterator[tuple[Gateway, Gateway]]:
-    a, b = started_pair(pg, tmp_path, RECONCILE_ONLY)
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
+    with started_pair(pg, tmp_path, RECONCILE_ONLY) as gateways:
+        yield gateways
 
 
 def test_with_no_notifications_the_reconcile_still_applies_a_revocation(
@@ -232,12 +215,7 @@ def test_with_no_notifications_the_reconcile_still_applies_a_revocation(
 ) -> None:
     a, b = reconcile_only_pair
     client, session_id = live_client(a)
-    try:
-        b.cli("sessions", "revoke", session_id, "--reason", "INC-10")
-        error = wait_for(lambda: cut_error(client))
-    finally:
-        client.close()
-    assert isinstance(error, psycopg.errors.AdminShutdown)
+    error = cut_by(client, lambda: b.cli("sessions", "revoke", session_id, "--reason", "INC-10"))
     assert f"access session {session_id[:8]} was revoked by second-admin: INC-10" in str(error)
     assert not any(e.get("event") == "change_feed_listening" for e in a.log_events())
     report_delay(
@@ -255,7 +233,7 @@ def test_a_listener_whose_connection_is_killed_listens_again_and_hears_the_next_
     listening: Callable[[], int] = lambda: sum(  # noqa: E731
         e.get("event") == "change_feed_listening" for e in a.log_events()
     )
-    try:
+    with client:  # closed however the checks before the cut end
         assert wait_for(listening) == 1
         with open_store(a) as store:
             conninfo = store.listen_conninfo()
@@ -269,9 +247,7 @@ def test_a_listener_whose_connection_is_killed_listens_again_and_hears_the_next_
         assert killed is True
         wait_for(lambda: listening() == 2)
         assert any(e.get("event") == "change_feed_lost" for e in a.log_events())
-        b.cli("sessions", "revoke", session_id, "--reason", "INC-11")
-        error = wait_for(lambda: cut_error(client))
-    finally:
-        client.close()
-    assert isinstance(error, psycopg.errors.AdminShutdown)
+        error = cut_by(
+            client, lambda: b.cli("sessions", "revoke", session_id, "--reason", "INC-11")
+        )
     assert "was revoked by second-admin: INC-11" in str(error)

@@ -27,16 +27,16 @@ from harness import (
     CA_FILES,
     AccessProcess,
     Gateway,
-    add_verified_resource,
+    add_target,
+    closed_after,
     cut_error,
-    make_login_role,
+    gateway_id,
     open_store,
     shared_store_fleet,
     wait_for,
 )
 
 from cli.forwarder import Forwarder, TunnelTarget
-from gateway.config import load_settings
 from gateway.credentials import pki
 from gateway.store.models import AccessSession
 from gateway.testing.pgcluster import TempCluster
@@ -52,37 +52,24 @@ PASSWORD = "correct horse battery staple"
 SETTINGS: dict[str, Any] = {"presence_renew_seconds": 1.0, "presence_lease_seconds": 6.0}
 
 
-def gateway_id(gw: Gateway) -> str:
-    return load_settings(gw.home).gateway_id
-
-
 def api_url(gw: Gateway) -> str:
     return str(json.loads(gw.config_path.read_text())["api_url"])
 
 
 @pytest.fixture
 def fleet(pg: TempCluster, tmp_path: Path) -> Iterator[list[Gateway]]:
-    gateways = shared_store_fleet(pg, tmp_path, SETTINGS, 3)
-    try:
+    with closed_after(shared_store_fleet(pg, tmp_path, SETTINGS, 3)) as gateways:
         gateways[0].start(own_process_group=True)  # killed whole, audit writer too
         for gw in gateways[1:]:
             gw.start()
-        add_target(gateways[0], pg)
+        add_target_for_eng(gateways[0], pg)
         yield gateways
-    finally:
-        for gw in gateways:
-            gw.close()
 
 
-def add_target(gw: Gateway, pg: TempCluster) -> None:
+def add_target_for_eng(gw: Gateway, pg: TempCluster) -> None:
     """Resource ``prod`` (the cluster's appdb), account ``scram``, and user
     ``eng`` (a member) whom policy ``eng-prod`` lets use it."""
-    role, password = make_login_role(pg, "failover", APP_DATABASE)
-    add_verified_resource(gw, pg, RESOURCE, APP_DATABASE)
-    gw.cli(
-        "account", "add", RESOURCE, "scram", "--username", role, "--password-stdin",
-        input=password + "\n",
-    )  # fmt: skip
+    add_target(gw, pg, RESOURCE, APP_DATABASE, "failover")
     gw.cli(
         "user", "add", "eng", "--role", "member", "--project", "default", "--password-stdin",
         input=PASSWORD + "\n",

@@ -17,17 +17,18 @@ import signal
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
 from conftest import APP_DATABASE
 from faultproxy import FaultProxy
 from harness import (
+    FAST_PRESENCE,
     Gateway,
-    add_verified_resource,
+    add_target,
+    closed_after,
     connect_error,
-    make_login_role,
+    gateway_id,
     open_store,
     shared_store_pair,
     unique,
@@ -43,12 +44,6 @@ from gateway.testing.pgcluster import TempCluster
 pytestmark = pytest.mark.integration
 
 RESOURCE = "prod"
-#: renew every half second, gone after two
-FAST: dict[str, Any] = {"presence_renew_seconds": 0.5, "presence_lease_seconds": 2.0}
-
-
-def gateway_id(gw: Gateway) -> str:
-    return load_settings(gw.home).gateway_id
 
 
 def last_renewal(gw: Gateway) -> datetime | None:
@@ -63,22 +58,8 @@ def last_renewal(gw: Gateway) -> datetime | None:
 @pytest.fixture
 def pair(pg: TempCluster, tmp_path: Path) -> Iterator[tuple[Gateway, Gateway]]:
     """Two daemons' state directories on one PostgreSQL store (not started)."""
-    first, second = shared_store_pair(pg, tmp_path, FAST)
-    try:
-        yield first, second
-    finally:
-        first.close()
-        second.close()
-
-
-def add_target(gw: Gateway, pg: TempCluster) -> None:
-    """Resource ``prod`` (the cluster's appdb) with account ``scram``."""
-    role, password = make_login_role(pg, "shared", APP_DATABASE)
-    add_verified_resource(gw, pg, RESOURCE, APP_DATABASE)
-    gw.cli(
-        "account", "add", RESOURCE, "scram", "--username", role, "--password-stdin",
-        input=password + "\n",
-    )  # fmt: skip
+    with closed_after(shared_store_pair(pg, tmp_path, FAST_PRESENCE)) as gateways:
+        yield gateways
 
 
 def test_a_gateway_starting_leaves_a_live_ones_sessions_and_ends_a_dead_ones_at_its_last_renewal(
@@ -87,7 +68,7 @@ def test_a_gateway_starting_leaves_a_live_ones_sessions_and_ends_a_dead_ones_at_
     a, b = pair
     # A process group of its own, so that -9 reaches its audit writer too.
     a.start(own_process_group=True)
-    add_target(a, pg)
+    add_target(a, pg, RESOURCE, APP_DATABASE, "shared")
     access = a.access().wait_ready()
     client = psycopg.connect(access.dsn(), autocommit=True)
     try:
@@ -100,7 +81,7 @@ def test_a_gateway_starting_leaves_a_live_ones_sessions_and_ends_a_dead_ones_at_
         # B recovered at its start, then ticks (renewal and recovery) while A is
         # alive, for longer than a lease lasts.
         first = wait_for(lambda: last_renewal(b))
-        lease = timedelta(seconds=FAST["presence_lease_seconds"])
+        lease = timedelta(seconds=FAST_PRESENCE["presence_lease_seconds"])
         wait_for(lambda: (last_renewal(b) or first) - first > lease)
         assert client.execute("select 2").fetchone() == (2,)
         with open_store(b) as store:
@@ -146,7 +127,7 @@ def test_a_gateway_that_cannot_reach_its_store_refuses_new_connections_and_stric
     write_settings(
         gw,
         {
-            **FAST,
+            **FAST_PRESENCE,
             "store_url": url,
             "store_unreachable_grace_seconds": 2.0,
             "store_unreachable_strict": True,
@@ -155,7 +136,7 @@ def test_a_gateway_that_cannot_reach_its_store_refuses_new_connections_and_stric
     gw.cli("gateway", "init", "--force", "--api-port", str(free_port()))
     try:
         gw.start()
-        add_target(gw, pg)
+        add_target(gw, pg, RESOURCE, APP_DATABASE, "shared")
         access = gw.access().wait_ready()
         with psycopg.connect(access.dsn(), autocommit=True) as live:
             assert live.execute("select 1").fetchone() == (1,)

@@ -18,6 +18,9 @@ pytestmark = pytest.mark.integration
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 LEVELS = {"debug", "info", "warning", "error", "critical"}
+#: the keys docs/operations.md promises on every line (not read from the code,
+#: so that a key dropped there fails here)
+DOCUMENTED_KEYS = {"timestamp", "level", "event", "logger"}
 
 
 def test_every_line_of_the_daemons_log_is_json_with_the_stable_keys(gateway: Gateway) -> None:
@@ -33,8 +36,9 @@ def test_every_line_of_the_daemons_log_is_json_with_the_stable_keys(gateway: Gat
     for line in lines:
         event = json.loads(line)
         assert isinstance(event, dict), line
-        assert set(STABLE_KEYS) <= set(event), line
+        assert DOCUMENTED_KEYS.issubset(event), line
         assert ISO_UTC.match(event["timestamp"]), line
         assert event["level"] in LEVELS, line
         events.append(event)
     assert any(e["logger"].startswith("gateway.") for e in events)
+    assert set(STABLE_KEYS) == DOCUMENTED_KEYS

@@ -30,10 +30,12 @@ from conftest import APP_DATABASE
 from cryptography.hazmat.primitives.hashes import SHA1
 from cryptography.hazmat.primitives.twofactor.totp import TOTP
 from harness import (
+    FAST_PRESENCE,
     Gateway,
-    add_verified_resource,
+    add_target,
     assert_one_error_line,
-    make_login_role,
+    closed_after,
+    gateway_id,
     shared_store_pair,
     wait_for,
 )
@@ -46,21 +48,12 @@ from gateway.testing.pgcluster import TempCluster
 pytestmark = pytest.mark.integration
 
 RESOURCE = "prod"
-FAST: dict[str, Any] = {"presence_renew_seconds": 0.5, "presence_lease_seconds": 2.0}
 
 
 @pytest.fixture
 def pair(pg: TempCluster, tmp_path: Path) -> Iterator[tuple[Gateway, Gateway]]:
-    first, second = shared_store_pair(pg, tmp_path, FAST)
-    try:
-        yield first, second
-    finally:
-        first.close()
-        second.close()
-
-
-def gateway_id(gw: Gateway) -> str:
-    return load_settings(gw.home).gateway_id
+    with closed_after(shared_store_pair(pg, tmp_path, FAST_PRESENCE)) as gateways:
+        yield gateways
 
 
 def ring_store(gw: Gateway) -> Store:
@@ -120,12 +113,7 @@ def test_rotation_with_live_sessions_through_two_gateways_retires_the_old_key(
     a, b = pair
     a.start()
     b.start()
-    role, password = make_login_role(pg, "rot", APP_DATABASE)
-    add_verified_resource(a, pg, RESOURCE, APP_DATABASE)
-    a.cli(
-        "account", "add", RESOURCE, "scram", "--username", role, "--password-stdin",
-        input=password + "\n",
-    )  # fmt: skip
+    add_target(a, pg, RESOURCE, APP_DATABASE, "rot")
     clients = [sign_in_and_query(a, "a-before")]
     try:
         clients.append(sign_in_and_query(b, "b-before"))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.access.grants import Grant
 from gateway.access.ports import SessionRecord
 from gateway.app.gateway import Gateway
 from gateway.config import GatewaySettings
@@ -69,12 +70,17 @@ async def _open_on(gateway: Gateway) -> SessionRecord:
     )
 
 
+async def _held_on(gateway: Gateway) -> tuple[SessionRecord, Grant]:
+    """A grant opened on *gateway*: its session, and the grant *gateway* holds."""
+    session = await _open_on(gateway)
+    return session, gateway.grants._grants[session.id]
+
+
 async def test_a_revoke_through_the_other_gateway_cuts_the_grant_where_it_is_held(
     pair: Pair,
 ) -> None:
     a, b = pair
-    session = await _open_on(a)
-    grant = a.grants._grants[session.id]
+    session, grant = await _held_on(a)
 
     revoked = await b.grants.revoke(session.id, by="admin", reason="incident 7")
 
@@ -117,8 +123,7 @@ async def test_an_extension_through_the_other_gateway_moves_the_held_grants_time
     pair: Pair,
 ) -> None:
     a, b = pair
-    session = await _open_on(a)
-    grant = a.grants._grants[session.id]
+    session, grant = await _held_on(a)
     timer = grant.expiry_task
 
     assert (await b.grants.live_session(session.id)).id == session.id
@@ -146,8 +151,7 @@ async def test_a_user_disabled_through_the_other_gateway_loses_its_grants_there(
     pair: Pair,
 ) -> None:
     a, b = pair
-    session = await _open_on(a)
-    grant = a.grants._grants[session.id]
+    session, grant = await _held_on(a)
 
     await b.identity.disable("alice")
     await a.changes.changed(Change(ChangeTopic.PRINCIPAL, session.principal_id or ""))

@@ -5,15 +5,20 @@ down, come back, or present a certificate the CA did not sign."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import resource
 import ssl
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 from pydantic import ValidationError
 
 from gateway.audit.export import (
@@ -122,6 +127,44 @@ def test_the_jsonl_file_rotates_by_size_and_keeps_n_files(tmp_path: Path) -> Non
     assert (path.stat().st_mode & 0o777) == 0o600
 
 
+def _oldest_first(file: Path) -> int:
+    """``trail.jsonl.N`` (the highest N first) .. ``trail.jsonl.1``, then ``trail.jsonl``."""
+    rotated = file.name.removeprefix("trail.jsonl").lstrip(".")
+    return -int(rotated) if rotated else 0
+
+
+def test_writers_sharing_the_file_rotate_it_once_and_lose_no_line(tmp_path: Path) -> None:
+    # As the audit writers of the daemon and of each relay worker do: one sink
+    # each, one path, at the same time.
+    path = tmp_path / "trail.jsonl"
+    sessions = [f"s{n}" for n in range(4)]
+    failures: list[BaseException] = []
+
+    def write(session: str) -> None:
+        sink = JsonlFileSink(path, max_bytes=4096, keep=1000)
+        try:
+            for record in records(300, session):
+                sink.send([record])
+        except BaseException as exc:  # reported below, not lost in the thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=write, args=(s,)) for s in sessions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert failures == []
+    seen: dict[str, list[int]] = {s: [] for s in sessions}
+    for file in sorted(tmp_path.iterdir(), key=_oldest_first):
+        text = file.read_bytes()
+        assert len(text) <= 4096, file.name
+        for line in text.splitlines():
+            record = json.loads(line)
+            seen[record["session_id"]].append(record["seq"])
+    # Every line once, each session's in order: nothing rotated twice or overwritten.
+    assert seen == {s: list(range(1, 301)) for s in sessions}
+
+
 # --- the queue ------------------------------------------------------------------------
 
 
@@ -156,6 +199,81 @@ def test_a_full_queue_drops_new_records_counts_them_and_sends_the_rest_in_order(
     assert channel.sent == 3
 
 
+class GatedSink:
+    """Takes a batch for each permit given (:attr:`permits`)."""
+
+    name = "gated"
+
+    def __init__(self) -> None:
+        self.permits = threading.Semaphore(0)
+        self.entered = threading.Event()
+
+    def send(self, records: Sequence[dict[str, Any]]) -> None:
+        self.entered.set()
+        assert self.permits.acquire(timeout=10)
+
+    def close(self) -> None:
+        pass
+
+
+def test_each_overflow_of_a_slow_destination_is_logged_once() -> None:
+    sink = GatedSink()
+    channel = Channel(sink, queue_size=2)
+    sent = records(8)
+    with structlog.testing.capture_logs() as logs:
+        for taken, (first, rest) in ((2, (sent[0:1], sent[1:4])), (4, (sent[4:5], sent[5:8]))):
+            sink.entered.clear()
+            channel.offer(first)
+            assert sink.entered.wait(10)  # in flight alone, until a permit
+            channel.offer(rest)  # room for one: two dropped
+            channel.offer(rest[:1])  # one more dropped, the same overflow
+            sink.permits.release(2)  # the two batches: first, then rest[0]
+            assert wait_until(lambda taken=taken: channel.sent == taken)
+    channel.close(5)
+    dropped = [e for e in logs if e["event"] == "audit_export_dropped"]
+    # Once per overflow: the destination was never down, only slow.
+    assert [e["count"] for e in dropped] == [2, 2]
+    assert channel.dropped == 6 and channel.sent == 4
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+class DownSink:
+    name = "down"
+
+    def __init__(self) -> None:
+        self.attempts: list[float] = []
+
+    def send(self, records: Sequence[dict[str, Any]]) -> None:
+        self.attempts.append(time.monotonic())
+        raise ConnectionRefusedError("the collector is down")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_destination_that_is_down_is_retried_after_growing_pauses_not_at_each_offer() -> None:
+    sink = DownSink()
+    channel = Channel(sink, queue_size=1000)
+    for record in records(60):  # the journal reader committing a batch every 10 ms
+        channel.offer([record])
+        time.sleep(0.01)
+    tried = list(sink.attempts)
+    channel.close(0.1)
+    gaps = [after - before for before, after in itertools.pairwise(tried)]
+    assert gaps, tried
+    # 0.2 s, then 0.4 s, ... (each a lower bound: a loaded machine waits longer)
+    assert all(gap >= 0.2 * 2**n - 0.01 for n, gap in enumerate(gaps)), gaps
+    assert channel.sent == 0
+
+
 # --- syslog collectors ----------------------------------------------------------------
 
 
@@ -170,6 +288,27 @@ def test_records_reach_a_tcp_collector_once_in_order_with_session_and_seq() -> N
     assert [m.structured_data["pam@32473"]["seq"] for m in messages] == list("123456")
     assert {m.structured_data["pam@32473"]["session_id"] for m in messages} == {"s1"}
     assert [m.json()["sql"] for m in messages] == [f"select {n}" for n in range(5)] + ["select 0"]
+    assert receiver.connections == 1
+
+
+def test_a_collector_is_reached_from_a_descriptor_past_selects_limit() -> None:
+    # A process relaying many connections (the daemon with the audit writer in
+    # process) gives the collector's socket a descriptor above FD_SETSIZE (1024).
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1200:
+        pytest.skip("the descriptor limit is below 1200")
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with SyslogReceiver() as receiver:
+            sink = SyslogSink(LOOPBACK_HOST, receiver.port)
+            sink.send(records(1))
+            assert sink._sock is not None and sink._sock.fileno() >= 1024
+            sink.send(records(2)[1:])  # on the same connection, looked at first
+            messages = receiver.wait_for(2)
+            sink.close()
+    finally:
+        for fd in filler:
+            os.close(fd)
+    assert [m.json()["seq"] for m in messages] == [1, 2]
     assert receiver.connections == 1
 
 

@@ -141,9 +141,32 @@ def test_the_secret_and_the_config_are_what_the_gateway_reads(
     manifests: dict[str, dict[str, Any]],
 ) -> None:
     secret = manifests["Secret"]["stringData"]
-    assert {"master.key", "gateway-ca.crt", "gateway-ca.key.sealed", "PGPASSWORD"} <= set(secret)
+    # Every file the entrypoint copies from the Secret into the state directory,
+    # and every key the pods read from it.
+    entrypoint = (DEPLOY / "container" / "entrypoint.sh").read_text()
+    copied = re.search(r"^for name in (.+); do$", entrypoint, re.MULTILINE)
+    assert copied is not None
+    assert set(copied.group(1).split()) == {
+        "master.key",
+        "gateway-ca.crt",
+        "gateway-ca.key.sealed",
+        "gateway-server.crt",
+        "gateway-server.key.sealed",
+    }
+    assert set(copied.group(1).split()) <= set(secret)
+    [container] = manifests["Deployment"]["spec"]["template"]["spec"]["containers"]
+    read = {
+        e["valueFrom"]["secretKeyRef"]["key"]
+        for e in container.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert read == {"PGPASSWORD"}
+    assert read <= set(secret)
     settings = GatewaySettings.model_validate_json(manifests["ConfigMap"]["data"]["gateway.json"])
     assert settings.store_url.startswith("postgresql://")
+    # the store's CA, named in store_url, is a file of the Secret's volume
+    assert "sslrootcert=/run/secrets/pam/store-ca.crt" in settings.store_url
+    assert "store-ca.crt" in secret
     assert settings.api_host == "0.0.0.0"  # noqa: S104 (a pod serves its own address)
 
 
