@@ -51,7 +51,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gateway.access.admission import check_grant_request
 from gateway.access.changes import ChangesMadeElsewhere
 from gateway.access.connections import ConnectionRecords
-from gateway.access.failover import GrantTakeOver, handed_over
+from gateway.access.failover import GrantTakeOver, client_key, handed_over
 from gateway.access.grants import Grant, GrantState, format_time, is_live
 from gateway.access.ports import SessionRecord, SessionStore, StoreThread
 from gateway.audit.runtime import AuditRuntime
@@ -267,7 +267,7 @@ class GrantService(ChangesMadeElsewhere, GrantTakeOver):
         if bound_port:
             await self.db(self.store.set_session_port, session.id, bound_port)
         session = await self.db(self.store.get_session, session.id)
-        self._hold(session, listener, public_key)
+        self._hold(session, listener)
         log.info(
             "access_granted",
             session_id=session.id,
@@ -280,18 +280,15 @@ class GrantService(ChangesMadeElsewhere, GrantTakeOver):
         )
         return session
 
-    def _hold(
-        self,
-        session: SessionRecord,
-        listener: AccessListener,
-        public_key: ec.EllipticCurvePublicKey | None,
-    ) -> Grant:
+    def _hold(self, session: SessionRecord, listener: AccessListener) -> Grant:
         """*session*'s grant, held here from now: its door, its client certificate
-        (a tunnel grant's, for *public_key*), its expiry timer and heartbeat watch."""
+        (a tunnel grant's, for the client key its session stores), its expiry
+        timer and heartbeat watch."""
         grant = Grant(session, listener, last_heartbeat=time.monotonic())
-        if public_key is not None:
+        key = client_key(session)
+        if key is not None:
             assert self.pki is not None  # no tunnel grant without a CA
-            grant.certificate = self.pki.issue_grant(public_key, session.id, session.expires_at)
+            grant.certificate = self.pki.issue_grant(key, session.id, session.expires_at)
             grant.public_key = public_key_of(grant.certificate)
         self._schedule_expiry(grant)
         self._grants[session.id] = grant
@@ -587,9 +584,8 @@ class GrantService(ChangesMadeElsewhere, GrantTakeOver):
         """*session*'s expiry is *grant*'s: its listener, certificate and timer."""
         grant.session = session
         grant.listener.grant.expires_at = session.expires_at
-        if grant.public_key is not None and self.pki is not None:
-            key = serialization.load_der_public_key(grant.public_key)
-            assert isinstance(key, ec.EllipticCurvePublicKey)
+        key = client_key(session)
+        if key is not None and self.pki is not None:
             grant.certificate = self.pki.issue_grant(key, session.id, session.expires_at)
         self._schedule_expiry(grant)
 
