@@ -42,7 +42,7 @@ import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.access.grants import Grant, GrantState
+from gateway.access.grants import Grant, release
 from gateway.access.ports import SessionRecord, SessionStore, StoreThread
 from gateway.config import GatewaySettings
 from gateway.credentials.pki import GatewayPki, public_key_of
@@ -158,23 +158,21 @@ class GrantTakeOver:
         if self._grants.get(grant.session.id) is not grant:
             return
         self._grants.pop(grant.session.id, None)
-        if grant.expiry_task is not None:
-            grant.expiry_task.cancel()
-        grant.state = GrantState.ENDED
-        log.warning(
-            "access_moved_elsewhere",
-            session_id=grant.session.id,
-            holder=holder,
-            connections=len(grant.listener.connections),
-        )
-        grant.listener.end(
+        release(
+            grant,
             Termination(
                 ConnectionEndReason.GRANT_MOVED,
                 SqlState.ADMIN_SHUTDOWN,
                 f"terminating connection because access session {grant.session.id[:8]}"
                 f" moved to gateway {holder or 'unknown'}",
                 hint="reconnect: `pam db access` carries new connections there",
-            )
+            ),
+        )
+        log.warning(
+            "access_moved_elsewhere",
+            session_id=grant.session.id,
+            holder=holder,
+            connections=len(grant.listener.connections),
         )
         await grant.listener.close()
 

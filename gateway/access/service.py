@@ -701,16 +701,6 @@ class GrantService(ChangesMadeElsewhere, GrantTakeOver):
         sent = grant.listener.notify_live(notice)
         log.info("expiry_notice", session_id=session.id, lead_seconds=lead, connections=sent)
 
-    async def _moved_away(self, grant: Grant) -> bool:
-        """Whether another gateway took *grant* over (this one let go of it then)."""
-        if grant.session.client_public_key is None:
-            return False
-        stored = await self.db(self.store.get_session, grant.session.id)
-        if stored.holder_id in (None, self.gateway_id):
-            return False
-        await self._let_go(grant, stored.holder_id)
-        return True
-
     async def _watch_heartbeats(self) -> None:
         timeout = self.settings.heartbeat_timeout_seconds
         while True:
@@ -725,8 +715,12 @@ class GrantService(ChangesMadeElsewhere, GrantTakeOver):
                     continue
                 detail = f"the pam CLI holding the grant stopped responding for {timeout:g}s"
                 try:
-                    if await self._moved_away(grant):
-                        continue  # its CLI calls in to the gateway that took it over
+                    # What the store says of it first, as a change notification
+                    # would have it applied: one another gateway took over (its
+                    # CLI calls in there) or ended is not this one's to end.
+                    states = await self.db(self.store.grant_states, [grant.session.id])
+                    if await self.apply_stored(states):
+                        continue
                     await self.close_access(
                         grant.session.id, reason=SessionEndReason.CLIENT_ENDED, detail=detail
                     )
