@@ -707,3 +707,22 @@ def test_an_answer_with_an_error_status_is_not_failed_over() -> None:
     with ApiClient(FLEET, transport=httpx.MockTransport(answer)) as c, pytest.raises(ApiError):
         c.health()
     assert seen == ["a.example"]
+
+
+def test_a_gateway_that_connected_but_did_not_answer_is_not_failed_over() -> None:
+    """The request may have reached it (a POST may have been applied): it is not
+    sent again elsewhere, and the gateway in use stays."""
+    seen: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.host)
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    with ApiClient(FLEET, transport=httpx.MockTransport(answer)) as c:
+        with pytest.raises(ApiError) as raised:
+            c.heartbeat("s1")
+        assert c.endpoints.current == "https://a.example:7745"
+    assert (
+        raised.value.message == "the pam gateway at https://a.example:7745 did not answer in time"
+    )
+    assert seen == ["a.example"]
