@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from gateway.access.ports import SessionRecord
 from gateway.app.gateway import Gateway
@@ -159,6 +160,30 @@ async def test_a_silent_grant_taken_over_elsewhere_is_let_go_by_the_watchdog_not
     stored = a.store.get_session(session.id)
     assert (stored.ended_at, stored.holder_id) == (None, "gw-b")
     assert b.grants.live_ids() == [session.id]
+
+
+def _valid_until(certificate: bytes | None) -> datetime:
+    assert certificate is not None
+    return x509.load_pem_x509_certificate(certificate).not_valid_after_utc
+
+
+async def test_a_tunnel_grants_certificate_follows_each_extension_for_the_same_key(
+    fleet_pair: Pair,
+) -> None:
+    """Extended here or through the other gateway, the grant's certificate is
+    re-issued for its stored client key, valid until the new expiry."""
+    a, b = fleet_pair
+    session = await _open_tunnel_on(a)
+    grant = a.grants._grants[session.id]
+    key = grant.public_key
+    assert key is not None and pki.public_key_of(grant.certificate or b"") == key
+
+    here = await a.grants.extend(session.id, by_seconds=60, by="alice")
+    assert _valid_until(grant.certificate) == here.expires_at.replace(microsecond=0)
+    elsewhere = await b.grants.extend(session.id, by_seconds=60, by="alice")
+    await a.changes.reconcile()
+    assert _valid_until(grant.certificate) == elsewhere.expires_at.replace(microsecond=0)
+    assert pki.public_key_of(grant.certificate or b"") == key == grant.public_key
 
 
 async def test_a_revoke_through_the_other_gateway_cuts_the_grant_where_it_is_held(
