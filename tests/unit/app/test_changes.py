@@ -186,6 +186,34 @@ async def test_a_tunnel_grants_certificate_follows_each_extension_for_the_same_k
     assert pki.public_key_of(grant.certificate or b"") == key == grant.public_key
 
 
+async def test_a_grant_handed_over_at_shutdown_is_built_by_the_heir_at_its_reconcile(
+    fleet_pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = fleet_pair
+    for gateway in (a, b):  # as the daemon does at its start
+        gateway.store.register_gateway(gateway.settings.gateway_id, "https://gw.example", None)
+    session = await _open_tunnel_on(a)
+    local = await _open_on(a)
+    key = a.grants._grants[session.id].public_key
+
+    await a.grants.shutdown()  # a rolling restart: A stops first
+    handed = b.store.get_session(session.id)
+    assert (handed.ended_at, handed.holder_id) == (None, "gw-b")
+    assert b.store.get_session(local.id).end_reason == "gateway_shutdown"  # its door was A's
+
+    await b.changes.reconcile()
+    assert b.grants.live_ids() == [session.id]
+    assert b.grants._grants[session.id].public_key == key
+    # Once built, a reconcile reads back only what it holds, not the grant again
+    # as one to build.
+    read: list[list[str]] = []
+    states = b.store.grant_states
+    monkeypatch.setattr(b.store, "grant_states", lambda ids: read.append(list(ids)) or states(ids))
+    await b.changes.reconcile()
+    assert read == [[session.id]]
+    assert b.grants.live_ids() == [session.id]
+
+
 async def test_a_revoke_through_the_other_gateway_cuts_the_grant_where_it_is_held(
     pair: Pair,
 ) -> None:
