@@ -79,6 +79,11 @@ VERIFY_TIMEOUT: Final = 120.0
 ROTATION_TIMEOUT: Final = 120.0
 #: ``audit verify`` recomputes every chain in the store.
 AUDIT_VERIFY_TIMEOUT: Final = 600.0
+#: With another gateway to fail over to, how long connecting to one may take:
+#: well under the fleet's presence lease (15 s by default), so that a held
+#: grant's heartbeat reaches another gateway (which takes the grant over) before
+#: the sessions of a gateway whose host went silent are ended as its crash.
+FAILOVER_CONNECT_TIMEOUT: Final = 5.0
 
 
 def seg(value: str) -> str:
@@ -175,10 +180,12 @@ class ApiClient:
         self.config = config or active_profile()
         self.endpoints = endpoints or Endpoints.of(self.config)
         headers = {"Authorization": f"Bearer {self.config.token}"} if self.config.token else {}
+        elsewhere = len(self.endpoints.in_order()) > 1
+        connect = min(timeout, FAILOVER_CONNECT_TIMEOUT) if elsewhere else timeout
         self._http = httpx.Client(
             base_url=self.config.api_url,
             headers=headers,
-            timeout=timeout,
+            timeout=httpx.Timeout(timeout, connect=connect),
             trust_env=False,
             transport=transport,
             # A gateway's own CA, when the profile pins one; else the system's.

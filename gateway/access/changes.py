@@ -18,6 +18,8 @@ Invariants:
   told). A disabled principal's grant is ended here, as a local disable ends it.
 * An expiry moved elsewhere is taken under the grant's ``extending`` lock, so a
   local extension in flight is not undone.
+* The heartbeat watchdog applies what the store says of a silent grant the same
+  way before it ends one: a grant taken over elsewhere is let go, not ended.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Protocol
 
 import structlog
 
-from gateway.access.grants import Grant, GrantState, is_live
+from gateway.access.grants import Grant, is_live, release
 from gateway.access.ports import SessionRecord, SessionStore, StoredGrantState, StoreThread
 from gateway.net.relay import Termination
 from gateway.protocol.sqlstate import SqlState
@@ -107,10 +109,7 @@ class ChangesMadeElsewhere:
         session = await self.db(self.store.get_session, grant.session.id)
         if session.ended_at is None or not is_live(grant):
             return  # the read raced a local end
-        grant.listener.end(termination_of_end(session))
-        if grant.expiry_task is not None:
-            grant.expiry_task.cancel()
-        grant.state = GrantState.ENDED
+        release(grant, termination_of_end(session))
         grant.session = session
         log.info(
             "access_ended_elsewhere",

@@ -42,7 +42,7 @@ import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.access.grants import Grant, GrantState
+from gateway.access.grants import Grant, release
 from gateway.access.ports import SessionRecord, SessionStore, StoreThread
 from gateway.config import GatewaySettings
 from gateway.credentials.pki import GatewayPki, public_key_of
@@ -52,7 +52,7 @@ from gateway.net.relay import Termination
 from gateway.protocol.sqlstate import SqlState
 from gateway.reasons import ConnectionEndReason
 
-__all__ = ["GrantTakeOver", "handed_over", "stored_key_der"]
+__all__ = ["GrantTakeOver", "client_key", "handed_over", "stored_key_der"]
 
 log = structlog.get_logger(__name__)
 
@@ -74,23 +74,27 @@ class _GrantHolder(Protocol):
 
     async def _door(self, session: SessionRecord) -> AccessListener: ...
 
-    def _hold(
-        self,
-        session: SessionRecord,
-        listener: AccessListener,
-        public_key: ec.EllipticCurvePublicKey | None,
-    ) -> Grant: ...
+    def _hold(self, session: SessionRecord, listener: AccessListener) -> Grant: ...
 
     async def take_over(self, session_id: str) -> Grant | None: ...
 
     async def _take_over(self, session_id: str) -> Grant | None: ...
 
 
-def stored_key_der(session: SessionRecord) -> bytes | None:
-    """The DER SubjectPublicKeyInfo of a tunnel grant's stored client key."""
+def client_key(session: SessionRecord) -> ec.EllipticCurvePublicKey | None:
+    """A tunnel grant's client key as its session stores it (None: a local grant)."""
     if session.client_public_key is None:
         return None
     key = serialization.load_pem_public_key(session.client_public_key.encode())
+    assert isinstance(key, ec.EllipticCurvePublicKey)  # pki.check_csr admits no other
+    return key
+
+
+def stored_key_der(session: SessionRecord) -> bytes | None:
+    """The DER SubjectPublicKeyInfo of a tunnel grant's stored client key."""
+    key = client_key(session)
+    if key is None:
+        return None
     return key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -139,9 +143,7 @@ class GrantTakeOver:
         session, previous = await self.db(self.store.take_over_session, stored.id, me)
         if session.holder_id != me or session.ended_at is not None:
             return None  # ended or expired meanwhile
-        key = serialization.load_pem_public_key(stored.client_public_key.encode())
-        assert isinstance(key, ec.EllipticCurvePublicKey)
-        grant = self._hold(session, await self._door(session), key)
+        grant = self._hold(session, await self._door(session))
         log.warning(
             "access_taken_over",
             session_id=session.id,
@@ -156,23 +158,21 @@ class GrantTakeOver:
         if self._grants.get(grant.session.id) is not grant:
             return
         self._grants.pop(grant.session.id, None)
-        if grant.expiry_task is not None:
-            grant.expiry_task.cancel()
-        grant.state = GrantState.ENDED
-        log.warning(
-            "access_moved_elsewhere",
-            session_id=grant.session.id,
-            holder=holder,
-            connections=len(grant.listener.connections),
-        )
-        grant.listener.end(
+        release(
+            grant,
             Termination(
                 ConnectionEndReason.GRANT_MOVED,
                 SqlState.ADMIN_SHUTDOWN,
                 f"terminating connection because access session {grant.session.id[:8]}"
                 f" moved to gateway {holder or 'unknown'}",
                 hint="reconnect: `pam db access` carries new connections there",
-            )
+            ),
+        )
+        log.warning(
+            "access_moved_elsewhere",
+            session_id=grant.session.id,
+            holder=holder,
+            connections=len(grant.listener.connections),
         )
         await grant.listener.close()
 

@@ -17,6 +17,7 @@ from enum import StrEnum
 
 from gateway.access.ports import SessionRecord
 from gateway.net.listener import AccessListener
+from gateway.net.relay import Termination
 
 
 class GrantState(StrEnum):
@@ -53,3 +54,13 @@ def format_time(moment: datetime) -> str:
 def is_live(grant: Grant) -> bool:
     """Not ended, and not ending: an end sets the listener's refusal first."""
     return not grant.is_ended and grant.listener.refusal is None
+
+
+def release(grant: Grant, termination: Termination) -> None:
+    """Stop serving *grant* here without writing its session (the store says
+    what became of it: ended, or held by another gateway): its live connections
+    are cut with *termination* and its timer stopped."""
+    grant.listener.end(termination)
+    if grant.expiry_task is not None:
+        grant.expiry_task.cancel()
+    grant.state = GrantState.ENDED

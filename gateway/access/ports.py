@@ -11,7 +11,7 @@ event loop (one thread, so SQLite writes are serialised).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
@@ -157,6 +157,8 @@ class SessionStore(Protocol):
     ) -> tuple[SessionRecord, str | None]: ...
 
     def hand_over_session(self, session_id: str, gateway_id: str) -> str | None: ...
+
+    def grant_states(self, session_ids: Sequence[str]) -> Mapping[str, StoredGrantState]: ...
 
     def record_connections(
         self, changes: Sequence[ConnectionStart | ConnectionEnd]

@@ -51,7 +51,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gateway.access.admission import check_grant_request
 from gateway.access.changes import ChangesMadeElsewhere
 from gateway.access.connections import ConnectionRecords
-from gateway.access.failover import GrantTakeOver, handed_over
+from gateway.access.failover import GrantTakeOver, client_key, handed_over
 from gateway.access.grants import Grant, GrantState, format_time, is_live
 from gateway.access.ports import SessionRecord, SessionStore, StoreThread
 from gateway.audit.runtime import AuditRuntime
@@ -267,7 +267,7 @@ class GrantService(ChangesMadeElsewhere, GrantTakeOver):
         if bound_port:
             await self.db(self.store.set_session_port, session.id, bound_port)
         session = await self.db(self.store.get_session, session.id)
-        self._hold(session, listener, public_key)
+        self._hold(session, listener)
         log.info(
             "access_granted",
             session_id=session.id,
@@ -280,18 +280,15 @@ class GrantService(ChangesMadeElsewhere, GrantTakeOver):
         )
         return session
 
-    def _hold(
-        self,
-        session: SessionRecord,
-        listener: AccessListener,
-        public_key: ec.EllipticCurvePublicKey | None,
-    ) -> Grant:
+    def _hold(self, session: SessionRecord, listener: AccessListener) -> Grant:
         """*session*'s grant, held here from now: its door, its client certificate
-        (a tunnel grant's, for *public_key*), its expiry timer and heartbeat watch."""
+        (a tunnel grant's, for the client key its session stores), its expiry
+        timer and heartbeat watch."""
         grant = Grant(session, listener, last_heartbeat=time.monotonic())
-        if public_key is not None:
+        key = client_key(session)
+        if key is not None:
             assert self.pki is not None  # no tunnel grant without a CA
-            grant.certificate = self.pki.issue_grant(public_key, session.id, session.expires_at)
+            grant.certificate = self.pki.issue_grant(key, session.id, session.expires_at)
             grant.public_key = public_key_of(grant.certificate)
         self._schedule_expiry(grant)
         self._grants[session.id] = grant
@@ -587,9 +584,8 @@ class GrantService(ChangesMadeElsewhere, GrantTakeOver):
         """*session*'s expiry is *grant*'s: its listener, certificate and timer."""
         grant.session = session
         grant.listener.grant.expires_at = session.expires_at
-        if grant.public_key is not None and self.pki is not None:
-            key = serialization.load_der_public_key(grant.public_key)
-            assert isinstance(key, ec.EllipticCurvePublicKey)
+        key = client_key(session)
+        if key is not None and self.pki is not None:
             grant.certificate = self.pki.issue_grant(key, session.id, session.expires_at)
         self._schedule_expiry(grant)
 
@@ -705,16 +701,6 @@ class GrantService(ChangesMadeElsewhere, GrantTakeOver):
         sent = grant.listener.notify_live(notice)
         log.info("expiry_notice", session_id=session.id, lead_seconds=lead, connections=sent)
 
-    async def _moved_away(self, grant: Grant) -> bool:
-        """Whether another gateway took *grant* over (this one let go of it then)."""
-        if grant.session.client_public_key is None:
-            return False
-        stored = await self.db(self.store.get_session, grant.session.id)
-        if stored.holder_id in (None, self.gateway_id):
-            return False
-        await self._let_go(grant, stored.holder_id)
-        return True
-
     async def _watch_heartbeats(self) -> None:
         timeout = self.settings.heartbeat_timeout_seconds
         while True:
@@ -729,8 +715,12 @@ class GrantService(ChangesMadeElsewhere, GrantTakeOver):
                     continue
                 detail = f"the pam CLI holding the grant stopped responding for {timeout:g}s"
                 try:
-                    if await self._moved_away(grant):
-                        continue  # its CLI calls in to the gateway that took it over
+                    # What the store says of it first, as a change notification
+                    # would have it applied: one another gateway took over (its
+                    # CLI calls in there) or ended is not this one's to end.
+                    states = await self.db(self.store.grant_states, [grant.session.id])
+                    if await self.apply_stored(states):
+                        continue
                     await self.close_access(
                         grant.session.id, reason=SessionEndReason.CLIENT_ENDED, detail=detail
                     )

@@ -124,8 +124,14 @@ class ChangeFollower:
             log.info("grants_changed_elsewhere", count=changed)
 
     async def _adopt(self, session_ids: list[str]) -> None:
-        """Build the grants among *session_ids* the store says this gateway holds."""
-        states = await self.db(self.store.grant_states, session_ids)
+        """Build the grants among *session_ids* the store says this gateway
+        holds and it has not built yet (read only for those: a reconcile names
+        every tunnel grant held here)."""
+        held = set(self.grants.live_ids())
+        new = [session_id for session_id in session_ids if session_id not in held]
+        if not new:
+            return
+        states = await self.db(self.store.grant_states, new)
         mine = [
             session_id
             for session_id, state in states.items()

@@ -4,13 +4,14 @@ directory (SQLite store, master key, client config under a temporary path)."""
 from __future__ import annotations
 
 import json
+import socket
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from gateway.app.daemon import init_home
-from gateway.config import STORE_FILE
+from gateway.app.daemon import advertised_url, init_home
+from gateway.config import STORE_FILE, GatewaySettings
 from gateway.credentials.secretbox import SecretBox, load_master_key
 from gateway.errors import ConfigError
 from gateway.identity.hashing import token_digest
@@ -60,3 +61,20 @@ def test_init_force_refuses_a_disabled_admin_rather_than_write_a_dead_token(
     # The way back: another admin, made by whoever holds the state directory.
     init_home(home, api_port=7001, admin="boss2", force=True)
     assert local_principal(home, config) == "boss2"
+
+
+def test_the_advertised_url_is_the_setting_else_the_first_public_host_else_the_api_address() -> (
+    None
+):
+    """What `pam login` is told to fail over to: never an any-address."""
+    base = GatewaySettings(api_token_sha256="0" * 64, api_host="10.0.0.5", api_port=7745)
+    chosen = base.model_copy(update={"advertise_url": "https://pam.example/", "api_port": 1})
+    assert advertised_url(chosen, tls=False) == "https://pam.example"
+    named = base.model_copy(update={"public_hosts": ["gw-2.example", "10.0.0.5"]})
+    assert advertised_url(named, tls=True) == "https://gw-2.example:7745"
+    assert advertised_url(base, tls=False) == "http://10.0.0.5:7745"
+    v6 = base.model_copy(update={"api_host": "fd00::5"})
+    assert advertised_url(v6, tls=True) == "https://[fd00::5]:7745"
+    for anywhere in ("0.0.0.0", "::"):  # noqa: S104
+        everywhere = base.model_copy(update={"api_host": anywhere})
+        assert advertised_url(everywhere, tls=True) == f"https://{socket.getfqdn()}:7745"

@@ -16,10 +16,11 @@ import httpx
 import pytest
 from pydantic import BaseModel
 
+from cli import access as api_access
 from cli import client as api
 from cli.client import ApiClient, ApiError
 from gateway.app.api import models
-from gateway.config import ClientConfig
+from gateway.config import ClientConfig, GatewaySettings
 from gateway.credentials.verify import VerifyResult
 
 TOKEN = "t0ken-" + "x" * 32
@@ -707,3 +708,36 @@ def test_an_answer_with_an_error_status_is_not_failed_over() -> None:
     with ApiClient(FLEET, transport=httpx.MockTransport(answer)) as c, pytest.raises(ApiError):
         c.health()
     assert seen == ["a.example"]
+
+
+def test_a_gateway_that_connected_but_did_not_answer_is_not_failed_over() -> None:
+    """The request may have reached it (a POST may have been applied): it is not
+    sent again elsewhere, and the gateway in use stays."""
+    seen: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.host)
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    with ApiClient(FLEET, transport=httpx.MockTransport(answer)) as c:
+        with pytest.raises(ApiError) as raised:
+            c.heartbeat("s1")
+        assert c.endpoints.current == "https://a.example:7745"
+    assert (
+        raised.value.message == "the pam gateway at https://a.example:7745 did not answer in time"
+    )
+    assert seen == ["a.example"]
+
+
+def test_with_a_gateway_to_fail_over_to_connecting_gives_up_within_the_presence_lease() -> None:
+    """A silent host (no refusal) is left for the next gateway before the
+    fleet's presence lease lapses and its sessions end as its crash."""
+    with ApiClient(FLEET) as fleet, ApiClient(CONFIG) as alone:
+        assert fleet._http.timeout == httpx.Timeout(30.0, connect=api.FAILOVER_CONNECT_TIMEOUT)
+        assert alone._http.timeout == httpx.Timeout(30.0)
+    # A gateway dying just before renewing its lease leaves this long before
+    # another one ends its sessions: the CLI's next heartbeat and a connect
+    # attempt that gives up fit in it.
+    defaults = GatewaySettings(api_token_sha256="0" * 64)
+    window = defaults.presence_lease_seconds - defaults.presence_renew_seconds
+    assert window > api_access.HEARTBEAT_SECONDS + api.FAILOVER_CONNECT_TIMEOUT
