@@ -158,11 +158,11 @@ def gateway_run(
     workers: int | None,
 ) -> None:
     """Run the gateway daemon in the foreground (stops on SIGTERM/SIGINT)."""
-    from gateway.app import daemon
+    from gateway.app import daemon, runtime
     from gateway.app.logging import configure_logging
 
     configure_logging("json" if log_format == "json" else "console", log_level)
-    with asyncio.Runner(loop_factory=daemon.event_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=runtime.event_loop_factory()) as runner:
         runner.run(
             daemon.run(
                 _home(home),

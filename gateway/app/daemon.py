@@ -201,27 +201,6 @@ def adopt_legacy_token(store: Store, settings: GatewaySettings, home: Path) -> N
     save_settings(home, settings.model_copy(update={"api_token_sha256": None}))
 
 
-def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop when it is installed (``pip install 'pam-gateway[speed]'``), unless
-    ``PAM_EVENT_LOOP=asyncio``; None means the standard asyncio loop."""
-    choice = os.environ.get("PAM_EVENT_LOOP", "auto")
-    if choice not in ("auto", "uvloop", "asyncio"):
-        raise ConfigError(f"PAM_EVENT_LOOP must be auto, uvloop or asyncio, not {choice!r}")
-    if choice == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        if choice == "uvloop":
-            raise ConfigError(
-                "PAM_EVENT_LOOP=uvloop but uvloop is not installed",
-                hint="pip install 'pam-gateway[speed]'",
-            ) from None
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
-
-
 #: Tests of rotation only. ``..._EXIT_AT=STEP``: the daemon exits at once (as
 #: if killed) when a rotation reaches STEP (gateway.credentials.rotation's
 #: RotationStep). ``..._PAUSE_AT=STEP``: the rotation waits there until the file

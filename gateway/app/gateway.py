@@ -24,14 +24,12 @@ door opens (``grants.prepare``), dropped after it ends (``ephemeral.ended``).
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 import ssl
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Final
 
 import structlog
 
@@ -48,6 +46,7 @@ from gateway.access.service import GrantService
 from gateway.app.changes import ChangeFollower
 from gateway.app.metrics import GatewayMetrics, GatewayState
 from gateway.app.readiness import Readiness
+from gateway.app.runtime import StoreThread
 from gateway.audit.refusals import RefusalRecorder
 from gateway.audit.runtime import AuditRuntime
 from gateway.audit.sink import AuditSink
@@ -72,23 +71,6 @@ from gateway.store import Store
 from gateway.store.changes import ChangeTopic
 
 log = structlog.get_logger(__name__)
-
-T = TypeVar("T")
-
-
-class StoreThread:
-    """One worker thread for every store call: the event loop never blocks on
-    disk, and SQLite writes are serialised."""
-
-    def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="pam-store")
-
-    async def __call__(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
-
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=True)
 
 
 class Gateway:

@@ -39,9 +39,8 @@ import structlog
 from gateway.access.admission import Admission
 from gateway.access.connections import ConnectionRecords
 from gateway.access.host import ListenerHost
-from gateway.app.daemon import event_loop_factory
-from gateway.app.gateway import StoreThread
 from gateway.app.logging import configure_logging
+from gateway.app.runtime import StoreThread, event_loop_factory
 from gateway.audit.journal import JOURNAL_DIR
 from gateway.audit.refusals import RefusalRecorder
 from gateway.audit.runtime import AuditRuntime

@@ -25,7 +25,7 @@ from harness import unique
 
 import gateway.credentials.ephemeral.roles as roles_module
 from gateway.access.ports import SessionRecord
-from gateway.app.gateway import StoreThread
+from gateway.app.runtime import StoreThread
 from gateway.credentials.ephemeral import EphemeralRoles, EphemeralSettings
 from gateway.credentials.secretbox import SecretBox
 from gateway.credentials.targets import Credentials

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.app.gateway import StoreThread
+from gateway.app.runtime import StoreThread
 from gateway.audit.refusals import OVERFLOW_SOURCE, RefusalRecorder
 from gateway.credentials.secretbox import SecretBox
 from gateway.refusal import Refusal, RefusalPlace, RefusalReason

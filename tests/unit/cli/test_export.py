@@ -28,7 +28,7 @@ from cli.client import ApiClient
 from cli.export import ExportCounter
 from cli.main import cli
 from gateway.app.api import create_app, review_access
-from gateway.app.gateway import StoreThread
+from gateway.app.runtime import StoreThread
 from gateway.audit.records import AuditEvent, Parameter
 from gateway.audit.review import ExportWriter
 from gateway.config import ClientConfig

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.app.gateway import StoreThread
+from gateway.app.runtime import StoreThread
 from gateway.credentials.secretbox import SecretBox
 from gateway.notify import Notifier, RetryPolicy, Webhooks
 from gateway.notify.ports import Delivery, DeliveryState
