@@ -283,6 +283,8 @@ class _Holding:
                     continue
                 if state.get("ended_at"):
                     return state
+                if self.forwarder is not None:  # the tunnel goes where the heartbeats go
+                    self.forwarder.follow(self.client.endpoints.current)
                 self._update(state)
             for lead in self.expiry.due(datetime.now(UTC)):
                 self.view.expiring(self.state, lead)

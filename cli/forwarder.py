@@ -38,7 +38,7 @@ import ssl
 import struct
 import threading
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -79,6 +79,8 @@ class TunnelTarget:
     tls: ssl.SSLContext
     #: the name the gateway's server certificate must carry (the API's host)
     server_hostname: str
+    #: the control API of the gateway this tunnel belongs to (:meth:`Forwarder.follow`)
+    api_url: str | None = None
 
     @property
     def address(self) -> str:
@@ -203,14 +205,21 @@ class Forwarder:
         every tunnel connection opened from now on."""
         if self.key is None or self.ca_pem is None:
             raise ApiError("this forwarder keeps no key to renew its certificate with")
-        old = self.target
         # One reference swapped: _carry reads self.target once per connection.
-        self.target = TunnelTarget(
-            old.host,
-            old.port,
-            tunnel_client_context(cert_pem.encode(), self.key, self.ca_pem),
-            old.server_hostname,
+        self.target = replace(
+            self.target, tls=tunnel_client_context(cert_pem.encode(), self.key, self.ca_pem)
         )
+
+    def follow(self, api_url: str) -> None:
+        """The grant's heartbeats now reach the gateway at *api_url* (the CLI
+        failed over to it): carry new connections to that gateway's tunnel too,
+        so that heartbeats and tunnel never hold the grant at two gateways
+        (each would take it over from the other in turn). Blocking."""
+        if self.relocate is None or self.target.api_url in (None, api_url):
+            return
+        moved = self.relocate()
+        if moved is not None:
+            self.target = moved
 
     def stop(self) -> None:
         """Stop listening and close every carried connection."""
@@ -402,6 +411,7 @@ def open_tunnel_access(
         port=tunnel_port,
         tls=tunnel_client_context(cert.encode(), key, ca.encode()),
         server_hostname=api_host,
+        api_url=client.endpoints.current,
     )
 
     def relocate() -> TunnelTarget | None:
@@ -421,6 +431,7 @@ def open_tunnel_access(
             port=int(offer["tunnel_port"] or 0),
             tls=tunnel_client_context(offer["certificate"].encode(), key, ca.encode()),
             server_hostname=host,
+            api_url=own.endpoints.current,
         )
 
     forwarder = Forwarder(target, port=port or 0, key=key, ca_pem=ca.encode(), relocate=relocate)

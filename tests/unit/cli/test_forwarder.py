@@ -116,3 +116,46 @@ async def test_a_tunnel_that_refuses_tls_is_not_relocated(
         with pytest.raises(ssl.SSLError):
             await forwarder._open_or_fail_over(plain)
     assert asked == [] and forwarder.target is plain
+
+
+def test_the_tunnel_follows_the_gateway_the_heartbeats_reach(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    """Heartbeats failed over to B: new connections go to B's tunnel too (asked
+    once), so the two never hold the grant at two gateways; while they stay on
+    A, or the tunnel was set by hand (no API named), nothing is asked."""
+    at_a = TunnelTarget("127.0.0.1", 7001, contexts[1], "localhost", api_url="https://a:7745")
+    at_b = TunnelTarget("127.0.0.1", 7002, contexts[1], "localhost", api_url="https://b:7745")
+    asked: list[int] = []
+
+    def relocate() -> TunnelTarget | None:
+        asked.append(1)
+        return at_b
+
+    forwarder = Forwarder(at_a, relocate=relocate)
+    forwarder.follow("https://a:7745")
+    assert forwarder.target is at_a and asked == []
+    forwarder.follow("https://b:7745")
+    assert forwarder.target is at_b and asked == [1]
+    forwarder.follow("https://b:7745")
+    assert asked == [1]
+    by_hand = Forwarder(_target(7003, contexts[1]), relocate=relocate)
+    by_hand.follow("https://b:7745")
+    assert asked == [1] and by_hand.target.port == 7003
+
+
+def test_a_renewed_certificate_keeps_the_tunnel_and_its_gateway(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext], tmp_path: Path
+) -> None:
+    box = SecretBox(bytes(range(32)))
+    (tmp_path / "ca").mkdir()
+    ca = pki.ensure_pki(tmp_path / "ca", box, ())
+    key = pki.new_key()
+    cert = ca.sign_grant_csr(
+        pki.csr_for(key), "s-1", dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)
+    )
+    at_b = TunnelTarget("127.0.0.1", 7002, contexts[1], "localhost", api_url="https://b:7745")
+    forwarder = Forwarder(at_b, key=key, ca_pem=ca.ca_pem)
+    forwarder.renew(cert.decode())
+    assert (forwarder.target.address, forwarder.target.api_url) == (at_b.address, at_b.api_url)
+    assert forwarder.target.tls is not at_b.tls
