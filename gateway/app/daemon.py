@@ -419,7 +419,6 @@ async def run(
             advertised_url(
                 settings.model_copy(update={"api_port": sock.getsockname()[1]}), tls=tls
             ),
-            service.tunnel_port,
         )
         app = create_app(service)
         web.mount(app, service)  # the web console, under /ui/ (docs/web.md)

@@ -3,10 +3,10 @@ moving between gateways when a CLI fails over.
 
 Implements the store side of failover (``docs/operations.md``, "Failover"):
 
-* Each gateway writes its advertised control API URL and tunnel port at its
+* Each gateway writes its advertised control API URL at its
   start (:meth:`FleetStore.register_gateway`); :meth:`FleetStore.fleet_urls`
   lists those of the gateways present now (presence lease held), which
-  ``/v1/health`` hands to ``pam login``, so the CLI knows where else to go.
+  ``/v1/gateways`` hands to ``pam login``, so the CLI knows where else to go.
 * :meth:`FleetStore.take_over_session` moves a live grant's holder to the
   calling gateway, in one statement conditional on the session still being
   open, and announces the move in the same transaction: the previous holder,
@@ -37,7 +37,7 @@ from gateway.store.models import AccessSession
 from gateway.store.rows import session_row
 from gateway.store.schema import gateways, leases, sessions
 from gateway.store.sessions import session_of
-from gateway.store.validation import check_port, check_text, required_text
+from gateway.store.validation import check_text, required_text
 
 __all__ = ["FleetStore"]
 
@@ -54,24 +54,20 @@ def _present(now: datetime) -> Select[tuple[str]]:
 
 
 class FleetStore(StoreBase):
-    def register_gateway(self, gateway_id: str, api_url: str, tunnel_port: int | None) -> None:
+    def register_gateway(self, gateway_id: str, api_url: str) -> None:
         """Record (or update) where gateway *gateway_id* can be reached."""
         required_text("gateway_id", gateway_id)
         required_text("api_url", api_url)
-        if tunnel_port is not None:
-            check_port("tunnel_port", tunnel_port)
         now = self._now()
         with self._transaction(write=True) as conn:
             updated = conn.execute(
                 gateways.update()
                 .where(gateways.c.id == gateway_id)
-                .values(api_url=api_url, tunnel_port=tunnel_port, started_at=now)
+                .values(api_url=api_url, started_at=now)
             )
             if updated.rowcount == 0:
                 conn.execute(
-                    gateways.insert().values(
-                        id=gateway_id, api_url=api_url, tunnel_port=tunnel_port, started_at=now
-                    )
+                    gateways.insert().values(id=gateway_id, api_url=api_url, started_at=now)
                 )
 
     def fleet_urls(self) -> list[str]:

@@ -639,13 +639,12 @@ leases = Table(
 )
 
 #: The gateways of the fleet (revision 0018): each one's advertised control API
-#: URL and tunnel port, written at its start; ``pam login`` learns the fleet here.
+#: URL, written at its start; ``pam login`` learns the fleet here.
 gateways = Table(
     "gateways",
     metadata,
     Column("id", Text, primary_key=True),
     Column("api_url", Text, nullable=False),
-    Column("tunnel_port", Integer, nullable=True),
     Column("started_at", UtcTimestamp, nullable=False),
 )
 

@@ -198,7 +198,7 @@ async def test_a_grant_handed_over_at_shutdown_is_built_by_the_heir_at_its_recon
 ) -> None:
     a, b = fleet_pair
     for gateway in (a, b):  # as the daemon does at its start
-        gateway.store.register_gateway(gateway.settings.gateway_id, "https://gw.example", None)
+        gateway.store.register_gateway(gateway.settings.gateway_id, "https://gw.example")
     session = await _open_tunnel_on(a)
     local = await _open_on(a)
     key = a.grants._grants[session.id].public_key

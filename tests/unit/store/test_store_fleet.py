@@ -23,11 +23,11 @@ LEASE = PRESENCE_LEASE_SECONDS
 def test_the_fleet_is_the_gateways_present_in_the_order_they_started(
     store: Store, clock: FakeClock
 ) -> None:
-    store.register_gateway("gw-a", "https://a.example:7745", 7800)
+    store.register_gateway("gw-a", "https://a.example:7745")
     clock.advance(1)
-    store.register_gateway("gw-b", "https://b.example:7745", None)
+    store.register_gateway("gw-b", "https://b.example:7745")
     clock.advance(1)
-    store.register_gateway("gw-c", "https://c.example:7745", 7800)
+    store.register_gateway("gw-c", "https://c.example:7745")
     assert store.fleet_urls() == []  # none holds its lease yet
     for gw in ("gw-a", "gw-b", "gw-c"):
         renew_presence(store, gw)
@@ -36,15 +36,15 @@ def test_the_fleet_is_the_gateways_present_in_the_order_they_started(
         "https://b.example:7745",
         "https://c.example:7745",
     ]
-    store.register_gateway("gw-a", "https://a2.example:7745", 7800)  # restarted, moved
+    store.register_gateway("gw-a", "https://a2.example:7745")  # restarted, moved
     clock.advance(LEASE - 1)
     renew_presence(store, "gw-b")
     clock.advance(2)  # a's and c's leases lapsed, b renewed
     assert store.fleet_urls() == ["https://b.example:7745"]
     renew_presence(store, "gw-a")
     assert store.fleet_urls() == ["https://b.example:7745", "https://a2.example:7745"]
-    with pytest.raises(InvalidRequest, match="tunnel_port"):
-        store.register_gateway("gw-d", "https://d.example", 0)
+    with pytest.raises(InvalidRequest, match="api_url"):
+        store.register_gateway("gw-d", "")
 
 
 def test_a_take_over_moves_the_holder_and_keeps_the_sealed_opener(store: Store) -> None:
@@ -96,7 +96,7 @@ def test_a_stopping_gateway_hands_a_tunnel_grant_to_the_longest_running_other(
     store: Store, clock: FakeClock
 ) -> None:
     for gw in ("gw-a", "gw-b", "gw-c"):
-        store.register_gateway(gw, f"https://{gw}.example", 7800)
+        store.register_gateway(gw, f"https://{gw}.example")
         renew_presence(store, gw)
         clock.advance(1)
     tunnel = _tunnel_session(store, "gw-a")
@@ -112,8 +112,8 @@ def test_a_stopping_gateway_hands_a_tunnel_grant_to_the_longest_running_other(
 
 
 def test_no_hand_over_without_another_gateway_present(store: Store, clock: FakeClock) -> None:
-    store.register_gateway("gw-a", "https://a.example", 7800)
-    store.register_gateway("gw-b", "https://b.example", 7800)
+    store.register_gateway("gw-a", "https://a.example")
+    store.register_gateway("gw-b", "https://b.example")
     renew_presence(store, "gw-a")
     renew_presence(store, "gw-b")
     clock.advance(LEASE + 1)  # gw-b's lease lapsed (gw-a is the one asking)

@@ -19,8 +19,8 @@ Adds to ``sessions``:
   timeout, so a gateway taking the grant over cuts idle connections as the
   one that opened it did.
 
-And the table ``gateways``: each gateway's advertised control API URL and
-tunnel port, written at its start, so that ``pam login`` learns the fleet.
+And the table ``gateways``: each gateway's advertised control API URL,
+written at its start, so that ``pam login`` learns the fleet.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ def upgrade() -> None:
         "gateways",
         sa.Column("id", sa.Text(), primary_key=True),
         sa.Column("api_url", sa.Text(), nullable=False),
-        sa.Column("tunnel_port", sa.Integer(), nullable=True),
         sa.Column("started_at", _timestamp(), nullable=False),
     )
 
