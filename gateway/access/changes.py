@@ -47,7 +47,6 @@ class _GrantHolder(Protocol):
     db: StoreThread
     on_changed_elsewhere: Callable[[SessionRecord], None] | None
     _grants: dict[str, Grant]
-    _closing: bool
 
     async def _end_disabled(self, grant: Grant, detail: str) -> None: ...
 
@@ -91,8 +90,7 @@ class ChangesMadeElsewhere:
             if grant is None or not is_live(grant):
                 continue  # not ours, or already ending here
             if state.holder_id not in (None, self.gateway_id):
-                if not self._closing:  # else handed over by this one's shutdown
-                    await self._let_go(grant, state.holder_id)  # taken over (failover)
+                await self._let_go(grant, state.holder_id)  # taken over (failover)
             elif state.ended_at is not None:
                 await self._ended_elsewhere(grant)
             elif state.disabled_principal is not None:

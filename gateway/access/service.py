@@ -159,7 +159,11 @@ class GrantService(ChangesMadeElsewhere, GrantTakeOver):
         return len(grant.listener.connections) if grant else 0
 
     async def shutdown(self) -> None:
-        """Ordered: refuse new work, tell live clients why, record, then close."""
+        """Ordered: refuse new work, tell live clients why, record, then close.
+
+        The change follower is stopped before this (``Gateway.shutdown``) and the
+        watchdog first thing here: they are what applies a store change, so
+        nothing lets go of a grant this shutdown hands over."""
         self._closing = True
         if self._watchdog is not None:
             self._watchdog.cancel()
