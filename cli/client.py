@@ -182,8 +182,8 @@ class ApiClient:
         headers = {"Authorization": f"Bearer {self.config.token}"} if self.config.token else {}
         elsewhere = len(self.endpoints.in_order()) > 1
         connect = min(timeout, FAILOVER_CONNECT_TIMEOUT) if elsewhere else timeout
+        # No base URL: every call names its gateway (the one in use, :class:`Endpoints`).
         self._http = httpx.Client(
-            base_url=self.config.api_url,
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=connect),
             trust_env=False,

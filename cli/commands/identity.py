@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from cli.access import parse_duration
-from cli.client import ApiClient
+from cli.client import ApiClient, ApiError
 from cli.commands import api_client, json_option, read_password
 from cli.mfa import with_second_factor
 from cli.render import console, local_time, print_json, printable, table
@@ -88,9 +88,7 @@ def login(
             groups = done["groups"]
         gateway_id = client.health()["gateway_id"]
         signed_in = Profile(api_url=api_url, token=token, user=name, ca_cert=pem)
-        with ApiClient(signed_in) as fleet_client:
-            # The fleet's other gateways: where this CLI fails over to.
-            others = [url for url in fleet_client.fleet() if url.rstrip("/") != api_url]
+        others = _fleet_others(signed_in)
     path = save_profile(signed_in.model_copy(update={"gateway_id": gateway_id, "api_urls": others}))
     until = local_time(expires_at) if expires_at else "until revoked"
     member = f"; groups {', '.join(groups)}" if groups else ""
@@ -101,6 +99,22 @@ def login(
         f" {path}",
         markup=False,
     )
+
+
+def _fleet_others(signed_in: Profile) -> list[str]:
+    """The fleet's other gateways: where this CLI fails over to. A gateway that
+    cannot say (an older one) costs the failover, not the sign-in: its token is
+    issued already, so the profile is kept, with a warning."""
+    try:
+        with ApiClient(signed_in) as client:
+            return [url for url in client.fleet() if url.rstrip("/") != signed_in.api_url]
+    except ApiError as exc:
+        click.echo(
+            f"warning: the gateway did not list the other gateways ({exc.message});"
+            " this profile will not fail over",
+            err=True,
+        )
+        return []
 
 
 @click.command("logout")

@@ -203,3 +203,46 @@ def test_retire_is_a_step_of_its_own(step: str, tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert f"--retire is a step of its own: give it without {step}" in result.output
+
+
+@pytest.mark.parametrize("fleet_status", [200, 404])
+def test_login_keeps_the_fleet_and_a_gateway_that_cannot_list_it_costs_only_the_failover(
+    fleet_status: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token is issued before the fleet is asked for: a gateway without
+    ``/v1/gateways`` (an older one) still signs the user in, with a warning."""
+    from cli.commands import identity
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        route = (request.method, request.url.path)
+        if route == ("POST", "/v1/login"):
+            body = {"token": "s3ss10n", "user": "ann", "expires_at": None}
+            return httpx.Response(200, json=body)
+        if route == ("GET", "/v1/health"):
+            return httpx.Response(200, json={"gateway_id": "gw-a"})
+        if route == ("GET", "/v1/gateways") and fleet_status == 200:
+            return httpx.Response(200, json=["http://pam.test:7745", "http://b.test:7745"])
+        return httpx.Response(404, json={"error": {"type": "NotFound", "message": "not found"}})
+
+    class Mocked(ApiClient):
+        def __init__(self, config: Any = None, **kwargs: Any) -> None:
+            super().__init__(config, transport=httpx.MockTransport(answer), **kwargs)
+
+    monkeypatch.setattr(identity, "ApiClient", Mocked)
+    config = tmp_path / "client.json"
+    monkeypatch.setenv("PAM_CONFIG", str(config))
+    result = CliRunner().invoke(
+        cli,
+        ["login", "--gateway", "http://pam.test:7745", "--user", "ann", "--password-stdin"],
+        input="pw\n",
+        prog_name="pam",
+    )
+    assert result.exit_code == 0, result.output
+    saved = json.loads(config.read_text())
+    assert saved["token"] == "s3ss10n"
+    if fleet_status == 200:
+        assert saved["api_urls"] == ["http://b.test:7745"]
+        assert "fails over to http://b.test:7745" in result.stdout
+    else:
+        assert saved["api_urls"] == []
+        assert "this profile will not fail over" in result.stderr
