@@ -33,12 +33,9 @@ from typing import Final
 
 import structlog
 
-from gateway.access.admission import Admission
 from gateway.access.approvals import RequestService
 from gateway.access.authorization import Allowance, authorize_access
-from gateway.access.connections import ConnectionRecords
 from gateway.access.extension import authorize_extension, check_extension
-from gateway.access.host import ListenerHost
 from gateway.access.ports import SessionRecord
 from gateway.access.presence import Presence
 from gateway.access.requests import AccessRequest, ChangeKind, RequestState, StateChange
@@ -46,9 +43,7 @@ from gateway.access.service import GrantService
 from gateway.app.changes import ChangeFollower
 from gateway.app.metrics import GatewayMetrics, GatewayState
 from gateway.app.readiness import Readiness
-from gateway.app.runtime import StoreThread
-from gateway.audit.refusals import RefusalRecorder
-from gateway.audit.runtime import AuditRuntime
+from gateway.app.relaying import Relaying
 from gateway.audit.sink import AuditSink
 from gateway.audit.writer import AuditWriter
 from gateway.config import GatewaySettings
@@ -56,7 +51,6 @@ from gateway.credentials.ephemeral import EphemeralRoles, EphemeralSettings
 from gateway.credentials.pki import GatewayPki
 from gateway.credentials.rotation import RotationResult, Rotations
 from gateway.credentials.schedule import RotationScheduler, SchedulePlan
-from gateway.credentials.targets import Credentials
 from gateway.credentials.verify import VerifyResult, verify
 from gateway.errors import InvalidRequest, NotFound
 from gateway.identity.policy import Policy
@@ -87,16 +81,14 @@ class Gateway:
     ) -> None:
         self.store = store
         self.settings = settings
-        self.db = StoreThread()
-        self.credentials = Credentials(store, self.db)
-        self.audit = AuditRuntime(
-            store,
-            self.db,
-            settings,
-            sink=audit_sink,
-            journal_dir=journal_dir,
-            stored_secrets=lambda: self.credentials.stored_secrets,
-        )
+        relaying = Relaying.build(store, settings, sink=audit_sink, journal_dir=journal_dir)
+        self.relaying = relaying
+        self.db = relaying.db
+        self.credentials = relaying.credentials
+        self.audit = relaying.audit
+        #: every refused API call and grant connection, floods summarised
+        self.refusals = relaying.refusals
+        self.records = relaying.records
         #: this gateway's presence lease, and the recovery of gone gateways' sessions
         self.presence = Presence(
             store,
@@ -110,10 +102,6 @@ class Gateway:
             grace_seconds=settings.store_unreachable_grace_seconds,
             strict=settings.store_unreachable_strict,
         )
-        self.admission = Admission(checks=(self.audit.refusal, self.presence.refusal))
-        #: every refused API call and grant connection, floods summarised
-        self.refusals = RefusalRecorder(store, self.db, interval=settings.refusal_interval_seconds)
-        self.records = ConnectionRecords(store, self.db)
         #: the Prometheus metrics (``/metrics``), in a registry of this gateway's own
         self.metrics = GatewayMetrics(
             GatewayState(
@@ -123,18 +111,13 @@ class Gateway:
                 lease_age=self.presence.lease_age,
             )
         )
-        self.refusals.observer = self.metrics.refused
         #: the checks behind ``/readyz``
         self.readiness = Readiness(lambda: self.db(self.store.ping), self.presence, self.audit)
-        self.host = ListenerHost(
+        self.host = relaying.host(
             settings,
-            self.credentials,
-            self.audit,
-            self.admission,
-            self.records,
-            client_tls_context=client_tls_context,
-            on_refusal=self.refusals.refused,
-            connection_metrics=self.metrics,
+            self.metrics,
+            checks=(self.presence.refusal,),
+            client_tls=client_tls_context,
         )
         self.grants = GrantService(
             store, self.db, settings, self.host, self.records, self.audit, pki=pki
@@ -291,11 +274,7 @@ class Gateway:
         # This gateway's own sessions its previous run left: told now the notifier runs.
         await self._publish_ends(self.grants.recovered_at_start)
         self.requests.start()
-        if self.settings.audit_enabled:
-            await self.credentials.refresh()
-            await self.audit.start()
-            if self.audit.writer is not None:
-                self.audit.writer.on_written = self.metrics.audit_written
+        await self.relaying.start(self.settings, self.metrics)
         # This gateway's presence is announced (above), so that no other gateway
         # takes its rotations in flight for a gone gateway's; those a crash of it
         # left are settled in the background (until then a connection refused with
@@ -346,8 +325,7 @@ class Gateway:
             log.warning("credentials_change_not_announced", error=repr(exc))
 
     async def _refresh_local_secrets(self) -> None:
-        await self.credentials.refresh()
-        self.audit.secrets_changed()
+        await self.relaying.refresh_secrets()
         if self.on_secrets_refreshed is not None:
             self.on_secrets_refreshed()
 

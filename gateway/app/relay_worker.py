@@ -36,20 +36,15 @@ from typing import Any, Final
 
 import structlog
 
-from gateway.access.admission import Admission
-from gateway.access.connections import ConnectionRecords
-from gateway.access.host import ListenerHost
 from gateway.app.logging import configure_logging
-from gateway.app.runtime import StoreThread, event_loop_factory
+from gateway.app.relaying import Relaying
+from gateway.app.runtime import event_loop_factory
 from gateway.audit.journal import JOURNAL_DIR
-from gateway.audit.refusals import RefusalRecorder
-from gateway.audit.runtime import AuditRuntime
 from gateway.audit.sink import AuditSink
 from gateway.audit.stats import WriteStats
 from gateway.config import GatewaySettings, load_settings, store_url
 from gateway.credentials import keyring
 from gateway.credentials.secretbox import SecretBox
-from gateway.credentials.targets import Credentials
 from gateway.errors import GatewayError
 from gateway.net.fdchannel import FdChannel, Message
 from gateway.net.listener import AccessListener
@@ -137,41 +132,22 @@ class RelayWorker:
         self.settings = settings
         self.store = store
         self.channel = channel
-        self.db = StoreThread()
-        self.credentials = Credentials(store, self.db)
-        self.audit = AuditRuntime(
-            store,
-            self.db,
-            settings,
-            sink=sink,
-            journal_dir=journal_dir(home, index),
-            stored_secrets=lambda: self.credentials.stored_secrets,
+        self.relaying = Relaying.build(
+            store, settings, sink=sink, journal_dir=journal_dir(home, index)
         )
+        self.db = self.relaying.db
+        self.audit = self.relaying.audit
         self.audit.cut_live = self._cut_all
-        self.records = ConnectionRecords(store, self.db)
-        self.refusals = RefusalRecorder(store, self.db, interval=settings.refusal_interval_seconds)
+        self.records = self.relaying.records
+        self.refusals = self.relaying.refusals
         self.metrics = ForwardedMetrics(channel)
-        self.refusals.observer = self.metrics.refused
         cert, key = ensure_local_certificate(home)
-        self.host = ListenerHost(
-            settings,
-            self.credentials,
-            self.audit,
-            Admission(checks=(self.audit.refusal,)),
-            self.records,
-            client_tls_context=server_context(cert, key),
-            on_refusal=self.refusals.refused,
-            connection_metrics=self.metrics,
-        )
+        self.host = self.relaying.host(settings, self.metrics, client_tls=server_context(cert, key))
         self.doors: dict[str, AccessListener] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        if self.settings.audit_enabled:
-            await self.credentials.refresh()
-            await self.audit.start()
-            if self.audit.writer is not None:
-                self.audit.writer.on_written = self.metrics.audit_written
+        await self.relaying.start(self.settings, self.metrics)
         if self.box is not None:
             self._track(self._follow_master_key())
         self.channel.send({"op": "ready", "pid": os.getpid()})
@@ -297,8 +273,7 @@ class RelayWorker:
     async def _refresh_secrets(self) -> None:
         if self.box is not None:  # a secret sealed under a version just activated
             await self.db(keyring.follow, self.home, self.box, self.store)
-        await self.credentials.refresh()
-        self.audit.secrets_changed()
+        await self.relaying.refresh_secrets()
 
     def _cut_all(self, termination: Termination) -> None:
         for door in self.doors.values():
