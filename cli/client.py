@@ -731,6 +731,11 @@ class ApiClient:
                 raise self._failed(exc, [base]) from None
         raise self._failed(last, tried) from None
 
+    def probe(self, path: str) -> httpx.Response:
+        """A GET of a route outside the JSON API (``/metrics``, ``/readyz``),
+        answered as it is, whatever its status."""
+        return self._send(lambda base: self._http.get(base + path))
+
     @contextmanager
     def stream(self, path: str, **params: Any) -> Iterator[ExportStream]:
         """A GET whose answer is read as it arrives; a refusal is read whole and raised."""

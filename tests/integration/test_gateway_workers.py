@@ -22,10 +22,16 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import provision_gateway
-from harness import AccessProcess, Gateway, open_store, shared_store_pair, wait_for
+from conftest import APP_DATABASE, provision_gateway
+from harness import (
+    AccessProcess,
+    Gateway,
+    add_target,
+    open_store,
+    shared_store_pair,
+    wait_for,
+)
 from prometheus_client.parser import text_string_to_metric_families
-from test_gateways_shared_store import add_target
 
 from gateway.testing.pgcluster import PgRole, TempCluster
 
@@ -382,7 +388,7 @@ def test_metrics_and_readyz_count_the_workers_connections(gateway: Gateway) -> N
         )
         assert after["pam_connections_live"] >= len(conns)
         with gateway.api() as api:
-            ready = api._http.get("/readyz").json()
+            ready = api.probe("/readyz").json()
         assert ready["checks"]["workers"]["ok"] is True
         assert ready["checks"]["workers"]["detail"].startswith(f"{WORKERS} of {WORKERS} running")
     finally:
@@ -398,7 +404,7 @@ STATEMENTS = "pam_statements_relayed_total"
 def scrape(gw: Gateway) -> dict[str, float]:
     """Every sample of /metrics, by its name and labels as the text format writes them."""
     with gw.api() as api:
-        text = api._http.get("/metrics").text
+        text = api.probe("/metrics").text
     samples: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -460,7 +466,7 @@ def test_workers_relay_and_audit_on_a_postgresql_store(pg: TempCluster, tmp_path
     gw, _other = shared_store_pair(pg, tmp_path, {"workers": WORKERS})
     gw.start()
     try:
-        add_target(gw, pg)
+        add_target(gw, pg, "prod", APP_DATABASE, "workers")
         access = gw.access().wait_ready()
         session_id = session_id_of(gw, access)
         executed = run_clients(access.dsn(), clients=4, statements=10, tag="pg_store_workers")

@@ -14,10 +14,18 @@ from typing import Any
 
 import psycopg
 import pytest
+from conftest import APP_DATABASE
 from faultproxy import FaultProxy
-from harness import Gateway, connect_error, unique, wait_for
+from harness import (
+    FAST_PRESENCE,
+    Gateway,
+    add_target,
+    connect_error,
+    unique,
+    wait_for,
+    write_settings,
+)
 from prometheus_client.parser import text_string_to_metric_families
-from test_gateways_shared_store import FAST, add_target, write_settings
 
 from gateway.testing.net import free_port
 from gateway.testing.pgcluster import TempCluster
@@ -47,7 +55,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 def get(gw: Gateway, path: str) -> Any:
     with gw.api() as api:
-        return api._http.get(path)
+        return api.probe(path)
 
 
 def scrape(gw: Gateway) -> tuple[set[str], Samples]:
@@ -116,11 +124,11 @@ def test_readyz_names_the_store_and_the_lease_while_the_store_is_out_of_reach(
     url = pg.superuser_dsn(database).replace(f":{pg.port}/", f":{proxy.port}/", 1)
     gw = Gateway(tmp_path)
     gw.home.mkdir(parents=True, mode=0o700)
-    write_settings(gw, {**FAST, "store_url": url})
+    write_settings(gw, {**FAST_PRESENCE, "store_url": url})
     gw.cli("gateway", "init", "--force", "--api-port", str(free_port()))
     try:
         gw.start()
-        add_target(gw, pg)
+        add_target(gw, pg, "prod", APP_DATABASE, "metrics")
         wait_for(lambda: get(gw, "/readyz").status_code == 200)
         proxy.stall()
 
@@ -138,7 +146,10 @@ def test_readyz_names_the_store_and_the_lease_while_the_store_is_out_of_reach(
         assert get(gw, "/healthz").status_code == 200
         # The lease's age shows it too.
         _, samples = scrape(gw)
-        assert value(samples, "pam_presence_lease_age_seconds") > FAST["presence_lease_seconds"]
+        assert (
+            value(samples, "pam_presence_lease_age_seconds")
+            > FAST_PRESENCE["presence_lease_seconds"]
+        )
         proxy.resume()
         wait_for(lambda: get(gw, "/readyz").status_code == 200)
     finally:
