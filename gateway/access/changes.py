@@ -35,7 +35,7 @@ from gateway.net.relay import Termination
 from gateway.protocol.sqlstate import SqlState
 from gateway.reasons import ConnectionEndReason, SessionEndReason
 
-__all__ = ["ChangesMadeElsewhere", "termination_of_end"]
+__all__ = ["ChangesMadeElsewhere", "end_words", "termination_of_end"]
 
 log = structlog.get_logger(__name__)
 
@@ -159,11 +159,15 @@ def termination_of_end(session: SessionRecord) -> Termination:
             + (f" {session.end_detail}" if revoked else f" ended: {session.end_detail}"),
             hint="ask an administrator; request new access with `pam db access`",
         )
-    why = session.end_reason or "ended"
-    detail = f": {session.end_detail}" if session.end_detail else ""
     return Termination(
         ConnectionEndReason.SESSION_ENDED,
         SqlState.ADMIN_SHUTDOWN,
-        f"terminating connection because access session {short} was ended ({why}{detail})",
+        f"terminating connection because access session {short} was ended ({end_words(session)})",
         hint="request new access with `pam db access`",
     )
+
+
+def end_words(session: SessionRecord) -> str:
+    """How an ended session ended, for a person: its reason, and its detail if any."""
+    why = session.end_reason or "ended"
+    return f"{why}: {session.end_detail}" if session.end_detail else why

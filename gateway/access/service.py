@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.access.admission import check_grant_request
-from gateway.access.changes import ChangesMadeElsewhere
+from gateway.access.changes import ChangesMadeElsewhere, end_words
 from gateway.access.connections import ConnectionRecords
 from gateway.access.failover import GrantTakeOver, client_key, handed_over
 from gateway.access.grants import Grant, GrantState, format_time, is_live
@@ -364,12 +364,10 @@ class GrantService(ChangesMadeElsewhere, GrantTakeOver):
             session = None
         if session is None or session.id != grant_id:
             return _cert_refused("the client certificate names a grant this gateway does not have")
-        why = session.end_reason or "ended"
-        detail = f": {session.end_detail}" if session.end_detail else ""
         return Termination(
             ConnectionEndReason.SESSION_ENDED,
             SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
-            f"access session {grant_id[:8]} has ended ({why}{detail})",
+            f"access session {grant_id[:8]} has ended ({end_words(session)})",
             hint="request new access with `pam db access`",
         )
 
