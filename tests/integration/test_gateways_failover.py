@@ -36,6 +36,7 @@ from harness import (
     wait_for,
 )
 
+from cli.client import AccessJson, ApiClient
 from cli.forwarder import Forwarder, TunnelTarget
 from gateway.credentials import pki
 from gateway.store.models import AccessSession
@@ -102,6 +103,21 @@ def laptop_of(fleet: list[Gateway], tmp_path: Path) -> Gateway:
         "--password-stdin", input=PASSWORD + "\n",
     )  # fmt: skip
     return laptop
+
+
+def open_tunnel_grant(
+    client: ApiClient, key: pki.ec.EllipticCurvePrivateKey, reason: str
+) -> AccessJson:
+    """A ten-minute grant of prod/scram opened from "another host" (a CSR for
+    *key*): what `pam db access --tunnel` asks, without a CLI holding it."""
+    return client.open_access(
+        resource=RESOURCE,
+        account="scram",
+        duration_seconds=600,
+        port=None,
+        reason=reason,
+        csr=pki.csr_for(key),
+    )
 
 
 def stored(gw: Gateway, session_id: str) -> AccessSession:
@@ -237,14 +253,7 @@ def test_a_live_gateway_lets_go_of_a_grant_another_took_over(
     a, b, _c = fleet
     key = pki.new_key()
     with laptop.api() as client:
-        opened = client.open_access(
-            resource=RESOURCE,
-            account="scram",
-            duration_seconds=600,
-            port=None,
-            reason="take-over",
-            csr=pki.csr_for(key),
-        )
+        opened = open_tunnel_grant(client, key, "take-over")
         session_id = opened["id"]
         ca = str(opened["ca_cert_pem"]).encode()
         target = TunnelTarget(
@@ -366,14 +375,7 @@ def test_a_grant_handed_over_at_shutdown_is_built_and_watched_by_its_heir(
     ends it after the heartbeat timeout."""
     a, b, _c = fleet
     with laptop.api() as client:
-        opened = client.open_access(
-            resource=RESOURCE,
-            account="scram",
-            duration_seconds=600,
-            port=None,
-            reason="hand-over",
-            csr=pki.csr_for(pki.new_key()),
-        )
+        opened = open_tunnel_grant(client, pki.new_key(), "hand-over")
     session_id = opened["id"]
     assert a.stop() == 0
     assert any(
