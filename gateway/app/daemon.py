@@ -307,7 +307,12 @@ def _load_ca(home: Path, box: SecretBox) -> pki.GatewayPki | None:
 
 
 async def _start_tunnel(
-    home: Path, box: SecretBox, settings: GatewaySettings, service: Gateway, ca: pki.GatewayPki
+    home: Path,
+    box: SecretBox,
+    settings: GatewaySettings,
+    service: Gateway,
+    ca: pki.GatewayPki,
+    pool: WorkerPool | None,
 ) -> TunnelEndpoint:
     tunnel = TunnelEndpoint(
         tls=pki.tunnel_server_context(pki.load_server_identity(home, box), ca.ca_pem),
@@ -316,6 +321,7 @@ async def _start_tunnel(
         port=settings.tunnel_port,
         startup_timeout=settings.client_startup_timeout_seconds,
         on_refusal=service.refusals.refused,
+        relays=pool,
     )
     try:
         service.tunnel_port = await tunnel.start()
@@ -331,17 +337,17 @@ async def _start_tunnel(
 async def _start_workers(
     home: Path, settings: GatewaySettings, service: Gateway, log_format: str, log_level: str
 ) -> WorkerPool:
-    """Start the relay workers and make every grant's door hand connections to them.
-
-    A grant of an ephemeral account is relayed here: its role's password lives
-    only in this process's memory."""
+    """Start the relay workers and make every grant's door (and the tunnel, once
+    it starts) hand connections to them. A grant of an ephemeral account has its
+    role's target sent with each connection: it lives only in this process's memory."""
     pool = WorkerPool(
         home,
         settings.workers,
         log_format=log_format,
         log_level=log_level,
         metrics=service.metrics,
-        serves_here=lambda session_id: service.credentials.grant_target(session_id) is not None,
+        grant_target=service.credentials.grant_target,
+        admit_tunnel=service.grants.tunnel_door,
     )
     await pool.start()
     service.grants.relays = pool
@@ -410,7 +416,7 @@ async def run(
         if settings.workers > 1:
             pool = await _start_workers(home, settings, service, log_format, log_level)
         if ca is not None:
-            tunnel = await _start_tunnel(home, box, settings, service, ca)
+            tunnel = await _start_tunnel(home, box, settings, service, ca, pool)
         tls = settings.api_tls and ca is not None
         # Where CLIs can reach this gateway, so `pam login` tells them (failover).
         await service.db(

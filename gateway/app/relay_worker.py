@@ -11,11 +11,17 @@ connections the daemon hands it over the channel (an inherited Unix socket,
 ``--channel-fd``; see :mod:`gateway.app.workers` for the messages), each in a
 shadow door of its grant: an :class:`~gateway.net.listener.AccessListener`
 never started, so that ending, cutting, notices, idle limits and cancels work
-exactly as they do in the daemon.
+exactly as they do in the daemon. A tunnel socket comes before its TLS
+handshake: this process does the handshake (the gateway's tunnel certificate,
+the CA's check of the client's), asks the daemon which grant the certificate
+names (``admit``; failover's take-over happens there), and relays it in that
+grant's shadow door or answers the client with the daemon's refusal.
 
 Invariants:
 * The grants are the daemon's: this process never ends a session, it only ends
   connections when told to (or when the daemon is gone).
+* A grant's own upstream target (an ephemeral account's role) is held here from
+  its first connection until the daemon releases the grant.
 * It ignores SIGINT and SIGTERM (sent to the whole process group): the daemon
   stops it with ``shutdown`` once its grants' connections are over; if the
   daemon goes away (its channel closes) it ends every connection with 57P01,
@@ -26,9 +32,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -43,19 +51,22 @@ from gateway.audit.journal import JOURNAL_DIR
 from gateway.audit.sink import AuditSink
 from gateway.audit.stats import WriteStats
 from gateway.config import GatewaySettings, load_settings, store_url
-from gateway.credentials import keyring
+from gateway.credentials import keyring, pki
 from gateway.credentials.secretbox import SecretBox
 from gateway.errors import GatewayError
 from gateway.net.fdchannel import FdChannel, Message
 from gateway.net.listener import AccessListener
+from gateway.net.ports import GrantInfo
 from gateway.net.relay import Termination
 from gateway.net.relays import (
     cancel_from_json,
     cancel_to_json,
     grant_from_json,
+    target_from_json,
     termination_from_json,
 )
 from gateway.net.tls import ensure_local_certificate, server_context
+from gateway.net.tunnel import TunnelEndpoint
 from gateway.protocol.sqlstate import SqlState
 from gateway.protocol.startup import CancelRequest
 from gateway.reasons import ConnectionEndReason
@@ -74,6 +85,16 @@ SHUTDOWN: Final = Termination(
 SHUTDOWN_GRACE_SECONDS: Final = 3.0
 #: How long a cancel routed through the daemon may take to be placed.
 CANCEL_TIMEOUT_SECONDS: Final = 15.0
+#: How long a tunnel connection waits for the daemon to admit its certificate
+#: (a failover take-over reads and writes the store).
+ADMIT_TIMEOUT_SECONDS: Final = 30.0
+#: What a tunnel client hears when the daemon does not answer in time.
+NOT_ADMITTED: Final = Termination(
+    ConnectionEndReason.GATEWAY_SHUTDOWN,
+    SqlState.CANNOT_CONNECT_NOW,
+    "the pam gateway did not look this connection's grant up in time",
+    hint="reconnect; if it persists, see the gateway's log",
+)
 
 
 def journal_dir(home: Path, index: int) -> Path:
@@ -124,6 +145,7 @@ class RelayWorker:
         *,
         sink: AuditSink | None = None,
         box: SecretBox | None = None,
+        tunnel_tls: ssl.SSLContext | None = None,
     ) -> None:
         #: the master key ring, followed as the daemon's is (master key rotation)
         self.box = box
@@ -144,6 +166,10 @@ class RelayWorker:
         cert, key = ensure_local_certificate(home)
         self.host = self.relaying.host(settings, self.metrics, client_tls=server_context(cert, key))
         self.doors: dict[str, AccessListener] = {}
+        #: the tunnel's TLS (None: the gateway has no CA, so no tunnel)
+        self.tunnel_tls = tunnel_tls
+        #: tunnel connections waiting for the daemon's ``admitted``, by number
+        self._admissions: dict[int, asyncio.Future[AccessListener | Termination]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -171,6 +197,9 @@ class RelayWorker:
             op = message.get("op")
             if op == "conn" and len(fds) == 1:
                 self._serve_connection(message, fds[0])
+                continue
+            if op == "tunnel" and len(fds) == 1:
+                self._serve_tunnel(message, fds[0])
                 continue
             for fd in fds:
                 os.close(fd)
@@ -207,19 +236,106 @@ class RelayWorker:
             sock.close()
             log.error("relay_worker_message_malformed", op="conn", error=repr(exc))
             return
+        door = self._door(grant, message.get("target"))
+        task = door.serve_accepted(sock, number)
+        task.add_done_callback(lambda _t: self._gone(number))
+
+    def _door(self, grant: GrantInfo, target: Any) -> AccessListener:
+        """The grant's shadow door here, opened on its first connection (with
+        its own upstream target, when the daemon sent one)."""
+        if target is not None:
+            self.relaying.credentials.set_grant_target(grant.session_id, target_from_json(target))
         door = self.doors.get(grant.session_id)
         if door is None:
             door = AccessListener(
                 grant, self.host, cancel_elsewhere=self._cancel_elsewhere(grant.session_id)
             )
             self.doors[grant.session_id] = door
-        task = door.serve_accepted(sock, number)
-        task.add_done_callback(lambda _t: self.channel.send({"op": "gone", "number": number}))
+        return door
+
+    def _gone(self, number: int) -> None:
+        self.channel.send({"op": "gone", "number": number})
+
+    def _serve_tunnel(self, message: Message, fd: int) -> None:
+        sock = socket.socket(fileno=fd)
+        try:
+            number, client_addr = int(message["number"]), str(message["client"])
+        except (KeyError, TypeError, ValueError) as exc:
+            sock.close()
+            log.error("relay_worker_message_malformed", op="tunnel", error=repr(exc))
+            return
+        if self.tunnel_tls is None:  # the daemon has a tunnel only with a CA
+            sock.close()
+            self._gone(number)
+            log.error("relay_worker_no_tunnel_tls", worker=self.index)
+            return
+        endpoint = TunnelEndpoint(
+            tls=self.tunnel_tls,
+            admit=functools.partial(self._admit, number, client_addr),
+            startup_timeout=self.settings.client_startup_timeout_seconds,
+            on_refusal=self.refusals.refused,
+        )
+        self._track(self._tunnel(endpoint, sock, client_addr, number))
+
+    async def _tunnel(
+        self, endpoint: TunnelEndpoint, sock: socket.socket, client_addr: str, number: int
+    ) -> None:
+        task = None
+        try:
+            task = await endpoint.serve_accepted(sock, client_addr, number)
+        finally:
+            if task is None:
+                self._gone(number)  # refused (or failed): the daemon placed nothing
+            else:
+                task.add_done_callback(lambda _t: self._gone(number))
+
+    async def _admit(
+        self, number: int, client_addr: str, der: bytes | None
+    ) -> AccessListener | Termination:
+        """Ask the daemon which grant the tunnel peer's certificate names; its
+        answer arrives as ``admitted`` (see :meth:`_admitted`)."""
+        future: asyncio.Future[AccessListener | Termination] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._admissions[number] = future
+        message = {
+            "op": "admit",
+            "number": number,
+            "client": client_addr,
+            "der": None if der is None else der.hex(),
+        }
+        try:
+            if not self.channel.send(message):
+                return SHUTDOWN
+            async with asyncio.timeout(ADMIT_TIMEOUT_SECONDS):
+                return await future
+        except TimeoutError:
+            log.warning("tunnel_admit_timeout", worker=self.index, connection=number)
+            return NOT_ADMITTED
+        finally:
+            self._admissions.pop(number, None)
+
+    def _admitted(self, message: Message) -> None:
+        """The daemon's answer to a tunnel connection's ``admit``: its grant's
+        shadow door is opened now, in channel order, so a ``cut`` sent after
+        it finds the door."""
+        number = int(message["number"])
+        refusal = message.get("refusal")
+        outcome: AccessListener | Termination = (
+            termination_from_json(refusal)
+            if refusal is not None
+            else self._door(grant_from_json(message["grant"]), message.get("target"))
+        )
+        future = self._admissions.get(number)
+        if future is not None and not future.done():
+            future.set_result(outcome)
 
     def _handle(self, op: object, message: Message) -> None:
         session_id = str(message.get("session", ""))
         door = self.doors.get(session_id)
-        if op == "cut":
+        if op == "admitted":
+            self._admitted(message)
+        elif op == "cut":
             if door is not None:
                 termination = termination_from_json(message["termination"])
                 if message.get("ended"):
@@ -230,6 +346,7 @@ class RelayWorker:
             if door is not None:
                 door.notify_live(bytes.fromhex(message["notice"]))
         elif op == "release":
+            self.relaying.credentials.drop_grant_target(session_id)
             if door is not None:
                 self.doors.pop(session_id, None)
                 self._track(door.close(wait=0))
@@ -304,6 +421,7 @@ async def _run(home: Path, index: int, channel_fd: int, log_format: str, log_lev
     try:
         settings = load_settings(home)
         box = keyring.open_box(home)
+        tunnel_tls = _tunnel_tls(home, box)
         store = Store.open(
             store_url(home, settings), box, sqlite_synchronous=settings.store_sqlite_synchronous
         )
@@ -319,7 +437,9 @@ async def _run(home: Path, index: int, channel_fd: int, log_format: str, log_lev
         if settings.audit_enabled and settings.audit_writer_process
         else None
     )
-    worker = RelayWorker(index, settings, store, channel, home, sink=sink, box=box)
+    worker = RelayWorker(
+        index, settings, store, channel, home, sink=sink, box=box, tunnel_tls=tunnel_tls
+    )
     try:
         await worker.start()
         await worker.serve()
@@ -329,6 +449,15 @@ async def _run(home: Path, index: int, channel_fd: int, log_format: str, log_lev
         store.close()
     log.info("relay_worker_stopped", worker=index)
     return 0
+
+
+def _tunnel_tls(home: Path, box: SecretBox) -> ssl.SSLContext | None:
+    """The tunnel's server TLS, as the daemon builds it; None without a gateway CA."""
+    if not (home / pki.CA_CERT_FILE).exists():
+        return None
+    return pki.tunnel_server_context(
+        pki.load_server_identity(home, box), pki.load_ca_certificate(home)
+    )
 
 
 if __name__ == "__main__":

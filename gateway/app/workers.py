@@ -1,21 +1,27 @@
 """The relay worker pool: ``pam gateway run --workers N`` in the daemon's process.
 
 The daemon (the primary) keeps the control API, the grants (expiry, revocation,
-heartbeats), every grant's door with its accept loop and owner check, and the
-tunnel. It starts N relay worker processes (:mod:`gateway.app.relay_worker`) and
-hands each admitted connection's socket to the one relaying the fewest, over a
-Unix socketpair (:mod:`gateway.net.fdchannel`, SCM_RIGHTS): the equivalent of
-SO_REUSEPORT that also serves grants' ports opened at run time and Unix-socket
-grants. :class:`WorkerPool` implements :class:`~gateway.net.relays.RelayPool`.
+heartbeats, failover), every grant's door with its accept loop and owner check,
+and the tunnel's listener. It starts N relay worker processes
+(:mod:`gateway.app.relay_worker`) and hands each admitted connection's socket to
+the one relaying the fewest, over a Unix socketpair (:mod:`gateway.net.fdchannel`,
+SCM_RIGHTS): the equivalent of SO_REUSEPORT that also serves grants' ports opened
+at run time and Unix-socket grants. A tunnel socket is handed over before its TLS
+handshake; the worker asks the daemon to admit the certificate it got.
+:class:`WorkerPool` implements :class:`~gateway.net.relays.RelayPool` and
+:class:`~gateway.net.relays.TunnelRelays`.
 
-The messages, daemon to worker: ``conn`` (a socket, its grant and number),
+The messages, daemon to worker: ``conn`` (a socket, its grant and number, and
+the grant's own upstream target if it has one), ``tunnel`` (a tunnel socket and
+its number), ``admitted`` (the answer to ``admit``: the grant, or the refusal),
 ``cut`` (end or cut a grant's connections, with the Termination), ``notify``
 (an expiry notice), ``drain`` (answered once the grant's connections there are
 over, their ends recorded and their audit in the store), ``release``,
 ``cancel`` (answered with whether a connection there handed out the key),
-``refresh_secrets`` and ``shutdown``. Worker to daemon: ``ready``, ``gone`` (a
-connection is over), ``cancel`` (a key it cannot place, routed to the other
-workers), ``metric`` (connection counts for ``/metrics``) and ``reply``.
+``refresh_secrets`` and ``shutdown``. Worker to daemon: ``ready``, ``admit`` (a
+tunnel peer's certificate), ``gone`` (a connection is over), ``cancel`` (a key
+it cannot place, routed to the other workers), ``metric`` (connection counts
+for ``/metrics``) and ``reply``.
 
 Invariants:
 * A connection handed to a worker stays in its door's live set until that
@@ -23,6 +29,8 @@ Invariants:
   end cover it; a grant's session ends only after every worker drained it.
 * A worker that dies is logged and restarted; only its connections are gone
   (their clients reconnect), and its successor replays the journal it left.
+* ``admitted`` is a message, not a reply, so the worker opens the grant's
+  shadow door in channel order: a ``cut`` sent after it finds the door.
 * Workers ignore SIGINT and SIGTERM (sent to the whole process group): the
   daemon stops them in order, after its grants have ended their connections.
 """
@@ -33,7 +41,7 @@ import asyncio
 import contextlib
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -46,15 +54,20 @@ from gateway.audit.stats import WriteStats
 from gateway.errors import ConfigError
 from gateway.net.connection import LiveConnection
 from gateway.net.fdchannel import FdChannel, Message
+from gateway.net.listener import AccessListener
 from gateway.net.ports import GrantInfo
 from gateway.net.relay import Termination
 from gateway.net.relays import (
     cancel_from_json,
     cancel_to_json,
     grant_to_json,
+    target_to_json,
     termination_to_json,
 )
+from gateway.net.upstream import UpstreamTarget
+from gateway.protocol.sqlstate import SqlState
 from gateway.protocol.startup import CancelRequest
+from gateway.reasons import ConnectionEndReason
 
 log = structlog.get_logger(__name__)
 
@@ -77,6 +90,8 @@ class _Worker:
     pid: int | None = None
     #: connection number -> (the door's live set, the placeholder in it)
     handed: dict[int, tuple[set[LiveConnection], LiveConnection]] = field(default_factory=dict)
+    #: tunnel sockets handed over and not yet admitted (or refused), by number
+    tunnels: set[int] = field(default_factory=set)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
@@ -95,15 +110,19 @@ class WorkerPool:
         log_format: str = "json",
         log_level: str = "info",
         metrics: GatewayMetrics | None = None,
-        serves_here: Callable[[str], bool] = lambda _session_id: False,
+        grant_target: Callable[[str], UpstreamTarget | None] = lambda _session_id: None,
+        admit_tunnel: Callable[[bytes | None], Awaitable[AccessListener | Termination]]
+        | None = None,
     ) -> None:
         self.home = home
         self.log_format = log_format
         self.log_level = log_level
         self.metrics = metrics
-        #: grants whose connections the daemon relays itself (an ephemeral
-        #: account's role lives only in the daemon's memory)
-        self.serves_here = serves_here
+        #: a grant's own upstream target (an ephemeral account's role, held
+        #: in the daemon's memory), sent with each of its connections
+        self.grant_target = grant_target
+        #: the door of the grant a tunnel peer's certificate names, or its refusal
+        self.admit_tunnel = admit_tunnel
         self._workers = [_Worker(index) for index in range(1, count + 1)]
         self._closing = False
         self._supervisors: set[asyncio.Task[None]] = set()
@@ -116,6 +135,12 @@ class WorkerPool:
     def live_count(self) -> int:
         """Connections the workers relay (or are starting) right now."""
         return sum(len(w.handed) for w in self._workers)
+
+    def _least_busy(self) -> _Worker | None:
+        if self._closing:
+            return None
+        ready = [w for w in self._workers if w.is_ready]
+        return min(ready, key=lambda w: len(w.handed) + len(w.tunnels), default=None)
 
     def readiness(self) -> Check:
         """``/readyz``'s ``workers`` check: every worker running (one being
@@ -161,18 +186,34 @@ class WorkerPool:
         conn: LiveConnection,
         live: set[LiveConnection],
     ) -> bool:
-        if self._closing or self.serves_here(grant.session_id):
+        worker = self._least_busy()
+        if worker is None or worker.channel is None:
             return False
-        ready = [w for w in self._workers if w.is_ready]
-        if not ready:
-            return False
-        worker = min(ready, key=lambda w: len(w.handed))
-        assert worker.channel is not None
-        message = {"op": "conn", "grant": grant_to_json(grant), "number": conn.number}
+        message = {"op": "conn", "number": conn.number} | self._grant_message(grant)
         if not worker.channel.send(message, [sock.fileno()]):
             return False
         worker.handed[conn.number] = (live, conn)
         return True
+
+    def hand_off_tunnel(self, sock: socket.socket, client_addr: str, number: int) -> bool:
+        if self.admit_tunnel is None:
+            return False
+        worker = self._least_busy()
+        if worker is None or worker.channel is None:
+            return False
+        message = {"op": "tunnel", "number": number, "client": client_addr}
+        if not worker.channel.send(message, [sock.fileno()]):
+            return False
+        worker.tunnels.add(number)
+        return True
+
+    def _grant_message(self, grant: GrantInfo) -> Message:
+        """A grant as a worker gets it: with its own upstream target, if any."""
+        target = self.grant_target(grant.session_id)
+        message: Message = {"grant": grant_to_json(grant)}
+        if target is not None:
+            message["target"] = target_to_json(target)
+        return message
 
     def cut(self, session_id: str, termination: Termination, *, ended: bool) -> None:
         self._broadcast(
@@ -298,6 +339,7 @@ class WorkerPool:
         for live, conn in worker.handed.values():
             live.discard(conn)
         worker.handed.clear()
+        worker.tunnels.clear()
 
     async def _stop(self, worker: _Worker) -> None:
         process = worker.process
@@ -325,15 +367,50 @@ class WorkerPool:
     def _handle(self, worker: _Worker, message: Message) -> None:
         op = message.get("op")
         if op == "gone":
-            entry = worker.handed.pop(int(message["number"]), None)
+            number = int(message["number"])
+            worker.tunnels.discard(number)  # refused, or never admitted
+            entry = worker.handed.pop(number, None)
             if entry is not None:
                 entry[0].discard(entry[1])
+        elif op == "admit":
+            der = None if message.get("der") is None else bytes.fromhex(message["der"])
+            admit = self._admit(worker, int(message["number"]), str(message["client"]), der)
+            task = asyncio.create_task(admit)
+            worker.tasks.add(task)
+            task.add_done_callback(worker.tasks.discard)
         elif op == "cancel":
             task = asyncio.create_task(self._route_cancel(worker, message))
             worker.tasks.add(task)
             task.add_done_callback(worker.tasks.discard)
         elif op == "metric":
             self._metric(message)
+
+    async def _admit(
+        self, worker: _Worker, number: int, client_addr: str, der: bytes | None
+    ) -> None:
+        """A worker's tunnel connection *number*, its handshake done: the grant
+        its peer's certificate (*der*) names, its placeholder put in the door's
+        live set, or the refusal the worker answers the client with."""
+        assert self.admit_tunnel is not None
+        try:
+            outcome = await self.admit_tunnel(der)
+        except Exception as exc:  # a bug in a lookup must not leave the client waiting
+            log.error("tunnel_admit_failed", worker=worker.index, error=repr(exc))
+            outcome = _ADMIT_FAILED
+        if number not in worker.tunnels or worker.channel is None:
+            return  # the worker died, or gave up waiting: nothing to place
+        worker.tunnels.discard(number)
+        answer: Message = {"op": "admitted", "number": number}
+        if isinstance(outcome, AccessListener):
+            placed = outcome.admit_elsewhere(number, client_addr)
+            if isinstance(placed, LiveConnection):
+                worker.handed[number] = (outcome.connections, placed)
+                answer |= self._grant_message(outcome.grant)
+            else:
+                answer["refusal"] = termination_to_json(placed)
+        else:
+            answer["refusal"] = termination_to_json(outcome)
+        worker.channel.send(answer)
 
     async def _route_cancel(self, worker: _Worker, message: Message) -> None:
         """A worker's CancelRequest with a key none of its connections handed
@@ -368,5 +445,13 @@ class WorkerPool:
         elif kind == "refused":
             metrics.refusals.labels(str(message["place"]), str(message["reason"])).inc()
 
+
+#: what a worker's tunnel client hears when its admission failed unexpectedly
+_ADMIT_FAILED: Final = Termination(
+    ConnectionEndReason.ERROR,
+    SqlState.INTERNAL_ERROR,
+    "the pam gateway could not look up this connection's grant",
+    hint="try again; if it persists, see the gateway's log",
+)
 
 __all__ = ["WorkerPool"]

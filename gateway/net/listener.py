@@ -223,6 +223,25 @@ class AccessListener:
         self.connections.add(conn)  # until the worker says it is over
         return True
 
+    def admit_elsewhere(self, number: int, client_addr: str) -> LiveConnection | Termination:
+        """Admit a tunnel connection that a relay worker carries (its TLS and its
+        relay are the worker's): the FATAL it gets, if this door or the gateway
+        refuses it now, else its placeholder in the live set (as for a hand-off)."""
+        refusal = self.host.refusal()
+        if refusal is None and self.refusal is not None:
+            ended = self.refusal
+            refusal = Termination(
+                ConnectionEndReason.SESSION_ENDED,
+                SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
+                ended.message,
+                ended.hint,
+            )
+        if refusal is not None:
+            return refusal
+        conn = LiveConnection(number, client_addr, handed_off=True)
+        self.connections.add(conn)  # until the worker says it is over
+        return conn
+
     async def _check_owner(
         self, sock: socket.socket, bound: structlog.typing.FilteringBoundLogger
     ) -> tuple[Termination | None, int | None]:
@@ -242,12 +261,18 @@ class AccessListener:
         return owner_refusal(self.owner_uid, self._owner_name, uid), uid
 
     def serve_tunnelled(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client_addr: str
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        client_addr: str,
+        number: int | None = None,
     ) -> asyncio.Task[None]:
         """Serve a connection that came through the tunnel, as one of this door's own
         (same life, same live set, cut and cancelled the same way); ``client_addr``
-        is the tunnel's peer, the laptop, not a loopback forwarder."""
-        number = Acceptor.next_number()
+        is the tunnel's peer, the laptop, not a loopback forwarder. *number* is
+        the tunnel's for it (in a worker, the daemon's), else a new one."""
+        if number is None:
+            number = Acceptor.next_number()
         return self._doors.track(
             self._serve_streams(reader, writer, client_addr, number), number, kind="t"
         )

@@ -1,38 +1,49 @@
-"""Relays in other processes: the port a grant's door hands connections to, and
-the wire form of what crosses to a relay worker.
+"""Relays in other processes: the ports a grant's door and the tunnel hand
+connections to, and the wire form of what crosses to a relay worker.
 
 With ``--workers N`` the daemon keeps every grant's door (the accept loop, the
 owner check) and hands each accepted connection's socket to a relay worker
 process (``gateway.app.workers`` implements :class:`RelayPool`); the worker runs
-the connection's life in a shadow door of the same grant. Declared here, below
-the app that implements it, so dependencies point one way.
+the connection's life in a shadow door of the same grant. The tunnel's listener
+hands each accepted TCP socket over before its TLS handshake
+(:class:`TunnelRelays`): the worker does the handshake and the relay, and asks
+the daemon which grant the peer's certificate names. Declared here, below the
+app that implements it, so dependencies point one way.
 
 Invariants:
 * A door hands a connection off only while its grant is live and the gateway
   admits new connections; anything else (a refusal) is answered by the door
-  itself, in the daemon.
+  itself, in the daemon. A tunnel connection is admitted by the daemon under
+  the same rule, and refused by the worker with the daemon's answer.
 * What a door does to its live connections (end, cut, notify, wait, close) it
   also asks of the pool for the grant's connections in the workers.
+* A grant with an upstream target of its own (an ephemeral account's role) has
+  it sent with each connection (:func:`target_to_json`): the password crosses
+  only the daemon's socketpair with its own worker, never a log or a file.
 """
 
 from __future__ import annotations
 
 import socket
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from gateway.net.connection import LiveConnection
 from gateway.net.ports import GrantInfo
 from gateway.net.relay import Termination
+from gateway.net.upstream import SSL_MODES, SslMode, UpstreamTarget
 from gateway.protocol.startup import CancelRequest
 from gateway.reasons import ConnectionEndReason
 
 __all__ = [
     "RelayPool",
+    "TunnelRelays",
     "cancel_from_json",
     "cancel_to_json",
     "grant_from_json",
     "grant_to_json",
+    "target_from_json",
+    "target_to_json",
     "termination_from_json",
     "termination_to_json",
 ]
@@ -73,6 +84,16 @@ class RelayPool(Protocol):
     async def cancel(self, session_id: str, request: CancelRequest, *, source: str) -> bool:
         """Forward *request* to the backend of whichever worker's connection of
         the grant handed out its key; True if one did."""
+        ...
+
+
+class TunnelRelays(Protocol):
+    """Relay worker processes, as the tunnel's listener in the daemon sees them."""
+
+    def hand_off_tunnel(self, sock: socket.socket, client_addr: str, number: int) -> bool:
+        """Give an accepted tunnel socket (before its TLS handshake) to a worker;
+        False when none can take it (the daemon serves it itself). The caller
+        closes its copy."""
         ...
 
 
@@ -134,4 +155,36 @@ def grant_from_json(data: dict[str, Any]) -> GrantInfo:
         expires_at=datetime.fromisoformat(data["expires_at"]),
         idle_timeout_seconds=None if idle is None else float(idle),
         idle_policy=data.get("idle_policy"),
+    )
+
+
+def target_to_json(target: UpstreamTarget) -> dict[str, Any]:
+    """A grant's own upstream target, password included: for a worker's channel only."""
+    return {
+        "resource": target.resource,
+        "account": target.account,
+        "host": target.host,
+        "port": target.port,
+        "database": target.database,
+        "username": target.username,
+        "password": target.password,
+        "ssl_mode": target.ssl_mode,
+        "ca_cert": target.ca_cert,
+    }
+
+
+def target_from_json(data: dict[str, Any]) -> UpstreamTarget:
+    ca_cert, ssl_mode = data.get("ca_cert"), data["ssl_mode"]
+    if ssl_mode not in SSL_MODES:
+        raise ValueError(f"unknown ssl_mode {ssl_mode!r}")
+    return UpstreamTarget(
+        resource=str(data["resource"]),
+        account=str(data["account"]),
+        host=str(data["host"]),
+        port=int(data["port"]),
+        database=str(data["database"]),
+        username=str(data["username"]),
+        password=str(data["password"]),
+        ssl_mode=cast(SslMode, ssl_mode),
+        ca_cert=None if ca_cert is None else str(ca_cert),
     )

@@ -23,6 +23,12 @@ service) answers with that grant's door or with a refusal.
 
 TCP keepalives are on for every tunnel connection, so NAT and firewalls between
 the laptop and the gateway keep an idle one (a long ``pg_sleep``) open.
+
+With :attr:`TunnelEndpoint.relays` set (``--workers N``), the daemon's endpoint
+only accepts: each TCP socket goes to a relay worker before its handshake, and
+the worker's own endpoint (never started) runs :meth:`TunnelEndpoint.serve_accepted`
+with an ``admit`` that asks the daemon. TLS and the relay cost the worker's
+core, not the daemon's.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ import structlog
 from gateway.net.acceptor import Acceptor, listening_socket
 from gateway.net.client_startup import ClientStarted, read_tunnelled_startup
 from gateway.net.relay import READ_SIZE, Termination, close_writer
+from gateway.net.relays import TunnelRelays
+from gateway.protocol.sqlstate import SqlState
 from gateway.protocol.startup import CancelRequest
 from gateway.reasons import ConnectionEndReason
 from gateway.refusal import Refusal, RefusalPlace, RefusalReason, address_host
@@ -55,7 +63,11 @@ class TunnelDoor(Protocol):
     """What the tunnel hands an admitted connection to (an AccessListener)."""
 
     def serve_tunnelled(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client_addr: str
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        client_addr: str,
+        number: int | None = None,
     ) -> asyncio.Task[None]: ...
 
 
@@ -70,6 +82,20 @@ def enable_keepalive(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_SECONDS)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_SECONDS)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+
+
+def refusal_reason(refusal: Termination) -> RefusalReason:
+    """How a refused tunnel connection is recorded: its grant ended, its
+    certificate refused (28000, :attr:`ConnectionEndReason.ERROR`), or the
+    gateway refusing it (audit or store unavailable, or a lookup that failed)."""
+    if refusal.reason == ConnectionEndReason.SESSION_ENDED:
+        return RefusalReason.GRANT_ENDED
+    if (
+        refusal.reason == ConnectionEndReason.ERROR
+        and refusal.sqlstate == SqlState.INVALID_AUTHORIZATION_SPECIFICATION
+    ):
+        return RefusalReason.CERTIFICATE_REFUSED
+    return RefusalReason.GATEWAY_REFUSING
 
 
 def _address(peer: object) -> str:
@@ -91,13 +117,15 @@ class TunnelEndpoint:
     startup_timeout: float = 15.0
     #: told of every refused tunnel connection (the gateway records it)
     on_refusal: Callable[[Refusal], None] | None = None
+    #: relay worker processes to hand accepted sockets to (None: served here)
+    relays: TunnelRelays | None = None
     _doors: Acceptor = field(default_factory=lambda: Acceptor("tunnel"))
 
     async def start(self) -> int:
         sock = listening_socket(self.host, self.port)
         self.port = sock.getsockname()[1]
         self._doors.start(
-            sock, lambda client, address, _number: self._serve(client, _address(address))
+            sock, lambda client, address, number: self._serve(client, _address(address), number)
         )
         log.info("tunnel_listening", host=self.host, port=self.port)
         return self.port
@@ -107,10 +135,21 @@ class TunnelEndpoint:
         await self._doors.stop_accepting()
         await self._doors.cancel_after(0)
 
-    async def _serve(self, sock: socket.socket, client_addr: str) -> None:
+    async def _serve(self, sock: socket.socket, client_addr: str, number: int) -> None:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         enable_keepalive(sock)
+        if self.relays is not None and self.relays.hand_off_tunnel(sock, client_addr, number):
+            sock.close()  # the worker has its own copy
+            return
+        await self.serve_accepted(sock, client_addr, number)
+
+    async def serve_accepted(
+        self, sock: socket.socket, client_addr: str, number: int
+    ) -> asyncio.Task[None] | None:
+        """The TLS handshake, the admission and then the grant's door (the task
+        that serves the connection from there, returned) or the refusal (None)."""
+        sock.setblocking(False)
         bound = log.bind(tunnel_client=client_addr)
         try:
             reader, writer = await self._handshake(sock)
@@ -125,7 +164,7 @@ class TunnelEndpoint:
                 event="tunnel_handshake_refused",
             )
             sock.close()
-            return
+            return None
         ssl_object = writer.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         try:
@@ -133,19 +172,15 @@ class TunnelEndpoint:
         except Exception as exc:  # a bug in a lookup must not leave the socket open
             bound.error("tunnel_admit_failed", error=repr(exc))
             writer.transport.abort()
-            return
+            return None
         if isinstance(outcome, Termination):
             bound.debug("tunnel_refused", sqlstate=outcome.sqlstate, reason=outcome.message)
-            ended = outcome.reason == ConnectionEndReason.SESSION_ENDED
             self._refused(
-                RefusalReason.GRANT_ENDED if ended else RefusalReason.CERTIFICATE_REFUSED,
-                outcome.message,
-                client_addr,
-                event="tunnel_refused",
+                refusal_reason(outcome), outcome.message, client_addr, event="tunnel_refused"
             )
             await self._refuse(reader, writer, outcome, bound)
-            return
-        outcome.serve_tunnelled(reader, writer, client_addr)
+            return None
+        return outcome.serve_tunnelled(reader, writer, client_addr, number)
 
     def _refused(self, reason: RefusalReason, message: str, client_addr: str, event: str) -> None:
         if self.on_refusal is not None:
@@ -200,4 +235,4 @@ class TunnelEndpoint:
             await close_writer(writer)
 
 
-__all__ = ["Admit", "TunnelDoor", "TunnelEndpoint", "enable_keepalive"]
+__all__ = ["Admit", "TunnelDoor", "TunnelEndpoint", "enable_keepalive", "refusal_reason"]

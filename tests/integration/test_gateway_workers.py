@@ -5,12 +5,15 @@ Real daemon, real PostgreSQL, real clients. Connections land on both workers
 (their log lines carry the worker's pid), every statement executed is recorded
 exactly once and the chain verifies, a cancel reaches its backend whichever
 worker takes the CancelRequest, revocation and expiry cut connections on every
-worker with the FATAL naming why, a tunnel grant works, a killed worker ends
-only its own connections and is restarted, and SIGTERM stops everything in order.
+worker with the FATAL naming why, tunnel connections are relayed by the workers
+(which do their TLS, and refuse with the daemon's answer), an ephemeral
+account's grant is relayed by them too, a killed worker ends only its own
+connections and is restarted, and SIGTERM stops everything in order.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 import signal
@@ -23,16 +26,21 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import APP_DATABASE, provision_gateway
+from ephemeral_setup import prepared, role_exists
 from harness import (
     AccessProcess,
     Gateway,
     add_target,
+    connect_error,
     open_store,
     shared_store_pair,
     wait_for,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from cli.forwarder import Forwarder, TunnelTarget
+from gateway.credentials import pki
+from gateway.credentials.secretbox import SecretBox
 from gateway.testing.pgcluster import PgRole, TempCluster
 
 pytestmark = pytest.mark.integration
@@ -288,11 +296,141 @@ def test_a_tunnel_grant_works_with_workers(gateway: Gateway) -> None:
     try:
         with psycopg.connect(access.dsn(), autocommit=True) as conn:
             assert conn.execute("select 40 + 2 as tunnelled").fetchone() == (42,)
+            assert connection_worker(gateway, conn) in worker_pids(gateway)
         session_id = session_id_of(gateway, access)
     finally:
         access.stop()
     recorded = [sql for sql in recorded_statements(gateway, session_id) if "tunnelled" in sql]
     assert recorded == ["select 40 + 2 as tunnelled"]
+
+
+@pytest.fixture
+def forwarders() -> Iterator[list[Forwarder]]:
+    made: list[Forwarder] = []
+    yield made
+    for forwarder in made:
+        forwarder.stop()
+
+
+def tunnel_grant(
+    gw: Gateway, made: list[Forwarder], key: pki.ec.EllipticCurvePrivateKey, cert: str | None = None
+) -> tuple[str, int]:
+    """A grant of prod/scram for *key* (a CSR, as `pam db access --tunnel` sends)
+    and a forwarder to the daemon's tunnel presenting its certificate (or *cert*);
+    the grant's id and the forwarder's port."""
+    with gw.api() as api:
+        opened = api.open_access(
+            resource="prod",
+            account="scram",
+            duration_seconds=600,
+            port=None,
+            reason="tunnel through workers",
+            csr=pki.csr_for(key),
+        )
+    ca = str(opened["ca_cert_pem"]).encode()
+    presented = (cert or str(opened["certificate"])).encode()
+    target = TunnelTarget(
+        "127.0.0.1",
+        int(str(opened["tunnel_port"])),
+        pki.tunnel_client_context(presented, key, ca),
+        "localhost",
+    )
+    forwarder = Forwarder(target)
+    made.append(forwarder)
+    return str(opened["id"]), forwarder.start()
+
+
+def test_tunnel_connections_are_relayed_by_both_workers_and_end_with_their_grant(
+    gateway: Gateway, pg_roles: Mapping[str, PgRole], forwarders: list[Forwarder]
+) -> None:
+    """The daemon only accepts a tunnel connection: a worker does its TLS
+    handshake, asks the daemon which grant its certificate names, relays and
+    records it, and cuts it when the grant ends elsewhere."""
+    session_id, port = tunnel_grant(gateway, forwarders, pki.new_key())
+    user = pg_roles["scram"].name
+    dsn = f"host=127.0.0.1 port={port} user={user} dbname={APP_DATABASE} sslmode=disable"
+    conns = connections_on_both_workers(gateway, dsn, 4)
+    executed = []
+    try:
+        for number, conn in enumerate(conns):
+            sql = f"select {number} as through_the_tunnel"
+            assert conn.execute(sql).fetchone() == (number,)
+            executed.append(sql)
+        who = gateway.cli_json("whoami")["name"]
+        gateway.cli("sessions", "revoke", session_id[:8], "--reason", "INC-4711")
+        for conn in conns:
+            with pytest.raises(psycopg.errors.AdminShutdown) as cut:
+                conn.execute("select 2")
+            assert f"was revoked by {who}: INC-4711" in str(cut.value)
+    finally:
+        for conn in conns:
+            conn.close()
+    # A new connection with the ended grant's certificate: the worker answers
+    # the startup inside the tunnel with the daemon's refusal, and records it.
+    error = connect_error(port, user, APP_DATABASE)
+    assert (error.severity, error.sqlstate) == ("FATAL", "28000")
+    assert f"{session_id[:8]} was revoked by {who}: INC-4711" in error.message
+    refused = [
+        r
+        for r in gateway.cli_json("audit", "refusals")
+        if (r["place"], r["reason"]) == ("tunnel", "grant_ended") and session_id[:8] in r["message"]
+    ]
+    assert refused, gateway.cli_json("audit", "refusals")
+    with open_store(gateway) as store:
+        recorded = [
+            str(r.sql)
+            for r in store.list_audit(session_id, kinds=["statement"])
+            if "through_the_tunnel" in str(r.sql)
+        ]
+        assert store.verify_audit(session_id) == []
+        connections = store.list_connections(session_id)
+    assert sorted(recorded) == sorted(executed)
+    assert len(connections) == len(conns)
+    assert {c.end_reason for c in connections} == {"session_ended"}
+    assert all(c.client_addr.startswith("127.0.0.1") for c in connections)
+
+
+def test_a_certificate_of_another_ca_is_refused_by_the_worker_that_took_it(
+    gateway: Gateway, pg_roles: Mapping[str, PgRole], forwarders: list[Forwarder], tmp_path: Path
+) -> None:
+    """The TLS handshake is the worker's: it refuses what the gateway CA did not
+    sign (the grant id it names does not matter), and the client hears 28000."""
+    key = pki.new_key()
+    other = pki.ensure_pki(tmp_path, SecretBox(bytes(32)), ())
+    forged = other.issue_grant(
+        key.public_key(), "0" * 32, dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    )
+    _session_id, port = tunnel_grant(gateway, forwarders, key, forged.decode())
+    error = connect_error(port, pg_roles["scram"].name, APP_DATABASE)
+    assert (error.severity, error.sqlstate) == ("FATAL", "28000")
+    refused = wait_for(
+        lambda: [
+            e
+            for e in gateway.log_events()
+            if e.get("event") == "tunnel_handshake_refused" and "worker_pid" in e
+        ],
+        timeout=WAIT_SECONDS,
+    )
+    assert int(refused[0]["worker_pid"]) in worker_pids(gateway)
+
+
+def test_an_ephemeral_accounts_grant_is_relayed_by_the_workers(
+    gateway: Gateway, pg: TempCluster
+) -> None:
+    """A grant's own role lives in the daemon's memory; its target goes to the
+    worker with each connection, and the role still goes with the grant."""
+    prepared(gateway, pg)
+    access = gateway.access(account="eph").wait_ready()
+    role = access.user
+    conns = connections_on_both_workers(gateway, access.dsn(), WORKERS)
+    try:
+        for conn in conns:
+            assert conn.execute("select current_user").fetchone() == (role,)
+    finally:
+        for conn in conns:
+            conn.close()
+    access.stop()
+    wait_for(lambda: not role_exists(pg, role), timeout=WAIT_SECONDS)
 
 
 def test_a_killed_worker_ends_only_its_connections_and_is_restarted(gateway: Gateway) -> None:

@@ -180,3 +180,24 @@ async def test_a_shadow_door_asks_the_daemon_to_place_a_cancel() -> None:
     assert asked == [7, 8]
     [refused] = host.refused_calls
     assert refused.reason is RefusalReason.UNKNOWN_CANCEL_KEY
+
+
+def test_a_tunnel_connection_a_worker_carries_is_admitted_as_a_placeholder() -> None:
+    listener = door(FakePool())
+    placed = listener.admit_elsewhere(7, "192.0.2.10:50000")
+    assert isinstance(placed, LiveConnection)
+    assert (placed.number, placed.client_addr, placed.handed_off) == (7, "192.0.2.10:50000", True)
+    assert placed in listener.connections  # counted and waited for until the worker lets go
+
+
+def test_a_tunnel_connection_to_an_ended_grant_or_a_refusing_gateway_is_refused() -> None:
+    refusing = Termination(ConnectionEndReason.STORE_UNAVAILABLE, "57P03", "store unreachable")
+    assert door(FakePool(), Host(refusing)).admit_elsewhere(1, "x") is refusing
+    ended = door(FakePool())
+    ended.end(Termination(ConnectionEndReason.EXPIRED, "57P01", "expired at noon", "renew"))
+    refusal = ended.admit_elsewhere(2, "x")
+    # Worded as the end, recorded as the grant's end (tunnel.refusal_reason).
+    assert refusal == Termination(
+        ConnectionEndReason.SESSION_ENDED, "28000", "expired at noon", "renew"
+    )
+    assert not ended.connections
