@@ -25,6 +25,7 @@ import pytest
 from faultproxy import FaultProxy
 from harness import Gateway, write_settings
 
+from cli.forwarder import Forwarder
 from gateway.testing.pgcluster import PasswordEncryption, PgRole, PostgresNotInstalled, TempCluster
 
 APP_DATABASE = "appdb"
@@ -195,3 +196,12 @@ def fault_proxy() -> Iterator[Callable[[str, int], FaultProxy]]:
     finally:
         for proxy in started:
             proxy.stop()
+
+
+@pytest.fixture
+def forwarders() -> Iterator[list[Forwarder]]:
+    """Tunnel forwarders a test starts (harness.forward_tunnel), stopped after it."""
+    made: list[Forwarder] = []
+    yield made
+    for forwarder in made:
+        forwarder.stop()

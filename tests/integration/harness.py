@@ -30,7 +30,9 @@ from typing import Any, TypeVar
 import psycopg
 
 from cli.client import ApiClient, ApiError
+from cli.forwarder import Forwarder, TunnelTarget
 from gateway.config import MASTER_KEY_FILE, load_client_config, load_settings, store_url
+from gateway.credentials import pki
 from gateway.credentials.secretbox import SecretBox, load_master_key
 from gateway.store import Store
 from gateway.testing.net import child_pids, free_port
@@ -641,3 +643,21 @@ def psql(access: AccessProcess, *commands: str) -> subprocess.CompletedProcess[s
     for command in commands:
         args += ["-c", command]
     return subprocess.run(args, capture_output=True, text=True, timeout=STARTUP_TIMEOUT)
+
+
+def forward_tunnel(
+    made: list[Forwarder],
+    cert_pem: bytes,
+    key: pki.ec.EllipticCurvePrivateKey,
+    ca_pem: bytes,
+    port: int,
+) -> int:
+    """A forwarder, as `pam db access --tunnel` runs one, to the tunnel on
+    127.0.0.1:*port* presenting *cert_pem*; its local port. It goes in *made*
+    (the ``forwarders`` fixture stops them)."""
+    target = TunnelTarget(
+        "127.0.0.1", port, pki.tunnel_client_context(cert_pem, key, ca_pem), "localhost"
+    )
+    forwarder = Forwarder(target)
+    made.append(forwarder)
+    return forwarder.start()

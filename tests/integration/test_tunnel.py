@@ -12,14 +12,13 @@ import signal
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from harness import Gateway, connect_error, wait_for
+from harness import Gateway, connect_error, forward_tunnel, wait_for
 
-from cli.forwarder import Forwarder, TunnelTarget
+from cli.forwarder import Forwarder
 from gateway.credentials import pki
 from gateway.credentials.secretbox import SecretBox
 from gateway.protocol.sqlstate import SqlState
@@ -54,29 +53,6 @@ def _open_with_key(
                 csr=pki.csr_for(key),
             )
         )
-
-
-@pytest.fixture
-def forwarders() -> Iterator[list[Forwarder]]:
-    made: list[Forwarder] = []
-    yield made
-    for forwarder in made:
-        forwarder.stop()
-
-
-def _forward(
-    made: list[Forwarder],
-    cert_pem: bytes,
-    key: pki.ec.EllipticCurvePrivateKey,
-    ca_pem: bytes,
-    port: int,
-) -> int:
-    target = TunnelTarget(
-        "127.0.0.1", port, pki.tunnel_client_context(cert_pem, key, ca_pem), "localhost"
-    )
-    forwarder = Forwarder(target)
-    made.append(forwarder)
-    return forwarder.start()
 
 
 def _session_connections(gateway: Gateway, session_id: str) -> list[dict[str, object]]:
@@ -171,7 +147,7 @@ def test_an_expired_grants_certificate_gets_the_fatal_naming_the_expiry(
     key = pki.new_key()
     session = _open_with_key(gateway, key, seconds=2)
     cert, ca = str(session["certificate"]).encode(), str(session["ca_cert_pem"]).encode()
-    port = _forward(forwarders, cert, key, ca, int(str(session["tunnel_port"])))
+    port = forward_tunnel(forwarders, cert, key, ca, int(str(session["tunnel_port"])))
     with gateway.api() as api:
         wait_for(lambda: api.get(f"/v1/sessions/{session['id']}")["session"]["ended_at"])
     error = connect_error(port, "app_scram", "appdb")
@@ -188,7 +164,7 @@ def test_an_ended_grants_certificate_gets_the_fatal_with_the_reason(
     key = pki.new_key()
     session = _open_with_key(gateway, key)
     cert, ca = str(session["certificate"]).encode(), str(session["ca_cert_pem"]).encode()
-    port = _forward(forwarders, cert, key, ca, int(str(session["tunnel_port"])))
+    port = forward_tunnel(forwarders, cert, key, ca, int(str(session["tunnel_port"])))
     with psycopg.connect(
         host="127.0.0.1", port=port, user="app_scram", dbname="appdb", sslmode="disable"
     ) as conn:
@@ -220,7 +196,7 @@ def test_a_certificate_of_another_ca_is_refused_with_28000(
     forged = other.issue_grant(
         key.public_key(), str(session["id"]), dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
     )
-    port = _forward(forwarders, forged, key, ca, int(str(session["tunnel_port"])))
+    port = forward_tunnel(forwarders, forged, key, ca, int(str(session["tunnel_port"])))
     error = connect_error(port, "app_scram", "appdb")
     assert (error.severity, error.sqlstate) == (
         "FATAL",
@@ -245,7 +221,7 @@ def test_an_unreachable_gateway_is_08001_naming_it(
     session = _open_with_key(gateway, key)
     cert, ca = str(session["certificate"]).encode(), str(session["ca_cert_pem"]).encode()
     dead = free_port()
-    port = _forward(forwarders, cert, key, ca, dead)
+    port = forward_tunnel(forwarders, cert, key, ca, dead)
     error = connect_error(port, "app_scram", "appdb")
     assert error.sqlstate == SqlState.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION, error
     assert f"127.0.0.1:{dead}" in error.message
