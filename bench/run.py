@@ -479,15 +479,7 @@ def _profile(stack: Stack, args: argparse.Namespace, say: Callable[[str], None])
     threads_before = host.thread_cpu_seconds(gateway.pid)
     recorder = profile.start(gateway.pid, args.duration, args.profile)
     time.sleep(1.0)  # let py-spy attach before the load starts
-    run = workloads.pgbench(
-        stack,
-        gateway,
-        list(workload.pgbench_args),
-        duration=args.duration,
-        clients=CLIENTS,
-        jobs=JOBS,
-        pinned=args.pin,
-    )
+    run = _pgbench(stack, workload, gateway, args)
     threads_after = host.thread_cpu_seconds(gateway.pid)
     output, _ = recorder.communicate(timeout=args.duration + 60)
     if recorder.returncode != 0 or not args.profile.exists():
