@@ -84,7 +84,7 @@ async def _pair(
         gateway.store.close()
 
 
-async def _open_on(gateway: Gateway) -> SessionRecord:
+async def _open_on(gateway: Gateway, *, csr: str | None = None) -> SessionRecord:
     alice = gateway.store.get_principal("alice")
     return await gateway.grants.open_access(
         requester="alice",
@@ -92,6 +92,7 @@ async def _open_on(gateway: Gateway) -> SessionRecord:
         account="ro",
         duration_seconds=1800,
         request={"principal_id": alice.id},
+        csr=csr,
     )
 
 
@@ -102,15 +103,8 @@ async def _held_on(gateway: Gateway) -> tuple[SessionRecord, Grant]:
 
 
 async def _open_tunnel_on(gateway: Gateway) -> SessionRecord:
-    alice = gateway.store.get_principal("alice")
-    return await gateway.grants.open_access(
-        requester="alice",
-        resource="db1",
-        account="ro",
-        duration_seconds=1800,
-        request={"principal_id": alice.id},
-        csr=pki.csr_for(pki.new_key()),
-    )
+    """A tunnel grant (its CLI's key sent as a CSR) opened on *gateway*."""
+    return await _open_on(gateway, csr=pki.csr_for(pki.new_key()))
 
 
 def _moved_to(holder: str, session: SessionRecord) -> str:
