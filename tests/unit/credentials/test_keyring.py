@@ -209,13 +209,19 @@ class _StoreSide:
         return self.active
 
 
-def test_a_running_gateway_reports_its_keys_follows_the_active_one_and_reseals_its_files(
-    tmp_path: Path,
-) -> None:
+def _running(tmp_path: Path) -> tuple[Path, SecretBox, _StoreSide]:
+    """A state directory with its CA (sealed files to re-seal), the box a
+    process opened from it, and the store's side of the key ring."""
     home = _home(tmp_path)
     box = keyring.open_box(home)
     pki.ensure_pki(home, box, ())
-    store = _StoreSide(box)
+    return home, box, _StoreSide(box)
+
+
+def test_a_running_gateway_reports_its_keys_follows_the_active_one_and_reseals_its_files(
+    tmp_path: Path,
+) -> None:
+    home, box, store = _running(tmp_path)
     # A key copied here while the gateway runs: reported with its key id, not
     # used before the store says so.
     keyring.stage_key(home, active=1, known=1)
@@ -241,10 +247,7 @@ def test_a_running_gateway_reports_its_keys_follows_the_active_one_and_reseals_i
 def test_a_helper_process_follows_the_active_version_but_neither_reports_nor_reseals(
     tmp_path: Path,
 ) -> None:
-    home = _home(tmp_path)
-    box = keyring.open_box(home)
-    pki.ensure_pki(home, box, ())
-    store = _StoreSide(box)
+    home, box, store = _running(tmp_path)
     keyring.stage_key(home, active=1, known=1)
     store.active = 2
     assert keyring.follow(home, box, store) == 2
