@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import base64
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import LargeBinary, create_engine, select, text
+from sqlalchemy import LargeBinary, Row, create_engine, select, text
 from store_support import FakeClock, pg_admin_url
 from trail_support import set_batch_column
 
@@ -262,9 +262,12 @@ def test_trails_across_a_rotation_verify_once_the_old_key_is_retired(
             assert problems and {p.problem for p in problems} >= {"changed"}
 
 
-def test_edited_digests_of_an_old_version_batch_name_only_the_edited_record(
-    store: Store, store_url: str, clock: FakeClock
-) -> None:
+def _old_batch_edited(
+    store: Store, store_url: str, edit: Callable[[str, Row[Any]], tuple[str, bytes]]
+) -> str:
+    """A session whose one batch (three statements) was written under version 1,
+    version 2 activated since, and one column of that batch set behind the
+    store's back to what *edit* makes of (the session, the batch's row)."""
     fill_every_secret(store)
     session = open_session(store)
     store.append_audit([event(session, f"SELECT {n}") for n in range(3)])
@@ -272,10 +275,27 @@ def test_edited_digests_of_an_old_version_batch_name_only_the_edited_record(
     raw = create_engine(pg_admin_url(store_url) if "postgresql" in store_url else store_url)
     try:
         with raw.connect() as conn:
-            digests = bytes(conn.execute(text("SELECT digests FROM audit_batches")).scalar_one())
-        set_batch_column(raw, session, 1, "digests", digests[:16] + bytes(16) + digests[32:])
+            batch = conn.execute(
+                text("SELECT first_seq, prev_hash, digests FROM audit_batches")
+            ).one()
+        column, value = edit(session, batch)
+        set_batch_column(raw, session, 1, column, value)
     finally:
         raw.dispose()
+    return session
+
+
+def test_edited_digests_of_an_old_version_batch_name_only_the_edited_record(
+    store: Store, store_url: str, clock: FakeClock
+) -> None:
+    session = _old_batch_edited(
+        store,
+        store_url,
+        lambda _session, batch: (
+            "digests",
+            bytes(batch.digests)[:16] + bytes(16) + bytes(batch.digests)[32:],
+        ),
+    )
     # Under version 2's key first, no digest matches; under version 1's, all
     # but the edited one: that one is named, not the whole batch.
     with Store.open(store_url, SecretBox.from_ring({2: K2}, active=2), clock=clock) as later:
@@ -288,22 +308,16 @@ def test_a_batch_whose_mac_verifies_under_one_key_must_have_its_digests_under_it
     # Not mixed: a batch's MAC recomputed under version 2's audit key over its
     # digests made under version 1's verifies, but then so must its records
     # under version 2's, and none does.
-    fill_every_secret(store)
-    session = open_session(store)
-    store.append_audit([event(session, f"SELECT {n}") for n in range(3)])
-    store.activate_master_key(2)
-    raw = create_engine(pg_admin_url(store_url) if "postgresql" in store_url else store_url)
-    try:
-        with raw.connect() as conn:
-            batch = conn.execute(
-                text("SELECT first_seq, prev_hash, digests FROM audit_batches")
-            ).one()
-        forged = audit_chain_of(2).batch_hash(
-            session, batch.first_seq, batch.prev_hash, bytes(batch.digests)
-        )
-        set_batch_column(raw, session, 1, "hash", forged)
-    finally:
-        raw.dispose()
+    session = _old_batch_edited(
+        store,
+        store_url,
+        lambda session, batch: (
+            "hash",
+            audit_chain_of(2).batch_hash(
+                session, batch.first_seq, batch.prev_hash, bytes(batch.digests)
+            ),
+        ),
+    )
     with Store.open(store_url, only(2), clock=clock) as later:
         problems = later.verify_audit(session)
     assert [(p.seq, p.problem) for p in problems] == [(n, "changed") for n in (1, 2, 3)]
