@@ -92,6 +92,8 @@ class Door(Protocol):
     #: set once the grant has ended; new connections get this FATAL
     refusal: Termination | None
 
+    def ended_refusal(self) -> Termination | None: ...
+
     async def forward_cancel(self, request: CancelRequest, source: str = "unknown") -> None: ...
 
 
@@ -274,14 +276,9 @@ class ConnectionLife:
         gateway_refusal = self.host.refusal()
         if gateway_refusal is not None:
             return gateway_refusal, RefusalReason.GATEWAY_REFUSING
-        ended = self.door.refusal
+        ended = self.door.ended_refusal()
         if ended is not None:
-            return Termination(
-                ended.reason,
-                SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
-                ended.message,
-                ended.hint,
-            ), RefusalReason.GRANT_ENDED
+            return ended, RefusalReason.GRANT_ENDED
         if startup.is_replication:
             return Termination(
                 ConnectionEndReason.ERROR,

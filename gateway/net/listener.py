@@ -223,19 +223,24 @@ class AccessListener:
         self.connections.add(conn)  # until the worker says it is over
         return True
 
+    def ended_refusal(self) -> Termination | None:
+        """What a new connection hears once the grant has ended (28000, the
+        end's own words), or None while it is live."""
+        ended = self.refusal
+        if ended is None:
+            return None
+        return Termination(
+            ConnectionEndReason.SESSION_ENDED,
+            SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
+            ended.message,
+            ended.hint,
+        )
+
     def admit_elsewhere(self, number: int, client_addr: str) -> LiveConnection | Termination:
         """Admit a tunnel connection that a relay worker carries (its TLS and its
         relay are the worker's): the FATAL it gets, if this door or the gateway
         refuses it now, else its placeholder in the live set (as for a hand-off)."""
-        refusal = self.host.refusal()
-        if refusal is None and self.refusal is not None:
-            ended = self.refusal
-            refusal = Termination(
-                ConnectionEndReason.SESSION_ENDED,
-                SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
-                ended.message,
-                ended.hint,
-            )
+        refusal = self.host.refusal() or self.ended_refusal()
         if refusal is not None:
             return refusal
         conn = LiveConnection(number, client_addr, handed_off=True)
