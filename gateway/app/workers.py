@@ -41,7 +41,7 @@ import asyncio
 import contextlib
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -97,6 +97,12 @@ class _Worker:
     @property
     def is_ready(self) -> bool:
         return self.channel is not None and not self.channel.is_closed
+
+    def track(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> None:
+        """Run *coro* as one of this worker's tasks until it finishes."""
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
 
 class WorkerPool:
@@ -308,9 +314,7 @@ class WorkerPool:
                 hint="see the gateway's log; run with --workers 1 to relay in one process",
             )
         worker.channel, worker.pid = channel, worker.process.pid
-        reader = asyncio.create_task(self._read(worker, channel), name=f"worker-{worker.index}-rx")
-        worker.tasks.add(reader)
-        reader.add_done_callback(worker.tasks.discard)
+        worker.track(self._read(worker, channel), name=f"worker-{worker.index}-rx")
 
     async def _supervise(self, worker: _Worker) -> None:
         """Restart the worker whenever it dies, until the pool closes."""
@@ -375,13 +379,9 @@ class WorkerPool:
         elif op == "admit":
             der = None if message.get("der") is None else bytes.fromhex(message["der"])
             admit = self._admit(worker, int(message["number"]), str(message["client"]), der)
-            task = asyncio.create_task(admit)
-            worker.tasks.add(task)
-            task.add_done_callback(worker.tasks.discard)
+            worker.track(admit)
         elif op == "cancel":
-            task = asyncio.create_task(self._route_cancel(worker, message))
-            worker.tasks.add(task)
-            task.add_done_callback(worker.tasks.discard)
+            worker.track(self._route_cancel(worker, message))
         elif op == "metric":
             self._metric(message)
 
